@@ -1,0 +1,6 @@
+"""``python -m compresskit`` = the ``compresskit`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""Command line: ``compresskit apply|validate|plan|plugins``. User errors print one line and exit with 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import CompressKitError
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .api import run
+    from .recipe import load_recipe
+
+    recipe, stages, raw = load_recipe(args.recipe, args.set)
+    out_dir = args.out or recipe.output.dir
+    try:
+        result = run(recipe, stages, out_dir=out_dir, resume=args.resume, raw=raw)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint is in {out_dir}/checkpoint.pt; continue with "
+              f"`compresskit apply {args.recipe} --resume`", file=sys.stderr)
+        return 130
+    test = result.report.get("training", {}).get("final_test") or result.report.get("training", {}).get("test")
+    if test:
+        print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
+    print(f"wrote {out_dir}/model.pt, report.json, report.md")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+
+    recipe, stages, _ = load_recipe(args.recipe, args.set)
+    names = ", ".join(s.plugin.name for s in stages) or "no stages"
+    print(f"{args.recipe}: OK ({names})")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import available_plugins
+    from .schema import fields_help
+
+    for name, cls in available_plugins().items():
+        print(f"{name} ({cls.kind}): {cls.description}")
+        for row in fields_help(cls.Config):
+            print(f"    {row['name']}: {row['type']} = {row['default']}  -- {row['help']}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plugins.hypar.cli import plan_command
+
+    return plan_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser for all subcommands."""
+    parser = argparse.ArgumentParser(prog="compresskit", description="PyTorch model compression toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("apply", help="run a recipe: build, compress, train, report")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--out", help="output folder (overrides output.dir)")
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plugins", help="list plugins and their config fields")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("plan", help="HyPar: plan layer-wise parallelism and write the planner report")
+    p.add_argument("recipe", nargs="?", help="recipe with a hypar stage")
+    p.add_argument("--model", help="paper network (e.g. vgg-e) or model name")
+    p.add_argument("--accelerators", type=int, help="number of accelerators (a power of two)")
+    p.add_argument("--batch", type=int, help="global batch size")
+    p.add_argument("--dtype", help="element type for bytes (float32, float16, bfloat16)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``compresskit`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CompressKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Datasets: one registry of loaders, each returning a :class:`DataBundle` of train/val/test tensors."""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch.utils.data import TensorDataset
+
+from ..errors import ConfigError
+from ..schema import suggest
+
+
+@dataclass
+class DataBundle:
+    """Train/val/test splits as TensorDatasets whose last tensor is the label, plus what models need to know."""
+
+    train: TensorDataset
+    val: TensorDataset | None
+    test: TensorDataset
+    task: Literal["binary", "multiclass"]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetEntry:
+    """A registered loader and whether it reads files from ``data.path``."""
+
+    loader: Callable[..., DataBundle]
+    needs_path: bool
+    description: str
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, *, needs_path: bool, description: str):
+    """Decorator: register ``loader(path, seed, **args) -> DataBundle`` under ``name``."""
+
+    def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
+        _DATASETS[name] = DatasetEntry(fn, needs_path, description)
+        return fn
+
+    return deco
+
+
+def available_datasets() -> dict[str, DatasetEntry]:
+    """Registered datasets by name."""
+    return dict(sorted(_DATASETS.items()))
+
+
+def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> tuple[torch.Tensor, ...]:
+    """A seeded random permutation of ``range(n)`` cut into train/val/test parts by ``fractions``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:]
+
+
+def bundle_from_tensors(tensors: tuple[torch.Tensor, ...], task: str, info: dict[str, Any], seed: int,
+                        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> DataBundle:
+    """Split full tensors (label last) into a DataBundle with a seeded random split."""
+    tr, va, te = split_indices(len(tensors[-1]), fractions, seed)
+    take = lambda idx: TensorDataset(*(t[idx] for t in tensors))  # noqa: E731
+    return DataBundle(take(tr), take(va) if len(va) else None, take(te), task, info)
+
+
+def check_data_config(cfg: Any) -> None:
+    """Validate a DataConfig: known dataset, path present and existing where needed, loader arguments known."""
+    from . import adult, criteo, images, movielens, synthetic_ctr  # noqa: F401  (registration)
+
+    if cfg.name not in _DATASETS:
+        raise ConfigError("data.name", f"unknown dataset '{cfg.name}'{suggest(cfg.name, _DATASETS)}; "
+                                       f"available: {', '.join(sorted(_DATASETS))}")
+    entry = _DATASETS[cfg.name]
+    if entry.needs_path:
+        if not cfg.path:
+            raise ConfigError("data.path", f"required for dataset '{cfg.name}' (folder or file in upstream format)")
+        if not os.path.exists(cfg.path):
+            raise ConfigError("data.path", f"file not found: '{cfg.path}'")
+    params = inspect.signature(entry.loader).parameters
+    accepts = [p for p in params if p not in ("path", "seed")]
+    for key in cfg.args:
+        if key not in accepts:
+            raise ConfigError(f"data.args.{key}", f"unknown argument for dataset '{cfg.name}'{suggest(key, accepts)};"
+                                                  f" allowed: {', '.join(accepts) or 'none'}")
+
+
+def load_dataset(cfg: Any, seed: int = 0) -> DataBundle:
+    """Load the dataset a DataConfig names (validated first)."""
+    check_data_config(cfg)
+    entry = _DATASETS[cfg.name]
+    try:
+        return entry.loader(path=cfg.path, seed=seed, **cfg.args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError("data", f"cannot load '{cfg.name}' from '{cfg.path}': {e}") from None

@@ -1,0 +1,60 @@
+"""DLRM (Naumov et al., 2019): bottom MLP on dense features, one EmbeddingBag per sparse feature, pairwise dot
+interaction, top MLP producing one logit."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register_model
+
+
+def mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ReLU between (and after the last if asked)."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2 or final_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DLRM(nn.Module):
+    """Deep Learning Recommendation Model with dot interaction; ``forward(dense, sparse) -> logits [B]``.
+
+    ``sparse`` is an int64 tensor [B, num_features] of one id per feature (Criteo-style single-valued features).
+    """
+
+    def __init__(self, num_dense: int, cardinalities: list[int], embedding_dim: int = 16,
+                 bottom_mlp: list[int] | None = None, top_mlp: list[int] | None = None) -> None:
+        super().__init__()
+        bottom = list(bottom_mlp or [64])
+        top = list(top_mlp or [64])
+        self.embedding_dim = embedding_dim
+        self.bottom = mlp([num_dense, *bottom, embedding_dim], final_activation=True) if num_dense else None
+        self.embeddings = nn.ModuleList(nn.EmbeddingBag(c, embedding_dim, mode="sum") for c in cardinalities)
+        for emb in self.embeddings:
+            bound = emb.num_embeddings ** -0.5
+            nn.init.uniform_(emb.weight, -bound, bound)
+        n = len(cardinalities) + (1 if num_dense else 0)
+        self._tri = torch.triu_indices(n, n, offset=1)
+        top_in = n * (n - 1) // 2 + (embedding_dim if num_dense else 0)
+        self.top = mlp([top_in, *top, 1], final_activation=False)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        batch = sparse.shape[0]
+        offsets = torch.arange(batch, device=sparse.device)
+        vectors = [emb(sparse[:, i].contiguous(), offsets) for i, emb in enumerate(self.embeddings)]
+        if self.bottom is not None:
+            x = self.bottom(dense)
+            vectors.insert(0, x)
+        t = torch.stack(vectors, dim=1)                       # [B, n, d]
+        inter = torch.bmm(t, t.transpose(1, 2))[:, self._tri[0], self._tri[1]]
+        z = torch.cat([x, inter], dim=1) if self.bottom is not None else inter
+        return self.top(z).squeeze(-1)
+
+
+@register_model("dlrm")
+def dlrm(num_dense: int, cardinalities: list[int], embedding_dim: int = 16, bottom_mlp: list[int] | None = None,
+         top_mlp: list[int] | None = None) -> DLRM:
+    """DLRM; ``num_dense`` and ``cardinalities`` are filled from the dataset when omitted."""
+    return DLRM(num_dense, cardinalities, embedding_dim, bottom_mlp, top_mlp)

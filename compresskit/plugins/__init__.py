@@ -1,0 +1,1 @@
+"""Built-in plugins: FIITED, DASNet and HyPar."""

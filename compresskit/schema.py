@@ -1,0 +1,180 @@
+"""The one config validator: plain dicts (from YAML) -> typed dataclasses, with one-line errors.
+
+Config classes are dataclasses whose fields are declared with :func:`option`, which carries the help text and
+numeric bounds. :func:`build` checks unknown keys (with a close-match suggestion), types, bounds and ``Literal``
+choices, and names the dotted field path, the bad value and what is allowed in every error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+from .errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, *, help: str, min: float | None = None, max: float | None = None,
+           min_exclusive: bool = False, max_exclusive: bool = False) -> Any:
+    """Declare a config field with help text and optional numeric bounds (``default`` omitted = required)."""
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    if default is _MISSING:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def suggest(word: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or ''."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def describe_type(tp: Any) -> str:
+    """Human-readable name of a type annotation, e.g. 'int', 'one of sgd, adam', 'list of int'."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return "any value"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) if not isinstance(a, str) else a for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        inner = " or ".join(describe_type(a) for a in args)
+        return f"{inner} or null" if len(args) < len(get_args(tp)) else inner
+    if origin is list:
+        return f"list of {describe_type(get_args(tp)[0])}" if get_args(tp) else "list"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fmt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and return the typed value (dataclasses are built recursively)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(arg, value, path)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(path, f"got {_fmt(value)}, expected {describe_type(tp)}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            names = [str(a) for a in allowed]
+            raise ConfigError(path, f"got {_fmt(value)}, expected {describe_type(tp)}{suggest(str(value), names)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"got {_fmt(value)}, expected {describe_type(tp)}")
+        (item,) = get_args(tp) or (Any,)
+        return [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"got {_fmt(value)}, expected a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"got {_fmt(value)}, expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"got {_fmt(value)}, expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"got {_fmt(value)}, expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"got {_fmt(value)}, expected a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+
+
+def _check_bounds(meta: typing.Mapping[str, Any], value: Any, path: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi = meta.get("min"), meta.get("max")
+    lo_x, hi_x = meta.get("min_exclusive"), meta.get("max_exclusive")
+    bad = (lo is not None and (value <= lo if lo_x else value < lo)) or \
+          (hi is not None and (value >= hi if hi_x else value > hi))
+    if bad:
+        left = "" if lo is None else (f"> {lo}" if lo_x else f">= {lo}")
+        right = "" if hi is None else (f"< {hi}" if hi_x else f"<= {hi}")
+        rng = " and ".join(p for p in (left, right) if p)
+        raise ConfigError(path, f"got {_fmt(value)}, expected a value {rng}")
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Validate mapping ``data`` against dataclass ``cls`` and return an instance."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"got {_fmt(data)}, expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown key{suggest(str(key), fields)}; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is _MISSING and f.default_factory is _MISSING:
+                raise ConfigError(where, f"required field is missing ({f.metadata.get('help', describe_type(hints[name]))})")
+            continue
+        value = convert(hints[name], data[name], where)
+        _check_bounds(f.metadata, value, where)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(path)
+    return obj
+
+
+def fields_help(cls: type) -> list[dict[str, str]]:
+    """One row per config field: name, type, default and help, for `compresskit plugins` and the docs."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not _MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not _MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append({"name": f.name, "type": describe_type(hints[f.name]), "default": default,
+                     "help": f.metadata.get("help", "")})
+    return rows
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass config -> plain dict (for reports and checkpoints)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
