@@ -2,6 +2,8 @@
 interaction, top MLP producing one logit."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -25,16 +27,20 @@ class DLRM(nn.Module):
     """
 
     def __init__(self, num_dense: int, cardinalities: list[int], embedding_dim: int = 16,
-                 bottom_mlp: list[int] | None = None, top_mlp: list[int] | None = None) -> None:
+                 bottom_mlp: list[int] | None = None, top_mlp: list[int] | None = None,
+                 embedding_factory: Callable[[int, int], nn.Module] | None = None) -> None:
         super().__init__()
         bottom = list(bottom_mlp or [64])
         top = list(top_mlp or [64])
         self.embedding_dim = embedding_dim
         self.bottom = mlp([num_dense, *bottom, embedding_dim], final_activation=True) if num_dense else None
-        self.embeddings = nn.ModuleList(nn.EmbeddingBag(c, embedding_dim, mode="sum") for c in cardinalities)
-        for emb in self.embeddings:
-            bound = emb.num_embeddings ** -0.5
-            nn.init.uniform_(emb.weight, -bound, bound)
+        if embedding_factory is None:
+            self.embeddings = nn.ModuleList(nn.EmbeddingBag(c, embedding_dim, mode="sum") for c in cardinalities)
+            for emb in self.embeddings:
+                bound = emb.num_embeddings ** -0.5
+                nn.init.uniform_(emb.weight, -bound, bound)
+        else:  # e.g. lazily allocated FIITED bags for tables too large to materialise densely
+            self.embeddings = nn.ModuleList(embedding_factory(c, embedding_dim) for c in cardinalities)
         n = len(cardinalities) + (1 if num_dense else 0)
         self._tri = torch.triu_indices(n, n, offset=1)
         top_in = n * (n - 1) // 2 + (embedding_dim if num_dense else 0)
