@@ -176,8 +176,10 @@ def load_recipe(path: str, overrides: list[str] | None = None, *, require_model:
                 ) -> tuple[Recipe, list[Stage], dict[str, Any]]:
     """Read, override and validate a recipe file. Returns (recipe, stages, raw dict after overrides)."""
     raw = read_yaml(path)
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        raise ConfigError("recipe", f"'{path}' is empty")
+    if not isinstance(raw, dict):
         raise ConfigError("recipe", f"'{path}' must hold a mapping at top level, got {type(raw).__name__}")
-    raw = apply_overrides(raw or {}, overrides or [])
+    raw = apply_overrides(raw, overrides or [])
     recipe, stages = validate_recipe(raw, require_model=require_model)
     return recipe, stages, raw

@@ -148,6 +148,8 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         if name not in data:
             if f.default is _MISSING and f.default_factory is _MISSING:
                 raise ConfigError(where, f"required field is missing ({f.metadata.get('help', describe_type(hints[name]))})")
+            if dataclasses.is_dataclass(hints[name]):  # nested config given as {} default: build its defaults
+                kwargs[name] = build(hints[name], {}, where)
             continue
         value = convert(hints[name], data[name], where)
         _check_bounds(f.metadata, value, where)

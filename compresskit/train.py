@@ -24,7 +24,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 def batches(dataset: TensorDataset, batch_size: int, order: torch.Tensor | None = None):
     """Yield (inputs tuple, label) batches of a TensorDataset whose last tensor is the label."""
     tensors = dataset.tensors
-    n = len(tensors[-1])
+    n = len(order) if order is not None else len(tensors[-1])
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
         parts = [t[idx] for t in tensors]
@@ -170,7 +170,7 @@ class Trainer:
                 self.optimizer.step()
                 for p in self.plugins:
                     p.on_step(self.step, self.ctx)
-                value = float(loss)
+                value = loss.item()
                 running = value if running is None else 0.98 * running + 0.02 * value
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}")

@@ -44,7 +44,7 @@ class FiitedConfig:
     interval: int = option(50, help="steps between pruning rounds", min=1)
     utility_exponent: float = option(0.5, help="chunk score = utility**exponent / (chunk+1)**position_discount",
                                      min=0)
-    position_discount: float = option(1.0, help="diminishing return of a row's later chunks (0 = none)", min=0)
+    position_discount: float = option(2.0, help="diminishing return of a row's later chunks (0 = none)", min=0)
     schedule: Literal["cubic", "linear"] = option("cubic", help="how the kept ratio falls from 1 to the target")
     mixed_dim_alpha: float = option(0.5, help="mixed_dim: chunks per row grow as frequency**alpha", min=0)
     compact: bool = option(True, help="shrink the pool after each pruning round (really frees memory)")

@@ -1,0 +1,109 @@
+"""`compresskit apply` on bad recipes: one clear line naming field, value and what is allowed; exit 2; no
+traceback; nothing written to the output folder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+GOOD = """
+model: {name: dlrm, args: {embedding_dim: 8}}
+data: {name: synthetic-ctr, args: {num_samples: 2000}}
+train: {epochs: 1, batch_size: 256, progress: false}
+stages:
+  - {plugin: fiited, target_memory_ratio: 0.5, chunk_size: 4}
+output: {dir: OUT}
+"""
+
+CASES = [
+    ("unknown plugin", GOOD.replace("plugin: fiited", "plugin: fiitd"),
+     "stages[0].plugin: unknown plugin 'fiitd' (did you mean 'fiited'?)"),
+    ("unknown top-level key", GOOD + "trian: {}\n", "trian: unknown key (did you mean 'train'?)"),
+    ("unknown stage key", GOOD.replace("chunk_size: 4", "chunk_sise: 4"),
+     "stages[0].chunk_sise: unknown key (did you mean 'chunk_size'?)"),
+    ("wrong type", GOOD.replace("epochs: 1", "epochs: two"), "train.epochs: got 'two', expected an integer"),
+    ("out of range", GOOD.replace("target_memory_ratio: 0.5", "target_memory_ratio: 1.5"),
+     "stages[0].target_memory_ratio: got 1.5, expected a value > 0 and <= 1"),
+    ("negative batch", GOOD.replace("batch_size: 256", "batch_size: 0"),
+     "train.batch_size: got 0, expected a value >= 1"),
+    ("bad choice", GOOD.replace("chunk_size: 4", "chunk_size: 4, method: fitted"),
+     "stages[0].method: got 'fitted', expected one of fiited, adaembed, mixed_dim, uniform, dense "
+     "(did you mean 'fiited'?)"),
+    ("bad optimizer", GOOD.replace("progress: false", "progress: false, optimizer: {name: adamm}"),
+     "train.optimizer.name: got 'adamm', expected one of sgd, adam, adamw, adagrad (did you mean 'adam'?)"),
+    ("missing data file", GOOD.replace("{name: synthetic-ctr, args: {num_samples: 2000}}",
+                                       "{name: movielens-100k, path: /no/such/ml-100k}"),
+     "data.path: file not found: '/no/such/ml-100k'"),
+    ("missing data path", GOOD.replace("{name: synthetic-ctr, args: {num_samples: 2000}}", "{name: adult}"),
+     "data.path: required for dataset 'adult'"),
+    ("unknown dataset", GOOD.replace("synthetic-ctr", "synthetic-ctrr"),
+     "data.name: unknown dataset 'synthetic-ctrr' (did you mean 'synthetic-ctr'?)"),
+    ("unknown model", GOOD.replace("name: dlrm", "name: dlrn"), "model.name: unknown model 'dlrn' (did you mean 'dlrm'?)"),
+    ("unknown model arg", GOOD.replace("embedding_dim: 8", "embeding_dim: 8"),
+     "model.args.embeding_dim: unknown argument for model 'dlrm' (did you mean 'embedding_dim'?)"),
+    ("unknown dataset arg", GOOD.replace("num_samples: 2000", "num_sample: 2000"),
+     "data.args.num_sample: unknown argument for dataset 'synthetic-ctr' (did you mean 'num_samples'?)"),
+    ("yaml syntax", GOOD.replace("train: {epochs: 1,", "train: {epochs: 1,, ]"), "YAML syntax error"),
+    ("stages not a list", GOOD.split("stages:")[0] + "stages: fiited\noutput: {dir: OUT}\n",
+     "stages: got 'fiited', expected list of mapping"),
+    ("chunk does not divide dim", GOOD.replace("chunk_size: 4", "chunk_size: 3"),
+     "fiited: embeddings.0: embedding_dim 8 is not a multiple of chunk_size 3"),
+    ("empty recipe", "", "is empty"),
+    ("missing model", GOOD.replace("model: {name: dlrm, args: {embedding_dim: 8}}\n", ""),
+     "model: required field is missing"),
+    ("end before start", GOOD.replace("chunk_size: 4", "chunk_size: 4, start_fraction: 0.5, end_fraction: 0.2"),
+     "stages[0].end_fraction: got 0.2, expected >= start_fraction (0.5)"),
+]
+
+
+def _run(args, cwd):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "compresskit", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("name,text,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_recipe_gives_one_clear_line(tmp_path, name, text, expected):
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text.replace("OUT", str(out)))
+    proc = _run(["apply", str(recipe)], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_recipe_file(tmp_path):
+    proc = _run(["apply", str(tmp_path / "nope.yaml")], tmp_path)
+    assert proc.returncode == 2 and "recipe: file not found" in proc.stderr
+
+
+def test_yaml_error_names_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name: dlrm\n  args: [1, 2\n")
+    proc = _run(["validate", str(recipe)], tmp_path)
+    assert proc.returncode == 2 and "line 4" in proc.stderr
+
+
+def test_validate_and_set_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GOOD.replace("OUT", str(tmp_path / "o")))
+    ok = _run(["validate", str(recipe), "--set", "train.epochs=3"], tmp_path)
+    assert ok.returncode == 0 and "OK (fiited)" in ok.stdout
+    bad = _run(["validate", str(recipe), "--set", "stages.0.target_memory_ratio=2"], tmp_path)
+    assert bad.returncode == 2 and "stages[0].target_memory_ratio: got 2" in bad.stderr
+    bad = _run(["validate", str(recipe), "--set", "stages.5.x=1"], tmp_path)
+    assert bad.returncode == 2 and "'5' is not an index of a list of 1" in bad.stderr
+
+
+def test_plugins_lists_fields():
+    proc = _run(["plugins"], ".")
+    assert proc.returncode == 0
+    assert "fiited (transform): FIITED" in proc.stdout
+    assert "target_memory_ratio: float = 0.1" in proc.stdout

@@ -1,0 +1,138 @@
+"""FIITED embedding modules: equal to the dense modules before pruning, zeros for pruned chunks, gradients only
+to stored chunks, conversion of existing models, and state-dict round trips of compacted stores."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compresskit.models.dlrm import DLRM
+from compresskit.plugins.fiited import FiitedEmbedding, FiitedEmbeddingBag, convert_embeddings, fiited_modules
+
+
+def _store_grad_as_dense(m: FiitedEmbeddingBag) -> torch.Tensor:
+    g = torch.zeros(m.num_embeddings * m.num_chunks, m.chunk_size)
+    rows, chunks, slots = m.store.entries()
+    grad = m.store.pool.grad
+    grad = grad.to_dense() if grad.is_sparse else grad
+    g[rows * m.num_chunks + chunks] = grad[slots]
+    return g.view(m.num_embeddings, m.embedding_dim)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bag_equals_dense_1d(mode, include_last_offset, sparse):
+    dense = nn.EmbeddingBag(200, 24, mode=mode, include_last_offset=include_last_offset, sparse=sparse)
+    fiited = FiitedEmbeddingBag.from_dense(dense, chunk_size=6)
+    ids = torch.randint(0, 200, (97,))
+    offsets = torch.tensor([0, 0, 5, 17, 17, 60, 96])
+    if include_last_offset:
+        offsets = torch.cat([offsets, torch.tensor([97])])
+    weights = torch.rand(97) if mode == "sum" else None
+    a = dense(ids, offsets, per_sample_weights=weights)
+    b = fiited(ids, offsets, per_sample_weights=weights)
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    upstream = torch.randn_like(a)
+    (a * upstream).sum().backward()
+    (b * upstream).sum().backward()
+    dense_grad = dense.weight.grad.to_dense() if sparse else dense.weight.grad
+    assert torch.allclose(_store_grad_as_dense(fiited), dense_grad, atol=1e-6, rtol=0)
+
+
+def test_bag_equals_dense_2d_input():
+    dense = nn.EmbeddingBag(50, 16, mode="mean")
+    fiited = FiitedEmbeddingBag.from_dense(dense, chunk_size=8)
+    ids = torch.randint(0, 50, (12, 4))
+    assert torch.allclose(dense(ids), fiited(ids), atol=1e-6, rtol=0)
+
+
+def test_embedding_equals_dense_any_shape():
+    dense = nn.Embedding(30, 8)
+    fiited = FiitedEmbedding.from_dense(dense, chunk_size=2)
+    ids = torch.randint(0, 30, (3, 5, 2))
+    out = fiited(ids)
+    assert out.shape == (3, 5, 2, 8)
+    assert torch.allclose(dense(ids), out, atol=1e-6, rtol=0)
+
+
+def test_pruned_chunks_read_as_zero_and_get_no_gradient():
+    dense = nn.EmbeddingBag(10, 8, mode="sum")
+    fiited = FiitedEmbeddingBag.from_dense(dense, chunk_size=2)
+    rows = torch.tensor([1, 1, 1, 4])
+    chunks = torch.tensor([1, 2, 3, 0])
+    fiited.store.remove(rows, chunks)
+    fiited.store.compact()
+    reference = dense.weight.detach().clone()
+    reference[1, 2:] = 0
+    reference[4, :2] = 0
+    ids = torch.tensor([1, 4, 1, 7])
+    offsets = torch.tensor([0, 1, 2])
+    expected = nn.functional.embedding_bag(ids, reference, offsets, mode="sum")
+    out = fiited(ids, offsets)
+    assert torch.allclose(out, expected, atol=1e-6, rtol=0)
+    out.sum().backward()
+    assert fiited.store.pool.grad.shape == (40 - 4, 2)            # gradient exists only for stored chunks
+    assert fiited.row_chunk_counts().tolist() == [4, 1, 4, 4, 3, 4, 4, 4, 4, 4]
+
+
+def test_convert_existing_models():
+    model = DLRM(num_dense=3, cardinalities=[20, 30, 40], embedding_dim=8)
+    x = (torch.randn(16, 3), torch.stack([torch.randint(0, c, (16,)) for c in (20, 30, 40)], 1))
+    before = model(*x)
+    names = convert_embeddings(model, chunk_size=4)
+    assert names == ["embeddings.0", "embeddings.1", "embeddings.2"]
+    assert torch.allclose(model(*x), before, atol=1e-6, rtol=0)
+
+    class UserModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user = nn.Embedding(50, 12)
+            self.item = nn.Embedding(60, 12)
+            self.head = nn.Linear(12, 1)
+
+        def forward(self, u, i):
+            return self.head(self.user(u) * self.item(i)).squeeze(-1)
+
+    user_model = UserModel()
+    u, i = torch.randint(0, 50, (9,)), torch.randint(0, 60, (9,))
+    ref = user_model(u, i)
+    assert convert_embeddings(user_model, chunk_size=3, include=["user"]) == ["user"]
+    assert isinstance(user_model.user, FiitedEmbedding) and isinstance(user_model.item, nn.Embedding)
+    assert torch.allclose(user_model(u, i), ref, atol=1e-6, rtol=0)
+
+
+def test_convert_rejects_bad_chunk_size():
+    model = nn.Sequential(nn.Embedding(5, 10))
+    with pytest.raises(ValueError, match="not a multiple of chunk_size 4"):
+        convert_embeddings(model, chunk_size=4)
+
+
+def test_compacted_state_dict_loads_into_fresh_model():
+    model = DLRM(num_dense=2, cardinalities=[30, 40], embedding_dim=8)
+    convert_embeddings(model, chunk_size=2)
+    for _, m in fiited_modules(model):
+        rows = torch.arange(0, m.num_embeddings, 3)
+        m.store.remove(rows.repeat_interleave(2), torch.tensor([2, 3]).repeat(rows.numel()))
+        m.store.compact()
+    state = model.state_dict()
+    fresh = DLRM(num_dense=2, cardinalities=[30, 40], embedding_dim=8)
+    convert_embeddings(fresh, chunk_size=2)
+    fresh.load_state_dict(state)
+    x = (torch.randn(7, 2), torch.stack([torch.randint(0, 30, (7,)), torch.randint(0, 40, (7,))], 1))
+    assert torch.equal(fresh(*x), model(*x))
+    assert fresh.embeddings[0].store.capacity == model.embeddings[0].store.capacity < 30 * 4
+
+
+def test_lazy_bag_allocates_on_first_training_access_within_capacity():
+    bag = FiitedEmbeddingBag(1000, 8, chunk_size=4, lazy=True, capacity=10)
+    assert bag.store.live == 0
+    ids = torch.tensor([3, 5, 3, 7, 9, 11, 13])
+    offsets = torch.arange(7)
+    bag.eval()
+    assert bag(ids, offsets).abs().sum() == 0                   # evaluation never allocates
+    bag.train()
+    out = bag(ids, offsets)
+    assert bag.store.live == 10                                 # 5 rows x 2 chunks fit, the 6th does not
+    assert (out[:5].abs().sum(1) > 0).tolist() == [True, True, True, True, True]
+    assert bag.seen.sum() == 5
