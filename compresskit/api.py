@@ -26,7 +26,7 @@ from .train import Trainer, batches, evaluate
 class RunResult:
     """What a run produced: the compressed model, the report dict and the output folder (if any)."""
 
-    model: nn.Module
+    model: nn.Module | None
     report: dict[str, Any]
     plugins: list[Plugin]
     out_dir: str | None = None
@@ -52,10 +52,11 @@ def run(recipe: Recipe, stages: list[Stage], *, model: nn.Module | None = None, 
     torch.manual_seed(seed)
     if data is None and recipe.data is not None:
         data = resolve_data(recipe.data, seed)
-    if model is None:
-        if recipe.model is None:
-            raise ConfigError("model", "required field is missing (no model given to apply())")
+    analysis_only = bool(stages) and all(s.plugin.kind == "analysis" for s in stages)
+    if model is None and recipe.model is not None:
         model = resolve_model(recipe.model, data.info if data is not None else None)
+    if model is None and not analysis_only:
+        raise ConfigError("model", "required field is missing (no model given to apply())")
     sample = None
     if data is not None:
         sample = next(batches(data.test, 8))[0]
@@ -65,7 +66,8 @@ def run(recipe: Recipe, stages: list[Stage], *, model: nn.Module | None = None, 
         model = plugin.apply(model, ctx)
         ctx.model = model
 
-    report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else type(model).__name__,
+    model_name = recipe.model.name if recipe.model else (type(model).__name__ if model is not None else None)
+    report: dict[str, Any] = {"run": {"model": model_name,
                                       "data": recipe.data.name if recipe.data else None,
                                       "stages": ", ".join(p.name for p in plugins) or "none"}}
     needs_training = train_cfg is not None and data is not None
@@ -83,13 +85,15 @@ def run(recipe: Recipe, stages: list[Stage], *, model: nn.Module | None = None, 
         ctx.model = model
     if data is not None and needs_training and any(type(p).finalize is not Plugin.finalize for p in plugins):
         report["training"]["final_test"] = evaluate(model, data.test, data.task)
-    report["memory"] = module_bytes(model)
+    if model is not None:
+        report["memory"] = module_bytes(model)
     report["stages"] = [{"plugin": p.name, "config": to_dict(p.config), **p.report(ctx)} for p in plugins]
     if raw is not None:
         report["recipe"] = raw
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        torch_save(os.path.join(out_dir, "model.pt"), model.state_dict())
+        if model is not None:
+            torch_save(os.path.join(out_dir, "model.pt"), model.state_dict())
         write_json(os.path.join(out_dir, "report.json"), report)
         write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
     return RunResult(model, report, plugins, out_dir)

@@ -23,7 +23,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     test = result.report.get("training", {}).get("final_test") or result.report.get("training", {}).get("test")
     if test:
         print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
-    print(f"wrote {out_dir}/model.pt, report.json, report.md")
+    written = (["model.pt"] if result.model is not None else []) + ["report.json", "report.md"]
+    print(f"wrote {out_dir}/" + ", ".join(written))
     return 0
 
 

@@ -105,9 +105,10 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> tuple[Recipe, 
     if data is None:
         raise ConfigError("", "the recipe is empty")
     recipe = build(Recipe, data)
-    if require_model and recipe.model is None:
-        raise ConfigError("model", "required field is missing (a model is needed to run a recipe from a file)")
     stages = parse_stages(recipe.stages)
+    needs_model = recipe.train is not None or any(s.plugin.kind == "transform" for s in stages) or not stages
+    if require_model and needs_model and recipe.model is None:
+        raise ConfigError("model", "required field is missing (a model is needed to run a recipe from a file)")
     if recipe.data is not None:
         from .data import check_data_config
 

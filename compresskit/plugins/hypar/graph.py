@@ -1,0 +1,184 @@
+"""Weighted-layer chains for HyPar: from a live model (torch.fx + shape propagation) or the paper's networks.
+
+A :class:`LayerSpec` holds per-sample element counts: the layer's input feature map (= the tensor that crosses the
+boundary from the previous weighted layer, after any pooling / activation in between), its output feature map and
+its kernel. Errors have the sizes of the feature maps; weight gradients the size of the kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ...schema import suggest
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One weighted layer: sizes per sample (feature maps) and in total (kernel)."""
+
+    name: str
+    kind: str            # "conv" or "fc"
+    input_elems: int     # elements of the input feature map per sample
+    output_elems: int    # elements of the output feature map per sample
+    weight_elems: int    # elements of the kernel (and of its gradient), bias included
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...]) -> list[LayerSpec]:
+    """Trace ``model`` with torch.fx, propagate shapes of ``sample_input`` and list its Conv/Linear layers in
+    execution order. Sizes are per sample (the sample batch dimension is divided out)."""
+    from torch.fx import symbolic_trace
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        traced = symbolic_trace(model)
+    except Exception as e:  # fx raises many types for untraceable control flow
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("hypar.model", f"cannot trace {type(model).__name__} with torch.fx ({first}); "
+                                         f"use a paper network (hypar 'network:') or a traceable model") from None
+    batch = int(sample_input[0].shape[0])
+    was_training = model.training
+    traced.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(traced).propagate(*sample_input)
+    except Exception as e:
+        raise ConfigError("hypar.input_shape", f"shape propagation failed on the sample input: {e}") from None
+    finally:
+        model.train(was_training)
+    modules = dict(traced.named_modules())
+    layers = []
+    for node in traced.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            continue
+        inp = node.args[0].meta.get("tensor_meta")
+        out = node.meta.get("tensor_meta")
+        if inp is None or out is None:
+            continue
+        weight = sum(p.numel() for p in module.parameters(recurse=False))
+        layers.append(LayerSpec(str(node.target), "fc" if isinstance(module, nn.Linear) else "conv",
+                                _numel(inp.shape) // batch, _numel(out.shape) // batch, weight))
+    if not layers:
+        raise ConfigError("hypar.model", f"{type(model).__name__} has no Conv/Linear layers to plan")
+    return layers
+
+
+# ------------------------------------------------------------------------------------------------ paper networks
+def _chain(input_shape: tuple[int, int, int], spec: list) -> list[LayerSpec]:
+    """Build a chain from a compact spec: ("conv", out, k, pad, stride) / ("pool", k) / ("fc", out)."""
+    c, h, w = input_shape
+    layers: list[LayerSpec] = []
+    pending_input = c * h * w
+    n_conv = n_fc = 0
+    for item in spec:
+        kind = item[0]
+        if kind == "conv":
+            _, out, k, pad, stride = item
+            h2, w2 = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+            n_conv += 1
+            layers.append(LayerSpec(f"conv{n_conv}", "conv", pending_input, out * h2 * w2, out * c * k * k + out))
+            c, h, w = out, h2, w2
+            pending_input = c * h * w
+        elif kind == "pool":
+            k = item[1]
+            stride = item[2] if len(item) > 2 else k
+            h, w = (h - k) // stride + 1, (w - k) // stride + 1
+            pending_input = c * h * w
+        elif kind == "fc":
+            _, out = item
+            n_fc += 1
+            layers.append(LayerSpec(f"fc{n_fc}", "fc", pending_input, out, pending_input * out + out))
+            c, h, w = out, 1, 1
+            pending_input = out
+        else:  # pragma: no cover - specs are ours
+            raise ValueError(kind)
+    return layers
+
+
+def _vgg(cfg: list) -> tuple[tuple[int, int, int], list]:
+    spec: list = []
+    for v in cfg:
+        if v == "M":
+            spec.append(("pool", 2))
+        elif isinstance(v, tuple):               # (channels, kernel) for VGG-C's 1x1 convolutions
+            spec.append(("conv", v[0], v[1], v[1] // 2, 1))
+        else:
+            spec.append(("conv", v, 3, 1, 1))
+    return (3, 224, 224), spec + [("fc", 4096), ("fc", 4096), ("fc", 1000)]
+
+
+_VGG = {
+    "vgg-a": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg-b": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg-c": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M", 512, 512, (512, 1),
+              "M"],
+    "vgg-d": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg-e": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512,
+              "M"],
+}
+
+PAPER_NETWORKS: dict[str, tuple[str, tuple[tuple[int, int, int], list]]] = {
+    "lenet": ("LeNet-300-100 on MNIST: 3 fully connected layers",
+              ((1, 28, 28), [("fc", 300), ("fc", 100), ("fc", 10)])),
+    "lenet-c": ("Caffe LeNet on MNIST: conv20-pool-conv50-pool-fc500-fc10",
+                ((1, 28, 28), [("conv", 20, 5, 0, 1), ("pool", 2), ("conv", 50, 5, 0, 1), ("pool", 2),
+                               ("fc", 500), ("fc", 10)])),
+    "convnet": ("Caffe CIFAR-10 quick: conv32-pool-conv32-pool-conv64-pool-fc64-fc10",
+                ((3, 32, 32), [("conv", 32, 5, 2, 1), ("pool", 3, 2), ("conv", 32, 5, 2, 1), ("pool", 3, 2),
+                               ("conv", 64, 5, 2, 1), ("pool", 3, 2), ("fc", 64), ("fc", 10)])),
+    "sfc": ("large fully connected net on MNIST: 784-8192-8192-8192-10",
+            ((1, 28, 28), [("fc", 8192), ("fc", 8192), ("fc", 8192), ("fc", 10)])),
+    "sconv": ("small all-convolutional net on CIFAR-10: 4 conv (64, 128, 256, 256) + fc10",
+              ((3, 32, 32), [("conv", 64, 3, 1, 1), ("pool", 2), ("conv", 128, 3, 1, 1), ("pool", 2),
+                             ("conv", 256, 3, 1, 1), ("pool", 2), ("conv", 256, 3, 1, 1), ("pool", 2),
+                             ("fc", 10)])),
+    "alexnet": ("AlexNet on ImageNet: 5 conv + 3 fc",
+                ((3, 227, 227), [("conv", 96, 11, 0, 4), ("pool", 3, 2), ("conv", 256, 5, 2, 1), ("pool", 3, 2),
+                                 ("conv", 384, 3, 1, 1), ("conv", 384, 3, 1, 1), ("conv", 256, 3, 1, 1),
+                                 ("pool", 3, 2), ("fc", 4096), ("fc", 4096), ("fc", 1000)])),
+    **{name: (f"{name.upper()} (Simonyan & Zisserman) on ImageNet", _vgg(cfg)) for name, cfg in _VGG.items()},
+}
+
+
+def paper_network(name: str) -> list[LayerSpec]:
+    """The weighted layers of one of the paper's evaluation networks (see PAPER_NETWORKS)."""
+    key = name.lower()
+    if key not in PAPER_NETWORKS:
+        raise ConfigError("hypar.network", f"unknown network '{name}'{suggest(key, PAPER_NETWORKS)}; "
+                                           f"available: {', '.join(PAPER_NETWORKS)}")
+    shape, spec = PAPER_NETWORKS[key][1]
+    return _chain(shape, spec)
+
+
+def synthetic_chain(num_layers: int, seed: int = 0) -> list[LayerSpec]:
+    """A deterministic pseudo-random chain of conv then fc layers (for planner timing on long networks)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    n_conv = num_layers * 3 // 4
+    fmap = 64 * 56 * 56
+    for i in range(num_layers):
+        r = float(torch.rand(1, generator=gen))
+        if i < n_conv:
+            out = int(fmap * (0.5 + r))
+            layers.append(LayerSpec(f"conv{i + 1}", "conv", fmap, out, int(9 * 256 * 256 * (0.25 + r))))
+        else:
+            out = int(4096 * (0.5 + r))
+            layers.append(LayerSpec(f"fc{i + 1}", "fc", fmap, out, fmap * out))
+        fmap = out if i >= n_conv - 1 else max(1024, out // (2 if r > 0.7 else 1))
+    return layers

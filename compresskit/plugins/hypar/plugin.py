@@ -1,0 +1,97 @@
+"""The ``hypar`` analysis plugin: plans layer-wise data/model parallelism for 2^h accelerators; the model is left
+unchanged."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ...plugin import Plugin, RunContext
+from ...registry import register_plugin
+from ...schema import option
+from .graph import LayerSpec, layers_from_model, paper_network
+from .report import build_plan_report, write_plan_report
+from .search import baselines, hierarchical_plan, joint_plan
+
+
+@dataclass
+class HyparConfig:
+    """Recipe fields of a ``hypar`` stage (documented in docs/hypar.md)."""
+
+    accelerators: int = option(16, help="number of accelerators, a power of two", min=1)
+    batch: int = option(256, help="global training batch size", min=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="element type for bytes")
+    network: Optional[str] = option(None, help="plan a paper network (e.g. vgg-e) instead of the recipe's model")
+    input_shape: Optional[list[int]] = option(None, help="per-sample input shape for tracing when no data is given")
+    search: Literal["hierarchical", "joint"] = option(
+        "hierarchical", help="hierarchical: the paper's level-by-level DP; joint: optimal over all levels")
+
+    def validate(self, path: str) -> None:
+        if self.accelerators & (self.accelerators - 1):
+            lo = 1 << (self.accelerators.bit_length() - 1)
+            raise ConfigError(f"{path}.accelerators", f"got {self.accelerators}, expected a power of two "
+                                                      f"(e.g. {lo} or {lo * 2})")
+
+
+def plan_layers(layers: list[LayerSpec], cfg: HyparConfig, title: str) -> dict[str, Any]:
+    """Run the search and the baselines on a layer chain; returns the report dict."""
+    levels = int(math.log2(cfg.accelerators))
+    start = time.perf_counter()
+    plan = (joint_plan if cfg.search == "joint" else hierarchical_plan)(layers, cfg.batch, levels)
+    seconds = time.perf_counter() - start
+    return build_plan_report(title, layers, plan, baselines(layers, cfg.batch, levels), cfg.batch,
+                             cfg.accelerators, cfg.dtype, cfg.search, seconds)
+
+
+@register_plugin
+class HyparPlugin(Plugin):
+    """HyPar: hierarchical layer-wise parallelism planning by dynamic programming over a communication model."""
+
+    name = "hypar"
+    description = "HyPar: plan data/model parallelism per layer for 2^h accelerators (analysis, model unchanged)"
+    Config = HyparConfig
+    kind = "analysis"
+
+    def __init__(self, config: HyparConfig) -> None:
+        super().__init__(config)
+        self.plan: dict[str, Any] | None = None
+        self.files: list[str] = []
+
+    def layers(self, model: nn.Module | None, ctx: RunContext) -> tuple[list[LayerSpec], str]:
+        """The chain to plan: the named paper network, else the traced model."""
+        if self.config.network:
+            return paper_network(self.config.network), self.config.network
+        if model is None:
+            raise ConfigError("hypar.network", "no model to plan: give a recipe model or a paper network")
+        if ctx.sample_input is not None:
+            sample = ctx.sample_input
+        elif self.config.input_shape:
+            sample = (torch.randn(2, *self.config.input_shape),)
+        else:
+            raise ConfigError("hypar.input_shape", "needed to trace the model when the recipe has no data "
+                                                   "(e.g. [3, 32, 32])")
+        return layers_from_model(model, sample), type(model).__name__
+
+    def apply(self, model: nn.Module | None, ctx: RunContext) -> nn.Module | None:
+        layers, title = self.layers(model, ctx)
+        self.plan = plan_layers(layers, self.config, title)
+        if ctx.out_dir:
+            self.files = write_plan_report(self.plan, ctx.out_dir)
+        return model
+
+    def report(self, ctx: RunContext) -> dict[str, Any]:
+        if self.plan is None:
+            return {}
+        p = self.plan
+        rows = [["HyPar", p["total_elements"]["hypar"], 1.0]] + [
+            [name, p["total_elements"][name], ratio] for name, ratio in p["ratio_vs_hypar"].items()]
+        return {"network": p["title"], "accelerators": p["accelerators"], "batch": p["batch"],
+                "total_bytes": p["total_bytes"]["hypar"], "planner_seconds": p["planner_seconds"],
+                "files": self.files,
+                "tables": [{"title": "Communication per step", "columns": ["plan", "elements", "x HyPar"],
+                            "rows": rows}]}
