@@ -28,6 +28,8 @@ class DasnetConfig:
     layers: list[str] = option([], help="glob patterns of activation modules to follow (default: all)")
     after: list[str] = option(["ReLU"], help="activation class names WTA is placed after")
     active_in: Literal["both", "train", "eval"] = option("both", help="when WTA is applied")
+    blocks: Optional[int] = option(None, help="rank contiguous channel blocks instead of single channels "
+                                              "(CPU-friendly structure); null = per channel as in the paper", min=2)
     weight_pruning: Optional[float] = option(None, help="L1 unstructured pruning amount for conv/linear weights",
                                              min=0, max=1, max_exclusive=True)
     quantize: Literal["none", "int8"] = option("none", help="int8 dynamic quantization of Linear layers (torch.ao)")
@@ -66,7 +68,7 @@ class DasnetPlugin(Plugin):
         cfg = self.config
         try:
             self.placed = insert_wta(model, cfg.sparsity, {k: float(v) for k, v in cfg.overrides.items()},
-                                     cfg.layers or None, tuple(cfg.after), cfg.active_in)
+                                     cfg.layers or None, tuple(cfg.after), cfg.active_in, cfg.blocks)
         except ValueError as e:
             field = "layers" if any(p in str(e) for p in cfg.layers) else "overrides"
             raise ConfigError(f"dasnet.{field}", str(e)) from None
@@ -86,7 +88,7 @@ class DasnetPlugin(Plugin):
         weights = [m.weight for m, _ in _prunable(model)]
         self.weight_zero_fraction = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
         if cfg.sparse_execution and ctx.sample_input is not None:
-            self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches)
+            self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches, cfg.blocks)
         if cfg.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
 

@@ -48,6 +48,7 @@ class VHPIStore(nn.Module):
         self.register_buffer("slots", torch.full((size,), EMPTY, dtype=torch.int32))
         self._slot_buffers: list[str] = []
         self._free: torch.Tensor | None = None  # cached free-slot stack, rebuilt from the index when needed
+        self._live: int | None = None           # cached number of stored chunks
 
     # ----------------------------------------------------------------------------------------------- layout
     def _table_size(self, live: int) -> int:
@@ -69,7 +70,9 @@ class VHPIStore(nn.Module):
     @property
     def live(self) -> int:
         """Number of stored chunks."""
-        return int((self.keys != EMPTY).sum())
+        if self._live is None:
+            self._live = int((self.keys != EMPTY).sum())
+        return self._live
 
     def virtual_keys(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
         """(row, chunk) -> virtual key (int64)."""
@@ -136,7 +139,7 @@ class VHPIStore(nn.Module):
         if self._free is None:
             used = torch.zeros(self.capacity, dtype=torch.bool)
             used[self.slots[self.slots != EMPTY].long()] = True
-            self._free = torch.nonzero(~used).flatten().flip(0)  # pop from the end -> lowest slots first
+            self._free = torch.nonzero(~used).flatten().flip(0).to(torch.int32)  # pop from the end: lowest first
         return self._free
 
     @property
@@ -167,7 +170,7 @@ class VHPIStore(nn.Module):
         stack = self._free_stack()
         taken = stack[stack.numel() - n:]
         self._free = stack[: stack.numel() - n]
-        return taken.flip(0)
+        return taken.flip(0).long()
 
     # ----------------------------------------------------------------------------------------------- API
     def lookup(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
@@ -205,6 +208,7 @@ class VHPIStore(nn.Module):
             if (self.live + n_new) > self.load_factor * self.keys.numel():
                 self._rebuild(self._table_size(self.live + n_new))
             self._place(q[new], fresh)
+            self._live = self.live + n_new
             slots[new] = fresh
         if values is not None:
             with torch.no_grad():
@@ -224,6 +228,7 @@ class VHPIStore(nn.Module):
             self.pool.data[freed] = 0
         self._rebuild(self.keys.numel())  # linear probing needs chains without holes
         self._free = None
+        self._live = None
         return int(pos.numel())
 
     def compact(self, shrink: Callable[[nn.Module, str, torch.Tensor], object] | None = None) -> torch.Tensor:
@@ -248,6 +253,7 @@ class VHPIStore(nn.Module):
             setattr(self, name, getattr(self, name)[keep].clone())
         self._rebuild(self._table_size(keep.numel()))
         self._free = None
+        self._live = None
         return keep
 
     def dense(self) -> torch.Tensor:
@@ -283,5 +289,6 @@ class VHPIStore(nn.Module):
                     else:
                         setattr(self, name, torch.empty_like(incoming, dtype=tensor.dtype))
         self._free = None
+        self._live = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -1,0 +1,113 @@
+"""DASNet: WTA keeps exactly the top-k channels per sample, adds no parameters, inserts by pattern with clear
+errors, the sparse execution path equals the dense masked computation, and it composes with pruning + int8."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import compresskit
+from compresskit.models.lenet import LeNet5
+from compresskit.models.resnet_cifar import resnet_cifar
+from compresskit.models.vgg import vgg
+from compresskit.plugins.dasnet import WTADropout, insert_wta, to_sparse_execution
+from compresskit.plugins.dasnet.sparse_exec import SparseConv2d, SparseLinear
+
+
+def test_wta_keeps_top_k_channels_per_sample():
+    x = torch.randn(5, 8, 4, 4)
+    out = WTADropout(0.75)(x)
+    kept = out.abs().flatten(2).amax(2) > 0
+    assert kept.sum(1).tolist() == [2] * 5
+    score = x.abs().flatten(2).mean(2)
+    for b in range(5):
+        winners = set(torch.topk(score[b], 2).indices.tolist())
+        assert set(torch.nonzero(kept[b]).flatten().tolist()) == winners
+        assert torch.equal(out[b, list(winners)], x[b, list(winners)])
+
+
+def test_wta_neurons_blocks_and_modes():
+    x = torch.randn(3, 10)
+    assert ((WTADropout(0.5)(x) != 0).sum(1) == 5).all()
+    y = WTADropout(0.5, blocks=2)(torch.randn(4, 6, 3, 3))
+    alive = (y.abs().flatten(2).amax(2) > 0).view(4, 2, 3)
+    assert (alive.all(2) | ~alive.any(2)).all() and (alive.any(2).sum(1) == 1).all()   # whole blocks win
+    train_only = WTADropout(0.5, active_in="train").eval()
+    assert torch.equal(train_only(x), x)
+
+
+def test_insert_wta_by_pattern_adds_no_parameters():
+    model = vgg("vgg11", width=0.25)
+    before = sum(p.numel() for p in model.parameters())
+    placed = insert_wta(model, 0.5, overrides={"features.2": 0.25}, layers=["features.*"])
+    assert len(placed) == 8 and placed["features.2"] == 0.25
+    assert sum(p.numel() for p in model.parameters()) == before
+    with pytest.raises(ValueError, match="'features.99' matches no ReLU module; available: features.2, features.6"):
+        insert_wta(vgg("vgg11", width=0.25), 0.5, layers=["features.99"])
+
+
+def test_missing_layer_is_a_recipe_error():
+    recipe = {"model": {"name": "lenet5"}, "data": {"name": "digits"},
+              "stages": [{"plugin": "dasnet", "layers": ["classifier.9"]}]}
+    rec, stages = compresskit.validate_recipe(recipe, require_model=True)
+    with pytest.raises(compresskit.ConfigError, match=r"dasnet.layers: 'classifier.9' matches no ReLU"):
+        compresskit.run(rec, stages)
+
+
+@pytest.mark.parametrize("blocks", [None, 2, 4])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_sparse_execution_equals_dense_masked(blocks, batch):
+    for model in (vgg("vgg11", width=0.25), resnet_cifar(20, width=8), LeNet5(in_channels=3)):
+        insert_wta(model, 0.5, blocks=blocks)
+        model.eval()
+        sparse = copy.deepcopy(model)
+        converted = to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), blocks=blocks, force=True)
+        assert converted
+        assert any(isinstance(m, (SparseConv2d, SparseLinear)) for m in sparse.modules())
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tuned_conversion_keeps_dense_where_not_faster():
+    model = LeNet5(in_channels=1)
+    insert_wta(model, 0.5)
+    decisions = to_sparse_execution(model, (torch.randn(4, 1, 32, 32),), batch_sizes=(1, 8))
+    for name, batches in decisions.items():
+        assert set(batches) <= {1, 8} and batches      # only layers with a measured win are wrapped
+
+
+def test_recipe_composes_wta_pruning_and_int8(tmp_path):
+    recipe = {"model": {"name": "lenet5"}, "data": {"name": "digits"},
+              "train": {"epochs": 3, "batch_size": 64, "progress": False, "optimizer": {"name": "adam", "lr": 0.002}},
+              "stages": [{"plugin": "dasnet", "sparsity": 0.5, "weight_pruning": 0.5, "quantize": "int8"}]}
+    rec, stages = compresskit.validate_recipe(recipe, require_model=True)
+    result = compresskit.run(rec, stages, out_dir=str(tmp_path))
+    stage = result.report["stages"][0]
+    assert stage["wta_layers"] == 4 and stage["int8_linear_layers"] == 3
+    assert stage["weight_zero_fraction"] == pytest.approx(0.5, abs=0.01)
+    kinds = {type(m).__name__ for m in result.model.modules()}
+    assert "DynamicQuantizedLinear" in kinds
+    final = result.report["training"]["final_test"]["accuracy"]
+    assert final > 0.5
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert any("_packed_params" in k for k in state)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("torchvision"), reason="torchvision not installed")
+def test_torchvision_model_when_importable():
+    try:
+        import torchvision.models as tvm
+    except Exception as e:  # the registry's torchvision may not import with this torch build
+        pytest.skip(f"torchvision does not import here: {e}")
+    model = tvm.resnet18(num_classes=10)
+    placed = insert_wta(model, 0.5)
+    assert placed
+    model.eval()
+    sparse = copy.deepcopy(model)
+    to_sparse_execution(sparse, (torch.randn(2, 3, 64, 64),), force=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(sparse(x), model(x), atol=1e-4, rtol=1e-4)
