@@ -16,6 +16,32 @@ from .store import VHPIStore
 UTILITY = "utility"
 
 
+class _PoolBagSum(torch.autograd.Function):
+    """Weighted bag sums over the chunk pool; the backward is one ``index_add_`` of per-entry gradients.
+
+    ``F.embedding_bag``'s own dense backward does per-row bookkeeping over the whole pool, which is slow for a pool
+    of many short rows (chunks); this keeps the backward at the cost of zeroing the gradient plus the scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, pool, slots, offsets, weights, sparse):
+        ctx.save_for_backward(slots, offsets, weights)
+        ctx.pool_shape, ctx.sparse = pool.shape, sparse
+        return F.embedding_bag(slots, pool, offsets, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        slots, offsets, weights = ctx.saved_tensors
+        lengths = torch.diff(offsets, append=offsets.new_tensor([slots.numel()]))
+        bag_of = torch.repeat_interleave(torch.arange(offsets.numel(), device=slots.device), lengths)
+        entries = grad_out.index_select(0, bag_of) * weights[:, None]
+        if ctx.sparse:
+            grad = torch.sparse_coo_tensor(slots[None], entries, ctx.pool_shape, check_invariants=False)
+        else:
+            grad = entries.new_zeros(ctx.pool_shape).index_add_(0, slots, entries)
+        return grad, None, None, None, None
+
+
 class FiitedEmbeddingBag(nn.Module):
     """``nn.EmbeddingBag`` with per-row variable dimension (a prefix of chunks) stored in a VHPI chunk store.
 
@@ -132,8 +158,11 @@ class FiitedEmbeddingBag(nn.Module):
         flat_slots = slots.clamp(min=0).t().reshape(-1)
         flat_weight = weight.t().reshape(-1)
         flat_offsets = (offsets[None, :] + torch.arange(c, device=input.device)[:, None] * n).reshape(-1)
-        out = F.embedding_bag(flat_slots, pool, flat_offsets, mode="sum", sparse=self.sparse,
-                              per_sample_weights=flat_weight)
+        if flat_weight.requires_grad:  # gradient w.r.t. per_sample_weights wanted: torch's own path
+            out = F.embedding_bag(flat_slots, pool, flat_offsets, mode="sum", sparse=self.sparse,
+                                  per_sample_weights=flat_weight)
+        else:
+            out = _PoolBagSum.apply(pool, flat_slots, flat_offsets, flat_weight, self.sparse)
         return out.view(c, bags, cs).permute(1, 0, 2).reshape(bags, c * cs)
 
     # ----------------------------------------------------------------------------------------------- helpers

@@ -139,7 +139,7 @@ class VHPIStore(nn.Module):
         if self._free is None:
             used = torch.zeros(self.capacity, dtype=torch.bool)
             used[self.slots[self.slots != EMPTY].long()] = True
-            self._free = torch.nonzero(~used).flatten().flip(0).to(torch.int32)  # pop from the end: lowest first
+            self._free = torch.arange(self.capacity, dtype=torch.int32)[~used]  # ascending: lowest slots first
         return self._free
 
     @property
@@ -168,9 +168,8 @@ class VHPIStore(nn.Module):
         if n > self.free_slots:
             self._grow(self.capacity - self.free_slots + n)
         stack = self._free_stack()
-        taken = stack[stack.numel() - n:]
-        self._free = stack[: stack.numel() - n]
-        return taken.flip(0).long()
+        self._free = stack[n:]
+        return stack[:n].long()
 
     # ----------------------------------------------------------------------------------------------- API
     def lookup(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
