@@ -53,8 +53,8 @@ def main() -> None:
         for acc in (16, 64):
             lv = acc.bit_length() - 1
             layers = synthetic_chain(n_layers)
-            t_h = _best_time(lambda: hierarchical_plan(layers, args.batch, lv))
-            t_j = _best_time(lambda: joint_plan(layers, args.batch, lv))
+            t_h = _best_time(lambda layers=layers, lv=lv: hierarchical_plan(layers, args.batch, lv))
+            t_j = _best_time(lambda layers=layers, lv=lv: joint_plan(layers, args.batch, lv))
             timing_rows.append([n_layers, acc, t_h * 1000, t_j * 1000])
             timing.append({"layers": n_layers, "accelerators": acc, "hierarchical_s": t_h, "joint_s": t_j})
     print()

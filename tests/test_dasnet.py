@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import compresskit
 from compresskit.models.lenet import LeNet5

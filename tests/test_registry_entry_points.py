@@ -2,60 +2,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-PLUGIN_SRC = '''
-from dataclasses import dataclass
-from compresskit import Plugin
-from compresskit.schema import option
-
-@dataclass
-class ScaleConfig:
-    factor: float = option(2.0, help="multiply the first parameter by this", min=0)
-
-class ScaleFirstParameter(Plugin):
-    name = "scale-first"
-    description = "toy plugin: scales the first parameter"
-    Config = ScaleConfig
-
-    def apply(self, model, ctx):
-        import torch
-        with torch.no_grad():
-            next(model.parameters()).mul_(self.config.factor)
-        return model
-
-    def report(self, ctx):
-        return {"factor": self.config.factor}
-'''
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "plugin_package")
 
 
 @pytest.fixture(scope="module")
 def installed_plugin(tmp_path_factory):
-    """Build and pip-install a tiny plugin distribution into a private target folder."""
-    src = tmp_path_factory.mktemp("toy_src")
-    (src / "toy_compress_plugin").mkdir()
-    (src / "toy_compress_plugin" / "__init__.py").write_text(PLUGIN_SRC)
-    (src / "pyproject.toml").write_text(textwrap.dedent('''
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "toy-compress-plugin"
-        version = "0.1"
-        [project.entry-points."compresskit.plugins"]
-        scale-first = "toy_compress_plugin:ScaleFirstParameter"
-        [tool.setuptools]
-        packages = ["toy_compress_plugin"]
-    '''))
+    """pip-install the example plugin distribution (examples/plugin_package) into a private target folder."""
+    src = tmp_path_factory.mktemp("src") / "plugin_package"
+    shutil.copytree(EXAMPLE, src)              # build in a scratch copy: the repository stays clean
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                            "--no-index", "--target", str(target), str(src)], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.fail(f"could not install the toy plugin: {proc.stderr[-2000:]}")
+        pytest.fail(f"could not install the example plugin: {proc.stderr[-2000:]}")
     return target
 
 
@@ -68,7 +34,7 @@ def _run(args, site, cwd):
 def test_entry_point_plugin_is_listed_and_runs(installed_plugin, tmp_path):
     listed = _run(["plugins"], installed_plugin, tmp_path)
     assert listed.returncode == 0, listed.stderr
-    assert "scale-first (transform): toy plugin: scales the first parameter" in listed.stdout
+    assert "scale-first (transform): example plugin: scales the first parameter" in listed.stdout
     assert "factor: float = 2.0" in listed.stdout
     recipe = tmp_path / "r.yaml"
     recipe.write_text(textwrap.dedent(f'''
