@@ -179,9 +179,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
     inputs = _capture_inputs(model, sample, min_zero)
     decisions: dict[str, list[int]] = {}
     for name, x in sorted(inputs.items()):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, attr)
+        module = model.get_submodule(name)
         twin_cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
         twin = twin_cls(module, blocks, force=force)
         chosen: list[int] = []
@@ -192,6 +190,6 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                     chosen.append(b)
             twin.sparse_batches = set(chosen)
         if chosen or force:
-            setattr(parent, attr, twin)
+            model.set_submodule(name, twin)
             decisions[name] = chosen
     return decisions

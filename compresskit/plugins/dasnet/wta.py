@@ -88,8 +88,6 @@ def insert_wta(model: nn.Module, sparsity: float, overrides: dict[str, float] | 
         for pattern, value in (overrides or {}).items():
             if fnmatch.fnmatchcase(name, pattern):
                 s = value
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, WithWTA(getattr(parent, attr), WTADropout(s, active_in, blocks)))
+        model.set_submodule(name, WithWTA(model.get_submodule(name), WTADropout(s, active_in, blocks)))
         placed[name] = s
     return placed

@@ -238,9 +238,6 @@ def convert_embeddings(model: nn.Module, chunk_size: int = 8, include: list[str]
             raise ValueError(f"{name}: embedding_dim {module.embedding_dim} is not a multiple of chunk_size "
                              f"{chunk_size}")
         twin_cls = FiitedEmbeddingBag if isinstance(module, nn.EmbeddingBag) else FiitedEmbedding
-        twin = twin_cls.from_dense(module, chunk_size, **kwargs)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, twin)
+        model.set_submodule(name, twin_cls.from_dense(module, chunk_size, **kwargs))
         converted.append(name)
     return converted
