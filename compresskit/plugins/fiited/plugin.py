@@ -88,7 +88,6 @@ class FiitedPlugin(Plugin):
         self.dense_chunks = 0
         self.dense_payload_bytes = 0
         self.rounds: list[dict[str, Any]] = []
-        self.start = self.end = 0
 
     # ------------------------------------------------------------------------------------------- set-up
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -148,7 +147,7 @@ class FiitedPlugin(Plugin):
                 model(*inputs)
         model.train(was_training)
         scores, owners = [], []
-        for k, (_, m) in enumerate(self.modules):
+        for _, m in self.modules:
             rows, chunks, _ = m.store.entries()
             freq = m.counts[rows].float() ** self.config.mixed_dim_alpha
             scores.append(freq / (chunks.float() + 1))
@@ -177,14 +176,14 @@ class FiitedPlugin(Plugin):
         cfg = self.config
         if cfg.method not in ("fiited", "adaembed"):
             return
-        self.start, self.end = self._schedule_bounds(ctx.total_steps)
-        on_grid = step >= self.start and ((step - self.start) % cfg.interval == 0 or step == self.end)
-        if not on_grid or (step > self.end and not cfg.lazy):
+        start, end = self._schedule_bounds(ctx.total_steps)
+        on_grid = step >= start and ((step - start) % cfg.interval == 0 or step == end)
+        if not on_grid or (step > end and not cfg.lazy):
             return
         if cfg.lazy:
             target = int(sum(m.store.capacity for _, m in self.modules) * (1 - cfg.headroom))
         else:
-            ratio = kept_ratio(step, self.start, self.end, cfg.target_memory_ratio, cfg.schedule)
+            ratio = kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule)
             target = self._target_chunks(ratio)
         scores, owners = [], []
         for _, m in self.modules:
