@@ -15,8 +15,9 @@ from compresskit.plugins.dasnet import insert_wta, to_sparse_execution
 model = vgg("vgg11").eval()
 placed = insert_wta(model, sparsity=0.5, blocks=2)          # after every ReLU; no new parameters
 sparse = copy.deepcopy(model)
-decisions = to_sparse_execution(sparse, (torch.randn(8, 3, 32, 32),), batch_sizes=(1,), blocks=2)
-print(f"WTA after {len(placed)} activations; sparse path kept for {len(decisions)} layers")
+decisions = to_sparse_execution(sparse, (torch.randn(8, 3, 32, 32),), batch_sizes=(1,))
+used = sorted({b for batches in decisions.values() for b in batches})
+print(f"WTA after {len(placed)} activations; {len(decisions)} layers wrapped; compact path for batch sizes {used}")
 
 x = torch.randn(1, 3, 32, 32)
 with torch.no_grad():

@@ -11,8 +11,8 @@ import compresskit
 from compresskit.models.lenet import LeNet5
 from compresskit.models.resnet_cifar import resnet_cifar
 from compresskit.models.vgg import vgg
-from compresskit.plugins.dasnet import WTADropout, insert_wta, to_sparse_execution
-from compresskit.plugins.dasnet.sparse_exec import SparseConv2d, SparseLinear
+from compresskit.plugins.dasnet import (ChannelSparse, SparseConv2d, SparsePool, WTADropout, compact_wta, insert_wta,
+                                        to_sparse_execution, wta_mask)
 
 
 def test_wta_keeps_top_k_channels_per_sample():
@@ -62,20 +62,63 @@ def test_sparse_execution_equals_dense_masked(blocks, batch):
         insert_wta(model, 0.5, blocks=blocks)
         model.eval()
         sparse = copy.deepcopy(model)
-        converted = to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), blocks=blocks, force=True)
+        converted = to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), force=True)
         assert converted
-        assert any(isinstance(m, (SparseConv2d, SparseLinear)) for m in sparse.modules())
+        widths = []                                  # input channels each wrapped conv really computes on
+        for m in sparse.modules():
+            if isinstance(m, SparseConv2d):
+                m.register_forward_pre_hook(lambda mod, args: widths.append(
+                    (args[0].shape[1], [p.data.shape[1] for p in args[0].parts])))
         x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
-            assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+            out = sparse(x)
+            assert isinstance(out, torch.Tensor)
+            assert torch.allclose(out, model(x), atol=1e-5, rtol=1e-5)
+        assert widths and all(k * 2 == c for c, ks in widths for k in ks)       # half of the channels skipped
+        if not isinstance(model, LeNet5):
+            assert any(isinstance(m, SparsePool) for m in sparse.modules())
 
 
-def test_tuned_conversion_keeps_dense_where_not_faster():
+def test_compact_form_falls_back_to_dense_for_other_ops():
+    x = torch.relu(torch.randn(5, 8, 4, 4))
+    for blocks in (None, 2, 4):
+        compact = compact_wta(x, 0.5, blocks, nonnegative=True)
+        dense = x * wta_mask(x, 0.5, blocks)
+        assert isinstance(compact, ChannelSparse) and compact.shape == x.shape
+        assert torch.equal(compact.dense(), dense)
+        assert torch.equal(torch.flatten(compact, 1), dense.flatten(1))           # torch functions densify
+        assert torch.equal(compact.view(5, -1), dense.view(5, -1))                # tensor methods too
+        shortcut = torch.randn_like(x)
+        before = shortcut.clone()
+        assert torch.allclose(shortcut + compact, shortcut + dense)               # residual add scatters
+        assert torch.allclose(compact + shortcut, shortcut + dense)
+        assert torch.equal(shortcut, before)                                      # ... into a copy
+
+
+def test_compact_only_in_inference_without_autograd():
+    wta = WTADropout(0.5, blocks=2)
+    wta.compact_always = True
+    x = torch.randn(3, 4, 2, 2)
+    assert isinstance(wta(x), torch.Tensor)                       # training mode: masked
+    wta.eval()
+    assert isinstance(wta(x), torch.Tensor)                       # autograd on: masked
+    with torch.no_grad():
+        assert isinstance(wta(x), ChannelSparse)
+
+
+def test_tuned_conversion_records_its_choice():
     model = LeNet5(in_channels=1)
     insert_wta(model, 0.5)
     decisions = to_sparse_execution(model, (torch.randn(4, 1, 32, 32),), batch_sizes=(1, 8))
-    for name, batches in decisions.items():
-        assert set(batches) <= {1, 8} and batches      # only layers with a measured win are wrapped
+    assert decisions                                             # the layers fed by WTA are wrapped
+    chosen = set(next(iter(decisions.values())))
+    assert chosen <= {1, 8}
+    for m in model.modules():
+        if isinstance(m, WTADropout):
+            assert m.compact_batches == chosen and not m.compact_always
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        model(x)                                                 # runs whichever path was chosen
 
 
 def test_recipe_composes_wta_pruning_and_int8(tmp_path):

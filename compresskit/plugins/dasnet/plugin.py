@@ -88,7 +88,7 @@ class DasnetPlugin(Plugin):
         weights = [m.weight for m, _ in _prunable(model)]
         self.weight_zero_fraction = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
         if cfg.sparse_execution and ctx.sample_input is not None:
-            self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches, cfg.blocks)
+            self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches)
         if cfg.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
 

@@ -1,16 +1,19 @@
-"""Sparse execution: run a conv / linear layer on each sample's active input channels only.
+"""Sparse execution: run inference on WTA's compact activations, so dropped channels cost nothing downstream.
 
-WTA leaves whole input channels (or neurons) zero per sample. The sparse twins below detect them from the input
-itself (so pooling, identity shortcuts etc. in between do not matter) and skip them:
+``to_sparse_execution`` switches the model's ``WTADropout`` modules to the compact output (``ChannelSparse``: per
+sample only the winning channels, samples grouped by their winning set) and wraps the layers that receive it:
 
-* per-channel WTA (``blocks=None``): each sample's active channels and the matching kernel slices are gathered
-  and convolved, one convolution per sample;
-* block WTA (``blocks=G``): for each of the ``G`` channel blocks, one dense convolution over just the samples in
-  which that block is active, with the kernel's block kept contiguous; partial outputs are summed.
+* ``SparseConv2d`` / ``SparseLinear``: for each part, one convolution (matmul) over just that part's samples and
+  the kernel's slice for its channels. Block WTA has few distinct channel sets, so each part is a real batch and
+  its kernel slice is cut once and cached; per-channel WTA gathers each sample's slice from a kernel stored
+  input-channel-major, so the gather copies contiguous rows.
+* ``SparsePool``: max / average pooling of the kept channels only.
 
-Which path pays off depends on the layer and batch size on a given CPU, so each layer is *tuned*: at conversion
-both are timed for the batch sizes asked for and the sparse path is kept only where it is faster. Results equal
-the dense layer on the masked input up to float rounding.
+Other modules get the dense tensor (see ``compact``); a residual ``+`` scatters into the shortcut's copy. The
+masked tensor is never built, pooling touches only kept channels, and each conv reads only kept input channels.
+Whether that beats the masked dense model depends on the net, the batch size and the CPU, so each batch size in
+``batch_sizes`` is timed both ways and the compact path kept only where it is faster. Results equal the masked
+dense model up to float rounding.
 """
 from __future__ import annotations
 
@@ -21,175 +24,185 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compact import ChannelSparse, Part, densify
+from .wta import WTADropout
 
-def active_channels(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample indices [B, k] of the input channels that are not all zero, padded with zero channels."""
-    nonzero = x.reshape(*x.shape[:2], -1).abs().amax(2) > 0
-    k = max(1, int(nonzero.sum(1).max()))
-    return torch.topk(nonzero.to(torch.int8), k, dim=1, sorted=False).indices
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
 
 
 class _SparseTwin(nn.Module):
-    """Shared logic of the sparse conv / linear twins: block weights, path choice, per-sample and block loops."""
+    """A layer that runs on ``ChannelSparse`` parts (input-channel slices of its weight) and is the plain layer
+    on ordinary tensors."""
 
-    def __init__(self, layer: nn.Module, blocks: int | None, sparse_batches: Iterable[int], force: bool) -> None:
+    input_dim = 4
+
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
-        in_units = layer.weight.shape[1]
-        self.blocks = blocks if blocks and in_units % blocks == 0 and blocks > 1 else None
-        self.sparse_batches = set(sparse_batches)
-        self.force = force
-        self._block_weights: list[torch.Tensor] = []
-        self._weight_version = -1
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._channel_major: torch.Tensor | None = None
+        self._cached_version: tuple[int, int] = (-1, -1)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _with_bias(self, y: torch.Tensor) -> torch.Tensor:
-        bias = self.layer.bias
-        if bias is None:
-            return y
-        return y + bias.view(1, -1, *([1] * (y.dim() - 2)))
-
-    def _weights(self) -> list[torch.Tensor]:
+    def _weight_for(self, part: Part) -> torch.Tensor:
+        """The weight's slice over ``part.channels`` (contiguous), cached per channel set where it has a key."""
         weight = self.layer.weight
-        if weight._version != self._weight_version or not self._block_weights:
-            size = weight.shape[1] // self.blocks
-            self._block_weights = [weight[:, g * size:(g + 1) * size].detach().contiguous()
-                                   for g in range(self.blocks)]
-            self._weight_version = weight._version
-        return self._block_weights
+        version = (weight.data_ptr(), weight._version)
+        if version != self._cached_version:
+            self._cache.clear()
+            self._channel_major = None
+            self._cached_version = version
+        if part.key is not None:
+            if part.key not in self._cache:
+                self._cache[part.key] = weight.detach().index_select(1, part.channels).contiguous()
+            return self._cache[part.key]
+        if self._channel_major is None:           # [in, out, ...]: one sample's slice is contiguous rows
+            self._channel_major = weight.detach().transpose(0, 1).contiguous()
+        return self._channel_major.index_select(0, part.channels).transpose(0, 1).contiguous()
 
-    def sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The skipping computation (block or per-sample path)."""
-        batch = x.shape[0]
-        if self.blocks is None:
-            idx = active_channels(x)
-            outs = [self._op(x[b:b + 1, idx[b]], self.layer.weight[:, idx[b]]) for b in range(batch)]
-            return self._with_bias(outs[0] if batch == 1 else torch.cat(outs))
-        size = x.shape[1] // self.blocks
-        active = x.reshape(batch, self.blocks, -1).abs().amax(2) > 0           # [B, G]
-        y = None
-        for g, weight in enumerate(self._weights()):
-            rows = torch.nonzero(active[:, g]).flatten()
-            if rows.numel() == 0:
-                continue
-            part_in = x[:, g * size:(g + 1) * size]
-            if rows.numel() < batch:
-                part_in = part_in.index_select(0, rows)
-            part = self._op(part_in, weight)
-            if y is None:
-                y = part.new_zeros(batch, *part.shape[1:])
-            if rows.numel() == batch:
-                y += part
-            else:
-                y.index_add_(0, rows, part)
-        if y is None:
-            return self.layer(torch.zeros_like(x))
-        return self._with_bias(y)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.force or x.shape[0] in self.sparse_batches:
-            return self.sparse_forward(x)
-        return self.layer(x)
+    def forward(self, x: torch.Tensor | ChannelSparse) -> torch.Tensor:
+        if not isinstance(x, ChannelSparse) or x.dim() != self.input_dim or \
+                type(self.layer) not in (nn.Conv2d, nn.Linear):
+            return self.layer(densify(x))
+        y = x.assemble([self._op(p.data, self._weight_for(p)) for p in x.parts])
+        bias = self.layer.bias
+        if bias is not None:
+            y = y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+        return y
 
 
 class SparseConv2d(_SparseTwin):
-    """``nn.Conv2d`` (groups=1, zero padding) that skips inactive input channels / channel blocks."""
+    """``nn.Conv2d`` (groups=1, zero padding) over each part's kept input channels only."""
 
-    def __init__(self, conv: nn.Conv2d, blocks: int | None = None, sparse_batches: Iterable[int] = (),
-                 force: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("only groups=1, zero-padded convolutions are supported")
-        super().__init__(conv, blocks, sparse_batches, force)
+        super().__init__(conv)
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        c = self.layer
-        return F.conv2d(x, weight, None, c.stride, c.padding, c.dilation)
+        return conv2d_onednn(x, weight, self.layer)
+
+
+def conv2d_onednn(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` with ``weight`` (no bias), on oneDNN where it applies.
+
+    PyTorch sends small batch-1 inputs (under 20480 elements) to its native im2col kernel, which is slower than
+    oneDNN on the CPUs we measured; compact inputs are small, so they would fall under that rule where the dense
+    layer did not. The benchmark gives the dense baseline the same kernel (see benchmarks/dasnet.py).
+    """
+    if x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.is_available() \
+            and not isinstance(conv.padding, str):
+        return torch.mkldnn_convolution(x.contiguous(), weight, None, conv.padding, conv.stride, conv.dilation, 1)
+    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation)
 
 
 class SparseLinear(_SparseTwin):
-    """``nn.Linear`` that skips inactive input features / feature blocks (2-D inputs)."""
+    """``nn.Linear`` over each part's kept input features only (2-D inputs)."""
 
-    def __init__(self, linear: nn.Linear, blocks: int | None = None, sparse_batches: Iterable[int] = (),
-                 force: bool = False) -> None:
-        super().__init__(linear, blocks, sparse_batches, force)
+    input_dim = 2
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) if x.dim() == 2 else self.layer(x)
+
+class SparsePool(nn.Module):
+    """A pooling layer applied to the kept channels only (pooling maps an all-zero channel to zeros)."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.layer = pool
+
+    def forward(self, x: torch.Tensor | ChannelSparse) -> torch.Tensor | ChannelSparse:
+        return x.map(self.layer) if isinstance(x, ChannelSparse) else self.layer(x)
 
 
-def _capture_inputs(model: nn.Module, sample: tuple[torch.Tensor, ...], min_zero: float) -> dict[str, torch.Tensor]:
-    """Inputs of the Conv2d/Linear layers that, on ``sample``, have >= ``min_zero`` of every sample's channels
-    entirely zero (the layers that follow WTA)."""
-    found: dict[str, torch.Tensor] = {}
-    hooks = []
+def _twin_for(module: nn.Module) -> nn.Module | None:
+    if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
+        return SparseConv2d(module)
+    if type(module) is nn.Linear:
+        return SparseLinear(module)
+    if isinstance(module, POOLS):
+        return SparsePool(module)
+    return None
 
-    def hook(name):
-        def fn(module, args):
-            x = args[0]
-            if x.dim() not in (2, 4):
-                return
-            zero = x.reshape(*x.shape[:2], -1).abs().amax(2) == 0
-            if float(zero.float().mean(1).min()) >= min_zero:
-                found[name] = x.detach().clone()
-        return fn
 
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"):
-            hooks.append(m.register_forward_pre_hook(hook(name)))
-    was_training = model.training
-    model.eval()
+def _densify_output(module: nn.Module, args, output):
+    return densify(output)
+
+
+def _receivers(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> list[str]:
+    """Names of the modules that receive a ``ChannelSparse`` as first input on ``sample``."""
+    found: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: found.append(name)
+                                         if args and isinstance(args[0], ChannelSparse) else None)
+             for name, m in model.named_modules() if name]
     try:
         with torch.no_grad():
             model(*sample)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return found
 
 
-def _faster(dense, sparse, x: torch.Tensor, repeats: int = 7) -> bool:
-    def best(fn) -> float:
-        fn(x)
+def _best_time(model: nn.Module, x: tuple[torch.Tensor, ...], repeats: int = 7) -> float:
+    with torch.no_grad():
+        model(*x)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            fn(x)
+            model(*x)
             times.append(time.perf_counter() - start)
-        return min(times)
-
-    with torch.no_grad():
-        return best(sparse) < 0.95 * best(dense)
+    return min(times)
 
 
 def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batch_sizes: Iterable[int] = (1,),
-                        blocks: int | None = None, min_zero: float = 0.2, force: bool = False
-                        ) -> dict[str, list[int]]:
-    """Wrap each conv / linear layer fed by WTA-sparse input in its sparse twin, tuned per batch size.
+                        force: bool = False) -> dict[str, list[int]]:
+    """Switch the WTA modules of ``model`` to compact outputs and wrap the layers fed by them (see module doc).
 
-    ``sample``: a representative input batch; each tuned batch size is built from its samples (cycled). ``blocks``:
-    the WTA block count (None = per channel). With ``force`` the sparse path is always used (tests). Returns
-    {layer name: batch sizes run sparsely}.
+    ``sample``: a representative input batch; each batch size in ``batch_sizes`` is built from its samples
+    (cycled) and timed with the compact path and with the masked dense one; the compact path is used for the batch
+    sizes where it is faster. With ``force`` it is always used (tests). The compact path runs in eval mode without
+    autograd (``torch.no_grad`` / ``inference_mode``); training and autograd use the masked dense path. Returns
+    {wrapped layer name: batch sizes run compactly}.
     """
-    inputs = _capture_inputs(model, sample, min_zero)
-    decisions: dict[str, list[int]] = {}
-    for name, x in sorted(inputs.items()):
-        module = model.get_submodule(name)
-        twin_cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
-        twin = twin_cls(module, blocks, force=force)
-        chosen: list[int] = []
+    wta = [m for m in model.modules() if isinstance(m, WTADropout) and m.sparsity > 0]
+    if not wta:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        for m in wta:
+            m.compact_always = True
+        wrapped: list[str] = []
+        while True:                    # a wrapped pool passes the compact form on, so look again downstream
+            new = [name for name in _receivers(model, sample)
+                   if name not in wrapped and _twin_for(model.get_submodule(name)) is not None]
+            if not new:
+                break
+            for name in new:
+                model.set_submodule(name, _twin_for(model.get_submodule(name)))
+                wrapped.append(name)
+        if not any(h is _densify_output for h in model._forward_hooks.values()):
+            model.register_forward_hook(_densify_output)
+        for m in wta:
+            m.compact_always = force
+        chosen = []
         if not force:
             for b in batch_sizes:
-                xb = x[torch.arange(b) % x.shape[0]]
-                if _faster(module, twin.sparse_forward, xb):
+                xb = tuple(t[torch.arange(b) % t.shape[0]] for t in sample)
+                for m in wta:
+                    m.compact_batches.discard(b)
+                dense_time = _best_time(model, xb)
+                for m in wta:
+                    m.compact_batches.add(b)
+                if _best_time(model, xb) < 0.95 * dense_time:
                     chosen.append(b)
-            twin.sparse_batches = set(chosen)
-        if chosen or force:
-            model.set_submodule(name, twin)
-            decisions[name] = chosen
-    return decisions
+                else:
+                    for m in wta:
+                        m.compact_batches.discard(b)
+    finally:
+        model.train(was_training)
+    return {name: (list(batch_sizes) if force else chosen) for name in wrapped}

@@ -1,12 +1,12 @@
 """Winners-take-all (WTA) dropout: per sample, only the k strongest channels (conv maps) or neurons stay active.
 
-Channels of a ``[B, C, H, W]`` map are ranked by their mean absolute activation; neurons of a ``[B, F]``
-activation by absolute value. ``k = max(1, round((1 - sparsity) * C))``. No trainable parameters; gradients flow
-through the kept units only (the mask is a constant of the forward pass), as in dropout.
+Channels of a ``[B, C, H, W]`` map are ranked by their summed absolute activation (the same order as the mean);
+neurons of a ``[B, F]`` activation by absolute value. ``k = max(1, round((1 - sparsity) * C))``. No trainable
+parameters; gradients flow through the kept units only (the mask is a constant of the forward pass), as in dropout.
 
-With ``blocks = G`` the units are ranked in ``G`` contiguous blocks (block score = mean |activation| over the
-block) and whole blocks win. This coarser structure is what a CPU can skip efficiently (see ``sparse_exec``);
-``blocks=None`` is the paper's per-channel WTA.
+With ``blocks = G`` the units are ranked in ``G`` contiguous blocks (block score = summed |activation|) and whole
+blocks win. This coarser structure is what a CPU can skip efficiently (see ``sparse_exec``); ``blocks=None`` is the
+paper's per-channel WTA. In inference the winners can be returned compactly (``compact_wta``, ``ChannelSparse``).
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .compact import ChannelSparse, Part
+
+NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)    # outputs >= 0: WTA ranks without abs
 ACTIVATIONS = ("ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh", "Sigmoid")
 
 
@@ -24,35 +27,89 @@ def keep_count(units: int, sparsity: float) -> int:
     return max(1, min(units, int(round((1.0 - sparsity) * units))))
 
 
-def wta_mask(x: torch.Tensor, sparsity: float, blocks: int | None = None) -> torch.Tensor:
-    """0/1 mask broadcastable to x keeping each sample's top-k channels (dim 1), or top-k channel blocks."""
+def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: bool) -> tuple[int, torch.Tensor]:
+    """(unit groups, indices [B, k] of each sample's winning groups). The one ranking both paths use: sums of
+    |x| over each group (the same order as means); ``nonnegative`` inputs skip the abs."""
     batch, units = x.shape[:2]
     groups = blocks if blocks and units % blocks == 0 else units
-    k = keep_count(groups, sparsity)
-    score = x.detach().abs().reshape(batch, groups, -1).mean(2)
-    top = torch.topk(score, k, dim=1, sorted=False).indices
+    magnitude = x.detach() if nonnegative else x.detach().abs()
+    score = magnitude.reshape(batch, groups, -1).sum(2)
+    return groups, torch.topk(score, keep_count(groups, sparsity), dim=1, sorted=False).indices
+
+
+def wta_mask(x: torch.Tensor, sparsity: float, blocks: int | None = None, nonnegative: bool = False) -> torch.Tensor:
+    """0/1 mask broadcastable to x keeping each sample's top-k channels (dim 1), or top-k channel blocks."""
+    batch, units = x.shape[:2]
+    groups, top = _winners(x, sparsity, blocks, nonnegative)
     mask = torch.zeros(batch, groups, dtype=x.dtype, device=x.device).scatter_(1, top, 1.0)
     mask = mask.repeat_interleave(units // groups, dim=1)
     return mask.view(batch, units, *([1] * (x.dim() - 2)))
 
 
+def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
+                nonnegative: bool = False) -> ChannelSparse:
+    """WTA of ``x`` in compact form: only the winning channels, samples grouped by their winning set.
+
+    Equals ``x * wta_mask(x, sparsity, blocks, nonnegative)`` once densified (same ranking).
+    """
+    batch, units = x.shape[:2]
+    groups, top = _winners(x, sparsity, blocks, nonnegative)
+    top = top.sort(1).values
+    if groups == units:                                            # per channel: every sample its own part
+        data = x[torch.arange(batch, device=x.device)[:, None], top]
+        if batch == 1:
+            return ChannelSparse(1, units, [Part(None, top[0], data)])
+        return ChannelSparse(batch, units, [Part(torch.tensor([b], device=x.device), top[b], data[b:b + 1])
+                                            for b in range(batch)])
+    size = units // groups
+    samples_of: dict[tuple[int, ...], list[int]] = {}
+    for b, pattern in enumerate(top.tolist()):
+        samples_of.setdefault(tuple(pattern), []).append(b)
+    parts = []
+    for pattern, samples in samples_of.items():
+        rows = None if len(samples) == batch else torch.tensor(samples, device=x.device)
+        key = pattern
+        if pattern[-1] - pattern[0] == len(pattern) - 1:             # adjacent blocks: one channel range
+            span = (pattern[0] * size, (pattern[-1] + 1) * size)
+            channels = torch.arange(*span, device=x.device)
+            view = x[:, span[0]:span[1]]
+            data = view if rows is None else view.index_select(0, rows)
+        else:
+            span = None
+            channels = (torch.tensor(pattern, device=x.device)[:, None] * size
+                        + torch.arange(size, device=x.device)).flatten()
+            data = x.index_select(1, channels) if rows is None else x[rows[:, None], channels]
+        parts.append(Part(rows, channels, data, key, span))
+    return ChannelSparse(batch, units, parts)
+
+
 class WTADropout(nn.Module):
-    """Structured winners-take-all dropout (see module docstring); ``active_in`` picks train / eval / both."""
+    """Structured winners-take-all dropout (see module docstring); ``active_in`` picks train / eval / both.
+
+    In inference (eval mode, no autograd) it returns the compact ``ChannelSparse`` form for the batch sizes in
+    ``compact_batches`` (or always, with ``compact_always``); ``sparse_exec.to_sparse_execution`` sets these.
+    """
 
     def __init__(self, sparsity: float, active_in: Literal["both", "train", "eval"] = "both",
-                 blocks: int | None = None) -> None:
+                 blocks: int | None = None, nonnegative_input: bool = False) -> None:
         super().__init__()
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         self.sparsity = sparsity
         self.active_in = active_in
         self.blocks = blocks
+        self.nonnegative_input = nonnegative_input
+        self.compact_batches: set[int] = set()
+        self.compact_always = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ChannelSparse:
         if self.sparsity == 0 or (self.active_in == "train" and not self.training) or \
                 (self.active_in == "eval" and self.training):
             return x
-        return x * wta_mask(x, self.sparsity, self.blocks)
+        if not self.training and not torch.is_grad_enabled() and \
+                (self.compact_always or x.shape[0] in self.compact_batches):
+            return compact_wta(x, self.sparsity, self.blocks, self.nonnegative_input)
+        return x * wta_mask(x, self.sparsity, self.blocks, self.nonnegative_input)
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}, active_in={self.active_in!r}, blocks={self.blocks}"
@@ -88,6 +145,8 @@ def insert_wta(model: nn.Module, sparsity: float, overrides: dict[str, float] | 
         for pattern, value in (overrides or {}).items():
             if fnmatch.fnmatchcase(name, pattern):
                 s = value
-        model.set_submodule(name, WithWTA(model.get_submodule(name), WTADropout(s, active_in, blocks)))
+        activation = model.get_submodule(name)
+        wta = WTADropout(s, active_in, blocks, nonnegative_input=isinstance(activation, NONNEGATIVE))
+        model.set_submodule(name, WithWTA(activation, wta))
         placed[name] = s
     return placed
