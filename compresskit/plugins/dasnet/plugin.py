@@ -33,8 +33,8 @@ class DasnetConfig:
     weight_pruning: Optional[float] = option(None, help="L1 unstructured pruning amount for conv/linear weights",
                                              min=0, max=1, max_exclusive=True)
     quantize: Literal["none", "int8"] = option("none", help="int8 dynamic quantization of Linear layers (torch.ao)")
-    sparse_execution: bool = option(True, help="after training, wrap layers fed by WTA in the sparse path")
-    tune_batches: list[int] = option([1], help="batch sizes the sparse path is tuned (timed) for")
+    sparse_execution: bool = option(True, help="after training, run inference on WTA's compact output")
+    tune_batches: list[int] = option([1], help="batch sizes timed both ways; the compact path is kept where faster")
 
     def validate(self, path: str) -> None:
         for pattern, value in self.overrides.items():
