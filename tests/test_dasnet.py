@@ -11,8 +11,16 @@ import compresskit
 from compresskit.models.lenet import LeNet5
 from compresskit.models.resnet_cifar import resnet_cifar
 from compresskit.models.vgg import vgg
-from compresskit.plugins.dasnet import (ChannelSparse, SparseConv2d, SparsePool, WTADropout, compact_wta, insert_wta,
-                                        to_sparse_execution, wta_mask)
+from compresskit.plugins.dasnet import (
+    ChannelSparse,
+    SparseConv2d,
+    SparsePool,
+    WTADropout,
+    compact_wta,
+    insert_wta,
+    to_sparse_execution,
+    wta_mask,
+)
 
 
 def test_wta_keeps_top_k_channels_per_sample():
