@@ -56,7 +56,7 @@ class ChannelSparse:
     def dim(self) -> int:
         return len(self.shape)
 
-    def size(self, dim: int | None = None):
+    def size(self, dim: int | None = None) -> torch.Size | int:
         return self.shape if dim is None else self.shape[dim]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ChannelSparse":

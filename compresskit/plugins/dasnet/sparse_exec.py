@@ -123,7 +123,7 @@ def _twin_for(module: nn.Module) -> nn.Module | None:
         return SparseConv2d(module)
     if type(module) is nn.Linear:
         return SparseLinear(module)
-    if isinstance(module, POOLS):
+    if isinstance(module, POOLS) and not getattr(module, "return_indices", False):
         return SparsePool(module)
     return None
 
@@ -178,12 +178,13 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
             m.compact_always = True
         wrapped: list[str] = []
         while True:                    # a wrapped pool passes the compact form on, so look again downstream
-            new = [name for name in _receivers(model, sample)
-                   if name not in wrapped and _twin_for(model.get_submodule(name)) is not None]
-            if not new:
+            twins = {name: _twin_for(model.get_submodule(name)) for name in _receivers(model, sample)
+                     if name not in wrapped}
+            twins = {name: twin for name, twin in twins.items() if twin is not None}
+            if not twins:
                 break
-            for name in new:
-                model.set_submodule(name, _twin_for(model.get_submodule(name)))
+            for name, twin in twins.items():
+                model.set_submodule(name, twin)
                 wrapped.append(name)
         if not any(h is _densify_output for h in model._forward_hooks.values()):
             model.register_forward_hook(_densify_output)
