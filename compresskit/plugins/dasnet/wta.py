@@ -68,7 +68,6 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
     parts = []
     for pattern, samples in samples_of.items():
         rows = None if len(samples) == batch else torch.tensor(samples, device=x.device)
-        key = pattern
         if pattern[-1] - pattern[0] == len(pattern) - 1:             # adjacent blocks: one channel range
             span = (pattern[0] * size, (pattern[-1] + 1) * size)
             channels = torch.arange(*span, device=x.device)
@@ -79,7 +78,7 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
             channels = (torch.tensor(pattern, device=x.device)[:, None] * size
                         + torch.arange(size, device=x.device)).flatten()
             data = x.index_select(1, channels) if rows is None else x[rows[:, None], channels]
-        parts.append(Part(rows, channels, data, key, span))
+        parts.append(Part(rows, channels, data, pattern, span))
     return ChannelSparse(batch, units, parts)
 
 
