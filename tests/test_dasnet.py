@@ -115,18 +115,23 @@ def test_compact_only_in_inference_without_autograd():
 
 
 def test_tuned_conversion_records_its_choice():
-    model = LeNet5(in_channels=1)
-    insert_wta(model, 0.5)
-    decisions = to_sparse_execution(model, (torch.randn(4, 1, 32, 32),), batch_sizes=(1, 8))
-    assert decisions                                             # the layers fed by WTA are wrapped
-    chosen = set(next(iter(decisions.values())))
-    assert chosen <= {1, 8}
-    for m in model.modules():
-        if isinstance(m, WTADropout):
-            assert m.compact_batches == chosen and not m.compact_always
-    x = torch.randn(8, 1, 32, 32)
-    with torch.no_grad():
-        model(x)                                                 # runs whichever path was chosen
+    for blocks in (None, 2):
+        model = vgg("vgg11", width=0.5) if blocks else LeNet5(in_channels=3)
+        insert_wta(model, 0.5, blocks=blocks)
+        before = [type(m) for m in model.modules()]
+        decisions = to_sparse_execution(model, (torch.randn(4, 3, 32, 32),), batch_sizes=(1, 8))
+        wta = [m for m in model.modules() if isinstance(m, WTADropout)]
+        if decisions:                                            # a measured win: layers wrapped, choice recorded
+            chosen = set(next(iter(decisions.values())))
+            assert chosen and chosen <= {1, 8}
+            assert all(m.compact_batches == chosen and not m.compact_always for m in wta)
+            assert any(isinstance(m, SparseConv2d) for m in model.modules())
+        else:                                                    # none: the model is left as it was
+            assert [type(m) for m in model.modules()] == before
+            assert all(not m.compact_batches and not m.compact_always for m in wta)
+            assert not model._forward_hooks
+        with torch.no_grad():
+            assert model(torch.randn(8, 3, 32, 32)).shape == (8, 10)
 
 
 def test_recipe_composes_wta_pruning_and_int8(tmp_path):

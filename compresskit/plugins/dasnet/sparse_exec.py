@@ -173,6 +173,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
         return {}
     was_training = model.training
     model.eval()
+    hook = None
     try:
         for m in wta:
             m.compact_always = True
@@ -187,7 +188,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 model.set_submodule(name, twin)
                 wrapped.append(name)
         if not any(h is _densify_output for h in model._forward_hooks.values()):
-            model.register_forward_hook(_densify_output)
+            hook = model.register_forward_hook(_densify_output)
         for m in wta:
             m.compact_always = force
         chosen = []
@@ -204,6 +205,14 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 else:
                     for m in wta:
                         m.compact_batches.discard(b)
+            if not chosen:             # no batch size gains: leave the model as it was
+                for name in wrapped:
+                    model.set_submodule(name, model.get_submodule(name).layer)
+                if hook is not None:
+                    hook.remove()
+                wrapped = []
     finally:
+        for m in wta:
+            m.compact_always = force
         model.train(was_training)
     return {name: (list(batch_sizes) if force else chosen) for name in wrapped}
