@@ -43,8 +43,7 @@ class OneDNNConv2d(torch.nn.Conv2d):
     """A dense Conv2d always run on oneDNN: the dense baseline with the same kernel the sparse path uses."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = conv2d_onednn(x, self.weight, self)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return conv2d_onednn(x, self.weight, self.bias, self)
 
 
 def dense_on_onednn(model: torch.nn.Module) -> torch.nn.Module:

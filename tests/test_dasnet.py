@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import compresskit
 from compresskit.models.lenet import LeNet5
@@ -13,6 +14,7 @@ from compresskit.models.resnet_cifar import resnet_cifar
 from compresskit.models.vgg import vgg
 from compresskit.plugins.dasnet import (
     ChannelSparse,
+    PassFolded,
     SparseConv2d,
     SparsePool,
     WTADropout,
@@ -85,6 +87,67 @@ def test_sparse_execution_equals_dense_masked(blocks, batch):
         assert widths and all(k * 2 == c for c, ks in widths for k in ks)       # half of the channels skipped
         if not isinstance(model, LeNet5):
             assert any(isinstance(m, SparsePool) for m in sparse.modules())
+
+
+def _random_batchnorm_statistics(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics and affine terms, so folding them is really tested."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+class ConvFeedsTwo(nn.Module):
+    """The second conv's output feeds its BatchNorm and also the output: folding that BatchNorm would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.relu1(self.bn1(self.conv1(x))))
+        return self.relu2(self.bn2(h)) + h
+
+
+class Untraceable(ConvFeedsTwo):
+    """Data-dependent control flow: torch.fx cannot trace it, so nothing may be folded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(h) if float(h.detach().sum()) > 0 else -h
+
+
+def test_batchnorm_folding_is_exact_and_tracks_changes():
+    torch.manual_seed(0)
+    cases = [(resnet_cifar(20, width=8), 20, 9), (vgg("vgg11", width=0.25), 7, 7), (ConvFeedsTwo(), 0, 0),
+             (Untraceable(), 0, 0)]
+    for model, folded_bns, fused_relus in cases:
+        _random_batchnorm_statistics(model)
+        insert_wta(model, 0.5, blocks=2)
+        model.eval()
+        sparse = copy.deepcopy(model)
+        to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), force=True)
+        passed = [m.layer for m in sparse.modules() if isinstance(m, PassFolded)]
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in passed) == folded_bns
+        assert sum(isinstance(m, nn.ReLU) for m in passed) == fused_relus
+        assert sum(isinstance(m, SparseConv2d) and m.fused_relu for m in sparse.modules()) == fused_relus
+        for batch in (1, 7):
+            x = torch.randn(batch, 3, 32, 32)
+            with torch.no_grad():
+                assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+        x = torch.randn(5, 3, 32, 32)
+        for m in (model, sparse):                     # the BatchNorm changes after conversion (fine-tuning)
+            for bn in [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)][-3:]:
+                bn.running_var.mul_(3.0)
+                bn.bias.data.add_(0.25)
+        with torch.no_grad():
+            assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+        model.train()
+        sparse.train()                                # training: BatchNorms compute on batch statistics as before
+        assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_compact_form_falls_back_to_dense_for_other_ops():

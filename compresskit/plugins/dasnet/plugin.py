@@ -14,7 +14,7 @@ from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
 from ...registry import register_plugin
 from ...schema import option
-from .sparse_exec import to_sparse_execution
+from .convert import to_sparse_execution
 from .wta import insert_wta
 
 

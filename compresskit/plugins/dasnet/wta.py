@@ -11,6 +11,7 @@ paper's per-channel WTA. In inference the winners can be returned compactly (``c
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Literal
 
 import torch
@@ -54,8 +55,8 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
     """
     batch, units = x.shape[:2]
     groups, top = _winners(x, sparsity, blocks, nonnegative)
-    top = top.sort(1).values
     if groups == units:                                            # per channel: every sample its own part
+        top = top.sort(1).values
         data = x[torch.arange(batch, device=x.device)[:, None], top]
         if batch == 1:
             return ChannelSparse(1, units, [Part(None, top[0], data)])
@@ -64,13 +65,13 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
     size = units // groups
     samples_of: dict[tuple[int, ...], list[int]] = {}
     for b, pattern in enumerate(top.tolist()):
-        samples_of.setdefault(tuple(pattern), []).append(b)
+        samples_of.setdefault(tuple(sorted(pattern)), []).append(b)
     parts = []
     for pattern, samples in samples_of.items():
         rows = None if len(samples) == batch else torch.tensor(samples, device=x.device)
         if pattern[-1] - pattern[0] == len(pattern) - 1:             # adjacent blocks: one channel range
             span = (pattern[0] * size, (pattern[-1] + 1) * size)
-            channels = torch.arange(*span, device=x.device)
+            channels = _channel_range(span, x.device)
             view = x[:, span[0]:span[1]]
             data = view if rows is None else view.index_select(0, rows)
         else:
@@ -80,6 +81,12 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
             data = x.index_select(1, channels) if rows is None else x[rows[:, None], channels]
         parts.append(Part(rows, channels, data, pattern, span))
     return ChannelSparse(batch, units, parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _channel_range(span: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``arange(lo, hi)``, made once per span (read only)."""
+    return torch.arange(*span, device=device)
 
 
 class WTADropout(nn.Module):

@@ -1,0 +1,125 @@
+"""``to_sparse_execution``: switch a WTA model to the compact inference path, fold BatchNorms, keep it where faster.
+
+The model's ``WTADropout`` modules are set to return ``ChannelSparse`` and every layer that receives one is
+wrapped in its sparse twin (``sparse_exec``), repeating until nothing new is found (a wrapped pool passes the
+compact form on to the layer behind it). BatchNorms (and ReLUs) right after a wrapped conv are folded into it
+(``fuse``). Whether all that beats the masked dense model depends on the net, the batch size and the CPU, so each
+batch size in ``batch_sizes`` is timed both ways and the compact path kept only where it is faster; where no batch
+size gains, the model is left exactly as it was.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .compact import ChannelSparse, densify
+from .fuse import fold_batchnorm, unfold_batchnorm
+from .sparse_exec import POOLS, SparseConv2d, SparseLinear, SparsePool
+from .wta import WTADropout
+
+
+def _twin_for(module: nn.Module) -> nn.Module | None:
+    if type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros":
+        return SparseConv2d(module)
+    if type(module) is nn.Linear:
+        return SparseLinear(module)
+    if isinstance(module, POOLS) and not getattr(module, "return_indices", False):
+        return SparsePool(module)
+    return None
+
+
+def _densify_output(module: nn.Module, args, output):
+    return densify(output)
+
+
+def _receivers(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> list[str]:
+    """Names of the modules that receive a ``ChannelSparse`` as first input on ``sample``."""
+    found: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: found.append(name)
+                                         if args and isinstance(args[0], ChannelSparse) else None)
+             for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(*sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _best_time(model: nn.Module, x: tuple[torch.Tensor, ...], repeats: int = 7) -> float:
+    with torch.no_grad():
+        model(*x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*x)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batch_sizes: Iterable[int] = (1,),
+                        force: bool = False, fold: bool = True) -> dict[str, list[int]]:
+    """Switch the WTA modules of ``model`` to compact outputs and wrap the layers fed by them (see module doc).
+
+    ``sample``: a representative input batch; each batch size in ``batch_sizes`` is built from its samples
+    (cycled) and timed with the compact path and with the masked dense one; the compact path is used for the batch
+    sizes where it is faster. With ``force`` it is always used (tests). ``fold``: fold BatchNorm / ReLU into the
+    wrapped convs where the traced graph allows (see ``fuse``). The compact path runs in eval mode without
+    autograd (``torch.no_grad`` / ``inference_mode``); training and autograd use the masked dense path. Returns
+    {wrapped layer name: batch sizes run compactly}.
+    """
+    wta = [m for m in model.modules() if isinstance(m, WTADropout) and m.sparsity > 0]
+    if not wta:
+        return {}
+    was_training = model.training
+    model.eval()
+    hook = None
+    try:
+        for m in wta:
+            m.compact_always = True
+        wrapped: list[str] = []
+        while True:                    # a wrapped pool passes the compact form on, so look again downstream
+            twins = {name: _twin_for(model.get_submodule(name)) for name in _receivers(model, sample)
+                     if name not in wrapped}
+            twins = {name: twin for name, twin in twins.items() if twin is not None}
+            if not twins:
+                break
+            for name, twin in twins.items():
+                model.set_submodule(name, twin)
+                wrapped.append(name)
+        if fold:
+            fold_batchnorm(model)
+        if not any(h is _densify_output for h in model._forward_hooks.values()):
+            hook = model.register_forward_hook(_densify_output)
+        for m in wta:
+            m.compact_always = force
+        chosen = []
+        if not force:
+            for b in batch_sizes:
+                xb = tuple(t[torch.arange(b) % t.shape[0]] for t in sample)
+                for m in wta:
+                    m.compact_batches.discard(b)
+                dense_time = _best_time(model, xb)
+                for m in wta:
+                    m.compact_batches.add(b)
+                if _best_time(model, xb) < 0.95 * dense_time:
+                    chosen.append(b)
+                else:
+                    for m in wta:
+                        m.compact_batches.discard(b)
+            if not chosen:             # no batch size gains: leave the model as it was
+                unfold_batchnorm(model)
+                for name in wrapped:
+                    model.set_submodule(name, model.get_submodule(name).layer)
+                if hook is not None:
+                    hook.remove()
+                wrapped = []
+    finally:
+        for m in wta:
+            m.compact_always = force
+        model.train(was_training)
+    return {name: (list(batch_sizes) if force else chosen) for name in wrapped}
