@@ -2,28 +2,35 @@
 25/50/75% channel sparsity of the conv feature maps (plus WTA on the FC neurons too, and 2-block WTA, at 50%),
 mean of 3 seeds; (2) CPU inference latency of a VGG-11- and ResNet-20-shaped nets
 (32x32 inputs, 50% sparsity) dense vs the sparse execution path at batch 1 and 32, as ratios from the same run.
-The dense baseline is timed twice, as PyTorch runs it and with every conv forced onto oneDNN (the kernel the sparse
-path uses); "best dense / sparse" divides the faster of the two by the sparse time.
+The dense baseline is timed three ways: as PyTorch runs it, with every conv forced onto oneDNN (the kernel the
+sparse path uses), and with BatchNorm folded into the convs (torch.fx) on oneDNN; "best dense / sparse" divides the
+fastest of the three by the sparse time. The speed part runs twice, each in a fresh process: with glibc's default
+allocator and with ``compresskit.keep_freed_memory()`` (freed activations stay in the heap instead of being
+page-faulted in again on every call).
 
-    python benchmarks/dasnet.py [--seeds 3] [--epochs 15]
+    python benchmarks/dasnet.py [--part all|accuracy|speed] [--seeds 3] [--epochs 30]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from common import publish  # noqa: E402
+from torch.fx.experimental.optimization import fuse  # noqa: E402
+from torch.nn import BatchNorm2d  # noqa: E402
 
 import compresskit  # noqa: E402
 from compresskit.models.resnet_cifar import resnet_cifar  # noqa: E402
 from compresskit.models.vgg import vgg  # noqa: E402
-from compresskit.plugins.dasnet import insert_wta, to_sparse_execution  # noqa: E402
+from compresskit.plugins.dasnet import PassFolded, insert_wta, to_sparse_execution  # noqa: E402
 from compresskit.plugins.dasnet.sparse_exec import conv2d_onednn  # noqa: E402
 from compresskit.recipe import validate_recipe  # noqa: E402
 
@@ -76,7 +83,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--part", choices=["all", "accuracy", "speed"], default="all")
+    parser.add_argument("--speed-worker", choices=["default", "keep"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.speed_worker:
+        print(json.dumps(speed_rows(args.speed_worker)))
+        return
     if args.part in ("all", "accuracy"):
         accuracy_table(args)
     if args.part in ("all", "speed"):
@@ -106,15 +117,18 @@ def accuracy_table(args: argparse.Namespace) -> None:
              "epochs": args.epochs, "cells": cells})
 
 
-def speed_table() -> None:
-    """Part 2: inference latency, dense vs the sparse execution path, measured in the same run."""
+def speed_rows(allocator: str) -> list[dict]:
+    """Part 2 in this process: latencies of every net / WTA form / batch, with the allocator mode applied first."""
+    if allocator == "keep":
+        compresskit.keep_freed_memory()
     nets = {"VGG-11": lambda: vgg("vgg11"), "ResNet-20 (width 32)": lambda: resnet_cifar(20, width=32),
             "ResNet-20 (width 64)": lambda: resnet_cifar(20, width=64)}
-    speed_rows, speed = [], []
+    runs = []
     for net_name, ctor in nets.items():
         torch.manual_seed(0)
         dense = ctor().eval()
         dense_onednn = dense_on_onednn(dense)
+        dense_folded = dense_on_onednn(fuse(copy.deepcopy(dense)))
         for blocks in (None, 2):
             wta = copy.deepcopy(dense)
             insert_wta(wta, 0.5, blocks=blocks)
@@ -124,24 +138,40 @@ def speed_table() -> None:
             compact_batches = sorted(set(b for batches in decisions.values() for b in batches))
             for batch in (1, 32):
                 x = torch.randn(batch, 3, 32, 32)
-                t = latencies_ms({"dense": dense, "dense_onednn": dense_onednn, "masked": wta, "sparse": sparse},
-                                 x, rounds=60 if batch == 1 else 15)
+                t = latencies_ms({"dense": dense, "dense_onednn": dense_onednn, "dense_folded": dense_folded,
+                                  "masked": wta, "sparse": sparse}, x, rounds=60 if batch == 1 else 15)
                 with torch.no_grad():
                     err = float((sparse(x) - wta(x)).abs().max())
-                best_dense = min(t["dense"], t["dense_onednn"])
-                label = "per channel" if blocks is None else f"{blocks} blocks"
-                speed_rows.append([net_name, label, batch, t["dense"], t["dense_onednn"], t["masked"], t["sparse"],
-                                   batch in compact_batches, t["dense"] / t["sparse"], best_dense / t["sparse"]])
-                speed.append({"net": net_name, "wta": label, "batch": batch, "dense_ms": t["dense"],
-                              "dense_onednn_ms": t["dense_onednn"], "wta_masked_ms": t["masked"],
-                              "sparse_ms": t["sparse"], "compact_path_used": batch in compact_batches,
-                              "speedup_vs_dense": t["dense"] / t["sparse"],
-                              "speedup_vs_best_dense": best_dense / t["sparse"], "max_abs_error": err,
-                              "wrapped_layers": len(decisions)})
-                print(f"  {speed_rows[-1]}", flush=True)
-    publish("dasnet_speed", ["net", "WTA", "batch", "dense ms", "dense oneDNN ms", "WTA masked ms",
-                             "sparse path ms", "compact used", "dense / sparse", "best dense / sparse"],
-            speed_rows, {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(), "runs": speed})
+                best_dense = min(t["dense"], t["dense_onednn"], t["dense_folded"])
+                runs.append({"allocator": allocator, "net": net_name,
+                             "wta": "per channel" if blocks is None else f"{blocks} blocks", "batch": batch,
+                             "dense_ms": t["dense"], "dense_onednn_ms": t["dense_onednn"],
+                             "dense_bn_folded_ms": t["dense_folded"], "wta_masked_ms": t["masked"],
+                             "sparse_ms": t["sparse"], "compact_path_used": batch in compact_batches,
+                             "speedup_vs_dense": t["dense"] / t["sparse"],
+                             "speedup_vs_best_dense": best_dense / t["sparse"], "max_abs_error": err,
+                             "wrapped_layers": len(decisions),
+                             "folded_batchnorms": sum(isinstance(m, PassFolded) and isinstance(m.layer, BatchNorm2d)
+                                                      for m in sparse.modules())})
+                print(f"  {runs[-1]}", file=sys.stderr, flush=True)
+    return runs
+
+
+def speed_table() -> None:
+    """Part 2: inference latency, dense vs the sparse execution path, measured in the same run; once with glibc's
+    default allocator and once with ``keep_freed_memory``, each in a fresh process (the setting is process wide)."""
+    runs = []
+    for allocator in ("default", "keep"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--speed-worker", allocator],
+                             check=True, stdout=subprocess.PIPE, text=True)
+        runs += json.loads(out.stdout.strip().splitlines()[-1])
+    keys = ["allocator", "net", "wta", "batch", "dense_ms", "dense_onednn_ms", "dense_bn_folded_ms", "wta_masked_ms",
+            "sparse_ms", "compact_path_used", "speedup_vs_dense", "speedup_vs_best_dense"]
+    publish("dasnet_speed", ["allocator", "net", "WTA", "batch", "dense ms", "dense oneDNN ms", "dense BN-folded ms",
+                             "WTA masked ms", "sparse path ms", "compact used", "dense / sparse",
+                             "best dense / sparse"],
+            [[r[k] for k in keys] for r in runs],
+            {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(), "runs": runs})
 
 
 if __name__ == "__main__":
