@@ -1,11 +1,11 @@
-"""DASNet: (1) accuracy of LeNet-5 on scikit-learn's bundled 8x8 digits (upsampled to 32x32) dense vs WTA at
-25/50/75% channel sparsity of the conv feature maps (plus WTA on the FC neurons too, and 2-block WTA, at 50%),
-mean of 3 seeds; (2) CPU inference latency of a VGG-11- and ResNet-20-shaped nets
-(32x32 inputs, 50% sparsity) dense vs the sparse execution path at batch 1 and 32, as ratios from the same run.
-The dense baseline is timed three ways: as PyTorch runs it, with every conv forced onto oneDNN (the kernel the
-sparse path uses), and with BatchNorm folded into the convs (torch.fx) on oneDNN; "best dense / sparse" divides the
-fastest of the three by the sparse time. The speed part runs twice, each in a fresh process: with glibc's default
-allocator and with ``compresskit.keep_freed_memory()`` (freed activations stay in the heap instead of being
+"""DASNet: (1) accuracy of LeNet-5 on scikit-learn's bundled 8x8 digits (upsampled to 32x32) dense vs WTA at 25/50/75%
+channel sparsity of the conv feature maps (plus WTA on the FC neurons too, and 2-block WTA, at 50%), mean of 3
+seeds; (2) CPU inference latency of a VGG-11- and ResNet-20-shaped nets (32x32 inputs, 50% sparsity) dense vs the
+sparse execution path at batch 1 and 32, as ratios from the same run. The dense baseline is timed four ways: as
+PyTorch runs it, with every conv forced onto oneDNN (the kernel the sparse path uses), with BatchNorm folded into
+the convs (torch.fx) on oneDNN, and BatchNorm-folded in channels-last memory format; "best dense / sparse" divides
+the fastest of the four by the sparse time. The speed part runs twice, each in a fresh process: with glibc's
+default allocator and with ``compresskit.keep_freed_memory()`` (freed activations stay in the heap instead of being
 page-faulted in again on every call).
 
     python benchmarks/dasnet.py [--part all|accuracy|speed] [--seeds 3] [--epochs 30]
@@ -60,6 +60,17 @@ def dense_on_onednn(model: torch.nn.Module) -> torch.nn.Module:
         if type(m) is torch.nn.Conv2d and m.groups == 1:
             m.__class__ = OneDNNConv2d
     return copied
+
+
+class ChannelsLast(torch.nn.Module):
+    """``model`` in channels-last memory format, its input converted on the way in (PyTorch's advice for CPU)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
 def latencies_ms(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -129,6 +140,7 @@ def speed_rows(allocator: str) -> list[dict]:
         dense = ctor().eval()
         dense_onednn = dense_on_onednn(dense)
         dense_folded = dense_on_onednn(fuse(copy.deepcopy(dense)))
+        dense_folded_nhwc = ChannelsLast(fuse(copy.deepcopy(dense)))
         for blocks in (None, 2):
             wta = copy.deepcopy(dense)
             insert_wta(wta, 0.5, blocks=blocks)
@@ -139,14 +151,16 @@ def speed_rows(allocator: str) -> list[dict]:
             for batch in (1, 32):
                 x = torch.randn(batch, 3, 32, 32)
                 t = latencies_ms({"dense": dense, "dense_onednn": dense_onednn, "dense_folded": dense_folded,
-                                  "masked": wta, "sparse": sparse}, x, rounds=60 if batch == 1 else 15)
+                                  "dense_folded_nhwc": dense_folded_nhwc, "masked": wta, "sparse": sparse}, x,
+                                 rounds=60 if batch == 1 else 15)
                 with torch.no_grad():
                     err = float((sparse(x) - wta(x)).abs().max())
-                best_dense = min(t["dense"], t["dense_onednn"], t["dense_folded"])
+                best_dense = min(t["dense"], t["dense_onednn"], t["dense_folded"], t["dense_folded_nhwc"])
                 runs.append({"allocator": allocator, "net": net_name,
                              "wta": "per channel" if blocks is None else f"{blocks} blocks", "batch": batch,
                              "dense_ms": t["dense"], "dense_onednn_ms": t["dense_onednn"],
-                             "dense_bn_folded_ms": t["dense_folded"], "wta_masked_ms": t["masked"],
+                             "dense_bn_folded_ms": t["dense_folded"],
+                             "dense_bn_folded_channels_last_ms": t["dense_folded_nhwc"], "wta_masked_ms": t["masked"],
                              "sparse_ms": t["sparse"], "compact_path_used": batch in compact_batches,
                              "speedup_vs_dense": t["dense"] / t["sparse"],
                              "speedup_vs_best_dense": best_dense / t["sparse"], "max_abs_error": err,
@@ -165,11 +179,12 @@ def speed_table() -> None:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--speed-worker", allocator],
                              check=True, stdout=subprocess.PIPE, text=True)
         runs += json.loads(out.stdout.strip().splitlines()[-1])
-    keys = ["allocator", "net", "wta", "batch", "dense_ms", "dense_onednn_ms", "dense_bn_folded_ms", "wta_masked_ms",
-            "sparse_ms", "compact_path_used", "speedup_vs_dense", "speedup_vs_best_dense"]
+    keys = ["allocator", "net", "wta", "batch", "dense_ms", "dense_onednn_ms", "dense_bn_folded_ms",
+            "dense_bn_folded_channels_last_ms", "wta_masked_ms", "sparse_ms", "compact_path_used", "speedup_vs_dense",
+            "speedup_vs_best_dense"]
     publish("dasnet_speed", ["allocator", "net", "WTA", "batch", "dense ms", "dense oneDNN ms", "dense BN-folded ms",
-                             "WTA masked ms", "sparse path ms", "compact used", "dense / sparse",
-                             "best dense / sparse"],
+                             "dense BN-folded NHWC ms", "WTA masked ms", "sparse path ms", "compact used",
+                             "dense / sparse", "best dense / sparse"],
             [[r[k] for k in keys] for r in runs],
             {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(), "runs": runs})
 
