@@ -15,6 +15,7 @@ from ...plugin import Plugin, RunContext
 from ...registry import register_plugin
 from ...schema import option
 from .convert import to_sparse_execution
+from .fuse import PassFolded
 from .wta import insert_wta
 
 
@@ -35,6 +36,7 @@ class DasnetConfig:
     quantize: Literal["none", "int8"] = option("none", help="int8 dynamic quantization of Linear layers (torch.ao)")
     sparse_execution: bool = option(True, help="after training, run inference on WTA's compact output")
     tune_batches: list[int] = option([1], help="batch sizes timed both ways; the compact path is kept where faster")
+    fold_batchnorm: bool = option(True, help="fold eval BatchNorm (and a ReLU after it) into the compact convs")
 
     def validate(self, path: str) -> None:
         for pattern, value in self.overrides.items():
@@ -61,6 +63,7 @@ class DasnetPlugin(Plugin):
         super().__init__(config)
         self.placed: dict[str, float] = {}
         self.sparse_layers: dict[str, list[int]] = {}
+        self.folded_batchnorms = 0
         self.quantized: list[str] = []
         self.weight_zero_fraction = 0.0
 
@@ -88,7 +91,10 @@ class DasnetPlugin(Plugin):
         weights = [m.weight for m, _ in _prunable(model)]
         self.weight_zero_fraction = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
         if cfg.sparse_execution and ctx.sample_input is not None:
-            self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches)
+            self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches,
+                                                     fold=cfg.fold_batchnorm)
+            self.folded_batchnorms = sum(isinstance(m, PassFolded) and isinstance(m.layer, nn.BatchNorm2d)
+                                         for m in model.modules())
         if cfg.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
 
@@ -106,6 +112,7 @@ class DasnetPlugin(Plugin):
             "mean_sparsity": sum(self.placed.values()) / max(len(self.placed), 1),
             "weight_zero_fraction": self.weight_zero_fraction,
             "sparse_execution_layers": len(self.sparse_layers),
+            "folded_batchnorms": self.folded_batchnorms,
             "int8_linear_layers": len(self.quantized),
             "tables": [{"title": "WTA placement", "columns": ["after module", "sparsity"],
                         "rows": [[name, s] for name, s in self.placed.items()]},
