@@ -4,8 +4,8 @@ PyTorch's CPU tensors come from the C library's ``malloc``. With glibc's default
 fresh ``mmap`` and handed back to the kernel when freed, and the top of the heap is trimmed back as well, so every
 forward pass faults its activations in page by page again. In one measurement on our 2-core machine, a batch-32
 forward of ResNet-20 (width 64) took 150 ms with the faults and 106 ms without, and DASNet's sparse path, which
-allocates more and smaller tensors, 133 ms against 64 ms. PyTorch's CPU tuning guide recommends jemalloc / tcmalloc for the
-same reason; ``keep_freed_memory`` gets the effect with glibc's own knobs, from Python.
+allocates more and smaller tensors, 133 ms against 64 ms. PyTorch's CPU tuning guide recommends jemalloc /
+tcmalloc for the same reason; ``keep_freed_memory`` gets the effect with glibc's own knobs, from Python.
 
 The cost: the process keeps its peak heap instead of returning memory to the system. The setting is process wide
 and lasts until the process exits.

@@ -3,6 +3,7 @@ errors, the sparse execution path equals the dense masked computation, and it co
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -145,6 +146,9 @@ def test_batchnorm_folding_is_exact_and_tracks_changes():
                 bn.bias.data.add_(0.25)
         with torch.no_grad():
             assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+        restored = pickle.loads(pickle.dumps(sparse))  # a converted model pickles (torch.save) and still folds
+        with torch.no_grad():
+            assert torch.allclose(restored(x), model(x), atol=1e-5, rtol=1e-5)
         model.train()
         sparse.train()                                # training: BatchNorms compute on batch statistics as before
         assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)

@@ -65,6 +65,9 @@ class _SparseTwin(nn.Module):
         """The BatchNorm the compact path applies (None: none)."""
         return self._folded[0] if self._folded else None
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_fused_output": None}      # a weak reference does not pickle
+
     def produced(self, x: object) -> bool:
         """Whether ``x`` is this layer's last compact output with the folded BatchNorm / ReLU already applied."""
         return self._fused_output is not None and self._fused_output() is x
@@ -73,9 +76,10 @@ class _SparseTwin(nn.Module):
         """The compact path's (weight, bias): the layer's, with the folded BatchNorm's scale and shift. Slices
         cached from an earlier call are dropped when any of the tensors they came from has changed."""
         bn = self.folded_bn
-        sources = [self.layer.weight, self.layer.bias]
+        # read the tensors from the modules' dicts: this runs on every call, nn.Module.__getattr__ is slow at batch 1
+        sources = list(self.layer._parameters.values())
         if bn is not None:
-            sources += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+            sources += [*bn._parameters.values(), bn._buffers["running_mean"], bn._buffers["running_var"]]
         version = tuple((t.data_ptr(), t._version) for t in sources if t is not None)
         if version != self._cached_version:
             self._cache.clear()
@@ -110,8 +114,8 @@ class _SparseTwin(nn.Module):
             return self.layer(densify(x))
         weight, bias = self._weight_and_bias()
         y = x.assemble([self._op(p.data, self._weight_for(p, weight), bias) for p in x.parts])
-        if self.folded_bn is not None:
-            self._fused_output = weakref.ref(y)
+        if self._folded:
+            object.__setattr__(self, "_fused_output", weakref.ref(y))     # skips nn.Module.__setattr__'s checks
         return y
 
 
