@@ -25,12 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from common import publish  # noqa: E402
 from torch.fx.experimental.optimization import fuse  # noqa: E402
-from torch.nn import BatchNorm2d  # noqa: E402
 
 import compresskit  # noqa: E402
 from compresskit.models.resnet_cifar import resnet_cifar  # noqa: E402
 from compresskit.models.vgg import vgg  # noqa: E402
-from compresskit.plugins.dasnet import PassFolded, insert_wta, to_sparse_execution  # noqa: E402
+from compresskit.plugins.dasnet import insert_wta, to_sparse_execution  # noqa: E402
+from compresskit.plugins.dasnet.fuse import folded_batchnorms  # noqa: E402
 from compresskit.plugins.dasnet.sparse_exec import conv2d_onednn  # noqa: E402
 from compresskit.recipe import validate_recipe  # noqa: E402
 
@@ -165,8 +165,7 @@ def speed_rows(allocator: str) -> list[dict]:
                              "speedup_vs_dense": t["dense"] / t["sparse"],
                              "speedup_vs_best_dense": best_dense / t["sparse"], "max_abs_error": err,
                              "wrapped_layers": len(decisions),
-                             "folded_batchnorms": sum(isinstance(m, PassFolded) and isinstance(m.layer, BatchNorm2d)
-                                                      for m in sparse.modules())})
+                             "folded_batchnorms": folded_batchnorms(sparse)})
                 print(f"  {runs[-1]}", file=sys.stderr, flush=True)
     return runs
 

@@ -85,6 +85,11 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
     return wrapped
 
 
+def folded_batchnorms(model: nn.Module) -> int:
+    """How many BatchNorms of ``model`` its compact convs apply (``fold_batchnorm``)."""
+    return sum(isinstance(m, PassFolded) and isinstance(m.layer, nn.BatchNorm2d) for m in model.modules())
+
+
 def unfold_batchnorm(model: nn.Module) -> None:
     """Undo ``fold_batchnorm``: the BatchNorm / ReLU modules back in place, the convs unfused."""
     for name, m in list(model.named_modules()):

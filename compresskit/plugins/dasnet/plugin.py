@@ -15,7 +15,7 @@ from ...plugin import Plugin, RunContext
 from ...registry import register_plugin
 from ...schema import option
 from .convert import to_sparse_execution
-from .fuse import PassFolded
+from .fuse import folded_batchnorms
 from .wta import insert_wta
 
 
@@ -93,8 +93,7 @@ class DasnetPlugin(Plugin):
         if cfg.sparse_execution and ctx.sample_input is not None:
             self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches,
                                                      fold=cfg.fold_batchnorm)
-            self.folded_batchnorms = sum(isinstance(m, PassFolded) and isinstance(m.layer, nn.BatchNorm2d)
-                                         for m in model.modules())
+            self.folded_batchnorms = folded_batchnorms(model)
         if cfg.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
 
