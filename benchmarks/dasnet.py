@@ -1,10 +1,11 @@
 """DASNet: (1) accuracy of LeNet-5 on scikit-learn's bundled 8x8 digits (upsampled to 32x32) dense vs WTA at 25/50/75%
 channel sparsity of the conv feature maps (plus WTA on the FC neurons too, and 2-block WTA, at 50%), mean of 3
 seeds; (2) CPU inference latency of a VGG-11- and ResNet-20-shaped nets (32x32 inputs, 50% sparsity) dense vs the
-sparse execution path at batch 1 and 32, as ratios from the same run. The dense baseline is timed four ways: as
+sparse execution path at batch 1 and 32, as ratios from the same run. The dense baseline is timed five ways: as
 PyTorch runs it, with every conv forced onto oneDNN (the kernel the sparse path uses), with BatchNorm folded into
-the convs (torch.fx) on oneDNN, and BatchNorm-folded in channels-last memory format; "best dense / sparse" divides
-the fastest of the four by the sparse time. The speed part runs twice, each in a fresh process: with glibc's
+the convs (torch.fx) on oneDNN, BatchNorm-folded in channels-last memory format, and BatchNorm-folded with kernels
+prepacked for oneDNN (as the sparse path's prepacked convs run); "best dense / sparse" divides the fastest of the
+five by the sparse time. The speed part runs twice, each in a fresh process: with glibc's
 default allocator and with ``compresskit.keep_freed_memory()`` (freed activations stay in the heap instead of being
 page-faulted in again on every call).
 
@@ -29,9 +30,9 @@ from torch.fx.experimental.optimization import fuse  # noqa: E402
 import compresskit  # noqa: E402
 from compresskit.models.resnet_cifar import resnet_cifar  # noqa: E402
 from compresskit.models.vgg import vgg  # noqa: E402
-from compresskit.plugins.dasnet import insert_wta, to_sparse_execution  # noqa: E402
+from compresskit.plugins.dasnet import insert_wta, prepacked_batch_sizes, to_sparse_execution  # noqa: E402
 from compresskit.plugins.dasnet.fuse import folded_batchnorms  # noqa: E402
-from compresskit.plugins.dasnet.sparse_exec import conv2d_onednn  # noqa: E402
+from compresskit.plugins.dasnet.sparse_exec import conv2d_onednn, prepack_conv_weight  # noqa: E402
 from compresskit.recipe import validate_recipe  # noqa: E402
 
 
@@ -53,12 +54,23 @@ class OneDNNConv2d(torch.nn.Conv2d):
         return conv2d_onednn(x, self.weight, self.bias, self)
 
 
-def dense_on_onednn(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose groups=1 convolutions always use oneDNN."""
+class PrepackedConv2d(torch.nn.Conv2d):
+    """A dense Conv2d on oneDNN with its kernel prepacked once (channels-last compute), as the sparse path's
+    prepacked convolutions run (``prepack_conv_weight``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.__dict__.get("_packed")
+        if packed is None:
+            packed = self.__dict__["_packed"] = prepack_conv_weight(self.weight, self, x.shape)
+        return conv2d_onednn(x, packed, self.bias, self)
+
+
+def dense_on_onednn(model: torch.nn.Module, prepacked: bool = False) -> torch.nn.Module:
+    """A copy of ``model`` whose groups=1 convolutions always use oneDNN (with prepacked kernels if asked)."""
     copied = copy.deepcopy(model)
     for m in copied.modules():
         if type(m) is torch.nn.Conv2d and m.groups == 1:
-            m.__class__ = OneDNNConv2d
+            m.__class__ = PrepackedConv2d if prepacked else OneDNNConv2d
     return copied
 
 
@@ -141,6 +153,7 @@ def speed_rows(allocator: str) -> list[dict]:
         dense_onednn = dense_on_onednn(dense)
         dense_folded = dense_on_onednn(fuse(copy.deepcopy(dense)))
         dense_folded_nhwc = ChannelsLast(fuse(copy.deepcopy(dense)))
+        dense_folded_prepacked = dense_on_onednn(fuse(copy.deepcopy(dense)), prepacked=True)
         for blocks in (None, 2):
             wta = copy.deepcopy(dense)
             insert_wta(wta, 0.5, blocks=blocks)
@@ -151,17 +164,21 @@ def speed_rows(allocator: str) -> list[dict]:
             for batch in (1, 32):
                 x = torch.randn(batch, 3, 32, 32)
                 t = latencies_ms({"dense": dense, "dense_onednn": dense_onednn, "dense_folded": dense_folded,
-                                  "dense_folded_nhwc": dense_folded_nhwc, "masked": wta, "sparse": sparse}, x,
-                                 rounds=60 if batch == 1 else 15)
+                                  "dense_folded_nhwc": dense_folded_nhwc,
+                                  "dense_folded_prepacked": dense_folded_prepacked, "masked": wta, "sparse": sparse},
+                                 x, rounds=60 if batch == 1 else 15)
                 with torch.no_grad():
                     err = float((sparse(x) - wta(x)).abs().max())
-                best_dense = min(t["dense"], t["dense_onednn"], t["dense_folded"], t["dense_folded_nhwc"])
+                best_dense = min(t["dense"], t["dense_onednn"], t["dense_folded"], t["dense_folded_nhwc"],
+                                 t["dense_folded_prepacked"])
                 runs.append({"allocator": allocator, "net": net_name,
                              "wta": "per channel" if blocks is None else f"{blocks} blocks", "batch": batch,
                              "dense_ms": t["dense"], "dense_onednn_ms": t["dense_onednn"],
                              "dense_bn_folded_ms": t["dense_folded"],
-                             "dense_bn_folded_channels_last_ms": t["dense_folded_nhwc"], "wta_masked_ms": t["masked"],
+                             "dense_bn_folded_channels_last_ms": t["dense_folded_nhwc"],
+                             "dense_bn_folded_prepacked_ms": t["dense_folded_prepacked"], "wta_masked_ms": t["masked"],
                              "sparse_ms": t["sparse"], "compact_path_used": batch in compact_batches,
+                             "prepacked_kernels_used": batch in prepacked_batch_sizes(sparse),
                              "speedup_vs_dense": t["dense"] / t["sparse"],
                              "speedup_vs_best_dense": best_dense / t["sparse"], "max_abs_error": err,
                              "wrapped_layers": len(decisions),
@@ -179,11 +196,11 @@ def speed_table() -> None:
                              check=True, stdout=subprocess.PIPE, text=True)
         runs += json.loads(out.stdout.strip().splitlines()[-1])
     keys = ["allocator", "net", "wta", "batch", "dense_ms", "dense_onednn_ms", "dense_bn_folded_ms",
-            "dense_bn_folded_channels_last_ms", "wta_masked_ms", "sparse_ms", "compact_path_used", "speedup_vs_dense",
-            "speedup_vs_best_dense"]
+            "dense_bn_folded_channels_last_ms", "dense_bn_folded_prepacked_ms", "wta_masked_ms", "sparse_ms",
+            "compact_path_used", "prepacked_kernels_used", "speedup_vs_dense", "speedup_vs_best_dense"]
     publish("dasnet_speed", ["allocator", "net", "WTA", "batch", "dense ms", "dense oneDNN ms", "dense BN-folded ms",
-                             "dense BN-folded NHWC ms", "WTA masked ms", "sparse path ms", "compact used",
-                             "dense / sparse", "best dense / sparse"],
+                             "dense BN-folded NHWC ms", "dense BN-folded prepacked ms", "WTA masked ms",
+                             "sparse path ms", "compact used", "prepacked", "dense / sparse", "best dense / sparse"],
             [[r[k] for k in keys] for r in runs],
             {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(), "runs": runs})
 

@@ -21,6 +21,7 @@ from compresskit.plugins.dasnet import (
     WTADropout,
     compact_wta,
     insert_wta,
+    prepacked_batch_sizes,
     to_sparse_execution,
     wta_mask,
 )
@@ -68,24 +69,32 @@ def test_missing_layer_is_a_recipe_error():
 
 @pytest.mark.parametrize("blocks", [None, 2, 4])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_sparse_execution_equals_dense_masked(blocks, batch):
+@pytest.mark.parametrize("prepack", [False, True])
+def test_sparse_execution_equals_dense_masked(blocks, batch, prepack):
     for model in (vgg("vgg11", width=0.25), resnet_cifar(20, width=8), LeNet5(in_channels=3)):
         insert_wta(model, 0.5, blocks=blocks)
         model.eval()
         sparse = copy.deepcopy(model)
-        converted = to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), force=True)
+        converted = to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), batch_sizes=(batch,), force=True,
+                                        prepack=prepack)
         assert converted
+        convs = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
+        assert all(m.prepacked_batches == ({batch} if prepack else set()) for m in convs)
         widths = []                                  # input channels each wrapped conv really computes on
         for m in sparse.modules():
             if isinstance(m, SparseConv2d):
                 m.register_forward_pre_hook(lambda mod, args: widths.append(
-                    (args[0].shape[1], [p.data.shape[1] for p in args[0].parts])))
+                    (args[0].shape[1], [p.data.shape[1] for p in args[0].parts],
+                     any(p.key is not None for p in args[0].parts))))
         x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
             out = sparse(x)
             assert isinstance(out, torch.Tensor)
             assert torch.allclose(out, model(x), atol=1e-5, rtol=1e-5)
-        assert widths and all(k * 2 == c for c, ks in widths for k in ks)       # half of the channels skipped
+        assert widths and all(k * 2 == c for c, ks, _ in widths for k in ks)    # half of the channels skipped
+        prepacked = [k for m in convs for k in m._cache.values() if k.is_mkldnn]
+        cached_slices = any(keyed for _, _, keyed in widths)          # block WTA; per channel gathers per call
+        assert bool(prepacked) == (prepack and cached_slices)
         if not isinstance(model, LeNet5):
             assert any(isinstance(m, SparsePool) for m in sparse.modules())
 
@@ -146,28 +155,55 @@ def test_batchnorm_folding_is_exact_and_tracks_changes():
                 bn.bias.data.add_(0.25)
         with torch.no_grad():
             assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+            assert torch.allclose(sparse(x[:1]), model(x[:1]), atol=1e-5, rtol=1e-5)    # prepacked kernels too
         restored = pickle.loads(pickle.dumps(sparse))  # a converted model pickles (torch.save) and still folds
         with torch.no_grad():
             assert torch.allclose(restored(x), model(x), atol=1e-5, rtol=1e-5)
+            assert torch.allclose(restored(x[:1]), model(x[:1]), atol=1e-5, rtol=1e-5)
         model.train()
         sparse.train()                                # training: BatchNorms compute on batch statistics as before
         assert torch.allclose(sparse(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_compact_form_falls_back_to_dense_for_other_ops():
-    x = torch.relu(torch.randn(5, 8, 4, 4))
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_compact_form_falls_back_to_dense_for_other_ops(layout):
+    x = torch.relu(torch.randn(5, 8, 4, 4)).contiguous(memory_format=layout)    # channels-last: prepacked convs
     for blocks in (None, 2, 4):
         compact = compact_wta(x, 0.5, blocks, nonnegative=True)
         dense = x * wta_mask(x, 0.5, blocks)
         assert isinstance(compact, ChannelSparse) and compact.shape == x.shape
         assert torch.equal(compact.dense(), dense)
         assert torch.equal(torch.flatten(compact, 1), dense.flatten(1))           # torch functions densify
-        assert torch.equal(compact.view(5, -1), dense.view(5, -1))                # tensor methods too
+        assert torch.equal(compact.reshape(5, -1), dense.reshape(5, -1))          # tensor methods too
+        if blocks == 2:                                        # the parts hold their samples' kept channels
+            for p in compact.parts:
+                rows = torch.arange(5) if p.rows is None else p.rows
+                assert torch.equal(p.data, x[rows][:, p.channels])
         shortcut = torch.randn_like(x)
         before = shortcut.clone()
         assert torch.allclose(shortcut + compact, shortcut + dense)               # residual add scatters
         assert torch.allclose(compact + shortcut, shortcut + dense)
         assert torch.equal(shortcut, before)                                      # ... into a copy
+
+
+def test_prepacked_path_returns_feature_maps_in_the_input_layout():
+    torch.manual_seed(0)
+    net = resnet_cifar(20, width=8)
+    trunk = nn.Sequential(net.stem, net.layers)               # the output is a feature map, not logits
+    _random_batchnorm_statistics(trunk)
+    insert_wta(trunk, 0.5, blocks=2)
+    trunk.eval()
+    sparse = copy.deepcopy(trunk)
+    to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), batch_sizes=(1, 3), force=True)
+    assert prepacked_batch_sizes(sparse) == [1, 3]
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            out = sparse(x)                                      # computed channels-last inside
+            assert out.is_contiguous() and torch.allclose(out, trunk(x), atol=1e-5, rtol=1e-5)
+            out = sparse(x.contiguous(memory_format=torch.channels_last))
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert torch.allclose(out, trunk(x), atol=1e-5, rtol=1e-5)
 
 
 def test_compact_only_in_inference_without_autograd():
@@ -193,6 +229,7 @@ def test_tuned_conversion_records_its_choice():
             assert chosen and chosen <= {1, 8}
             assert all(m.compact_batches == chosen and not m.compact_always for m in wta)
             assert any(isinstance(m, SparseConv2d) for m in model.modules())
+            assert set(prepacked_batch_sizes(model)) <= chosen     # prepacking only tried where compact won
         else:                                                    # none: the model is left as it was
             assert [type(m) for m in model.modules()] == before
             assert all(not m.compact_batches and not m.compact_always for m in wta)

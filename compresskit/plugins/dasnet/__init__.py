@@ -1,11 +1,11 @@
 """DASNet: winners-take-all dropout for dynamic activation sparsity, with a sparse execution path."""
 from .compact import ChannelSparse
-from .convert import to_sparse_execution
+from .convert import prepacked_batch_sizes, to_sparse_execution
 from .fuse import PassFolded, fold_batchnorm
 from .plugin import DasnetConfig, DasnetPlugin
 from .sparse_exec import SparseConv2d, SparseLinear, SparsePool
 from .wta import WTADropout, compact_wta, insert_wta, wta_mask
 
 __all__ = ["WTADropout", "insert_wta", "wta_mask", "compact_wta", "ChannelSparse", "SparseConv2d", "SparseLinear",
-           "SparsePool", "to_sparse_execution", "PassFolded", "fold_batchnorm",
+           "SparsePool", "to_sparse_execution", "prepacked_batch_sizes", "PassFolded", "fold_batchnorm",
            "DasnetPlugin", "DasnetConfig"]

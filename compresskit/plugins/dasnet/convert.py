@@ -5,7 +5,8 @@ wrapped in its sparse twin (``sparse_exec``), repeating until nothing new is fou
 compact form on to the layer behind it). BatchNorms (and ReLUs) right after a wrapped conv are folded into it
 (``fuse``). Whether all that beats the masked dense model depends on the net, the batch size and the CPU, so each
 batch size in ``batch_sizes`` is timed both ways and the compact path kept only where it is faster; where no batch
-size gains, the model is left exactly as it was.
+size gains, the model is left exactly as it was. Where the compact path is kept, it is timed once more with the
+convolution kernels prepacked for oneDNN (``sparse_exec.prepack_conv_weight``), kept where that is faster again.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .compact import ChannelSparse, densify
+from .compact import ChannelSparse, channels_last, densify
 from .fuse import fold_batchnorm, unfold_batchnorm
 from .sparse_exec import POOLS, SparseConv2d, SparseLinear, SparsePool
 from .wta import WTADropout
@@ -32,7 +33,14 @@ def _twin_for(module: nn.Module) -> nn.Module | None:
 
 
 def _densify_output(module: nn.Module, args, output):
-    return densify(output)
+    """The model's output as the dense model gives it: dense, and a feature map in its input's memory format (the
+    prepacked convolutions compute channels-last whatever the input)."""
+    output = densify(output)
+    if isinstance(output, torch.Tensor) and output.dim() == 4 and args and isinstance(args[0], torch.Tensor) \
+            and args[0].dim() == 4:
+        output = output.contiguous(memory_format=torch.channels_last if channels_last(args[0])
+                                   else torch.contiguous_format)
+    return output
 
 
 def _receivers(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> list[str]:
@@ -62,15 +70,17 @@ def _best_time(model: nn.Module, x: tuple[torch.Tensor, ...], repeats: int = 7) 
 
 
 def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batch_sizes: Iterable[int] = (1,),
-                        force: bool = False, fold: bool = True) -> dict[str, list[int]]:
+                        force: bool = False, fold: bool = True, prepack: bool = True) -> dict[str, list[int]]:
     """Switch the WTA modules of ``model`` to compact outputs and wrap the layers fed by them (see module doc).
 
     ``sample``: a representative input batch; each batch size in ``batch_sizes`` is built from its samples
     (cycled) and timed with the compact path and with the masked dense one; the compact path is used for the batch
     sizes where it is faster. With ``force`` it is always used (tests). ``fold``: fold BatchNorm / ReLU into the
-    wrapped convs where the traced graph allows (see ``fuse``). The compact path runs in eval mode without
-    autograd (``torch.no_grad`` / ``inference_mode``); training and autograd use the masked dense path. Returns
-    {wrapped layer name: batch sizes run compactly}.
+    wrapped convs where the traced graph allows (see ``fuse``). ``prepack``: try prepacked conv kernels for each
+    batch size run compactly (with ``force``: use them for every size in ``batch_sizes``); the choice is in each
+    ``SparseConv2d.prepacked_batches``. The compact path runs in eval mode without autograd (``torch.no_grad`` /
+    ``inference_mode``); training and autograd use the masked dense path. Returns {wrapped layer name: batch
+    sizes run compactly}.
     """
     wta = [m for m in model.modules() if isinstance(m, WTADropout) and m.sparsity > 0]
     if not wta:
@@ -97,8 +107,12 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
             hook = model.register_forward_hook(_densify_output)
         for m in wta:
             m.compact_always = force
+        convs = [m for m in model.modules() if isinstance(m, SparseConv2d)]
         chosen = []
-        if not force:
+        if force:
+            for m in convs:
+                m.prepacked_batches = set(batch_sizes) if prepack else set()
+        else:
             for b in batch_sizes:
                 xb = tuple(t[torch.arange(b) % t.shape[0]] for t in sample)
                 for m in wta:
@@ -106,11 +120,18 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 dense_time = _best_time(model, xb)
                 for m in wta:
                     m.compact_batches.add(b)
-                if _best_time(model, xb) < 0.95 * dense_time:
-                    chosen.append(b)
-                else:
+                compact_time = _best_time(model, xb)
+                if compact_time >= 0.95 * dense_time:
                     for m in wta:
                         m.compact_batches.discard(b)
+                    continue
+                chosen.append(b)
+                if prepack and convs:
+                    for m in convs:
+                        m.prepacked_batches.add(b)
+                    if _best_time(model, xb) >= 0.95 * compact_time:
+                        for m in convs:
+                            m.prepacked_batches.discard(b)
             if not chosen:             # no batch size gains: leave the model as it was
                 unfold_batchnorm(model)
                 for name in wrapped:
@@ -123,3 +144,8 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
             m.compact_always = force
         model.train(was_training)
     return {name: (list(batch_sizes) if force else chosen) for name in wrapped}
+
+
+def prepacked_batch_sizes(model: nn.Module) -> list[int]:
+    """Batch sizes for which ``model``'s compact convolutions use prepacked kernels (``to_sparse_execution``)."""
+    return sorted(set().union(*(m.prepacked_batches for m in model.modules() if isinstance(m, SparseConv2d))))

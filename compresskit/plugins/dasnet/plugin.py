@@ -14,7 +14,7 @@ from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
 from ...registry import register_plugin
 from ...schema import option
-from .convert import to_sparse_execution
+from .convert import prepacked_batch_sizes, to_sparse_execution
 from .fuse import folded_batchnorms
 from .wta import insert_wta
 
@@ -37,6 +37,8 @@ class DasnetConfig:
     sparse_execution: bool = option(True, help="after training, run inference on WTA's compact output")
     tune_batches: list[int] = option([1], help="batch sizes timed both ways; the compact path is kept where faster")
     fold_batchnorm: bool = option(True, help="fold eval BatchNorm (and a ReLU after it) into the compact convs")
+    prepack_weights: bool = option(True, help="also time the compact convs with kernels prepacked for oneDNN; "
+                                              "kept per batch size where faster")
 
     def validate(self, path: str) -> None:
         for pattern, value in self.overrides.items():
@@ -64,6 +66,7 @@ class DasnetPlugin(Plugin):
         self.placed: dict[str, float] = {}
         self.sparse_layers: dict[str, list[int]] = {}
         self.folded_batchnorms = 0
+        self.prepacked_batches: list[int] = []
         self.quantized: list[str] = []
         self.weight_zero_fraction = 0.0
 
@@ -92,8 +95,9 @@ class DasnetPlugin(Plugin):
         self.weight_zero_fraction = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
         if cfg.sparse_execution and ctx.sample_input is not None:
             self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches,
-                                                     fold=cfg.fold_batchnorm)
+                                                     fold=cfg.fold_batchnorm, prepack=cfg.prepack_weights)
             self.folded_batchnorms = folded_batchnorms(model)
+            self.prepacked_batches = prepacked_batch_sizes(model)
         if cfg.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
 
@@ -112,6 +116,7 @@ class DasnetPlugin(Plugin):
             "weight_zero_fraction": self.weight_zero_fraction,
             "sparse_execution_layers": len(self.sparse_layers),
             "folded_batchnorms": self.folded_batchnorms,
+            "prepacked_batches": self.prepacked_batches,
             "int8_linear_layers": len(self.quantized),
             "tables": [{"title": "WTA placement", "columns": ["after module", "sparsity"],
                         "rows": [[name, s] for name, s in self.placed.items()]},

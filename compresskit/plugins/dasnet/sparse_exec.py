@@ -11,6 +11,10 @@ that receive it in these twins:
   into that call (``fuse``).
 * ``SparsePool``: max / average pooling of the kept channels only.
 
+For the batch sizes in ``SparseConv2d.prepacked_batches`` (chosen by timing in ``convert``) each cached kernel
+slice is also reordered once into oneDNN's blocked weight layout (*prepacked*), so the convolution does not reorder
+the weight on every call.
+
 Other modules get the dense tensor (see ``compact``); a residual ``+`` scatters into the shortcut's copy. The
 masked tensor is never built, pooling touches only kept channels, and each conv reads only kept input channels.
 Results equal the masked dense model up to float rounding.
@@ -66,7 +70,8 @@ class _SparseTwin(nn.Module):
         return self._folded[0] if self._folded else None
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_fused_output": None}      # a weak reference does not pickle
+        # a weak reference does not pickle, nor does a prepacked (opaque oneDNN) kernel: caches are rebuilt lazily
+        return {**super().__getstate__(), "_fused_output": None, "_cache": {}}
 
     def produced(self, x: object) -> bool:
         """Whether ``x`` is this layer's last compact output with the folded BatchNorm / ReLU already applied."""
@@ -108,40 +113,73 @@ class _SparseTwin(nn.Module):
             self._channel_major = weight.transpose(0, 1).contiguous()
         return self._channel_major.index_select(0, part.channels).transpose(0, 1).contiguous()
 
+    def _kernel_for(self, part: Part, weight: torch.Tensor, batch: int) -> torch.Tensor:
+        """The kernel ``_op`` gets for ``part`` of a batch of ``batch`` samples (here: the weight slice)."""
+        return self._weight_for(part, weight)
+
     def forward(self, x: torch.Tensor | ChannelSparse) -> torch.Tensor:
         if not isinstance(x, ChannelSparse) or x.dim() != self.input_dim or \
                 type(self.layer) not in (nn.Conv2d, nn.Linear):
             return self.layer(densify(x))
         weight, bias = self._weight_and_bias()
-        y = x.assemble([self._op(p.data, self._weight_for(p, weight), bias) for p in x.parts])
+        y = x.assemble([self._op(p.data, self._kernel_for(p, weight, x.batch), bias) for p in x.parts])
         if self._folded:
             object.__setattr__(self, "_fused_output", weakref.ref(y))     # skips nn.Module.__setattr__'s checks
         return y
 
 
 class SparseConv2d(_SparseTwin):
-    """``nn.Conv2d`` (groups=1, zero padding) over each part's kept input channels only."""
+    """``nn.Conv2d`` (groups=1, zero padding) over each part's kept input channels only; for the batch sizes in
+    ``prepacked_batches`` with kernel slices prepacked for oneDNN."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("only groups=1, zero-padded convolutions are supported")
         super().__init__(conv)
+        self.prepacked_batches: set[int] = set()
+
+    def _kernel_for(self, part: Part, weight: torch.Tensor, batch: int) -> torch.Tensor:
+        if batch not in self.prepacked_batches or part.key is None or not onednn_applies(part.data, self.layer):
+            return self._weight_for(part, weight)
+        key = (part.key, "prepacked")       # dropped with the slices when the weights change
+        if key not in self._cache:
+            self._cache[key] = prepack_conv_weight(self._weight_for(part, weight), self.layer, part.data.shape)
+        return self._cache[key]
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return conv2d_onednn(x, weight, bias, self.layer, self.fused_relu)
 
 
+def onednn_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether ``conv2d_onednn`` runs ``conv`` on ``x`` through oneDNN (float32 on a CPU with oneDNN)."""
+    return x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.is_available() \
+        and not isinstance(conv.padding, str)
+
+
+def prepack_conv_weight(weight: torch.Tensor, conv: nn.Conv2d, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """``weight`` reordered once into oneDNN's blocked layout for ``conv``'s geometry on inputs shaped like
+    ``input_shape`` (an opaque oneDNN tensor for ``conv2d_onednn``; it serves other batch sizes too)."""
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(conv.padding),
+                                                      list(conv.stride), list(conv.dilation), conv.groups,
+                                                      [1, *input_shape[1:]])
+
+
 def conv2d_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
                   relu: bool = False) -> torch.Tensor:
     """``conv``'s convolution of ``x`` with ``weight`` and ``bias`` (then ReLU if ``relu``), on oneDNN where it
-    applies.
+    applies. With a prepacked ``weight`` (``prepack_conv_weight``) oneDNN computes in channels-last memory format
+    and the output stays channels-last (``compact`` keeps that layout), so the activations are not converted back
+    and forth around every convolution.
 
     PyTorch sends small batch-1 inputs (under 20480 elements) to its native im2col kernel, which is slower than
     oneDNN on the CPUs we measured; compact inputs are small, so they would fall under that rule where the dense
     layer did not. The benchmark gives the dense baseline the same kernel (see benchmarks/dasnet.py).
     """
-    if x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.is_available() \
-            and not isinstance(conv.padding, str):
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._convolution_pointwise(x.contiguous(memory_format=torch.channels_last), weight, bias,
+                                                       conv.padding, conv.stride, conv.dilation, conv.groups,
+                                                       "relu" if relu else "none", [None] if relu else [], "")
+    if onednn_applies(x, conv):
         if relu:
             return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), weight, bias, conv.padding, conv.stride,
                                                            conv.dilation, 1, "relu", [None], "")

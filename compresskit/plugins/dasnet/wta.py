@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .compact import ChannelSparse, Part
+from .compact import ChannelSparse, Part, channels_last
 
 NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)    # outputs >= 0: WTA ranks without abs
 ACTIVATIONS = ("ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh", "Sigmoid")
@@ -34,6 +34,8 @@ def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: 
     batch, units = x.shape[:2]
     groups = blocks if blocks and units % blocks == 0 else units
     magnitude = x.detach() if nonnegative else x.detach().abs()
+    if x.dim() > 2:        # per channel first: a reduction that reads any memory layout in place
+        magnitude = magnitude.sum(tuple(range(2, x.dim())))
     score = magnitude.reshape(batch, groups, -1).sum(2)
     return groups, torch.topk(score, keep_count(groups, sparsity), dim=1, sorted=False).indices
 
@@ -73,7 +75,12 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
             span = (pattern[0] * size, (pattern[-1] + 1) * size)
             channels = _channel_range(span, x.device)
             view = x[:, span[0]:span[1]]
-            data = view if rows is None else view.index_select(0, rows)
+            if rows is None:
+                data = view
+            elif channels_last(x):        # gather pixel-major: there a pixel's kept channels are adjacent
+                data = x.permute(0, 2, 3, 1)[..., span[0]:span[1]].index_select(0, rows).permute(0, 3, 1, 2)
+            else:
+                data = view.index_select(0, rows)
         else:
             span = None
             channels = (torch.tensor(pattern, device=x.device)[:, None] * size
