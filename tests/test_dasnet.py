@@ -92,7 +92,8 @@ def test_sparse_execution_equals_dense_masked(blocks, batch, prepack):
             assert isinstance(out, torch.Tensor)
             assert torch.allclose(out, model(x), atol=1e-5, rtol=1e-5)
         assert widths and all(k * 2 == c for c, ks, _ in widths for k in ks)    # half of the channels skipped
-        prepacked = [k for m in convs for k in m._cache.values() if k.is_mkldnn]
+        prepacked = sum(m.prepacked_kernels() for m in convs)
+        assert prepacked == sum(k.is_mkldnn for m in convs for k in m._cache.values())
         cached_slices = any(keyed for _, _, keyed in widths)          # block WTA; per channel gathers per call
         assert bool(prepacked) == (prepack and cached_slices)
         if not isinstance(model, LeNet5):
@@ -230,6 +231,8 @@ def test_tuned_conversion_records_its_choice():
             assert all(m.compact_batches == chosen and not m.compact_always for m in wta)
             assert any(isinstance(m, SparseConv2d) for m in model.modules())
             assert set(prepacked_batch_sizes(model)) <= chosen     # prepacking only tried where compact won
+            if blocks is None:                                   # per-channel kernels are gathered, never packed
+                assert not prepacked_batch_sizes(model)
         else:                                                    # none: the model is left as it was
             assert [type(m) for m in model.modules()] == before
             assert all(not m.compact_batches and not m.compact_always for m in wta)

@@ -6,7 +6,7 @@ compact form on to the layer behind it). BatchNorms (and ReLUs) right after a wr
 (``fuse``). Whether all that beats the masked dense model depends on the net, the batch size and the CPU, so each
 batch size in ``batch_sizes`` is timed both ways and the compact path kept only where it is faster; where no batch
 size gains, the model is left exactly as it was. Where the compact path is kept, it is timed once more with the
-convolution kernels prepacked for oneDNN (``sparse_exec.prepack_conv_weight``), kept where that is faster again.
+convolution kernels prepacked for oneDNN (``sparse_exec.prepack_conv_weight``), kept where that is faster still.
 """
 from __future__ import annotations
 
@@ -126,10 +126,10 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                         m.compact_batches.discard(b)
                     continue
                 chosen.append(b)
-                if prepack and convs:
+                if prepack and convs:     # costs only a packed copy of the kernel slices: kept on any gain
                     for m in convs:
                         m.prepacked_batches.add(b)
-                    if _best_time(model, xb) >= 0.95 * compact_time:
+                    if _best_time(model, xb) >= compact_time or not any(m.prepacked_kernels() for m in convs):
                         for m in convs:
                             m.prepacked_batches.discard(b)
             if not chosen:             # no batch size gains: leave the model as it was

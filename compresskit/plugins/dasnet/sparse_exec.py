@@ -146,6 +146,10 @@ class SparseConv2d(_SparseTwin):
             self._cache[key] = prepack_conv_weight(self._weight_for(part, weight), self.layer, part.data.shape)
         return self._cache[key]
 
+    def prepacked_kernels(self) -> int:
+        """How many prepacked kernel slices are cached (0 where no part had a cacheable channel set)."""
+        return sum(1 for key in self._cache if key[-1] == "prepacked")
+
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return conv2d_onednn(x, weight, bias, self.layer, self.fused_relu)
 
