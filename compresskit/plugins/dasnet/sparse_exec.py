@@ -44,7 +44,7 @@ class _SparseTwin(nn.Module):
         self.layer = layer
         self._folded: tuple[nn.BatchNorm2d, ...] = ()     # a tuple: the BatchNorm is not a submodule of this
         self.fused_relu = False
-        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}          # channel set (or (set, "prepacked")) -> kernel
         self._channel_major: torch.Tensor | None = None
         self._cached_version: tuple[tuple[int, int], ...] = ()
         self._weight_bias: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -186,8 +186,9 @@ def conv2d_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if onednn_applies(x, conv):
         if relu:
             return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), weight, bias, conv.padding, conv.stride,
-                                                           conv.dilation, 1, "relu", [None], "")
-        return torch.mkldnn_convolution(x.contiguous(), weight, bias, conv.padding, conv.stride, conv.dilation, 1)
+                                                           conv.dilation, conv.groups, "relu", [None], "")
+        return torch.mkldnn_convolution(x.contiguous(), weight, bias, conv.padding, conv.stride, conv.dilation,
+                                        conv.groups)
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
     return y.relu_() if relu else y
 
