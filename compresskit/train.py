@@ -56,39 +56,6 @@ def evaluate(model: nn.Module, dataset: TensorDataset, task: str, batch_size: in
     return {"accuracy": accuracy(y, out.argmax(1)), "loss": float(F.cross_entropy(out, y))}
 
 
-def shrink_parameter_rows(module: nn.Module, name: str, keep: torch.Tensor,
-                          optimizer: torch.optim.Optimizer | None = None) -> nn.Parameter:
-    """Replace parameter ``module.<name>`` by a new Parameter holding only rows ``keep``; remap its optimizer.
-
-    Plugins that really free memory (e.g. FIITED compacting its chunk pool) call this so the optimizer keeps
-    working on the smaller tensor and the old storage is released. A new Parameter (not a ``.data`` swap) is
-    needed because autograd caches the shape of a leaf's gradient accumulator.
-    """
-    old = getattr(module, name)
-    new = nn.Parameter(old.detach()[keep].clone(), requires_grad=old.requires_grad)
-    setattr(module, name, new)
-    if optimizer is None:
-        return new
-    for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    if old in optimizer.state:
-        state = optimizer.state.pop(old)
-        for key, value in list(state.items()):
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old.shape[0]:
-                state[key] = value[keep].clone()
-        optimizer.state[new] = state
-    return new
-
-
-def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: nn.Parameter, rows: torch.Tensor) -> None:
-    """Zero the per-row optimizer state of rows ``rows`` of ``param`` (slots reused for new values)."""
-    if optimizer is None or param not in optimizer.state or rows.numel() == 0:
-        return
-    for value in optimizer.state[param].values():
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == param.shape[0]:
-            value[rows] = 0
-
-
 class Trainer:
     """Trains ``model`` on a DataBundle with the recipe's TrainConfig, calling plugin hooks every step."""
 

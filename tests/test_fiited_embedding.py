@@ -59,21 +59,20 @@ def test_embedding_equals_dense_any_shape():
 def test_pruned_chunks_read_as_zero_and_get_no_gradient():
     dense = nn.EmbeddingBag(10, 8, mode="sum")
     fiited = FiitedEmbeddingBag.from_dense(dense, chunk_size=2)
-    rows = torch.tensor([1, 1, 1, 4])
-    chunks = torch.tensor([1, 2, 3, 0])
-    fiited.store.remove(rows, chunks)
-    fiited.store.compact()
+    counts = fiited.store.row_counts()
+    counts[1], counts[4] = 1, 0
+    fiited.store.shrink_rows(counts)
     reference = dense.weight.detach().clone()
     reference[1, 2:] = 0
-    reference[4, :2] = 0
+    reference[4, :] = 0
     ids = torch.tensor([1, 4, 1, 7])
     offsets = torch.tensor([0, 1, 2])
     expected = nn.functional.embedding_bag(ids, reference, offsets, mode="sum")
     out = fiited(ids, offsets)
     assert torch.allclose(out, expected, atol=1e-6, rtol=0)
     out.sum().backward()
-    assert fiited.store.pool.grad.shape == (40 - 4, 2)            # gradient exists only for stored chunks
-    assert fiited.row_chunk_counts().tolist() == [4, 1, 4, 4, 3, 4, 4, 4, 4, 4]
+    assert fiited.store.pool.grad.shape == (40 - 7, 2)            # gradient exists only for stored chunks
+    assert fiited.row_chunk_counts().tolist() == [4, 1, 4, 4, 0, 4, 4, 4, 4, 4]
 
 
 def test_convert_existing_models():
@@ -112,9 +111,9 @@ def test_compacted_state_dict_loads_into_fresh_model():
     model = DLRM(num_dense=2, cardinalities=[30, 40], embedding_dim=8)
     convert_embeddings(model, chunk_size=2)
     for _, m in fiited_modules(model):
-        rows = torch.arange(0, m.num_embeddings, 3)
-        m.store.remove(rows.repeat_interleave(2), torch.tensor([2, 3]).repeat(rows.numel()))
-        m.store.compact()
+        counts = m.store.row_counts()
+        counts[::3] = 2
+        m.store.shrink_rows(counts)
     state = model.state_dict()
     fresh = DLRM(num_dense=2, cardinalities=[30, 40], embedding_dim=8)
     convert_embeddings(fresh, chunk_size=2)
@@ -133,6 +132,18 @@ def test_lazy_bag_allocates_on_first_training_access_within_capacity():
     assert bag(ids, offsets).abs().sum() == 0                   # evaluation never allocates
     bag.train()
     out = bag(ids, offsets)
-    assert bag.store.live == 10                                 # 5 rows x 2 chunks fit, the 6th does not
-    assert (out[:5].abs().sum(1) > 0).tolist() == [True, True, True, True, True]
-    assert bag.seen.sum() == 5
+    # rows are admitted a block of 8 at a time, first come first served: rows 3, 5, 7 (6 chunks) fit, the block of
+    # 9, 11, 13 (6 more) does not
+    stored = bag.row_chunk_counts()
+    assert torch.nonzero(stored).flatten().tolist() == [3, 5, 7] and bag.store.live == 6
+    assert ((out.abs().sum(1) > 0) == torch.tensor([True, True, True, True, False, False, False])).all()
+    bag(torch.tensor([20]), torch.tensor([0]))                  # a small block still fits
+    assert bag.row_chunk_counts()[20] == 2 and bag.store.live == 8
+    bag(torch.tensor([9, 10]), torch.tensor([0]))               # 4 chunks, 2 free slots: refused, not "seen"
+    assert bag.row_chunk_counts()[[9, 10]].tolist() == [0, 0]
+    counts = bag.store.row_counts()
+    counts[[3, 5]] = 0
+    bag.store.shrink_rows(counts)                               # pruning frees 4 slots in place
+    out = bag(torch.tensor([9, 10]), torch.tensor([0, 1]))      # so the late rows get their chunks now
+    assert bag.row_chunk_counts()[[9, 10]].tolist() == [2, 2] and bool((out.abs().sum(1) > 0).all())
+    assert bag.store.capacity == 10 and bag.store.live == 8

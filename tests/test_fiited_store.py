@@ -1,121 +1,127 @@
-"""VHPI store: behaviour against a plain dict reference (hypothesis), slot reuse and real memory release."""
+"""Prefix-chunk store: behaviour against a plain per-row reference (hypothesis), slot reuse in a fixed pool, and
+real memory release."""
 from __future__ import annotations
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compresskit.plugins.fiited.store import EMPTY, StoreFullError, VHPIStore
+from compresskit.plugins.fiited.store import ChunkStore
 
-ROWS, CHUNKS, CS = 40, 4, 3
+ROWS, CHUNKS, CS = 29, 4, 3
 
 op = st.one_of(
-    st.tuples(st.just("insert"), st.lists(st.tuples(st.integers(0, ROWS - 1), st.integers(0, CHUNKS - 1)),
-                                          min_size=1, max_size=30, unique=True)),
-    st.tuples(st.just("remove"), st.lists(st.tuples(st.integers(0, ROWS - 1), st.integers(0, CHUNKS - 1)),
-                                          min_size=1, max_size=30)),
-    st.tuples(st.just("update"), st.integers(0, 10_000)),
-    st.tuples(st.just("compact"), st.just(None)),
-    st.tuples(st.just("lookup"), st.lists(st.tuples(st.integers(0, ROWS - 1), st.integers(0, CHUNKS - 1)),
-                                          min_size=1, max_size=30)),
+    st.tuples(st.just("grow"), st.lists(st.integers(0, ROWS - 1), min_size=1, max_size=12, unique=True),
+              st.integers(1, CHUNKS)),
+    st.tuples(st.just("shrink"), st.lists(st.integers(0, CHUNKS), min_size=ROWS, max_size=ROWS), st.none()),
+    st.tuples(st.just("update"), st.integers(0, 10_000), st.none()),
+    st.tuples(st.just("pack"), st.none(), st.none()),
 )
 
 
-def _check(store: VHPIStore, ref: dict[tuple[int, int], torch.Tensor]) -> None:
-    # every kept chunk is found with its exact values, nothing else is found
+def _check(store: ChunkStore, ref: torch.Tensor, counts: torch.Tensor) -> None:
+    # every kept chunk holds its exact values and nothing else is stored
+    assert torch.equal(store.row_counts(), counts)
+    assert torch.equal(store.dense(), ref)
+    # extents are disjoint and inside the used part of the pool; the utility slot buffer moved with the pool
     rows, chunks, slots = store.entries()
-    assert {(int(r), int(c)) for r, c in zip(rows, chunks)} == set(ref)
-    for (r, c), value in ref.items():
-        slot = int(store.lookup(torch.tensor([r]), torch.tensor([c]))[0])
-        assert slot >= 0
-        assert torch.equal(store.pool.detach()[slot], value)
-    # no slot leaks: live slots are distinct, and live + free == capacity
-    assert len(set(slots.tolist())) == len(slots)
-    assert store.live + store.free_slots == store.capacity
-    assert int((store.keys != EMPTY).sum()) <= store.load_factor * store.keys.numel() + 1
+    assert len(set(slots.tolist())) == slots.numel() == store.live <= int(store.top) <= store.capacity
+    assert torch.equal(store.utility[slots], store.pool.detach()[slots, 0])
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(op, min_size=1, max_size=12), st.integers(0, 2**16))
-def test_store_matches_dict_reference(ops, seed):
+@given(st.lists(op, min_size=1, max_size=12), st.integers(0, 2**16), st.booleans())
+def test_store_matches_reference(ops, seed, fixed):
     gen = torch.Generator().manual_seed(seed)
-    store = VHPIStore(ROWS, CHUNKS, CS, capacity=8)
-    ref: dict[tuple[int, int], torch.Tensor] = {}
-    for kind, arg in ops:
-        if kind == "insert":
-            r = torch.tensor([a for a, _ in arg])
-            c = torch.tensor([b for _, b in arg])
-            values = torch.randn(len(arg), CS, generator=gen)
-            store.insert(r, c, values)
-            for i, key in enumerate(arg):
-                ref[key] = values[i].clone()
-        elif kind == "remove":
-            r = torch.tensor([a for a, _ in arg])
-            c = torch.tensor([b for _, b in arg])
-            removed = store.remove(r, c)
-            assert removed == len({k for k in arg if k in ref})
-            for key in arg:
-                ref.pop(key, None)
-        elif kind == "update" and ref:
-            keys = sorted(ref)
-            r = torch.tensor([a for a, _ in keys])
-            c = torch.tensor([b for _, b in keys])
-            slots = store.lookup(r, c)
+    store = ChunkStore(ROWS, CHUNKS, CS, capacity=40 if fixed else 0, fixed_capacity=fixed)
+    store.register_slot_buffer("utility")   # mirrors each chunk's first value: checks buffers move with the pool
+    ref = torch.zeros(ROWS, CHUNKS * CS)
+    counts = torch.zeros(ROWS, dtype=torch.int64)
+
+    def init(n, cs):
+        return torch.randn(n, cs, generator=gen)
+
+    for kind, arg, count in ops:
+        if kind == "grow":
+            rows = torch.tensor(arg)
+            grown = store.grow_rows(rows, count, init)
+            assert set(grown.tolist()) <= set(arg)
+            if not fixed:   # an unbounded store takes every row that held fewer chunks
+                assert set(grown.tolist()) == {r for r in arg if counts[r] < count}
+            for r in grown.tolist():
+                first, _ = store.row_slots(torch.tensor([r]))
+                values = store.pool.detach()[int(first):int(first) + count].reshape(-1)
+                old = int(counts[r]) * CS
+                assert torch.equal(values[:old], ref[r, :old])      # the kept prefix moved intact
+                ref[r, :count * CS] = values
+                counts[r] = count
+        elif kind == "shrink":
+            new = torch.minimum(torch.tensor(arg), counts)
+            store.shrink_rows(new)
+            for r in range(ROWS):
+                ref[r, int(new[r]) * CS:] = 0
+            counts = new
+            if not fixed:   # memory follows the chunks
+                assert store.capacity == store.live == int(counts.sum())
+        elif kind == "update" and store.live:
+            _, _, slots = store.entries()
             with torch.no_grad():
                 store.pool[slots] += 1.0
-            for key in keys:
-                ref[key] = ref[key] + 1.0
-        elif kind == "compact":
-            store.compact()
-            assert store.capacity == len(ref)
-        elif kind == "lookup":
-            r = torch.tensor([a for a, _ in arg])
-            c = torch.tensor([b for _, b in arg])
-            slots = store.lookup(r, c)
-            for i, key in enumerate(arg):
-                assert (int(slots[i]) >= 0) == (key in ref)
-        _check(store, ref)
+            rows, chunks, _ = store.entries()
+            for r, c in zip(rows.tolist(), chunks.tolist()):
+                ref[r, c * CS:(c + 1) * CS] += 1.0
+        elif kind == "pack":
+            store.pack()
+            assert int(store.top) == store.live
+        _, _, slots = store.entries()
+        store.utility[slots] = store.pool.detach()[slots, 0]
+        _check(store, ref, counts)
 
 
-def test_removed_slots_are_reused_before_growing():
-    store = VHPIStore(100, 2, 4, capacity=10)
-    rows = torch.arange(5).repeat_interleave(2)
-    chunks = torch.arange(2).repeat(5)
-    store.insert(rows, chunks, torch.randn(10, 4))
-    assert store.capacity == 10 and store.free_slots == 0
-    freed = store.lookup(torch.tensor([0, 1]), torch.tensor([1, 1]))
-    store.remove(torch.tensor([0, 1]), torch.tensor([1, 1]))
-    new = store.insert(torch.tensor([50, 51]), torch.tensor([0, 0]), torch.ones(2, 4))
-    assert store.capacity == 10                      # no growth: the freed slots were taken
-    assert set(new.tolist()) == set(freed.tolist())
+def test_fixed_pool_reuses_freed_slots_and_refuses_what_does_not_fit():
+    store = ChunkStore(100, 2, 4, capacity=20, fixed_capacity=True)
+    assert store.grow_rows(torch.arange(10), 2).numel() == 10           # 20 slots: full
+    assert store.grow_rows(torch.tensor([50]), 2).numel() == 0          # no room: refused, nothing changed
+    counts = store.row_counts()
+    counts[:5] = 0
+    store.shrink_rows(counts)                                           # 10 slots freed in place
+    assert store.capacity == 20 and store.live == 10
+    grown = store.grow_rows(torch.tensor([50, 60, 70, 80, 90, 99]), 2)
+    assert grown.tolist() == [50, 60, 70, 80, 90]                       # 5 rows fit into the freed slots
+    assert store.capacity == 20 and store.live == 20
 
 
-def test_max_capacity_is_enforced():
-    store = VHPIStore(10, 1, 2, capacity=2, max_capacity=3)
-    store.insert(torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]))
-    try:
-        store.insert(torch.tensor([3]), torch.tensor([0]))
-    except StoreFullError as e:
-        assert "max_capacity is 3" in str(e)
-    else:
-        raise AssertionError("expected StoreFullError")
-
-
-def test_compaction_really_releases_memory():
+def test_shrinking_really_releases_memory():
     rows, c = 20_000, 8
-    store = VHPIStore(rows, c, 8, capacity=rows * c)
-    r = torch.arange(rows).repeat_interleave(c)
-    ch = torch.arange(c).repeat(rows)
-    store.insert(r, ch, torch.randn(rows * c, 8))
+    store = ChunkStore(rows, c, 8)
+    store.load_dense(torch.randn(rows, c * 8))
     before = store.memory_bytes()
     keep_rows = torch.arange(0, rows, 10)
-    drop = ~torch.isin(r, keep_rows)
     reference = store.dense()[keep_rows]
-    store.remove(r[drop], ch[drop])
-    store.compact()
+    counts = torch.zeros(rows, dtype=torch.int64)
+    counts[keep_rows] = c
+    store.shrink_rows(counts)
     after = store.memory_bytes()
     assert after["payload"] == store.pool.numel() * 4 == len(keep_rows) * c * 8 * 4
     assert after["payload"] <= before["payload"] / 9.9
-    assert after["index"] < before["index"] / 9
     assert store.pool.untyped_storage().nbytes() == after["payload"]   # the pool tensor itself is small now
     assert torch.equal(store.dense()[keep_rows], reference)
+    # the index is 2 bytes a row whatever is stored
+    assert after["index"] == before["index"] == rows // 8 * (8 + 8)
+
+
+def test_moves_carry_the_attached_optimizer_state():
+    store = ChunkStore(64, 4, 2)
+    store.load_dense(torch.randn(64, 8))
+    opt = torch.optim.Adagrad([store.pool], lr=0.1)
+    store.pool.grad = torch.randn_like(store.pool)
+    opt.step()
+    store.attach_optimizer(opt)
+    _, _, slots = store.entries()
+    state_by_chunk = opt.state[store.pool]["sum"][slots].clone()
+    counts = store.row_counts()
+    counts[::2] = 1
+    store.shrink_rows(counts)
+    assert opt.param_groups[0]["params"][0] is store.pool            # the optimizer follows the new pool
+    rows, chunks, new_slots = store.entries()
+    assert torch.equal(opt.state[store.pool]["sum"][new_slots], state_by_chunk.view(64, 4, 2)[rows, chunks])

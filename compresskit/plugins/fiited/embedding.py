@@ -1,63 +1,71 @@
-"""Drop-in ``nn.EmbeddingBag`` / ``nn.Embedding`` replacements backed by a :class:`VHPIStore`.
+"""Drop-in ``nn.EmbeddingBag`` / ``nn.Embedding`` replacements backed by a :class:`ChunkStore`.
 
 Before any pruning the modules compute exactly what the dense modules compute. After pruning, a row reads its
-missing chunks as zeros and gradients reach only the chunks that are stored.
+missing chunks as zeros and gradients reach only the chunks that are stored. Lookup, pooling and backward run in
+the store's fused kernels (``kernels.py``); with ``optimizer=`` the update is fused into the backward too, as in
+FBGEMM's table-batched embeddings, and the pool never holds a gradient.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .store import VHPIStore
+from . import kernels
+from .store import ChunkStore
 
 UTILITY = "utility"
+FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
-class _PoolBagSum(torch.autograd.Function):
-    """Weighted bag sums over the chunk pool; the backward is one ``index_add_`` of per-entry gradients.
-
-    ``F.embedding_bag``'s own dense backward does per-row bookkeeping over the whole pool, which is slow for a pool
-    of many short rows (chunks); this keeps the backward at the cost of zeroing the gradient plus the scatter.
-    """
+class _PrefixBag(torch.autograd.Function):
+    """Pooled lookup over the store; the backward is the module's (gradient out, or a fused update)."""
 
     @staticmethod
-    def forward(ctx, pool, slots, offsets, weights, sparse):
-        ctx.save_for_backward(slots, offsets, weights)
-        ctx.pool_shape, ctx.sparse = pool.shape, sparse
-        return F.embedding_bag(slots, pool, offsets, mode="sum", per_sample_weights=weights)
+    def forward(ctx, anchor, weights, module, ids, offsets):
+        # ``anchor`` is the pool, or a stand-in when the update is fused: either way autograd calls backward
+        ctx.module = module
+        ctx.save_for_backward(ids, offsets, weights)
+        ctx.has_weights = weights is not None
+        return kernels.bag_forward(module.store.pool.detach(), module.store.counts, module.store.base, ids, offsets,
+                                   None if weights is None else weights.detach(), module.mode == "mean",
+                                   module.embedding_dim, module.num_embeddings)
 
     @staticmethod
     def backward(ctx, grad_out):
-        slots, offsets, weights = ctx.saved_tensors
-        lengths = torch.diff(offsets, append=offsets.new_tensor([slots.numel()]))
-        bag_of = torch.repeat_interleave(torch.arange(offsets.numel(), device=slots.device), lengths)
-        entries = grad_out.index_select(0, bag_of) * weights[:, None]
-        if ctx.sparse:
-            grad = torch.sparse_coo_tensor(slots[None], entries, ctx.pool_shape, check_invariants=False)
-        else:
-            grad = entries.new_zeros(ctx.pool_shape).index_add_(0, slots, entries)
-        return grad, None, None, None, None
+        ids, offsets, weights = ctx.saved_tensors
+        weights = weights if ctx.has_weights else None
+        m = ctx.module
+        grad_weights = None
+        if weights is not None and ctx.needs_input_grad[1]:
+            rows = kernels.bag_forward(m.store.pool.detach(), m.store.counts, m.store.base, ids,
+                                       torch.arange(ids.numel()), None, False, m.embedding_dim, m.num_embeddings)
+            lengths = torch.diff(offsets, append=offsets.new_tensor([ids.numel()]))
+            bag_of = torch.repeat_interleave(torch.arange(offsets.numel()), lengths)
+            grad_weights = (rows * grad_out[bag_of]).sum(1)
+        grad_pool = m._backward(grad_out, ids, offsets, weights) if ctx.needs_input_grad[0] else None
+        return grad_pool, grad_weights, None, None, None
 
 
 class FiitedEmbeddingBag(nn.Module):
-    """``nn.EmbeddingBag`` with per-row variable dimension (a prefix of chunks) stored in a VHPI chunk store.
+    """``nn.EmbeddingBag`` with per-row variable dimension (a prefix of chunks) stored in a :class:`ChunkStore`.
 
     Args:
         num_embeddings, embedding_dim, mode, include_last_offset: as ``nn.EmbeddingBag`` (modes 'sum', 'mean').
         chunk_size: values per chunk; must divide ``embedding_dim``.
-        weight: initial dense table to copy (default: N(0, 1) like ``nn.EmbeddingBag``).
-        lazy: start empty and allocate a row's chunks when training first touches it (for tables too large to
-            materialise); ``capacity`` then bounds the pool (chunk slots).
-        sparse: produce sparse gradients for the pool (use with SGD / Adagrad, as ``nn.EmbeddingBag(sparse=True)``).
+        weight: initial dense table to copy (default: N(0, ``init_std``), ``nn.EmbeddingBag``'s N(0, 1)).
+        lazy: start empty and give a row its chunks when training first touches it, within ``capacity`` chunk
+            slots (tables too large to materialise). Rows that do not fit are retried on later touches.
+        sparse: gradients for the pool as sparse tensors (torch's SGD / Adagrad), as ``nn.EmbeddingBag``.
+        optimizer: ``sgd``, ``adagrad`` or ``rowwise_adagrad`` fuses that update into the backward with ``lr`` and
+            ``eps`` (FBGEMM's EXACT_* semantics); ``None`` leaves the pool to a torch optimizer.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int = 8, mode: str = "sum",
                  include_last_offset: bool = False, weight: torch.Tensor | None = None, lazy: bool = False,
-                 capacity: int | None = None, sparse: bool = False, load_factor: float = 0.75,
-                 init_std: float = 1.0, seed: int = 0) -> None:
+                 capacity: int | None = None, sparse: bool = False, optimizer: str | None = None,
+                 lr: float = 0.01, eps: float = 1e-8, init_std: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean', got '{mode}'")
@@ -69,24 +77,22 @@ class FiitedEmbeddingBag(nn.Module):
         self.init_std = init_std
         full = num_embeddings * self.num_chunks
         if lazy:
-            cap = capacity if capacity is not None else full
-            self.store = VHPIStore(num_embeddings, self.num_chunks, chunk_size, capacity=cap, max_capacity=cap,
-                                   load_factor=load_factor)
-            self.register_buffer("seen", torch.zeros(num_embeddings, dtype=torch.bool))
+            self.store = ChunkStore(num_embeddings, self.num_chunks, chunk_size,
+                                    capacity=capacity if capacity is not None else full, fixed_capacity=True)
+            self.register_buffer("seen", torch.zeros(self.store.base.numel(), dtype=torch.uint8))  # 1 bit a row
             self._gen = torch.Generator().manual_seed(seed)
         else:
-            self.store = VHPIStore(num_embeddings, self.num_chunks, chunk_size, capacity=full,
-                                   load_factor=load_factor)
+            self.store = ChunkStore(num_embeddings, self.num_chunks, chunk_size)
             if weight is None:
                 weight = torch.randn(num_embeddings, embedding_dim) * init_std
-            if tuple(weight.shape) != (num_embeddings, embedding_dim):
-                raise ValueError(f"weight shape {tuple(weight.shape)} != ({num_embeddings}, {embedding_dim})")
-            rows = torch.arange(num_embeddings).repeat_interleave(self.num_chunks)
-            chunks = torch.arange(self.num_chunks).repeat(num_embeddings)
-            self.store.insert(rows, chunks, weight.detach().reshape(-1, chunk_size))
-        self.store.register_slot_buffer(UTILITY)
+            self.store.load_dense(weight)
+        self.optimizer: str | None = None
+        self.lr, self.eps = lr, eps
+        self._anchor = torch.zeros(0, requires_grad=True)  # makes autograd call the fused backward
+        if optimizer is not None:
+            self.set_optimizer(optimizer, lr, eps)
+        self.utility_decay: float | None = None
         self.counts: torch.Tensor | None = None  # access counts while counting is on (see count_accesses)
-        self.new_slots: list[torch.Tensor] = []  # slots allocated lazily since the last optimizer step
 
     @classmethod
     def from_dense(cls, dense: nn.EmbeddingBag, chunk_size: int, **kwargs) -> "FiitedEmbeddingBag":
@@ -97,26 +103,86 @@ class FiitedEmbeddingBag(nn.Module):
                 raise ValueError(f"{name}={value} is not supported by FiitedEmbeddingBag")
         if dense.mode not in ("sum", "mean"):
             raise ValueError(f"mode '{dense.mode}' is not supported (only 'sum' and 'mean')")
+        kwargs.setdefault("sparse", dense.sparse)
         return cls(dense.num_embeddings, dense.embedding_dim, chunk_size, mode=dense.mode,
-                   include_last_offset=dense.include_last_offset, weight=dense.weight.detach(),
-                   sparse=dense.sparse, **kwargs)
+                   include_last_offset=dense.include_last_offset, weight=dense.weight.detach(), **kwargs)
 
-    # ----------------------------------------------------------------------------------------------- forward
-    def _allocate_rows(self, rows: torch.Tensor) -> None:
-        """Lazy mode: give never-seen rows all their chunks while free slots last."""
-        rows = rows[~self.seen[rows]]
+    def set_optimizer(self, optimizer: str, lr: float, eps: float = 1e-8) -> None:
+        """Fuse ``optimizer`` (sgd, adagrad, rowwise_adagrad) into backward; the pool then takes no gradient and
+        is left out of torch optimizers (``requires_grad=False``)."""
+        if optimizer not in FUSED_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(FUSED_OPTIMIZERS)}, got '{optimizer}'")
+        if self.optimizer is not None:
+            raise ValueError(f"the fused optimizer is already '{self.optimizer}'")
+        self.optimizer, self.lr, self.eps = optimizer, lr, eps
+        if optimizer == "adagrad":
+            self.store.register_slot_buffer("momentum", (self.chunk_size,))
+        elif optimizer == "rowwise_adagrad":
+            self.register_buffer("row_momentum", torch.zeros(self.num_embeddings))
+        self.store.pool.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------------------- utilities
+    def track_utility(self, decay: float) -> None:
+        """Keep a decayed per-chunk utility ``u <- decay * u + ||g||`` (FIITED's importance), updated in backward.
+
+        Stored scaled by ``decay ** -t`` so that a step decays every chunk for free; :meth:`utilities` unscales.
+        """
+        if UTILITY not in self.store._slot_buffers:
+            self.store.register_slot_buffer(UTILITY)
+            self.register_buffer("utility_scale", torch.ones((), dtype=torch.float64))
+        self.utility_decay = decay
+
+    def utilities(self, slots: torch.Tensor) -> torch.Tensor:
+        """Current utilities of the chunks in ``slots``."""
+        return getattr(self.store, UTILITY)[slots] * float(self.utility_scale)
+
+    def _utility_gain(self) -> float:
+        scale = float(self.utility_scale) * self.utility_decay
+        if scale < 1e-30:  # fold the scale into the stored values before it underflows
+            getattr(self.store, UTILITY).mul_(scale)
+            scale = 1.0
+        self.utility_scale.fill_(scale)
+        return 1.0 / scale
+
+    # ----------------------------------------------------------------------------------------------- training
+    def _backward(self, grad_out: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                  weights: torch.Tensor | None):
+        store = self.store
+        tracking = self.utility_decay is not None
+        state = None
+        if self.optimizer == "adagrad":
+            state = store.momentum
+        elif self.optimizer == "rowwise_adagrad":
+            state = self.row_momentum
+        result = kernels.bag_backward(
+            grad_out, store.pool.detach(), store.counts, store.base, ids, offsets, weights, self.mode == "mean",
+            self.num_embeddings, self.optimizer or "none", self.lr, self.eps, state,
+            getattr(store, UTILITY) if tracking else None, self._utility_gain() if tracking else 1.0,
+            sparse=self.sparse)
+        if self.optimizer is not None:
+            return None
+        if self.sparse:
+            slots, values = result
+            return torch.sparse_coo_tensor(slots[None], values, store.pool.shape, check_invariants=False)
+        return result
+
+    def _admit(self, rows: torch.Tensor) -> None:
+        """Lazy mode: give never-seen ``rows`` all their chunks while the pool has room."""
+        seen = (self.seen[rows >> 3] >> (rows & 7).to(torch.uint8)) & 1
+        rows = rows[seen == 0]
         if rows.numel() == 0:
             return
-        n_fit = min(rows.numel(), self.store.free_slots // self.num_chunks)
-        rows = rows[:n_fit]
-        if n_fit == 0:
-            return
-        c = self.num_chunks
-        values = torch.randn(n_fit * c, self.chunk_size, generator=self._gen) * self.init_std
-        slots = self.store.insert(rows.repeat_interleave(c), torch.arange(c).repeat(n_fit), values)
-        self.seen[rows] = True
-        self.new_slots.append(slots)
+        std, gen = self.init_std, self._gen
+        grown = self.store.grow_rows(rows, self.num_chunks,
+                                     lambda n, cs: torch.randn(n, cs, generator=gen) * std)
+        if grown.numel():
+            blocks, inverse = torch.unique(grown >> 3, return_inverse=True)
+            bits = torch.zeros(blocks.numel(), dtype=torch.int64).index_add_(0, inverse, 1 << (grown & 7))
+            self.seen[blocks] |= bits.to(torch.uint8)
+            if self.optimizer == "rowwise_adagrad":
+                self.row_momentum[grown] = 0
 
+    # ----------------------------------------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         if input.dim() == 2:
@@ -136,40 +202,21 @@ class FiitedEmbeddingBag(nn.Module):
             raise ValueError(f"input must be 1-D or 2-D, got {input.dim()}-D")
         if per_sample_weights is not None and self.mode != "sum":
             raise ValueError("per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
-        n, bags, c, cs = input.numel(), offsets.numel(), self.num_chunks, self.chunk_size
-        pool = self.store.pool
-        if n == 0 or pool.shape[0] == 0:
-            return pool.new_zeros(bags, self.embedding_dim) + 0 * pool.sum()
-
-        uniq, inverse = torch.unique(input, return_inverse=True)
-        if self.lazy and self.training:
-            self._allocate_rows(uniq)
-        if self.counts is not None:
-            self.counts.index_add_(0, uniq, torch.bincount(inverse, minlength=uniq.numel()).to(self.counts.dtype))
-        slots = self.store.lookup_rows(uniq)[inverse]                   # [n, c], -1 = chunk not stored
-        weight = (slots >= 0).to(pool.dtype)
-        if per_sample_weights is not None:
-            weight = weight * per_sample_weights.to(pool.dtype)[:, None]
-        if self.mode == "mean":
-            lengths = torch.diff(offsets, append=offsets.new_tensor([n]))
-            bag_of = torch.repeat_interleave(torch.arange(bags, device=input.device), lengths)
-            weight = weight / lengths.clamp(min=1).to(pool.dtype)[bag_of][:, None]
-        # chunk-major layout: bag (chunk j, bag b) holds the j-th chunk of every id in bag b
-        flat_slots = slots.clamp(min=0).t().reshape(-1)
-        flat_weight = weight.t().reshape(-1)
-        flat_offsets = (offsets[None, :] + torch.arange(c, device=input.device)[:, None] * n).reshape(-1)
-        if flat_weight.requires_grad:  # gradient w.r.t. per_sample_weights wanted: torch's own path
-            out = F.embedding_bag(flat_slots, pool, flat_offsets, mode="sum", sparse=self.sparse,
-                                  per_sample_weights=flat_weight)
-        else:
-            out = _PoolBagSum.apply(pool, flat_slots, flat_offsets, flat_weight, self.sparse)
-        return out.view(c, bags, cs).permute(1, 0, 2).reshape(bags, c * cs)
+        ids = input.long().contiguous()
+        offsets = offsets.long().contiguous()
+        if (self.lazy and self.training) or self.counts is not None:
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            if self.lazy and self.training:
+                self._admit(uniq)
+            if self.counts is not None:
+                self.counts.index_add_(0, uniq, torch.bincount(inverse, minlength=uniq.numel()).to(self.counts.dtype))
+        anchor = self._anchor if self.optimizer is not None and self.training else self.store.pool
+        return _PrefixBag.apply(anchor, per_sample_weights, self, ids, offsets)
 
     # ----------------------------------------------------------------------------------------------- helpers
     def row_chunk_counts(self) -> torch.Tensor:
         """Number of stored chunks of every row (int64 [num_embeddings])."""
-        rows, _, _ = self.store.entries()
-        return torch.bincount(rows, minlength=self.num_embeddings)
+        return self.store.row_counts()
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense table (pruned chunks as zeros)."""
@@ -180,13 +227,16 @@ class FiitedEmbeddingBag(nn.Module):
         self.counts = torch.zeros(self.num_embeddings, dtype=torch.float64) if on else None
 
     def memory_bytes(self) -> dict[str, int]:
-        """Store bytes (payload / index / stats) plus the lazy 'seen' bitmap in the index figure."""
+        """Bytes held: ``payload`` and ``index`` (all inference needs), ``training`` (utilities, fused optimizer
+        state, the lazy 'seen' bitmap: state only training needs), and ``total``."""
         mem = self.store.memory_bytes()
-        if self.lazy:
-            extra = self.seen.numel() * self.seen.element_size()
-            mem["index"] += extra
-            mem["metadata"] += extra
-            mem["total"] += extra
+        training = mem.pop("stats")
+        for name in ("row_momentum", "seen"):
+            if hasattr(self, name):
+                t = getattr(self, name)
+                training += t.numel() * t.element_size()
+        mem["training"] = training
+        mem["total"] = mem["payload"] + mem["index"] + training
         return mem
 
     def extra_repr(self) -> str:
@@ -206,8 +256,8 @@ class FiitedEmbedding(FiitedEmbeddingBag):
         for name in ("max_norm", "padding_idx"):
             if getattr(dense, name) is not None:
                 raise ValueError(f"{name}={getattr(dense, name)} is not supported by FiitedEmbedding")
-        return cls(dense.num_embeddings, dense.embedding_dim, chunk_size, weight=dense.weight.detach(),
-                   sparse=dense.sparse, **kwargs)
+        kwargs.setdefault("sparse", dense.sparse)
+        return cls(dense.num_embeddings, dense.embedding_dim, chunk_size, weight=dense.weight.detach(), **kwargs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         flat = input.reshape(-1)
@@ -222,18 +272,22 @@ def fiited_modules(model: nn.Module) -> Iterator[tuple[str, FiitedEmbeddingBag]]
             yield name, module
 
 
+def embedding_modules(model: nn.Module, include: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the ``nn.Embedding`` / ``nn.EmbeddingBag`` modules of ``model`` whose name matches a
+    pattern in ``include`` (all of them without patterns)."""
+    import fnmatch
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            and (not include or any(fnmatch.fnmatchcase(name, pat) for pat in include))]
+
+
 def convert_embeddings(model: nn.Module, chunk_size: int = 8, include: list[str] | None = None,
                        **kwargs) -> list[str]:
     """Swap every ``nn.EmbeddingBag`` / ``nn.Embedding`` (whose name matches a pattern in ``include``, if given)
-    for its FIITED twin, copying weights. Returns the converted module names."""
-    import fnmatch
-
+    for its FIITED twin, copying weights; ``kwargs`` go to the twins (e.g. ``optimizer``, ``lr``). Returns the
+    converted module names."""
     converted = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.EmbeddingBag, nn.Embedding)):
-            continue
-        if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
-            continue
+    for name, module in embedding_modules(model, include):
         if module.embedding_dim % chunk_size:
             raise ValueError(f"{name}: embedding_dim {module.embedding_dim} is not a multiple of chunk_size "
                              f"{chunk_size}")

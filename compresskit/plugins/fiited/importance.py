@@ -1,74 +1,73 @@
-"""Chunk importance and the choice of what to prune, shared by FIITED and its baselines.
+"""Chunk importance and the choice of what to prune, for FIITED and the AdaEmbed-style baseline.
 
 FIITED's chunk utility follows the paper: ``u <- gamma * u + a * g`` every step, where ``a * g`` is the chunk's
-access count times its mean per-access gradient magnitude, i.e. the norm of the chunk's accumulated gradient in
-that step. Rows keep a *prefix* of chunks, so a chunk's pruning score is the minimum utility over itself and the
-chunks before it (tail chunks of unimportant rows go first).
+access count times its mean per-access gradient magnitude, i.e. the norm of the chunk's gradient summed over the
+batch. The kernels add it during backward (``FiitedEmbeddingBag.track_utility``). Rows keep a *prefix* of chunks, so
+a chunk's pruning score is the minimum utility over itself and the chunks before it (tail chunks of unimportant
+rows go first), raised to ``exponent`` and divided by ``(chunk + 1) ** discount``.
+
+Scores are held as one ``[stored rows, num_chunks]`` float32 grid per table (absent chunks ``+inf``): a few bytes
+per stored chunk, so a pruning round over a Criteo-sized model stays small next to the pool.
 """
 from __future__ import annotations
 
 import torch
 
-from .embedding import UTILITY, FiitedEmbeddingBag
+from .embedding import FiitedEmbeddingBag
 
 
-def accumulate_utility(module: FiitedEmbeddingBag, decay: float) -> None:
-    """Fold this step's chunk gradient norms into the module's decayed per-slot utility."""
-    store = module.store
-    util = getattr(store, UTILITY)
-    grad = store.pool.grad
-    util.mul_(decay)
-    if grad is None:
-        return
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        util.index_add_(0, grad.indices()[0], grad.values().norm(dim=1).to(util.dtype))
-    else:
-        util.add_(grad.norm(dim=1).to(util.dtype))
+def chunk_utilities(module: FiitedEmbeddingBag) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stored rows, their chunk counts, utility grid ``[rows, num_chunks]`` with ``+inf`` for absent chunks)."""
+    rows = torch.nonzero(module.store.row_counts()).flatten()
+    first, cnt = module.store.row_slots(rows)
+    j = torch.arange(module.num_chunks)
+    present = j[None, :] < cnt[:, None]
+    slots = torch.where(present, first[:, None] + j, 0)
+    grid = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float()
+    return rows, cnt, grid.masked_fill_(~present, float("inf"))
 
 
-def prefix_scores(rows: torch.Tensor, chunks: torch.Tensor, values: torch.Tensor, num_chunks: int) -> torch.Tensor:
-    """Per-entry score = min of ``values`` over the chunks ``0..chunk`` of the same row (running minimum)."""
-    if rows.numel() == 0:
-        return values
-    uniq, inv = torch.unique(rows, return_inverse=True)
-    grid = torch.full((uniq.numel(), num_chunks), float("inf"), dtype=values.dtype)
-    grid[inv, chunks] = values
-    grid = torch.cummin(grid, dim=1).values
-    return grid[inv, chunks]
+def chunk_scores(utility: torch.Tensor, exponent: float, discount: float) -> torch.Tensor:
+    """FIITED's pruning score grid from a utility grid: running minimum along the row, ``**exponent``, divided by
+    ``(chunk + 1) ** discount``; non-increasing along every row, so the lowest scores are always row tails."""
+    score = torch.cummin(utility, dim=1).values.clamp_(min=0).pow_(exponent)
+    score.div_((torch.arange(utility.shape[1], dtype=score.dtype) + 1) ** discount)
+    return score.masked_fill_(torch.isinf(utility), float("inf"))  # absent chunks stay out of reach
 
 
-def row_sums(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per-entry score = sum of ``values`` over all stored chunks of the entry's row (whole-row importance)."""
-    if rows.numel() == 0:
-        return values
-    uniq, inv = torch.unique(rows, return_inverse=True)
-    totals = torch.zeros(uniq.numel(), dtype=values.dtype).index_add_(0, inv, values)
-    return totals[inv]
+def tail_counts(scores: list[torch.Tensor], excess: int) -> list[torch.Tensor]:
+    """Chunks to drop from the tail of every row so that exactly ``excess`` of the lowest scores go (over all
+    grids together); ties at the threshold go to later chunks first, so every row keeps a prefix."""
+    if excess <= 0:
+        return [torch.zeros(s.shape[0], dtype=torch.int64) for s in scores]
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    threshold = torch.kthvalue(flat, excess).values
+    del flat
+    drop = [s < threshold for s in scores]
+    left = excess - sum(int(d.sum()) for d in drop)
+    for c in reversed(range(scores[0].shape[1]) if scores else []):
+        for d, s in zip(drop, scores):
+            if left <= 0:
+                break
+            tied = torch.nonzero(s[:, c] == threshold).flatten()[:left]
+            d[tied, c] = True
+            left -= tied.numel()
+    return [d.sum(1) for d in drop]
 
 
-def lowest(scores: torch.Tensor, chunks: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` lowest scores; ties go to the later chunk first (keeps rows as prefixes)."""
-    if count <= 0:
-        return torch.empty(0, dtype=torch.long)
-    by_chunk = torch.argsort(chunks, descending=True, stable=True)
-    by_score = torch.argsort(scores[by_chunk], stable=True)
-    return by_chunk[by_score[:count]]
-
-
-def lowest_rows(scores: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the entries of whole rows, lowest row score first, covering at least ``count`` entries.
-
-    ``rows`` must identify rows globally (e.g. offset per module) and ``scores`` be constant within a row.
-    """
-    if count <= 0:
-        return torch.empty(0, dtype=torch.long)
-    uniq, inv = torch.unique(rows, return_inverse=True)
-    row_score = torch.zeros(uniq.numel(), dtype=scores.dtype).scatter_reduce(0, inv, scores, "amax",
-                                                                             include_self=False)
-    order = torch.argsort(row_score, stable=True)
-    covered = torch.cumsum(torch.bincount(inv, minlength=uniq.numel())[order], 0)
-    n_rows = min(int(torch.searchsorted(covered, torch.tensor(count))) + 1, uniq.numel())
-    chosen = torch.zeros(uniq.numel(), dtype=torch.bool)
-    chosen[order[:n_rows]] = True
-    return torch.nonzero(chosen[inv]).flatten()
+def whole_rows(row_scores: list[torch.Tensor], row_counts: list[torch.Tensor], excess: int) -> list[torch.Tensor]:
+    """AdaEmbed-style: whole rows, lowest score first over all tables, until at least ``excess`` chunks are
+    covered. Returns a drop mask per table."""
+    drops = [torch.zeros(s.numel(), dtype=torch.bool) for s in row_scores]
+    if excess <= 0 or not row_scores:
+        return drops
+    scores, counts = torch.cat(row_scores), torch.cat(row_counts)
+    table = torch.cat([torch.full((s.numel(),), k) for k, s in enumerate(row_scores)])
+    local = torch.cat([torch.arange(s.numel()) for s in row_scores])
+    order = torch.argsort(scores, stable=True)
+    covered = torch.cumsum(counts[order], 0)
+    n = min(int(torch.searchsorted(covered, torch.tensor(excess))) + 1, order.numel())
+    for k in range(len(drops)):
+        pick = order[:n][table[order[:n]] == k]
+        drops[k][local[pick]] = True
+    return drops

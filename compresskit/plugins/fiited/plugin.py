@@ -1,12 +1,15 @@
-"""The ``fiited`` plugin: in-training embedding-dimension pruning, and its baselines on the same code path.
+"""The ``fiited`` plugin: in-training embedding-dimension pruning, and the baselines it is measured against.
 
-Methods (all use the VHPI store, so bytes are measured the same way):
+Methods:
 
 * ``fiited``: chunk-level pruning by decayed chunk utility, gradually during training (the paper's method);
-* ``adaembed``: AdaEmbed-style whole-row pruning by row utility, gradually during training;
-* ``mixed_dim``: static frequency-based mixed dimensions (rows get chunks by ``freq**alpha``), before training;
-* ``uniform``: every row keeps the same number of leading chunks, before training;
-* ``dense``: no pruning (the reference).
+* ``adaembed``: AdaEmbed-style whole-row pruning by row utility, gradually during training (same store);
+* ``mixed_dim``: static frequency-bucketed tables of different dims with projections (the DLRM mixed-dimension
+  layout, ``baselines.MixedDimEmbeddingBag``), sized before training;
+* ``uniform``: a narrower plain table (``baselines.NarrowEmbeddingBag``), sized before training;
+* ``dense``: the original modules, unchanged (the reference).
+
+Every method is charged what its modules really store: payload plus index, measured from their tensors.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
 from ...registry import register_plugin
 from ...schema import option
-from ...train import batches, reset_optimizer_rows, shrink_parameter_rows
-from .embedding import UTILITY, FiitedEmbeddingBag, convert_embeddings, fiited_modules
-from .importance import accumulate_utility, lowest, lowest_rows, prefix_scores, row_sums
+from ...train import batches
+from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
+from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
+from .importance import chunk_scores, chunk_utilities, tail_counts, whole_rows
 
 
 @dataclass
@@ -31,8 +35,8 @@ class FiitedConfig:
 
     method: Literal["fiited", "adaembed", "mixed_dim", "uniform", "dense"] = option(
         "fiited", help="pruning method (fiited, or a baseline)")
-    target_memory_ratio: float = option(0.1, help="embedding payload bytes kept / dense payload bytes",
-                                        min=0, max=1, min_exclusive=True)
+    target_memory_ratio: float = option(0.1, help="embedding bytes kept (payload + index: all inference needs) / "
+                                                  "dense embedding bytes", min=0, max=1, min_exclusive=True)
     chunk_size: int = option(8, help="values per dimension chunk (must divide the embedding dim)", min=1)
     include: list[str] = option([], help="module-name patterns to convert (default: every embedding)")
     decay: float = option(0.99, help="per-step utility decay gamma", min=0, max=1, min_exclusive=True)
@@ -46,12 +50,16 @@ class FiitedConfig:
                                      min=0)
     position_discount: float = option(2.0, help="diminishing return of a row's later chunks (0 = none)", min=0)
     schedule: Literal["cubic", "linear"] = option("cubic", help="how the kept ratio falls from 1 to the target")
-    mixed_dim_alpha: float = option(0.5, help="mixed_dim: chunks per row grow as frequency**alpha", min=0)
-    compact: bool = option(True, help="shrink the pool after each pruning round (really frees memory)")
-    load_factor: float = option(0.75, help="hash index load factor", min=0.1, max=0.95)
+    mixed_dim_alpha: float = option(0.5, help="mixed_dim: bucket dims grow as access probability**alpha", min=0)
     lazy: bool = option(False, help="allocate rows on first access, pool capped at the target (huge tables)")
-    headroom: float = option(0.1, help="lazy: fraction of the pool kept free for new rows", min=0, max=0.9)
-    sparse_grad: bool = option(False, help="sparse pool gradients (SGD/Adagrad)")
+    headroom: float = option(0.1, help="lazy: fraction of the pool pruning frees for new rows", min=0, max=0.9)
+    sparse_grad: bool = option(False, help="sparse pool gradients (SGD/Adagrad), when the update is not fused")
+    fused_optimizer: Literal["auto", "none", "sgd", "adagrad", "rowwise_adagrad"] = option(
+        "auto", help="update the tables inside backward (FBGEMM-style); auto: when train.optimizer is plain SGD or "
+                     "Adagrad, the same update fused; none: a torch optimizer updates the pool")
+    fused_lr: Optional[float] = option(None, help="learning rate of an explicitly fused optimizer "
+                                                  "(default: train.optimizer.lr)", min=0, min_exclusive=True)
+    fused_eps: float = option(1e-10, help="eps of the fused Adagrad optimizers (torch Adagrad's default)", min=0)
 
     def validate(self, path: str) -> None:
         if self.end_fraction < self.start_fraction:
@@ -76,85 +84,97 @@ def kept_ratio(step: int, start: int, end: int, target: float, schedule: str) ->
 
 @register_plugin
 class FiitedPlugin(Plugin):
-    """Fine-grained in-training embedding dimension pruning with a VHPI chunk store (FIITED)."""
+    """Fine-grained in-training embedding dimension pruning with a prefix-chunk store (FIITED)."""
 
     name = "fiited"
-    description = "FIITED: per-row embedding dimension pruning during training, memory freed via a VHPI store"
+    description = "FIITED: per-row embedding dimension pruning during training, memory freed by a chunk store"
     Config = FiitedConfig
 
     def __init__(self, config: FiitedConfig) -> None:
         super().__init__(config)
-        self.modules: list[tuple[str, FiitedEmbeddingBag]] = []
-        self.dense_chunks = 0
-        self.dense_payload_bytes = 0
+        self.modules: list[tuple[str, nn.Module]] = []
+        self.dense_bytes = 0
         self.rounds: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------- set-up
+    def _fused(self, ctx: RunContext) -> dict[str, Any]:
+        """Keyword arguments that fuse the table update into backward, or ``{}`` for a torch optimizer."""
+        cfg = self.config
+        opt = getattr(ctx.train, "optimizer", None)
+        name = cfg.fused_optimizer
+        if name == "auto":
+            plain = opt is not None and not getattr(opt, "weight_decay", 0)
+            plain_sgd = plain and opt.name == "sgd" and not getattr(opt, "momentum", 0)
+            name = "sgd" if plain_sgd else "adagrad" if plain and opt.name == "adagrad" else "none"
+        if name == "none":
+            return {}
+        lr = cfg.fused_lr if cfg.fused_lr is not None else getattr(opt, "lr", None)
+        if lr is None:
+            raise ConfigError("fiited.fused_lr", f"fused_optimizer '{name}' needs a learning rate: set fused_lr or "
+                                                 f"train.optimizer")
+        return {"optimizer": name, "lr": lr, "eps": cfg.fused_eps}
+
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
-        existing = list(fiited_modules(model))
-        if not existing:
+        fused = self._fused(ctx)
+        if not list(fiited_modules(model)):
             if cfg.lazy:
                 raise ConfigError("fiited.lazy", "lazy allocation needs a model built with lazy "
                                                  "FiitedEmbeddingBag modules (a dense model is already allocated)")
+            dense = embedding_modules(model, cfg.include or None)
+            if not dense:
+                raise ConfigError("fiited.include", f"no nn.Embedding/nn.EmbeddingBag matched "
+                                                    f"{cfg.include or 'any module'} in {type(model).__name__}")
+            self.dense_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in dense)
+            if cfg.method in ("uniform", "mixed_dim"):
+                self._convert_natural(model, dense, ctx)
+                return model
+            if cfg.method == "dense":
+                self.modules = dense
+                return model
             try:
-                convert_embeddings(model, cfg.chunk_size, cfg.include or None, load_factor=cfg.load_factor)
+                convert_embeddings(model, cfg.chunk_size, cfg.include or None, **fused)
             except ValueError as e:
                 raise ConfigError("fiited", str(e)) from None
         self.modules = list(fiited_modules(model))
-        if not self.modules:
-            raise ConfigError("fiited.include", f"no nn.Embedding/nn.EmbeddingBag matched "
-                                                f"{cfg.include or 'any module'} in {type(model).__name__}")
         for mod_name, m in self.modules:
-            m.sparse = m.sparse or cfg.sparse_grad
             if cfg.lazy and not m.lazy:
                 raise ConfigError("fiited.lazy", f"module {mod_name} is not a lazy FiitedEmbeddingBag")
-        self.dense_chunks = sum(m.num_embeddings * m.num_chunks for _, m in self.modules)
-        self.dense_payload_bytes = sum(m.num_embeddings * m.embedding_dim * m.store.pool.element_size()
-                                       for _, m in self.modules)
-        if cfg.method == "uniform":
-            self._prune_uniform()
-        elif cfg.method == "mixed_dim":
-            self._prune_mixed_dim(model, ctx)
+            if m.optimizer is None and fused:
+                m.set_optimizer(**fused)
+            m.sparse = m.sparse or cfg.sparse_grad
+            if cfg.method in ("fiited", "adaembed"):
+                m.track_utility(cfg.decay)
+            m.store.attach_optimizer(ctx.optimizer)
+        if not self.dense_bytes:
+            self.dense_bytes = sum(m.num_embeddings * m.embedding_dim * m.store.pool.element_size()
+                                   for _, m in self.modules)
         return model
 
-    def _target_chunks(self, ratio: float) -> int:
-        return int(ratio * self.dense_chunks)
-
-    def _prune_uniform(self) -> None:
-        ratio = self.config.target_memory_ratio
-        for name, m in self.modules:
-            keep = int(ratio * m.num_chunks + 1e-9)
-            if keep < 1:
-                raise ConfigError("fiited.target_memory_ratio",
-                                  f"uniform keeps whole chunks per row: {ratio} of {m.num_chunks} chunks of {name} "
-                                  f"is below one chunk; use a smaller chunk_size or another method")
-            rows, chunks, _ = m.store.entries()
-            drop = chunks >= keep
-            m.store.remove(rows[drop], chunks[drop])
-            self._compact(m, None)
-        self.rounds.append({"step": 0, "kept_chunks": self.stored_chunks()})
-
-    def _prune_mixed_dim(self, model: nn.Module, ctx: RunContext) -> None:
-        if ctx.data is None:
-            raise ConfigError("fiited.method", "mixed_dim needs training data to count row frequencies")
-        for _, m in self.modules:
-            m.count_accesses(True)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for inputs, _ in batches(ctx.data.train, 8192):
-                model(*inputs)
-        model.train(was_training)
-        scores, owners = [], []
-        for _, m in self.modules:
-            rows, chunks, _ = m.store.entries()
-            freq = m.counts[rows].float() ** self.config.mixed_dim_alpha
-            scores.append(freq / (chunks.float() + 1))
-            owners.append((rows, chunks))
-            m.count_accesses(False)
-        self._prune_to(self._target_chunks(self.config.target_memory_ratio), scores, owners, rows_whole=False,
-                       step=0, optimizer=None)
+    def _convert_natural(self, model: nn.Module, dense: list[tuple[str, nn.Module]], ctx: RunContext) -> None:
+        """uniform / mixed_dim: replace the tables by the baseline's own natural form within the same total bytes
+        (uniform: the same narrower dim everywhere; mixed_dim: one budget over all tables' frequency buckets)."""
+        cfg = self.config
+        ratio = cfg.target_memory_ratio
+        try:
+            if cfg.method == "uniform":
+                twins = []
+                for name, m in dense:
+                    dim = uniform_dim_for_budget(m.num_embeddings, m.embedding_dim,
+                                                 int(ratio * m.weight.numel() * m.weight.element_size()))
+                    if dim < 1:
+                        raise ValueError(f"{ratio} of {name}'s {m.embedding_dim} dims is below one dimension a row")
+                    twins.append(NarrowEmbeddingBag.from_dense(m, dim))
+            else:
+                counts = count_rows(model, dense, ctx.data)
+                twins = mixed_dim_tables([m for _, m in dense], [counts[name] for name, _ in dense],
+                                         int(ratio * self.dense_bytes), alpha=cfg.mixed_dim_alpha)
+        except ValueError as e:
+            raise ConfigError("fiited.target_memory_ratio", f"{cfg.method}: {e}") from None
+        for (name, _), twin in zip(dense, twins):
+            model.set_submodule(name, twin)
+            self.modules.append((name, twin))
+        self.rounds.append({"step": 0, "kept_bytes": self.memory().get("total", 0)})
 
     # ------------------------------------------------------------------------------------------- training
     def _schedule_bounds(self, total_steps: int) -> tuple[int, int]:
@@ -163,19 +183,23 @@ class FiitedPlugin(Plugin):
         end = cfg.end_step if cfg.end_step is not None else int(cfg.end_fraction * total_steps)
         return max(start, 1), max(end, start, 1)
 
-    def on_after_backward(self, step: int, ctx: RunContext) -> None:
-        if self.config.method not in ("fiited", "adaembed"):
-            return
-        for _, m in self.modules:
-            accumulate_utility(m, self.config.decay)
-            if m.new_slots:
-                reset_optimizer_rows(ctx.optimizer, m.store.pool, torch.cat(m.new_slots))
-                m.new_slots.clear()
+    def _target_chunks(self, ratio: float) -> int:
+        """Chunks the payload may hold so that payload + index stays within ``ratio`` of the dense bytes."""
+        index = sum(m.memory_bytes()["index"] for _, m in self.modules)
+        chunk_bytes = self.modules[0][1].chunk_size * self.modules[0][1].store.pool.element_size()
+        room = ratio * self.dense_bytes - index
+        if room < chunk_bytes:
+            raise ConfigError("fiited.target_memory_ratio",
+                              f"{self.config.target_memory_ratio} of {self.dense_bytes} dense bytes leaves no room "
+                              f"for chunks: the index alone takes {index} bytes; raise the ratio")
+        return int(room // chunk_bytes)
 
     def on_step(self, step: int, ctx: RunContext) -> None:
         cfg = self.config
         if cfg.method not in ("fiited", "adaembed"):
             return
+        for _, m in self.modules:
+            m.store.attach_optimizer(ctx.optimizer)
         start, end = self._schedule_bounds(ctx.total_steps)
         on_grid = step >= start and ((step - start) % cfg.interval == 0 or step == end)
         if not on_grid or (step > end and not cfg.lazy):
@@ -183,89 +207,106 @@ class FiitedPlugin(Plugin):
         if cfg.lazy:
             target = int(sum(m.store.capacity for _, m in self.modules) * (1 - cfg.headroom))
         else:
-            ratio = kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule)
-            target = self._target_chunks(ratio)
-        scores, owners = [], []
-        for _, m in self.modules:
-            rows, chunks, slots = m.store.entries()
-            util = getattr(m.store, UTILITY)[slots]
-            if cfg.method == "adaembed":
-                scores.append(row_sums(rows, util))
-            else:
-                prefix = prefix_scores(rows, chunks, util, m.num_chunks)
-                scores.append(prefix ** cfg.utility_exponent / (chunks.float() + 1) ** cfg.position_discount)
-            owners.append((rows, chunks))
-        self._prune_to(target, scores, owners, rows_whole=cfg.method == "adaembed", step=step,
-                       optimizer=ctx.optimizer)
+            target = self._target_chunks(kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule))
+        self.prune_to(target, step)
 
-    def _prune_to(self, target: int, scores: list[torch.Tensor], owners: list[tuple[torch.Tensor, torch.Tensor]],
-                  rows_whole: bool, step: int, optimizer) -> None:
-        """Remove the lowest-scoring entries across all modules until at most ``target`` chunks are stored."""
-        live = sum(r.numel() for r, _ in owners)
-        excess = live - target
+    def prune_to(self, target: int, step: int = 0) -> None:
+        """Drop the lowest-scoring chunks over all tables until at most ``target`` chunks are stored."""
+        cfg = self.config
+        excess = self.stored_chunks() - target
         if excess <= 0:
             return
-        all_scores = torch.cat(scores)
-        all_chunks = torch.cat([c for _, c in owners])
-        if rows_whole:
-            offsets = [0]
-            for _, m in self.modules:
-                offsets.append(offsets[-1] + m.num_embeddings)
-            global_rows = torch.cat([r + offsets[k] for k, (r, _) in enumerate(owners)])
-            chosen = lowest_rows(all_scores, global_rows, excess)
+        tables = [chunk_utilities(m) for _, m in self.modules]
+        if cfg.method == "adaembed":
+            row_scores = [u.masked_fill(torch.isinf(u), 0).sum(1) for _, _, u in tables]
+            drops = whole_rows(row_scores, [cnt for _, cnt, _ in tables], excess)
+            cuts = [torch.where(d, cnt, 0) for d, (_, cnt, _) in zip(drops, tables)]
         else:
-            chosen = lowest(all_scores, all_chunks, excess)
-        drop = torch.zeros(live, dtype=torch.bool)
-        drop[chosen] = True
-        start = 0
-        for k, (_, m) in enumerate(self.modules):
-            rows, chunks = owners[k]
-            part = drop[start:start + rows.numel()]
-            start += rows.numel()
-            if part.any():
-                m.store.remove(rows[part], chunks[part])
-                if self.config.compact and not self.config.lazy:
-                    self._compact(m, optimizer)
+            scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in tables]
+            cuts = tail_counts(scores, excess)
+        for (rows, cnt, _), cut, (_, m) in zip(tables, cuts, self.modules):
+            if bool((cut > 0).any()):
+                counts = m.store.row_counts()
+                counts[rows] = cnt - cut
+                m.store.shrink_rows(counts)
         self.rounds.append({"step": step, "kept_chunks": self.stored_chunks()})
-
-    @staticmethod
-    def _compact(m: FiitedEmbeddingBag, optimizer) -> None:
-        m.store.compact(lambda mod, name, keep: shrink_parameter_rows(mod, name, keep, optimizer))
 
     # ------------------------------------------------------------------------------------------- reporting
     def stored_chunks(self) -> int:
         """Chunks stored across all FIITED modules."""
-        return sum(m.store.live for _, m in self.modules)
+        return sum(m.store.live for _, m in self.modules if isinstance(m, FiitedEmbeddingBag))
 
     def memory(self) -> dict[str, int]:
-        """Summed store bytes of all modules, measured from their tensors."""
+        """Summed bytes of all tables, measured from their tensors (payload, index, training state, total)."""
         total: dict[str, int] = {}
         for _, m in self.modules:
-            for k, v in m.memory_bytes().items():
+            for k, v in table_bytes(m).items():
                 total[k] = total.get(k, 0) + v
         return total
 
     def report(self, ctx: RunContext) -> dict[str, Any]:
         mem = self.memory()
-        stored = self.stored_chunks()
         per_module = []
         for name, m in self.modules:
-            counts = m.row_chunk_counts()
-            per_module.append([name, m.num_embeddings, m.embedding_dim, m.store.live,
-                               m.store.memory_bytes()["payload"], float((counts == 0).float().mean()),
-                               float(counts.float().mean() * m.chunk_size)])
+            dims = kept_dims(m)
+            per_module.append([name, m.num_embeddings, m.embedding_dim, table_bytes(m)["payload"],
+                               table_bytes(m)["index"], float((dims == 0).float().mean()), float(dims.float().mean())])
+        stored = mem.get("payload", 0) + mem.get("index", 0)
         return {
             "method": self.config.method,
-            "dense_payload_bytes": self.dense_payload_bytes,
+            "dense_bytes": self.dense_bytes,
             "payload_bytes": mem.get("payload", 0),
             "index_bytes": mem.get("index", 0),
-            "stats_bytes": mem.get("stats", 0),
-            "payload_ratio": mem.get("payload", 0) / max(self.dense_payload_bytes, 1),
-            "total_ratio": mem.get("total", 0) / max(self.dense_payload_bytes, 1),
-            "stored_chunks": stored,
-            "dense_chunks": self.dense_chunks,
+            "training_state_bytes": mem.get("training", 0),
+            "memory_ratio": stored / max(self.dense_bytes, 1),
+            "payload_ratio": mem.get("payload", 0) / max(self.dense_bytes, 1),
+            "stored_chunks": self.stored_chunks(),
             "pruning_rounds": len(self.rounds),
             "tables": [{"title": "Embedding tables", "columns": [
-                "module", "rows", "dim", "stored chunks", "payload bytes", "rows fully pruned", "mean dim kept"],
+                "module", "rows", "dim", "payload bytes", "index bytes", "rows fully pruned", "mean dim kept"],
                 "rows": per_module}],
         }
+
+
+def count_rows(model: nn.Module, tables: list[tuple[str, nn.Module]], data) -> dict[str, torch.Tensor]:
+    """How often each row of each table is looked up in one pass over the training data (mixed_dim)."""
+    if data is None:
+        raise ConfigError("fiited.method", "mixed_dim needs training data to count row frequencies")
+    counts = {name: torch.zeros(m.num_embeddings, dtype=torch.int64) for name, m in tables}
+
+    def hook(name):
+        def count(module, args):
+            counts[name].add_(torch.bincount(args[0].reshape(-1), minlength=module.num_embeddings))
+        return count
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in tables]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for inputs, _ in batches(data.train, 8192):
+                model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return counts
+
+
+def table_bytes(m: nn.Module) -> dict[str, int]:
+    """payload / index / training / total bytes of any table the plugin manages (plain modules: the weight)."""
+    if hasattr(m, "memory_bytes"):
+        mem = dict(m.memory_bytes())
+        mem.setdefault("training", mem.pop("stats", 0))
+        return mem
+    payload = m.weight.numel() * m.weight.element_size()
+    return {"payload": payload, "index": 0, "training": 0, "total": payload}
+
+
+def kept_dims(m: nn.Module) -> torch.Tensor:
+    """Dimensions each row keeps (int64 ``[num_embeddings]``)."""
+    if isinstance(m, FiitedEmbeddingBag):
+        return m.row_chunk_counts() * m.chunk_size
+    if hasattr(m, "row_dims"):
+        return m.row_dims()
+    return torch.full((m.num_embeddings,), m.embedding_dim)

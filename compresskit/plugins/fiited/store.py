@@ -1,293 +1,312 @@
-"""VHPI chunk store: virtually-hashed, physically-indexed storage of embedding dimension chunks.
+"""The FIITED chunk store: per-row prefixes of dimension chunks in one physical pool, addressed by row blocks.
 
-Each embedding row of ``num_chunks * chunk_size`` values is split into fixed-size chunks. A chunk is addressed by
-its *virtual key* ``row * num_chunks + chunk``. An open-addressing hash table (linear probing, vectorised over all
-queries at once) maps the virtual key to a *physical slot*: a row of the chunk pool ``pool[slot]``, an
-``nn.Parameter`` of shape ``[capacity, chunk_size]``. Memory is spent only on stored chunks:
+Each embedding row of ``num_chunks * chunk_size`` values keeps a *prefix* of ``count[r]`` chunks (FIITED prunes
+tail chunks first). The virtual address of a row is translated to a physical slot of the chunk pool through its
+block of 8 rows:
 
-* payload: ``capacity * chunk_size`` values of the pool;
-* index: the hash table, ``ceil(live / load_factor)`` (key, slot) pairs;
-* per-slot statistics registered with :meth:`register_slot_buffer` (e.g. FIITED's chunk utilities).
+    slot(r) = base[r // 8] + count[8 * (r // 8)] + ... + count[r - 1]      chunks of r: pool[slot(r) : slot(r) + count[r]]
 
-Removing chunks returns their slots to the free list; :meth:`compact` moves live chunks to the front and shrinks
-the pool, the index and every slot buffer, so process memory really drops.
+* ``pool``: Parameter ``[capacity, chunk_size]`` (the payload); a row's stored values are one contiguous run.
+* ``counts``: uint8 per row (padded to whole blocks), ``base``: int64 per block. That is the whole index: 2 bytes
+  a row, where a per-chunk hash index costs 8 bytes a stored chunk (so at ``chunk_size: 4`` and a 10% budget the
+  index is 7.8% of the payload instead of 50%).
+* A block's chunks form one extent ``[base, base + sum of its counts)``; extents never overlap. ``top``: slots in
+  use from the front of the pool (live chunks plus holes left by relocated blocks).
+
+Memory really follows the chunks: :meth:`shrink_rows` (pruning) packs the pool, and a store without a fixed
+capacity replaces its pool, per-slot buffers and the optimizer's per-slot state by tensors of exactly the live size.
+A fixed-capacity store (lazy tables, whose pool is the budget) packs in place and reuses the freed slots:
+:meth:`grow_rows` relocates a growing block to the top of the pool, packing first when the top is reached.
+Every move of chunks moves the per-slot buffers (utilities, fused-optimizer state) and, when an optimizer is
+attached, its per-slot state with them, so no chunk and no statistic is lost.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable
+import weakref
 
 import torch
 from torch import nn
 
-EMPTY = -1
-_HASH_MUL = 0x9E3779B1
-_MASK32 = 0xFFFFFFFF
+from .kernels import BLOCK, row_slots
+
+_MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
 
 
 class StoreFullError(RuntimeError):
-    """Raised when an insert needs more slots than ``max_capacity`` allows."""
+    """Raised when chunks must be stored beyond a fixed capacity."""
 
 
-class VHPIStore(nn.Module):
-    """Hash-indexed pool of embedding chunks; see the module docstring for the layout."""
+class ChunkStore(nn.Module):
+    """Prefix-chunk store; see the module docstring for the layout and its guarantees."""
 
     def __init__(self, num_rows: int, num_chunks: int, chunk_size: int, capacity: int = 0,
-                 max_capacity: int | None = None, load_factor: float = 0.75, dtype: torch.dtype = torch.float32
-                 ) -> None:
+                 fixed_capacity: bool = False, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if not 0.1 <= load_factor <= 0.95:
-            raise ValueError(f"load_factor must be in [0.1, 0.95], got {load_factor}")
+        if num_chunks > 255:
+            raise ValueError(f"at most 255 chunks per row are supported, got {num_chunks}")
         self.num_rows, self.num_chunks, self.chunk_size = num_rows, num_chunks, chunk_size
-        self.load_factor = load_factor
-        self.max_capacity = max_capacity
-        self.key_dtype = torch.int32 if num_rows * num_chunks < 2**31 - 1 else torch.int64
+        self.fixed_capacity = fixed_capacity
+        blocks = (num_rows + BLOCK - 1) // BLOCK
         self.pool = nn.Parameter(torch.zeros(capacity, chunk_size, dtype=dtype))
-        size = self._table_size(capacity)
-        self.register_buffer("keys", torch.full((size,), EMPTY, dtype=self.key_dtype))
-        self.register_buffer("slots", torch.full((size,), EMPTY, dtype=torch.int32))
+        self.register_buffer("counts", torch.zeros(blocks * BLOCK, dtype=torch.uint8))
+        self.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
+        self.register_buffer("top", torch.zeros((), dtype=torch.int64))
         self._slot_buffers: list[str] = []
-        self._free: torch.Tensor | None = None  # cached free-slot stack, rebuilt from the index when needed
-        self._live: int | None = None           # cached number of stored chunks
+        self._optimizer: weakref.ref | None = None
 
     # ----------------------------------------------------------------------------------------------- layout
-    def _table_size(self, live: int) -> int:
-        return max(8, math.ceil(live / self.load_factor) + 1)
-
-    def _hash(self, q: torch.Tensor) -> torch.Tensor:
-        return ((q * _HASH_MUL) & _MASK32) % self.keys.numel()
-
-    def register_slot_buffer(self, name: str, fill: float = 0.0, dtype: torch.dtype = torch.float32) -> None:
-        """A per-slot buffer (one value per pool row) kept aligned with the pool through compaction."""
-        self.register_buffer(name, torch.full((self.capacity,), fill, dtype=dtype))
-        self._slot_buffers.append(name)
-
     @property
     def capacity(self) -> int:
-        """Number of physical chunk slots in the pool."""
+        """Physical chunk slots in the pool."""
         return self.pool.shape[0]
 
     @property
     def live(self) -> int:
-        """Number of stored chunks."""
-        if self._live is None:
-            self._live = int((self.keys != EMPTY).sum())
-        return self._live
-
-    def virtual_keys(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
-        """(row, chunk) -> virtual key (int64)."""
-        return rows.long() * self.num_chunks + chunks.long()
-
-    # ----------------------------------------------------------------------------------------------- index
-    def _find(self, q: torch.Tensor) -> torch.Tensor:
-        """Hash positions of keys ``q`` (int64), -1 where absent. Vectorised over probe rounds."""
-        result = torch.full_like(q, -1)
-        if q.numel() == 0 or self.keys.numel() == 0:
-            return result
-        pos = self._hash(q)
-        active = torch.arange(q.numel(), device=q.device)
-        size = self.keys.numel()
-        for _ in range(size):
-            p = pos[active]
-            k = self.keys[p].long()
-            hit = k == q[active]
-            result[active[hit]] = p[hit]
-            more = ~(hit | (k == EMPTY))
-            active = active[more]
-            if active.numel() == 0:
-                break
-            pos[active] = (p[more] + 1) % size
-        return result
-
-    def _place(self, q: torch.Tensor, s: torch.Tensor) -> None:
-        """Insert distinct absent keys ``q`` with slots ``s`` into the index (which has room)."""
-        size = self.keys.numel()
-        pos = self._hash(q)
-        pending = torch.arange(q.numel(), device=q.device)
-        for _ in range(size + 1):
-            if pending.numel() == 0:
-                return
-            p = pos[pending]
-            free = self.keys[p] == EMPTY
-            cand, pc = pending[free], p[free]
-            self.keys[pc] = q[cand].to(self.key_dtype)          # among duplicates of a position one write wins
-            won = self.keys[pc].long() == q[cand]
-            self.slots[pc[won]] = s[cand[won]].to(torch.int32)
-            pending = torch.cat([pending[~free], cand[~won]])
-            pos[pending] = (pos[pending] + 1) % size
-        raise RuntimeError("hash table full")  # unreachable: the table is sized above the live count
-
-    def _rebuild(self, size: int | None = None) -> None:
-        """Re-insert every live entry into a fresh table of ``size`` positions (default: sized for capacity)."""
-        occupied = self.keys != EMPTY
-        q, s = self.keys[occupied].long(), self.slots[occupied].long()
-        size = size or self._table_size(max(self.capacity, q.numel()))
-        self.keys = torch.full((size,), EMPTY, dtype=self.key_dtype)
-        self.slots = torch.full((size,), EMPTY, dtype=torch.int32)
-        self._place(q, s)
-
-    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All stored chunks as (rows, chunks, slots), ordered by virtual key."""
-        occupied = self.keys != EMPTY
-        q, s = self.keys[occupied].long(), self.slots[occupied].long()
-        order = torch.argsort(q)
-        q, s = q[order], s[order]
-        return q // self.num_chunks, q % self.num_chunks, s
-
-    # ----------------------------------------------------------------------------------------------- slots
-    def _free_stack(self) -> torch.Tensor:
-        if self._free is None:
-            used = torch.zeros(self.capacity, dtype=torch.bool)
-            used[self.slots[self.slots != EMPTY].long()] = True
-            self._free = torch.arange(self.capacity, dtype=torch.int32)[~used]  # ascending: lowest slots first
-        return self._free
+        """Stored chunks."""
+        return int(self.counts.sum(dtype=torch.int64))
 
     @property
     def free_slots(self) -> int:
-        """Slots available without growing the pool."""
-        return int(self._free_stack().numel())
+        """Slots not holding a live chunk (at the top or in holes)."""
+        return self.capacity - self.live
 
-    def _grow(self, needed: int) -> None:
-        new_cap = max(needed, 2 * self.capacity, 16)
-        if self.max_capacity is not None:
-            new_cap = min(new_cap, self.max_capacity)
-        if new_cap < needed:
-            raise StoreFullError(f"store needs {needed} chunk slots but max_capacity is {self.max_capacity}")
-        extra = new_cap - self.capacity
-        self.pool = nn.Parameter(torch.cat([self.pool.detach(), self.pool.new_zeros(extra, self.chunk_size)]),
-                                 requires_grad=self.pool.requires_grad)
-        for name in self._slot_buffers:
-            buf = getattr(self, name)
-            setattr(self, name, torch.cat([buf, buf.new_zeros(extra)]))
-        self._free = None
-        if self.keys.numel() < self._table_size(new_cap):
-            self._rebuild(self._table_size(new_cap))
+    def register_slot_buffer(self, name: str, tail: tuple[int, ...] = (), dtype: torch.dtype = torch.float32
+                             ) -> None:
+        """A per-slot buffer ``[capacity, *tail]`` kept aligned with the pool through every move (zeros)."""
+        self.register_buffer(name, torch.zeros(self.capacity, *tail, dtype=dtype))
+        self._slot_buffers.append(name)
 
-    def allocate(self, n: int) -> torch.Tensor:
-        """Take ``n`` free slots (growing the pool up to ``max_capacity`` if needed)."""
-        if n > self.free_slots:
-            self._grow(self.capacity - self.free_slots + n)
-        stack = self._free_stack()
-        self._free = stack[n:]
-        return stack[:n].long()
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Keep ``optimizer``'s per-slot state of the pool aligned through moves (and swap it a new pool)."""
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
 
-    # ----------------------------------------------------------------------------------------------- API
-    def lookup(self, rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
-        """Physical slot of each (row, chunk), -1 where the chunk is not stored."""
-        pos = self._find(self.virtual_keys(rows, chunks))
-        out = torch.full_like(pos, -1)
-        hit = pos >= 0
-        out[hit] = self.slots[pos[hit]].long()
-        return out
+    def row_counts(self) -> torch.Tensor:
+        """Stored chunks of every row (int64 ``[num_rows]``)."""
+        return self.counts[:self.num_rows].long()
 
-    def lookup_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Slots of every chunk of each row: int64 [len(rows), num_chunks], -1 for chunks not stored."""
-        c = self.num_chunks
-        r = rows.long().repeat_interleave(c)
-        ch = torch.arange(c).repeat(rows.numel())
-        return self.lookup(r, ch).view(-1, c)
+    def row_slots(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first slot, stored chunks) of each row (int64 each)."""
+        return row_slots(self.counts, self.base, rows, self.num_rows)
 
-    def insert(self, rows: torch.Tensor, chunks: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        """Store chunks (upsert): new keys get free slots, existing keys keep theirs; values written if given.
-
-        ``(rows, chunks)`` pairs must be distinct. Returns the slots.
-        """
-        q = self.virtual_keys(rows, chunks)
-        if q.numel() and torch.unique(q).numel() != q.numel():
-            raise ValueError("insert: (row, chunk) pairs must be distinct")
-        pos = self._find(q)
-        slots = torch.full_like(q, -1)
-        slots[pos >= 0] = self.slots[pos[pos >= 0]].long()
-        new = pos < 0
-        n_new = int(new.sum())
-        if n_new:
-            fresh = self.allocate(n_new)
-            for name in self._slot_buffers:
-                getattr(self, name)[fresh] = 0
-            if (self.live + n_new) > self.load_factor * self.keys.numel():
-                self._rebuild(self._table_size(self.live + n_new))
-            self._place(q[new], fresh)
-            self._live = self.live + n_new
-            slots[new] = fresh
-        if values is not None:
-            with torch.no_grad():
-                self.pool.data[slots] = values.to(self.pool.dtype)
-        return slots
-
-    def remove(self, rows: torch.Tensor, chunks: torch.Tensor) -> int:
-        """Drop the given chunks (absent ones are ignored); their slots become free. Returns how many."""
-        pos = self._find(self.virtual_keys(rows, chunks))
-        pos = torch.unique(pos[pos >= 0])
-        if pos.numel() == 0:
-            return 0
-        freed = self.slots[pos].long()
-        self.keys[pos] = EMPTY
-        self.slots[pos] = EMPTY
-        with torch.no_grad():
-            self.pool.data[freed] = 0
-        self._rebuild(self.keys.numel())  # linear probing needs chains without holes
-        self._free = None
-        self._live = None
-        return int(pos.numel())
-
-    def compact(self, shrink: Callable[[nn.Module, str, torch.Tensor], object] | None = None) -> torch.Tensor:
-        """Move live chunks to slots ``0..live-1`` and shrink pool, index and slot buffers to fit.
-
-        ``shrink(module, "pool", keep)`` replaces the pool by a Parameter of rows ``keep`` (the trainer's
-        ``shrink_parameter_rows`` also remaps optimizer state). Returns ``keep``: old slot of each new slot.
-        """
-        occupied = self.keys != EMPTY
-        pos = torch.nonzero(occupied).flatten()
-        old = self.slots[pos].long()
-        order = torch.argsort(old)                  # keep relative order: deterministic layout
-        keep = old[order]
-        new_slot = torch.empty_like(old)
-        new_slot[order] = torch.arange(old.numel())
-        self.slots[pos] = new_slot.to(torch.int32)
-        if shrink is not None:
-            shrink(self, "pool", keep)
-        else:
-            self.pool = nn.Parameter(self.pool.detach()[keep].clone(), requires_grad=self.pool.requires_grad)
-        for name in self._slot_buffers:
-            setattr(self, name, getattr(self, name)[keep].clone())
-        self._rebuild(self._table_size(keep.numel()))
-        self._free = None
-        self._live = None
-        return keep
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every stored chunk as (row, chunk, slot), ordered by row then chunk."""
+        cnt = self.row_counts()
+        rows = torch.nonzero(cnt).flatten()
+        first, cnt = self.row_slots(rows)
+        row_of = torch.repeat_interleave(rows, cnt)
+        start = torch.cumsum(cnt, 0) - cnt
+        chunk = torch.arange(row_of.numel()) - torch.repeat_interleave(start, cnt)
+        return row_of, chunk, torch.repeat_interleave(first, cnt) + chunk
 
     def dense(self) -> torch.Tensor:
-        """The full [num_rows, num_chunks * chunk_size] table with missing chunks as zeros (for tests/export)."""
+        """The full ``[num_rows, num_chunks * chunk_size]`` table, missing chunks as zeros (tests, export)."""
         out = torch.zeros(self.num_rows * self.num_chunks, self.chunk_size, dtype=self.pool.dtype)
         rows, chunks, slots = self.entries()
-        out[rows * self.num_chunks + chunks] = self.pool.data[slots]
+        out[rows * self.num_chunks + chunks] = self.pool.detach()[slots]
         return out.view(self.num_rows, self.num_chunks * self.chunk_size)
+
+    # ----------------------------------------------------------------------------------------------- filling
+    def load_dense(self, weight: torch.Tensor) -> None:
+        """Store every row whole, copied from ``weight [num_rows, num_chunks * chunk_size]``."""
+        if tuple(weight.shape) != (self.num_rows, self.num_chunks * self.chunk_size):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != "
+                             f"({self.num_rows}, {self.num_chunks * self.chunk_size})")
+        total = self.num_rows * self.num_chunks
+        if self.fixed_capacity and total > self.capacity:
+            raise StoreFullError(f"a dense table needs {total} chunk slots, capacity is {self.capacity}")
+        self.counts.zero_()
+        self.counts[:self.num_rows] = self.num_chunks
+        self._set_bases_packed()
+        self._replace_tensors(max(total, self.capacity) if self.fixed_capacity else total,
+                              torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+        with torch.no_grad():
+            self.pool[:total] = weight.detach().reshape(total, self.chunk_size).to(self.pool.dtype)
+        self.top.fill_(total)
+
+    def _set_bases_packed(self) -> None:
+        totals = self.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
+        self.base.copy_(torch.cumsum(totals, 0) - totals)
+
+    # ----------------------------------------------------------------------------------------------- moves
+    def _slot_tensors(self) -> list[tuple[object, str, torch.Tensor]]:
+        """(owner, key, tensor) of every tensor indexed by slot: pool, slot buffers, optimizer state."""
+        out: list[tuple[object, str, torch.Tensor]] = [(self, "pool", self.pool)]
+        out += [(self, name, getattr(self, name)) for name in self._slot_buffers]
+        opt = self._optimizer() if self._optimizer is not None else None
+        if opt is not None and self.pool in opt.state:
+            state = opt.state[self.pool]
+            out += [(state, key, v) for key, v in state.items()
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.capacity]
+        return out
+
+    def _replace_tensors(self, capacity: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """New slot tensors of ``capacity`` slots holding old slots ``src`` at ``dst`` (zeros elsewhere)."""
+        old_pool = self.pool
+        opt = self._optimizer() if self._optimizer is not None else None
+        for owner, key, tensor in self._slot_tensors():
+            fresh = tensor.new_zeros(capacity, *tensor.shape[1:])
+            if src.numel():
+                fresh[dst] = tensor.detach()[src]
+            if owner is self and key == "pool":
+                self.pool = nn.Parameter(fresh, requires_grad=old_pool.requires_grad)
+            elif owner is self:
+                setattr(self, key, fresh)
+            else:
+                owner[key] = fresh
+        if opt is not None:
+            for group in opt.param_groups:
+                group["params"] = [self.pool if p is old_pool else p for p in group["params"]]
+            if old_pool in opt.state:
+                opt.state[self.pool] = opt.state.pop(old_pool)
+
+    def _move_in_place(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slots ``src`` to ``dst`` in every slot tensor; batches in ascending order, valid when packing
+        (``dst <= src``, both ascending) or when ``dst`` lies beyond every ``src`` (relocation to the top)."""
+        tensors = [t for _, _, t in self._slot_tensors()]
+        with torch.no_grad():
+            for start in range(0, src.numel(), _MOVE_BATCH):
+                s, d = src[start:start + _MOVE_BATCH], dst[start:start + _MOVE_BATCH]
+                for t in tensors:
+                    t.data[d] = t.data[s]
+
+    def _zero_slots(self, slots: torch.Tensor) -> None:
+        with torch.no_grad():
+            for _, _, t in self._slot_tensors():
+                t.data[slots] = 0
+
+    def _block_chunk_slots(self, blocks: torch.Tensor, counts: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of every chunk of ``blocks`` (in block then row order) given their rows' ``counts [k, 8]``,
+        and the row (global id) each belongs to."""
+        totals = counts.sum(1)
+        start = torch.repeat_interleave(self.base[blocks] - (torch.cumsum(totals, 0) - totals), totals)
+        rows = torch.repeat_interleave((blocks[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1),
+                                       counts.reshape(-1))
+        return start + torch.arange(int(totals.sum())), rows
+
+    def pack(self) -> None:
+        """Close the holes: move every block's extent down to the front, in pool order (in place)."""
+        totals = self.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
+        blocks = torch.nonzero(totals).flatten()
+        blocks = blocks[torch.argsort(self.base[blocks], stable=True)]
+        src, _ = self._block_chunk_slots(blocks, self.counts.view(-1, BLOCK)[blocks].long())
+        new_base = torch.cumsum(totals[blocks], 0) - totals[blocks]
+        dst = torch.arange(src.numel())
+        moved = src != dst
+        self._move_in_place(src[moved], dst[moved])
+        self.base[blocks] = new_base
+        self.top.fill_(src.numel())
+
+    # ----------------------------------------------------------------------------------------------- pruning
+    def shrink_rows(self, new_counts: torch.Tensor) -> torch.Tensor:
+        """Keep only the first ``new_counts[r] <= counts[r]`` chunks of every row and free the rest.
+
+        A store without a fixed capacity then holds exactly the live chunks (new, smaller tensors: the memory is
+        returned); a fixed-capacity store packs in place. Returns the old slot of every kept chunk, in new order.
+        """
+        new_counts = new_counts.reshape(-1).long()
+        old = self.row_counts()
+        if new_counts.numel() != self.num_rows or bool((new_counts > old).any()) or bool((new_counts < 0).any()):
+            raise ValueError("shrink_rows: new counts must be given for every row and lie in 0..current count")
+        rows, chunks, slots = self.entries()
+        keep = chunks < new_counts[rows]
+        kept_slots = slots[keep]
+        self.counts[:self.num_rows] = new_counts.to(torch.uint8)
+        if self.fixed_capacity:
+            order = torch.argsort(kept_slots)            # pack in pool order: destinations never pass sources
+            blocks = torch.unique(rows[keep] // BLOCK)
+            blocks = blocks[torch.argsort(self.base[blocks], stable=True)]
+            totals = self.counts.view(-1, BLOCK)[blocks].sum(1, dtype=torch.int64)
+            self.base[blocks] = torch.cumsum(totals, 0) - totals
+            src = kept_slots[order]
+            dst = torch.arange(src.numel())
+            moved = src != dst
+            self._move_in_place(src[moved], dst[moved])
+            self._zero_slots(torch.arange(src.numel(), int(self.top)))
+            self.top.fill_(src.numel())
+            return src
+        self._set_bases_packed()
+        self._replace_tensors(kept_slots.numel(), kept_slots, torch.arange(kept_slots.numel()))
+        self.top.fill_(kept_slots.numel())
+        return kept_slots
+
+    # ----------------------------------------------------------------------------------------------- growth
+    def grow_rows(self, rows: torch.Tensor, count: int, init=None) -> torch.Tensor:
+        """Give distinct ``rows`` (those holding fewer) ``count`` chunks each; returns the rows that were grown.
+
+        New chunks get ``init(n, chunk_size)`` values (zeros if ``init`` is None) and zeroed per-slot state. A
+        growing block moves to the top of the pool; when the top is reached the pool is packed first. A store
+        without a fixed capacity then grows; a fixed-capacity store grows whole blocks, in the order their first
+        row appears in ``rows``, while they fit, and leaves the other rows as they were.
+        """
+        rows = rows.reshape(-1).long()
+        rows = rows[self.row_counts()[rows] < count]
+        if rows.numel() == 0:
+            return rows
+        blocks, inverse = torch.unique(rows // BLOCK, return_inverse=True)
+        cur = self.counts.view(-1, BLOCK)[blocks].long()
+        new = cur.clone()
+        new.view(-1)[inverse * BLOCK + rows % BLOCK] = count
+        size = new.sum(1)
+        needed = int(size.sum())
+        if int(self.top) + needed > self.capacity and int(self.top) > self.live:
+            self.pack()
+        room = self.capacity - int(self.top)
+        if needed > room and not self.fixed_capacity:
+            top = int(self.top)
+            self._replace_tensors(max(top + needed, 2 * self.capacity, 16), torch.arange(top), torch.arange(top))
+            room = self.capacity - top
+        first = torch.full((blocks.numel(),), rows.numel(), dtype=torch.int64).scatter_reduce(
+            0, inverse, torch.arange(rows.numel()), "amin")
+        priority = torch.argsort(first, stable=True)
+        fits = priority[torch.cumsum(size[priority], 0) <= room]
+        if fits.numel() < blocks.numel():
+            fits = torch.sort(fits).values
+            admitted = torch.zeros(blocks.numel(), dtype=torch.bool)
+            admitted[fits] = True
+            rows = rows[admitted[inverse]]
+            blocks, cur, new, size = blocks[fits], cur[fits], new[fits], size[fits]
+        if blocks.numel() == 0:
+            return rows
+        src, _ = self._block_chunk_slots(blocks, cur)
+        top = int(self.top)
+        self.base[blocks] = top + torch.cumsum(size, 0) - size
+        self.counts.view(-1, BLOCK)[blocks] = new.to(torch.uint8)
+        dst, _ = self._block_chunk_slots(blocks, new)
+        per_row = new.reshape(-1)
+        chunk = torch.arange(dst.numel()) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
+        is_old = chunk < torch.repeat_interleave(cur.reshape(-1), per_row)
+        self._move_in_place(src, dst[is_old])      # every destination lies above the old top: no overlap
+        fresh = dst[~is_old]
+        self._zero_slots(fresh)
+        if init is not None and fresh.numel():
+            with torch.no_grad():
+                self.pool.data[fresh] = init(fresh.numel(), self.chunk_size).to(self.pool.dtype)
+        self.top.fill_(top + int(size.sum()))
+        return rows
 
     # ----------------------------------------------------------------------------------------------- memory
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes measured from the tensors held: payload (pool), index (hash table), per-slot stats."""
-        payload = self.pool.numel() * self.pool.element_size()
-        index = self.keys.numel() * self.keys.element_size() + self.slots.numel() * self.slots.element_size()
-        if self._free is not None:
-            index += self._free.numel() * self._free.element_size()
-        stats = sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._slot_buffers)
-        return {"payload": payload, "index": index, "stats": stats, "metadata": index + stats,
-                "total": payload + index + stats}
+        """Bytes of the tensors held: payload (pool), index (counts + block bases), stats (per-slot buffers)."""
+        def size(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        payload = size(self.pool)
+        index = size(self.counts) + size(self.base)
+        stats = sum(size(getattr(self, n)) for n in self._slot_buffers)
+        return {"payload": payload, "index": index, "stats": stats, "total": payload + index + stats}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A saved store may hold a different number of slots / index positions: take its shapes first.
-        for name in ["pool", "keys", "slots", *self._slot_buffers]:
-            key = prefix + name
-            if key in state_dict:
-                tensor = getattr(self, name)
-                incoming = state_dict[key]
-                if tensor.shape != incoming.shape:
-                    if name == "pool":
-                        self.pool = nn.Parameter(torch.empty_like(incoming, dtype=self.pool.dtype),
-                                                 requires_grad=self.pool.requires_grad)
-                    else:
-                        setattr(self, name, torch.empty_like(incoming, dtype=tensor.dtype))
-        self._free = None
-        self._live = None
+        # A saved store may hold a different number of slots: adopt its shapes before copying.
+        for name in ["pool", *self._slot_buffers]:
+            incoming = state_dict.get(prefix + name)
+            tensor = getattr(self, name)
+            if incoming is not None and tensor.shape != incoming.shape:
+                fresh = torch.empty(incoming.shape, dtype=tensor.dtype)
+                if name == "pool":
+                    self.pool = nn.Parameter(fresh, requires_grad=self.pool.requires_grad)
+                else:
+                    setattr(self, name, fresh)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -1,0 +1,292 @@
+// Fused CPU kernels of the FIITED prefix-chunk store (compresskit/plugins/fiited/store.py has the layout).
+//
+// A row r keeps a prefix of counts[r] chunks of `cs` floats each, stored contiguously in the pool from slot
+//   slot(r) = base[r >> 3] + counts[r & ~7] + ... + counts[r - 1]
+// so a lookup is one 8-byte read of the row's block of counts plus one base read, and the row's stored values are
+// one contiguous run of counts[r] * cs floats (pruned dims are not stored and read as zeros).
+//
+// forward:  pooled bags (sum / mean, optional per-sample weights), one pass over the ids.
+// backward: ids radix-sorted by row, the gradient of each distinct row accumulated once, then per row either
+//           written out (dense or sparse gradient for a torch optimizer) or applied by a fused optimizer (SGD,
+//           Adagrad, row-wise Adagrad, as FBGEMM's EXACT_* optimizers), together with the chunk utility update.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 8;
+
+struct Layout {
+  const float* pool;
+  const uint8_t* counts;
+  const int64_t* base;
+  int64_t cs;
+  int64_t dim;
+  int64_t num_rows;
+
+  inline int64_t slot(int64_t r, int64_t* count) const {
+    const uint8_t* c = counts + (r & ~(kBlock - 1));
+    const int k = int(r & (kBlock - 1));
+    uint64_t word;
+    std::memcpy(&word, c, sizeof(word));
+    *count = int64_t((word >> (8 * k)) & 0xFF);
+    // sum of the counts before r in its block: one multiply adds the masked bytes (each partial sum < 256 when a
+    // row has at most 36 chunks; otherwise add them one by one)
+    const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
+    if (small) return base[r >> 3] + int64_t((below * 0x0101010101010101ULL) >> 56);
+    int64_t off = 0;
+    for (int j = 0; j < k; ++j) off += c[j];
+    return base[r >> 3] + off;
+  }
+
+  bool small = true;
+};
+
+constexpr int kPrefetch = 8;  // ids looked ahead when prefetching rows (memory latency of random rows)
+
+inline void prefetch_run(const float* p, int64_t len) {
+  for (int64_t k = 0; k < len; k += 16) __builtin_prefetch(p + k, 0, 1);
+}
+
+Layout make_layout(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base, int64_t dim,
+                   int64_t num_rows) {
+  TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && pool.dim() == 2, "pool: contiguous float32 [slots, chunk]");
+  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
+  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
+  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+  Layout L{pool.data_ptr<float>(), counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), pool.size(1), dim,
+           num_rows};
+  L.small = pool.size(1) == 0 || dim / pool.size(1) <= 36;
+  return L;
+}
+
+void check_ids(const int64_t* ids, int64_t n, int64_t num_rows) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < num_rows, "index ", ids[i], " is out of range for a table of ", num_rows,
+                " rows");
+  }
+}
+
+// Per-position weight: per-sample weight (or 1) times 1/bag length for mode 'mean'; bag of every position.
+void position_weights(const int64_t* offsets, int64_t bags, int64_t n, const float* psw, bool mean,
+                      std::vector<float>& w, std::vector<int64_t>& bag_of) {
+  w.resize(n);
+  bag_of.resize(n);
+  for (int64_t b = 0; b < bags; ++b) {
+    const int64_t start = offsets[b], end = b + 1 < bags ? offsets[b + 1] : n;
+    const float scale = (mean && end > start) ? 1.0f / float(end - start) : 1.0f;
+    for (int64_t i = start; i < end; ++i) {
+      w[i] = (psw ? psw[i] : 1.0f) * scale;
+      bag_of[i] = b;
+    }
+  }
+}
+
+// Positions 0..n-1 stably sorted by ids[pos] (LSD radix sort of (id, position) pairs, with as few passes of at most
+// 12-bit digits as the largest id needs). Returns the sorted ids and their positions.
+void sort_by_row(const int64_t* ids, int64_t n, int64_t num_rows, std::vector<int64_t>& keys,
+                 std::vector<int64_t>& order) {
+  keys.assign(ids, ids + n);
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  int bits = 0;
+  for (uint64_t m = uint64_t(num_rows > 0 ? num_rows - 1 : 0); m; m >>= 1) ++bits;
+  const int passes = (bits + 11) / 12;
+  const int width = passes ? (bits + passes - 1) / passes : 0;
+  const uint64_t mask = (uint64_t(1) << width) - 1;
+  std::vector<int64_t> tk(n), to(n), hist;
+  for (int p = 0; p < passes; ++p) {
+    const int shift = width * p;
+    hist.assign(mask + 2, 0);
+    for (int64_t i = 0; i < n; ++i) ++hist[((uint64_t(keys[i]) >> shift) & mask) + 1];
+    if (hist[1] == n) continue;  // every key has this digit 0: nothing to reorder
+    for (uint64_t d = 0; d <= mask; ++d) hist[d + 1] += hist[d];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t dst = hist[(uint64_t(keys[i]) >> shift) & mask]++;
+      tk[dst] = keys[i];
+      to[dst] = order[i];
+    }
+    keys.swap(tk);
+    order.swap(to);
+  }
+}
+
+}  // namespace
+
+at::Tensor prefix_bag_forward(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base,
+                              const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& weights,
+                              bool mean, int64_t dim, int64_t num_rows) {
+  const Layout L = make_layout(pool, counts, base, dim, num_rows);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "ids/offsets: int64");
+  const int64_t n = ids.numel(), bags = offsets.numel();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const int64_t* offp = offsets.data_ptr<int64_t>();
+  const float* psw = weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr;
+  check_ids(idp, n, num_rows);
+  at::Tensor out = at::zeros({bags, dim}, pool.options());
+  float* outp = out.data_ptr<float>();
+  std::vector<int64_t> start_of(n), len_of(n);  // where each id's stored values start in the pool, and how many
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t cnt;
+    start_of[i] = L.slot(idp[i], &cnt) * L.cs;
+    len_of[i] = cnt * L.cs;
+  }
+  at::parallel_for(0, bags, 256, [&](int64_t b0, int64_t b1) {
+    const int64_t first = offp[b0], last = b1 < bags ? offp[b1] : n;
+    for (int64_t i = first; i < std::min(first + kPrefetch, last); ++i) prefetch_run(L.pool + start_of[i], len_of[i]);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = offp[b], end = b + 1 < bags ? offp[b + 1] : n;
+      float* o = outp + b * dim;
+      for (int64_t i = start; i < end; ++i) {
+        if (i + kPrefetch < last) prefetch_run(L.pool + start_of[i + kPrefetch], len_of[i + kPrefetch]);
+        const float* p = L.pool + start_of[i];
+        const int64_t len = len_of[i];
+        const float w = psw ? psw[i] : 1.0f;
+        for (int64_t k = 0; k < len; ++k) o[k] += w * p[k];
+      }
+      if (mean && end > start) {
+        const float s = 1.0f / float(end - start);
+        for (int64_t k = 0; k < dim; ++k) o[k] *= s;
+      }
+    }
+  });
+  return out;
+}
+
+// optim: 0 none (gradient out), 1 SGD, 2 Adagrad (per element state [slots, cs]), 3 row-wise Adagrad (state [rows]).
+// grad_kind (optim 0): 0 dense gradient [slots, cs], 1 sparse (slot indices, values).
+// utility (optional, float32 [slots]): utility[chunk] += utility_gain * ||accumulated gradient of the chunk||.
+// Returns {grad} (dense), {slot indices [nnz], values [nnz, cs]} (sparse), or {} (fused update).
+std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at::Tensor& pool,
+                                            const at::Tensor& counts, const at::Tensor& base, const at::Tensor& ids,
+                                            const at::Tensor& offsets, const at::Tensor& weights, bool mean,
+                                            int64_t num_rows, int64_t optim, double lr, double eps,
+                                            const at::Tensor& state, const at::Tensor& utility, double utility_gain,
+                                            int64_t grad_kind) {
+  const int64_t dim = grad_out.size(1);
+  const Layout L = make_layout(pool, counts, base, dim, num_rows);
+  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous(), "grad_out: contiguous float32");
+  const int64_t n = ids.numel(), bags = offsets.numel(), cs = L.cs;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const float* psw = weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr;
+  const float* g_out = grad_out.data_ptr<float>();
+  float* poolw = pool.data_ptr<float>();
+  float* st = state.defined() && state.numel() ? state.data_ptr<float>() : nullptr;
+  float* util = utility.defined() && utility.numel() ? utility.data_ptr<float>() : nullptr;
+  TORCH_CHECK(optim < 2 || st, "the fused Adagrad optimizers need their state tensor");
+
+  std::vector<float> w;
+  std::vector<int64_t> bag_of;
+  position_weights(offsets.data_ptr<int64_t>(), bags, n, psw, mean, w, bag_of);
+  std::vector<int64_t> keys, order;
+  sort_by_row(idp, n, num_rows, keys, order);
+  std::vector<int64_t> seg, seg_slot, seg_cnt;  // per distinct row: start in `order`, first slot, stored chunks
+  seg.reserve(n + 1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || keys[i] != keys[i - 1]) {
+      int64_t cnt;
+      seg.push_back(i);
+      seg_slot.push_back(L.slot(keys[i], &cnt));
+      seg_cnt.push_back(cnt);
+    }
+  }
+  const int64_t rows = int64_t(seg.size());
+  seg.push_back(n);
+
+  at::Tensor grad, grad_slots, grad_values;
+  float* gw = nullptr;
+  int64_t* gs = nullptr;
+  std::vector<int64_t> first_chunk;  // sparse: where each row's chunks start in the output
+  if (optim == 0 && grad_kind == 0) {
+    grad = at::zeros_like(pool);
+    gw = grad.data_ptr<float>();
+  } else if (optim == 0) {
+    first_chunk.resize(rows + 1, 0);
+    for (int64_t s = 0; s < rows; ++s) first_chunk[s + 1] = first_chunk[s] + seg_cnt[s];
+    grad_slots = at::empty({first_chunk[rows]}, ids.options());
+    grad_values = at::empty({first_chunk[rows], cs}, pool.options());
+    gs = grad_slots.data_ptr<int64_t>();
+    gw = grad_values.data_ptr<float>();
+  }
+  const float flr = float(lr), feps = float(eps), fgain = float(utility_gain);
+
+  at::parallel_for(0, rows, 64, [&](int64_t s0, int64_t s1) {
+    std::vector<float> acc(dim);
+    for (int64_t s = s0; s < s1; ++s) {
+      if (s + kPrefetch < s1 && optim != 0) {
+        prefetch_run(poolw + seg_slot[s + kPrefetch] * cs, seg_cnt[s + kPrefetch] * cs);
+      }
+      const int64_t r = keys[seg[s]];
+      const int64_t cnt = seg_cnt[s];
+      const int64_t slot = seg_slot[s];
+      const int64_t len = cnt * cs;
+      if (len == 0) continue;
+      float* g = acc.data();
+      std::memset(g, 0, sizeof(float) * len);
+      for (int64_t i = seg[s]; i < seg[s + 1]; ++i) {
+        if (i + kPrefetch < n) prefetch_run(g_out + bag_of[order[i + kPrefetch]] * dim, dim);
+        const int64_t pos = order[i];
+        const float wi = w[pos];
+        const float* go = g_out + bag_of[pos] * dim;
+        for (int64_t k = 0; k < len; ++k) g[k] += wi * go[k];
+      }
+      if (util) {
+        for (int64_t c = 0; c < cnt; ++c) {
+          float sq = 0.f;
+          for (int64_t k = c * cs; k < (c + 1) * cs; ++k) sq += g[k] * g[k];
+          util[slot + c] += fgain * std::sqrt(sq);
+        }
+      }
+      float* p = poolw + slot * cs;
+      if (optim == 0 && grad_kind == 0) {
+        std::memcpy(gw + slot * cs, g, sizeof(float) * len);
+      } else if (optim == 0) {
+        const int64_t f = first_chunk[s];
+        std::memcpy(gw + f * cs, g, sizeof(float) * len);
+        for (int64_t c = 0; c < cnt; ++c) gs[f + c] = slot + c;
+      } else if (optim == 1) {
+        for (int64_t k = 0; k < len; ++k) p[k] -= flr * g[k];
+      } else if (optim == 2) {
+        float* m = st + slot * cs;
+        for (int64_t k = 0; k < len; ++k) {
+          m[k] += g[k] * g[k];
+          p[k] -= flr * g[k] / (std::sqrt(m[k]) + feps);
+        }
+      } else {
+        float sq = 0.f;
+        for (int64_t k = 0; k < len; ++k) sq += g[k] * g[k];
+        st[r] += sq / float(len);
+        const float step = flr / (std::sqrt(st[r]) + feps);
+        for (int64_t k = 0; k < len; ++k) p[k] -= step * g[k];
+      }
+    }
+  });
+  if (optim == 0 && grad_kind == 0) return {grad};
+  if (optim == 0) return {grad_slots, grad_values};
+  return {};
+}
+
+// Slot of the first chunk and the chunk count of every row in `rows` (int64 [n, 2]).
+at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, const at::Tensor& rows,
+                            int64_t num_rows) {
+  const Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), 0, 0, num_rows};
+  const int64_t n = rows.numel();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  check_ids(rp, n, num_rows);
+  at::Tensor out = at::empty({n, 2}, rows.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, 4096, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) o[2 * i] = L.slot(rp[i], &o[2 * i + 1]);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &prefix_bag_forward, "pooled lookup over the prefix-chunk store");
+  m.def("backward", &prefix_bag_backward, "gradient (dense/sparse) or fused optimizer update, with utilities");
+  m.def("row_slots", &prefix_row_slots, "(first slot, chunk count) of rows");
+}

@@ -1,0 +1,152 @@
+"""FIITED kernels: the native (C++) and pure-torch kernels agree with each other and with dense modules to 1e-6,
+for lookups, gradients, fused optimizer updates and chunk utilities, on whole, pruned and relocated layouts."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compresskit.plugins.fiited import FiitedEmbeddingBag, kernels
+from compresskit.plugins.fiited.native import kernels as compiled
+
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    compiled() is None, reason="no C++ compiler: the native kernels could not be built"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    kernels.use_native(request.param == "native")
+    yield request.param
+    kernels.use_native(True)
+
+
+def _batch(rows: int, n: int = 300, bags: int = 40, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = (torch.rand(n, generator=gen) ** 2 * rows).long()            # skewed: many repeated ids
+    offsets = torch.sort(torch.randint(0, n, (bags,), generator=gen)).values
+    offsets[0] = 0
+    return ids, offsets, torch.rand(n, generator=gen)
+
+
+def _loss(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """A well-scaled loss with a different upstream gradient for every bag."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    return (out * torch.randn(out.shape, generator=gen) * 0.1).sum() + 0.05 * out.pow(2).mean()
+
+
+def _pruned_and_relocated(dense: nn.EmbeddingBag, chunk_size: int, seed: int = 1) -> tuple[FiitedEmbeddingBag,
+                                                                                            torch.Tensor]:
+    """A FIITED copy of ``dense`` with random row prefixes, then some rows regrown through relocation (a layout
+    whose block bases are out of order), and the dense table it equals."""
+    gen = torch.Generator().manual_seed(seed)
+    bag = FiitedEmbeddingBag.from_dense(dense, chunk_size)
+    counts = torch.randint(0, bag.num_chunks + 1, (bag.num_embeddings,), generator=gen)
+    counts[[2, 5, 17]] = torch.tensor([0, 1, 2])
+    bag.store.shrink_rows(counts)
+    grown = bag.store.grow_rows(torch.tensor([5, 17, 2]), bag.num_chunks, lambda n, cs: torch.ones(n, cs))
+    assert grown.tolist() == [5, 17, 2]
+    return bag, bag.store.dense()
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_lookup_and_gradients_equal_dense(backend, mode):
+    dense = nn.EmbeddingBag(60, 16, mode=mode)
+    bag, table = _pruned_and_relocated(dense, chunk_size=4)
+    assert not torch.equal(torch.sort(bag.store.base).values, bag.store.base)   # really out of order
+    ids, offsets, psw = _batch(60)
+    psw = psw if mode == "sum" else None
+    reference = nn.EmbeddingBag.from_pretrained(table.clone(), freeze=False, mode=mode)
+    out = bag(ids, offsets, per_sample_weights=psw)
+    ref = reference(ids, offsets, per_sample_weights=psw)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    _loss(out, 0).backward()
+    _loss(ref, 0).backward()
+    rows, chunks, slots = bag.store.entries()
+    grad = torch.zeros_like(table).view(60, 4, 4)
+    grad[rows, chunks] = bag.store.pool.grad[slots]
+    mask = torch.zeros(60, 4, dtype=torch.bool)
+    mask[rows, chunks] = True
+    assert torch.allclose(grad.view(60, 16), reference.weight.grad * mask.repeat_interleave(4, 1), atol=1e-6, rtol=0)
+
+
+def test_per_sample_weight_gradient_equals_dense(backend):
+    dense = nn.EmbeddingBag(50, 8, mode="sum")
+    bag = FiitedEmbeddingBag.from_dense(dense, chunk_size=2)
+    ids, offsets, psw = _batch(50)
+    w1, w2 = psw.clone().requires_grad_(), psw.clone().requires_grad_()
+    _loss(bag(ids, offsets, per_sample_weights=w1), 0).backward()
+    _loss(dense(ids, offsets, per_sample_weights=w2), 0).backward()
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sparse_and_dense_gradients_agree(backend, sparse):
+    dense = nn.EmbeddingBag(40, 8, mode="sum", sparse=sparse)
+    bag = FiitedEmbeddingBag.from_dense(dense, chunk_size=4)
+    ids, offsets, _ = _batch(40)
+    _loss(bag(ids, offsets), 0).backward()
+    _loss(dense(ids, offsets), 0).backward()
+    got = bag.store.pool.grad.to_dense().view(40, 8)
+    assert torch.allclose(got, dense.weight.grad.to_dense(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_fused_update_equals_sparse_embedding_bag_and_torch_optimizer(backend, optimizer):
+    """What users run today: nn.EmbeddingBag(sparse=True) + torch.optim; three steps with repeated ids."""
+    dense = nn.EmbeddingBag(80, 16, mode="sum", sparse=True)
+    bag = FiitedEmbeddingBag.from_dense(dense, chunk_size=4, optimizer=optimizer, lr=0.1, eps=1e-10)
+    opt = torch.optim.SGD(dense.parameters(), lr=0.1) if optimizer == "sgd" else \
+        torch.optim.Adagrad(dense.parameters(), lr=0.1, eps=1e-10)
+    assert not bag.store.pool.requires_grad            # left out of torch optimizers
+    for step in range(3):
+        ids, offsets, _ = _batch(80, seed=step)
+        opt.zero_grad()
+        _loss(dense(ids, offsets), step).backward()
+        opt.step()
+        _loss(bag(ids, offsets), step).backward()
+        assert bag.store.pool.grad is None
+        assert torch.allclose(bag.store.dense(), dense.weight.detach(), atol=1e-6, rtol=0)
+
+
+def test_rowwise_adagrad_matches_its_definition(backend):
+    """m_r += mean(g_r^2) over the row's stored values; w_r -= lr * g_r / (sqrt(m_r) + eps) (FBGEMM's rule)."""
+    dense = nn.EmbeddingBag(30, 8, mode="sum")
+    bag, table = _pruned_and_relocated(dense, chunk_size=2)
+    bag.set_optimizer("rowwise_adagrad", lr=0.2, eps=1e-8)
+    weight = table.clone()
+    stored = (torch.arange(4)[None, :] < bag.row_chunk_counts()[:, None]).repeat_interleave(2, 1).float()
+    momentum = torch.zeros(30)
+    for step in range(3):
+        ids, offsets, _ = _batch(30, seed=step)
+        w = weight.clone().requires_grad_()
+        _loss(nn.functional.embedding_bag(ids, w, offsets, mode="sum"), step).backward()
+        g = w.grad * stored
+        touched = torch.unique(ids)
+        momentum[touched] += (g[touched] ** 2).sum(1) / stored[touched].sum(1).clamp(min=1)
+        weight[touched] -= 0.2 * g[touched] / (momentum[touched].sqrt()[:, None] + 1e-8)
+        _loss(bag(ids, offsets), step).backward()
+        assert torch.allclose(bag.store.dense(), weight, atol=1e-6, rtol=0)
+
+
+def test_utilities_decay_and_accumulate_chunk_gradient_norms(backend):
+    dense = nn.EmbeddingBag(20, 8, mode="sum")
+    bag = FiitedEmbeddingBag.from_dense(dense, chunk_size=4)
+    bag.track_utility(0.5)
+    expected = torch.zeros(20, 2)
+    for step in range(4):
+        ids, offsets, _ = _batch(20, n=30, bags=6, seed=step)
+        w = bag.store.dense().requires_grad_()
+        _loss(nn.functional.embedding_bag(ids, w, offsets, mode="sum"), step).backward()
+        expected = 0.5 * expected + w.grad.view(20, 2, 4).norm(dim=2)
+        bag.zero_grad()
+        _loss(bag(ids, offsets), step).backward()
+    rows, chunks, slots = bag.store.entries()
+    assert torch.allclose(bag.utilities(slots), expected[rows, chunks], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_range_ids_raise_like_embedding_bag(backend):
+    bag = FiitedEmbeddingBag(10, 4, chunk_size=2)
+    with pytest.raises(IndexError, match="out of range"):
+        bag(torch.tensor([3, 10]), torch.tensor([0]))
+    with pytest.raises(IndexError, match="out of range"):
+        bag(torch.tensor([-1]), torch.tensor([0]))
