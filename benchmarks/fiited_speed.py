@@ -1,12 +1,22 @@
-"""FIITED speed and memory.
+"""FIITED speed and memory against what recommendation engineers run today.
 
-(1) forward+backward throughput of a FiitedEmbeddingBag against nn.EmbeddingBag at equal shapes (1M rows, dim 64,
-    Zipf ids, batch 4096) with 0%, 50% and 90% of the chunks pruned, as ratios from the same run;
-(2) peak RSS of a DLRM with Criteo-Kaggle-shaped tables (33.8M rows, dim 64: 8.6 GB dense) trained for a few
-    hundred steps with FIITED at a 10% payload budget (lazy allocation, sparse gradients, SGD), measured in a
-    child process so the number is that run's own.
+Parts (``--part``, default all), each at every thread count of ``--threads`` (default 1 and 2), every method
+interleaved in one process so that the ratios compare like with like on a shared machine:
 
-    python benchmarks/fiited_speed.py [--steps 300] [--batch 2048]
+* ``table``: one training step (forward + backward + SGD update) of one table, 1M x 64 fp32, 4096 bags of
+  Zipf(1.1) ids, pooling 1 and 20. Peers: FBGEMM's CPU TBE (``fbgemm-gpu-cpu``, fused EXACT_SGD) and
+  ``nn.EmbeddingBag(sparse=True)`` + ``torch.optim.SGD``. FIITED (``chunk_size: 4``, fused SGD, chunk utilities
+  tracked as in training) unpruned and with 90% of the chunks pruned; its pure-torch fallback; and, labelled as
+  such, ``nn.EmbeddingBag`` with a dense gradient (no one trains large tables that way).
+* ``criteo``: the same step over the 26 Criteo-Kaggle tables (cardinalities scaled by ``--criteo-scale``, default
+  0.05, so that every method's copy fits in memory at once), one id per table per sample.
+* ``dlrm``: samples/s of a whole DLRM training step (bottom MLP, 26 tables, dot interaction, top MLP; dense MLPs
+  with torch SGD) with FIITED tables against the same DLRM on one TBE.
+* ``rss``: the Criteo-Kaggle-sized DLRM (33.8M rows, 8.05 GiB of dense embeddings) trained with lazily allocated
+  FIITED tables at a 10% budget (payload + index), in a child process per thread count: peak RSS, steps/s,
+  pruning rounds, and the share of rows first seen in the second half of training that end up with chunks.
+
+    python benchmarks/fiited_speed.py [--part table criteo dlrm rss] [--threads 1 2] [--rss-steps 1200]
 """
 from __future__ import annotations
 
@@ -14,140 +24,287 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import publish  # noqa: E402
+from peers import DLRMOnTBE, make_tbe, tbe_available, tbe_inputs  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from compresskit.data.synthetic_ctr import KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCTR  # noqa: E402
+from compresskit.data.synthetic_ctr import KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCTR, scaled_cardinalities  # noqa: E402,E501
+from compresskit.models.dlrm import DLRM  # noqa: E402
 from compresskit.plugin import RunContext  # noqa: E402
-from compresskit.plugins.fiited import FiitedEmbeddingBag, FiitedPlugin  # noqa: E402
+from compresskit.plugins.fiited import FiitedEmbeddingBag, FiitedPlugin, kernels  # noqa: E402
 from compresskit.plugins.fiited.plugin import FiitedConfig  # noqa: E402
 from compresskit.schema import build  # noqa: E402
 
-
-def zipf_ids(n: int, rows: int, gen: torch.Generator) -> torch.Tensor:
-    """Zipf(1.1)-like ids via the synthetic generator's sampler."""
-    return SyntheticCTR([rows], seed=0)._sample_ids(n, rows, gen)
+DIM, CHUNK, LR, BATCH = 64, 4, 0.01, 4096
 
 
-def throughput(rows: int, dim: int, batch: int, pruned: float, repeats: int) -> tuple[float, float]:
-    """(dense samples/s, FIITED samples/s) for forward+backward at ``pruned`` fraction of chunks removed."""
+# ------------------------------------------------------------------------------------------------ methods
+def fiited_tables(weights: list[torch.Tensor], pruned: float, seed: int = 0) -> list[FiitedEmbeddingBag]:
+    """FIITED copies of ``weights`` with fused SGD and utilities on; ``pruned``: fraction of chunks removed
+    (random row prefixes whose mean is ``1 - pruned`` of a row), then packed."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for w in weights:
+        m = FiitedEmbeddingBag(w.shape[0], DIM, chunk_size=CHUNK, weight=w, optimizer="sgd", lr=LR)
+        m.track_utility(0.99)
+        if pruned:
+            c = m.num_chunks
+            keep = torch.rand(w.shape[0], generator=gen) * 2 * (1 - pruned) * c
+            m.store.shrink_rows(keep.round().clamp(0, c).long())
+        out.append(m)
+    return out
+
+
+def step_fns(weights: list[torch.Tensor]) -> dict[str, Callable[[list[torch.Tensor], torch.Tensor], None]]:
+    """One training step per method over tables initialised from ``weights`` (SGD, lr 0.01, loss = sum)."""
+    tables = [(w.shape[0], DIM) for w in weights]
+    fns: dict[str, Callable] = {}
+    if tbe_available():
+        tbe = make_tbe(tables, "sgd", LR, weights=weights)
+
+        def run_tbe(ids, offsets):
+            idx, off = tbe_inputs(ids, [offsets] * len(ids))
+            tbe(idx, off).sum().backward()
+        fns["FBGEMM TBE (fused SGD)"] = run_tbe
+    for sparse in (True, False):
+        bags = [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=False, mode="sum", sparse=sparse) for w in weights]
+        opt = torch.optim.SGD([b.weight for b in bags], lr=LR)
+
+        def run_bags(ids, offsets, bags=bags, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            sum(b(i, offsets).sum() for b, i in zip(bags, ids)).backward()
+            opt.step()
+        fns["nn.EmbeddingBag(sparse=True) + SGD" if sparse else "nn.EmbeddingBag dense gradient + SGD"] = run_bags
+    for name, pruned, native in [("FIITED unpruned", 0.0, True), ("FIITED 90% pruned", 0.9, True),
+                                 ("FIITED unpruned, pure-torch kernels", 0.0, False)]:
+        mods = fiited_tables(weights, pruned)
+
+        def run_fiited(ids, offsets, mods=mods, native=native):
+            kernels.use_native(native)
+            sum(m(i, offsets).sum() for m, i in zip(mods, ids)).backward()
+            kernels.use_native(True)
+        fns[name] = run_fiited
+    return fns
+
+
+def time_interleaved(fns: dict[str, Callable], batches: list[tuple[list[torch.Tensor], torch.Tensor]],
+                     rounds: int, steps: int) -> dict[str, float]:
+    """Median ms per step of every method, timed in interleaved rounds of ``steps`` steps."""
+    for fn in fns.values():
+        for ids, off in batches[:2]:
+            fn(ids, off)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for i in range(steps):
+                ids, off = batches[i % len(batches)]
+                fn(ids, off)
+            times[name].append((time.perf_counter() - start) / steps * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+PEERS = ("FBGEMM TBE (fused SGD)", "nn.EmbeddingBag(sparse=True) + SGD")
+
+
+def table_rows(part: str, setting: str, threads: int, ms: dict[str, float], rows: list, cells: list) -> None:
+    """Table rows and JSON cells with each method's ratio to the faster peer of the same run."""
+    best = min(ms[p] for p in PEERS if p in ms)
+    for name, t in ms.items():
+        rows.append([part, setting, threads, name, t, best / t])
+        cells.append({"part": part, "setting": setting, "threads": threads, "method": name, "ms_per_step": t,
+                      "speed_vs_faster_peer": best / t})
+    print(f"  {part} {setting} threads={threads}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()),
+          flush=True)
+
+
+def sampler_ids(cards: list[int], n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    return [SyntheticCTR([c], seed=0)._sample_ids(n, c, gen) for c in cards]
+
+
+def part_table(threads: int, rows: list, cells: list) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1_000_000, DIM, generator=gen) * 0.01]
+    fns = step_fns(weights)
+    for pooling in (1, 20):
+        batches = [(sampler_ids([1_000_000], BATCH * pooling, gen), torch.arange(0, BATCH * pooling, pooling))
+                   for _ in range(4)]
+        slow = {k: v for k, v in fns.items() if "dense gradient" in k or "pure-torch" in k}
+        ms = time_interleaved({k: v for k, v in fns.items() if k not in slow}, batches, rounds=7, steps=10)
+        ms.update(time_interleaved(slow, batches, rounds=3, steps=3))
+        table_rows("table 1M x 64", f"pooling {pooling}", threads, ms, rows, cells)
+
+
+def part_criteo(threads: int, scale: float, rows: list, cells: list) -> None:
+    gen = torch.Generator().manual_seed(0)
+    cards = scaled_cardinalities(scale)
+    weights = [torch.randn(c, DIM, generator=gen) * 0.01 for c in cards]
+    fns = {k: v for k, v in step_fns(weights).items() if "pure-torch" not in k}
+    batches = [(sampler_ids(cards, BATCH, gen), torch.arange(BATCH)) for _ in range(4)]
+    ms = time_interleaved(fns, batches, rounds=5, steps=5)
+    table_rows(f"26 Criteo tables x{scale}", "pooling 1", threads, ms, rows, cells)
+
+
+def part_dlrm(threads: int, scale: float, rows: list, cells: list) -> None:
+    cards = scaled_cardinalities(scale)
+    data = SyntheticCTR(cards, seed=0).stream(2048, seed=1)
+    batches = [next(data) for _ in range(4)]
+    models: dict[str, Callable] = {}
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def trainer(model, params):
+        opt = torch.optim.SGD(params, lr=LR)
+
+        def step(dense, sparse, label):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(dense, sparse), label).backward()
+            opt.step()
+        return step
     torch.manual_seed(0)
-    dense = nn.EmbeddingBag(rows, dim, mode="sum")
-    fiited = FiitedEmbeddingBag.from_dense(dense, chunk_size=8)
-    if pruned > 0:
-        r, c, _ = fiited.store.entries()
-        keep_chunks = torch.randint(0, fiited.num_chunks + 1, (rows,))   # random prefix lengths
-        scale = (1 - pruned) * fiited.num_chunks / keep_chunks.float().mean()
-        keep_chunks = (keep_chunks.float() * scale).round().clamp(0, fiited.num_chunks).long()
-        drop = c >= keep_chunks[r]
-        fiited.store.remove(r[drop], c[drop])
-        fiited.store.compact()
-    gen = torch.Generator().manual_seed(1)
-    batches = [zipf_ids(batch, rows, gen) for _ in range(4)]
-    offsets = torch.arange(batch)
-
-    def run(module: nn.Module) -> float:
-        for ids in batches[:2]:
-            module(ids, offsets).sum().backward()
-        start = time.perf_counter()
-        for i in range(repeats):
-            module.zero_grad(set_to_none=True)
-            module(batches[i % 4], offsets).sum().backward()
-        return repeats * batch / (time.perf_counter() - start)
-
-    return run(dense), run(fiited)
+    if tbe_available():
+        tbe_model = DLRMOnTBE(NUM_DENSE, cards, embedding_dim=DIM, bottom_mlp=[512, 256], top_mlp=[512, 256],
+                              optimizer="sgd", lr=LR)
+        models["DLRM on FBGEMM TBE (fused SGD)"] = trainer(tbe_model, tbe_model.dense_parameters())
+    for name, pruned in [("DLRM, FIITED tables unpruned", 0.0), ("DLRM, FIITED tables 90% pruned", 0.9)]:
+        torch.manual_seed(0)
+        model = DLRM(NUM_DENSE, cards, embedding_dim=DIM, bottom_mlp=[512, 256], top_mlp=[512, 256])
+        for i, m in enumerate(fiited_tables([e.weight.detach() for e in model.embeddings], pruned)):
+            model.embeddings[i] = m
+        models[name] = trainer(model, [p for p in model.parameters() if p.requires_grad])
+    fns = {k: (lambda ids, off, f=f: f(*ids)) for k, f in models.items()}
+    ms = time_interleaved(fns, [(b, None) for b in batches], rounds=5, steps=5)
+    base = ms.get("DLRM on FBGEMM TBE (fused SGD)")
+    for name, t in ms.items():
+        sps = 2048 / t * 1e3
+        ratio = base / t if base else float("nan")
+        rows.append(["DLRM step (batch 2048)", f"26 tables x{scale}", threads, name, t, ratio])
+        cells.append({"part": "dlrm", "threads": threads, "method": name, "ms_per_step": t, "samples_per_s": sps,
+                      "speed_vs_tbe_dlrm": ratio})
+    print(f"  dlrm threads={threads}: " + ", ".join(f"{k} {2048 / v * 1e3:,.0f} samples/s" for k, v in ms.items()),
+          flush=True)
 
 
-def rss_child(steps: int, batch: int, ratio: float, chunk_size: int) -> dict:
-    """Train the Kaggle-shaped DLRM with lazy FIITED bags; returns measured numbers (runs in a child process)."""
-    from compresskit.models.dlrm import DLRM
-
+# ------------------------------------------------------------------------------------------------ RSS child
+def rss_child(steps: int, batch: int, ratio: float, chunk_size: int, interval: int) -> dict:
+    """Train the Kaggle-sized DLRM with lazy FIITED tables; returns measured numbers (runs in a child process)."""
     torch.manual_seed(0)
-    dim = 64
-    chunks = dim // chunk_size
-    total_chunks = sum(KAGGLE_CARDINALITIES) * chunks
-    small = [c for c in KAGGLE_CARDINALITIES if c * chunks <= 200_000]
-    big_fraction = (ratio * total_chunks - sum(small) * chunks) / (sum(KAGGLE_CARDINALITIES) - sum(small)) / chunks
+    chunks = DIM // chunk_size
+    rows_total = sum(KAGGLE_CARDINALITIES)
+    dense_bytes = rows_total * DIM * 4
+    index_bytes = sum((c + 7) // 8 * 16 for c in KAGGLE_CARDINALITIES)
+    budget_chunks = int((ratio * dense_bytes - index_bytes) // (chunk_size * 4))
+    small = [c for c in KAGGLE_CARDINALITIES if c * chunks <= 200_000]   # small tables: whole, never pruned out
+    big_share = (budget_chunks - sum(small) * chunks) / ((rows_total - sum(small)) * chunks)
 
     def factory(rows: int, d: int) -> FiitedEmbeddingBag:
-        capacity = rows * chunks if rows * chunks <= 200_000 else int(big_fraction * rows * chunks)
-        return FiitedEmbeddingBag(rows, d, chunk_size=chunk_size, lazy=True, capacity=capacity, sparse=True,
-                                  init_std=0.01, seed=rows)
+        capacity = rows * chunks if rows * chunks <= 200_000 else int(big_share * rows * chunks)
+        return FiitedEmbeddingBag(rows, d, chunk_size=chunk_size, lazy=True, capacity=capacity, init_std=0.01,
+                                  seed=rows)
 
-    model = DLRM(NUM_DENSE, KAGGLE_CARDINALITIES, embedding_dim=dim, bottom_mlp=[128], top_mlp=[128, 64],
+    model = DLRM(NUM_DENSE, KAGGLE_CARDINALITIES, embedding_dim=DIM, bottom_mlp=[128], top_mlp=[128, 64],
                  embedding_factory=factory)
     cfg = build(FiitedConfig, {"target_memory_ratio": ratio, "chunk_size": chunk_size, "lazy": True,
-                               "sparse_grad": True, "interval": 25, "start_step": 25, "headroom": 0.1})
+                               "fused_optimizer": "sgd", "fused_lr": 0.05, "interval": interval,
+                               "start_step": interval, "headroom": 0.1})
     plugin = FiitedPlugin(cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    ctx = RunContext(model=model, optimizer=optimizer, total_steps=steps)
+    ctx = RunContext(model=model, total_steps=steps)
     plugin.apply(model, ctx)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ctx.optimizer = optimizer
+    touched = [torch.zeros(m.num_embeddings, dtype=torch.bool) for m in model.embeddings]
     data = SyntheticCTR(KAGGLE_CARDINALITIES, seed=0).stream(batch, seed=1)
     loss_fn = nn.BCEWithLogitsLoss()
     start = time.perf_counter()
-    losses = []
+    losses, mid_touched = [], None
     for step in range(1, steps + 1):
         dense, sparse, label = next(data)
+        if step == steps // 2 + 1:
+            mid_touched = [t.clone() for t in touched]
+        for t, col in zip(touched, sparse.t()):
+            t[col] = True
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(dense, sparse), label)
         loss.backward()
-        plugin.on_after_backward(step, ctx)
         optimizer.step()
         plugin.on_step(step, ctx)
         losses.append(loss.item())
     seconds = time.perf_counter() - start
+    late = sum(int((t & ~m).sum()) for t, m in zip(touched, mid_touched))
+    late_kept = sum(int((t & ~m & (e.row_chunk_counts() > 0)).sum())
+                    for t, m, e in zip(touched, mid_touched, model.embeddings))
     mem = plugin.memory()
     return {"steps": steps, "batch": batch, "seconds": seconds, "steps_per_second": steps / seconds,
+            "threads": torch.get_num_threads(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "dense_payload_bytes": plugin.dense_payload_bytes, "payload_bytes": mem["payload"],
-            "index_bytes": mem["index"], "stats_bytes": mem["stats"], "stored_chunks": plugin.stored_chunks(),
-            "pruning_rounds": len(plugin.rounds), "first_loss": sum(losses[:20]) / 20,
-            "last_loss": sum(losses[-20:]) / 20, "chunk_size": chunk_size, "rows": sum(KAGGLE_CARDINALITIES)}
+            "dense_bytes": dense_bytes, "payload_bytes": mem["payload"], "index_bytes": mem["index"],
+            "training_state_bytes": mem["training"], "stored_chunks": plugin.stored_chunks(),
+            "pruning_rounds": len(plugin.rounds), "late_rows": late, "late_rows_with_chunks": late_kept,
+            "late_share_with_chunks": late_kept / max(late, 1), "first_loss": sum(losses[:20]) / 20,
+            "last_loss": sum(losses[-20:]) / 20, "chunk_size": chunk_size, "rows": rows_total,
+            "instrumentation_bytes": sum(t.numel() for t in touched) * 2}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--chunk-size", type=int, default=16)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.rss_child:
-        print(json.dumps(rss_child(args.steps, args.batch, 0.1, args.chunk_size)))
-        return
-
-    rows, cells = [], []
-    for pruned in (0.0, 0.5, 0.9):
-        dense_sps, fiited_sps = throughput(args.rows, 64, 4096, pruned, repeats=10)
-        rows.append([f"{int(pruned * 100)}%", dense_sps, fiited_sps, fiited_sps / dense_sps])
-        cells.append({"pruned": pruned, "dense_samples_per_s": dense_sps, "fiited_samples_per_s": fiited_sps,
-                      "ratio": fiited_sps / dense_sps})
-        print(f"  pruned {pruned}: {cells[-1]}", flush=True)
-    publish("fiited_throughput", ["chunks pruned", "nn.EmbeddingBag samples/s", "FIITED samples/s",
-                                  "FIITED / dense"], rows,
-            {"rows": args.rows, "dim": 64, "chunk_size": 8, "batch": 4096, "ids": "Zipf 1.1", "cells": cells})
-
-    print("\ntraining the Criteo-Kaggle-shaped DLRM with FIITED at 10% (child process)...", flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--rss-child", "--steps", str(args.steps), "--batch",
-                           str(args.batch), "--chunk-size", str(args.chunk_size)], capture_output=True, text=True)
+def part_rss(threads: int, steps: int, rows: list, cells: list) -> None:
+    proc = subprocess.run([sys.executable, __file__, "--rss-child", "--rss-steps", str(steps)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     gib = 2**30
-    publish("fiited_rss", ["rows", "dense payload GiB", "FIITED payload GiB", "index+stats GiB", "peak RSS GiB",
-                           "steps", "steps/s", "loss first->last 20"],
-            [[res["rows"], res["dense_payload_bytes"] / gib, res["payload_bytes"] / gib,
-              (res["index_bytes"] + res["stats_bytes"]) / gib, res["peak_rss_bytes"] / gib, res["steps"],
-              res["steps_per_second"], f"{res['first_loss']:.4f}->{res['last_loss']:.4f}"]],
-            {"result": res, "target_peak_rss_bytes": 2 * gib})
+    rows.append([threads, res["rows"], res["dense_bytes"] / gib, (res["payload_bytes"] + res["index_bytes"]) / gib,
+                 res["training_state_bytes"] / gib, res["peak_rss_bytes"] / gib, res["steps"], res["steps_per_second"],
+                 res["pruning_rounds"], f"{res['late_share_with_chunks']:.1%} of {res['late_rows']:,}",
+                 f"{res['first_loss']:.4f}->{res['last_loss']:.4f}"])
+    cells.append(res)
+    print(f"  rss threads={threads}: {res}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="+", default=["table", "criteo", "dlrm", "rss"],
+                        choices=["table", "criteo", "dlrm", "rss"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--criteo-scale", type=float, default=0.05)
+    parser.add_argument("--rss-steps", type=int, default=1200)
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_steps, 2048, 0.1, 16, 25)))
+        return
+    if not tbe_available():
+        print("fbgemm-gpu-cpu is not installed: the TBE columns are missing (pip install fbgemm-gpu-cpu==1.8.0)")
+    rows: list = []
+    cells: list = []
+    speed_parts = [p for p in args.part if p != "rss"]
+    for threads in args.threads if speed_parts else []:
+        torch.set_num_threads(threads)
+        if "table" in args.part:
+            part_table(threads, rows, cells)
+        if "criteo" in args.part:
+            part_criteo(threads, args.criteo_scale, rows, cells)
+        if "dlrm" in args.part:
+            part_dlrm(threads, args.criteo_scale, rows, cells)
+    if rows:
+        publish("fiited_throughput", ["benchmark", "setting", "threads", "method", "ms / step",
+                                      "speed vs faster peer (TBE for DLRM)"], rows,
+                {"cells": cells, "dim": DIM, "chunk_size": CHUNK, "batch": BATCH, "ids": "Zipf 1.1", "lr": LR})
+    if "rss" in args.part:
+        rows, cells = [], []
+        for threads in args.threads:
+            part_rss(threads, args.rss_steps, rows, cells)
+        publish("fiited_rss", ["threads", "rows", "dense GiB", "FIITED payload+index GiB", "training state GiB",
+                               "peak RSS GiB", "steps", "steps/s", "pruning rounds", "late rows with chunks",
+                               "loss first->last 20"], rows,
+                {"cells": cells, "target_peak_rss_bytes": 2 * 10**9})
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ result = compresskit.apply(model, {
 
 stage = result.report["stages"][0]
 print(f"test {result.report['training']['test']}")
-print(f"embedding payload {stage['payload_bytes']:,} of {stage['dense_payload_bytes']:,} bytes "
-      f"({stage['payload_ratio']:.1%}), index {stage['index_bytes']:,}, stats {stage['stats_bytes']:,}")
+print(f"embeddings: payload {stage['payload_bytes']:,} + index {stage['index_bytes']:,} bytes of "
+      f"{stage['dense_bytes']:,} dense ({stage['memory_ratio']:.1%}); training-only state "
+      f"{stage['training_state_bytes']:,} bytes")
 for name, module in fiited_modules(result.model):
     counts = module.row_chunk_counts()
     print(f"{name}: {module.num_embeddings} rows, mean kept dim {counts.float().mean() * module.chunk_size:.1f}")

@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch import nn
 
+from ...params import swap_parameter
 from .kernels import BLOCK, row_slots
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
@@ -75,6 +76,11 @@ class ChunkStore(nn.Module):
         """A per-slot buffer ``[capacity, *tail]`` kept aligned with the pool through every move (zeros)."""
         self.register_buffer(name, torch.zeros(self.capacity, *tail, dtype=dtype))
         self._slot_buffers.append(name)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_optimizer"] = None  # a weak reference does not pickle; the trainer attaches its optimizer again
+        return state
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Keep ``optimizer``'s per-slot state of the pool aligned through moves (and swap it a new pool)."""
@@ -128,41 +134,32 @@ class ChunkStore(nn.Module):
         self.base.copy_(torch.cumsum(totals, 0) - totals)
 
     # ----------------------------------------------------------------------------------------------- moves
-    def _slot_tensors(self) -> list[tuple[object, str, torch.Tensor]]:
-        """(owner, key, tensor) of every tensor indexed by slot: pool, slot buffers, optimizer state."""
-        out: list[tuple[object, str, torch.Tensor]] = [(self, "pool", self.pool)]
-        out += [(self, name, getattr(self, name)) for name in self._slot_buffers]
+    def _optimizer_state(self) -> dict | None:
         opt = self._optimizer() if self._optimizer is not None else None
-        if opt is not None and self.pool in opt.state:
-            state = opt.state[self.pool]
-            out += [(state, key, v) for key, v in state.items()
-                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.capacity]
-        return out
+        return opt.state.get(self.pool) if opt is not None else None
+
+    def _slot_tensors(self) -> list[torch.Tensor]:
+        """Every tensor indexed by slot: pool, slot buffers, the attached optimizer's per-slot state."""
+        out = [self.pool] + [getattr(self, name) for name in self._slot_buffers]
+        state = self._optimizer_state() or {}
+        return out + [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.capacity]
 
     def _replace_tensors(self, capacity: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         """New slot tensors of ``capacity`` slots holding old slots ``src`` at ``dst`` (zeros elsewhere)."""
-        old_pool = self.pool
-        opt = self._optimizer() if self._optimizer is not None else None
-        for owner, key, tensor in self._slot_tensors():
+        def remap(tensor: torch.Tensor) -> torch.Tensor:
             fresh = tensor.new_zeros(capacity, *tensor.shape[1:])
             if src.numel():
                 fresh[dst] = tensor.detach()[src]
-            if owner is self and key == "pool":
-                self.pool = nn.Parameter(fresh, requires_grad=old_pool.requires_grad)
-            elif owner is self:
-                setattr(self, key, fresh)
-            else:
-                owner[key] = fresh
-        if opt is not None:
-            for group in opt.param_groups:
-                group["params"] = [self.pool if p is old_pool else p for p in group["params"]]
-            if old_pool in opt.state:
-                opt.state[self.pool] = opt.state.pop(old_pool)
+            return fresh
+
+        for name in self._slot_buffers:
+            setattr(self, name, remap(getattr(self, name)))
+        swap_parameter(self, "pool", remap(self.pool), self._optimizer() if self._optimizer else None, remap)
 
     def _move_in_place(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy slots ``src`` to ``dst`` in every slot tensor; batches in ascending order, valid when packing
         (``dst <= src``, both ascending) or when ``dst`` lies beyond every ``src`` (relocation to the top)."""
-        tensors = [t for _, _, t in self._slot_tensors()]
+        tensors = self._slot_tensors()
         with torch.no_grad():
             for start in range(0, src.numel(), _MOVE_BATCH):
                 s, d = src[start:start + _MOVE_BATCH], dst[start:start + _MOVE_BATCH]
@@ -171,7 +168,7 @@ class ChunkStore(nn.Module):
 
     def _zero_slots(self, slots: torch.Tensor) -> None:
         with torch.no_grad():
-            for _, _, t in self._slot_tensors():
+            for t in self._slot_tensors():
                 t.data[slots] = 0
 
     def _block_chunk_slots(self, blocks: torch.Tensor, counts: torch.Tensor
