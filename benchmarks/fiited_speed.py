@@ -9,7 +9,7 @@ interleaved in one process so that the ratios compare like with like on a shared
   tracked as in training) unpruned and with 90% of the chunks pruned; its pure-torch fallback; and, labelled as
   such, ``nn.EmbeddingBag`` with a dense gradient (no one trains large tables that way).
 * ``criteo``: the same step over the 26 Criteo-Kaggle tables (cardinalities scaled by ``--criteo-scale``, default
-  0.05, so that every method's copy fits in memory at once), one id per table per sample.
+  0.1, so that every method's copy fits in memory at once), one id per table per sample.
 * ``dlrm``: samples/s of a whole DLRM training step (bottom MLP, 26 tables, dot interaction, top MLP; dense MLPs
   with torch SGD) with FIITED tables against the same DLRM on one TBE.
 * ``rss``: the Criteo-Kaggle-sized DLRM (33.8M rows, 8.05 GiB of dense embeddings) trained with lazily allocated
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--part", nargs="+", default=["table", "criteo", "dlrm", "rss"],
                         choices=["table", "criteo", "dlrm", "rss"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--criteo-scale", type=float, default=0.05)
+    parser.add_argument("--criteo-scale", type=float, default=0.1)
     parser.add_argument("--rss-steps", type=int, default=1200)
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

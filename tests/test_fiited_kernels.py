@@ -150,3 +150,16 @@ def test_out_of_range_ids_raise_like_embedding_bag(backend):
         bag(torch.tensor([3, 10]), torch.tensor([0]))
     with pytest.raises(IndexError, match="out of range"):
         bag(torch.tensor([-1]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_fused_update_on_a_table_pruned_to_nothing(backend, optimizer):
+    """A table whose every chunk is pruned keeps training (it reads zeros, updates nothing)."""
+    bag = FiitedEmbeddingBag(20, 8, chunk_size=4, optimizer=optimizer, lr=0.1)
+    bag.track_utility(0.9)
+    bag.store.shrink_rows(torch.zeros(20, dtype=torch.int64))
+    assert bag.store.capacity == 0
+    ids, offsets, _ = _batch(20)
+    out = bag(ids, offsets)
+    _loss(out, 0).backward()
+    assert bool((out == 0).all()) and bag.store.live == 0

@@ -177,7 +177,10 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
   float* poolw = pool.data_ptr<float>();
   float* st = state.defined() && state.numel() ? state.data_ptr<float>() : nullptr;
   float* util = utility.defined() && utility.numel() ? utility.data_ptr<float>() : nullptr;
-  TORCH_CHECK(optim < 2 || st, "the fused Adagrad optimizers need their state tensor");
+  TORCH_CHECK(optim != 2 || (state.defined() && state.numel() == pool.numel()),
+              "fused Adagrad: the state must have the pool's shape");
+  TORCH_CHECK(optim != 3 || (state.defined() && state.numel() >= num_rows),
+              "fused row-wise Adagrad: the state needs one value per row");
 
   std::vector<float> w;
   std::vector<int64_t> bag_of;
