@@ -15,17 +15,20 @@ model is trained with every candidate (Adagrad lr 0.02, Adam lr 0.002) and the o
 (written to ``fiited_quality_<optimizer>.json``).
 
     python benchmarks/fiited_quality.py [--datasets movielens adult] [--ratios 1 0.5 0.25 0.1 0.05 0.01] [--seeds 3]
-                                        [--optimizer auto|adagrad|adam]
+                                        [--optimizer auto|adagrad|adam] [--jobs 2]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import publish, shared_data  # noqa: E402
+
+import torch  # noqa: E402
 
 import compresskit  # noqa: E402
 from compresskit.recipe import validate_recipe  # noqa: E402
@@ -87,6 +90,34 @@ def dense_by_optimizer(data: dict, seeds: int, optimizer: str) -> tuple[str, dic
     return chosen, dense[chosen], dense
 
 
+def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str) -> tuple[list, list, dict]:
+    """Every (method, ratio) cell of one dataset: (table rows, JSON cells, the optimizer selection)."""
+    if torch.get_num_threads() > 1 and multiprocessing.current_process().name != "MainProcess":
+        torch.set_num_threads(1)
+    data = DATASETS[ds]
+    rows, cells = [], []
+    opt, dense, candidates = dense_by_optimizer(data, seeds, optimizer)
+    selection = {"optimizer": opt, **{name: {"dense_val_auc": c["val_auc"], "dense_test_auc": c["auc"]}
+                                      for name, c in candidates.items()}}
+    val_aucs = ", ".join(f"{n} {c['val_auc']:.4f}" for n, c in candidates.items())
+    print(f"  {ds}: optimizer {opt} (dense validation AUC: {val_aucs})", flush=True)
+    cells.append({"dataset": ds, "optimizer": opt, "method": "dense", "ratio": 1.0, **dense})
+    rows.append([ds, opt, "dense", 1.0, dense["memory_ratio"], 0.0, dense["auc"], dense["logloss"], 0.0])
+    for ratio in ratios:
+        if ratio >= 1.0:
+            continue
+        for method in METHODS:
+            cell = run_seeds(data, method, ratio, seeds, opt)
+            cells.append({"dataset": ds, "optimizer": opt, "method": method, "ratio": ratio, **cell})
+            if "error" in cell:
+                rows.append([ds, opt, method, ratio, None, None, None, None, None])
+            else:
+                rows.append([ds, opt, method, ratio, cell["memory_ratio"], cell["index_ratio"], cell["auc"],
+                             cell["logloss"], cell["auc"] - dense["auc"]])
+            print(f"  {ds} {method} {ratio}: {cell}", flush=True)
+    return rows, cells, selection
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -95,32 +126,21 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto",
                         help="auto: per dataset, the optimizer whose dense model has the better validation AUC; "
                              "or one optimizer for all (adagrad lr 0.02, adam lr 0.002)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="datasets run in this many worker processes (one thread each); results are the same")
     args = parser.parse_args()
-    rows, cells, selection = [], [], {}
-    for ds in args.datasets:
-        data = DATASETS[ds]
-        if not os.path.exists(data["path"]):
-            print(f"skipping {ds}: {data['path']} not found")
-            continue
-        opt, dense, candidates = dense_by_optimizer(data, args.seeds, args.optimizer)
-        selection[ds] = {"optimizer": opt, **{name: {"dense_val_auc": c["val_auc"], "dense_test_auc": c["auc"]}
-                                              for name, c in candidates.items()}}
-        val_aucs = ", ".join(f"{n} {c['val_auc']:.4f}" for n, c in candidates.items())
-        print(f"  {ds}: optimizer {opt} (dense validation AUC: {val_aucs})", flush=True)
-        cells.append({"dataset": ds, "optimizer": opt, "method": "dense", "ratio": 1.0, **dense})
-        rows.append([ds, opt, "dense", 1.0, dense["memory_ratio"], 0.0, dense["auc"], dense["logloss"], 0.0])
-        for ratio in args.ratios:
-            if ratio >= 1.0:
-                continue
-            for method in METHODS:
-                cell = run_seeds(data, method, ratio, args.seeds, opt)
-                cells.append({"dataset": ds, "optimizer": opt, "method": method, "ratio": ratio, **cell})
-                if "error" in cell:
-                    rows.append([ds, opt, method, ratio, None, None, None, None, None])
-                else:
-                    rows.append([ds, opt, method, ratio, cell["memory_ratio"], cell["index_ratio"], cell["auc"],
-                                 cell["logloss"], cell["auc"] - dense["auc"]])
-                print(f"  {ds} {method} {ratio}: {cell}", flush=True)
+    todo = [ds for ds in args.datasets if os.path.exists(DATASETS[ds]["path"])]
+    for ds in set(args.datasets) - set(todo):
+        print(f"skipping {ds}: {DATASETS[ds]['path']} not found")
+    jobs = [(ds, args.ratios, args.seeds, args.optimizer) for ds in todo]
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            results = pool.starmap(run_dataset, jobs)
+    else:
+        results = [run_dataset(*job) for job in jobs]
+    rows = [r for res in results for r in res[0]]
+    cells = [c for res in results for c in res[1]]
+    selection = {ds: res[2] for ds, res in zip(todo, results)}
     name = "fiited_quality" if args.optimizer == "auto" else f"fiited_quality_{args.optimizer}"
     optimizers = ", ".join(f"{o['name']} lr {o['lr']}" for o in OPTIMIZERS.values())
     choice = f"per dataset by dense validation AUC among {optimizers}" if args.optimizer == "auto" else \

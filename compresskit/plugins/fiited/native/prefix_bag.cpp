@@ -43,6 +43,11 @@ struct Layout {
     return base[r >> 3] + off;
   }
 
+  inline void prefetch_index(int64_t r) const {
+    __builtin_prefetch(counts + (r & ~(kBlock - 1)), 0, 1);
+    __builtin_prefetch(base + (r >> 3), 0, 1);
+  }
+
   bool small = true;
 };
 
@@ -131,6 +136,7 @@ at::Tensor prefix_bag_forward(const at::Tensor& pool, const at::Tensor& counts, 
   float* outp = out.data_ptr<float>();
   std::vector<int64_t> start_of(n), len_of(n);  // where each id's stored values start in the pool, and how many
   for (int64_t i = 0; i < n; ++i) {
+    if (i + 2 * kPrefetch < n) L.prefetch_index(idp[i + 2 * kPrefetch]);
     int64_t cnt;
     start_of[i] = L.slot(idp[i], &cnt) * L.cs;
     len_of[i] = cnt * L.cs;
@@ -190,6 +196,7 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
   std::vector<int64_t> seg, seg_slot, seg_cnt;  // per distinct row: start in `order`, first slot, stored chunks
   seg.reserve(n + 1);
   for (int64_t i = 0; i < n; ++i) {
+    if (i + 2 * kPrefetch < n) L.prefetch_index(keys[i + 2 * kPrefetch]);
     if (i == 0 || keys[i] != keys[i - 1]) {
       int64_t cnt;
       seg.push_back(i);
@@ -218,10 +225,12 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
   const float flr = float(lr), feps = float(eps), fgain = float(utility_gain);
 
   at::parallel_for(0, rows, 64, [&](int64_t s0, int64_t s1) {
-    std::vector<float> acc(dim);
+    std::vector<float> acc(dim), norms(dim);
     for (int64_t s = s0; s < s1; ++s) {
-      if (s + kPrefetch < s1 && optim != 0) {
-        prefetch_run(poolw + seg_slot[s + kPrefetch] * cs, seg_cnt[s + kPrefetch] * cs);
+      if (s + kPrefetch < s1) {
+        if (optim != 0) prefetch_run(poolw + seg_slot[s + kPrefetch] * cs, seg_cnt[s + kPrefetch] * cs);
+        if (optim == 2) prefetch_run(st + seg_slot[s + kPrefetch] * cs, seg_cnt[s + kPrefetch] * cs);
+        if (util) __builtin_prefetch(util + seg_slot[s + kPrefetch], 1, 1);
       }
       const int64_t r = keys[seg[s]];
       const int64_t cnt = seg_cnt[s];
@@ -237,12 +246,15 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
         const float* go = g_out + bag_of[pos] * dim;
         for (int64_t k = 0; k < len; ++k) g[k] += wi * go[k];
       }
-      if (util) {
+      if (util) {  // squares per chunk first, then one vectorisable pass of square roots
+        float* sq = norms.data();
         for (int64_t c = 0; c < cnt; ++c) {
-          float sq = 0.f;
-          for (int64_t k = c * cs; k < (c + 1) * cs; ++k) sq += g[k] * g[k];
-          util[slot + c] += fgain * std::sqrt(sq);
+          float a = 0.f;
+          for (int64_t k = c * cs; k < (c + 1) * cs; ++k) a += g[k] * g[k];
+          sq[c] = a;
         }
+        float* u = util + slot;
+        for (int64_t c = 0; c < cnt; ++c) u[c] += fgain * std::sqrt(sq[c]);
       }
       float* p = poolw + slot * cs;
       if (optim == 0 && grad_kind == 0) {
