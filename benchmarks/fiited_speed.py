@@ -194,6 +194,16 @@ def part_dlrm(threads: int, scale: float, rows: list, cells: list) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ RSS child
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that high-water mark over from
+    the parent through fork and exec, so a child started by a large parent would report the parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def rss_child(steps: int, batch: int, ratio: float, chunk_size: int, interval: int) -> dict:
     """Train the Kaggle-sized DLRM with lazy FIITED tables; returns measured numbers (runs in a child process)."""
     torch.manual_seed(0)
@@ -244,7 +254,7 @@ def rss_child(steps: int, batch: int, ratio: float, chunk_size: int, interval: i
     mem = plugin.memory()
     return {"steps": steps, "batch": batch, "seconds": seconds, "steps_per_second": steps / seconds,
             "threads": torch.get_num_threads(),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "dense_bytes": dense_bytes, "payload_bytes": mem["payload"], "index_bytes": mem["index"],
             "training_state_bytes": mem["training"], "stored_chunks": plugin.stored_chunks(),
             "pruning_rounds": len(plugin.rounds), "late_rows": late, "late_rows_with_chunks": late_kept,

@@ -204,19 +204,24 @@ class FiitedPlugin(Plugin):
         on_grid = step >= start and ((step - start) % cfg.interval == 0 or step == end)
         if not on_grid or (step > end and not cfg.lazy):
             return
-        if cfg.lazy:
-            target = int(sum(m.store.capacity for _, m in self.modules) * (1 - cfg.headroom))
+        if cfg.lazy:  # each lazy table has its own pool: prune the ones fuller than 1 - headroom, one at a time
+            for entry in self.modules:
+                store = entry[1].store
+                self.prune_to(int(store.capacity * (1 - cfg.headroom)), step, [entry])
         else:
-            target = self._target_chunks(kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule))
-        self.prune_to(target, step)
+            self.prune_to(self._target_chunks(kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule)),
+                          step)
 
-    def prune_to(self, target: int, step: int = 0) -> None:
-        """Drop the lowest-scoring chunks over all tables until at most ``target`` chunks are stored."""
+    def prune_to(self, target: int, step: int = 0, modules: list[tuple[str, nn.Module]] | None = None) -> None:
+        """Drop the lowest-scoring chunks over ``modules`` (default: all tables) until at most ``target`` chunks
+        are stored in them; one threshold over all of them."""
         cfg = self.config
-        excess = self.stored_chunks() - target
+        modules = self.modules if modules is None else modules
+        excess = sum(m.store.live for _, m in modules) - target
         if excess <= 0:
             return
-        tables = [chunk_utilities(m) for _, m in self.modules]
+        tables = [chunk_utilities(m) for _, m in modules]
+        owners = [(rows, cnt) for rows, cnt, _ in tables]
         if cfg.method == "adaembed":
             row_scores = [u.masked_fill(torch.isinf(u), 0).sum(1) for _, _, u in tables]
             drops = whole_rows(row_scores, [cnt for _, cnt, _ in tables], excess)
@@ -224,12 +229,15 @@ class FiitedPlugin(Plugin):
         else:
             scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in tables]
             cuts = tail_counts(scores, excess)
-        for (rows, cnt, _), cut, (_, m) in zip(tables, cuts, self.modules):
+            del scores
+        del tables  # the score grids go before the stores repack
+        for (rows, cnt), cut, (name, m) in zip(owners, cuts, modules):
             if bool((cut > 0).any()):
                 counts = m.store.row_counts()
                 counts[rows] = cnt - cut
                 m.store.shrink_rows(counts)
-        self.rounds.append({"step": step, "kept_chunks": self.stored_chunks()})
+        self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(),
+                            "tables": [name for name, _ in modules] if len(modules) < len(self.modules) else "all"})
 
     # ------------------------------------------------------------------------------------------- reporting
     def stored_chunks(self) -> int:

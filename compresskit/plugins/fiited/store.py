@@ -232,8 +232,8 @@ class ChunkStore(nn.Module):
         """Give distinct ``rows`` (those holding fewer) ``count`` chunks each; returns the rows that were grown.
 
         New chunks get ``init(n, chunk_size)`` values (zeros if ``init`` is None) and zeroed per-slot state. A
-        growing block moves to the top of the pool; when the top is reached the pool is packed first. A store
-        without a fixed capacity then grows; a fixed-capacity store grows whole blocks, in the order their first
+        growing block moves to the top of the pool; when the top is reached the pool is packed first if the holes
+        left by earlier moves are at least 1/16 of it. A store without a fixed capacity then grows; a fixed-capacity store grows whole blocks, in the order their first
         row appears in ``rows``, while they fit, and leaves the other rows as they were.
         """
         rows = rows.reshape(-1).long()
@@ -246,8 +246,9 @@ class ChunkStore(nn.Module):
         new.view(-1)[inverse * BLOCK + rows % BLOCK] = count
         size = new.sum(1)
         needed = int(size.sum())
-        if int(self.top) + needed > self.capacity and int(self.top) > self.live:
-            self.pack()
+        holes = int(self.top) - self.live
+        if int(self.top) + needed > self.capacity and holes >= needed and holes >= self.capacity // 16:
+            self.pack()  # only when the holes are worth a pass over the pool (pruning rounds pack anyway)
         room = self.capacity - int(self.top)
         if needed > room and not self.fixed_capacity:
             top = int(self.top)
