@@ -92,7 +92,6 @@ class FiitedEmbeddingBag(nn.Module):
         if optimizer is not None:
             self.set_optimizer(optimizer, lr, eps)
         self.utility_decay: float | None = None
-        self.counts: torch.Tensor | None = None  # access counts while counting is on (see count_accesses)
 
     @classmethod
     def from_dense(cls, dense: nn.EmbeddingBag, chunk_size: int, **kwargs) -> "FiitedEmbeddingBag":
@@ -204,12 +203,8 @@ class FiitedEmbeddingBag(nn.Module):
             raise ValueError("per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
         ids = input.long().contiguous()
         offsets = offsets.long().contiguous()
-        if (self.lazy and self.training) or self.counts is not None:
-            uniq, inverse = torch.unique(ids, return_inverse=True)
-            if self.lazy and self.training:
-                self._admit(uniq)
-            if self.counts is not None:
-                self.counts.index_add_(0, uniq, torch.bincount(inverse, minlength=uniq.numel()).to(self.counts.dtype))
+        if self.lazy and self.training:
+            self._admit(torch.unique(ids))
         anchor = self._anchor if self.optimizer is not None and self.training else self.store.pool
         return _PrefixBag.apply(anchor, per_sample_weights, self, ids, offsets)
 
@@ -221,10 +216,6 @@ class FiitedEmbeddingBag(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense table (pruned chunks as zeros)."""
         return self.store.dense()
-
-    def count_accesses(self, on: bool) -> None:
-        """Start (zeroed) or stop counting how often each row is looked up."""
-        self.counts = torch.zeros(self.num_embeddings, dtype=torch.float64) if on else None
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: ``payload`` and ``index`` (all inference needs), ``training`` (utilities, fused optimizer
