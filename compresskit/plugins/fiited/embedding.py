@@ -41,8 +41,7 @@ class _PrefixBag(torch.autograd.Function):
         if weights is not None and ctx.needs_input_grad[1]:
             rows = kernels.bag_forward(m.store.pool.detach(), m.store.counts, m.store.base, ids,
                                        torch.arange(ids.numel()), None, False, m.embedding_dim, m.num_embeddings)
-            lengths = torch.diff(offsets, append=offsets.new_tensor([ids.numel()]))
-            bag_of = torch.repeat_interleave(torch.arange(offsets.numel()), lengths)
+            bag_of, _ = kernels.positions(ids, offsets, None, False, rows.dtype)
             grad_weights = (rows * grad_out[bag_of]).sum(1)
         grad_pool = m._backward(grad_out, ids, offsets, weights) if ctx.needs_input_grad[0] else None
         return grad_pool, grad_weights, None, None, None

@@ -55,7 +55,7 @@ def row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, num_
     return base[blk] + (c8 * before).sum(1), c8.gather(1, within[:, None]).squeeze(1)
 
 
-def _positions(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool,
+def positions(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Bag of each id and its weight (per-sample weight times 1/bag length for mode 'mean')."""
     n, bags = ids.numel(), offsets.numel()
@@ -84,7 +84,7 @@ def bag_forward(pool: torch.Tensor, counts: torch.Tensor, base: torch.Tensor, id
     j = torch.arange(c, device=ids.device)
     valid = j[None, :] < cnt[:, None]                                   # [n, c]
     slots = torch.where(valid, slot[:, None] + j, 0)
-    _, w = _positions(ids, offsets, weights, mean, pool.dtype)
+    _, w = positions(ids, offsets, weights, mean, pool.dtype)
     weight = valid.to(pool.dtype) * w[:, None]
     # chunk-major: bag (chunk j, bag b) holds chunk j of every id of bag b
     flat_offsets = (offsets[None, :] + j[:, None] * n).reshape(-1)
@@ -113,7 +113,7 @@ def bag_backward(grad_out: torch.Tensor, pool: torch.Tensor, counts: torch.Tenso
                          utility if utility is not None else torch.empty(0), utility_gain, int(sparse))
         return (out[0], out[1]) if code == 0 and sparse else (out[0] if code == 0 else None)
     dim, cs = grad_out.shape[1], pool.shape[1]
-    bag_of, w = _positions(ids, offsets, weights, mean, grad_out.dtype)
+    bag_of, w = positions(ids, offsets, weights, mean, grad_out.dtype)
     rows, inverse = torch.unique(ids, return_inverse=True)
     g_rows = grad_out.new_zeros(rows.numel(), dim).index_add_(0, inverse, grad_out[bag_of] * w[:, None])
     slot, cnt = row_slots(counts, base, rows, num_rows)
