@@ -37,7 +37,8 @@ from peers import DLRMOnTBE, make_tbe, tbe_available, tbe_inputs  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from compresskit.data.synthetic_ctr import KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCTR, scaled_cardinalities  # noqa: E402,E501
+from compresskit.data.synthetic_ctr import (KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCTR,  # noqa: E402
+                                           scaled_cardinalities)
 from compresskit.models.dlrm import DLRM  # noqa: E402
 from compresskit.plugin import RunContext  # noqa: E402
 from compresskit.plugins.fiited import FiitedEmbeddingBag, FiitedPlugin, kernels  # noqa: E402

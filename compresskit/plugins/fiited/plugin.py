@@ -256,9 +256,9 @@ class FiitedPlugin(Plugin):
         mem = self.memory()
         per_module = []
         for name, m in self.modules:
-            dims = kept_dims(m)
-            per_module.append([name, m.num_embeddings, m.embedding_dim, table_bytes(m)["payload"],
-                               table_bytes(m)["index"], float((dims == 0).float().mean()), float(dims.float().mean())])
+            dims, mem_m = kept_dims(m), table_bytes(m)
+            per_module.append([name, m.num_embeddings, m.embedding_dim, mem_m["payload"], mem_m["index"],
+                               float((dims == 0).float().mean()), float(dims.float().mean())])
         stored = mem.get("payload", 0) + mem.get("index", 0)
         return {
             "method": self.config.method,

@@ -4,7 +4,8 @@ Each embedding row of ``num_chunks * chunk_size`` values keeps a *prefix* of ``c
 tail chunks first). The virtual address of a row is translated to a physical slot of the chunk pool through its
 block of 8 rows:
 
-    slot(r) = base[r // 8] + count[8 * (r // 8)] + ... + count[r - 1]      chunks of r: pool[slot(r) : slot(r) + count[r]]
+    slot(r) = base[r // 8] + count[8 * (r // 8)] + ... + count[r - 1]
+    chunks of r = pool[slot(r) : slot(r) + count[r]]
 
 * ``pool``: Parameter ``[capacity, chunk_size]`` (the payload); a row's stored values are one contiguous run.
 * ``counts``: uint8 per row (padded to whole blocks), ``base``: int64 per block. That is the whole index: 2 bytes
@@ -171,28 +172,27 @@ class ChunkStore(nn.Module):
             for t in self._slot_tensors():
                 t.data[slots] = 0
 
-    def _block_chunk_slots(self, blocks: torch.Tensor, counts: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of every chunk of ``blocks`` (in block then row order) given their rows' ``counts [k, 8]``,
-        and the row (global id) each belongs to."""
+    def _block_chunk_slots(self, blocks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Slots of every chunk of ``blocks`` (in block then row order) given their rows' ``counts [k, 8]``."""
         totals = counts.sum(1)
         start = torch.repeat_interleave(self.base[blocks] - (torch.cumsum(totals, 0) - totals), totals)
-        rows = torch.repeat_interleave((blocks[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1),
-                                       counts.reshape(-1))
-        return start + torch.arange(int(totals.sum())), rows
+        return start + torch.arange(int(totals.sum()))
 
-    def pack(self) -> None:
-        """Close the holes: move every block's extent down to the front, in pool order (in place)."""
-        totals = self.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
-        blocks = torch.nonzero(totals).flatten()
-        blocks = blocks[torch.argsort(self.base[blocks], stable=True)]
-        src, _ = self._block_chunk_slots(blocks, self.counts.view(-1, BLOCK)[blocks].long())
-        new_base = torch.cumsum(totals[blocks], 0) - totals[blocks]
+    def _pack_blocks(self, blocks: torch.Tensor, src: torch.Tensor) -> None:
+        """Move ``blocks`` (in pool order), whose live chunks sit at ascending slots ``src``, to the front of the
+        pool in place (destinations never pass sources) and rebase them on their current counts."""
+        totals = self.counts.view(-1, BLOCK)[blocks].sum(1, dtype=torch.int64)
+        self.base[blocks] = torch.cumsum(totals, 0) - totals
         dst = torch.arange(src.numel())
         moved = src != dst
         self._move_in_place(src[moved], dst[moved])
-        self.base[blocks] = new_base
         self.top.fill_(src.numel())
+
+    def pack(self) -> None:
+        """Close the holes: move every block's extent down to the front, in pool order (in place)."""
+        blocks = torch.nonzero(self.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)).flatten()
+        blocks = blocks[torch.argsort(self.base[blocks], stable=True)]
+        self._pack_blocks(blocks, self._block_chunk_slots(blocks, self.counts.view(-1, BLOCK)[blocks].long()))
 
     # ----------------------------------------------------------------------------------------------- pruning
     def shrink_rows(self, new_counts: torch.Tensor) -> torch.Tensor:
@@ -209,18 +209,10 @@ class ChunkStore(nn.Module):
         keep = chunks < new_counts[rows]
         kept_slots = slots[keep]
         self.counts[:self.num_rows] = new_counts.to(torch.uint8)
-        if self.fixed_capacity:
-            order = torch.argsort(kept_slots)            # pack in pool order: destinations never pass sources
+        if self.fixed_capacity:  # freed slots are reused in place (grow_rows zeroes them when it takes them)
             blocks = torch.unique(rows[keep] // BLOCK)
-            blocks = blocks[torch.argsort(self.base[blocks], stable=True)]
-            totals = self.counts.view(-1, BLOCK)[blocks].sum(1, dtype=torch.int64)
-            self.base[blocks] = torch.cumsum(totals, 0) - totals
-            src = kept_slots[order]
-            dst = torch.arange(src.numel())
-            moved = src != dst
-            self._move_in_place(src[moved], dst[moved])
-            self._zero_slots(torch.arange(src.numel(), int(self.top)))
-            self.top.fill_(src.numel())
+            src = torch.sort(kept_slots).values
+            self._pack_blocks(blocks[torch.argsort(self.base[blocks], stable=True)], src)
             return src
         self._set_bases_packed()
         self._replace_tensors(kept_slots.numel(), kept_slots, torch.arange(kept_slots.numel()))
@@ -233,8 +225,9 @@ class ChunkStore(nn.Module):
 
         New chunks get ``init(n, chunk_size)`` values (zeros if ``init`` is None) and zeroed per-slot state. A
         growing block moves to the top of the pool; when the top is reached the pool is packed first if the holes
-        left by earlier moves are at least 1/16 of it. A store without a fixed capacity then grows; a fixed-capacity store grows whole blocks, in the order their first
-        row appears in ``rows``, while they fit, and leaves the other rows as they were.
+        left by earlier moves are at least 1/16 of it. A store without a fixed capacity then grows; a
+        fixed-capacity store grows whole blocks, in the order their first row appears in ``rows``, while they fit,
+        and leaves the other rows as they were.
         """
         rows = rows.reshape(-1).long()
         rows = rows[self.row_counts()[rows] < count]
@@ -266,11 +259,11 @@ class ChunkStore(nn.Module):
             blocks, cur, new, size = blocks[fits], cur[fits], new[fits], size[fits]
         if blocks.numel() == 0:
             return rows
-        src, _ = self._block_chunk_slots(blocks, cur)
+        src = self._block_chunk_slots(blocks, cur)
         top = int(self.top)
         self.base[blocks] = top + torch.cumsum(size, 0) - size
         self.counts.view(-1, BLOCK)[blocks] = new.to(torch.uint8)
-        dst, _ = self._block_chunk_slots(blocks, new)
+        dst = self._block_chunk_slots(blocks, new)
         per_row = new.reshape(-1)
         chunk = torch.arange(dst.numel()) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
         is_old = chunk < torch.repeat_interleave(cur.reshape(-1), per_row)
