@@ -1,13 +1,15 @@
-"""Shared benchmark plumbing: locating ../shared/data, writing results, printing tables."""
+"""Shared benchmark plumbing: locating ../shared/data, timing with ``torch.utils.benchmark``, writing results,
+printing tables."""
 from __future__ import annotations
 
 import os
 import platform
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils import benchmark
 
 from compresskit.atomic import write_json
 from compresskit.report import text_table
@@ -26,6 +28,26 @@ def environment() -> dict[str, Any]:
     """Where the numbers were taken."""
     return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+
+
+def timer(fn: Callable[..., Any], *args: Any, label: str = "") -> benchmark.Timer:
+    """A ``torch.utils.benchmark.Timer`` of ``fn(*args)`` at the process's thread count (the Timer's own default is
+    one thread, which would time something other than what the process runs)."""
+    return benchmark.Timer("fn(*args)", globals={"fn": fn, "args": args}, num_threads=torch.get_num_threads(),
+                           label=label)
+
+
+def interleaved_medians_ms(fns: dict[str, Callable[[], Any]], rounds: int, number: int = 3) -> dict[str, float]:
+    """Median milliseconds per call of each function, without autograd. In every round each function in turn is
+    timed by ``Timer.timeit(number)`` (its two warm-up calls, then ``number`` timed calls), so drift in a shared
+    machine's speed hits them alike; the median is over the rounds' per-call means."""
+    timers = {name: timer(fn, label=name) for name, fn in fns.items()}
+    measured: dict[str, list[benchmark.Measurement]] = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, t in timers.items():
+                measured[name].append(t.timeit(number))
+    return {name: benchmark.Measurement.merge(ms)[0].median * 1000 for name, ms in measured.items()}
 
 
 def publish(name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], extra: dict[str, Any]) -> str:

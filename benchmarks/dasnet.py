@@ -5,7 +5,8 @@ sparse execution path at batch 1 and 32, as ratios from the same run. The dense 
 PyTorch runs it, with every conv forced onto oneDNN (the kernel the sparse path uses), with BatchNorm folded into
 the convs (torch.fx) on oneDNN, BatchNorm-folded in channels-last memory format, and BatchNorm-folded with kernels
 prepacked for oneDNN (as the sparse path's prepacked convs run); "best dense / sparse" divides the fastest of the
-five by the sparse time. The speed part runs twice, each in a fresh process: with glibc's
+five by the sparse time. Latencies are medians from ``torch.utils.benchmark`` (``common.interleaved_medians_ms``:
+the models take turns in every round). The speed part runs twice, each in a fresh process: with glibc's
 default allocator and with ``compresskit.keep_freed_memory()`` (freed activations stay in the heap instead of being
 page-faulted in again on every call).
 
@@ -20,19 +21,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import publish  # noqa: E402
+from common import interleaved_medians_ms, publish  # noqa: E402
 from torch.fx.experimental.optimization import fuse  # noqa: E402
 
 import compresskit  # noqa: E402
 from compresskit.models.resnet_cifar import resnet_cifar  # noqa: E402
 from compresskit.models.vgg import vgg  # noqa: E402
-from compresskit.plugins.dasnet import insert_wta, prepacked_batch_sizes, to_sparse_execution  # noqa: E402
+from compresskit.plugins.dasnet import insert_wta, onednn, prepacked_batch_sizes, to_sparse_execution  # noqa: E402
 from compresskit.plugins.dasnet.fuse import folded_batchnorms  # noqa: E402
-from compresskit.plugins.dasnet.sparse_exec import conv2d_onednn, prepack_conv_weight  # noqa: E402
 from compresskit.recipe import validate_recipe  # noqa: E402
 
 
@@ -43,26 +42,26 @@ def accuracy(sparsity: float | None, blocks: int | None, layers: list[str], seed
     recipe = {"model": {"name": "lenet5"}, "data": {"name": "digits"},
               "train": {"epochs": epochs, "batch_size": 64, "seed": seed, "progress": False,
                         "optimizer": {"name": "adam", "lr": 0.002}}, "stages": stages}
-    rec, st = validate_recipe(recipe, require_model=True)
-    return compresskit.run(rec, st).report["training"]["test"]["accuracy"]
+    return compresskit.run(validate_recipe(recipe, require_model=True)).report["training"]["test"]["accuracy"]
 
 
 class OneDNNConv2d(torch.nn.Conv2d):
-    """A dense Conv2d always run on oneDNN: the dense baseline with the same kernel the sparse path uses."""
+    """A dense Conv2d always run on oneDNN: the dense baseline with the same kernel the sparse path uses
+    (``onednn.conv2d``; ``F.conv2d`` where the private operators are unavailable or switched off)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d_onednn(x, self.weight, self.bias, self)
+        return onednn.conv2d(x, self.weight, self.bias, self)
 
 
 class PrepackedConv2d(torch.nn.Conv2d):
     """A dense Conv2d on oneDNN with its kernel prepacked once (channels-last compute), as the sparse path's
-    prepacked convolutions run (``prepack_conv_weight``)."""
+    prepacked convolutions run (``onednn.prepack_conv_weight``; the plain kernel where it cannot prepack)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.__dict__.get("_packed")
-        if packed is None:
-            packed = self.__dict__["_packed"] = prepack_conv_weight(self.weight, self, x.shape)
-        return conv2d_onednn(x, packed, self.bias, self)
+        if "_packed" not in self.__dict__:
+            self.__dict__["_packed"] = onednn.prepack_conv_weight(self.weight, self, x.shape)
+        packed = self.__dict__["_packed"]
+        return onednn.conv2d(x, self.weight if packed is None else packed, self.bias, self)
 
 
 def dense_on_onednn(model: torch.nn.Module, prepacked: bool = False) -> torch.nn.Module:
@@ -86,19 +85,9 @@ class ChannelsLast(torch.nn.Module):
 
 
 def latencies_ms(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median latency (ms) of each model on ``x``; the models take turns in every round, so drift in the shared
-    machine's speed hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for m in models.values():
-            for _ in range(3):
-                m(x)
-        for _ in range(rounds):
-            for name, m in models.items():
-                start = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+    """Median latency (ms) of each model on ``x`` (``torch.utils.benchmark``, see ``interleaved_medians_ms``): the
+    models take turns in every round, so drift in the shared machine's speed hits them alike."""
+    return interleaved_medians_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds)
 
 
 def main() -> None:
@@ -166,7 +155,7 @@ def speed_rows(allocator: str) -> list[dict]:
                 t = latencies_ms({"dense": dense, "dense_onednn": dense_onednn, "dense_folded": dense_folded,
                                   "dense_folded_nhwc": dense_folded_nhwc,
                                   "dense_folded_prepacked": dense_folded_prepacked, "masked": wta, "sparse": sparse},
-                                 x, rounds=60 if batch == 1 else 15)
+                                 x, rounds=20 if batch == 1 else 5)
                 with torch.no_grad():
                     err = float((sparse(x) - wta(x)).abs().max())
                 best_dense = min(t["dense"], t["dense_onednn"], t["dense_folded"], t["dense_folded_nhwc"],
@@ -202,7 +191,10 @@ def speed_table() -> None:
                              "dense BN-folded NHWC ms", "dense BN-folded prepacked ms", "WTA masked ms",
                              "sparse path ms", "compact used", "prepacked", "dense / sparse", "best dense / sparse"],
             [[r[k] for k in keys] for r in runs],
-            {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(), "runs": runs})
+            {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(),
+             "onednn_private_ops": onednn.private_ops_enabled(), "onednn_probe": onednn.probe().reason or "ok",
+             "timing": "torch.utils.benchmark.Timer: per model and round timeit(3) after 2 warm-up calls, models "
+                       "interleaved; median over rounds (20 at batch 1, 5 at batch 32)", "runs": runs})
 
 
 if __name__ == "__main__":

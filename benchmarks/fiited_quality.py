@@ -55,9 +55,9 @@ def recipe(data: dict, method: str, ratio: float, seed: int, optimizer: str = "a
 
 def run_cell(data: dict, method: str, ratio: float, seed: int, optimizer: str) -> dict:
     """Train one (method, ratio) and return its test metrics and measured bytes."""
-    rec, stages = validate_recipe(recipe(data, method, ratio, seed, optimizer), require_model=True)
+    rec = validate_recipe(recipe(data, method, ratio, seed, optimizer), require_model=True)
     try:
-        result = compresskit.run(rec, stages)
+        result = compresskit.run(rec)
     except compresskit.ConfigError as e:  # e.g. uniform below one dimension per row
         return {"error": str(e)}
     stage = result.report["stages"][0]

@@ -40,10 +40,9 @@ from torch import nn  # noqa: E402
 from compresskit.data.synthetic_ctr import (KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCTR,  # noqa: E402
                                            scaled_cardinalities)
 from compresskit.models.dlrm import DLRM  # noqa: E402
-from compresskit.plugin import RunContext  # noqa: E402
-from compresskit.plugins.fiited import FiitedEmbeddingBag, FiitedPlugin, kernels  # noqa: E402
+import compresskit  # noqa: E402
+from compresskit.plugins.fiited import FiitedEmbeddingBag, kernels  # noqa: E402
 from compresskit.plugins.fiited.plugin import FiitedConfig  # noqa: E402
-from compresskit.schema import build  # noqa: E402
 
 DIM, CHUNK, LR, BATCH = 64, 4, 0.01, 4096
 
@@ -222,15 +221,13 @@ def rss_child(steps: int, batch: int, ratio: float, chunk_size: int, interval: i
                                   seed=rows)
 
     model = DLRM(NUM_DENSE, KAGGLE_CARDINALITIES, embedding_dim=DIM, bottom_mlp=[128], top_mlp=[128, 64],
-                 embedding_factory=factory)
-    cfg = build(FiitedConfig, {"target_memory_ratio": ratio, "chunk_size": chunk_size, "lazy": True,
-                               "fused_optimizer": "sgd", "fused_lr": 0.05, "interval": interval,
-                               "start_step": interval, "headroom": 0.1})
-    plugin = FiitedPlugin(cfg)
-    ctx = RunContext(model=model, total_steps=steps)
-    plugin.apply(model, ctx)
+                 tables=[factory(rows, DIM) for rows in KAGGLE_CARDINALITIES])
+    cfg = FiitedConfig(target_memory_ratio=ratio, chunk_size=chunk_size, lazy=True, fused_optimizer="sgd",
+                       fused_lr=0.05, interval=interval, start_step=interval, headroom=0.1)
+    compression = compresskit.prepare(model, cfg, total_steps=steps)
+    plugin = compression.plugins[0]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    ctx.optimizer = optimizer
+    compression.attach_optimizer(optimizer)
     touched = [torch.zeros(m.num_embeddings, dtype=torch.bool) for m in model.embeddings]
     data = SyntheticCTR(KAGGLE_CARDINALITIES, seed=0).stream(batch, seed=1)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -245,8 +242,9 @@ def rss_child(steps: int, batch: int, ratio: float, chunk_size: int, interval: i
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(dense, sparse), label)
         loss.backward()
+        compression.after_backward()
         optimizer.step()
-        plugin.on_step(step, ctx)
+        compression.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     late = sum(int((t & ~m).sum()) for t, m in zip(touched, mid_touched))

@@ -1,4 +1,6 @@
-"""Command line: ``compresskit apply|validate|plan|plugins``. User errors print one line and exit with 2."""
+"""Command line: ``compresskit apply|validate|plugins`` plus the subcommands plugins add (HyPar's ``plan``).
+
+User errors print one line and exit with 2."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +14,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .api import run
     from .recipe import load_recipe
 
-    recipe, stages, raw = load_recipe(args.recipe, args.set)
+    recipe, raw = load_recipe(args.recipe, args.set)
     out_dir = args.out or recipe.output.dir
     try:
-        result = run(recipe, stages, out_dir=out_dir, resume=args.resume, raw=raw)
+        result = run(recipe, out_dir=out_dir, resume=args.resume, raw=raw)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is in {out_dir}/checkpoint.pt; continue with "
               f"`compresskit apply {args.recipe} --resume`", file=sys.stderr)
@@ -31,8 +33,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
 
-    recipe, stages, _ = load_recipe(args.recipe, args.set)
-    names = ", ".join(s.plugin.name for s in stages) or "no stages"
+    recipe, _ = load_recipe(args.recipe, args.set)
+    names = ", ".join(s.plugin.name for s in recipe.stages) or "no stages"
     print(f"{args.recipe}: OK ({names})")
     return 0
 
@@ -48,14 +50,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plugins.hypar.cli import plan_command
-
-    return plan_command(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser for all subcommands."""
+    """The argparse parser for the core's subcommands and every plugin's."""
+    from .registry import available_plugins
+
     parser = argparse.ArgumentParser(prog="compresskit", description="PyTorch model compression toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -74,22 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and their config fields")
     p.set_defaults(func=_cmd_plugins)
 
-    p = sub.add_parser("plan", help="HyPar: plan layer-wise parallelism and write the planner report")
-    p.add_argument("recipe", nargs="?", help="recipe with a hypar stage")
-    p.add_argument("--model", help="paper network (e.g. vgg-e) or model name")
-    p.add_argument("--accelerators", type=int, help="number of accelerators (a power of two)")
-    p.add_argument("--batch", type=int, help="global batch size")
-    p.add_argument("--dtype", help="element type for bytes (float32, float16, bfloat16)")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=_cmd_plan)
+    for plugin in available_plugins().values():
+        plugin.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``compresskit`` console script."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except CompressKitError as e:
         print(f"error: {e}", file=sys.stderr)

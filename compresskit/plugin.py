@@ -1,11 +1,14 @@
 """The plugin base class and the run context the core hands to every hook."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -19,7 +22,6 @@ class RunContext:
     total_steps: int = 0
     out_dir: str | None = None
     sample_input: tuple | None = None     # one batch of model inputs (no label), for tracing and shapes
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Plugin:
@@ -27,6 +29,8 @@ class Plugin:
 
     Subclasses set ``name``, ``description``, ``Config`` (a dataclass built by :mod:`compresskit.schema`) and
     override the hooks they need. ``kind = "analysis"`` plugins leave the model unchanged and need no training.
+    ``path`` is where the config came from (``stages[0]`` in a recipe, the plugin's name otherwise): errors a hook
+    raises through :meth:`error` name the field the user has to change.
     """
 
     name: ClassVar[str] = ""
@@ -34,8 +38,20 @@ class Plugin:
     Config: ClassVar[type]
     kind: ClassVar[Literal["transform", "analysis"]] = "transform"
 
+    path: str = ""
+
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    def error(self, field: str, message: str) -> ConfigError:
+        """A ConfigError for config field ``field`` of this stage (``stages[0].lazy: ...``)."""
+        path = self.path or self.name
+        return ConfigError(f"{path}.{field}" if field else path, message)
+
+    @classmethod
+    def add_commands(cls, subparsers: argparse._SubParsersAction) -> None:
+        """Add this plugin's own ``compresskit`` subcommands. Each sets ``func(args) -> exit status`` as its default;
+        raising a CompressKitError prints one line and exits with 2."""
 
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Transform the model before training (e.g. swap modules). Returns the model to train."""

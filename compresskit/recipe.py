@@ -9,7 +9,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import ConfigError
-from .schema import build, option
+from .plugin import Plugin
+from .schema import build, option, to_dict
 
 
 @dataclass
@@ -45,7 +46,9 @@ class TrainConfig:
     """Training settings shared by every plugin."""
 
     epochs: int = option(1, help="passes over the training split", min=0)
-    batch_size: int = option(256, help="training batch size", min=1)
+    batch_size: int = option(256, help="training batch size (one micro-batch when accumulating)", min=1)
+    accumulate_grad_batches: int = option(1, help="micro-batches whose gradients are summed per optimizer step "
+                                                  "(each loss divided by this)", min=1)
     eval_batch_size: int = option(4096, help="evaluation batch size", min=1)
     optimizer: OptimizerConfig = option({}, help="optimizer settings")
     seed: int = option(0, help="seed for initialisation and shuffling", min=0)
@@ -62,50 +65,63 @@ class OutputConfig:
     dir: str = option("runs/compresskit", help="output folder for model.pt, report.json, report.md")
 
 
-@dataclass
-class Recipe:
-    """A validated recipe: model, data, training and the ordered list of plugin stages."""
-
-    model: Optional[ModelConfig] = option(None, help="model to build (optional with the Python API)")
-    data: Optional[DataConfig] = option(None, help="dataset (optional for analysis-only recipes)")
-    train: Optional[TrainConfig] = option(None, help="training settings (omit to skip training)")
-    stages: list[dict[str, Any]] = option([], help="plugin stages, applied in order")
-    output: OutputConfig = option({}, help="output settings")
-
-
-@dataclass
 class Stage:
-    """One validated stage: the plugin class and its typed config."""
+    """One validated stage: the plugin class, its typed config and where it sits in the recipe (``stages[0]``)."""
 
-    plugin: type
-    config: Any
+    type_name = "mapping with a 'plugin' key and that plugin's fields"
 
+    def __init__(self, plugin: type[Plugin], config: Any, path: str | None = None) -> None:
+        self.plugin, self.config = plugin, config
+        self.path = path or plugin.name
 
-def parse_stages(raw: list[dict[str, Any]]) -> list[Stage]:
-    """Validate each stage against its plugin's config dataclass."""
-    from .registry import get_plugin
+    @classmethod
+    def from_config(cls, item: Any, path: str) -> "Stage":
+        """Validate ``{'plugin': name, **fields}`` against the named plugin's Config."""
+        from .registry import get_plugin
 
-    stages = []
-    for i, item in enumerate(raw):
-        path = f"stages[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(path, f"got {item!r}, expected a mapping with a 'plugin' key")
         if "plugin" not in item:
             raise ConfigError(f"{path}.plugin", "required field is missing (name of the plugin to apply)")
         if not isinstance(item["plugin"], str):
             raise ConfigError(f"{path}.plugin", f"got {item['plugin']!r}, expected a plugin name")
-        cls = get_plugin(item["plugin"], f"{path}.plugin")
-        body = {k: v for k, v in item.items() if k != "plugin"}
-        stages.append(Stage(cls, build(cls.Config, body, path)))
-    return stages
+        plugin = get_plugin(item["plugin"], f"{path}.plugin")
+        return cls(plugin, build(plugin.Config, {k: v for k, v in item.items() if k != "plugin"}, path), path)
+
+    def instantiate(self) -> Plugin:
+        """A fresh plugin instance for this stage, knowing its recipe path for errors."""
+        plugin = self.plugin(self.config)
+        plugin.path = self.path
+        return plugin
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plugin": self.plugin.name, **to_dict(self.config)}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stage) and (self.plugin, self.config, self.path) == \
+            (other.plugin, other.config, other.path)
+
+    def __repr__(self) -> str:
+        return f"Stage({self.plugin.name}, {self.config!r}, path={self.path!r})"
 
 
-def validate_recipe(data: Any, *, require_model: bool = False) -> tuple[Recipe, list[Stage]]:
-    """Validate a recipe dict; returns the typed recipe and its stages. Raises ConfigError."""
+@dataclass
+class Recipe:
+    """A validated recipe: model, data, training and the ordered list of typed plugin stages."""
+
+    model: Optional[ModelConfig] = option(None, help="model to build (optional with the Python API)")
+    data: Optional[DataConfig] = option(None, help="dataset (optional for analysis-only recipes)")
+    train: Optional[TrainConfig] = option(None, help="training settings (omit to skip training)")
+    stages: list[Stage] = option([], help="plugin stages, applied in order")
+    output: OutputConfig = option({}, help="output settings")
+
+
+def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:
+    """Validate a recipe dict into a typed :class:`Recipe` (stages included). Raises ConfigError."""
     if data is None:
         raise ConfigError("", "the recipe is empty")
     recipe = build(Recipe, data)
-    stages = parse_stages(recipe.stages)
+    stages = recipe.stages
     needs_model = recipe.train is not None or any(s.plugin.kind == "transform" for s in stages) or not stages
     if require_model and needs_model and recipe.model is None:
         raise ConfigError("model", "required field is missing (a model is needed to run a recipe from a file)")
@@ -118,7 +134,7 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> tuple[Recipe, 
     needs_training = any(s.plugin.kind == "transform" for s in stages)
     if recipe.train is not None and recipe.data is None and needs_training and require_model:
         raise ConfigError("data", "required field is missing (training needs a dataset)")
-    return recipe, stages
+    return recipe
 
 
 def read_yaml(path: str) -> Any:
@@ -174,13 +190,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_recipe(path: str, overrides: list[str] | None = None, *, require_model: bool = True
-                ) -> tuple[Recipe, list[Stage], dict[str, Any]]:
-    """Read, override and validate a recipe file. Returns (recipe, stages, raw dict after overrides)."""
+                ) -> tuple[Recipe, dict[str, Any]]:
+    """Read, ``--set``-override and validate a recipe file. Returns (recipe, raw dict after overrides)."""
     raw = read_yaml(path)
     if raw is None:
         raise ConfigError("recipe", f"'{path}' is empty")
     if not isinstance(raw, dict):
         raise ConfigError("recipe", f"'{path}' must hold a mapping at top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
-    recipe, stages = validate_recipe(raw, require_model=require_model)
-    return recipe, stages, raw
+    return validate_recipe(raw, require_model=require_model), raw

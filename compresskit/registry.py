@@ -1,59 +1,113 @@
-"""Plugin registry: name -> plugin class, for built-ins and for third-party packages via entry points.
+"""Registries: one :class:`Registry` type for plugins, models, datasets and HyPar's paper networks.
 
-A third-party package declares ``[project.entry-points."compresskit.plugins"] myplugin = "mypkg:MyPlugin"``.
+Plugins (built-in and third-party alike) come from the ``compresskit.plugins`` entry-point group; a package
+declares ``[project.entry-points."compresskit.plugins"] myplugin = "mypkg:MyPlugin"``. The core imports no plugin.
 """
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 from .errors import ConfigError
 from .plugin import Plugin
 from .schema import suggest
 
+T = TypeVar("T")
 ENTRY_POINT_GROUP = "compresskit.plugins"
-_PLUGINS: dict[str, type[Plugin]] = {}
-_entry_points_loaded = False
 
 
-def register_plugin(cls: type[Plugin]) -> type[Plugin]:
-    """Class decorator: make ``cls`` available to recipes under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"plugin class {cls.__name__} has no name")
-    existing = _PLUGINS.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"plugin name '{cls.name}' is taken by {existing.__module__}.{existing.__name__}")
-    _PLUGINS[cls.name] = cls
-    return cls
+class Registry(Generic[T]):
+    """Named entries of one kind; an unknown name is a ConfigError naming the field, a close match and the choices.
+
+    ``populate`` runs once, at the first lookup (imports that register entries, or entry-point loading); ``more``
+    names what else the field accepts (appended to the list of choices in errors).
+    """
+
+    def __init__(self, kind: str, field: str, populate: Callable[[], None] | None = None, more: str = "") -> None:
+        self.kind, self.field, self.more = kind, field, more
+        self._entries: dict[str, T] = {}
+        self._populate = populate
+
+    def _ready(self) -> dict[str, T]:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate()
+        return self._entries
+
+    def add(self, name: str, entry: T) -> T:
+        """Register ``entry`` under ``name``; a different entry under a taken name is an error."""
+        existing = self._entries.get(name)
+        if existing is not None and existing is not entry:
+            raise ValueError(f"{self.kind} name '{name}' is taken by {existing!r}")
+        self._entries[name] = entry
+        return entry
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator form of :meth:`add`."""
+        return lambda entry: self.add(name, entry)
+
+    def get(self, name: str, path: str | None = None) -> T:
+        """The entry called ``name``; ``path`` (default: the registry's field) is the recipe field for errors."""
+        entries = self._ready()
+        if name not in entries:
+            raise unknown_name(self.kind, name, entries, path or self.field, self.more)
+        return entries[name]
+
+    def items(self) -> dict[str, T]:
+        """All entries, sorted by name."""
+        return dict(sorted(self._ready().items()))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ready()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.items())
 
 
-def _load_builtins() -> None:
-    from .plugins import dasnet, fiited, hypar  # noqa: F401  (importing registers them)
+def unknown_name(kind: str, name: str, choices: Iterable[str], path: str, more: str = "") -> ConfigError:
+    """The one 'unknown <kind>' error: the value, the closest choice and all choices."""
+    names = sorted(choices)
+    listed = ", ".join(names) + (f", {more}" if more else "")
+    return ConfigError(path, f"unknown {kind} '{name}'{suggest(str(name), names)}; available: {listed}")
 
 
 def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        cls = ep.load()
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken third-party package: name it instead of a deep traceback
+            raise ConfigError(f"entry point {ep.name}", f"cannot load {ep.value}: {type(e).__name__}: {e}") from e
         if not (isinstance(cls, type) and issubclass(cls, Plugin)):
             raise ConfigError(f"entry point {ep.name}", f"{ep.value} is not a compresskit.Plugin subclass")
         if not cls.name:
             cls.name = ep.name
-        register_plugin(cls)
+        PLUGINS.add(cls.name, cls)
+
+
+PLUGINS: Registry[type[Plugin]] = Registry("plugin", "plugin", _load_entry_points)
+
+
+def register_plugin(cls: type[Plugin]) -> type[Plugin]:
+    """Class decorator: make ``cls`` available to recipes under ``cls.name`` (entry points do this for packages)."""
+    if not cls.name:
+        raise ValueError(f"plugin class {cls.__name__} has no name")
+    return PLUGINS.add(cls.name, cls)
 
 
 def available_plugins() -> dict[str, type[Plugin]]:
-    """All registered plugins, built-in and third-party, by name."""
-    _load_builtins()
-    _load_entry_points()
-    return dict(sorted(_PLUGINS.items()))
+    """All registered plugins, from entry points and :func:`register_plugin`, by name."""
+    return PLUGINS.items()
 
 
 def get_plugin(name: str, path: str = "plugin") -> type[Plugin]:
     """The plugin class registered as ``name``; a ConfigError with a close-match suggestion otherwise."""
-    plugins = available_plugins()
-    if name not in plugins:
-        raise ConfigError(path, f"unknown plugin '{name}'{suggest(name, plugins)}; available: {', '.join(plugins)}")
-    return plugins[name]
+    return PLUGINS.get(name, path)
+
+
+def plugin_for_config(config: object) -> type[Plugin]:
+    """The plugin whose ``Config`` class ``config`` is an instance of."""
+    for cls in available_plugins().values():
+        if type(config) is getattr(cls, "Config", None):
+            return cls
+    raise ConfigError("config", f"{type(config).__name__} is not the Config of any registered plugin "
+                                f"({', '.join(available_plugins())})")

@@ -16,7 +16,8 @@ from torch import nn
 
 from .data import DataBundle, load_dataset
 from .errors import ConfigError
-from .models import available_models
+from .models import MODELS
+from .registry import unknown_name
 from .schema import suggest
 
 
@@ -39,7 +40,7 @@ def _torchvision_factory(name: str) -> Callable[..., nn.Module]:
                                         f"(pip install compresskit[vision]); import failed: {e}") from None
     names = tvm.list_models()
     if name not in names:
-        raise ConfigError("model.name", f"unknown torchvision model '{name}'{suggest(name, names)}")
+        raise unknown_name("torchvision model", name, names, "model.name")
     return lambda **kw: tvm.get_model(name, **kw)
 
 
@@ -49,11 +50,7 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
         return _torchvision_factory(name.split(":", 1)[1])
     if ":" in name:
         return _import_factory(name)
-    models = available_models()
-    if name not in models:
-        raise ConfigError("model.name", f"unknown model '{name}'{suggest(name, models)}; available: "
-                                        f"{', '.join(models)}, 'pkg.module:factory' or 'torchvision:<name>'")
-    return models[name]
+    return MODELS.get(name)
 
 
 def resolve_model(cfg: Any, data_info: dict[str, Any] | None = None) -> nn.Module:

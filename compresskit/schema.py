@@ -50,6 +50,8 @@ def describe_type(tp: Any) -> str:
         return f"list of {describe_type(get_args(tp)[0])}" if get_args(tp) else "list"
     if origin is dict:
         return "mapping"
+    if hasattr(tp, "type_name"):
+        return tp.type_name
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -95,6 +97,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(path, f"got {_fmt(value)}, expected a mapping")
         return dict(value)
+    if hasattr(tp, "from_config"):  # a type that validates itself (a recipe stage: plugin name + its config)
+        return tp.from_config(value, path)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     if tp is bool:
@@ -178,5 +182,13 @@ def fields_help(cls: type) -> list[dict[str, str]]:
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclass config -> plain dict (for reports and checkpoints)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """Typed config -> plain dict that :func:`build` takes back (for reports, checkpoints and re-validation)."""
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,10 +1,10 @@
-"""The one train/eval loop used by every plugin: progress bar, metrics, atomic checkpoints and exact resume."""
+"""The built-in train/eval loop used by every plugin: progress bar, metrics, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,10 @@ from tqdm.auto import tqdm
 from .atomic import torch_save
 from .errors import ConfigError
 from .metrics import accuracy, log_loss, roc_auc
-from .plugin import Plugin, RunContext
 from .resolve import build_optimizer
+
+if TYPE_CHECKING:
+    from .compression import Compression
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -56,22 +58,57 @@ def evaluate(model: nn.Module, dataset: TensorDataset, task: str, batch_size: in
     return {"accuracy": accuracy(y, out.argmax(1)), "loss": float(F.cross_entropy(out, y))}
 
 
-class Trainer:
-    """Trains ``model`` on a DataBundle with the recipe's TrainConfig, calling plugin hooks every step."""
+def grouped(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    group: list = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
-    def __init__(self, model: nn.Module, data, train_cfg: Any, plugins: Sequence[Plugin], ctx: RunContext,
-                 out_dir: str | None = None) -> None:
-        self.model, self.data, self.cfg, self.plugins, self.ctx = model, data, train_cfg, list(plugins), ctx
-        self.out_dir = out_dir
-        n = len(data.train)
-        self.steps_per_epoch = math.ceil(n / train_cfg.batch_size)
-        total = self.steps_per_epoch * train_cfg.epochs
-        self.total_steps = min(total, train_cfg.max_steps) if train_cfg.max_steps else total
-        self.optimizer = build_optimizer(train_cfg.optimizer, model.parameters())
-        ctx.optimizer = self.optimizer
-        ctx.total_steps = self.total_steps
-        self.step = 0
+
+def planned_steps(cfg: Any, n_train: int) -> int:
+    """Optimizer steps a TrainConfig runs on ``n_train`` samples (epochs of micro-batches, capped by max_steps)."""
+    total = steps_per_epoch(cfg, n_train) * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def steps_per_epoch(cfg: Any, n_train: int) -> int:
+    """Optimizer steps in one epoch: the epoch's micro-batches in groups of ``accumulate_grad_batches``."""
+    return math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.accumulate_grad_batches)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded sample order of one epoch (a fixed function of seed and epoch, so a resume continues it)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+class Trainer:
+    """The built-in loop of ``compresskit apply``: trains ``compression.model`` on a DataBundle with the recipe's
+    TrainConfig, driving the :class:`~compresskit.compression.Compression` handle like a user's loop would."""
+
+    def __init__(self, compression: Compression, data, train_cfg: Any, out_dir: str | None = None,
+                 fingerprint: str = "") -> None:
+        self.compression, self.data, self.cfg = compression, data, train_cfg
+        self.out_dir, self.fingerprint = out_dir, fingerprint
+        self.steps_per_epoch = steps_per_epoch(train_cfg, len(data.train))
+        self.total_steps = planned_steps(train_cfg, len(data.train))
+        compression.ctx.total_steps = self.total_steps
+        self.optimizer = build_optimizer(train_cfg.optimizer, self.model.parameters())
+        compression.attach_optimizer(self.optimizer)
         self.history: list[dict[str, float]] = []
+
+    @property
+    def model(self) -> nn.Module:
+        return self.compression.model
+
+    @property
+    def step(self) -> int:
+        return self.compression.steps
 
     @property
     def checkpoint_path(self) -> str | None:
@@ -85,10 +122,10 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "plugins": [p.state_dict() for p in self.plugins],
+            "compression": self.compression.state_dict(),
             "rng": torch.get_rng_state(),
             "history": self.history,
-            "fingerprint": self.ctx.extras.get("fingerprint", ""),
+            "fingerprint": self.fingerprint,
         })
 
     def load_checkpoint(self) -> bool:
@@ -97,54 +134,47 @@ class Trainer:
         if not path or not os.path.exists(path):
             return False
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint", "") != self.ctx.extras.get("fingerprint", ""):
+        if state.get("fingerprint", "") != self.fingerprint:
             raise ConfigError("--resume", f"'{path}' was written by a different recipe (model, data, stages or "
                                           f"optimizer differ); use another output.dir or drop --resume")
         self.model.load_state_dict(state["model"])
-        # loading may replace parameters of a new size (e.g. a compacted FIITED pool): rebuild the optimizer
+        # loading may replace parameters by ones of another size: the optimizer is built on the loaded ones
         self.optimizer = build_optimizer(self.cfg.optimizer, self.model.parameters())
-        self.ctx.optimizer = self.optimizer
         self.optimizer.load_state_dict(state["optimizer"])
-        for plugin, pstate in zip(self.plugins, state["plugins"]):
-            plugin.load_state_dict(pstate)
+        self.compression.attach_optimizer(self.optimizer)
+        self.compression.load_state_dict(state["compression"])
         torch.set_rng_state(state["rng"])
-        self.step = int(state["step"])
         self.history = list(state.get("history", []))
         return True
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data.train), generator=gen)
-
     def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps`` (continuing from ``self.step``) and return a summary with val/test metrics."""
+        """Train to ``total_steps`` (continuing from the current step) and return a summary with val/test metrics."""
         start_time = time.perf_counter()
-        task = self.data.task
+        task, cfg, accumulate = self.data.task, self.cfg, self.cfg.accumulate_grad_batches
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.cfg.progress, dynamic_ncols=True)
+                   disable=not cfg.progress, dynamic_ncols=True)
         self.model.train()
         running = None
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
-            order = self._epoch_order(epoch)[skip * self.cfg.batch_size:]
-            for inputs, label in batches(self.data.train, self.cfg.batch_size, order):
+            order = epoch_order(len(self.data.train), cfg.seed, epoch)[skip * accumulate * cfg.batch_size:]
+            for group in grouped(batches(self.data.train, cfg.batch_size, order), accumulate):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = task_loss(self.model(*inputs), label, task)
-                loss.backward()
-                self.step += 1
-                for p in self.plugins:
-                    p.on_after_backward(self.step, self.ctx)
+                value = 0.0
+                for inputs, label in group:
+                    loss = task_loss(self.model(*inputs), label, task) / accumulate
+                    loss.backward()
+                    value += loss.item()
+                self.compression.after_backward()
                 self.optimizer.step()
-                for p in self.plugins:
-                    p.on_step(self.step, self.ctx)
-                value = loss.item()
+                self.compression.step()
                 running = value if running is None else 0.98 * running + 0.02 * value
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}")
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 if end_of_epoch:
                     self.history.append({"epoch": epoch + 1, "step": self.step, "train_loss": running})
-                if self.step % self.cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
+                if self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:
                     break
@@ -152,6 +182,6 @@ class Trainer:
         summary: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start_time,
                                    "train_loss": running, "history": self.history}
         if self.data.val is not None:
-            summary["val"] = evaluate(self.model, self.data.val, task, self.cfg.eval_batch_size)
-        summary["test"] = evaluate(self.model, self.data.test, task, self.cfg.eval_batch_size)
+            summary["val"] = evaluate(self.model, self.data.val, task, cfg.eval_batch_size)
+        summary["test"] = evaluate(self.model, self.data.test, task, cfg.eval_batch_size)
         return summary

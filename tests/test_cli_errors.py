@@ -49,7 +49,7 @@ CASES = [
     ("stages not a list", GOOD.split("stages:")[0] + "stages: fiited\noutput: {dir: OUT}\n",
      "stages: got 'fiited', expected list of mapping"),
     ("chunk does not divide dim", GOOD.replace("chunk_size: 4", "chunk_size: 3"),
-     "fiited: embeddings.0: embedding_dim 8 is not a multiple of chunk_size 3"),
+     "stages[0]: embeddings.0: embedding_dim 8 is not a multiple of chunk_size 3"),
     ("empty recipe", "", "is empty"),
     ("missing model", GOOD.replace("model: {name: dlrm, args: {embedding_dim: 8}}\n", ""),
      "model: required field is missing"),

@@ -62,9 +62,9 @@ def test_insert_wta_by_pattern_adds_no_parameters():
 def test_missing_layer_is_a_recipe_error():
     recipe = {"model": {"name": "lenet5"}, "data": {"name": "digits"},
               "stages": [{"plugin": "dasnet", "layers": ["classifier.9"]}]}
-    rec, stages = compresskit.validate_recipe(recipe, require_model=True)
-    with pytest.raises(compresskit.ConfigError, match=r"dasnet.layers: 'classifier.9' matches no ReLU"):
-        compresskit.run(rec, stages)
+    rec = compresskit.validate_recipe(recipe, require_model=True)
+    with pytest.raises(compresskit.ConfigError, match=r"stages\[0\].layers: 'classifier.9' matches no ReLU"):
+        compresskit.run(rec)
 
 
 @pytest.mark.parametrize("blocks", [None, 2, 4])
@@ -247,8 +247,8 @@ def test_recipe_composes_wta_pruning_and_int8(tmp_path):
     recipe = {"model": {"name": "lenet5"}, "data": {"name": "digits"},
               "train": {"epochs": 3, "batch_size": 64, "progress": False, "optimizer": {"name": "adam", "lr": 0.002}},
               "stages": [{"plugin": "dasnet", "sparsity": 0.5, "weight_pruning": 0.5, "quantize": "int8"}]}
-    rec, stages = compresskit.validate_recipe(recipe, require_model=True)
-    result = compresskit.run(rec, stages, out_dir=str(tmp_path))
+    rec = compresskit.validate_recipe(recipe, require_model=True)
+    result = compresskit.run(rec, out_dir=str(tmp_path))
     stage = result.report["stages"][0]
     assert stage["wta_layers"] == 4 and stage["int8_linear_layers"] == 3
     assert stage["weight_zero_fraction"] == pytest.approx(0.5, abs=0.01)

@@ -43,8 +43,8 @@ def test_planted_model_is_learnable():
     recipe = {"model": {"name": "dlrm", "args": {"embedding_dim": 8}},
               "data": {"name": "synthetic-ctr", "args": {"num_samples": 30_000, "cardinality_scale": 0.0005}},
               "train": {"epochs": 1, "batch_size": 256, "progress": False}}
-    rec, stages = compresskit.validate_recipe(recipe, require_model=True)
-    auc = compresskit.run(rec, stages).report["training"]["test"]["auc"]
+    rec = compresskit.validate_recipe(recipe, require_model=True)
+    auc = compresskit.run(rec).report["training"]["test"]["auc"]
     assert auc > 0.7          # clicks follow the planted ids and dense features, so a DLRM learns them
 
 
@@ -101,6 +101,16 @@ def test_metrics_against_definitions():
     assert roc_auc(y, s) == pytest.approx(expected)
     assert log_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.2])) == pytest.approx(
         -(np.log(0.9) + np.log(0.8)) / 2)
+    assert np.isnan(roc_auc(np.ones(3), np.arange(3.0)))
+
+
+def test_log_loss_matches_scikit_learn():
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(5000, generator=gen, dtype=torch.float64) * 0.998 + 0.001
+    y = (torch.rand(5000, generator=gen) < p).double()
+    assert log_loss(y, p) == pytest.approx(sk_log_loss(y.numpy(), p.numpy()), rel=1e-12)
 
 
 def test_recipe_docs_cover_every_field():

@@ -22,8 +22,7 @@ def _recipe(method: str, ratio: float = 0.2, **stage) -> dict:
 
 
 def _run(recipe: dict):
-    rec, stages = compresskit.validate_recipe(recipe, require_model=True)
-    return compresskit.run(rec, stages)
+    return compresskit.run(compresskit.validate_recipe(recipe, require_model=True))
 
 
 def test_in_training_pruning_reaches_target_and_frees_memory():
@@ -136,19 +135,16 @@ def test_python_api_on_an_existing_model():
 def test_lazy_tables_prune_to_make_room_and_late_rows_get_chunks():
     """Lazy pools fill first come, first served; then every full table is pruned on the grid, so rows first seen
     late in training still get chunks, and no pool ever exceeds its capacity."""
-    from compresskit.plugin import RunContext
-    from compresskit.plugins.fiited import FiitedEmbeddingBag, FiitedPlugin
-    from compresskit.plugins.fiited.plugin import FiitedConfig
-    from compresskit.schema import build
+    from compresskit.plugins.fiited import FiitedConfig, FiitedEmbeddingBag
 
     torch.manual_seed(0)
     tables = [FiitedEmbeddingBag(rows, 8, chunk_size=4, lazy=True, capacity=cap, init_std=0.1, seed=rows)
               for rows, cap in [(400, 60), (3000, 300)]]
     model = torch.nn.ModuleList(tables)
-    plugin = FiitedPlugin(build(FiitedConfig, {"chunk_size": 4, "lazy": True, "fused_optimizer": "sgd",
-                                               "fused_lr": 0.1, "interval": 5, "start_step": 5, "headroom": 0.2}))
-    ctx = RunContext(model=model, total_steps=60)
-    plugin.apply(model, ctx)
+    compression = compresskit.prepare(model, FiitedConfig(chunk_size=4, lazy=True, fused_optimizer="sgd",
+                                                          fused_lr=0.1, interval=5, start_step=5, headroom=0.2),
+                                      total_steps=60)
+    plugin = compression.plugins[0]
     gen = torch.Generator().manual_seed(1)
     first_seen = [torch.full((t.num_embeddings,), -1) for t in tables]
     for step in range(1, 61):
@@ -158,7 +154,8 @@ def test_lazy_tables_prune_to_make_room_and_late_rows_get_chunks():
             seen[ids[seen[ids] < 0]] = step
             loss = loss + t(ids, torch.arange(64)).pow(2).mean()
         loss.backward()
-        plugin.on_step(step, ctx)
+        compression.after_backward()
+        compression.step()
         assert all(t.store.live <= t.store.capacity for t in tables)
     assert len(plugin.rounds) >= 5                                   # pruning happened again and again
     late = [(seen > 30) & (t.row_chunk_counts() > 0) for t, seen in zip(tables, first_seen)]

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..errors import ConfigError
+from ..registry import Registry
 from ..schema import suggest
 
 
@@ -33,14 +34,18 @@ class DatasetEntry:
     description: str
 
 
-_DATASETS: dict[str, DatasetEntry] = {}
+def _import_builtins() -> None:
+    from . import adult, criteo, images, movielens, synthetic_ctr  # noqa: F401  (registration)
+
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset", "data.name", _import_builtins)
 
 
 def register_dataset(name: str, *, needs_path: bool, description: str):
     """Decorator: register ``loader(path, seed, **args) -> DataBundle`` under ``name``."""
 
     def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
-        _DATASETS[name] = DatasetEntry(fn, needs_path, description)
+        DATASETS.add(name, DatasetEntry(fn, needs_path, description))
         return fn
 
     return deco
@@ -48,7 +53,7 @@ def register_dataset(name: str, *, needs_path: bool, description: str):
 
 def available_datasets() -> dict[str, DatasetEntry]:
     """Registered datasets by name."""
-    return dict(sorted(_DATASETS.items()))
+    return DATASETS.items()
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> tuple[torch.Tensor, ...]:
@@ -69,12 +74,7 @@ def bundle_from_tensors(tensors: tuple[torch.Tensor, ...], task: str, info: dict
 
 def check_data_config(cfg: Any) -> None:
     """Validate a DataConfig: known dataset, path present and existing where needed, loader arguments known."""
-    from . import adult, criteo, images, movielens, synthetic_ctr  # noqa: F401  (registration)
-
-    if cfg.name not in _DATASETS:
-        raise ConfigError("data.name", f"unknown dataset '{cfg.name}'{suggest(cfg.name, _DATASETS)}; "
-                                       f"available: {', '.join(sorted(_DATASETS))}")
-    entry = _DATASETS[cfg.name]
+    entry = DATASETS.get(cfg.name)
     if entry.needs_path:
         if not cfg.path:
             raise ConfigError("data.path", f"required for dataset '{cfg.name}' (folder or file in upstream format)")
@@ -91,7 +91,7 @@ def check_data_config(cfg: Any) -> None:
 def load_dataset(cfg: Any, seed: int = 0) -> DataBundle:
     """Load the dataset a DataConfig names (validated first)."""
     check_data_config(cfg)
-    entry = _DATASETS[cfg.name]
+    entry = DATASETS.get(cfg.name)
     try:
         return entry.loader(path=cfg.path, seed=seed, **cfg.args)
     except (ValueError, TypeError) as e:

@@ -5,21 +5,22 @@ from typing import Callable
 
 from torch import nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+from ..registry import Registry
+
+
+def _import_builtins() -> None:
+    from . import dlrm, lenet, resnet_cifar, vgg  # noqa: F401  (registration)
+
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model.name", _import_builtins,
+                                                  more="'pkg.module:factory' or 'torchvision:<name>'")
 
 
 def register_model(name: str):
     """Decorator: register a factory ``fn(**args) -> nn.Module`` under ``name``."""
-
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _MODELS[name] = fn
-        return fn
-
-    return deco
+    return MODELS.register(name)
 
 
 def available_models() -> dict[str, Callable[..., nn.Module]]:
     """Registered model factories by name."""
-    from . import dlrm, lenet, resnet_cifar, vgg  # noqa: F401  (registration)
-
-    return dict(sorted(_MODELS.items()))
+    return MODELS.items()

@@ -2,7 +2,7 @@
 interaction, top MLP producing one logit."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -24,23 +24,27 @@ class DLRM(nn.Module):
     """Deep Learning Recommendation Model with dot interaction; ``forward(dense, sparse) -> logits [B]``.
 
     ``sparse`` is an int64 tensor [B, num_features] of one id per feature (Criteo-style single-valued features).
+    ``tables`` (optional) are the embedding modules to use, one per feature, each called as ``table(ids, offsets)``
+    (as TorchRec's DLRM takes its EmbeddingBagCollection); by default, ``nn.EmbeddingBag`` tables are built.
     """
 
     def __init__(self, num_dense: int, cardinalities: list[int], embedding_dim: int = 16,
                  bottom_mlp: list[int] | None = None, top_mlp: list[int] | None = None,
-                 embedding_factory: Callable[[int, int], nn.Module] | None = None) -> None:
+                 tables: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         bottom = list(bottom_mlp or [64])
         top = list(top_mlp or [64])
         self.embedding_dim = embedding_dim
         self.bottom = mlp([num_dense, *bottom, embedding_dim], final_activation=True) if num_dense else None
-        if embedding_factory is None:
+        if tables is None:
             self.embeddings = nn.ModuleList(nn.EmbeddingBag(c, embedding_dim, mode="sum") for c in cardinalities)
             for emb in self.embeddings:
                 bound = emb.num_embeddings ** -0.5
                 nn.init.uniform_(emb.weight, -bound, bound)
-        else:  # e.g. lazily allocated FIITED bags for tables too large to materialise densely
-            self.embeddings = nn.ModuleList(embedding_factory(c, embedding_dim) for c in cardinalities)
+        else:
+            if len(tables) != len(cardinalities):
+                raise ValueError(f"got {len(tables)} tables for {len(cardinalities)} sparse features")
+            self.embeddings = nn.ModuleList(tables)
         n = len(cardinalities) + (1 if num_dense else 0)
         self._tri = torch.triu_indices(n, n, offset=1)
         top_in = n * (n - 1) // 2 + (embedding_dim if num_dense else 0)

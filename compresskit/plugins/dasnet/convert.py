@@ -6,16 +6,20 @@ compact form on to the layer behind it). BatchNorms (and ReLUs) right after a wr
 (``fuse``). Whether all that beats the masked dense model depends on the net, the batch size and the CPU, so each
 batch size in ``batch_sizes`` is timed both ways and the compact path kept only where it is faster; where no batch
 size gains, the model is left exactly as it was. Where the compact path is kept, it is timed once more with the
-convolution kernels prepacked for oneDNN (``sparse_exec.prepack_conv_weight``), kept where that is faster still.
+convolution kernels prepacked for oneDNN (``onednn.prepack_conv_weight``), kept where that is faster still; where
+``onednn`` cannot prepack (private operators missing or switched off), that step is skipped. Timings are medians
+of a few single calls, each after warm-up calls, taken with ``torch.utils.benchmark.Timer`` at the process's thread
+count.
 """
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
 import torch
 from torch import nn
+from torch.utils import benchmark
 
+from . import onednn
 from .compact import ChannelSparse, channels_last, densify
 from .fuse import fold_batchnorm, unfold_batchnorm
 from .sparse_exec import POOLS, SparseConv2d, SparseLinear, SparsePool
@@ -58,15 +62,13 @@ def _receivers(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> list[str]:
     return found
 
 
-def _best_time(model: nn.Module, x: tuple[torch.Tensor, ...], repeats: int = 7) -> float:
+def _median_time(model: nn.Module, x: tuple[torch.Tensor, ...], repeats: int = 3) -> float:
+    """Median seconds of ``repeats`` single calls ``model(*x)`` without autograd, each measured by
+    ``Timer.timeit(1)`` after its two warm-up calls (9 calls in all: the tuner runs inside tests and conversions).
+    The Timer runs at the process's thread count (its default would be one thread)."""
+    timer = benchmark.Timer("model(*x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
     with torch.no_grad():
-        model(*x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(*x)
-            times.append(time.perf_counter() - start)
-    return min(times)
+        return benchmark.Measurement.merge([timer.timeit(1) for _ in range(repeats)])[0].median
 
 
 def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batch_sizes: Iterable[int] = (1,),
@@ -77,7 +79,8 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
     (cycled) and timed with the compact path and with the masked dense one; the compact path is used for the batch
     sizes where it is faster. With ``force`` it is always used (tests). ``fold``: fold BatchNorm / ReLU into the
     wrapped convs where the traced graph allows (see ``fuse``). ``prepack``: try prepacked conv kernels for each
-    batch size run compactly (with ``force``: use them for every size in ``batch_sizes``); the choice is in each
+    batch size run compactly (with ``force``: use them for every size in ``batch_sizes``), where ``onednn`` can
+    prepack (``onednn.prepack_available``; else no batch size gets them); the choice is in each
     ``SparseConv2d.prepacked_batches``. The compact path runs in eval mode without autograd (``torch.no_grad`` /
     ``inference_mode``); training and autograd use the masked dense path. Returns {wrapped layer name: batch
     sizes run compactly}.
@@ -108,6 +111,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
         for m in wta:
             m.compact_always = force
         convs = [m for m in model.modules() if isinstance(m, SparseConv2d)]
+        prepack = prepack and onednn.prepack_available()
         chosen = []
         if force:
             for m in convs:
@@ -117,10 +121,10 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 xb = tuple(t[torch.arange(b) % t.shape[0]] for t in sample)
                 for m in wta:
                     m.compact_batches.discard(b)
-                dense_time = _best_time(model, xb)
+                dense_time = _median_time(model, xb)
                 for m in wta:
                     m.compact_batches.add(b)
-                compact_time = _best_time(model, xb)
+                compact_time = _median_time(model, xb)
                 if compact_time >= 0.95 * dense_time:
                     for m in wta:
                         m.compact_batches.discard(b)
@@ -129,7 +133,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 if prepack and convs:     # costs only a packed copy of the kernel slices: kept on any gain
                     for m in convs:
                         m.prepacked_batches.add(b)
-                    if _best_time(model, xb) >= compact_time or not any(m.prepacked_kernels() for m in convs):
+                    if _median_time(model, xb) >= compact_time or not any(m.prepacked_kernels() for m in convs):
                         for m in convs:
                             m.prepacked_batches.discard(b)
             if not chosen:             # no batch size gains: leave the model as it was

@@ -2,11 +2,14 @@
 
 A conv's compact forward can apply the BatchNorm that follows it as a per output channel scale (folded into the
 kernel slices it already cuts) and shift (the conv bias), and a ReLU after that inside the same oneDNN call. That
-saves two full passes over each activation. It is only done where the model's traced graph (torch.fx) shows the
-conv's output goes to nothing but that BatchNorm (and the BatchNorm's output to nothing but that ReLU); a model that
-does not trace keeps its twins unfused. The BatchNorm and ReLU modules stay in the model, wrapped in
-``PassFolded``: they pass the conv's fused output through untouched (recognised by identity) and compute as before
-on anything else (training, the dense path, other batch sizes).
+saves two full passes over each activation. The folded weight and bias are PyTorch's own
+(``torch.nn.utils.fusion.fuse_conv_bn_weights``, what ``fuse_conv_bn_eval`` does to a dense conv), computed in
+``sparse_exec`` when the kernel slices are cut and again whenever the conv's or the BatchNorm's tensors change.
+Folding is only done where the model's traced graph (torch.fx) shows the conv's output goes to nothing but that
+BatchNorm (and the BatchNorm's output to nothing but that ReLU); a model that does not trace keeps its twins
+unfused. The BatchNorm and ReLU modules stay in the model, wrapped in ``PassFolded``: they pass the conv's fused
+output through untouched (recognised by identity) and compute as before on anything else (training, the dense
+path, other batch sizes).
 """
 from __future__ import annotations
 

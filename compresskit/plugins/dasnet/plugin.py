@@ -12,7 +12,6 @@ from torch.nn.utils import prune
 
 from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
-from ...registry import register_plugin
 from ...schema import option
 from .convert import prepacked_batch_sizes, to_sparse_execution
 from .fuse import folded_batchnorms
@@ -53,7 +52,6 @@ def _prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-@register_plugin
 class DasnetPlugin(Plugin):
     """DASNet: winners-take-all dropout for dynamic structured activation sparsity, with a sparse CPU path."""
 
@@ -77,9 +75,9 @@ class DasnetPlugin(Plugin):
                                      cfg.layers or None, tuple(cfg.after), cfg.active_in, cfg.blocks)
         except ValueError as e:
             field = "layers" if any(p in str(e) for p in cfg.layers) else "overrides"
-            raise ConfigError(f"dasnet.{field}", str(e)) from None
+            raise self.error(field, str(e)) from None
         if not self.placed:
-            raise ConfigError("dasnet.after", f"no {', '.join(cfg.after)} modules in {type(model).__name__}")
+            raise self.error("after", f"no {', '.join(cfg.after)} modules in {type(model).__name__}")
         if cfg.weight_pruning:
             prune.global_unstructured(_prunable(model), pruning_method=prune.L1Unstructured,
                                       amount=cfg.weight_pruning)

@@ -11,9 +11,11 @@ that receive it in these twins:
   into that call (``fuse``).
 * ``SparsePool``: max / average pooling of the kept channels only.
 
-For the batch sizes in ``SparseConv2d.prepacked_batches`` (chosen by timing in ``convert``) each cached kernel
-slice is also reordered once into oneDNN's blocked weight layout (*prepacked*), so the convolution does not reorder
-the weight on every call.
+The convolutions go through ``onednn`` (the one module that calls PyTorch's private oneDNN operators, with a
+public ``F.conv2d`` fallback). For the batch sizes in ``SparseConv2d.prepacked_batches`` (chosen by timing in
+``convert``) each cached kernel slice is also reordered once into oneDNN's blocked weight layout (*prepacked*), so
+the convolution does not reorder the weight on every call; where ``onednn`` cannot prepack, the plain slices serve.
+A folded BatchNorm's scale and shift come from ``torch.nn.utils.fusion.fuse_conv_bn_weights``.
 
 Other modules get the dense tensor (see ``compact``); a residual ``+`` scatters into the shortcut's copy. The
 masked tensor is never built, pooling touches only kept channels, and each conv reads only kept input channels.
@@ -26,7 +28,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from . import onednn
 from .compact import ChannelSparse, Part, densify
 
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
@@ -78,7 +82,8 @@ class _SparseTwin(nn.Module):
         return self._fused_output is not None and self._fused_output() is x
 
     def _weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The compact path's (weight, bias): the layer's, with the folded BatchNorm's scale and shift. Slices
+        """The compact path's (weight, bias): the layer's, with the folded BatchNorm's scale and shift
+        (``torch.nn.utils.fusion.fuse_conv_bn_weights``, as ``fuse_conv_bn_eval`` folds a dense conv). Slices
         cached from an earlier call are dropped when any of the tensors they came from has changed."""
         bn = self.folded_bn
         # read the tensors from the modules' dicts: this runs on every call, nn.Module.__getattr__ is slow at batch 1
@@ -93,13 +98,10 @@ class _SparseTwin(nn.Module):
             weight, bias = self.layer.weight.detach(), self.layer.bias
             bias = None if bias is None else bias.detach()
             if bn is not None:
-                scale = torch.rsqrt(bn.running_var + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight.detach()
-                shift = -bn.running_mean * scale if bias is None else (bias - bn.running_mean) * scale
-                if bn.bias is not None:
-                    shift = shift + bn.bias.detach()
-                weight, bias = weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+                weight, bias = fuse_conv_bn_weights(
+                    weight, bias, bn.running_mean, bn.running_var, bn.eps,
+                    None if bn.weight is None else bn.weight.detach(), None if bn.bias is None else bn.bias.detach())
+                weight, bias = weight.detach(), bias.detach()           # plain tensors, not Parameters
             self._weight_bias = (weight, bias)
         return self._weight_bias
 
@@ -130,7 +132,7 @@ class _SparseTwin(nn.Module):
 
 class SparseConv2d(_SparseTwin):
     """``nn.Conv2d`` (groups=1, zero padding) over each part's kept input channels only; for the batch sizes in
-    ``prepacked_batches`` with kernel slices prepacked for oneDNN."""
+    ``prepacked_batches`` with kernel slices prepacked for oneDNN (where ``onednn`` can prepack)."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
@@ -139,58 +141,24 @@ class SparseConv2d(_SparseTwin):
         self.prepacked_batches: set[int] = set()
 
     def _kernel_for(self, part: Part, weight: torch.Tensor, batch: int) -> torch.Tensor:
-        if batch not in self.prepacked_batches or part.key is None or not onednn_applies(part.data, self.layer):
+        if batch not in self.prepacked_batches or part.key is None or not onednn.prepack_available() \
+                or not onednn.applies(part.data, self.layer):
             return self._weight_for(part, weight)
         key = (part.key, "prepacked")       # dropped with the slices when the weights change
-        if key not in self._cache:
-            self._cache[key] = prepack_conv_weight(self._weight_for(part, weight), self.layer, part.data.shape)
-        return self._cache[key]
+        packed = self._cache.get(key)
+        if packed is None:
+            packed = onednn.prepack_conv_weight(self._weight_for(part, weight), self.layer, part.data.shape)
+            if packed is None:              # cannot prepack after all: the plain slice
+                return self._weight_for(part, weight)
+            self._cache[key] = packed
+        return packed
 
     def prepacked_kernels(self) -> int:
         """How many prepacked kernel slices are cached (0 where no part had a cacheable channel set)."""
         return sum(1 for key in self._cache if key[-1] == "prepacked")
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return conv2d_onednn(x, weight, bias, self.layer, self.fused_relu)
-
-
-def onednn_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether ``conv2d_onednn`` runs ``conv`` on ``x`` through oneDNN (float32 on a CPU with oneDNN)."""
-    return x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.is_available() \
-        and not isinstance(conv.padding, str)
-
-
-def prepack_conv_weight(weight: torch.Tensor, conv: nn.Conv2d, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """``weight`` reordered once into oneDNN's blocked layout for ``conv``'s geometry on inputs shaped like
-    ``input_shape`` (an opaque oneDNN tensor for ``conv2d_onednn``; it serves other batch sizes too)."""
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(conv.padding),
-                                                      list(conv.stride), list(conv.dilation), conv.groups,
-                                                      [1, *input_shape[1:]])
-
-
-def conv2d_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
-                  relu: bool = False) -> torch.Tensor:
-    """``conv``'s convolution of ``x`` with ``weight`` and ``bias`` (then ReLU if ``relu``), on oneDNN where it
-    applies. With a prepacked ``weight`` (``prepack_conv_weight``) oneDNN computes in channels-last memory format
-    and the output stays channels-last (``compact`` keeps that layout), so the activations are not converted back
-    and forth around every convolution.
-
-    PyTorch sends small batch-1 inputs (under 20480 elements) to its native im2col kernel, which is slower than
-    oneDNN on the CPUs we measured; compact inputs are small, so they would fall under that rule where the dense
-    layer did not. The benchmark gives the dense baseline the same kernel (see benchmarks/dasnet.py).
-    """
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._convolution_pointwise(x.contiguous(memory_format=torch.channels_last), weight, bias,
-                                                       conv.padding, conv.stride, conv.dilation, conv.groups,
-                                                       "relu" if relu else "none", [None] if relu else [], "")
-    if onednn_applies(x, conv):
-        if relu:
-            return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), weight, bias, conv.padding, conv.stride,
-                                                           conv.dilation, conv.groups, "relu", [None], "")
-        return torch.mkldnn_convolution(x.contiguous(), weight, bias, conv.padding, conv.stride, conv.dilation,
-                                        conv.groups)
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
-    return y.relu_() if relu else y
+        return onednn.conv2d(x, weight, bias, self.layer, self.fused_relu)
 
 
 class SparseLinear(_SparseTwin):

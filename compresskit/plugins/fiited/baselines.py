@@ -174,11 +174,6 @@ def _bucket_elems(rows, dim, embedding_dim: int):
     return rows * dim + dim * embedding_dim * ((dim > 0) & (dim < embedding_dim))
 
 
-def _payload_elems(sizes: list[int], dims: list[int], embedding_dim: int) -> int:
-    """Stored values of the bucket tables and projections (a dim of 0 = dropped bucket, nothing stored)."""
-    return sum(int(_bucket_elems(n, d, embedding_dim)) for n, d in zip(sizes, dims))
-
-
 def _cheapest_dim(rows: int, embedding_dim: int) -> int:
     """Dim at which a bucket of ``rows`` rows stores the fewest values (1, or full width for a single row)."""
     return min(range(1, embedding_dim + 1), key=lambda d: int(_bucket_elems(rows, d, embedding_dim)))

@@ -212,10 +212,6 @@ class FiitedEmbeddingBag(nn.Module):
         """Number of stored chunks of every row (int64 [num_embeddings])."""
         return self.store.row_counts()
 
-    def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense table (pruned chunks as zeros)."""
-        return self.store.dense()
-
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: ``payload`` and ``index`` (all inference needs), ``training`` (utilities, fused optimizer
         state, the lazy 'seen' bitmap: state only training needs), and ``total``."""

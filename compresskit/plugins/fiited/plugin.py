@@ -21,7 +21,6 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
-from ...registry import register_plugin
 from ...schema import option
 from ...train import batches
 from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
@@ -82,7 +81,6 @@ def kept_ratio(step: int, start: int, end: int, target: float, schedule: str) ->
     return 1.0 - (1.0 - target) * fall
 
 
-@register_plugin
 class FiitedPlugin(Plugin):
     """Fine-grained in-training embedding dimension pruning with a prefix-chunk store (FIITED)."""
 
@@ -110,7 +108,7 @@ class FiitedPlugin(Plugin):
             return {}
         lr = cfg.fused_lr if cfg.fused_lr is not None else getattr(opt, "lr", None)
         if lr is None:
-            raise ConfigError("fiited.fused_lr", f"fused_optimizer '{name}' needs a learning rate: set fused_lr or "
+            raise self.error("fused_lr", f"fused_optimizer '{name}' needs a learning rate: set fused_lr or "
                                                  f"train.optimizer")
         return {"optimizer": name, "lr": lr, "eps": cfg.fused_eps}
 
@@ -119,11 +117,11 @@ class FiitedPlugin(Plugin):
         fused = self._fused(ctx)
         if not list(fiited_modules(model)):
             if cfg.lazy:
-                raise ConfigError("fiited.lazy", "lazy allocation needs a model built with lazy "
+                raise self.error("lazy", "lazy allocation needs a model built with lazy "
                                                  "FiitedEmbeddingBag modules (a dense model is already allocated)")
             dense = embedding_modules(model, cfg.include or None)
             if not dense:
-                raise ConfigError("fiited.include", f"no nn.Embedding/nn.EmbeddingBag matched "
+                raise self.error("include", f"no nn.Embedding/nn.EmbeddingBag matched "
                                                     f"{cfg.include or 'any module'} in {type(model).__name__}")
             self.dense_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in dense)
             if cfg.method in ("uniform", "mixed_dim"):
@@ -135,11 +133,11 @@ class FiitedPlugin(Plugin):
             try:
                 convert_embeddings(model, cfg.chunk_size, cfg.include or None, **fused)
             except ValueError as e:
-                raise ConfigError("fiited", str(e)) from None
+                raise self.error("", str(e)) from None
         self.modules = list(fiited_modules(model))
         for mod_name, m in self.modules:
             if cfg.lazy and not m.lazy:
-                raise ConfigError("fiited.lazy", f"module {mod_name} is not a lazy FiitedEmbeddingBag")
+                raise self.error("lazy", f"module {mod_name} is not a lazy FiitedEmbeddingBag")
             if m.optimizer is None and fused:
                 m.set_optimizer(**fused)
             m.sparse = m.sparse or cfg.sparse_grad
@@ -166,11 +164,13 @@ class FiitedPlugin(Plugin):
                         raise ValueError(f"{ratio} of {name}'s {m.embedding_dim} dims is below one dimension a row")
                     twins.append(NarrowEmbeddingBag.from_dense(m, dim))
             else:
+                if ctx.data is None:
+                    raise self.error("method", "mixed_dim needs training data to count row frequencies")
                 counts = count_rows(model, dense, ctx.data)
                 twins = mixed_dim_tables([m for _, m in dense], [counts[name] for name, _ in dense],
                                          int(ratio * self.dense_bytes), alpha=cfg.mixed_dim_alpha)
         except ValueError as e:
-            raise ConfigError("fiited.target_memory_ratio", f"{cfg.method}: {e}") from None
+            raise self.error("target_memory_ratio", f"{cfg.method}: {e}") from None
         for (name, _), twin in zip(dense, twins):
             model.set_submodule(name, twin)
             self.modules.append((name, twin))
@@ -179,6 +179,10 @@ class FiitedPlugin(Plugin):
     # ------------------------------------------------------------------------------------------- training
     def _schedule_bounds(self, total_steps: int) -> tuple[int, int]:
         cfg = self.config
+        if total_steps <= 0 and (cfg.start_step is None or cfg.end_step is None):
+            field = "start_fraction" if cfg.start_step is None else "end_fraction"
+            raise self.error(field, "a schedule in fractions of training needs its length: pass "
+                                    "prepare(..., total_steps=N), or set start_step and end_step")
         start = cfg.start_step if cfg.start_step is not None else int(cfg.start_fraction * total_steps)
         end = cfg.end_step if cfg.end_step is not None else int(cfg.end_fraction * total_steps)
         return max(start, 1), max(end, start, 1)
@@ -189,18 +193,22 @@ class FiitedPlugin(Plugin):
         chunk_bytes = self.modules[0][1].chunk_size * self.modules[0][1].store.pool.element_size()
         room = ratio * self.dense_bytes - index
         if room < chunk_bytes:
-            raise ConfigError("fiited.target_memory_ratio",
-                              f"{self.config.target_memory_ratio} of {self.dense_bytes} dense bytes leaves no room "
-                              f"for chunks: the index alone takes {index} bytes; raise the ratio")
+            raise self.error("target_memory_ratio",
+                             f"{self.config.target_memory_ratio} of {self.dense_bytes} dense bytes leaves no room "
+                             f"for chunks: the index alone takes {index} bytes; raise the ratio")
         return int(room // chunk_bytes)
 
     def on_step(self, step: int, ctx: RunContext) -> None:
         cfg = self.config
         if cfg.method not in ("fiited", "adaembed"):
             return
-        for _, m in self.modules:
-            m.store.attach_optimizer(ctx.optimizer)
         start, end = self._schedule_bounds(ctx.total_steps)
+        for name, m in self.modules:
+            if ctx.optimizer is None and m.store.pool.requires_grad:
+                raise ConfigError("optimizer", f"{name}'s pool is trained by a torch optimizer and pruning replaces "
+                                               f"it: pass that optimizer (prepare(..., optimizer=opt) or "
+                                               f"compression.attach_optimizer(opt))")
+            m.store.attach_optimizer(ctx.optimizer)
         on_grid = step >= start and ((step - start) % cfg.interval == 0 or step == end)
         if not on_grid or (step > end and not cfg.lazy):
             return
@@ -278,8 +286,6 @@ class FiitedPlugin(Plugin):
 
 def count_rows(model: nn.Module, tables: list[tuple[str, nn.Module]], data) -> dict[str, torch.Tensor]:
     """How often each row of each table is looked up in one pass over the training data (mixed_dim)."""
-    if data is None:
-        raise ConfigError("fiited.method", "mixed_dim needs training data to count row frequencies")
     counts = {name: torch.zeros(m.num_embeddings, dtype=torch.int64) for name, m in tables}
 
     def hook(name):

@@ -67,11 +67,6 @@ class ChunkStore(nn.Module):
         """Stored chunks."""
         return int(self.counts.sum(dtype=torch.int64))
 
-    @property
-    def free_slots(self) -> int:
-        """Slots not holding a live chunk (at the top or in holes)."""
-        return self.capacity - self.live
-
     def register_slot_buffer(self, name: str, tail: tuple[int, ...] = (), dtype: torch.dtype = torch.float32
                              ) -> None:
         """A per-slot buffer ``[capacity, *tail]`` kept aligned with the pool through every move (zeros)."""

@@ -93,3 +93,26 @@ def plan_cost(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, le
                 a_scale = 0.5 ** sum(1 - c for c in nb[:k])
                 total += 2**k * inter(layers[i + 1], cb[k], nb[k], batch * a_scale)
     return total
+
+
+GRADIENT, FORWARD, BACKWARD = 0, 1, 2
+
+
+def level_terms(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, levels: int) -> np.ndarray:
+    """The terms of :func:`plan_cost` one by one: ``terms[l, k, p]`` are the elements charged to layer ``l`` at
+    level ``k`` (multiplicity ``2^k`` included) in phase ``p``: its weight-gradient exchange (GRADIENT), and the
+    forward feature map / backward error crossing on the transition to layer ``l+1`` (FORWARD, BACKWARD).
+    ``terms.sum() == plan_cost(...)`` up to rounding."""
+    terms = np.zeros((len(layers), levels, 3))
+    backward = INTER - INTER_FORWARD
+    for i, layer in enumerate(layers):
+        cb = bits(states[i], levels)
+        nb = bits(states[i + 1], levels) if i + 1 < len(layers) else None
+        for k in range(levels):
+            mult = 2.0**k
+            terms[i, k, GRADIENT] = mult * intra(layer, cb[k], 0.5 ** sum(cb[:k]))
+            if nb is not None:
+                boundary = batch * 0.5 ** sum(1 - c for c in nb[:k]) * layers[i + 1].input_elems
+                terms[i, k, FORWARD] = mult * INTER_FORWARD[cb[k], nb[k]] * boundary
+                terms[i, k, BACKWARD] = mult * backward[cb[k], nb[k]] * boundary
+    return terms

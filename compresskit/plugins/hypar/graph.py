@@ -6,14 +6,17 @@ its kernel. Errors have the sizes of the feature maps; weight gradients the size
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import io
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ...errors import ConfigError
-from ...schema import suggest
+from ...registry import Registry
 
 
 @dataclass(frozen=True)
@@ -26,9 +29,6 @@ class LayerSpec:
     output_elems: int    # elements of the output feature map per sample
     weight_elems: int    # elements of the kernel (and of its gradient), bias included
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _numel(shape) -> int:
     n = 1
@@ -37,26 +37,49 @@ def _numel(shape) -> int:
     return n
 
 
-def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...]) -> list[LayerSpec]:
+class _ShapeProp(ShapeProp):
+    """torch.fx ShapeProp that remembers the node it is running (for the error message)."""
+
+    node: Any = None
+
+    def run_node(self, n: Any) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+
+def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], *, model_path: str = "model",
+                      input_path: str = "input_shape") -> list[LayerSpec]:
     """Trace ``model`` with torch.fx, propagate shapes of ``sample_input`` and list its Conv/Linear layers in
-    execution order. Sizes are per sample (the sample batch dimension is divided out)."""
+    execution order. Sizes are per sample (the sample batch dimension is divided out).
+
+    Errors are ConfigErrors naming ``model_path`` (untraceable model, no weighted layers) or ``input_path`` (the
+    sample input does not fit the model): the caller passes the recipe fields they come from."""
     from torch.fx import symbolic_trace
-    from torch.fx.passes.shape_prop import ShapeProp
 
     try:
         traced = symbolic_trace(model)
     except Exception as e:  # fx raises many types for untraceable control flow
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("hypar.model", f"cannot trace {type(model).__name__} with torch.fx ({first}); "
-                                         f"use a paper network (hypar 'network:') or a traceable model") from None
+        raise ConfigError(model_path, f"cannot trace {type(model).__name__} with torch.fx ({first}); "
+                                       f"use a paper network (hypar 'network:') or a traceable model") from None
     batch = int(sample_input[0].shape[0])
     was_training = model.training
     traced.eval()
+    prop = _ShapeProp(traced)
     try:
-        with torch.no_grad():
-            ShapeProp(traced).propagate(*sample_input)
+        # ShapeProp prints the traceback of a failing node to stderr before re-raising: keep errors to one line
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(*sample_input)
     except Exception as e:
-        raise ConfigError("hypar.input_shape", f"shape propagation failed on the sample input: {e}") from None
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        text = str(cause).strip()
+        first = text.splitlines()[0] if text else type(cause).__name__
+        at = f" at '{prop.node.target}'" if prop.node is not None else ""
+        shape = "x".join(str(d) for d in sample_input[0].shape[1:])
+        raise ConfigError(input_path, f"the sample input (per sample {shape}) does not fit "
+                                      f"{type(model).__name__}{at}: {first}") from None
     finally:
         model.train(was_training)
     modules = dict(traced.named_modules())
@@ -75,7 +98,7 @@ def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...]) 
         layers.append(LayerSpec(str(node.target), "fc" if isinstance(module, nn.Linear) else "conv",
                                 _numel(inp.shape) // batch, _numel(out.shape) // batch, weight))
     if not layers:
-        raise ConfigError("hypar.model", f"{type(model).__name__} has no Conv/Linear layers to plan")
+        raise ConfigError(model_path, f"{type(model).__name__} has no Conv/Linear layers to plan")
     return layers
 
 
@@ -133,7 +156,10 @@ _VGG = {
               "M"],
 }
 
-PAPER_NETWORKS: dict[str, tuple[str, tuple[tuple[int, int, int], list]]] = {
+# name -> (description, (input shape, chain spec for _chain))
+NetworkEntry = tuple[str, tuple[tuple[int, int, int], list]]
+
+PAPER_NETWORKS: dict[str, NetworkEntry] = {
     "lenet": ("LeNet-300-100 on MNIST: 3 fully connected layers",
               ((1, 28, 28), [("fc", 300), ("fc", 100), ("fc", 10)])),
     "lenet-c": ("Caffe LeNet on MNIST: conv20-pool-conv50-pool-fc500-fc10",
@@ -156,13 +182,17 @@ PAPER_NETWORKS: dict[str, tuple[str, tuple[tuple[int, int, int], list]]] = {
 }
 
 
-def paper_network(name: str) -> list[LayerSpec]:
-    """The weighted layers of one of the paper's evaluation networks (see PAPER_NETWORKS)."""
-    key = name.lower()
-    if key not in PAPER_NETWORKS:
-        raise ConfigError("hypar.network", f"unknown network '{name}'{suggest(key, PAPER_NETWORKS)}; "
-                                           f"available: {', '.join(PAPER_NETWORKS)}")
-    shape, spec = PAPER_NETWORKS[key][1]
+# the paper networks as a Registry: an unknown name is the one did-you-mean error every registry gives
+NETWORKS: Registry[NetworkEntry] = Registry("network", "network")
+for _name, _entry in PAPER_NETWORKS.items():
+    NETWORKS.add(_name, _entry)
+del _name, _entry
+
+
+def paper_network(name: str, path: str | None = None) -> list[LayerSpec]:
+    """The weighted layers of one of the paper's evaluation networks (see PAPER_NETWORKS); ``path`` is the recipe
+    field for the unknown-network error (default ``network``)."""
+    shape, spec = NETWORKS.get(name.lower(), path)[1]
     return _chain(shape, spec)
 
 

@@ -2,6 +2,7 @@
 unchanged."""
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -12,10 +13,10 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
-from ...registry import register_plugin
 from ...schema import option
-from .graph import LayerSpec, layers_from_model, paper_network
-from .report import build_plan_report, write_plan_report
+from .graph import NETWORKS, LayerSpec, layers_from_model, paper_network
+from .plan import HyparPlan, build_plan
+from .report import level_table, totals_table, write_plan_report
 from .search import baselines, hierarchical_plan, joint_plan
 
 
@@ -36,19 +37,20 @@ class HyparConfig:
             lo = 1 << (self.accelerators.bit_length() - 1)
             raise ConfigError(f"{path}.accelerators", f"got {self.accelerators}, expected a power of two "
                                                       f"(e.g. {lo} or {lo * 2})")
+        if self.network is not None:
+            NETWORKS.get(self.network.lower(), f"{path}.network")
 
 
-def plan_layers(layers: list[LayerSpec], cfg: HyparConfig, title: str) -> dict[str, Any]:
-    """Run the search and the baselines on a layer chain; returns the report dict."""
+def plan_layers(layers: list[LayerSpec], cfg: HyparConfig, title: str) -> HyparPlan:
+    """Run the search and the baselines on a layer chain; returns the typed plan."""
     levels = int(math.log2(cfg.accelerators))
     start = time.perf_counter()
     plan = (joint_plan if cfg.search == "joint" else hierarchical_plan)(layers, cfg.batch, levels)
     seconds = time.perf_counter() - start
-    return build_plan_report(title, layers, plan, baselines(layers, cfg.batch, levels), cfg.batch,
-                             cfg.accelerators, cfg.dtype, cfg.search, seconds)
+    return build_plan(title, layers, plan, baselines(layers, cfg.batch, levels), cfg.batch, cfg.accelerators,
+                      cfg.dtype, cfg.search, seconds)
 
 
-@register_plugin
 class HyparPlugin(Plugin):
     """HyPar: hierarchical layer-wise parallelism planning by dynamic programming over a communication model."""
 
@@ -57,25 +59,33 @@ class HyparPlugin(Plugin):
     Config = HyparConfig
     kind = "analysis"
 
-    def __init__(self, config: HyparConfig) -> None:
-        super().__init__(config)
-        self.plan: dict[str, Any] | None = None
+    def __init__(self, config: HyparConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)   # the core sets ``self.path`` (stages[0]) for self.error
+        self.plan: HyparPlan | None = None
         self.files: list[str] = []
+
+    @classmethod
+    def add_commands(cls, subparsers: argparse._SubParsersAction) -> None:
+        """``compresskit plan``: the planner report from a recipe or from flags."""
+        from .cli import add_plan_command
+
+        add_plan_command(subparsers)
 
     def layers(self, model: nn.Module | None, ctx: RunContext) -> tuple[list[LayerSpec], str]:
         """The chain to plan: the named paper network, else the traced model."""
         if self.config.network:
-            return paper_network(self.config.network), self.config.network
+            return paper_network(self.config.network, f"{self.path}.network"), self.config.network
         if model is None:
-            raise ConfigError("hypar.network", "no model to plan: give a recipe model or a paper network")
+            raise self.error("network", "no model to plan: give the recipe a model or name a paper network "
+                                        f"({', '.join(NETWORKS)})")
         if ctx.sample_input is not None:
-            sample = ctx.sample_input
+            sample, input_path = ctx.sample_input, "data"
         elif self.config.input_shape:
-            sample = (torch.randn(2, *self.config.input_shape),)
+            sample, input_path = (torch.randn(2, *self.config.input_shape),), f"{self.path}.input_shape"
         else:
-            raise ConfigError("hypar.input_shape", "needed to trace the model when the recipe has no data "
-                                                   "(e.g. [3, 32, 32])")
-        return layers_from_model(model, sample), type(model).__name__
+            raise self.error("input_shape", "needed to trace the model when the recipe has no data "
+                                            "(e.g. [3, 32, 32])")
+        return layers_from_model(model, sample, input_path=input_path), type(model).__name__
 
     def apply(self, model: nn.Module | None, ctx: RunContext) -> nn.Module | None:
         layers, title = self.layers(model, ctx)
@@ -88,10 +98,10 @@ class HyparPlugin(Plugin):
         if self.plan is None:
             return {}
         p = self.plan
-        rows = [["HyPar", p["total_elements"]["hypar"], 1.0]] + [
-            [name, p["total_elements"][name], ratio] for name, ratio in p["ratio_vs_hypar"].items()]
-        return {"network": p["title"], "accelerators": p["accelerators"], "batch": p["batch"],
-                "total_bytes": p["total_bytes"]["hypar"], "planner_seconds": p["planner_seconds"],
-                "files": self.files,
-                "tables": [{"title": "Communication per step", "columns": ["plan", "elements", "x HyPar"],
-                            "rows": rows}]}
+        tables = []
+        for title, (cols, rows) in (("Communication per step", totals_table(p)),
+                                    ("Communication per hierarchy level", level_table(p))):
+            tables.append({"title": title, "columns": cols, "rows": rows})
+        return {"network": p.title, "accelerators": p.accelerators, "batch": p.batch,
+                "total_bytes": p.total_bytes["hypar"], "ratio_vs_hypar": dict(p.ratio_vs_hypar),
+                "planner_seconds": p.planner_seconds, "files": self.files, "tables": tables}

@@ -1,61 +1,47 @@
-"""The HyPar planner report: plan.json, plan.md, plan.html (with the plot inlined) and comm_per_layer.png."""
+"""The HyPar planner report of a :class:`~.plan.HyparPlan`: plan.json, plan.md, plan.html (plot inlined) and
+comm_per_layer.png.
+
+Besides totals against the baselines and the per-layer table, the report has a stats table in the manner of
+TorchRec's sharding planner (``EmbeddingStats``: one row per rank with its storage, perf and input/output sizes,
+then a summary). HyPar's unit is not a rank but a level of the binary hierarchy: one row per level with the groups
+split there, how many layers chose dp / mp at that level and the elements that cross the split (weight gradients,
+forward feature maps, backward errors), then a total row equal to the plan's total.
+"""
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
-from typing import Any, Sequence
+from typing import Any
 
-from ...atomic import write_bytes, write_json, write_text
+from ...atomic import write_bytes, write_text
 from ...report import html_table, human_bytes, markdown_table
-from .cost import DTYPE_BYTES
-from .graph import LayerSpec
-from .search import Plan, layer_costs
+from .plan import HyparPlan
+
+Table = tuple[list[str], list[list[Any]]]
 
 
-def build_plan_report(title: str, layers: Sequence[LayerSpec], plan: Plan, baselines: dict[str, Plan], batch: int,
-                      accelerators: int, dtype: str, search: str, seconds: float) -> dict[str, Any]:
-    """The machine-readable plan: per-layer choices and costs, totals and ratios against each baseline."""
-    elem_bytes = DTYPE_BYTES[dtype]
-    per_layer = layer_costs(layers, plan, batch)
-    base_layers = {name: layer_costs(layers, p, batch) for name, p in baselines.items()}
-    rows = []
-    for i, layer in enumerate(layers):
-        rows.append({"layer": layer.name, "kind": layer.kind, "choices": plan.choices(i),
-                     "elements": per_layer[i], "bytes": per_layer[i] * elem_bytes,
-                     "baseline_elements": {name: costs[i] for name, costs in base_layers.items()}})
-    totals = {"hypar": plan.elements, **{name: p.elements for name, p in baselines.items()}}
-    return {
-        "title": title, "accelerators": accelerators, "levels": plan.levels, "batch": batch, "dtype": dtype,
-        "search": search, "planner_seconds": seconds, "layers": rows,
-        "total_elements": totals,
-        "total_bytes": {k: v * elem_bytes for k, v in totals.items()},
-        "ratio_vs_hypar": {name: (p.elements / plan.elements if plan.elements else float("inf"))
-                           for name, p in baselines.items()},
-    }
-
-
-def _plot_png(report: dict[str, Any]) -> bytes:
+def _plot_png(plan: HyparPlan) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["layer"] for r in report["layers"]]
-    elem_bytes = DTYPE_BYTES[report["dtype"]]
+    names = [r.layer for r in plan.layers]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.0), dpi=110)
-    series = {"HyPar": [r["elements"] for r in report["layers"]]}
-    for base in report["layers"][0]["baseline_elements"]:
-        series[base] = [r["baseline_elements"][base] for r in report["layers"]]
+    series = {"HyPar": [r.elements for r in plan.layers]}
+    for base in plan.baselines:
+        series[base] = [r.baseline_elements[base] for r in plan.layers]
     width = 0.8 / len(series)
     for j, (label, values) in enumerate(series.items()):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [v * elem_bytes / 2**20 for v in values], width=width, label=label)
+        ax.bar(xs, [v * plan.element_bytes / 2**20 for v in values], width=width, label=label)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("communication per step (MiB)")
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_title(f"{report['title']}: {report['accelerators']} accelerators, batch {report['batch']}")
+    ax.set_title(f"{plan.title}: {plan.accelerators} accelerators, batch {plan.batch}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -64,42 +50,98 @@ def _plot_png(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _tables(report: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[str], list[list[Any]]]:
-    elem_bytes = DTYPE_BYTES[report["dtype"]]
-    layer_cols = ["layer", "kind", "choice per level (top first)", "elements", "bytes"]
-    layer_rows = [[r["layer"], r["kind"], " ".join(r["choices"]), round(r["elements"]),
-                   human_bytes(r["elements"] * elem_bytes)] for r in report["layers"]]
-    total_cols = ["plan", "total elements", "total bytes", "x HyPar"]
-    hypar = report["total_elements"]["hypar"]
-    total_rows = [["HyPar", round(hypar), human_bytes(hypar * elem_bytes), 1.0]]
-    for name, value in report["total_elements"].items():
-        if name != "hypar":
-            total_rows.append([name, round(value), human_bytes(value * elem_bytes), report["ratio_vs_hypar"][name]])
-    return layer_cols, layer_rows, total_cols, total_rows
+def totals_table(plan: HyparPlan) -> Table:
+    """HyPar and every baseline: total elements and bytes per step, and baseline / HyPar."""
+    cols = ["plan", "total elements", "total bytes", "x HyPar"]
+    rows = [["HyPar", round(plan.total_elements["hypar"]), human_bytes(plan.total_bytes["hypar"]), 1.0]]
+    rows += [[name, round(plan.total_elements[name]), human_bytes(plan.total_bytes[name]), plan.ratio_vs_hypar[name]]
+             for name in plan.baselines]
+    return cols, rows
 
 
-def write_plan_report(report: dict[str, Any], out_dir: str) -> list[str]:
-    """Write plan.json, comm_per_layer.png, plan.md and plan.html into ``out_dir`` (each atomically)."""
-    os.makedirs(out_dir, exist_ok=True)
-    png = _plot_png(report)
-    layer_cols, layer_rows, total_cols, total_rows = _tables(report)
-    head = (f"{report['accelerators']} accelerators ({report['levels']} levels), batch {report['batch']}, "
-            f"{report['dtype']}, search: {report['search']}, planned in {report['planner_seconds'] * 1000:.1f} ms")
-    md = "\n".join([
-        f"# HyPar plan: {report['title']}", "", head, "",
-        "## Totals (communication per training step, all accelerators)", "", markdown_table(total_cols, total_rows),
-        "", "## Per layer", "", markdown_table(layer_cols, layer_rows), "",
-        "![communication per layer](comm_per_layer.png)", "",
-    ])
-    img = base64.b64encode(png).decode()
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>HyPar plan: {report['title']}</title>"
+def level_table(plan: HyparPlan) -> Table:
+    """The stats table: one row per hierarchy level, then the total (the plan's total elements and bytes)."""
+    cols = ["level", "groups x accelerators", "dp layers", "mp layers", "weight gradients", "maps + errors",
+            "elements", "bytes", "share"]
+    rows: list[list[Any]] = [
+        [s.level, f"{s.groups} x {s.group_size}", s.dp_layers, s.mp_layers, round(s.gradient_elements),
+         round(s.transition_elements), round(s.elements), human_bytes(s.bytes), f"{100 * s.share:.1f}%"]
+        for s in plan.level_stats]
+    st = plan.level_stats
+    total = sum(s.elements for s in st)
+    rows.append(["total", f"{plan.accelerators} accelerators", sum(s.dp_layers for s in st),
+                 sum(s.mp_layers for s in st), round(sum(s.gradient_elements for s in st)),
+                 round(sum(s.transition_elements for s in st)), round(total),
+                 human_bytes(total * plan.element_bytes), "100.0%" if st else "-"])
+    return cols, rows
+
+
+def layer_table(plan: HyparPlan) -> Table:
+    """One row per weighted layer: sizes, the choice at each level and the communication charged to it."""
+    cols = ["layer", "kind", "input / sample", "kernel", "choice per level (top first)", "elements", "bytes",
+            "share"]
+    total = plan.total_elements["hypar"]
+    rows = [[r.layer, r.kind, r.input_elems, r.weight_elems, " ".join(r.choices), round(r.elements),
+             human_bytes(r.bytes), f"{100 * r.elements / total:.1f}%" if total else "-"] for r in plan.layers]
+    return cols, rows
+
+
+def headline(plan: HyparPlan) -> str:
+    """One line: hierarchy, batch, dtype, search and planner time."""
+    return (f"{plan.accelerators} accelerators ({plan.levels} levels), batch {plan.batch}, {plan.dtype}, "
+            f"search: {plan.search}, planned in {plan.planner_seconds * 1000:.1f} ms")
+
+
+def summary(plan: HyparPlan) -> str:
+    """The one-line summary ``compresskit plan`` prints."""
+    ratios = ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in plan.ratio_vs_hypar.items())
+    return (f"{plan.title}: {plan.accelerators} accelerators, batch {plan.batch}: HyPar moves "
+            f"{plan.total_bytes['hypar'] / 2**20:.1f} MiB per step; {ratios}")
+
+
+_SECTIONS = [("Totals (communication per training step, all accelerators)", "Totals", totals_table),
+             ("Per hierarchy level", "Per hierarchy level", level_table),
+             ("Per layer", "Per layer", layer_table)]
+_LEVEL_NOTE = ("Level k splits each of its 2^k groups of accelerators in two. Elements cross the split in both "
+               "directions, summed over the groups: weight gradients of the layers data parallel there, and the "
+               "feature maps (forward) and errors (backward) re-laid out between layers.")
+
+
+def render_markdown(plan: HyparPlan) -> str:
+    """plan.md."""
+    parts = [f"# HyPar plan: {plan.title}", "", headline(plan), ""]
+    for title, _, table in _SECTIONS:
+        parts += [f"## {title}", ""]
+        if table is level_table:
+            parts += [_LEVEL_NOTE, ""]
+        parts += [markdown_table(*table(plan)), ""]
+    parts += ["![communication per layer](comm_per_layer.png)", ""]
+    return "\n".join(parts)
+
+
+def render_html(plan: HyparPlan, png: bytes) -> str:
+    """plan.html, with the plot inlined."""
+    title = html.escape(plan.title)
+    body = [f"<h1>HyPar plan: {title}</h1><p>{html.escape(headline(plan))}</p>"]
+    for _, short, table in _SECTIONS:
+        if table is layer_table:
+            img = base64.b64encode(png).decode()
+            body.append(f"<h2>Communication per layer</h2>"
+                        f"<img alt='communication per layer' src='data:image/png;base64,{img}'>")
+        note = f"<p>{html.escape(_LEVEL_NOTE)}</p>" if table is level_table else ""
+        body.append(f"<h2>{short}</h2>{note}{html_table(*table(plan))}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>HyPar plan: {title}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
-            f"<h1>HyPar plan: {report['title']}</h1><p>{head}</p><h2>Totals</h2>{html_table(total_cols, total_rows)}"
-            f"<h2>Communication per layer</h2><img alt='communication per layer' src='data:image/png;base64,{img}'>"
-            f"<h2>Per layer</h2>{html_table(layer_cols, layer_rows)}</body></html>")
-    paths = [write_json(os.path.join(out_dir, "plan.json"), report),
+            + "".join(body) + "</body></html>")
+
+
+def write_plan_report(plan: HyparPlan, out_dir: str) -> list[str]:
+    """Write plan.json, comm_per_layer.png, plan.md and plan.html into ``out_dir`` (each atomically)."""
+    os.makedirs(out_dir, exist_ok=True)
+    png = _plot_png(plan)
+    paths = [plan.save(os.path.join(out_dir, "plan.json")),
              write_bytes(os.path.join(out_dir, "comm_per_layer.png"), png),
-             write_text(os.path.join(out_dir, "plan.md"), md),
-             write_text(os.path.join(out_dir, "plan.html"), html)]
+             write_text(os.path.join(out_dir, "plan.md"), render_markdown(plan)),
+             write_text(os.path.join(out_dir, "plan.html"), render_html(plan, png))]
     return [str(p) for p in paths]

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .cost import DP, MP, bits, inter, intra, level_tables, plan_cost
+from .cost import DP, MP, bits, inter, intra, level_tables, level_terms, plan_cost
 from .graph import LayerSpec
 
 
@@ -107,11 +107,4 @@ def baselines(layers: Sequence[LayerSpec], batch: int, levels: int) -> dict[str,
 
 def layer_costs(layers: Sequence[LayerSpec], plan: Plan, batch: int) -> list[float]:
     """Elements charged to each layer: its own weight-gradient exchange plus the transition to the next layer."""
-    out = []
-    for i in range(len(layers)):
-        nxt = [plan.states[i + 1]] if i + 1 < len(layers) else []
-        sub = [layers[i]] + ([layers[i + 1]] if nxt else [])
-        with_next = plan_cost(sub, [plan.states[i]] + nxt, batch, plan.levels)
-        next_alone = plan_cost(sub[1:], nxt, batch, plan.levels) if nxt else 0.0
-        out.append(with_next - next_alone)
-    return out
+    return [float(v) for v in level_terms(layers, plan.states, batch, plan.levels).sum(axis=(1, 2))]

@@ -1,0 +1,201 @@
+"""The typed HyPar plan: what the planner returns, the report renders and ``plan.json`` holds.
+
+:class:`HyparPlan` round-trips through JSON exactly: ``HyparPlan.from_json(plan.to_json()) == plan``, and
+``HyparPlan.load(path)`` reads back a ``plan.json`` that :meth:`HyparPlan.save` (or the report) wrote.
+Element counts are per training step, summed over all accelerators; bytes are elements x the dtype's size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from ...atomic import write_text
+from ...errors import ConfigError
+from .cost import BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, level_terms
+from .graph import LayerSpec
+from .search import Plan
+
+
+@dataclass
+class LayerPlan:
+    """One weighted layer of the plan: its choice at every level and the communication charged to it (its own
+    weight-gradient exchange plus the transition to the next layer)."""
+
+    layer: str
+    kind: str                             # "conv" or "fc"
+    input_elems: int                      # per sample: the boundary tensor from the previous weighted layer
+    weight_elems: int                     # kernel elements, bias included
+    choices: list[str]                    # "dp" / "mp" per level, top first
+    elements: float                       # elements charged to this layer, all levels
+    bytes: float
+    level_elements: list[float]           # ... split by level (sums to ``elements``)
+    baseline_elements: dict[str, float]   # elements charged to this layer by each baseline plan
+
+
+@dataclass
+class LevelStats:
+    """One level of the hierarchy (the TorchRec-style stats row): ``groups`` groups of ``group_size``
+    accelerators are each split in two; what its layers chose and what crosses the split."""
+
+    level: int                    # 0 = top
+    groups: int                   # 2^level groups split at this level
+    group_size: int               # accelerators per group before the split
+    dp_layers: int                # layers data parallel at this level
+    mp_layers: int                # layers model parallel at this level
+    gradient_elements: float      # weight-gradient exchange (dp layers)
+    transition_elements: float    # feature maps (forward) and errors (backward) re-laid out between layers
+    elements: float               # gradient + transition
+    bytes: float
+    share: float                  # of the plan's total elements (0 when the total is 0)
+
+
+@dataclass
+class HyparPlan:
+    """A HyPar plan for ``accelerators = 2^levels`` accelerators with totals and ratios against the baselines.
+
+    ``total_elements`` / ``total_bytes`` have the key ``hypar`` and one key per baseline; ``ratio_vs_hypar`` is
+    baseline / HyPar per baseline (``None`` when HyPar moves nothing)."""
+
+    title: str
+    accelerators: int
+    levels: int
+    batch: int
+    dtype: str
+    search: str
+    planner_seconds: float
+    layers: list[LayerPlan]
+    level_stats: list[LevelStats]
+    total_elements: dict[str, float]
+    total_bytes: dict[str, float]
+    ratio_vs_hypar: dict[str, Optional[float]]
+
+    # ------------------------------------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON types only); :meth:`from_dict` takes it back."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Indented JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HyparPlan:
+        """The plan from :meth:`to_dict`'s output; ValueError naming the key on a missing, unknown or mistyped
+        entry."""
+        return _build(cls, data, "plan")
+
+    @classmethod
+    def from_json(cls, text: str) -> HyparPlan:
+        """The plan from :meth:`to_json`'s output."""
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write ``plan.json`` atomically; returns the path."""
+        return str(write_text(path, self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HyparPlan:
+        """Read a ``plan.json``; a missing or malformed file is a ConfigError naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except OSError as e:
+            raise ConfigError(str(path), f"cannot read the plan: {e.strerror or e}") from None
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise ConfigError(str(path), f"not a HyPar plan.json: {e}") from None
+
+    # ------------------------------------------------------------------------------------------------ views
+    @property
+    def element_bytes(self) -> int:
+        """Bytes per element of ``dtype``."""
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def baselines(self) -> list[str]:
+        """Names of the baseline plans, in report order."""
+        return [k for k in self.total_elements if k != "hypar"]
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild a value of type ``tp`` (dataclass, list, dict, Optional, str/int/float) from JSON data."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown key")
+        missing = [k for k in names if k not in value]
+        if missing:
+            raise ValueError(f"{where}.{missing[0]}: missing key")
+        return tp(**{k: _build(hints[k], value[k], f"{where}.{k}") for k in names})
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
+        _, item = typing.get_args(tp)
+        return {str(k): _build(item, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(inner, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - our dataclasses only
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def build_plan(title: str, layers: Sequence[LayerSpec], plan: Plan, baselines: dict[str, Plan], batch: int,
+               accelerators: int, dtype: str, search: str, seconds: float) -> HyparPlan:
+    """The typed plan from a search result: per-layer choices and costs, per-level stats, totals and ratios."""
+    elem_bytes = DTYPE_BYTES[dtype]
+    levels = plan.levels
+    terms = level_terms(layers, plan.states, batch, levels)          # [layer, level, phase]
+    base_costs = {name: level_terms(layers, p.states, batch, levels).sum(axis=(1, 2))
+                  for name, p in baselines.items()}
+    choices = [plan.choices(i) for i in range(len(layers))]
+    rows = []
+    for i, layer in enumerate(layers):
+        per_level = [float(v) for v in terms[i].sum(axis=1)]
+        elements = float(terms[i].sum())
+        rows.append(LayerPlan(layer.name, layer.kind, int(layer.input_elems), int(layer.weight_elems), choices[i],
+                              elements, elements * elem_bytes, per_level,
+                              {name: float(costs[i]) for name, costs in base_costs.items()}))
+    total = float(plan.elements)
+    stats = []
+    for k in range(levels):
+        at_k = terms[:, k, :]
+        elements = float(at_k.sum())
+        dp = sum(1 for c in choices if c[k] == "dp")
+        stats.append(LevelStats(k, 2**k, accelerators >> k, dp, len(layers) - dp,
+                                float(at_k[:, GRADIENT].sum()), float(at_k[:, [FORWARD, BACKWARD]].sum()),
+                                elements, elements * elem_bytes,
+                                elements / total if total else 0.0))
+    totals = {"hypar": total, **{name: float(p.elements) for name, p in baselines.items()}}
+    return HyparPlan(
+        title=title, accelerators=accelerators, levels=levels, batch=batch, dtype=dtype, search=search,
+        planner_seconds=float(seconds), layers=rows, level_stats=stats, total_elements=totals,
+        total_bytes={k: v * elem_bytes for k, v in totals.items()},
+        ratio_vs_hypar={name: (float(p.elements) / total if total else None) for name, p in baselines.items()},
+    )
