@@ -177,3 +177,18 @@ def test_wiring_mistakes_are_clear_errors():
     bad = {"stages": [{"plugin": "fiited", "lazy": False, "method": "mixed_dim", "chunk_size": 4}]}
     with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\].method: mixed_dim needs training data"):
         compresskit.prepare(copy.deepcopy(model), bad)
+
+
+def test_lightning_style_example_runs():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "own_training_loop.py")
+    spec = importlib.util.spec_from_file_location("own_training_loop", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    data, net = _bundle_and_model("fiited")
+    module = example.ClickModel(net)
+    compression = example.fit(module, DataLoader(data.train, batch_size=128, shuffle=True), steps=8)
+    assert compression.steps == 8 and compression.finalized
+    assert compression.report()["stages"][0]["memory_ratio"] <= 0.1
