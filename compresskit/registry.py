@@ -101,6 +101,9 @@ def available_plugins() -> dict[str, type[Plugin]]:
 
 def get_plugin(name: str, path: str = "plugin") -> type[Plugin]:
     """The plugin class registered as ``name``; a ConfigError with a close-match suggestion otherwise."""
+    if not available_plugins():
+        raise ConfigError(path, f"no plugins are registered, so '{name}' is unknown: the '{ENTRY_POINT_GROUP}' entry "
+                                f"points are missing (install compresskit: pip install -e .)")
     return PLUGINS.get(name, path)
 
 

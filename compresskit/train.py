@@ -142,7 +142,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.cfg.optimizer, self.model.parameters())
         self.optimizer.load_state_dict(state["optimizer"])
         self.compression.attach_optimizer(self.optimizer)
-        self.compression.load_state_dict(state["compression"])
+        self.compression.load_state_dict(state.get("compression")
+                                         or {"steps": state["step"], "plugins": state["plugins"]})  # older layout
         torch.set_rng_state(state["rng"])
         self.history = list(state.get("history", []))
         return True

@@ -192,3 +192,19 @@ def test_lightning_style_example_runs():
     compression = example.fit(module, DataLoader(data.train, batch_size=128, shuffle=True), steps=8)
     assert compression.steps == 8 and compression.finalized
     assert compression.report()["stages"][0]["memory_ratio"] <= 0.1
+
+
+def test_gradient_accumulation_never_fuses_the_table_update():
+    _, model = _bundle_and_model("fiited")
+    recipe = {"train": {"accumulate_grad_batches": 2, "optimizer": {"name": "adagrad", "lr": 0.05}},
+              "stages": [{"plugin": "fiited", "chunk_size": 4}]}
+    compression = compresskit.prepare(copy.deepcopy(model), recipe)
+    assert all(m.optimizer is None and m.store.pool.requires_grad for _, m in fiited_modules(compression.model))
+    recipe["train"]["accumulate_grad_batches"] = 1                   # the same recipe fuses Adagrad without it
+    compression = compresskit.prepare(copy.deepcopy(model), recipe)
+    assert all(m.optimizer == "adagrad" for _, m in fiited_modules(compression.model))
+    recipe["train"]["accumulate_grad_batches"] = 4
+    recipe["stages"][0]["fused_optimizer"] = "sgd"
+    with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\].fused_optimizer: 'sgd' updates the tables at "
+                                                      r"every backward, which gradient accumulation \(4"):
+        compresskit.prepare(copy.deepcopy(model), recipe)

@@ -100,6 +100,13 @@ class FiitedPlugin(Plugin):
         cfg = self.config
         opt = getattr(ctx.train, "optimizer", None)
         name = cfg.fused_optimizer
+        accumulate = getattr(ctx.train, "accumulate_grad_batches", 1)
+        if accumulate > 1 and name not in ("auto", "none"):
+            raise self.error("fused_optimizer", f"'{name}' updates the tables at every backward, which gradient "
+                                                f"accumulation ({accumulate} micro-batches a step) would break; use "
+                                                f"auto or none")
+        if name == "auto" and accumulate > 1:
+            name = "none"
         if name == "auto":
             plain = opt is not None and not getattr(opt, "weight_decay", 0)
             plain_sgd = plain and opt.name == "sgd" and not getattr(opt, "momentum", 0)
@@ -109,7 +116,7 @@ class FiitedPlugin(Plugin):
         lr = cfg.fused_lr if cfg.fused_lr is not None else getattr(opt, "lr", None)
         if lr is None:
             raise self.error("fused_lr", f"fused_optimizer '{name}' needs a learning rate: set fused_lr or "
-                                                 f"train.optimizer")
+                                         f"train.optimizer")
         return {"optimizer": name, "lr": lr, "eps": cfg.fused_eps}
 
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
