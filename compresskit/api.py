@@ -37,7 +37,7 @@ def _fingerprint(raw: Any) -> str:
     """Hash of what must not change between a checkpoint and its resume (length of training may)."""
     raw = raw or {}
     train = {k: v for k, v in (raw.get("train") or {}).items()
-             if k in ("batch_size", "optimizer", "seed")}
+             if k in ("batch_size", "accumulate_grad_batches", "optimizer", "seed")}
     keep = {"model": raw.get("model"), "data": raw.get("data"), "stages": raw.get("stages"), "train": train}
     text = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -101,8 +101,9 @@ def apply(model: nn.Module, recipe: str | dict[str, Any] | Recipe, data: DataBun
         rec, raw = load_recipe(recipe, require_model=False)
     elif isinstance(recipe, dict):
         rec, raw = validate_recipe(recipe), recipe
-    elif isinstance(recipe, Recipe):
-        rec, raw = recipe, to_dict(recipe)
+    elif isinstance(recipe, Recipe):  # re-validated: a Recipe built in Python may hold raw stages or bad values
+        raw = to_dict(recipe)
+        rec = validate_recipe(raw)
     else:
         raise ConfigError("recipe", f"expected a path, dict or Recipe, got {type(recipe).__name__}")
     return run(rec, model=model, data=data, out_dir=out_dir, raw=raw)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .errors import CompressKitError
+from .errors import CompressKitError, ConfigError
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and their config fields")
     p.set_defaults(func=_cmd_plugins)
 
-    for plugin in available_plugins().values():
-        plugin.add_commands(sub)
+    for name, plugin in available_plugins().items():
+        try:
+            plugin.add_commands(sub)
+        except argparse.ArgumentError as e:
+            raise ConfigError(f"plugin {name}", f"cannot add its commands: {e}") from None
     return parser
 
 

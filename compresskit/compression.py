@@ -41,8 +41,9 @@ def stages_of(config: Any) -> tuple[list[Stage], Recipe | None]:
     ``config`` is a plugin's typed config (``FiitedConfig(...)``), a stage dict (``{"plugin": "fiited", ...}``), a
     list of those, a recipe dict (with ``stages``), a typed :class:`Recipe` or a recipe file path.
     """
-    if isinstance(config, Recipe):
-        return list(config.stages), config
+    if isinstance(config, Recipe):  # re-validated: one built in Python may hold raw stages or bad values
+        recipe = validate_recipe(to_dict(config))
+        return list(recipe.stages), recipe
     if isinstance(config, str):
         recipe, _ = load_recipe(config, require_model=False)
         return list(recipe.stages), recipe
@@ -114,6 +115,8 @@ class Compression:
             return
 
         def keep(module: nn.Module, args: tuple) -> None:
+            if not args:                # called with keyword arguments only: nothing to keep as a sample
+                return
             self.ctx.sample_input = tuple(a[:SAMPLE_ROWS].detach().clone() if torch.is_tensor(a) else a
                                           for a in args)
             self._sample_hook.remove()
@@ -130,9 +133,9 @@ class Compression:
     def step(self) -> None:
         """One optimizer step is done: advance the step count and run the plugins' in-training schedules."""
         self._check_open("step")
-        self.steps += 1
         for p in self.plugins:
-            p.on_step(self.steps, self.ctx)
+            p.on_step(self.steps + 1, self.ctx)
+        self.steps += 1
 
     def finalize(self) -> nn.Module | None:
         """After training: let each plugin convert the model (e.g. to its sparse inference path); returns it."""

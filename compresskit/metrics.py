@@ -11,7 +11,7 @@ def roc_auc(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray
     """Area under the ROC curve (scikit-learn's ``roc_auc_score``); NaN when only one class is present."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.min(initial=0) == y.max(initial=0):
+    if np.unique(y).size < 2:
         return float("nan")
     return float(roc_auc_score(y, s))
 

@@ -30,12 +30,17 @@ class Registry(Generic[T]):
 
     def _ready(self) -> dict[str, T]:
         if self._populate is not None:
-            populate, self._populate = self._populate, None
-            populate()
+            populate, self._populate = self._populate, None   # cleared first: populating calls add()
+            try:
+                populate()
+            except BaseException:
+                self._populate = populate
+                raise
         return self._entries
 
     def add(self, name: str, entry: T) -> T:
         """Register ``entry`` under ``name``; a different entry under a taken name is an error."""
+        self._ready()                                          # built-ins first, so a clash shows at once
         existing = self._entries.get(name)
         if existing is not None and existing is not entry:
             raise ValueError(f"{self.kind} name '{name}' is taken by {existing!r}")
@@ -73,18 +78,21 @@ def unknown_name(kind: str, name: str, choices: Iterable[str], path: str, more: 
 
 def _load_entry_points() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
+        try:    # a broken package must not take the others (and every CLI command) down: its name reports it
             cls = ep.load()
-        except Exception as e:  # a broken third-party package: name it instead of a deep traceback
-            raise ConfigError(f"entry point {ep.name}", f"cannot load {ep.value}: {type(e).__name__}: {e}") from e
+        except Exception as e:
+            BROKEN_PLUGINS[ep.name] = f"cannot load {ep.value}: {type(e).__name__}: {e}"
+            continue
         if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-            raise ConfigError(f"entry point {ep.name}", f"{ep.value} is not a compresskit.Plugin subclass")
+            BROKEN_PLUGINS[ep.name] = f"{ep.value} is not a compresskit.Plugin subclass"
+            continue
         if not cls.name:
             cls.name = ep.name
         PLUGINS.add(cls.name, cls)
 
 
 PLUGINS: Registry[type[Plugin]] = Registry("plugin", "plugin", _load_entry_points)
+BROKEN_PLUGINS: dict[str, str] = {}   # entry-point name -> why it could not be loaded
 
 
 def register_plugin(cls: type[Plugin]) -> type[Plugin]:
@@ -101,6 +109,8 @@ def available_plugins() -> dict[str, type[Plugin]]:
 
 def get_plugin(name: str, path: str = "plugin") -> type[Plugin]:
     """The plugin class registered as ``name``; a ConfigError with a close-match suggestion otherwise."""
+    if name in BROKEN_PLUGINS and name not in available_plugins():
+        raise ConfigError(path, f"plugin '{name}' is installed but broken: {BROKEN_PLUGINS[name]}")
     if not available_plugins():
         raise ConfigError(path, f"no plugins are registered, so '{name}' is unknown: the '{ENTRY_POINT_GROUP}' entry "
                                 f"points are missing (install compresskit: pip install -e .)")

@@ -3,7 +3,8 @@
 
 The compression handle from ``compresskit.prepare`` needs three calls from the loop: ``after_backward()`` once the
 gradients of a step are complete, ``step()`` after ``optimizer.step()`` and ``finalize()`` at the end. In
-PyTorch Lightning those are a Callback's ``on_before_optimizer_step`` / ``on_train_batch_end`` / ``on_fit_end``.
+PyTorch Lightning those are a Callback's ``on_before_optimizer_step`` / ``on_train_batch_end`` (when
+``trainer.global_step > compression.steps``: it runs for every micro-batch) / ``on_fit_end``.
 
     python examples/own_training_loop.py [--steps N] [path/to/ml-100k]
 """

@@ -19,7 +19,7 @@ from compresskit.resolve import resolve_data, resolve_model
 from compresskit.schema import build
 from compresskit.train import epoch_order
 
-BATCH, ACCUMULATE, LR, DECAY = 64, 2, 0.01, 0.01
+BATCH, ACCUMULATE, LR, DECAY = 85, 2, 0.01, 0.01   # odd micro-batch counts: a short last group
 
 
 def _bundle_and_model(kind: str) -> tuple[DataBundle, torch.nn.Module]:
@@ -120,7 +120,8 @@ def test_resume_from_handle_state_is_exact():
     state = _hand_loop(twin, data, config, "fiited", stop_after=12)   # pools already pruned at step 12
     _, fresh = _bundle_and_model("fiited")
     resumed, compression = _hand_loop(fresh, data, config, "fiited", resume=state)
-    assert compression.steps == uninterrupted.steps == 19
+    assert compression.steps == uninterrupted.steps == 15
+    assert compression.report() == uninterrupted.report()          # pruning rounds survive the resume too
     for name, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
 
@@ -208,3 +209,26 @@ def test_gradient_accumulation_never_fuses_the_table_update():
     with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\].fused_optimizer: 'sgd' updates the tables at "
                                                       r"every backward, which gradient accumulation \(4"):
         compresskit.prepare(copy.deepcopy(model), recipe)
+
+
+def test_recipe_objects_are_revalidated():
+    _, model = _bundle_and_model("fiited")
+    recipe = compresskit.Recipe(stages=[{"plugin": "fiited", "chunk_size": 4}])   # built in Python, raw stages
+    compression = compresskit.prepare(copy.deepcopy(model), recipe, total_steps=5)
+    assert compression.plugins[0].config == FiitedConfig(chunk_size=4)
+    recipe.stages[0]["chunk_size"] = 0
+    with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\].chunk_size: got 0, expected a value >= 1"):
+        compresskit.prepare(copy.deepcopy(model), recipe)
+
+
+def test_one_registry_type_with_one_error():
+    registry = compresskit.Registry("widget", "widget.name", populate=lambda: registry.add("gear", 1))
+    with pytest.raises(ValueError, match="widget name 'gear' is taken"):
+        registry.add("gear", 2)                       # the populated entries are there before a user's
+    assert registry.get("gear") == 1 and list(registry) == ["gear"]
+    with pytest.raises(compresskit.ConfigError, match=r"^widget.name: unknown widget 'geer' \(did you mean "
+                                                      r"'gear'\?\); available: gear$"):
+        registry.get("geer")
+    with pytest.raises(compresskit.ConfigError, match=r"^model.name: unknown model 'lenet' \(did you mean "
+                                                      r"'lenet5'\?\).*'pkg.module:factory'"):
+        compresskit.models.MODELS.get("lenet")

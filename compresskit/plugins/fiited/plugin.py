@@ -254,6 +254,12 @@ class FiitedPlugin(Plugin):
         self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(),
                             "tables": [name for name, _ in modules] if len(modules) < len(self.modules) else "all"})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = list(state.get("rounds", []))
+
     # ------------------------------------------------------------------------------------------- reporting
     def stored_chunks(self) -> int:
         """Chunks stored across all FIITED modules."""
