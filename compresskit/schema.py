@@ -96,7 +96,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"got {_fmt(value)}, expected a mapping")
-        return dict(value)
+        _, item = get_args(tp) or (Any, Any)
+        return {k: convert(item, v, f"{path}.{k}") for k, v in value.items()}
     if hasattr(tp, "from_config"):  # a type that validates itself (a recipe stage: plugin name + its config)
         return tp.from_config(value, path)
     if dataclasses.is_dataclass(tp):

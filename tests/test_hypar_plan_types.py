@@ -62,13 +62,13 @@ def test_one_accelerator_has_no_ratios_and_round_trips():
 def test_from_dict_names_what_is_wrong(tmp_path):
     good = _plan("lenet", 4).to_dict()
     missing = {k: v for k, v in good.items() if k != "batch"}
-    with pytest.raises(ValueError, match=r"plan\.batch: missing key"):
+    with pytest.raises(compresskit.ConfigError, match=r"plan\.batch: required field is missing"):
         HyparPlan.from_dict(missing)
-    with pytest.raises(ValueError, match=r"plan\.extra: unknown key"):
+    with pytest.raises(compresskit.ConfigError, match=r"plan\.extra: unknown key"):
         HyparPlan.from_dict({**good, "extra": 1})
     bad_layer = json.loads(json.dumps(good))
     bad_layer["layers"][1]["elements"] = "many"
-    with pytest.raises(ValueError, match=r"plan\.layers\[1\]\.elements: expected a number, got 'many'"):
+    with pytest.raises(compresskit.ConfigError, match=r"plan\.layers\[1\]\.elements: got 'many', expected a number"):
         HyparPlan.from_dict(bad_layer)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(compresskit.ConfigError, match="broken.json: not a HyPar plan.json"):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import typing
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from ...atomic import write_text
 from ...errors import ConfigError
+from ...schema import build
 from .cost import BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, level_terms
 from .graph import LayerSpec
 from .search import Plan
@@ -84,9 +84,9 @@ class HyparPlan:
 
     @classmethod
     def from_dict(cls, data: Any) -> HyparPlan:
-        """The plan from :meth:`to_dict`'s output; ValueError naming the key on a missing, unknown or mistyped
-        entry."""
-        return _build(cls, data, "plan")
+        """The plan from :meth:`to_dict`'s output, through the one validator (:func:`compresskit.schema.build`): a
+        ConfigError naming the key on a missing, unknown or mistyped entry."""
+        return build(cls, data, "plan")
 
     @classmethod
     def from_json(cls, text: str) -> HyparPlan:
@@ -105,7 +105,7 @@ class HyparPlan:
                 return cls.from_json(f.read())
         except OSError as e:
             raise ConfigError(str(path), f"cannot read the plan: {e.strerror or e}") from None
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
+        except (ValueError, ConfigError) as e:  # json.JSONDecodeError is a ValueError
             raise ConfigError(str(path), f"not a HyPar plan.json: {e}") from None
 
     # ------------------------------------------------------------------------------------------------ views
@@ -118,51 +118,6 @@ class HyparPlan:
     def baselines(self) -> list[str]:
         """Names of the baseline plans, in report order."""
         return [k for k in self.total_elements if k != "hypar"]
-
-
-def _build(tp: Any, value: Any, where: str) -> Any:
-    """Rebuild a value of type ``tp`` (dataclass, list, dict, Optional, str/int/float) from JSON data."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        unknown = [k for k in value if k not in names]
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: unknown key")
-        missing = [k for k in names if k not in value]
-        if missing:
-            raise ValueError(f"{where}.{missing[0]}: missing key")
-        return tp(**{k: _build(hints[k], value[k], f"{where}.{k}") for k in names})
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
-        _, item = typing.get_args(tp)
-        return {str(k): _build(item, v, f"{where}.{k}") for k, v in value.items()}
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _build(inner, value, where)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - our dataclasses only
 
 
 # ---------------------------------------------------------------------------------------------------- building

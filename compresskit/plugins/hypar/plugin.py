@@ -59,8 +59,8 @@ class HyparPlugin(Plugin):
     Config = HyparConfig
     kind = "analysis"
 
-    def __init__(self, config: HyparConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)   # the core sets ``self.path`` (stages[0]) for self.error
+    def __init__(self, config: HyparConfig) -> None:
+        super().__init__(config)
         self.plan: HyparPlan | None = None
         self.files: list[str] = []
 
