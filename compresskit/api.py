@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,11 @@ from torch import nn
 
 from .atomic import torch_save, write_json, write_text
 from .data import DataBundle
+from .distributed.collective import Collective
+from .distributed.comm_model import step_bytes
+from .distributed.launch import agreement
+from .distributed.sharding import ShardedTables, shard_tables, sharded_names
+from .models.tables import table_bytes
 from .errors import ConfigError
 from .compression import SAMPLE_ROWS, prepare
 from .plugin import Plugin
@@ -44,24 +50,39 @@ def _fingerprint(raw: Any) -> str:
 
 
 def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | None = None,
-        out_dir: str | None = None, resume: bool = False, raw: dict[str, Any] | None = None) -> RunResult:
-    """Resolve what the recipe names (unless given), :func:`prepare` its stages, train, finalise, write outputs."""
+        out_dir: str | None = None, resume: bool = False, raw: dict[str, Any] | None = None,
+        collective: Collective | None = None) -> RunResult:
+    """Resolve what the recipe names (unless given), :func:`prepare` its stages, train, finalise, write outputs.
+
+    ``collective``: the ranks of a distributed run (:func:`compresskit.distributed.launch.connect`); embedding
+    tables are then sharded table-wise (``distributed.sharding``), the rest is data-parallel, and rank 0 alone
+    writes outputs."""
+    coll = collective or Collective.single()
     train_cfg = recipe.train
     seed = train_cfg.seed if train_cfg else 0
-    if train_cfg and train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
-    torch.manual_seed(seed)
-    if data is None and recipe.data is not None:
-        data = resolve_data(recipe.data, seed)
     analysis_only = bool(recipe.stages) and all(s.plugin.kind == "analysis" for s in recipe.stages)
-    if model is None and recipe.model is not None:
-        model = resolve_model(recipe.model, data.info if data is not None else None)
-    if model is None and not analysis_only:
-        raise ConfigError("model", "required field is missing (no model given to apply())")
+    with agreement(coll):   # local work only: a user error on any rank stops every rank with its message
+        if train_cfg and train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        torch.manual_seed(seed)
+        if data is None and recipe.data is not None:
+            data = resolve_data(recipe.data, seed)
+        if model is None and recipe.model is not None:
+            model = resolve_model(recipe.model, data.info if data is not None else None)
+        if model is None and not analysis_only:
+            raise ConfigError("model", "required field is missing (no model given to apply())")
+        if coll.distributed and model is not None and recipe.distributed.sharding == "table_wise":
+            try:
+                shard_tables(model, coll)
+            except ValueError as e:
+                raise ConfigError("distributed.sharding", str(e)) from None
+        if out_dir and coll.is_main:
+            os.makedirs(out_dir, exist_ok=True)
     sample = next(batches(data.test, SAMPLE_ROWS))[0] if data is not None else None
     needs_training = train_cfg is not None and data is not None
     steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
-    compression = prepare(model, recipe, total_steps=steps, data=data, sample_input=sample, out_dir=out_dir)
+    compression = prepare(model, recipe, total_steps=steps, data=data, sample_input=sample, out_dir=out_dir,
+                          collective=coll)
     model = compression.model
     report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
                                       (type(model).__name__ if model is not None else None),
@@ -73,20 +94,74 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
             raise ConfigError("--resume", f"no checkpoint to resume from in '{out_dir}'")
         report["training"] = trainer.fit()
     elif data is not None:
-        report["training"] = {"test": evaluate(model, data.test, data.task)}
+        report["training"] = {"test": evaluate(model, data.test, data.task, coll=coll)}
     model = compression.finalize()
     if needs_training and any(type(p).finalize is not Plugin.finalize for p in compression.plugins):
-        report["training"]["final_test"] = evaluate(model, data.test, data.task)
+        report["training"]["final_test"] = evaluate(model, data.test, data.task, coll=coll)
     report.update(compression.report())
+    sent = report.get("training", {}).pop("sent_bytes_per_step", None)
+    if coll.distributed:
+        report["distributed"] = distributed_report(model, recipe, coll, sent)
     if raw is not None:
         report["recipe"] = raw
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+    state = gather_state_dict(model, coll) if model is not None and out_dir else None
+    if out_dir and coll.is_main:
         if model is not None:
-            torch_save(os.path.join(out_dir, "model.pt"), model.state_dict())
+            torch_save(os.path.join(out_dir, "model.pt"), state)
         write_json(os.path.join(out_dir, "report.json"), report)
         write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
     return RunResult(model, report, compression.plugins, out_dir)
+
+
+def gather_state_dict(model: nn.Module, coll: Collective) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on rank 0 (sharded tables gathered from their owners; the keys are those of
+    the unsharded model); None on other ranks. A one-process run: ``model.state_dict()``."""
+    state = model.state_dict()
+    if not coll.distributed:
+        return state
+    tables = set(sharded_names(model))
+    parts = coll.gather_object({k: v for k, v in state.items() if k in tables})
+    if parts is None:
+        return None
+    merged = {k: v for k, v in state.items() if k not in tables}
+    gathered = {k: v for part in parts for k, v in part.items()}
+    order = {name: i for i, name in enumerate(coll.table_order)}
+
+    def table_of(key: str) -> int:
+        parts_ = key.split(".")
+        for cut in range(len(parts_), 0, -1):
+            if ".".join(parts_[:cut]) in order:
+                return order[".".join(parts_[:cut])]
+        return len(order)
+
+    for key in sorted(gathered, key=table_of):   # stable: each table's keys keep their order
+        merged[key] = gathered[key]
+    return merged
+
+
+def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent: dict[str, float] | None
+                       ) -> dict[str, Any]:
+    """Ranks, placement, per-rank bytes and peak RSS, and the bytes a step sent: counted against the model of
+    :mod:`compresskit.distributed.comm_model`."""
+    local = [name for name in coll.table_order if coll.local_tables and name in coll.local_tables]
+    mods = dict(model.named_modules())
+    owners, dims = [], []
+    for m in model.modules():
+        if isinstance(m, ShardedTables):
+            owners += m.owners
+            dims += m.dims
+    ignored = set(sharded_names(model))
+    dense_grad = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if p.requires_grad and n not in ignored)
+    mine = {"rank": coll.rank, "tables": local,
+            "table_bytes": sum(table_bytes(mods[name]) for name in local),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "sent_bytes_per_step": sent}
+    if recipe.train is not None:
+        mine["model_bytes_per_step"] = step_bytes(recipe.train.batch_size, coll.world, coll.rank, owners, dims,
+                                                  dense_grad, recipe.train.accumulate_grad_batches)
+    return {"world": coll.world, "backend": coll.backend, "sharding": recipe.distributed.sharding,
+            "ranks": coll.all_gather_object(mine)}
 
 
 def apply(model: nn.Module, recipe: str | dict[str, Any] | Recipe, data: DataBundle | None = None,

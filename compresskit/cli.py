@@ -4,6 +4,7 @@ User errors print one line and exit with 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -11,23 +12,92 @@ from .errors import CompressKitError, ConfigError
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from .distributed.launch import launched_world, launch
+
+    if args.nproc > 1 and launched_world() == 1:
+        return launch(_without_nproc(sys.argv[1:] if args.argv is None else args.argv), args.nproc)
+    if launched_world() > 1:
+        return _apply_on_rank(args)
+    return _apply(args)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def _apply(args: argparse.Namespace, collective=None, loaded=None) -> int:
     from .api import run
     from .recipe import load_recipe
 
-    recipe, raw = load_recipe(args.recipe, args.set)
+    recipe, raw = loaded or load_recipe(args.recipe, args.set)
     out_dir = args.out or recipe.output.dir
     try:
-        result = run(recipe, out_dir=out_dir, resume=args.resume, raw=raw)
+        result = run(recipe, out_dir=out_dir, resume=args.resume, raw=raw, collective=collective)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the last checkpoint is in {out_dir}/checkpoint.pt; continue with "
+        print(f"\ninterrupted: the last checkpoint is in {out_dir}; continue with "
               f"`compresskit apply {args.recipe} --resume`", file=sys.stderr)
         return 130
+    if collective is not None and not collective.is_main:
+        return 0
     test = result.report.get("training", {}).get("final_test") or result.report.get("training", {}).get("test")
     if test:
         print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
     written = (["model.pt"] if result.model is not None else []) + ["report.json", "report.md"]
     print(f"wrote {out_dir}/" + ", ".join(written))
     return 0
+
+
+def _apply_on_rank(args: argparse.Namespace) -> int:
+    """One rank of a torchrun launch: join it, agree on the recipe, run; errors name the rank."""
+    import hashlib
+    import json
+
+    from .distributed.launch import RankStopped, agreement, connect, disconnect, same_everywhere
+    from .recipe import DistributedConfig, load_recipe
+
+    loaded, problem = None, None
+    try:
+        loaded = load_recipe(args.recipe, args.set)
+    except CompressKitError as e:
+        problem = e
+    coll = connect(loaded[0].distributed if loaded else DistributedConfig())
+    try:
+        with agreement(coll):
+            if problem is not None:
+                raise problem
+        same_everywhere(coll, hashlib.sha256(json.dumps(loaded[1], sort_keys=True, default=str).encode())
+                        .hexdigest(), "recipe (file and --set overrides)")
+        return _apply(args, coll, loaded)
+    except RankStopped as e:
+        print(f"error: rank {coll.rank}: {e}; resume with --resume", file=sys.stderr)
+        return 143
+    except RuntimeError as e:
+        if not _raised_by_collective(e):
+            raise
+        first = (str(e).splitlines() or ["connection lost"])[0][:200]
+        print(f"error: rank {coll.rank}: lost contact with another rank ({first}); the last checkpoint is in "
+              f"{args.out or loaded[0].output.dir}; resume with --resume", file=sys.stderr)
+        return 3
+    finally:   # leaving the group cleanly: exiting with its threads running aborts the process
+        disconnect(coll)
+
+
+def _raised_by_collective(error: BaseException) -> bool:
+    """Whether ``error`` came out of a torch.distributed call (a peer died, or a collective timed out)."""
+    tb = error.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and f"torch{os.sep}distributed{os.sep}" in last
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -62,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     p.add_argument("--out", help="output folder (overrides output.dir)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run on N local processes through torch.distributed.run (torchrun --standalone)")
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("validate", help="check a recipe without running it")
@@ -84,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``compresskit`` console script."""
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(argv) if argv is not None else None
         return args.func(args)
     except CompressKitError as e:
         print(f"error: {e}", file=sys.stderr)

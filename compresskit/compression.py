@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .distributed.collective import Collective
 from .errors import ConfigError
 from .metrics import module_bytes
 from .plugin import Plugin, RunContext
@@ -180,18 +181,20 @@ class Compression:
 
 def prepare(model: nn.Module | None, config: Any, *, optimizer: torch.optim.Optimizer | None = None,
             total_steps: int | None = None, data: Any = None, sample_input: tuple | None = None,
-            out_dir: str | None = None) -> Compression:
+            out_dir: str | None = None, collective: Collective | None = None) -> Compression:
     """Apply the plugins ``config`` describes to ``model`` (in place where they can) and return the handle.
 
     ``config``: a plugin's typed config, a stage dict, a list of them, a recipe dict/path or a :class:`Recipe`
     (its ``train`` section then informs choices such as FIITED's fused optimizer). ``total_steps`` is the
     length of training that fraction-based schedules refer to. ``data`` (a DataBundle) serves plugins that look
     at data before training (FIITED's mixed_dim counts rows). ``sample_input``: a batch of model inputs for
-    tracing and tuning; by default the first rows of the first batch the model sees in training.
+    tracing and tuning; by default the first rows of the first batch the model sees in training. ``collective``:
+    the ranks of a distributed run, after :func:`compresskit.distributed.shard_tables` (FIITED then prunes with one
+    global threshold over every rank's tables).
     """
     stages, recipe = stages_of(config)
     ctx = RunContext(model=model, data=data, train=recipe.train if recipe else None, total_steps=total_steps or 0,
-                     out_dir=out_dir, sample_input=sample_input)
+                     out_dir=out_dir, sample_input=sample_input, collective=collective or Collective.single())
     plugins = [stage.instantiate() for stage in stages]
     if model is None and any(p.kind == "transform" for p in plugins):
         raise ConfigError("model", "required: a transform plugin needs a model to apply to")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from .distributed.collective import Collective
 from .errors import ConfigError
 
 
@@ -22,6 +23,7 @@ class RunContext:
     total_steps: int = 0
     out_dir: str | None = None
     sample_input: tuple | None = None     # one batch of model inputs (no label), for tracing and shapes
+    collective: Collective = field(default_factory=Collective.single)  # the ranks of a distributed run
 
 
 class Plugin:

@@ -59,6 +59,19 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a run launched on several processes (torchrun, ``--nproc``) spreads over them (docs/distributed.md)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = option("auto", help="process-group backend (auto: nccl with CUDA, "
+                                                                   "gloo on CPU)")
+    sharding: Literal["table_wise", "none"] = option(
+        "table_wise", help="embedding tables of EmbeddingTables collections (DLRM's): one owner rank each, balanced "
+                           "by bytes (table_wise), or replicated and synchronised by DDP (none)")
+    timeout_s: float = option(300.0, help="seconds a collective waits for the other ranks before the run fails",
+                              min=1)
+
+
+@dataclass
 class OutputConfig:
     """Where results go."""
 
@@ -114,6 +127,7 @@ class Recipe:
     train: Optional[TrainConfig] = option(None, help="training settings (omit to skip training)")
     stages: list[Stage] = option([], help="plugin stages, applied in order")
     output: OutputConfig = option({}, help="output settings")
+    distributed: DistributedConfig = option({}, help="multi-process settings (used under torchrun / --nproc)")
 
 
 def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:

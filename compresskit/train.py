@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
@@ -13,6 +14,9 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .atomic import torch_save
+from .distributed import checkpoint as sharded_checkpoint
+from .distributed.collective import Collective
+from .distributed.sharding import data_parallel, sharded_names
 from .errors import ConfigError
 from .metrics import accuracy, log_loss, roc_auc
 from .resolve import build_optimizer
@@ -33,21 +37,34 @@ def batches(dataset: TensorDataset, batch_size: int, order: torch.Tensor | None 
         yield tuple(parts[:-1]), parts[-1]
 
 
-def task_loss(output: torch.Tensor, label: torch.Tensor, task: str) -> torch.Tensor:
-    """BCE-with-logits for binary tasks, cross-entropy for multiclass."""
+def task_loss(output: torch.Tensor, label: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+    """BCE-with-logits for binary tasks, cross-entropy for multiclass (``reduction``: mean or sum)."""
     if task == "binary":
-        return F.binary_cross_entropy_with_logits(output.reshape(-1), label.reshape(-1).float())
-    return F.cross_entropy(output, label)
+        return F.binary_cross_entropy_with_logits(output.reshape(-1), label.reshape(-1).float(),
+                                                  reduction=reduction)
+    return F.cross_entropy(output, label, reduction=reduction)
+
+
+def local_rows(inputs: tuple, label: torch.Tensor, coll: Collective) -> tuple[tuple, torch.Tensor]:
+    """This rank's contiguous share of a global batch (all of it in a one-process run)."""
+    if not coll.distributed:
+        return inputs, label
+    start, end = coll.local_range(label.shape[0])
+    return tuple(x[start:end] if torch.is_tensor(x) else x for x in inputs), label[start:end]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset, task: str, batch_size: int = 4096) -> dict[str, float]:
-    """Metrics of ``model`` on ``dataset``: AUC + log loss + accuracy (binary) or accuracy + loss (multiclass)."""
+def evaluate(model: nn.Module, dataset: TensorDataset, task: str, batch_size: int = 4096,
+             coll: Collective | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on ``dataset``: AUC + log loss + accuracy (binary) or accuracy + loss (multiclass).
+    In a distributed run every rank scores its share of each batch and every rank gets the same metrics."""
+    coll = coll or Collective.single()
     was_training = model.training
     model.eval()
     outputs, labels = [], []
     for inputs, label in batches(dataset, batch_size):
-        outputs.append(model(*inputs))
+        mine, _ = local_rows(inputs, label, coll)
+        outputs.append(coll.all_gather_rows(model(*mine), coll.split_sizes(label.shape[0])))
         labels.append(label)
     model.train(was_training)
     out, y = torch.cat(outputs), torch.cat(labels)
@@ -95,12 +112,16 @@ class Trainer:
                  fingerprint: str = "") -> None:
         self.compression, self.data, self.cfg = compression, data, train_cfg
         self.out_dir, self.fingerprint = out_dir, fingerprint
+        self.coll = compression.ctx.collective
+        self._ddp: nn.Module | None = None
+        self._ddp_params: tuple[int, ...] = ()
         self.steps_per_epoch = steps_per_epoch(train_cfg, len(data.train))
         self.total_steps = planned_steps(train_cfg, len(data.train))
         compression.ctx.total_steps = self.total_steps
         self.optimizer = build_optimizer(train_cfg.optimizer, self.model.parameters())
         compression.attach_optimizer(self.optimizer)
         self.history: list[dict[str, float]] = []
+        self.running_loss: float | None = None   # smoothed training loss (checkpointed, so a resume reports it)
 
     @property
     def model(self) -> nn.Module:
@@ -114,9 +135,17 @@ class Trainer:
     def checkpoint_path(self) -> str | None:
         return os.path.join(self.out_dir, CHECKPOINT_NAME) if self.out_dir else None
 
+    def _meta(self) -> dict[str, Any]:
+        return {"step": self.step, "compression": self.compression.state_dict(), "history": self.history,
+                "running_loss": self.running_loss, "fingerprint": self.fingerprint, "world": self.coll.world}
+
     def save_checkpoint(self) -> None:
-        """Atomically write everything needed to continue bit-for-bit from the current step."""
+        """Atomically write everything needed to continue bit-for-bit from the current step (a distributed run:
+        each rank its shard, see :mod:`compresskit.distributed.checkpoint`)."""
         if not self.checkpoint_path:
+            return
+        if self.coll.distributed:
+            sharded_checkpoint.save(self.out_dir, self.model, self.optimizer, self._meta(), self.coll)
             return
         torch_save(self.checkpoint_path, {
             "step": self.step,
@@ -125,13 +154,21 @@ class Trainer:
             "compression": self.compression.state_dict(),
             "rng": torch.get_rng_state(),
             "history": self.history,
+            "running_loss": self.running_loss,
             "fingerprint": self.fingerprint,
         })
 
     def load_checkpoint(self) -> bool:
         """Restore the last checkpoint if one exists; returns whether it did."""
         path = self.checkpoint_path
-        if not path or not os.path.exists(path):
+        if not path:
+            return False
+        if self.coll.distributed:
+            return self._load_sharded()
+        if not os.path.exists(path):
+            if sharded_checkpoint.find(self.out_dir):
+                raise ConfigError("--resume", f"'{sharded_checkpoint.find(self.out_dir)}' was written by a distributed "
+                                              f"run; resume it with torchrun or --nproc (any number of ranks >= 2)")
             return False
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("fingerprint", "") != self.fingerprint:
@@ -146,30 +183,74 @@ class Trainer:
                                          or {"steps": state["step"], "plugins": state["plugins"]})  # older layout
         torch.set_rng_state(state["rng"])
         self.history = list(state.get("history", []))
+        self.running_loss = state.get("running_loss")
         return True
+
+    def _load_sharded(self) -> bool:
+        path = sharded_checkpoint.find(self.out_dir)
+        if path is None:
+            if os.path.exists(self.checkpoint_path):
+                raise ConfigError("--resume", f"'{self.checkpoint_path}' was written by a one-process run; resume it "
+                                              f"without torchrun or --nproc")
+            return False
+        meta = sharded_checkpoint.read_meta(path, self.coll)
+        if meta.get("fingerprint", "") != self.fingerprint:
+            raise ConfigError("--resume", f"'{path}' was written by a different recipe (model, data, stages or "
+                                          f"optimizer differ); use another output.dir or drop --resume")
+        self.optimizer = sharded_checkpoint.load(
+            path, self.model, lambda: build_optimizer(self.cfg.optimizer, self.model.parameters()), self.coll)
+        self.compression.attach_optimizer(self.optimizer)
+        self.compression.load_state_dict(meta["compression"])
+        self.history = list(meta.get("history", []))
+        self.running_loss = meta.get("running_loss")
+        return True
+
+    def _forward_model(self) -> nn.Module:
+        """The model to run forward/backward through: DDP over the dense part in a distributed run, rebuilt when a
+        plugin has replaced one of the parameters it synchronises (DDP hooks the ones it saw when built)."""
+        if not self.coll.distributed:
+            return self.model
+        ignored = set(sharded_names(self.model))
+        params = tuple(id(p) for n, p in self.model.named_parameters() if p.requires_grad and n not in ignored)
+        if self._ddp is None or params != self._ddp_params:
+            self._ddp, self._ddp_params = data_parallel(self.model, self.coll), params
+        return self._ddp
 
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps`` (continuing from the current step) and return a summary with val/test metrics."""
         start_time = time.perf_counter()
         task, cfg, accumulate = self.data.task, self.cfg, self.cfg.accumulate_grad_batches
+        coll, world = self.coll, self.coll.world
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and coll.is_main), dynamic_ncols=True)
         self.model.train()
-        running = None
+        sent_before, first_step = dict(coll.sent), self.step
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             order = epoch_order(len(self.data.train), cfg.seed, epoch)[skip * accumulate * cfg.batch_size:]
             for group in grouped(batches(self.data.train, cfg.batch_size, order), accumulate):
+                model = self._forward_model()
                 self.optimizer.zero_grad(set_to_none=True)
                 value = 0.0
-                for inputs, label in group:
-                    loss = task_loss(self.model(*inputs), label, task) / accumulate
-                    loss.backward()
-                    value += loss.item()
+                for i, (inputs, label) in enumerate(group):
+                    n = label.shape[0]
+                    inputs, label = local_rows(inputs, label, coll)
+                    last = i == len(group) - 1
+                    with model.no_sync() if world > 1 and not last and hasattr(model, "no_sync") else nullcontext():
+                        if world > 1:   # each rank's share of the global mean; DDP averages over ranks
+                            total = task_loss(model(*inputs), label, task, "sum")
+                            loss = total * (world / n) / accumulate
+                            value += total.item() / n / accumulate
+                        else:
+                            loss = task_loss(model(*inputs), label, task) / accumulate
+                            value += loss.item()
+                        loss.backward()
+                value = coll.sum(value)
                 self.compression.after_backward()
                 self.optimizer.step()
                 self.compression.step()
-                running = value if running is None else 0.98 * running + 0.02 * value
+                running = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
+                self.running_loss = running
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}")
                 end_of_epoch = self.step % self.steps_per_epoch == 0
@@ -181,8 +262,11 @@ class Trainer:
                     break
         bar.close()
         summary: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start_time,
-                                   "train_loss": running, "history": self.history}
+                                   "train_loss": self.running_loss, "history": self.history}
+        if coll.distributed and self.step > first_step:
+            summary["sent_bytes_per_step"] = {kind: (n - sent_before.get(kind, 0)) / (self.step - first_step)
+                                              for kind, n in coll.sent.items()}
         if self.data.val is not None:
-            summary["val"] = evaluate(self.model, self.data.val, task, cfg.eval_batch_size)
-        summary["test"] = evaluate(self.model, self.data.test, task, cfg.eval_batch_size)
+            summary["val"] = evaluate(self.model, self.data.val, task, cfg.eval_batch_size, coll)
+        summary["test"] = evaluate(self.model, self.data.test, task, cfg.eval_batch_size, coll)
         return summary

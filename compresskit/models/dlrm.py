@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import register_model
+from .tables import EmbeddingTables
 
 
 def mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
@@ -25,35 +26,36 @@ class DLRM(nn.Module):
 
     ``sparse`` is an int64 tensor [B, num_features] of one id per feature (Criteo-style single-valued features).
     ``tables`` (optional) are the embedding modules to use, one per feature, each called as ``table(ids, offsets)``
-    (as TorchRec's DLRM takes its EmbeddingBagCollection); by default, ``nn.EmbeddingBag`` tables are built.
+    (as TorchRec's DLRM takes its EmbeddingBagCollection); by default, ``nn.EmbeddingBag`` tables are built
+    (``sparse=True``: sparse gradients, as a recommendation user would train them). ``self.embeddings`` is an
+    :class:`EmbeddingTables` collection, which distributed runs shard table-wise.
     """
 
     def __init__(self, num_dense: int, cardinalities: list[int], embedding_dim: int = 16,
                  bottom_mlp: list[int] | None = None, top_mlp: list[int] | None = None,
-                 tables: Sequence[nn.Module] | None = None) -> None:
+                 tables: Sequence[nn.Module] | None = None, sparse: bool = False) -> None:
         super().__init__()
         bottom = list(bottom_mlp or [64])
         top = list(top_mlp or [64])
         self.embedding_dim = embedding_dim
         self.bottom = mlp([num_dense, *bottom, embedding_dim], final_activation=True) if num_dense else None
         if tables is None:
-            self.embeddings = nn.ModuleList(nn.EmbeddingBag(c, embedding_dim, mode="sum") for c in cardinalities)
+            self.embeddings = EmbeddingTables(nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse)
+                                              for c in cardinalities)
             for emb in self.embeddings:
                 bound = emb.num_embeddings ** -0.5
                 nn.init.uniform_(emb.weight, -bound, bound)
         else:
             if len(tables) != len(cardinalities):
                 raise ValueError(f"got {len(tables)} tables for {len(cardinalities)} sparse features")
-            self.embeddings = nn.ModuleList(tables)
+            self.embeddings = EmbeddingTables(tables)
         n = len(cardinalities) + (1 if num_dense else 0)
         self._tri = torch.triu_indices(n, n, offset=1)
         top_in = n * (n - 1) // 2 + (embedding_dim if num_dense else 0)
         self.top = mlp([top_in, *top, 1], final_activation=False)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        batch = sparse.shape[0]
-        offsets = torch.arange(batch, device=sparse.device)
-        vectors = [emb(sparse[:, i].contiguous(), offsets) for i, emb in enumerate(self.embeddings)]
+        vectors = list(self.embeddings(sparse))
         if self.bottom is not None:
             x = self.bottom(dense)
             vectors.insert(0, x)
@@ -65,6 +67,7 @@ class DLRM(nn.Module):
 
 @register_model("dlrm")
 def dlrm(num_dense: int, cardinalities: list[int], embedding_dim: int = 16, bottom_mlp: list[int] | None = None,
-         top_mlp: list[int] | None = None) -> DLRM:
-    """DLRM; ``num_dense`` and ``cardinalities`` are filled from the dataset when omitted."""
-    return DLRM(num_dense, cardinalities, embedding_dim, bottom_mlp, top_mlp)
+         top_mlp: list[int] | None = None, sparse: bool = False) -> DLRM:
+    """DLRM; ``num_dense`` and ``cardinalities`` are filled from the dataset when omitted. ``sparse``: sparse
+    gradients for the ``nn.EmbeddingBag`` tables."""
+    return DLRM(num_dense, cardinalities, embedding_dim, bottom_mlp, top_mlp, sparse=sparse)

@@ -35,39 +35,87 @@ def chunk_scores(utility: torch.Tensor, exponent: float, discount: float) -> tor
     return score.masked_fill_(torch.isinf(utility), float("inf"))  # absent chunks stay out of reach
 
 
-def tail_counts(scores: list[torch.Tensor], excess: int) -> list[torch.Tensor]:
+def kth_smallest(values: list[torch.Tensor], k: int, coll=None, weights: list[torch.Tensor] | None = None
+                 ) -> float:
+    """The smallest ``t`` such that the (weighted) count of values ``<= t`` over every rank reaches ``k``: the
+    k-th smallest value. Values are non-negative (``+inf`` allowed). One process: ``torch.kthvalue``
+    (unweighted). Several ranks: a bisection over the bit patterns of non-negative floats (their order is the
+    integer order), one all-reduce of a count per bit, so every rank gets the same exact threshold."""
+    if (coll is None or not coll.distributed) and weights is None:
+        flat = torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
+        return float(torch.kthvalue(flat, k).values)
+    sum_all = coll.sum if coll is not None else (lambda x: x)
+    lo, hi = 0, 0x7F800000              # bit patterns of 0.0 and +inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = torch.tensor([mid], dtype=torch.int32).view(torch.float32)
+        if weights is None:
+            local = sum(int((v <= t).sum()) for v in values)
+        else:
+            local = sum(int(w[v <= t].sum()) for v, w in zip(values, weights))
+        if sum_all(local) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(torch.tensor([lo], dtype=torch.int32).view(torch.float32))
+
+
+def tail_counts(scores: list[torch.Tensor], excess: int, coll=None, table_ids: list[int] | None = None,
+                num_tables: int | None = None, num_chunks: int | None = None) -> list[torch.Tensor]:
     """Chunks to drop from the tail of every row so that exactly ``excess`` of the lowest scores go (over all
-    grids together); ties at the threshold go to later chunks first, so every row keeps a prefix."""
+    grids together, on every rank when ``coll`` is distributed); ties at the threshold go to later chunks first,
+    then to earlier tables (``table_ids``: each grid's position in the global table order), so every row keeps a
+    prefix and the choice does not depend on how tables are spread over ranks."""
     if excess <= 0:
         return [torch.zeros(s.shape[0], dtype=torch.int64) for s in scores]
-    flat = torch.cat([s.reshape(-1) for s in scores])
-    threshold = torch.kthvalue(flat, excess).values
-    del flat
+    sum_all = coll.sum if coll is not None else (lambda x: x)
+    table_ids = list(range(len(scores))) if table_ids is None else table_ids
+    num_tables = len(scores) if num_tables is None else num_tables
+    width = max([s.shape[1] for s in scores], default=0) if num_chunks is None else num_chunks
+    threshold = kth_smallest(scores, excess, coll)
     drop = [s < threshold for s in scores]
-    left = excess - sum(int(d.sum()) for d in drop)
-    for c in reversed(range(scores[0].shape[1]) if scores else []):
-        for d, s in zip(drop, scores):
+    left = excess - sum_all(sum(int(d.sum()) for d in drop))
+    ties = torch.zeros(num_tables, width, dtype=torch.int64)
+    for t, s in zip(table_ids, scores):
+        ties[t, :s.shape[1]] = (s == threshold).sum(0)
+    if coll is not None:
+        coll.all_reduce(ties)
+    local = dict(zip(table_ids, zip(drop, scores)))
+    for c in reversed(range(width)):
+        for t in range(num_tables):
             if left <= 0:
                 break
-            tied = torch.nonzero(s[:, c] == threshold).flatten()[:left]
-            d[tied, c] = True
-            left -= tied.numel()
+            take = min(left, int(ties[t, c]))
+            if take and t in local:
+                d, s = local[t]
+                d[torch.nonzero(s[:, c] == threshold).flatten()[:take], c] = True
+            left -= take
     return [d.sum(1) for d in drop]
 
 
-def whole_rows(row_scores: list[torch.Tensor], row_counts: list[torch.Tensor], excess: int) -> list[torch.Tensor]:
-    """AdaEmbed-style: whole rows, lowest score first over all tables, until at least ``excess`` chunks are
-    covered. Returns a drop mask per table."""
+def whole_rows(row_scores: list[torch.Tensor], row_counts: list[torch.Tensor], excess: int, coll=None,
+               table_ids: list[int] | None = None, num_tables: int | None = None) -> list[torch.Tensor]:
+    """AdaEmbed-style: whole rows, lowest score first over all tables (and ranks), until at least ``excess``
+    chunks are covered; ties go to earlier tables, then earlier rows. Returns a drop mask per table."""
     drops = [torch.zeros(s.numel(), dtype=torch.bool) for s in row_scores]
-    if excess <= 0 or not row_scores:
+    if excess <= 0:
         return drops
-    scores, counts = torch.cat(row_scores), torch.cat(row_counts)
-    table = torch.cat([torch.full((s.numel(),), k) for k, s in enumerate(row_scores)])
-    local = torch.cat([torch.arange(s.numel()) for s in row_scores])
-    order = torch.argsort(scores, stable=True)
-    covered = torch.cumsum(counts[order], 0)
-    n = min(int(torch.searchsorted(covered, torch.tensor(excess))) + 1, order.numel())
-    for k in range(len(drops)):
-        pick = order[:n][table[order[:n]] == k]
-        drops[k][local[pick]] = True
+    table_ids = list(range(len(row_scores))) if table_ids is None else table_ids
+    num_tables = len(row_scores) if num_tables is None else num_tables
+    threshold = kth_smallest(row_scores, excess, coll, weights=row_counts)
+    below = [s < threshold for s in row_scores]
+    covered = sum(int(c[b].sum()) for b, c in zip(below, row_counts))
+    tied = torch.zeros(num_tables, dtype=torch.int64)
+    for t, s, c in zip(table_ids, row_scores, row_counts):
+        tied[t] = c[s == threshold].sum()
+    if coll is not None:
+        covered = coll.sum(covered)
+        coll.all_reduce(tied)
+    before = covered + torch.cumsum(tied, 0) - tied      # chunks covered before each table's tied rows
+    for k, (t, s, c) in enumerate(zip(table_ids, row_scores, row_counts)):
+        drops[k] = below[k].clone()
+        at = torch.nonzero(s == threshold).flatten()
+        if at.numel():
+            start = int(before[t]) + torch.cumsum(c[at], 0) - c[at]   # covered just before each tied row
+            drops[k][at[start < excess]] = True
     return drops

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from ...distributed.collective import Collective
 from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
 from ...schema import option
@@ -90,6 +91,7 @@ class FiitedPlugin(Plugin):
 
     def __init__(self, config: FiitedConfig) -> None:
         super().__init__(config)
+        self.coll = Collective.single()
         self.modules: list[tuple[str, nn.Module]] = []
         self.dense_bytes = 0
         self.rounds: list[dict[str, Any]] = []
@@ -121,16 +123,18 @@ class FiitedPlugin(Plugin):
 
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
+        coll = self.coll = ctx.collective
         fused = self._fused(ctx)
+        if coll.distributed and cfg.method == "mixed_dim":
+            raise self.error("method", "mixed_dim plans one budget over every table in one process; run it "
+                                       "without --nproc (fiited, adaembed, uniform and dense shard)")
         if not list(fiited_modules(model)):
             if cfg.lazy:
                 raise self.error("lazy", "lazy allocation needs a model built with lazy "
                                                  "FiitedEmbeddingBag modules (a dense model is already allocated)")
             dense = embedding_modules(model, cfg.include or None)
-            if not dense:
-                raise self.error("include", f"no nn.Embedding/nn.EmbeddingBag matched "
-                                                    f"{cfg.include or 'any module'} in {type(model).__name__}")
-            self.dense_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in dense)
+            self._check_placement(dense, coll)
+            self.dense_bytes = coll.sum(sum(m.weight.numel() * m.weight.element_size() for _, m in dense))
             if cfg.method in ("uniform", "mixed_dim"):
                 self._convert_natural(model, dense, ctx)
                 return model
@@ -142,6 +146,8 @@ class FiitedPlugin(Plugin):
             except ValueError as e:
                 raise self.error("", str(e)) from None
         self.modules = list(fiited_modules(model))
+        if not self.dense_bytes:
+            self._check_placement(self.modules, coll)
         for mod_name, m in self.modules:
             if cfg.lazy and not m.lazy:
                 raise self.error("lazy", f"module {mod_name} is not a lazy FiitedEmbeddingBag")
@@ -152,9 +158,23 @@ class FiitedPlugin(Plugin):
                 m.track_utility(cfg.decay)
             m.store.attach_optimizer(ctx.optimizer)
         if not self.dense_bytes:
-            self.dense_bytes = sum(m.num_embeddings * m.embedding_dim * m.store.pool.element_size()
-                                   for _, m in self.modules)
+            self.dense_bytes = coll.sum(sum(m.num_embeddings * m.embedding_dim * m.store.pool.element_size()
+                                            for _, m in self.modules))
         return model
+
+    def _check_placement(self, tables: list[tuple[str, nn.Module]], coll) -> None:
+        """Every rank found tables (over all ranks), and in a distributed run each one is sharded to this rank:
+        a replicated table would be pruned on each rank's own gradients and drift apart."""
+        cfg = self.config
+        if coll.sum(len(tables)) == 0:
+            raise self.error("include", f"no nn.Embedding/nn.EmbeddingBag matched {cfg.include or 'any module'} "
+                                        f"in the model")
+        if coll.distributed:
+            stray = [name for name, _ in tables if coll.local_tables is None or name not in coll.local_tables]
+            if stray:
+                raise self.error("", f"table '{stray[0]}' is not sharded: in a distributed run FIITED needs its "
+                                     f"tables in an EmbeddingTables collection (as DLRM's) and "
+                                     f"distributed.sharding: table_wise")
 
     def _convert_natural(self, model: nn.Module, dense: list[tuple[str, nn.Module]], ctx: RunContext) -> None:
         """uniform / mixed_dim: replace the tables by the baseline's own natural form within the same total bytes
@@ -196,8 +216,9 @@ class FiitedPlugin(Plugin):
 
     def _target_chunks(self, ratio: float) -> int:
         """Chunks the payload may hold so that payload + index stays within ``ratio`` of the dense bytes."""
-        index = sum(m.memory_bytes()["index"] for _, m in self.modules)
-        chunk_bytes = self.modules[0][1].chunk_size * self.modules[0][1].store.pool.element_size()
+        index = self.coll.sum(sum(m.memory_bytes()["index"] for _, m in self.modules))
+        chunk_bytes = self.coll.max(max((m.chunk_size * m.store.pool.element_size() for _, m in self.modules),
+                                        default=0))
         room = ratio * self.dense_bytes - index
         if room < chunk_bytes:
             raise self.error("target_memory_ratio",
@@ -220,30 +241,46 @@ class FiitedPlugin(Plugin):
         if not on_grid or (step > end and not cfg.lazy):
             return
         if cfg.lazy:  # each lazy table has its own pool: prune the ones fuller than 1 - headroom, one at a time
-            for entry in self.modules:
-                store = entry[1].store
-                self.prune_to(int(store.capacity * (1 - cfg.headroom)), step, [entry])
+            pruned = [name for name, m in self.modules
+                      if self._prune_tables(int(m.store.capacity * (1 - cfg.headroom)), [(name, m)], local=True)]
+            pruned = sorted(sum(self.coll.all_gather_object(pruned), []), key=self._table_index)
+            if pruned:
+                self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": pruned})
         else:
             self.prune_to(self._target_chunks(kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule)),
                           step)
 
-    def prune_to(self, target: int, step: int = 0, modules: list[tuple[str, nn.Module]] | None = None) -> None:
-        """Drop the lowest-scoring chunks over ``modules`` (default: all tables) until at most ``target`` chunks
-        are stored in them; one threshold over all of them."""
+    def prune_to(self, target: int, step: int = 0) -> None:
+        """Drop the lowest-scoring chunks over all tables (on every rank) until at most ``target`` chunks are
+        stored; one threshold over all of them, the same whatever the number of ranks."""
+        if self._prune_tables(target, self.modules, local=False):
+            self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": "all"})
+
+    def _table_index(self, name: str) -> int:
+        """Position of table ``name`` in the model's table order (over every rank when sharded)."""
+        if self.coll.distributed:
+            return self.coll.table_index(name, 0)
+        return [n for n, _ in self.modules].index(name)
+
+    def _prune_tables(self, target: int, modules: list[tuple[str, nn.Module]], local: bool) -> bool:
+        """Prune ``modules`` to ``target`` chunks (over every rank's tables unless ``local``); whether any went."""
         cfg = self.config
-        modules = self.modules if modules is None else modules
-        excess = sum(m.store.live for _, m in modules) - target
+        coll = Collective.single() if local else self.coll
+        excess = coll.sum(sum(m.store.live for _, m in modules)) - target
         if excess <= 0:
-            return
+            return False
         tables = [chunk_utilities(m) for _, m in modules]
         owners = [(rows, cnt) for rows, cnt, _ in tables]
+        ids = list(range(len(modules))) if local else [self._table_index(name) for name, _ in modules]
+        num_tables = len(modules) if local else coll.num_tables(len(modules))
         if cfg.method == "adaembed":
             row_scores = [u.masked_fill(torch.isinf(u), 0).sum(1) for _, _, u in tables]
-            drops = whole_rows(row_scores, [cnt for _, cnt, _ in tables], excess)
+            drops = whole_rows(row_scores, [cnt for _, cnt, _ in tables], excess, coll, ids, num_tables)
             cuts = [torch.where(d, cnt, 0) for d, (_, cnt, _) in zip(drops, tables)]
         else:
             scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in tables]
-            cuts = tail_counts(scores, excess)
+            width = coll.max(max((m.num_chunks for _, m in modules), default=0))
+            cuts = tail_counts(scores, excess, coll, ids, num_tables, width)
             del scores
         del tables  # the score grids go before the stores repack
         for (rows, cnt), cut, (name, m) in zip(owners, cuts, modules):
@@ -251,8 +288,7 @@ class FiitedPlugin(Plugin):
                 counts = m.store.row_counts()
                 counts[rows] = cnt - cut
                 m.store.shrink_rows(counts)
-        self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(),
-                            "tables": [name for name, _ in modules] if len(modules) < len(self.modules) else "all"})
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds}
@@ -262,16 +298,17 @@ class FiitedPlugin(Plugin):
 
     # ------------------------------------------------------------------------------------------- reporting
     def stored_chunks(self) -> int:
-        """Chunks stored across all FIITED modules."""
-        return sum(m.store.live for _, m in self.modules if isinstance(m, FiitedEmbeddingBag))
+        """Chunks stored across all FIITED modules (of every rank)."""
+        return self.coll.sum(sum(m.store.live for _, m in self.modules if isinstance(m, FiitedEmbeddingBag)))
 
-    def memory(self) -> dict[str, int]:
-        """Summed bytes of all tables, measured from their tensors (payload, index, training state, total)."""
-        total: dict[str, int] = {}
+    def memory(self, local: bool = False) -> dict[str, int]:
+        """Summed bytes of all tables (of every rank unless ``local``), measured from their tensors (payload, index,
+        training state, total)."""
+        total = {"payload": 0, "index": 0, "training": 0, "total": 0}
         for _, m in self.modules:
             for k, v in table_bytes(m).items():
                 total[k] = total.get(k, 0) + v
-        return total
+        return total if local else {k: self.coll.sum(v) for k, v in total.items()}
 
     def report(self, ctx: RunContext) -> dict[str, Any]:
         mem = self.memory()
@@ -280,6 +317,7 @@ class FiitedPlugin(Plugin):
             dims, mem_m = kept_dims(m), table_bytes(m)
             per_module.append([name, m.num_embeddings, m.embedding_dim, mem_m["payload"], mem_m["index"],
                                float((dims == 0).float().mean()), float(dims.float().mean())])
+        per_module = sorted(sum(self.coll.all_gather_object(per_module), []), key=lambda row: self._table_index(row[0]))
         stored = mem.get("payload", 0) + mem.get("index", 0)
         return {
             "method": self.config.method,
@@ -291,6 +329,8 @@ class FiitedPlugin(Plugin):
             "payload_ratio": mem.get("payload", 0) / max(self.dense_bytes, 1),
             "stored_chunks": self.stored_chunks(),
             "pruning_rounds": len(self.rounds),
+            **({"rank_bytes": self.coll.all_gather_object(self.memory(local=True)["total"])}
+               if self.coll.distributed else {}),
             "tables": [{"title": "Embedding tables", "columns": [
                 "module", "rows", "dim", "payload bytes", "index bytes", "rows fully pruned", "mean dim kept"],
                 "rows": per_module}],

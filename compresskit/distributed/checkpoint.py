@@ -1,0 +1,117 @@
+"""Sharded checkpoints of distributed runs through ``torch.distributed.checkpoint`` (DCP).
+
+Every rank writes its own shard (its tables, and the dense part once: DCP keeps one copy of a key saved by several
+ranks) into ``checkpoint.tmp/``; rank 0 then swaps that folder in for ``checkpoint/`` by renames, so a reader only
+ever sees a complete set (a crash between the two renames leaves ``checkpoint.old/``, which loading falls back to).
+
+Keys are the unsharded model's (``model.embeddings.3.store.pool``) and the optimizer state is keyed by parameter
+name, so a checkpoint loads on any number of ranks: resharding works. FIITED pools change size as they are pruned;
+loading first resizes them to the saved sizes (DCP loads in place), then reads the values.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from typing import Any, Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from ..errors import ConfigError
+from .collective import Collective
+
+DIR_NAME = "checkpoint"
+
+
+def checkpoint_dir(out_dir: str) -> str:
+    """Where a distributed run's checkpoint lives in ``out_dir``."""
+    return os.path.join(out_dir, DIR_NAME)
+
+
+def _pack(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: Any) -> Any:
+    if isinstance(data, (bytes, bytearray)):
+        return torch.load(io.BytesIO(data), weights_only=True)
+    if isinstance(data, io.BytesIO):
+        data.seek(0)
+        return torch.load(data, weights_only=True)
+    return data
+
+
+def save(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+         coll: Collective) -> str:
+    """Write this rank's shard of model, optimizer and ``meta`` (step, fingerprint, history, plugin state: the
+    same on every rank) and publish the checkpoint atomically; returns its folder."""
+    final = checkpoint_dir(out_dir)
+    tmp, old = final + ".tmp", final + ".old"
+    if coll.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    coll.barrier()
+    state = {"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, optimizer),
+             "meta": _pack(meta), f"rng.{coll.rank}": torch.get_rng_state()}
+    dcp.save(state, checkpoint_id=tmp, process_group=coll.group)
+    coll.barrier()
+    if coll.is_main:
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    coll.barrier()
+    return final
+
+
+def find(out_dir: str) -> str | None:
+    """The complete checkpoint folder in ``out_dir`` (falling back to the one a crash left mid-swap), or None."""
+    for path in (checkpoint_dir(out_dir), checkpoint_dir(out_dir) + ".old"):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return path
+    return None
+
+
+def read_meta(path: str, coll: Collective) -> dict[str, Any]:
+    """The ``meta`` dict saved with a checkpoint."""
+    state: dict[str, Any] = {"meta": b""}
+    dcp.load(state, checkpoint_id=path, process_group=coll.group)
+    return _unpack(state["meta"])
+
+
+def load(path: str, model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], coll: Collective
+         ) -> torch.optim.Optimizer:
+    """Load this rank's part of the checkpoint at ``path`` into ``model`` (resizing what was pruned) and into a
+    fresh optimizer from ``make_optimizer()``, which it returns. Restores this rank's RNG state when saved."""
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    current = model.state_dict()
+    resized = {}
+    for key, tensor in current.items():
+        meta = saved.get(f"model.{key}")
+        if meta is None:
+            raise ConfigError("--resume", f"the checkpoint in '{path}' has no '{key}': it was written for another "
+                                          f"model; use another output.dir or drop --resume")
+        if tuple(meta.size) != tuple(tensor.shape):
+            resized[key] = torch.empty(tuple(meta.size), dtype=tensor.dtype)
+    if resized:   # modules whose tensors change size (FIITED stores) take the saved sizes from their loader
+        try:
+            model.load_state_dict(resized, strict=False)
+        except RuntimeError as e:
+            raise ConfigError("--resume", f"the checkpoint in '{path}' does not fit this model: "
+                                          f"{str(e).splitlines()[-1].strip()}") from None
+    optimizer = make_optimizer()
+    state: dict[str, Any] = {"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    rng_key = f"rng.{coll.rank}"
+    if rng_key in saved:
+        state[rng_key] = torch.get_rng_state()
+    dcp.load(state, checkpoint_id=path, process_group=coll.group)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if rng_key in state:
+        torch.set_rng_state(state[rng_key])
+    return optimizer

@@ -1,0 +1,150 @@
+"""Table-wise sharding of embedding tables over ranks (the DLRM / TorchRec layout) and data parallelism (DDP) for
+everything else.
+
+* :func:`place_tables` gives every table one owner, balancing bytes (largest first onto the least-loaded rank).
+* :class:`ShardedTables` replaces an :class:`~compresskit.models.tables.EmbeddingTables` collection. A forward
+  sends each feature's ids to the table's owner (``all_to_all``), the owner looks up the whole global batch, and a
+  second ``all_to_all`` returns each rank the pooled vectors of its own samples. Backward runs the second exchange
+  in reverse, dividing the gradients by the number of ranks: every rank's loss is a mean over its share of the
+  batch, and DDP averages the dense gradients the same way.
+* :func:`data_parallel` wraps the model in ``DistributedDataParallel`` with the sharded tables' parameters and
+  buffers ignored, so DDP never hooks a table (FIITED replaces its pools when it prunes) and never all-reduces one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from ..models.tables import EmbeddingTables, table_bytes, table_dim
+from .collective import Collective
+
+
+def place_tables(sizes: list[int], world: int) -> list[int]:
+    """Owner rank of every table: largest first onto the rank holding the fewest bytes (ties: lower rank)."""
+    load = [0] * world
+    owners = [0] * len(sizes)
+    for t in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda k: (load[k], k))
+        owners[t] = r
+        load[r] += sizes[t]
+    return owners
+
+
+class _Exchange(torch.autograd.Function):
+    """``all_to_all`` whose backward sends the gradients back the same way, scaled by ``grad_scale``."""
+
+    @staticmethod
+    def forward(ctx, values, anchor, coll, send, recv, grad_scale):
+        ctx.coll, ctx.send, ctx.recv, ctx.grad_scale = coll, send, recv, grad_scale
+        return coll.all_to_all(values, send, recv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = ctx.coll.all_to_all(grad.contiguous(), ctx.recv, ctx.send)
+        return back * ctx.grad_scale, None, None, None, None, None
+
+
+class ShardedTables(nn.ModuleDict):
+    """This rank's tables of a sharded :class:`EmbeddingTables`, keyed by feature index (state-dict keys stay those
+    of the unsharded collection); ``forward(sparse [B_local, F]) -> [B_local, dim_f]`` per feature, exchanged."""
+
+    def __init__(self, tables: EmbeddingTables, owners: list[int], coll: Collective) -> None:
+        super().__init__({str(i): t for i, t in enumerate(tables) if owners[i] == coll.rank})
+        self.coll = coll
+        self.owners = list(owners)
+        self.dims = tables.dims()
+        self.features_of = [[f for f, o in enumerate(owners) if o == r] for r in range(coll.world)]
+        self._anchor = torch.zeros(0, requires_grad=True)  # makes every rank run the backward exchange
+
+    def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        coll, mine = self.coll, self.features_of[self.coll.rank]
+        if sparse.dim() != 2 or sparse.shape[1] != len(self.owners):
+            raise ValueError(f"expected sparse ids of shape [batch, {len(self.owners)}], got {tuple(sparse.shape)}")
+        batch = sparse.shape[0]
+        sizes = coll.all_gather_sizes(batch)
+        ids = coll.all_to_all(torch.cat([sparse[:, f].reshape(-1) for f in self.features_of]).long(),
+                              [batch * len(f) for f in self.features_of], [n * len(mine) for n in sizes])
+        ids = torch.cat([part.view(n, len(mine)) for part, n in zip(ids.split([n * len(mine) for n in sizes]),
+                                                                      sizes)])
+        offsets = torch.arange(ids.shape[0])
+        width = sum(self.dims[f] for f in mine)
+        pooled = (torch.cat([self[str(f)](ids[:, k].contiguous(), offsets) for k, f in enumerate(mine)], dim=1)
+                  if mine else torch.zeros(ids.shape[0], 0))
+        widths = [sum(self.dims[f] for f in feats) for feats in self.features_of]
+        anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
+        mine_out = _Exchange.apply(pooled.reshape(-1), anchor, coll, [n * width for n in sizes],
+                                   [batch * w for w in widths], 1.0 / coll.world)
+        out: list[torch.Tensor | None] = [None] * len(self.owners)
+        for block, feats, w in zip(mine_out.split([batch * w for w in widths]), self.features_of, widths):
+            for f, vec in zip(feats, block.view(batch, w).split([self.dims[f] for f in feats], dim=1)):
+                out[f] = vec
+        return out  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"rank {self.coll.rank} of {self.coll.world}: features {self.features_of[self.coll.rank]}"
+
+
+def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
+    """Replace every :class:`EmbeddingTables` in ``model`` by this rank's :class:`ShardedTables` (one placement
+    over all collections, balanced by bytes); the tables other ranks own are dropped. Returns the local table
+    names and records them, and the global table order, on ``coll``."""
+    collections = [(name, m) for name, m in model.named_modules() if isinstance(m, EmbeddingTables)]
+    if not collections:
+        return []
+    names = [f"{prefix}.{i}" if prefix else str(i) for prefix, c in collections for i in range(len(c))]
+    owners = place_tables([table_bytes(t) for _, c in collections for t in c], coll.world)
+    start = 0
+    for prefix, tables in collections:
+        sharded = ShardedTables(tables, owners[start:start + len(tables)], coll)
+        start += len(tables)
+        if prefix:
+            model.set_submodule(prefix, sharded)
+        else:
+            raise ValueError("the model itself is an EmbeddingTables collection; wrap it in a module to shard it")
+    coll.table_order = names
+    coll.local_tables = {n for n, o in zip(names, owners) if o == coll.rank}
+    return sorted(coll.local_tables, key=names.index)
+
+
+def sharded_names(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers under :class:`ShardedTables` (what DDP must leave alone)."""
+    out = []
+    for prefix, m in model.named_modules():
+        if isinstance(m, ShardedTables):
+            out += [f"{prefix}.{n}" for n, _ in m.named_parameters()]
+            out += [f"{prefix}.{n}" for n, _ in m.named_buffers()]
+    return out
+
+
+def data_parallel(model: nn.Module, coll: Collective) -> nn.Module:
+    """``DistributedDataParallel`` over ``model``'s dense part (sharded tables ignored), with its gradient
+    all-reduces counted on ``coll``; the model itself when nothing is left to synchronise."""
+    ignored = set(sharded_names(model))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and n not in ignored]
+    if not coll.distributed or not trainable:
+        return model
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored))
+    ddp = DistributedDataParallel(model, process_group=coll.group)
+
+    def counted_allreduce(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
+        buffer = bucket.buffer()
+        coll.count("all_reduce", buffer.numel() * buffer.element_size())
+        return default_hooks.allreduce_hook(coll.group, bucket)
+
+    ddp.register_comm_hook(None, counted_allreduce)
+    return ddp
+
+
+def table_dims(model: nn.Module) -> list[int]:
+    """Widths of every table of every (sharded or not) collection in ``model``, in table order."""
+    out: list[int] = []
+    for m in model.modules():
+        if isinstance(m, ShardedTables):
+            out += m.dims
+        elif isinstance(m, EmbeddingTables):
+            out += [table_dim(t) for t in m]
+    return out
