@@ -18,6 +18,7 @@ from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
 from .distributed.launch import agreement
 from .distributed.sharding import ShardedTables, shard_tables, sharded_names
+from .metrics import module_bytes
 from .models.tables import table_bytes
 from .errors import ConfigError
 from .compression import SAMPLE_ROWS, prepare
@@ -99,6 +100,7 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     if needs_training and any(type(p).finalize is not Plugin.finalize for p in compression.plugins):
         report["training"]["final_test"] = evaluate(model, data.test, data.task, coll=coll)
     report.update(compression.report())
+    report["run"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sent = report.get("training", {}).pop("sent_bytes_per_step", None)
     if coll.distributed:
         report["distributed"] = distributed_report(model, recipe, coll, sent)
@@ -155,6 +157,7 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
                      if p.requires_grad and n not in ignored)
     mine = {"rank": coll.rank, "tables": local,
             "table_bytes": sum(table_bytes(mods[name]) for name in local),
+            "model_bytes": module_bytes(model)["total"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "sent_bytes_per_step": sent}
     if recipe.train is not None:
