@@ -131,7 +131,7 @@ def main() -> None:
 
     for nproc in args.ranks:
         fiited, plain = runs[("fiited", nproc)], runs[("embeddingbag", nproc)]
-        rows.append([f"FIITED / EmbeddingBag", nproc, f"{fiited['throughput'] / plain['throughput']:.2f}x",
+        rows.append(["FIITED / EmbeddingBag", nproc, f"{fiited['throughput'] / plain['throughput']:.2f}x",
                      f"{max(fiited['rss']) / max(plain['rss']):.2f}x", "", "", "", ""])
     print()
     publish("distributed", ["tables", "ranks", "samples/s", "peak RSS MiB (max rank)", "model KiB held (max rank)",

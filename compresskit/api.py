@@ -82,8 +82,9 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     sample = next(batches(data.test, SAMPLE_ROWS))[0] if data is not None else None
     needs_training = train_cfg is not None and data is not None
     steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
-    compression = prepare(model, recipe, total_steps=steps, data=data, sample_input=sample, out_dir=out_dir,
-                          collective=coll)
+    # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
+    compression = prepare(model, recipe, total_steps=steps, data=data, sample_input=sample,
+                          out_dir=out_dir if coll.is_main else None, collective=coll)
     model = compression.model
     report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
                                       (type(model).__name__ if model is not None else None),

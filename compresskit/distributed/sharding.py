@@ -12,14 +12,12 @@ everything else.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ..models.tables import EmbeddingTables, table_bytes, table_dim
+from ..models.tables import EmbeddingTables, table_bytes
 from .collective import Collective
 
 
@@ -137,14 +135,3 @@ def data_parallel(model: nn.Module, coll: Collective) -> nn.Module:
 
     ddp.register_comm_hook(None, counted_allreduce)
     return ddp
-
-
-def table_dims(model: nn.Module) -> list[int]:
-    """Widths of every table of every (sharded or not) collection in ``model``, in table order."""
-    out: list[int] = []
-    for m in model.modules():
-        if isinstance(m, ShardedTables):
-            out += m.dims
-        elif isinstance(m, EmbeddingTables):
-            out += [table_dim(t) for t in m]
-    return out
