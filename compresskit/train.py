@@ -115,6 +115,7 @@ class Trainer:
         self.coll = compression.ctx.collective
         self._ddp: nn.Module | None = None
         self._ddp_params: tuple[int, ...] = ()
+        self._ddp_ignored: set[str] | None = None     # sharded tables' names: fixed once the model is sharded
         self.steps_per_epoch = steps_per_epoch(train_cfg, len(data.train))
         self.total_steps = planned_steps(train_cfg, len(data.train))
         compression.ctx.total_steps = self.total_steps
@@ -210,8 +211,10 @@ class Trainer:
         plugin has replaced one of the parameters it synchronises (DDP hooks the ones it saw when built)."""
         if not self.coll.distributed:
             return self.model
-        ignored = set(sharded_names(self.model))
-        params = tuple(id(p) for n, p in self.model.named_parameters() if p.requires_grad and n not in ignored)
+        if self._ddp_ignored is None:
+            self._ddp_ignored = set(sharded_names(self.model))
+        params = tuple(id(p) for n, p in self.model.named_parameters()
+                       if p.requires_grad and n not in self._ddp_ignored)
         if self._ddp is None or params != self._ddp_params:
             self._ddp, self._ddp_params = data_parallel(self.model, self.coll), params
         return self._ddp

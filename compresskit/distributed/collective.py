@@ -26,7 +26,6 @@ class Collective:
                  backend: str = "none") -> None:
         self.rank, self.world, self.group, self.table_group, self.backend = rank, world, group, table_group, backend
         self.sent: Counter[str] = Counter()     # bytes handed to other ranks, by kind
-        self.calls: Counter[str] = Counter()
         self.local_tables: set[str] | None = None   # names of the embedding tables this rank holds, when sharded
         self.table_order: list[str] = []            # every sharded table's name, in the unsharded model's order
 
@@ -61,7 +60,6 @@ class Collective:
     def count(self, kind: str, nbytes: int) -> None:
         """Record ``nbytes`` this rank hands to other ranks in a collective of ``kind``."""
         self.sent[kind] += int(nbytes)
-        self.calls[kind] += 1
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` over ranks in place (``sum`` or ``max``) and return it."""

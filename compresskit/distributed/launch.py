@@ -22,7 +22,7 @@ from .collective import Collective
 
 
 class RankStopped(CompressKitError):
-    """This rank was told to stop (the launcher ends every rank when one fails) or lost contact with another."""
+    """This rank was told to stop: the launcher ends the other ranks with SIGTERM when one fails."""
 
 
 def launched_world() -> int:

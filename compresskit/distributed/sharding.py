@@ -56,6 +56,7 @@ class ShardedTables(nn.ModuleDict):
         self.owners = list(owners)
         self.dims = tables.dims()
         self.features_of = [[f for f, o in enumerate(owners) if o == r] for r in range(coll.world)]
+        self.widths = [sum(self.dims[f] for f in feats) for feats in self.features_of]   # pooled width a rank
         self._anchor = torch.zeros(0, requires_grad=True)  # makes every rank run the backward exchange
 
     def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
@@ -69,10 +70,9 @@ class ShardedTables(nn.ModuleDict):
         ids = torch.cat([part.view(n, len(mine)) for part, n in zip(ids.split([n * len(mine) for n in sizes]),
                                                                       sizes)])
         offsets = torch.arange(ids.shape[0])
-        width = sum(self.dims[f] for f in mine)
+        width, widths = self.widths[coll.rank], self.widths
         pooled = (torch.cat([self[str(f)](ids[:, k].contiguous(), offsets) for k, f in enumerate(mine)], dim=1)
                   if mine else torch.zeros(ids.shape[0], 0))
-        widths = [sum(self.dims[f] for f in feats) for feats in self.features_of]
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
         mine_out = _Exchange.apply(pooled.reshape(-1), anchor, coll, [n * width for n in sizes],
                                    [batch * w for w in widths], 1.0 / coll.world)

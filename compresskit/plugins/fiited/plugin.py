@@ -133,7 +133,7 @@ class FiitedPlugin(Plugin):
                 raise self.error("lazy", "lazy allocation needs a model built with lazy "
                                                  "FiitedEmbeddingBag modules (a dense model is already allocated)")
             dense = embedding_modules(model, cfg.include or None)
-            self._check_placement(dense, coll)
+            self._check_placement(dense)
             self.dense_bytes = coll.sum(sum(m.weight.numel() * m.weight.element_size() for _, m in dense))
             if cfg.method in ("uniform", "mixed_dim"):
                 self._convert_natural(model, dense, ctx)
@@ -147,7 +147,7 @@ class FiitedPlugin(Plugin):
                 raise self.error("", str(e)) from None
         self.modules = list(fiited_modules(model))
         if not self.dense_bytes:
-            self._check_placement(self.modules, coll)
+            self._check_placement(self.modules)
         for mod_name, m in self.modules:
             if cfg.lazy and not m.lazy:
                 raise self.error("lazy", f"module {mod_name} is not a lazy FiitedEmbeddingBag")
@@ -162,10 +162,10 @@ class FiitedPlugin(Plugin):
                                             for _, m in self.modules))
         return model
 
-    def _check_placement(self, tables: list[tuple[str, nn.Module]], coll) -> None:
+    def _check_placement(self, tables: list[tuple[str, nn.Module]]) -> None:
         """Every rank found tables (over all ranks), and in a distributed run each one is sharded to this rank:
         a replicated table would be pruned on each rank's own gradients and drift apart."""
-        cfg = self.config
+        cfg, coll = self.config, self.coll
         if coll.sum(len(tables)) == 0:
             raise self.error("include", f"no nn.Embedding/nn.EmbeddingBag matched {cfg.include or 'any module'} "
                                         f"in the model")
