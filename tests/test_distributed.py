@@ -213,6 +213,18 @@ def test_one_process_checkpoint_is_refused_by_ranks(runs):
         assert "written by a one-process run" in err and "Traceback" not in err
 
 
+def test_sharded_checkpoint_of_another_recipe_is_refused(runs, tmp_path):
+    root, recipe = runs
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(root / "two" / "checkpoint", out / "checkpoint")
+    results = launch_ranks([["apply", recipe, "--out", str(out), "--resume", "--set", "train.seed=1"]] * 2,
+                           guard=False)
+    for code, _, err in results:
+        assert code == 2 and "written by a different recipe" in err and "Traceback" not in err, err
+
+
 def test_bad_recipe_on_one_rank_stops_every_rank(tmp_path):
     good = write_recipe(tmp_path / "good.yaml")
     bad_recipe = json.loads(json.dumps(RECIPE))
