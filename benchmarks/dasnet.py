@@ -38,7 +38,7 @@ from compresskit.recipe import validate_recipe  # noqa: E402
 def accuracy(sparsity: float | None, blocks: int | None, layers: list[str], seed: int, epochs: int) -> float:
     """Test accuracy of LeNet-5 on digits, trained with WTA at ``sparsity`` after ``layers`` (None = dense)."""
     stages = [] if sparsity is None else [{"plugin": "dasnet", "sparsity": sparsity, "blocks": blocks,
-                                           "layers": layers, "sparse_execution": False}]
+                                           "layers": layers, "sparse_execution": "never"}]
     recipe = {"model": {"name": "lenet5"}, "data": {"name": "digits"},
               "train": {"epochs": epochs, "batch_size": 64, "seed": seed, "progress": False,
                         "optimizer": {"name": "adam", "lr": 0.002}}, "stages": stages}
@@ -113,7 +113,7 @@ def accuracy_table(args: argparse.Namespace) -> None:
     conv = ["features.*"]
     settings = [("dense", None, None, []), ("WTA 25% conv channels", 0.25, None, conv),
                 ("WTA 50% conv channels", 0.5, None, conv), ("WTA 75% conv channels", 0.75, None, conv),
-                ("WTA 50% conv channels + FC neurons", 0.5, None, []),
+                ("WTA 50% conv channels + FC neurons", 0.5, None, ["*"]),
                 ("WTA 50% conv channels, 2 blocks", 0.5, 2, conv)]
     dense_acc = None
     for label, sparsity, blocks, layers in settings:
@@ -121,7 +121,7 @@ def accuracy_table(args: argparse.Namespace) -> None:
         mean = statistics.mean(accs)
         dense_acc = mean if sparsity is None else dense_acc
         rows.append([label, mean, min(accs), max(accs), (mean - dense_acc) * 100])
-        cells.append({"setting": label, "sparsity": sparsity, "blocks": blocks, "layers": layers or "all ReLU",
+        cells.append({"setting": label, "sparsity": sparsity, "blocks": blocks, "layers": layers,
                       "accuracies": accs})
         print(f"  {label}: {accs}", flush=True)
     publish("dasnet_accuracy", ["setting", "mean test acc", "min", "max", "points vs dense"], rows,

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import torch_save, write_json, write_text
+from . import integrity
+from .atomic import prepare_output_dir, write_json, write_text
 from .data import DataBundle
 from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
@@ -25,7 +26,7 @@ from .compression import SAMPLE_ROWS, prepare
 from .plugin import Plugin
 from .recipe import Recipe, load_recipe, validate_recipe
 from .report import render_markdown
-from .resolve import resolve_data, resolve_model
+from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
 from .schema import to_dict
 from .train import Trainer, batches, evaluate, planned_steps
 
@@ -62,7 +63,10 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     train_cfg = recipe.train
     seed = train_cfg.seed if train_cfg else 0
     analysis_only = bool(recipe.stages) and all(s.plugin.kind == "analysis" for s in recipe.stages)
+    weights = None     # model.checkpoint's state dict, loaded before the stages or after them (a compressed model)
     with agreement(coll):   # local work only: a user error on any rank stops every rank with its message
+        if out_dir is not None and coll.is_main:
+            prepare_output_dir(out_dir)
         if train_cfg and train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
         torch.manual_seed(seed)
@@ -70,6 +74,11 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
             data = resolve_data(recipe.data, seed)
         if model is None and recipe.model is not None:
             model = resolve_model(recipe.model, data.info if data is not None else None)
+            if recipe.model.checkpoint:
+                weights = read_state_dict(recipe.model.checkpoint)
+                if set(weights) == set(model.state_dict()):
+                    load_weights(model, weights, recipe.model.checkpoint)
+                    weights = None
         if model is None and not analysis_only:
             raise ConfigError("model", "required field is missing (no model given to apply())")
         if coll.distributed and model is not None and recipe.distributed.sharding == "table_wise":
@@ -77,8 +86,6 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
                 shard_tables(model, coll)
             except ValueError as e:
                 raise ConfigError("distributed.sharding", str(e)) from None
-        if out_dir and coll.is_main:
-            os.makedirs(out_dir, exist_ok=True)
     sample = next(batches(data.test, SAMPLE_ROWS))[0] if data is not None else None
     needs_training = train_cfg is not None and data is not None
     steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
@@ -86,6 +93,9 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     compression = prepare(model, recipe, total_steps=steps, data=data, sample_input=sample,
                           out_dir=out_dir if coll.is_main else None, collective=coll)
     model = compression.model
+    if weights is not None:   # saved after its stages had converted it: they have rebuilt that structure now
+        with agreement(coll):
+            load_weights(model, weights, recipe.model.checkpoint)
     report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
                                       (type(model).__name__ if model is not None else None),
                                       "data": recipe.data.name if recipe.data else None,
@@ -110,7 +120,7 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     state = gather_state_dict(model, coll) if model is not None and out_dir else None
     if out_dir and coll.is_main:
         if model is not None:
-            torch_save(os.path.join(out_dir, "model.pt"), state)
+            integrity.save(os.path.join(out_dir, "model.pt"), state)
         write_json(os.path.join(out_dir, "report.json"), report)
         write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
     return RunResult(model, report, compression.plugins, out_dir)

@@ -120,10 +120,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser for the core's subcommands and every plugin's."""
-    from .registry import available_plugins
+CORE_COMMANDS = ("apply", "validate", "plugins")
 
+
+def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
+    """The argparse parser for the core's subcommands and (``with_plugins``) every plugin's."""
     parser = argparse.ArgumentParser(prog="compresskit", description="PyTorch model compression toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and their config fields")
     p.set_defaults(func=_cmd_plugins)
 
+    if not with_plugins:
+        return parser
+    from .registry import available_plugins
+
     for name, plugin in available_plugins().items():
         try:
             plugin.add_commands(sub)
@@ -155,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``compresskit`` console script."""
     try:
-        args = build_parser().parse_args(argv)
+        given = list(sys.argv[1:] if argv is None else argv)
+        # a core command is parsed without loading the plugins (their imports take seconds): a recipe's own
+        # problems are reported before torch is imported
+        args = build_parser(with_plugins=not given or given[0] not in CORE_COMMANDS).parse_args(argv)
         args.argv = list(argv) if argv is not None else None
         return args.func(args)
     except CompressKitError as e:

@@ -1,5 +1,24 @@
-"""User-facing errors: the CLI prints them on one line and exits with status 2."""
+"""User-facing errors: the CLI prints them on one line (``error: <where>: <what>; <what is allowed>``) and exits
+with status 2."""
 from __future__ import annotations
+
+from typing import Any
+
+MAX_SHOWN = 60   # characters of a value an error message echoes
+
+
+def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr`` of a value cut to ``limit`` characters (a 10 MB string in a recipe is not echoed whole)."""
+    text = repr(value[:limit]) if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3] + "..." + (f" ({len(value):,} characters)" if isinstance(value, str) else "")
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message, cut to ``limit`` characters (for one-line errors)."""
+    line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 class CompressKitError(Exception):
@@ -12,3 +31,28 @@ class ConfigError(CompressKitError):
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class DataError(CompressKitError):
+    """A data file holds a record the loader cannot read: names the file, the line and what was expected."""
+
+    def __init__(self, file: str, line: int | None, message: str) -> None:
+        self.file, self.line = file, line
+        where = f"{file} line {line}" if line is not None else file
+        super().__init__(f"data: {where}: {message}")
+
+
+class CheckpointError(CompressKitError):
+    """A checkpoint or saved model cannot be trusted or does not fit: corrupt, tampered, foreign or mismatched."""
+
+    def __init__(self, file: str, message: str) -> None:
+        self.file = file
+        super().__init__(f"{file}: {message}")
+
+
+class OutputError(CompressKitError):
+    """The output folder cannot take the run's files (a file in the way, no permission, disk full)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.file = path
+        super().__init__(f"output: '{path}': {message}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 
@@ -11,6 +10,8 @@ def roc_auc(labels: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray
     """Area under the ROC curve (scikit-learn's ``roc_auc_score``); NaN when only one class is present."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
+    from sklearn.metrics import roc_auc_score   # imported here: scikit-learn takes seconds to import
+
     if np.unique(y).size < 2:
         return float("nan")
     return float(roc_auc_score(y, s))

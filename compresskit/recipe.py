@@ -4,13 +4,15 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import yaml
 
-from .errors import ConfigError
-from .plugin import Plugin
+from .errors import ConfigError, shorten
 from .schema import build, option, to_dict
+
+if TYPE_CHECKING:   # recipe files are read and checked before torch is imported
+    from .plugin import Plugin
 
 
 @dataclass
@@ -77,6 +79,10 @@ class OutputConfig:
 
     dir: str = option("runs/compresskit", help="output folder for model.pt, report.json, report.md")
 
+    def validate(self, path: str) -> None:
+        if not self.dir.strip():
+            raise ConfigError(f"{path}.dir" if path else "dir", "got '', expected a folder name")
+
 
 class Stage:
     """One validated stage: the plugin class, its typed config and where it sits in the recipe (``stages[0]``)."""
@@ -93,11 +99,11 @@ class Stage:
         from .registry import get_plugin
 
         if not isinstance(item, dict):
-            raise ConfigError(path, f"got {item!r}, expected a mapping with a 'plugin' key")
+            raise ConfigError(path, f"got {shorten(item)}, expected a mapping with a 'plugin' key")
         if "plugin" not in item:
             raise ConfigError(f"{path}.plugin", "required field is missing (name of the plugin to apply)")
         if not isinstance(item["plugin"], str):
-            raise ConfigError(f"{path}.plugin", f"got {item['plugin']!r}, expected a plugin name")
+            raise ConfigError(f"{path}.plugin", f"got {shorten(item['plugin'])}, expected a plugin name")
         plugin = get_plugin(item["plugin"], f"{path}.plugin")
         return cls(plugin, build(plugin.Config, {k: v for k, v in item.items() if k != "plugin"}, path), path)
 
@@ -136,6 +142,11 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:
         raise ConfigError("", "the recipe is empty")
     recipe = build(Recipe, data)
     stages = recipe.stages
+    analysis_only = bool(stages) and all(s.plugin.kind == "analysis" for s in stages)
+    if analysis_only and recipe.train is not None and recipe.model is None:
+        names = ", ".join(s.plugin.name for s in stages)
+        raise ConfigError("train", f"this recipe's stages ({names}) analyse without training and it names no "
+                                   f"model, so there is nothing to train; drop train (and --set train.*)")
     needs_model = recipe.train is not None or any(s.plugin.kind == "transform" for s in stages) or not stages
     if require_model and needs_model and recipe.model is None:
         raise ConfigError("model", "required field is missing (a model is needed to run a recipe from a file)")
@@ -143,27 +154,83 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:
         from .data import check_data_config
 
         check_data_config(recipe.data)
-    if recipe.model is not None and recipe.model.checkpoint and not os.path.exists(recipe.model.checkpoint):
-        raise ConfigError("model.checkpoint", f"file not found: '{recipe.model.checkpoint}'")
+    if recipe.model is not None:
+        from .resolve import check_model_config
+
+        check_model_config(recipe.model, data_known=recipe.data is not None)
+        if recipe.model.checkpoint and not os.path.isfile(recipe.model.checkpoint):
+            raise ConfigError("model.checkpoint", f"file not found: '{recipe.model.checkpoint}'")
     needs_training = any(s.plugin.kind == "transform" for s in stages)
     if recipe.train is not None and recipe.data is None and needs_training and require_model:
         raise ConfigError("data", "required field is missing (training needs a dataset)")
     return recipe
 
 
+MAX_RECIPE_BYTES = 1 << 20   # a recipe is settings, not data: data goes in data.path
+MAX_DEPTH = 32               # deeper than any recipe needs; deeper input is a mistake or an attack
+MAX_VALUES = 100_000
+
+
 def read_yaml(path: str) -> Any:
-    """``yaml.safe_load`` a file, turning I/O and syntax errors into one-line ConfigErrors with line numbers."""
+    """``yaml.safe_load`` a UTF-8 recipe file; size, encoding, syntax and nesting problems become one-line
+    ConfigErrors (with line numbers where YAML gives them)."""
     if not os.path.isfile(path):
         raise ConfigError("recipe", f"file not found: '{path}'")
+    size = os.path.getsize(path)
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError("recipe", f"'{path}' is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes "
+                                    f"(point data.path at data files instead of inlining them)")
+    with open(path, "rb") as f:
+        data = f.read()
+    text = decode_text(data, path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+        value = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError("recipe", f"YAML syntax error in '{path}' at {where}: {e.problem}") from None
+        raise ConfigError("recipe", f"YAML syntax error in '{path}' at {where}: {shorten(e.problem, 200)}") from None
     except yaml.YAMLError as e:
-        raise ConfigError("recipe", f"YAML error in '{path}': {e}") from None
+        raise ConfigError("recipe", f"YAML error in '{path}': {shorten(str(e), 200)}") from None
+    except RecursionError:
+        raise ConfigError("recipe", f"'{path}' nests deeper than Python can read; a recipe nests at most "
+                                    f"{MAX_DEPTH} levels") from None
+    check_depth(value, "recipe")
+    return value
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """The UTF-8 text of a recipe; gzip, UTF-16/32 and other encodings are refused with where the bad byte is."""
+    if data[:2] == b"\x1f\x8b":
+        raise ConfigError("recipe", f"'{path}' is gzip-compressed; decompress it (recipes are UTF-8 YAML text)")
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if data.startswith(bom):
+            raise ConfigError("recipe", f"'{path}' is {name} text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError("recipe", f"'{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}); "
+                                    f"save it as UTF-8") from None
+
+
+def check_depth(value: Any, path: str) -> None:
+    """Refuse values nested deeper than :data:`MAX_DEPTH` or expanding to more than :data:`MAX_VALUES` items (YAML
+    aliases can make a small file expand exponentially), before anything recurses through them."""
+    stack, seen = [(value, path, 0)], 0
+    while stack:
+        node, where, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError("recipe", f"expands to more than {MAX_VALUES:,} values (repeated YAML aliases?); "
+                                        f"a recipe is a few hundred settings")
+        if depth > MAX_DEPTH:
+            raise ConfigError(where, f"nested deeper than {MAX_DEPTH} levels; a recipe nests at most {MAX_DEPTH}")
+        if isinstance(node, dict):
+            stack += [(item, str(key)[:30] if where == "recipe" else f"{where}.{str(key)[:30]}", depth + 1)
+                      for key, item in node.items()]
+        elif isinstance(node, list):
+            stack += [(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(node)]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -171,8 +238,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data) if data is not None else {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError("--set", f"got '{item}', expected KEY.PATH=VALUE")
+            raise ConfigError("--set", f"got {shorten(item)}, expected KEY.PATH=VALUE")
         key, _, raw = item.partition("=")
+        key = key[:80]
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -212,4 +280,5 @@ def load_recipe(path: str, overrides: list[str] | None = None, *, require_model:
     if not isinstance(raw, dict):
         raise ConfigError("recipe", f"'{path}' must hold a mapping at top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
+    check_depth(raw, "recipe")
     return validate_recipe(raw, require_model=require_model), raw

@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, shorten
 from .plugin import Plugin
 from .schema import suggest
 
@@ -73,7 +73,7 @@ def unknown_name(kind: str, name: str, choices: Iterable[str], path: str, more: 
     """The one 'unknown <kind>' error: the value, the closest choice and all choices."""
     names = sorted(choices)
     listed = ", ".join(names) + (f", {more}" if more else "")
-    return ConfigError(path, f"unknown {kind} '{name}'{suggest(str(name), names)}; available: {listed}")
+    return ConfigError(path, f"unknown {kind} {shorten(str(name))}{suggest(str(name), names)}; available: {listed}")
 
 
 def _load_entry_points() -> None:

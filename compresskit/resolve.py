@@ -14,11 +14,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from . import integrity
 from .data import DataBundle, load_dataset
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .models import MODELS
 from .registry import unknown_name
-from .schema import suggest
+from .schema import check_call_args
 
 
 def _import_factory(target: str) -> Callable[..., nn.Module]:
@@ -53,8 +54,14 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
     return MODELS.get(name)
 
 
-def resolve_model(cfg: Any, data_info: dict[str, Any] | None = None) -> nn.Module:
-    """Build the model a ModelConfig describes, filling dataset-derived arguments the factory accepts."""
+DATA_PROVIDED = ("num_dense", "cardinalities", "num_classes", "in_channels", "image_size")
+
+
+def check_model_config(cfg: Any, data_info: dict[str, Any] | None = None, data_known: bool = False
+                       ) -> dict[str, Any]:
+    """Check a ModelConfig without building anything: the name resolves, ``args`` bind to the factory's signature
+    with the types and bounds it declares. Arguments the dataset provides (``data_info``; or, with ``data_known``
+    and no info yet, any of :data:`DATA_PROVIDED`) are filled in. Returns the factory's arguments."""
     factory = model_factory(cfg.name)
     args = dict(cfg.args)
     try:
@@ -64,26 +71,49 @@ def resolve_model(cfg: Any, data_info: dict[str, Any] | None = None) -> nn.Modul
     for key, value in (data_info or {}).items():
         if key in params and key not in args:
             args[key] = value
-    missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty
-               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in args]
-    if missing:
-        raise ConfigError("model.args", f"model '{cfg.name}' needs {', '.join(missing)} (give them in model.args "
-                                        f"or use a dataset that provides them)")
-    unknown = [k for k in args if params and k not in params
-               and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
-    if unknown:
-        raise ConfigError(f"model.args.{unknown[0]}", f"unknown argument for model '{cfg.name}'"
-                                                     f"{suggest(unknown[0], params)}; allowed: {', '.join(params)}")
+    provided = DATA_PROVIDED if data_known and data_info is None else ()
+    return check_call_args(factory, args, "model.args", f"model '{cfg.name}'", provided=provided)
+
+
+def resolve_model(cfg: Any, data_info: dict[str, Any] | None = None) -> nn.Module:
+    """Build the model a ModelConfig describes, filling dataset-derived arguments the factory accepts. Its
+    ``checkpoint`` is not loaded here: see :func:`read_state_dict` and :func:`load_weights`."""
+    args = check_model_config(cfg, data_info)
     try:
-        model = factory(**args)
+        model = model_factory(cfg.name)(**args)
     except (TypeError, ValueError) as e:
-        raise ConfigError("model.args", f"model '{cfg.name}' rejected its arguments: {e}") from None
+        raise ConfigError("model.args", f"model '{cfg.name}' rejected its arguments: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError("model.name", f"'{cfg.name}' returned {type(model).__name__}, not a torch.nn.Module")
-    if getattr(cfg, "checkpoint", None):
-        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
     return model
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (a ``model.pt`` of compresskit, verified by its checksum, or any
+    ``torch.save``'d state dict; a checkpoint's ``model`` entry is taken), or a one-line CheckpointError."""
+    state = integrity.load(path, required=False)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(path, f"holds a {type(state).__name__} that is not a state dict (names -> tensors)")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """``model.load_state_dict(state)`` with a one-line error naming what does not fit (modules may adopt saved
+    state they lack, e.g. a FIITED store the fused optimizer's per-slot state)."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ConfigError("model.checkpoint", f"'{path}' does not fit the model: {first_line(e)}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError("model.checkpoint", f"'{path}' does not fit the model (after its stages): missing "
+                                              f"{_few(sorted(result.missing_keys))}; unexpected "
+                                              f"{_few(sorted(result.unexpected_keys))}")
+
+
+def _few(names: list[str]) -> str:
+    return (", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")) if names else "none"
 
 
 def resolve_data(cfg: Any, seed: int = 0) -> DataBundle:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import math
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Iterable, Literal, Union, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, shorten
 
 _MISSING = dataclasses.MISSING
 
@@ -31,6 +33,8 @@ def option(default: Any = _MISSING, *, help: str, min: float | None = None, max:
 
 def suggest(word: str, choices: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or ''."""
+    if len(str(word)) > 100:    # difflib is quadratic: a 10 MB typo is not one
+        return ""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -57,15 +61,20 @@ def describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _fmt(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+_fmt = shorten
 
 
 def convert(tp: Any, value: Any, path: str) -> Any:
     """Check ``value`` against annotation ``tp`` and return the typed value (dataclasses are built recursively)."""
     origin = get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        value = convert(base, value, path)
+        for extra in extras:
+            if isinstance(extra, Range):
+                _check_bounds(extra.as_meta(), value, path)
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -113,6 +122,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"got {_fmt(value)}, expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"got {_fmt(value)}, expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -122,6 +133,10 @@ def convert(tp: Any, value: Any, path: str) -> Any:
 
 
 def _check_bounds(meta: typing.Mapping[str, Any], value: Any, path: str) -> None:
+    if isinstance(value, list):     # bounds of a list field hold for each item
+        for i, item in enumerate(value):
+            _check_bounds(meta, item, f"{path}[{i}]")
+        return
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     lo, hi = meta.get("min"), meta.get("max")
@@ -164,6 +179,60 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     if callable(check):
         check(path)
     return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric argument of a model factory or dataset loader: ``Annotated[int, Range(1, 4096)]``.
+    :func:`check_call_args` enforces them (for a list, on each item), like :func:`option`'s bounds in configs."""
+
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+    def as_meta(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_call_args(fn: Callable[..., Any], args: dict[str, Any], path: str, owner: str,
+                    provided: Iterable[str] = (), skip: Iterable[str] = ()) -> dict[str, Any]:
+    """Bind ``args`` to ``fn``'s signature without calling it: unknown names (with a suggestion), missing required
+    arguments (except those in ``provided``, which the caller fills in), and each given value checked against the
+    parameter's annotation and its :class:`Range`. Returns the converted arguments. ``skip``: parameters the caller
+    passes itself (not user arguments). Annotations the validator cannot read are not checked."""
+    try:
+        params = dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return dict(args)
+    for name in skip:
+        params.pop(name, None)
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:   # an external factory's annotations may not resolve; then only names are checked
+        hints = {}
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in args:
+        if key not in named and not open_ended:
+            raise ConfigError(f"{path}.{key}", f"unknown argument for {owner}{suggest(str(key), named)}; "
+                                               f"allowed: {', '.join(named) or 'none'}")
+    provided = set(provided)
+    missing = [n for n in named if params[n].default is inspect.Parameter.empty and n not in args
+               and n not in provided]
+    if missing:
+        raise ConfigError(path, f"{owner} needs {', '.join(missing)}")
+    out = {}
+    for key, value in args.items():
+        tp = hints.get(key)
+        if tp is None:
+            out[key] = value
+            continue
+        try:
+            out[key] = convert(tp, value, f"{path}.{key}")
+        except TypeError:   # an annotation the validator has no rule for: left to the callee
+            out[key] = value
+    return out
 
 
 def fields_help(cls: type) -> list[dict[str, str]]:

@@ -13,11 +13,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .atomic import torch_save
-from .distributed import checkpoint as sharded_checkpoint
+from . import integrity
 from .distributed.collective import Collective
 from .distributed.sharding import data_parallel, sharded_names
-from .errors import ConfigError
+from .errors import CheckpointError, CompressKitError, ConfigError, first_line
 from .metrics import accuracy, log_loss, roc_auc
 from .resolve import build_optimizer
 
@@ -104,6 +103,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
+CHECKPOINT_KEYS = {"step": int, "model": dict, "optimizer": dict, "compression": dict, "rng": torch.Tensor,
+                   "history": list, "running_loss": (float, type(None)), "fingerprint": str}
+
+
+def checked_checkpoint(state: Any, path: str) -> dict[str, Any]:
+    """``state`` if it has the shape of a one-process checkpoint (:data:`CHECKPOINT_KEYS`); a CheckpointError
+    naming the first thing that is off otherwise."""
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"holds a {type(state).__name__}, not a compresskit checkpoint (a mapping with "
+                                    f"{', '.join(CHECKPOINT_KEYS)})")
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in state:
+            raise CheckpointError(path, f"is not a compresskit checkpoint: '{key}' is missing (expected "
+                                        f"{', '.join(CHECKPOINT_KEYS)})")
+        if not isinstance(state[key], kind):
+            raise CheckpointError(path, f"is not a compresskit checkpoint: '{key}' is a "
+                                        f"{type(state[key]).__name__}")
+    return state
+
+
 class Trainer:
     """The built-in loop of ``compresskit apply``: trains ``compression.model`` on a DataBundle with the recipe's
     TrainConfig, driving the :class:`~compresskit.compression.Compression` handle like a user's loop would."""
@@ -146,9 +165,11 @@ class Trainer:
         if not self.checkpoint_path:
             return
         if self.coll.distributed:
+            from .distributed import checkpoint as sharded_checkpoint
+
             sharded_checkpoint.save(self.out_dir, self.model, self.optimizer, self._meta(), self.coll)
             return
-        torch_save(self.checkpoint_path, {
+        integrity.save(self.checkpoint_path, {
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -166,28 +187,37 @@ class Trainer:
             return False
         if self.coll.distributed:
             return self._load_sharded()
+        from .distributed import checkpoint as sharded_checkpoint
+
         if not os.path.exists(path):
             if sharded_checkpoint.find(self.out_dir):
                 raise ConfigError("--resume", f"'{sharded_checkpoint.find(self.out_dir)}' was written by a distributed "
                                               f"run; resume it with torchrun or --nproc (any number of ranks >= 2)")
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint", "") != self.fingerprint:
+        state = checked_checkpoint(integrity.load(path), path)
+        if state["fingerprint"] != self.fingerprint:
             raise ConfigError("--resume", f"'{path}' was written by a different recipe (model, data, stages or "
                                           f"optimizer differ); use another output.dir or drop --resume")
-        self.model.load_state_dict(state["model"])
-        # loading may replace parameters by ones of another size: the optimizer is built on the loaded ones
-        self.optimizer = build_optimizer(self.cfg.optimizer, self.model.parameters())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.compression.attach_optimizer(self.optimizer)
-        self.compression.load_state_dict(state.get("compression")
-                                         or {"steps": state["step"], "plugins": state["plugins"]})  # older layout
-        torch.set_rng_state(state["rng"])
-        self.history = list(state.get("history", []))
-        self.running_loss = state.get("running_loss")
+        try:
+            self.model.load_state_dict(state["model"])
+            # loading may replace parameters by ones of another size: the optimizer is built on the loaded ones
+            self.optimizer = build_optimizer(self.cfg.optimizer, self.model.parameters())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.compression.attach_optimizer(self.optimizer)
+            self.compression.load_state_dict(state["compression"])
+            torch.set_rng_state(state["rng"])
+        except CompressKitError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(path, f"does not fit this run's model, optimizer or stages "
+                                        f"({first_line(e)}); use another output.dir or drop --resume") from None
+        self.history = list(state["history"])
+        self.running_loss = state["running_loss"]
         return True
 
     def _load_sharded(self) -> bool:
+        from .distributed import checkpoint as sharded_checkpoint
+
         path = sharded_checkpoint.find(self.out_dir)
         if path is None:
             if os.path.exists(self.checkpoint_path):
@@ -249,6 +279,11 @@ class Trainer:
                             value += loss.item()
                         loss.backward()
                 value = coll.sum(value)
+                if not math.isfinite(value):   # stop before the optimizer writes NaN into the weights
+                    bar.close()
+                    raise ConfigError("train", f"the training loss became {value} at step {self.step + 1}: "
+                                               f"training diverged; lower train.optimizer.lr (now "
+                                               f"{cfg.optimizer.lr:g}) or check the data for NaN/inf values")
                 self.compression.after_backward()
                 self.optimizer.step()
                 self.compression.step()

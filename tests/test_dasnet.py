@@ -1,5 +1,7 @@
 """DASNet: WTA keeps exactly the top-k channels per sample, adds no parameters, inserts by pattern with clear
-errors, the sparse execution path equals the dense masked computation, and it composes with pruning + int8."""
+errors (by default after the conv activations only), the sparse execution path equals the dense masked computation,
+``sparse_execution: always|never`` builds the same model every run and the report records the choice, bad numbers
+are refused by the validator, and it composes with pruning + int8."""
 from __future__ import annotations
 
 import copy
@@ -13,19 +15,27 @@ import compresskit
 from compresskit.models.lenet import LeNet5
 from compresskit.models.resnet_cifar import resnet_cifar
 from compresskit.models.vgg import vgg
-from compresskit.plugins.dasnet import onednn
+from compresskit.cli import main
+from compresskit.plugin import RunContext
+from compresskit.plugins.dasnet import convert, onednn
 from compresskit.plugins.dasnet import (
     ChannelSparse,
+    DasnetConfig,
+    DasnetPlugin,
     PassFolded,
     SparseConv2d,
+    SparseLinear,
     SparsePool,
     WTADropout,
     compact_wta,
+    conv_activation_names,
     insert_wta,
     prepacked_batch_sizes,
     to_sparse_execution,
     wta_mask,
 )
+from compresskit.plugins.dasnet.wta import activation_names
+from compresskit.schema import build
 
 
 def test_wta_keeps_top_k_channels_per_sample():
@@ -252,7 +262,7 @@ def test_recipe_composes_wta_pruning_and_int8(tmp_path):
     rec = compresskit.validate_recipe(recipe, require_model=True)
     result = compresskit.run(rec, out_dir=str(tmp_path))
     stage = result.report["stages"][0]
-    assert stage["wta_layers"] == 4 and stage["int8_linear_layers"] == 3
+    assert stage["wta_layers"] == 2 and stage["int8_linear_layers"] == 3      # default: the conv activations
     assert stage["weight_zero_fraction"] == pytest.approx(0.5, abs=0.01)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
@@ -278,3 +288,128 @@ def test_torchvision_model_when_importable():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(sparse(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_default_placement_is_the_conv_activations():
+    def placed(model: nn.Module, **fields) -> list[str]:
+        plugin = DasnetPlugin(build(DasnetConfig, fields, "stages[0]"))
+        plugin.path = "stages[0]"
+        plugin.apply(model, RunContext())
+        return list(plugin.placed)
+
+    assert placed(LeNet5()) == ["features.1", "features.4"]               # not the classifier head's ReLUs
+    assert placed(LeNet5(), layers=["*"]) == ["features.1", "features.4", "classifier.2", "classifier.4"]
+    resnet = resnet_cifar(20, width=8)
+    assert conv_activation_names(resnet, ("ReLU",)) == activation_names(resnet, ("ReLU",))   # all follow a conv
+    assert len(placed(vgg("vgg11", width=0.25))) == 8
+    with pytest.raises(compresskit.ConfigError, match=r"stages\[0\].overrides: 'classifier.2' matches no ReLU "
+                                                      r"module after a convolution; available: features.1, features.4"):
+        placed(LeNet5(), overrides={"classifier.2": 0.25})
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(compresskit.ConfigError, match=r"stages\[0\].after: no ReLU modules after a convolution "
+                                                      r"\(set layers: \['\*'\] to follow every one\) in Sequential"):
+        placed(mlp)
+    assert placed(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), layers=["*"]) == ["1"]
+
+
+def _build(mode: str, **stage) -> compresskit.RunResult:
+    """LeNet-5 with block WTA on digits, no training (seeded init), converted as ``sparse_execution`` says."""
+    recipe = {"model": {"name": "lenet5"}, "data": {"name": "digits"},
+              "stages": [{"plugin": "dasnet", "blocks": 2, "sparse_execution": mode, "tune_batches": [1, 7],
+                          **stage}]}
+    return compresskit.run(compresskit.validate_recipe(recipe, require_model=True))
+
+
+def _structure(model: nn.Module) -> list[tuple[str, str]]:
+    return [(name, type(m).__name__) for name, m in model.named_modules()]
+
+
+SPARSE_TYPES = (SparseConv2d, SparseLinear, SparsePool)
+
+
+def test_sparse_execution_never_and_always_are_reproducible():
+    never = _build("never")
+    assert not any(isinstance(m, SPARSE_TYPES) for m in never.model.modules())
+    stage = never.report["stages"][0]
+    assert stage["sparse_execution"] == "never" and stage["sparse_execution_timings"] == []
+    assert stage["sparse_execution_choice"] == {
+        name: {"path": "dense", "batch_sizes": [], "reason": "sparse_execution: never"}
+        for name in ("features.1", "features.4")}
+    always, again = _build("always", layers=["*"]), _build("always", layers=["*"])
+    assert any(isinstance(m, SparseConv2d) for m in always.model.modules())
+    assert any(isinstance(m, SparseLinear) for m in always.model.modules())
+    assert _structure(always.model) == _structure(again.model) != _structure(never.model)
+    assert always.model.state_dict().keys() == again.model.state_dict().keys()
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in always.model.state_dict().items())
+    stage = always.report["stages"][0]
+    assert stage["sparse_execution_timings"] == [] and stage["sparse_execution_layers"] > 0
+    assert set(stage["sparse_execution_choice"]) == {"features.1", "features.4", "classifier.2", "classifier.4"}
+    assert all(c == {"path": "sparse", "batch_sizes": [1, 7], "reason": "sparse_execution: always"}
+               for c in stage["sparse_execution_choice"].values())
+    assert set(prepacked_batch_sizes(always.model)) == ({1, 7} if onednn.prepack_available() else set())
+    dense = _build("never", layers=["*"]).model.eval()           # the same seeded weights, masked dense path
+    assert _structure(_build("never").model) == _structure(never.model)
+    always.model.eval()
+    compact_inputs = []
+    for m in always.model.modules():
+        if isinstance(m, SparseConv2d):
+            m.register_forward_pre_hook(lambda mod, args: compact_inputs.append(isinstance(args[0], ChannelSparse)))
+    for batch in (1, 7, 9):                      # 9 is not in tune_batches: the masked path there
+        x = torch.randn(batch, 1, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(always.model(x), dense(x), atol=1e-5, rtol=1e-5)
+        assert compact_inputs and all(compact_inputs) == (batch != 9)
+        compact_inputs.clear()
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_sparse_execution_auto_records_the_timings(monkeypatch, faster):
+    def fake_time(model, x, repeats=3):         # compact 1 ms (or 3 ms) against dense 2 ms; prepacked no better
+        compact = any(isinstance(m, WTADropout) and x[0].shape[0] in m.compact_batches for m in model.modules())
+        return (0.001 if faster else 0.003) if compact else 0.002
+
+    monkeypatch.setattr(convert, "_median_time", fake_time)
+    result = _build("auto")
+    stage = result.report["stages"][0]
+    assert [(t["batch"], t["dense_ms"], t["compact_ms"], t["compact"]) for t in stage["sparse_execution_timings"]] \
+        == [(1, 2.0, 1.0 if faster else 3.0, faster), (7, 2.0, 1.0 if faster else 3.0, faster)]
+    assert not any(t["prepacked"] for t in stage["sparse_execution_timings"])
+    c = "1" if faster else "3"
+    reason = f"auto: batch 1: compact {c} ms vs dense 2 ms; batch 7: compact {c} ms vs dense 2 ms"
+    expected = {"path": "sparse", "batch_sizes": [1, 7], "reason": reason} if faster else \
+        {"path": "dense", "batch_sizes": [], "reason": reason}
+    assert stage["sparse_execution_choice"] == {"features.1": expected, "features.4": expected}
+    assert any(isinstance(m, SPARSE_TYPES) for m in result.model.modules()) == faster
+
+
+def test_always_without_a_sample_input_is_an_error():
+    compression = compresskit.prepare(LeNet5(), {"plugin": "dasnet", "sparse_execution": "always"})
+    with pytest.raises(compresskit.ConfigError, match=r"sparse_execution: 'always' needs a sample input"):
+        compression.finalize()
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("tune_batches", [100000], "tune_batches[0]: got 100000, expected a value >= 1 and <= 64"),
+    ("tune_batches", [1, 0], "tune_batches[1]: got 0, expected a value >= 1 and <= 64"),
+    ("tune_batches", [1, 1], "tune_batches: got [1, 1], expected 1 to 4 distinct batch sizes"),
+    ("tune_batches", [1, 2, 4, 8, 16], "tune_batches: got [1, 2, 4, 8, 16], expected 1 to 4 distinct"),
+    ("tune_batches", [], "tune_batches: got [], expected 1 to 4 distinct batch sizes"),
+    ("sparsity", 1.0, "sparsity: got 1.0, expected a value >= 0 and < 1"),
+    ("sparsity", ".nan", "sparsity: got nan, expected a finite number"),
+    ("blocks", 1, "blocks: got 1, expected a value >= 2 and <= 1024"),
+    ("blocks", 100000, "blocks: got 100000, expected a value >= 2 and <= 1024"),
+    ("weight_pruning", -0.5, "weight_pruning: got -0.5, expected a value >= 0 and < 1"),
+    ("overrides", {"features.*": 1.5}, "overrides.features.*: got 1.5, expected a sparsity in [0, 1)"),
+    ("after", [], "after: got [], expected at least one activation class name"),
+    ("sparse_execution", True, "sparse_execution: got True, expected one of auto, always, never"),
+])
+def test_bad_numbers_are_refused_by_validate(tmp_path, capsys, field, value, expected):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    text = yaml.safe_dump({"model": {"name": "lenet5"}, "data": {"name": "digits"},
+                           "stages": [{"plugin": "dasnet", field: value}]})
+    path.write_text(text.replace("'.nan'", ".nan"))
+    assert main(["validate", str(path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: stages[0].{expected}"), lines

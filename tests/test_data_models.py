@@ -13,6 +13,7 @@ from compresskit.data.criteo import load_criteo
 from compresskit.data.images import load_digits
 from compresskit.data.movielens import load_movielens
 from compresskit.data.synthetic_ctr import KAGGLE_CARDINALITIES, SyntheticCTR, load_synthetic_ctr
+from compresskit.errors import DataError
 from compresskit.metrics import log_loss, roc_auc
 from compresskit.models import available_models
 from compresskit.resolve import resolve_model
@@ -63,7 +64,7 @@ def test_criteo_tsv_reader(tmp_path):
     assert all(c <= 6 for c in data.info["cardinalities"])           # 5 values + the shared missing id
     bad = tmp_path / "bad.txt"
     bad.write_text("1\t2\t3\n")
-    with pytest.raises(ValueError, match="line 1 has 3 tab-separated fields, expected 40"):
+    with pytest.raises(DataError, match="line 1: expected 40 tab-separated fields"):
         load_criteo(str(bad))
 
 

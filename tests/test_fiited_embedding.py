@@ -147,3 +147,56 @@ def test_lazy_bag_allocates_on_first_training_access_within_capacity():
     out = bag(torch.tensor([9, 10]), torch.tensor([0, 1]))      # so the late rows get their chunks now
     assert bag.row_chunk_counts()[[9, 10]].tolist() == [2, 2] and bool((out.abs().sum(1) > 0).all())
     assert bag.store.capacity == 10 and bag.store.live == 8
+
+
+def _id_modules():
+    """(name, module, call(ids) -> output, dense twin's call) for every module type that takes ids."""
+    from compresskit.plugins.fiited.baselines import MixedDimEmbeddingBag, NarrowEmbeddingBag
+
+    dense_bag, dense_emb = nn.EmbeddingBag(20, 8, mode="sum"), nn.Embedding(20, 8)
+    counts = torch.arange(20, dtype=torch.float32)
+    bag_call = lambda m: (lambda ids: m(ids, torch.tensor([0, 1])))  # noqa: E731
+    weighted = lambda m: (lambda ids: m(ids, torch.tensor([0, 1]), torch.ones(ids.numel())))  # noqa: E731
+    last = lambda m: (lambda ids: m(ids, torch.tensor([0, 1, ids.numel()])))  # noqa: E731
+    return [
+        ("fiited bag", bag_call(FiitedEmbeddingBag(20, 8, chunk_size=4)), bag_call(dense_bag)),
+        ("fiited bag weighted", weighted(FiitedEmbeddingBag(20, 8, chunk_size=4)), weighted(dense_bag)),
+        ("fiited bag last offset", last(FiitedEmbeddingBag(20, 8, chunk_size=4, include_last_offset=True)),
+         last(nn.EmbeddingBag(20, 8, mode="sum", include_last_offset=True))),
+        ("fiited bag 2-D", lambda ids: FiitedEmbeddingBag(20, 8, chunk_size=4)(ids.view(1, -1)),
+         lambda ids: dense_bag(ids.view(1, -1))),
+        ("fiited lazy bag", bag_call(FiitedEmbeddingBag(20, 8, chunk_size=4, lazy=True, capacity=8)),
+         bag_call(dense_bag)),
+        ("fiited embedding", FiitedEmbedding(20, 8, chunk_size=4), dense_emb),
+        ("narrow bag", weighted(NarrowEmbeddingBag.from_dense(dense_bag, 4)), weighted(dense_bag)),
+        ("narrow embedding", NarrowEmbeddingBag.from_dense(dense_emb, 4), dense_emb),
+        ("mixed-dim bag", bag_call(MixedDimEmbeddingBag.from_dense(dense_bag, counts, 20 * 8 * 4)),
+         bag_call(dense_bag)),
+        ("mixed-dim embedding", MixedDimEmbeddingBag.from_dense(dense_emb, counts, 20 * 8 * 4), dense_emb),
+    ]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("bad", [20, 25, -1, -20])
+def test_out_of_range_and_negative_ids_raise_index_error(native, bad):
+    from compresskit.plugins.fiited import kernels
+
+    kernels.use_native(native)
+    try:
+        for name, call, dense_call in _id_modules():
+            ids = torch.tensor([3, bad])
+            with pytest.raises((IndexError, RuntimeError)):      # the torch module refuses it too
+                dense_call(ids)
+            with pytest.raises(IndexError, match=rf"^index {bad} out of range for a table of 20 rows "
+                                                 rf"\(ids must be in \[0, 20\)\)$"):
+                call(ids)
+            assert call(torch.tensor([0, 19])).shape[-1] == 8, name  # the edges are in range
+    finally:
+        kernels.use_native(True)
+
+
+def test_lazy_bag_bad_id_admits_nothing():
+    bag = FiitedEmbeddingBag(20, 8, chunk_size=4, lazy=True, capacity=16)
+    with pytest.raises(IndexError):
+        bag(torch.tensor([3, -1]), torch.tensor([0]))
+    assert bag.store.live == 0 and int(bag.seen.sum()) == 0

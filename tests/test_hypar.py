@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import compresskit
+from compresskit.cli import main
 from compresskit.models.lenet import LeNet5
 from compresskit.plugins.hypar import (LayerSpec, exhaustive_plan, hierarchical_plan, joint_plan,
                                        layers_from_model, paper_network)
@@ -150,3 +151,57 @@ def test_plan_a_traced_model_from_a_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["title"] == "VGG" and len(plan["layers"]) == 9
+
+
+_NETS = """
+from torch import nn
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 10))
+
+
+def declared_cnn():
+    model = small_cnn()
+    model.input_shape = (1, 16, 16)
+    return model
+"""
+
+
+@pytest.fixture
+def nets(tmp_path, monkeypatch):
+    """A module ``hypar_cli_nets`` with CNN factories on sys.path; the test runs in ``tmp_path``."""
+    (tmp_path / "hypar_cli_nets.py").write_text(_NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hypar_cli_nets", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ([], "error: --input-shape: needed to trace Sequential, which declares no input_shape: give one sample's "
+         "shape without the batch dim, e.g. --input-shape 3,32,32"),
+    (["--input-shape", "1,32,32"], "error: --input-shape: the sample input (per sample 1x32x32) does not fit "
+                                   "Sequential at '4': mat1 and mat2 shapes cannot be multiplied"),
+    (["--input-shape", "3,x"], "error: --input-shape: got '3,x', expected positive integers separated by commas"),
+    (["--input-shape", "0,32,32"], "error: --input-shape: got '0,32,32', expected positive integers"),
+    (["--input-shape", "3,,32"], "error: --input-shape: got '3,,32', expected positive integers"),
+])
+def test_plan_custom_model_input_shape_errors_are_one_line(nets, capsys, extra, expected):
+    rc = main(["plan", "--model", "hypar_cli_nets:small_cnn", "--accelerators", "4", *extra])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(expected), err
+    assert "Traceback" not in err and not any(nets.rglob("plan.json"))
+
+
+@pytest.mark.parametrize("factory,extra", [("small_cnn", ["--input-shape", "1,16,16"]),
+                                           ("small_cnn", ["--input-shape", " 1, 16 ,16"]),
+                                           ("declared_cnn", [])])           # the model's own input_shape
+def test_plan_custom_model_with_its_input_shape(nets, capsys, factory, extra):
+    out = nets / "out"
+    assert main(["plan", "--model", f"hypar_cli_nets:{factory}", "--accelerators", "4", "--batch", "8",
+                 "--out", str(out), *extra]) == 0, capsys.readouterr().err
+    plan = json.loads((out / "plan.json").read_text())
+    assert [l["layer"] for l in plan["layers"]] == ["0", "4"]

@@ -1,6 +1,7 @@
 """A run killed mid-training leaves its last checkpoint; --resume ends with exactly the uninterrupted result."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,21 @@ def test_kill_then_resume_matches_uninterrupted_run(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resuming from step {killed_at}"
     assert 0 < killed_at < 1250
+    full_report = json.loads((full_dir / "report.json").read_text())
+    cut_report = json.loads((cut_dir / "report.json").read_text())
+    assert _without_timings(full_report) == _without_timings(cut_report), "the resumed report differs"
+
+
+TIMINGS = {"train_seconds", "peak_rss_bytes", "dir"}
+
+
+def _without_timings(report):
+    """The report minus wall-clock and memory measurements (and the output folder, which differs by design)."""
+    if isinstance(report, dict):
+        return {k: _without_timings(v) for k, v in report.items() if k not in TIMINGS}
+    if isinstance(report, list):
+        return [_without_timings(v) for v in report]
+    return report
 
 
 def test_resume_refuses_a_checkpoint_from_another_recipe(tmp_path):

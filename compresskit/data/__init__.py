@@ -1,7 +1,6 @@
 """Datasets: one registry of loaders, each returning a :class:`DataBundle` of train/val/test tensors."""
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -11,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 from ..errors import ConfigError
 from ..registry import Registry
-from ..schema import suggest
+from ..schema import check_call_args
 
 
 @dataclass
@@ -72,27 +71,24 @@ def bundle_from_tensors(tensors: tuple[torch.Tensor, ...], task: str, info: dict
     return DataBundle(take(tr), take(va) if len(va) else None, take(te), task, info)
 
 
-def check_data_config(cfg: Any) -> None:
-    """Validate a DataConfig: known dataset, path present and existing where needed, loader arguments known."""
+def check_data_config(cfg: Any) -> dict[str, Any]:
+    """Validate a DataConfig: known dataset, path present and existing where needed, loader arguments known, typed
+    and within the bounds the loader declares (``Annotated[int, Range(...)]``). Returns the checked arguments."""
     entry = DATASETS.get(cfg.name)
     if entry.needs_path:
         if not cfg.path:
             raise ConfigError("data.path", f"required for dataset '{cfg.name}' (folder or file in upstream format)")
         if not os.path.exists(cfg.path):
             raise ConfigError("data.path", f"file not found: '{cfg.path}'")
-    params = inspect.signature(entry.loader).parameters
-    accepts = [p for p in params if p not in ("path", "seed")]
-    for key in cfg.args:
-        if key not in accepts:
-            raise ConfigError(f"data.args.{key}", f"unknown argument for dataset '{cfg.name}'{suggest(key, accepts)};"
-                                                  f" allowed: {', '.join(accepts) or 'none'}")
+    return check_call_args(entry.loader, cfg.args, "data.args", f"dataset '{cfg.name}'", skip=("path", "seed"))
 
 
 def load_dataset(cfg: Any, seed: int = 0) -> DataBundle:
-    """Load the dataset a DataConfig names (validated first)."""
-    check_data_config(cfg)
+    """Load the dataset a DataConfig names (validated first). A bad record raises :class:`DataError` naming its file
+    and line."""
+    args = check_data_config(cfg)
     entry = DATASETS.get(cfg.name)
     try:
-        return entry.loader(path=cfg.path, seed=seed, **cfg.args)
+        return entry.loader(path=cfg.path, seed=seed, **args)
     except (ValueError, TypeError) as e:
         raise ConfigError("data", f"cannot load '{cfg.name}' from '{cfg.path}': {e}") from None

@@ -6,9 +6,11 @@ few thousand rows to the full Criteo Kaggle cardinalities (33.8M rows) and can s
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
+from ..schema import Range
 from . import DataBundle, bundle_from_tensors, register_dataset
 
 # Per-feature cardinalities of the Criteo Kaggle display-advertising dataset (as used by the DLRM reference).
@@ -100,13 +102,14 @@ class SyntheticCTR:
 
 @register_dataset("synthetic-ctr", needs_path=False,
                   description="seeded Criteo-shaped synthetic clicks (13 dense, 26 sparse, Zipf ids)")
-def load_synthetic_ctr(path: str | None = None, seed: int = 0, num_samples: int = 100_000,
-                       cardinality_scale: float = 0.001, zipf: float = 1.1) -> DataBundle:
-    """Materialise ``num_samples`` synthetic samples split 80/10/10; cardinalities = Kaggle x ``cardinality_scale``."""
-    if num_samples < 10:
-        raise ValueError(f"num_samples must be >= 10, got {num_samples}")
-    if not 0 < cardinality_scale <= 1:
-        raise ValueError(f"cardinality_scale must be in (0, 1], got {cardinality_scale}")
+def load_synthetic_ctr(path: str | None = None, seed: int = 0,
+                       num_samples: Annotated[int, Range(10, 10_000_000)] = 100_000,
+                       cardinality_scale: Annotated[float, Range(0, 1, min_exclusive=True)] = 0.001,
+                       zipf: Annotated[float, Range(0, 10, min_exclusive=True)] = 1.1) -> DataBundle:
+    """Materialise ``num_samples`` synthetic samples split 80/10/10; cardinalities = Kaggle x ``cardinality_scale``.
+
+    Argument bounds are declared with :class:`Range` and checked by ``check_data_config`` before loading.
+    """
     cards = scaled_cardinalities(cardinality_scale)
     gen_data = SyntheticCTR(cards, zipf=zipf, seed=seed)
     dense, sparse, label = gen_data.batch(num_samples, torch.Generator().manual_seed(seed))

@@ -2,11 +2,12 @@
 interaction, top MLP producing one logit."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 from torch import nn
 
+from ..schema import Range
 from . import register_model
 from .tables import EmbeddingTables
 
@@ -66,8 +67,10 @@ class DLRM(nn.Module):
 
 
 @register_model("dlrm")
-def dlrm(num_dense: int, cardinalities: list[int], embedding_dim: int = 16, bottom_mlp: list[int] | None = None,
-         top_mlp: list[int] | None = None, sparse: bool = False) -> DLRM:
+def dlrm(num_dense: Annotated[int, Range(0, 1_000_000)], cardinalities: Annotated[list[int], Range(1, 2**31 - 1)],
+         embedding_dim: Annotated[int, Range(1, 4096)] = 16,
+         bottom_mlp: Annotated[list[int] | None, Range(1, 65536)] = None,
+         top_mlp: Annotated[list[int] | None, Range(1, 65536)] = None, sparse: bool = False) -> DLRM:
     """DLRM; ``num_dense`` and ``cardinalities`` are filled from the dataset when omitted. ``sparse``: sparse
     gradients for the ``nn.EmbeddingBag`` tables."""
     return DLRM(num_dense, cardinalities, embedding_dim, bottom_mlp, top_mlp, sparse=sparse)

@@ -1,9 +1,12 @@
 """CIFAR ResNet (He et al., 2016): 3 stages of basic blocks, 6n+2 layers (ResNet-20 for n=3)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
+from ..schema import Range
 from . import register_model
 
 
@@ -32,6 +35,7 @@ class ResNetCifar(nn.Module):
 
     def __init__(self, n: int = 3, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
         super().__init__()
+        self.input_shape = (in_channels, 32, 32)   # CIFAR-sized sample, for tracing (HyPar's plan)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU())
         blocks, c = [], width
@@ -48,7 +52,8 @@ class ResNetCifar(nn.Module):
 
 
 @register_model("resnet_cifar")
-def resnet_cifar(depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16,
+def resnet_cifar(depth: Annotated[int, Range(8, 1202)] = 20, num_classes: Annotated[int, Range(2, 100_000)] = 10,
+                 in_channels: Annotated[int, Range(1, 64)] = 3, width: Annotated[int, Range(1, 1024)] = 16,
                  image_size: int | None = None) -> ResNetCifar:
     """ResNet-``depth`` (depth = 6n+2: 20, 32, 44, 56, 110)."""
     if (depth - 2) % 6 or depth < 8:

@@ -1,9 +1,12 @@
 """CIFAR-style VGG (Simonyan & Zisserman, 2015): 3x3 conv stacks with batch norm, global pooling, one classifier."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
+from ..schema import Range
 from . import register_model
 
 CONFIGS = {
@@ -17,6 +20,7 @@ class VGG(nn.Module):
 
     def __init__(self, cfg: list, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
         super().__init__()
+        self.input_shape = (in_channels, 32, 32)   # CIFAR-sized sample, for tracing (HyPar's plan)
         layers: list[nn.Module] = []
         c_in = in_channels
         for v in cfg:
@@ -35,7 +39,8 @@ class VGG(nn.Module):
 
 
 @register_model("vgg")
-def vgg(depth: str = "vgg11", num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+def vgg(depth: str = "vgg11", num_classes: Annotated[int, Range(2, 100_000)] = 10,
+        in_channels: Annotated[int, Range(1, 64)] = 3, width: Annotated[float, Range(0, 16, min_exclusive=True)] = 1.0,
         image_size: int | None = None) -> VGG:
     """CIFAR VGG (``depth`` vgg11 or vgg16); ``image_size`` is accepted for dataset filling and ignored."""
     if depth not in CONFIGS:

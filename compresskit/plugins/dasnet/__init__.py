@@ -4,8 +4,8 @@ from .convert import prepacked_batch_sizes, to_sparse_execution
 from .fuse import PassFolded, fold_batchnorm
 from .plugin import DasnetConfig, DasnetPlugin
 from .sparse_exec import SparseConv2d, SparseLinear, SparsePool
-from .wta import WTADropout, compact_wta, insert_wta, wta_mask
+from .wta import WTADropout, compact_wta, conv_activation_names, insert_wta, wta_mask
 
-__all__ = ["WTADropout", "insert_wta", "wta_mask", "compact_wta", "ChannelSparse", "SparseConv2d", "SparseLinear",
-           "SparsePool", "to_sparse_execution", "prepacked_batch_sizes", "PassFolded", "fold_batchnorm",
-           "DasnetPlugin", "DasnetConfig"]
+__all__ = ["WTADropout", "insert_wta", "conv_activation_names", "wta_mask", "compact_wta", "ChannelSparse",
+           "SparseConv2d", "SparseLinear", "SparsePool", "to_sparse_execution", "prepacked_batch_sizes", "PassFolded",
+           "fold_batchnorm", "DasnetPlugin", "DasnetConfig"]

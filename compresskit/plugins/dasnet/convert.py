@@ -5,15 +5,15 @@ wrapped in its sparse twin (``sparse_exec``), repeating until nothing new is fou
 compact form on to the layer behind it). BatchNorms (and ReLUs) right after a wrapped conv are folded into it
 (``fuse``). Whether all that beats the masked dense model depends on the net, the batch size and the CPU, so each
 batch size in ``batch_sizes`` is timed both ways and the compact path kept only where it is faster; where no batch
-size gains, the model is left exactly as it was. Where the compact path is kept, it is timed once more with the
-convolution kernels prepacked for oneDNN (``onednn.prepack_conv_weight``), kept where that is faster still; where
-``onednn`` cannot prepack (private operators missing or switched off), that step is skipped. Timings are medians
-of a few single calls, each after warm-up calls, taken with ``torch.utils.benchmark.Timer`` at the process's thread
-count.
+size gains, the model is left exactly as it was (``tune=False``: kept for every size without timing). Where the
+compact path is kept, it is timed once more with the convolution kernels prepacked for oneDNN
+(``onednn.prepack_conv_weight``), kept where that is faster still; where ``onednn`` cannot prepack (private
+operators missing or switched off), that step is skipped. Timings are medians of a few single calls, each after
+warm-up calls, taken with ``torch.utils.benchmark.Timer`` at the process's thread count.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -72,18 +72,22 @@ def _median_time(model: nn.Module, x: tuple[torch.Tensor, ...], repeats: int = 3
 
 
 def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batch_sizes: Iterable[int] = (1,),
-                        force: bool = False, fold: bool = True, prepack: bool = True) -> dict[str, list[int]]:
+                        force: bool = False, fold: bool = True, prepack: bool = True, tune: bool = True,
+                        timings: list[dict[str, Any]] | None = None) -> dict[str, list[int]]:
     """Switch the WTA modules of ``model`` to compact outputs and wrap the layers fed by them (see module doc).
 
     ``sample``: a representative input batch; each batch size in ``batch_sizes`` is built from its samples
     (cycled) and timed with the compact path and with the masked dense one; the compact path is used for the batch
-    sizes where it is faster. With ``force`` it is always used (tests). ``fold``: fold BatchNorm / ReLU into the
+    sizes where it is faster. ``tune=False``: it is used for every size in ``batch_sizes`` without timing
+    (``sparse_execution: always``); ``force``: at every batch size (tests). ``fold``: fold BatchNorm / ReLU into the
     wrapped convs where the traced graph allows (see ``fuse``). ``prepack``: try prepacked conv kernels for each
-    batch size run compactly (with ``force``: use them for every size in ``batch_sizes``), where ``onednn`` can
-    prepack (``onednn.prepack_available``; else no batch size gets them); the choice is in each
+    batch size run compactly (with ``force`` or ``tune=False``: use them for every size in ``batch_sizes``), where
+    ``onednn`` can prepack (``onednn.prepack_available``; else no batch size gets them); the choice is in each
     ``SparseConv2d.prepacked_batches``. The compact path runs in eval mode without autograd (``torch.no_grad`` /
     ``inference_mode``); training and autograd use the masked dense path. Returns {wrapped layer name: batch
-    sizes run compactly}.
+    sizes run compactly}. ``timings``: where given, one record per timed batch size is appended: ``{"batch",
+    "dense_ms", "compact_ms", "prepacked_ms" (None where not timed), "compact", "prepacked"}`` (the last two: what
+    was kept).
     """
     wta = [m for m in model.modules() if isinstance(m, WTADropout) and m.sparsity > 0]
     if not wta:
@@ -118,6 +122,13 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 m.prepacked_batches = set(batch_sizes) if prepack else set()
         else:
             for b in batch_sizes:
+                if not tune:
+                    chosen.append(b)
+                    for m in wta:
+                        m.compact_batches.add(b)
+                    for m in convs if prepack else ():
+                        m.prepacked_batches.add(b)
+                    continue
                 xb = tuple(t[torch.arange(b) % t.shape[0]] for t in sample)
                 for m in wta:
                     m.compact_batches.discard(b)
@@ -125,7 +136,11 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 for m in wta:
                     m.compact_batches.add(b)
                 compact_time = _median_time(model, xb)
-                if compact_time >= 0.95 * dense_time:
+                record = {"batch": b, "dense_ms": dense_time * 1e3, "compact_ms": compact_time * 1e3,
+                          "prepacked_ms": None, "compact": compact_time < 0.95 * dense_time, "prepacked": False}
+                if timings is not None:
+                    timings.append(record)
+                if not record["compact"]:
                     for m in wta:
                         m.compact_batches.discard(b)
                     continue
@@ -133,7 +148,10 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 if prepack and convs:     # costs only a packed copy of the kernel slices: kept on any gain
                     for m in convs:
                         m.prepacked_batches.add(b)
-                    if _median_time(model, xb) >= compact_time or not any(m.prepacked_kernels() for m in convs):
+                    packed_time = _median_time(model, xb)
+                    record["prepacked_ms"] = packed_time * 1e3
+                    record["prepacked"] = packed_time < compact_time and any(m.prepacked_kernels() for m in convs)
+                    if not record["prepacked"]:
                         for m in convs:
                             m.prepacked_batches.discard(b)
             if not chosen:             # no batch size gains: leave the model as it was

@@ -10,12 +10,16 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ...errors import ConfigError
+from ...errors import ConfigError, shorten
 from ...plugin import Plugin, RunContext
 from ...schema import option
 from .convert import prepacked_batch_sizes, to_sparse_execution
 from .fuse import folded_batchnorms
-from .wta import insert_wta
+from .wta import WTADropout, insert_wta
+
+MAX_TUNE_BATCH = 64     # auto times each size with up to 27 forward passes (ResNet-20 w64: ~8 s each at 256)
+MAX_TUNE_SIZES = 4
+MAX_BLOCKS = 1024
 
 
 @dataclass
@@ -25,27 +29,42 @@ class DasnetConfig:
     sparsity: float = option(0.5, help="fraction of channels / neurons zeroed per sample", min=0, max=1,
                              max_exclusive=True)
     overrides: dict[str, Any] = option({}, help="module-name glob -> sparsity, e.g. {'features.*': 0.75}")
-    layers: list[str] = option([], help="glob patterns of activation modules to follow (default: all)")
+    layers: list[str] = option([], help="glob patterns of activation modules to follow (default: the activations "
+                                        "after a convolution, not the classifier head's; ['*'] = all)")
     after: list[str] = option(["ReLU"], help="activation class names WTA is placed after")
     active_in: Literal["both", "train", "eval"] = option("both", help="when WTA is applied")
     blocks: Optional[int] = option(None, help="rank contiguous channel blocks instead of single channels "
-                                              "(CPU-friendly structure); null = per channel as in the paper", min=2)
+                                              "(CPU-friendly structure); null = per channel as in the paper",
+                                   min=2, max=MAX_BLOCKS)
     weight_pruning: Optional[float] = option(None, help="L1 unstructured pruning amount for conv/linear weights",
                                              min=0, max=1, max_exclusive=True)
     quantize: Literal["none", "int8"] = option("none", help="int8 dynamic quantization of Linear layers (torch.ao)")
-    sparse_execution: bool = option(True, help="after training, run inference on WTA's compact output")
-    tune_batches: list[int] = option([1], help="batch sizes timed both ways; the compact path is kept where faster")
+    sparse_execution: Literal["auto", "always", "never"] = option(
+        "auto", help="after training, run inference at the tune_batches sizes on WTA's compact output: auto = where "
+                     "timing shows it faster (the model structure can then differ run to run), always = without "
+                     "timing, never = keep the masked dense model")
+    tune_batches: list[int] = option([1], help=f"inference batch sizes for the compact path (at most "
+                                               f"{MAX_TUNE_SIZES}); auto times each both ways and keeps the faster",
+                                     min=1, max=MAX_TUNE_BATCH)
     fold_batchnorm: bool = option(True, help="fold eval BatchNorm (and a ReLU after it) into the compact convs")
     prepack_weights: bool = option(True, help="also time the compact convs with kernels prepacked for oneDNN; "
-                                              "kept per batch size where faster")
+                                              "kept per batch size where faster (always: used without timing)")
 
     def validate(self, path: str) -> None:
+        """Checks the field bounds cannot express: override sparsities, the tune_batches list, a non-empty after."""
         for pattern, value in self.overrides.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ConfigError(f"{path}.overrides.{pattern}", f"got {value!r}, expected a sparsity in [0, 1)")
-        for i, b in enumerate(self.tune_batches):
-            if b < 1:
-                raise ConfigError(f"{path}.tune_batches[{i}]", f"got {b}, expected a batch size >= 1")
+                raise ConfigError(f"{path}.overrides.{pattern}", f"got {shorten(value)}, expected a sparsity in [0, 1)")
+        if not 1 <= len(self.tune_batches) <= MAX_TUNE_SIZES or len(set(self.tune_batches)) < len(self.tune_batches):
+            raise ConfigError(f"{path}.tune_batches", f"got {shorten(self.tune_batches)}, expected 1 to "
+                                                      f"{MAX_TUNE_SIZES} distinct batch sizes")
+        if not self.after:
+            raise ConfigError(f"{path}.after", "got [], expected at least one activation class name")
+
+
+def _batches(sizes: list[int]) -> str:
+    """Batch sizes for a report table: '1 32' or '-'."""
+    return " ".join(map(str, sizes)) or "-"
 
 
 def _prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -63,6 +82,8 @@ class DasnetPlugin(Plugin):
         super().__init__(config)
         self.placed: dict[str, float] = {}
         self.sparse_layers: dict[str, list[int]] = {}
+        self.sparse_choice: dict[str, dict[str, Any]] = {}
+        self.timings: list[dict[str, Any]] = []
         self.folded_batchnorms = 0
         self.prepacked_batches: list[int] = []
         self.quantized: list[str] = []
@@ -72,12 +93,14 @@ class DasnetPlugin(Plugin):
         cfg = self.config
         try:
             self.placed = insert_wta(model, cfg.sparsity, {k: float(v) for k, v in cfg.overrides.items()},
-                                     cfg.layers or None, tuple(cfg.after), cfg.active_in, cfg.blocks)
+                                     cfg.layers or None, tuple(cfg.after), cfg.active_in, cfg.blocks,
+                                     conv_only=not cfg.layers)
         except ValueError as e:
             field = "layers" if any(p in str(e) for p in cfg.layers) else "overrides"
             raise self.error(field, str(e)) from None
         if not self.placed:
-            raise self.error("after", f"no {', '.join(cfg.after)} modules in {type(model).__name__}")
+            where = "" if cfg.layers else " after a convolution (set layers: ['*'] to follow every one)"
+            raise self.error("after", f"no {', '.join(cfg.after)} modules{where} in {type(model).__name__}")
         if cfg.weight_pruning:
             prune.global_unstructured(_prunable(model), pruning_method=prune.L1Unstructured,
                                       amount=cfg.weight_pruning)
@@ -91,11 +114,7 @@ class DasnetPlugin(Plugin):
                     prune.remove(module, name)
         weights = [m.weight for m, _ in _prunable(model)]
         self.weight_zero_fraction = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
-        if cfg.sparse_execution and ctx.sample_input is not None:
-            self.sparse_layers = to_sparse_execution(model, ctx.sample_input, cfg.tune_batches,
-                                                     fold=cfg.fold_batchnorm, prepack=cfg.prepack_weights)
-            self.folded_batchnorms = folded_batchnorms(model)
-            self.prepacked_batches = prepacked_batch_sizes(model)
+        self._sparse_execution(model, ctx)
         if cfg.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
 
@@ -107,17 +126,54 @@ class DasnetPlugin(Plugin):
             self.quantized = sorted(targets)
         return model
 
+    def _sparse_execution(self, model: nn.Module, ctx: RunContext) -> None:
+        """Convert ``model`` to the sparse path as ``sparse_execution`` says, and record per WTA layer the choice
+        made and why (``auto``: the timings) in ``sparse_choice``."""
+        mode, sample = self.config.sparse_execution, ctx.sample_input
+        if mode == "always" and sample is None:
+            raise self.error("sparse_execution", "'always' needs a sample input to convert with: pass sample_input "
+                                                 "to prepare() or run the model on a batch before finalize()")
+        if mode != "never" and sample is not None:
+            self.sparse_layers = to_sparse_execution(model, sample, self.config.tune_batches, tune=mode == "auto",
+                                                     fold=self.config.fold_batchnorm,
+                                                     prepack=self.config.prepack_weights, timings=self.timings)
+            self.folded_batchnorms = folded_batchnorms(model)
+            self.prepacked_batches = prepacked_batch_sizes(model)
+        why = f"sparse_execution: {mode}"
+        if mode == "auto":
+            why = "auto: " + ("; ".join(f"batch {t['batch']}: compact {t['compact_ms']:.3g} ms vs dense "
+                                        f"{t['dense_ms']:.3g} ms" for t in self.timings) or "no sample input to time")
+        for name in self.placed:
+            wta = next(m for m in model.get_submodule(name).modules() if isinstance(m, WTADropout))
+            if wta.sparsity == 0 or wta.active_in == "train":
+                reason = "sparsity 0" if wta.sparsity == 0 else "active_in: train (no WTA in inference)"
+                choice = {"path": "dense", "batch_sizes": [], "reason": reason}
+            elif wta.compact_batches:
+                choice = {"path": "sparse", "batch_sizes": sorted(wta.compact_batches), "reason": why}
+            else:
+                choice = {"path": "dense", "batch_sizes": [], "reason": why}
+            self.sparse_choice[name] = choice
+
     def report(self, ctx: RunContext) -> dict[str, Any]:
+        """WTA placement, weight sparsity, and the sparse execution choice per WTA layer (with ``auto``'s
+        timings in ms)."""
         return {
             "wta_layers": len(self.placed),
             "mean_sparsity": sum(self.placed.values()) / max(len(self.placed), 1),
             "weight_zero_fraction": self.weight_zero_fraction,
+            "sparse_execution": self.config.sparse_execution,
             "sparse_execution_layers": len(self.sparse_layers),
+            "sparse_execution_choice": self.sparse_choice,
+            "sparse_execution_timings": self.timings,
             "folded_batchnorms": self.folded_batchnorms,
             "prepacked_batches": self.prepacked_batches,
             "int8_linear_layers": len(self.quantized),
             "tables": [{"title": "WTA placement", "columns": ["after module", "sparsity"],
                         "rows": [[name, s] for name, s in self.placed.items()]},
+                       {"title": f"Sparse execution choice ({self.config.sparse_execution})",
+                        "columns": ["WTA after", "path", "batch sizes", "why"],
+                        "rows": [[name, c["path"], _batches(c["batch_sizes"]), c["reason"]]
+                                 for name, c in self.sparse_choice.items()]},
                        {"title": "Sparse execution", "columns": ["layer", "batch sizes run sparsely"],
-                        "rows": [[name, " ".join(map(str, b)) or "-"] for name, b in self.sparse_layers.items()]}],
+                        "rows": [[name, _batches(b)] for name, b in self.sparse_layers.items()]}],
         }

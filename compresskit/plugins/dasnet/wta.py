@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .compact import ChannelSparse, Part, channels_last
 
@@ -138,19 +139,36 @@ def activation_names(model: nn.Module, kinds: tuple[str, ...] = ACTIVATIONS) -> 
             if type(m).__name__ in kinds and name and not isinstance(m, WithWTA)]
 
 
+def conv_activation_names(model: nn.Module, kinds: tuple[str, ...] = ACTIVATIONS) -> list[str]:
+    """Names of the activation modules (class names in ``kinds``) that follow a convolution: those whose nearest
+    Conv / Linear module registered before them is a convolution. In a CNN these are the feature extractor's
+    activations, not the classifier head's (which follow a Linear)."""
+    names: list[str] = []
+    last: nn.Module | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, (_ConvNd, nn.Linear)):
+            last = m
+        elif name and type(m).__name__ in kinds and not isinstance(m, WithWTA) and isinstance(last, _ConvNd):
+            names.append(name)
+    return names
+
+
 def insert_wta(model: nn.Module, sparsity: float, overrides: dict[str, float] | None = None,
                layers: list[str] | None = None, after: tuple[str, ...] = ("ReLU",),
-               active_in: Literal["both", "train", "eval"] = "both", blocks: int | None = None) -> dict[str, float]:
+               active_in: Literal["both", "train", "eval"] = "both", blocks: int | None = None,
+               conv_only: bool = False) -> dict[str, float]:
     """Put a WTADropout after each activation module (class in ``after``; name matching ``layers`` if given).
 
-    ``overrides`` maps module-name glob patterns to sparsities (last match wins). Returns {module name: sparsity}.
-    Raises ValueError naming the pattern when ``layers`` or ``overrides`` match no activation.
+    ``conv_only``: only the activations that follow a convolution (``conv_activation_names``). ``overrides`` maps
+    module-name glob patterns to sparsities (last match wins). Returns {module name: sparsity}. Raises ValueError
+    naming the pattern when ``layers`` or ``overrides`` match no candidate activation.
     """
-    candidates = activation_names(model, after)
+    candidates = conv_activation_names(model, after) if conv_only else activation_names(model, after)
     for pattern in list(layers or []) + list(overrides or {}):
         if not any(fnmatch.fnmatchcase(n, pattern) for n in candidates):
             shown = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
-            raise ValueError(f"'{pattern}' matches no {'/'.join(after)} module; available: {shown or 'none'}")
+            where = " after a convolution" if conv_only else ""
+            raise ValueError(f"'{pattern}' matches no {'/'.join(after)} module{where}; available: {shown or 'none'}")
     chosen = [n for n in candidates if not layers or any(fnmatch.fnmatchcase(n, p) for p in layers)]
     placed = {}
     for name in chosen:

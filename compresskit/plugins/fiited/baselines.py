@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import check_ids
+
 __all__ = ["NarrowEmbeddingBag", "MixedDimEmbeddingBag", "uniform_dim_for_budget", "plan_mixed_dims",
            "plan_mixed_dims_tables", "mixed_dim_tables"]
 
@@ -61,6 +63,8 @@ class _NaturalBase(nn.Module):
 
     def _check_args(self, input: torch.Tensor, offsets: torch.Tensor | None,
                     per_sample_weights: torch.Tensor | None) -> None:
+        """ValueError for arguments the replaced module refuses; IndexError for an id outside the table."""
+        check_ids(input, self.num_embeddings)
         if not self.bag:
             if offsets is not None or per_sample_weights is not None:
                 raise ValueError("this module replaces nn.Embedding: forward(ids) takes no offsets / weights")

@@ -183,6 +183,7 @@ class FiitedEmbeddingBag(nn.Module):
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``nn.EmbeddingBag.forward``; ``IndexError`` for an id outside ``[0, num_embeddings)``."""
         if input.dim() == 2:
             if offsets is not None:
                 raise ValueError("offsets must be None when input is 2-D")
@@ -202,6 +203,7 @@ class FiitedEmbeddingBag(nn.Module):
             raise ValueError("per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
         ids = input.long().contiguous()
         offsets = offsets.long().contiguous()
+        kernels.check_ids(ids, self.num_embeddings)  # IndexError as nn.Embedding, before lazy admission touches rows
         if self.lazy and self.training:
             self._admit(torch.unique(ids))
         anchor = self._anchor if self.optimizer is not None and self.training else self.store.pool
@@ -246,6 +248,7 @@ class FiitedEmbedding(FiitedEmbeddingBag):
         return cls(dense.num_embeddings, dense.embedding_dim, chunk_size, weight=dense.weight.detach(), **kwargs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``nn.Embedding.forward``; ``IndexError`` for an id outside ``[0, num_embeddings)``."""
         flat = input.reshape(-1)
         out = super().forward(flat, torch.arange(flat.numel(), device=input.device))
         return out.view(*input.shape, self.embedding_dim)

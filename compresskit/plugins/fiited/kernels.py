@@ -32,12 +32,13 @@ def native_kernels():
     return native.kernels() if _prefer_native[0] else None
 
 
-def _check_ids(ids: torch.Tensor, num_rows: int) -> None:
+def check_ids(ids: torch.Tensor, num_rows: int) -> None:
+    """Raise ``IndexError`` (as ``nn.Embedding`` does) unless every id is in ``[0, num_rows)``: one min/max pass."""
     if ids.numel():
-        lo, hi = torch.aminmax(ids)
-        if int(lo) < 0 or int(hi) >= num_rows:
-            bad = int(lo) if int(lo) < 0 else int(hi)
-            raise IndexError(f"index {bad} is out of range for a table of {num_rows} rows")
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= num_rows:
+            raise IndexError(f"index {lo if lo < 0 else hi} out of range for a table of {num_rows} rows "
+                             f"(ids must be in [0, {num_rows}))")
 
 
 def row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, num_rows: int
@@ -48,7 +49,12 @@ def row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, num_
     if k is not None:
         out = k.row_slots(counts, base, rows.contiguous(), num_rows)
         return out[:, 0], out[:, 1]
-    _check_ids(rows, num_rows)
+    check_ids(rows, num_rows)
+    return _row_slots(counts, base, rows)
+
+
+def _row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_slots` of int64 ``rows`` already checked to be in range (torch path)."""
     blk, within = rows >> 3, rows & (BLOCK - 1)
     c8 = counts.view(-1, BLOCK)[blk].long()
     before = torch.arange(BLOCK, device=rows.device)[None, :] < within[:, None]
@@ -75,12 +81,12 @@ def bag_forward(pool: torch.Tensor, counts: torch.Tensor, base: torch.Tensor, id
     if k is not None:
         w = weights.contiguous().float() if weights is not None else torch.empty(0)
         return k.forward(pool, counts, base, ids, offsets, w, mean, dim, num_rows)
-    _check_ids(ids, num_rows)
+    check_ids(ids, num_rows)
     n, bags, cs = ids.numel(), offsets.numel(), pool.shape[1]
     c = dim // cs
     if n == 0 or pool.shape[0] == 0:
         return pool.new_zeros(bags, dim)
-    slot, cnt = row_slots(counts, base, ids, num_rows)
+    slot, cnt = _row_slots(counts, base, ids)
     j = torch.arange(c, device=ids.device)
     valid = j[None, :] < cnt[:, None]                                   # [n, c]
     slots = torch.where(valid, slot[:, None] + j, 0)

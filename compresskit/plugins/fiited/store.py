@@ -69,7 +69,10 @@ class ChunkStore(nn.Module):
 
     def register_slot_buffer(self, name: str, tail: tuple[int, ...] = (), dtype: torch.dtype = torch.float32
                              ) -> None:
-        """A per-slot buffer ``[capacity, *tail]`` kept aligned with the pool through every move (zeros)."""
+        """A per-slot buffer ``[capacity, *tail]`` kept aligned with the pool through every move (zeros). One that a
+        loaded state dict brought along (the fused optimizer's state in a saved ``model.pt``) is kept as loaded."""
+        if name in self._slot_buffers:
+            return
         self.register_buffer(name, torch.zeros(self.capacity, *tail, dtype=dtype))
         self._slot_buffers.append(name)
 
@@ -284,7 +287,14 @@ class ChunkStore(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A saved store may hold a different number of slots: adopt its shapes before copying.
+        # A saved store may hold a different number of slots: adopt its shapes before copying. Per-slot state it
+        # holds and this store does not yet (a trained model's fused-optimizer state) becomes a slot buffer too.
+        saved_pool = state_dict.get(prefix + "pool")
+        for key, value in state_dict.items():
+            name = key[len(prefix):]
+            if (key.startswith(prefix) and name.isidentifier() and not hasattr(self, name) and saved_pool is not None
+                    and torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == saved_pool.shape[0]):
+                self.register_slot_buffer(name, tuple(value.shape[1:]), value.dtype)
         for name in ["pool", *self._slot_buffers]:
             incoming = state_dict.get(prefix + name)
             tensor = getattr(self, name)

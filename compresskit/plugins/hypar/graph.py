@@ -90,7 +90,8 @@ def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], 
         module = modules[node.target]
         if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             continue
-        inp = node.args[0].meta.get("tensor_meta")
+        first = node.args[0] if node.args else None
+        inp = first.meta.get("tensor_meta") if isinstance(first, torch.fx.Node) else None
         out = node.meta.get("tensor_meta")
         if inp is None or out is None:
             continue
