@@ -7,8 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import torch
-
 from .errors import OutputError, first_line
 
 T = TypeVar("T")
@@ -72,13 +70,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def torch_save(path: str | os.PathLike, obj: Any) -> Path:
-    """``torch.save`` atomically (a reader never sees a half-written checkpoint)."""
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
 def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
+    if hasattr(o, "tolist") and hasattr(o, "dim"):   # a tensor
         return o.tolist()
     if hasattr(o, "item"):
         return o.item()

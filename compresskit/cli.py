@@ -12,9 +12,11 @@ from .errors import CompressKitError, ConfigError
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .distributed.launch import launched_world, launch
+    from .distributed import launched_world
 
     if args.nproc > 1 and launched_world() == 1:
+        from .distributed.launch import launch
+
         return launch(_without_nproc(sys.argv[1:] if args.argv is None else args.argv), args.nproc)
     if launched_world() > 1:
         return _apply_on_rank(args)
@@ -34,11 +36,15 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _apply(args: argparse.Namespace, collective=None, loaded=None) -> int:
-    from .api import run
+    from .atomic import prepare_output_dir
     from .recipe import load_recipe
 
     recipe, raw = loaded or load_recipe(args.recipe, args.set)
     out_dir = args.out or recipe.output.dir
+    if collective is None:   # before anything slow; a distributed run checks it on rank 0, inside its agreement
+        prepare_output_dir(out_dir)
+    from .api import run
+
     try:
         result = run(recipe, out_dir=out_dir, resume=args.resume, raw=raw, collective=collective)
     except KeyboardInterrupt:

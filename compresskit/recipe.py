@@ -21,7 +21,9 @@ class ModelConfig:
 
     name: str = option(help="built-in model name, 'pkg.module:factory' or 'torchvision:<name>'")
     args: dict[str, Any] = option({}, help="keyword arguments for the model factory")
-    checkpoint: Optional[str] = option(None, help="state dict to load after building (torch.load weights_only)")
+    checkpoint: Optional[str] = option(None, help="state dict to load (torch.load weights_only; checked against its "
+                                                  ".sha256 when there is one): before the stages when its keys fit "
+                                                  "the built model, after them otherwise (a compressed model.pt)")
 
 
 @dataclass
@@ -131,9 +133,10 @@ class Recipe:
     model: Optional[ModelConfig] = option(None, help="model to build (optional with the Python API)")
     data: Optional[DataConfig] = option(None, help="dataset (optional for analysis-only recipes)")
     train: Optional[TrainConfig] = option(None, help="training settings (omit to skip training)")
-    stages: list[Stage] = option([], help="plugin stages, applied in order")
+    # stages last: validating them loads the plugins (and torch), so errors in the sections above come faster
     output: OutputConfig = option({}, help="output settings")
     distributed: DistributedConfig = option({}, help="multi-process settings (used under torchrun / --nproc)")
+    stages: list[Stage] = option([], help="plugin stages, applied in order")
 
 
 def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:

@@ -224,6 +224,7 @@ class Trainer:
                 raise ConfigError("--resume", f"'{self.checkpoint_path}' was written by a one-process run; resume it "
                                               f"without torchrun or --nproc")
             return False
+        sharded_checkpoint.verify(path)
         meta = sharded_checkpoint.read_meta(path, self.coll)
         if meta.get("fingerprint", "") != self.fingerprint:
             raise ConfigError("--resume", f"'{path}' was written by a different recipe (model, data, stages or "

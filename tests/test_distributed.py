@@ -152,7 +152,7 @@ def test_tables_are_split_and_bytes_match_the_model(runs):
 def test_only_rank_zero_writes(runs):
     root, _ = runs
     names = sorted(os.listdir(root / "two"))
-    assert names == ["checkpoint", "model.pt", "report.json", "report.md"]
+    assert names == ["checkpoint", "model.pt", "model.pt.sha256", "report.json", "report.md"]
     shards = sorted(f for f in os.listdir(root / "two" / "checkpoint") if f.endswith(".distcp"))
     assert len(shards) == 2   # each rank wrote its own checkpoint shard
 
@@ -223,6 +223,23 @@ def test_sharded_checkpoint_of_another_recipe_is_refused(runs, tmp_path):
                            guard=False)
     for code, _, err in results:
         assert code == 2 and "written by a different recipe" in err and "Traceback" not in err, err
+
+
+def test_tampered_sharded_checkpoint_is_refused(runs, tmp_path):
+    """One flipped byte in one rank's shard: every rank refuses to resume, on one line, naming the shard."""
+    root, recipe = runs
+    import shutil
+
+    out = tmp_path / "tampered"
+    shutil.copytree(root / "two" / "checkpoint", out / "checkpoint")
+    shard = sorted((out / "checkpoint").glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    results = launch_ranks([["apply", recipe, "--out", str(out), "--resume"]] * 2, guard=False)
+    for code, _, err in results:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and f"checksum mismatch in '{shard.name}'" in lines[0], err
 
 
 def test_bad_recipe_on_one_rank_stops_every_rank(tmp_path):

@@ -7,6 +7,9 @@ ever sees a complete set (a crash between the two renames leaves ``checkpoint.ol
 Keys are the unsharded model's (``model.embeddings.3.store.pool``) and the optimizer state is keyed by parameter
 name, so a checkpoint loads on any number of ranks: resharding works. FIITED pools change size as they are pruned;
 loading first resizes them to the saved sizes (DCP loads in place), then reads the values.
+
+Before the swap rank 0 writes ``checksums.sha256`` (``sha256sum`` format) over every file of the folder; loading
+verifies it on every rank, so a damaged or tampered shard is refused with one line, never resumed from.
 """
 from __future__ import annotations
 
@@ -20,10 +23,13 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from ..errors import ConfigError
+from ..atomic import write_text
+from ..errors import CheckpointError, ConfigError
+from ..integrity import sha256_file
 from .collective import Collective
 
 DIR_NAME = "checkpoint"
+MANIFEST = "checksums.sha256"
 
 
 def checkpoint_dir(out_dir: str) -> str:
@@ -61,6 +67,7 @@ def save(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta:
     dcp.save(state, checkpoint_id=tmp, process_group=coll.group)
     coll.barrier()
     if coll.is_main:
+        write_manifest(tmp)
         if os.path.isdir(final):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -68,6 +75,35 @@ def save(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta:
         shutil.rmtree(old, ignore_errors=True)
     coll.barrier()
     return final
+
+
+def write_manifest(folder: str) -> None:
+    """Write the SHA-256 of every file in ``folder`` to its manifest."""
+    names = sorted(n for n in os.listdir(folder) if n != MANIFEST)
+    write_text(os.path.join(folder, MANIFEST),
+               "".join(f"{sha256_file(os.path.join(folder, n))}  {n}\n" for n in names))
+
+
+def verify(folder: str) -> None:
+    """Check every file of a checkpoint folder against its manifest (CheckpointError on any difference)."""
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        raise CheckpointError(folder, f"no '{MANIFEST}' in it: compresskit writes one with every checkpoint, so "
+                                      f"this folder is incomplete or not one of its checkpoints; refusing to resume")
+    expected = {}
+    with open(manifest, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            digest, _, name = line.rstrip("\n").partition("  ")
+            expected[name] = digest
+    present = sorted(n for n in os.listdir(folder) if n != MANIFEST)
+    if sorted(expected) != present:
+        extra, lost = sorted(set(present) - set(expected)), sorted(set(expected) - set(present))
+        raise CheckpointError(folder, f"its files differ from its manifest (missing: {', '.join(lost) or 'none'}; "
+                                      f"not listed: {', '.join(extra) or 'none'}); refusing to resume")
+    for name in present:
+        if sha256_file(os.path.join(folder, name)) != expected[name]:
+            raise CheckpointError(folder, f"checksum mismatch in '{name}': the file was damaged or changed after "
+                                          f"it was written; refusing to resume")
 
 
 def find(out_dir: str) -> str | None:

@@ -8,7 +8,6 @@ of waiting for each other; every collective also has the recipe's ``distributed.
 from __future__ import annotations
 
 import datetime
-import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -18,16 +17,12 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CompressKitError, ConfigError
+from . import launched_world
 from .collective import Collective
 
 
 class RankStopped(CompressKitError):
     """This rank was told to stop: the launcher ends the other ranks with SIGTERM when one fails."""
-
-
-def launched_world() -> int:
-    """Processes of the torchrun launch this process belongs to (1 when not launched by torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def connect(cfg: Any = None) -> Collective:
