@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Sequence
 
-from .errors import CompressKitError, ConfigError
+from .errors import CompressKitError, ConfigError, one_line
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = list(argv) if argv is not None else None
         return args.func(args)
     except CompressKitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,17 @@ def first_line(error: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def key_text(key: object, limit: int = 40) -> str:
+    """A mapping key as it appears in a field path: line breaks escaped, cut to ``limit`` characters."""
+    text = str(key).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def one_line(message: str, limit: int = 1000) -> str:
+    """A message as the single stderr line the CLI prints (line breaks escaped, cut to ``limit``)."""
+    return key_text(message, limit)
+
+
 class CompressKitError(Exception):
     """Base class of every error a user can fix by changing their input."""
 

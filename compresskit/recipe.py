@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import yaml
 
-from .errors import ConfigError, shorten
+from .errors import ConfigError, first_line, key_text, shorten
 from .schema import build, option, to_dict
 
 if TYPE_CHECKING:   # recipe files are read and checked before torch is imported
@@ -162,7 +162,7 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:
 
         check_model_config(recipe.model, data_known=recipe.data is not None)
         if recipe.model.checkpoint and not os.path.isfile(recipe.model.checkpoint):
-            raise ConfigError("model.checkpoint", f"file not found: '{recipe.model.checkpoint}'")
+            raise ConfigError("model.checkpoint", f"file not found: {shorten(recipe.model.checkpoint)}")
     needs_training = any(s.plugin.kind == "transform" for s in stages)
     if recipe.train is not None and recipe.data is None and needs_training and require_model:
         raise ConfigError("data", "required field is missing (training needs a dataset)")
@@ -197,6 +197,9 @@ def read_yaml(path: str) -> Any:
     except RecursionError:
         raise ConfigError("recipe", f"'{path}' nests deeper than Python can read; a recipe nests at most "
                                     f"{MAX_DEPTH} levels") from None
+    except Exception as e:   # a value PyYAML parses but cannot build: 2001-02-30, !!int abc, a 5,000-digit integer
+        raise ConfigError("recipe", f"cannot read a value in '{path}' ({type(e).__name__}: {first_line(e, 120)}); "
+                                    f"quote it to make it a string") from None
     check_depth(value, "recipe")
     return value
 
@@ -230,7 +233,7 @@ def check_depth(value: Any, path: str) -> None:
         if depth > MAX_DEPTH:
             raise ConfigError(where, f"nested deeper than {MAX_DEPTH} levels; a recipe nests at most {MAX_DEPTH}")
         if isinstance(node, dict):
-            stack += [(item, str(key)[:30] if where == "recipe" else f"{where}.{str(key)[:30]}", depth + 1)
+            stack += [(item, key_text(key) if where == "recipe" else f"{where}.{key_text(key)}", depth + 1)
                       for key, item in node.items()]
         elif isinstance(node, list):
             stack += [(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(node)]

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import integrity
 from .data import DataBundle, load_dataset
-from .errors import CheckpointError, ConfigError, first_line
+from .errors import CheckpointError, ConfigError, first_line, shorten
 from .models import MODELS
 from .registry import unknown_name
 from .schema import check_call_args
@@ -26,10 +26,11 @@ def _import_factory(target: str) -> Callable[..., nn.Module]:
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError("model.name", f"cannot import module '{module_name}' ({e})") from None
-    if not hasattr(module, attr):
-        raise ConfigError("model.name", f"module '{module_name}' has no attribute '{attr}'")
+    except Exception as e:   # ImportError, and ValueError / TypeError for names like ':x' or '.x:y'
+        raise ConfigError("model.name", f"cannot import module {shorten(module_name)} ({first_line(e, 120)}); "
+                                        f"expected 'pkg.module:factory'") from None
+    if not attr.isidentifier() or not hasattr(module, attr):
+        raise ConfigError("model.name", f"module {shorten(module_name)} has no attribute {shorten(attr)}")
     return getattr(module, attr)
 
 
@@ -69,10 +70,25 @@ def check_model_config(cfg: Any, data_info: dict[str, Any] | None = None, data_k
     except (TypeError, ValueError):
         params = {}
     for key, value in (data_info or {}).items():
-        if key in params and key not in args:
+        if key not in params:
+            continue
+        if key not in args:
             args[key] = value
+        elif not _fits_data(key, args[key], value):
+            raise ConfigError(f"model.args.{key}", f"got {shorten(args[key])}, but the dataset gives "
+                                                   f"{shorten(value)}; drop it (it is filled in from the data)")
     provided = DATA_PROVIDED if data_known and data_info is None else ()
     return check_call_args(factory, args, "model.args", f"model '{cfg.name}'", provided=provided)
+
+
+def _fits_data(key: str, given: Any, provided: Any) -> bool:
+    """Whether a model argument the user set agrees with the dataset: equal, or for table sizes and class counts
+    at least as large (more rows or logits than the data uses are allowed)."""
+    if key == "cardinalities" and isinstance(given, list) and isinstance(provided, list):
+        return len(given) == len(provided) and all(isinstance(g, int) and g >= p for g, p in zip(given, provided))
+    if key == "num_classes" and isinstance(given, int) and isinstance(provided, int):
+        return given >= provided
+    return given == provided
 
 
 def resolve_model(cfg: Any, data_info: dict[str, Any] | None = None) -> nn.Module:
@@ -83,6 +99,8 @@ def resolve_model(cfg: Any, data_info: dict[str, Any] | None = None) -> nn.Modul
         model = model_factory(cfg.name)(**args)
     except (TypeError, ValueError) as e:
         raise ConfigError("model.args", f"model '{cfg.name}' rejected its arguments: {first_line(e)}") from None
+    except (RuntimeError, MemoryError) as e:   # e.g. tables too large to allocate
+        raise ConfigError("model.args", f"model '{cfg.name}' could not be built: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError("model.name", f"'{cfg.name}' returned {type(model).__name__}, not a torch.nn.Module")
     return model

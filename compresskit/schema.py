@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Annotated, Any, Callable, Iterable, Literal, Union, get_args, get_origin
 
-from .errors import ConfigError, shorten
+from .errors import ConfigError, key_text, shorten
 
 _MISSING = dataclasses.MISSING
 
@@ -106,7 +106,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(path, f"got {_fmt(value)}, expected a mapping")
         _, item = get_args(tp) or (Any, Any)
-        return {k: convert(item, v, f"{path}.{k}") for k, v in value.items()}
+        return {k: convert(item, v, f"{path}.{key_text(k)}") for k, v in value.items()}
     if hasattr(tp, "from_config"):  # a type that validates itself (a recipe stage: plugin name + its config)
         return tp.from_config(value, path)
     if dataclasses.is_dataclass(tp):
@@ -122,9 +122,13 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"got {_fmt(value)}, expected a number")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:   # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
             raise ConfigError(path, f"got {_fmt(value)}, expected a finite number")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"got {_fmt(value)}, expected a string")
@@ -160,7 +164,7 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            where = f"{path}.{key}" if path else str(key)
+            where = f"{path}.{key_text(key)}" if path else key_text(key)
             raise ConfigError(where, f"unknown key{suggest(str(key), fields)}; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
@@ -215,7 +219,7 @@ def check_call_args(fn: Callable[..., Any], args: dict[str, Any], path: str, own
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in args:
         if key not in named and not open_ended:
-            raise ConfigError(f"{path}.{key}", f"unknown argument for {owner}{suggest(str(key), named)}; "
+            raise ConfigError(f"{path}.{key_text(key)}", f"unknown argument for {owner}{suggest(str(key), named)}; "
                                                f"allowed: {', '.join(named) or 'none'}")
     provided = set(provided)
     missing = [n for n in named if params[n].default is inspect.Parameter.empty and n not in args

@@ -67,6 +67,9 @@ def evaluate(model: nn.Module, dataset: TensorDataset, task: str, batch_size: in
         labels.append(label)
     model.train(was_training)
     out, y = torch.cat(outputs), torch.cat(labels)
+    if not torch.isfinite(out).all():
+        raise ConfigError("train", "the model's outputs on the evaluation split are NaN or infinite: training "
+                                   "diverged (lower train.optimizer.lr) or the inputs hold NaN/inf values")
     if task == "binary":
         p = torch.sigmoid(out.reshape(-1).double())
         return {"auc": roc_auc(y.numpy(), p.numpy()), "logloss": log_loss(y, p),
@@ -286,7 +289,15 @@ class Trainer:
                                                f"training diverged; lower train.optimizer.lr (now "
                                                f"{cfg.optimizer.lr:g}) or check the data for NaN/inf values")
                 self.compression.after_backward()
-                self.optimizer.step()
+                try:
+                    self.optimizer.step()
+                except RuntimeError as e:   # a huge learning rate overflows the optimizer's float32 arithmetic
+                    if "overflow" not in str(e):
+                        raise
+                    bar.close()
+                    raise ConfigError("train", f"the optimizer step overflowed at step {self.step + 1} "
+                                               f"({first_line(e, 80)}): training diverged; lower "
+                                               f"train.optimizer.lr (now {cfg.optimizer.lr:g})") from None
                 self.compression.step()
                 running = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
                 self.running_loss = running

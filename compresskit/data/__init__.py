@@ -8,7 +8,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch.utils.data import TensorDataset
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line, shorten
 from ..registry import Registry
 from ..schema import check_call_args
 
@@ -79,7 +79,7 @@ def check_data_config(cfg: Any) -> dict[str, Any]:
         if not cfg.path:
             raise ConfigError("data.path", f"required for dataset '{cfg.name}' (folder or file in upstream format)")
         if not os.path.exists(cfg.path):
-            raise ConfigError("data.path", f"file not found: '{cfg.path}'")
+            raise ConfigError("data.path", f"file not found: {shorten(cfg.path)}")
     return check_call_args(entry.loader, cfg.args, "data.args", f"dataset '{cfg.name}'", skip=("path", "seed"))
 
 
@@ -91,4 +91,4 @@ def load_dataset(cfg: Any, seed: int = 0) -> DataBundle:
     try:
         return entry.loader(path=cfg.path, seed=seed, **args)
     except (ValueError, TypeError) as e:
-        raise ConfigError("data", f"cannot load '{cfg.name}' from '{cfg.path}': {e}") from None
+        raise ConfigError("data", f"cannot load '{cfg.name}' from {shorten(cfg.path)}: {first_line(e)}") from None

@@ -2,6 +2,7 @@
 interaction, top MLP producing one logit."""
 from __future__ import annotations
 
+import os
 from typing import Annotated, Sequence
 
 import torch
@@ -73,4 +74,9 @@ def dlrm(num_dense: Annotated[int, Range(0, 1_000_000)], cardinalities: Annotate
          top_mlp: Annotated[list[int] | None, Range(1, 65536)] = None, sparse: bool = False) -> DLRM:
     """DLRM; ``num_dense`` and ``cardinalities`` are filled from the dataset when omitted. ``sparse``: sparse
     gradients for the ``nn.EmbeddingBag`` tables."""
+    need = sum(cardinalities) * embedding_dim * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory // 2:
+        raise ValueError(f"the embedding tables need {need / 2**30:,.1f} GiB (sum(cardinalities) x embedding_dim x "
+                         f"4 bytes), more than half of this machine's {memory / 2**30:,.1f} GiB")
     return DLRM(num_dense, cardinalities, embedding_dim, bottom_mlp, top_mlp, sparse=sparse)

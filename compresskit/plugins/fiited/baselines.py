@@ -316,7 +316,9 @@ def plan_mixed_dims_tables(counts: list[torch.Tensor], embedding_dim: int, budge
     what = "the most frequent bucket alone at its cheapest dim" if num_tables == 1 else \
         "each table's most frequent bucket alone at the cheapest dims one global scale allows"
     parts = "; ".join(f"{'' if num_tables == 1 else f'table {t}: '}{n} rows at dim {d}"
-                      f"{' with its projection' if d < d_full else ''}" for t, n, d in heads)
+                      f"{' with its projection' if d < d_full else ''}" for t, n, d in heads[:3])
+    if len(heads) > 3:
+        parts += f"; and {len(heads) - 3} more tables"
     tables = "" if num_tables == 1 else f" over {num_tables} tables"
     raise ValueError(f"mixed-dim budget of {budget_bytes} bytes{tables} is below the minimum of {best} bytes "
                      f"(remap index {index} bytes + {what}, {best - index} bytes: {parts})")

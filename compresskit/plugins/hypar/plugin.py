@@ -20,6 +20,9 @@ from .report import level_table, totals_table, write_plan_report
 from .search import baselines, hierarchical_plan, joint_plan
 
 
+MAX_SAMPLE_ELEMENTS = 1 << 24   # elements of one traced sample (VGG at 224x224: 150,528)
+
+
 @dataclass
 class HyparConfig:
     """Recipe fields of a ``hypar`` stage (documented in docs/hypar.md)."""
@@ -28,11 +31,16 @@ class HyparConfig:
     batch: int = option(256, help="global training batch size", min=1)
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="element type for bytes")
     network: Optional[str] = option(None, help="plan a paper network (e.g. vgg-e) instead of the recipe's model")
-    input_shape: Optional[list[int]] = option(None, help="per-sample input shape for tracing when no data is given")
+    input_shape: Optional[list[int]] = option(None, help="per-sample input shape for tracing when no data is given",
+                                              min=1, max=65536)
     search: Literal["hierarchical", "joint"] = option(
         "hierarchical", help="hierarchical: the paper's level-by-level DP; joint: optimal over all levels")
 
     def validate(self, path: str) -> None:
+        if self.input_shape is not None and math.prod(self.input_shape) > MAX_SAMPLE_ELEMENTS:
+            raise ConfigError(f"{path}.input_shape", f"got {self.input_shape} ({math.prod(self.input_shape):,} "
+                                                     f"elements per sample), expected at most "
+                                                     f"{MAX_SAMPLE_ELEMENTS:,} (tracing runs a batch of 2)")
         if self.accelerators & (self.accelerators - 1):
             lo = 1 << (self.accelerators.bit_length() - 1)
             raise ConfigError(f"{path}.accelerators", f"got {self.accelerators}, expected a power of two "
