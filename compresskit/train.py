@@ -126,6 +126,22 @@ def checked_checkpoint(state: Any, path: str) -> dict[str, Any]:
     return state
 
 
+def optimizer_error(error: RuntimeError, cfg: Any, step: int) -> Exception:
+    """The one-line error for an optimizer step that failed on the user's settings (a learning rate so large the
+    float32 update overflows; an optimizer or weight decay that sparse gradients do not support), else ``error``."""
+    text = str(error)
+    if "overflow" in text:
+        return ConfigError("train.optimizer.lr", f"the optimizer step overflowed at step {step} "
+                                                 f"({first_line(error, 80)}): training diverged; lower the learning "
+                                                 f"rate (now {cfg.lr:g})")
+    if "sparse" in text.lower():
+        return ConfigError("train.optimizer", f"{cfg.name} with weight_decay {cfg.weight_decay:g} cannot update the "
+                                              f"sparse gradients of this model ({first_line(error, 100)}); with "
+                                              f"sparse embedding gradients (model.args.sparse, a fiited stage's "
+                                              f"sparse_grad) use sgd or adagrad without weight_decay")
+    return error
+
+
 class Trainer:
     """The built-in loop of ``compresskit apply``: trains ``compression.model`` on a DataBundle with the recipe's
     TrainConfig, driving the :class:`~compresskit.compression.Compression` handle like a user's loop would."""
@@ -291,13 +307,9 @@ class Trainer:
                 self.compression.after_backward()
                 try:
                     self.optimizer.step()
-                except RuntimeError as e:   # a huge learning rate overflows the optimizer's float32 arithmetic
-                    if "overflow" not in str(e):
-                        raise
+                except RuntimeError as e:
                     bar.close()
-                    raise ConfigError("train", f"the optimizer step overflowed at step {self.step + 1} "
-                                               f"({first_line(e, 80)}): training diverged; lower "
-                                               f"train.optimizer.lr (now {cfg.optimizer.lr:g})") from None
+                    raise optimizer_error(e, cfg.optimizer, self.step + 1) from None
                 self.compression.step()
                 running = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
                 self.running_loss = running

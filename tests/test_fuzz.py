@@ -161,12 +161,17 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 
 # --- the contract -----------------------------------------------------------------------------------------------
 
+HANG = 60   # seconds: a bound that catches a hang or a minutes-long run, not a speed assertion (no deadlines: CI is shared)
+
+
 def run_cli(argv: list[str]) -> int:
     """``main(argv)`` in-process: it must return 0 or 2, and 2 with exactly one stderr line ``error: ...`` under 600
-    characters. Exceptions propagate (hypothesis shrinks them)."""
+    characters, within :data:`HANG` seconds. Exceptions propagate (hypothesis shrinks them)."""
     out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(argv)
+    assert time.perf_counter() - start < HANG, f"{argv[0]} took {time.perf_counter() - start:.0f} s"
     text = err.getvalue()
     assert rc in (0, 2), f"exit status {rc}; stderr:\n{text[-3000:]}"
     if rc == 2:
@@ -256,8 +261,8 @@ def delete_path(obj: dict, path: tuple) -> None:
 
 # --- 1. validate fuzz -------------------------------------------------------------------------------------------
 
-# examples take 10-100 ms; the deadline leaves room for a shared, busy CPU (a 1.3 s outlier was seen)
-FAST = settings(max_examples=120, deadline=2000, derandomize=True, database=None,
+# examples take 10-100 ms (a first call that imports a module named in the recipe can take seconds)
+FAST = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 
@@ -385,7 +390,7 @@ def raw_files(draw) -> bytes:
     return data + comment * ((size - len(data)) // len(comment)) + b"#" * ((size - len(data)) % len(comment))
 
 
-@settings(FAST, max_examples=120, deadline=5000)
+@settings(FAST, max_examples=120)
 @given(data=raw_files())
 def test_validate_raw_bytes(work, data):
     """(c) A recipe at the 1 MiB limit or nesting ~1000 deep takes 1-2 s of pure-Python YAML (more on a busy
@@ -430,7 +435,7 @@ APPLY_FIELDS = {
 }
 
 
-@settings(max_examples=25, deadline=15_000, derandomize=True, database=None,
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_apply_mutated_small_recipe(work, rss_start, data):
@@ -446,7 +451,7 @@ def test_apply_mutated_small_recipe(work, rss_start, data):
     path = write_recipe(work, yaml.safe_dump(recipe, sort_keys=False))
     start = time.perf_counter()
     event(f"exit {run_cli(['apply', path, '--out', out])}")
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < HANG
 
 
 # --- 3. bounded memory ------------------------------------------------------------------------------------------
@@ -465,7 +470,7 @@ BEYOND = {
 }
 
 
-@settings(max_examples=25, deadline=5000, derandomize=True, database=None,
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_sizes_beyond_the_bounds_are_refused_not_allocated(work, rss_start, data):
@@ -479,7 +484,7 @@ def test_sizes_beyond_the_bounds_are_refused_not_allocated(work, rss_start, data
     start = time.perf_counter()
     for command in (["validate", path], ["apply", path, "--out", out]):
         assert run_cli(command) == 2
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < HANG
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before < 100 * 2**20
     assert not os.path.exists(out)
 
@@ -564,6 +569,12 @@ APPLY_REGRESSIONS = [
     # (plugins/fiited/baselines.py, the ValueError after 'nothing fits'; list a few tables and 'and N more')
     ("mixed_dim budget error too long", _small(("cardinality_scale: 0.0002", "cardinality_scale: 1.0e-9")).replace(
         "{plugin: fiited,", "{plugin: fiited, method: mixed_dim,")),
+    # optimizers that cannot take sparse gradients: RuntimeError out of torch's optimizer step
+    ("adam on sparse gradients", _small(("interval: 3}", "interval: 3, sparse_grad: true, fused_optimizer: none}"))
+     .replace("train: {", "train: {max_steps: 2, optimizer: {name: adam}, ")),
+    ("adagrad weight decay on sparse gradients", _small(("interval: 3}", "interval: 3, sparse_grad: true, "
+                                                         "fused_optimizer: none}"))
+     .replace("train: {", "train: {max_steps: 2, optimizer: {name: adagrad, weight_decay: 0.01}, ")),
     ("hypar negative input_shape", "model: {name: lenet5}\nstages:\n  - {plugin: hypar, input_shape: [-1, 32, 32]}\n"
                                    "output: {dir: OUT}\n"),
     ("hypar huge input_shape", "model: {name: lenet5}\nstages:\n  - {plugin: hypar, input_shape: [100000, 100000, "
