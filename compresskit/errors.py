@@ -21,9 +21,13 @@ def first_line(error: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+# every character str.splitlines() breaks a line at, escaped as in a Python literal
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def key_text(key: object, limit: int = 40) -> str:
     """A mapping key as it appears in a field path: line breaks escaped, cut to ``limit`` characters."""
-    text = str(key).replace("\r", "\\r").replace("\n", "\\n")
+    text = str(key).translate(_LINE_BREAKS)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

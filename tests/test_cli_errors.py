@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from compresskit.cli import main
+
 GOOD = """
 model: {name: dlrm, args: {embedding_dim: 8}}
 data: {name: synthetic-ctr, args: {num_samples: 2000}}
@@ -65,15 +67,16 @@ def _run(args, cwd):
 
 
 @pytest.mark.parametrize("name,text,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_recipe_gives_one_clear_line(tmp_path, name, text, expected):
+def test_bad_recipe_gives_one_clear_line(tmp_path, capsys, name, text, expected):
+    """In-process (the subprocess tests below cover the console entry point)."""
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text.replace("OUT", str(out)))
-    proc = _run(["apply", str(recipe)], tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert main(["apply", str(recipe)]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert expected in lines[0]
     assert not out.exists() or not any(out.iterdir())
 
