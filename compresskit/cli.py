@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Sequence
 
-from .errors import CompressKitError, ConfigError, one_line
+from .errors import CompressKitError, ConfigError, first_line, one_line
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -88,7 +88,7 @@ def _apply_on_rank(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         if not _raised_by_collective(e):
             raise
-        first = (str(e).splitlines() or ["connection lost"])[0][:200]
+        first = first_line(e, 200)
         print(f"error: rank {coll.rank}: lost contact with another rank ({first}); the last checkpoint is in "
               f"{args.out or loaded[0].output.dir}; resume with --resume", file=sys.stderr)
         return 3

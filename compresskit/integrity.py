@@ -59,7 +59,7 @@ def save(path: str | os.PathLike, obj: Any) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically, with its checksum sidecar (see the module docstring)."""
     path = Path(path)
 
-    def publish(tmp: str) -> None:
+    def publish(tmp: str) -> str:
         torch.save(obj, tmp)
         new = sha256_file(tmp)
         old = (accepted_hashes(path) or [])[:1] if path.exists() else []

@@ -61,9 +61,6 @@ def describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-_fmt = shorten
-
-
 def convert(tp: Any, value: Any, path: str) -> Any:
     """Check ``value`` against annotation ``tp`` and return the typed value (dataclasses are built recursively)."""
     origin = get_origin(tp)
@@ -90,21 +87,21 @@ def convert(tp: Any, value: Any, path: str) -> Any:
                 errors.append(e)
         if len(errors) == 1:
             raise errors[0]
-        raise ConfigError(path, f"got {_fmt(value)}, expected {describe_type(tp)}")
+        raise ConfigError(path, f"got {shorten(value)}, expected {describe_type(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             names = [str(a) for a in allowed]
-            raise ConfigError(path, f"got {_fmt(value)}, expected {describe_type(tp)}{suggest(str(value), names)}")
+            raise ConfigError(path, f"got {shorten(value)}, expected {describe_type(tp)}{suggest(str(value), names)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"got {_fmt(value)}, expected {describe_type(tp)}")
+            raise ConfigError(path, f"got {shorten(value)}, expected {describe_type(tp)}")
         (item,) = get_args(tp) or (Any,)
         return [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(path, f"got {_fmt(value)}, expected a mapping")
+            raise ConfigError(path, f"got {shorten(value)}, expected a mapping")
         _, item = get_args(tp) or (Any, Any)
         return {k: convert(item, v, f"{path}.{key_text(k)}") for k, v in value.items()}
     if hasattr(tp, "from_config"):  # a type that validates itself (a recipe stage: plugin name + its config)
@@ -113,25 +110,25 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         return build(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(path, f"got {_fmt(value)}, expected true or false")
+            raise ConfigError(path, f"got {shorten(value)}, expected true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"got {_fmt(value)}, expected an integer")
+            raise ConfigError(path, f"got {shorten(value)}, expected an integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"got {_fmt(value)}, expected a number")
+            raise ConfigError(path, f"got {shorten(value)}, expected a number")
         try:
             number = float(value)
         except OverflowError:   # an integer beyond float range
             number = math.inf
         if not math.isfinite(number):
-            raise ConfigError(path, f"got {_fmt(value)}, expected a finite number")
+            raise ConfigError(path, f"got {shorten(value)}, expected a finite number")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(path, f"got {_fmt(value)}, expected a string")
+            raise ConfigError(path, f"got {shorten(value)}, expected a string")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {path}")
 
@@ -151,7 +148,7 @@ def _check_bounds(meta: typing.Mapping[str, Any], value: Any, path: str) -> None
         left = "" if lo is None else (f"> {lo}" if lo_x else f">= {lo}")
         right = "" if hi is None else (f"< {hi}" if hi_x else f"<= {hi}")
         rng = " and ".join(p for p in (left, right) if p)
-        raise ConfigError(path, f"got {_fmt(value)}, expected a value {rng}")
+        raise ConfigError(path, f"got {shorten(value)}, expected a value {rng}")
 
 
 def build(cls: type, data: Any, path: str = "") -> Any:
@@ -159,7 +156,7 @@ def build(cls: type, data: Any, path: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(path, f"got {_fmt(data)}, expected a mapping")
+        raise ConfigError(path, f"got {shorten(data)}, expected a mapping")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:

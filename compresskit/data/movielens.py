@@ -16,7 +16,7 @@ import torch
 from ..errors import DataError, shorten
 from ..schema import Range
 from . import DataBundle, bundle_from_tensors, register_dataset
-from .tabular import encode_categorical, parse_number, read_lines, split_fields, standardize
+from .tabular import encode_categorical, parse_number, read_lines, separator_name, split_fields, standardize
 
 DATA_FIELDS = ("user id", "item id", "rating", "timestamp")
 USER_FIELDS = ("user id", "age", "gender", "occupation", "zip code")
@@ -29,8 +29,7 @@ _DEFAULT_YEAR = 1995   # u.item leaves one release date empty
 
 def _read_table(path: str, sep: str, fields: tuple[str, ...], what: str) -> list[tuple[int, list[str]]]:
     """(line number, fields) of each record of an ml-100k file; a wrong field count names the line."""
-    sep_name = "tab" if sep == "\t" else repr(sep)
-    hint = f"MovieLens-100K's {os.path.basename(path)} is {sep_name}-separated"
+    hint = f"MovieLens-100K's {os.path.basename(path)} is {separator_name(sep)}-separated"
     names = ", ".join(fields[:5]) + (f", {len(fields) - 5} genre flags" if len(fields) > 5 else "")
     return [(n, split_fields(line, sep, len(fields), path, n, hint, names))
             for n, line in read_lines(path, what, encoding="latin-1", sep=sep)]

@@ -13,6 +13,11 @@ from ..errors import DataError, shorten
 _SEP_NAMES = {"\t": "tab", ",": "comma", "|": "'|'", " ": "space"}
 
 
+def separator_name(sep: str) -> str:
+    """How messages name a field separator: 'tab', 'comma', "'|'"."""
+    return _SEP_NAMES.get(sep, repr(sep))
+
+
 def read_lines(path: str, what: str, *, encoding: str = "utf-8", sep: str = "") -> Iterator[tuple[int, str]]:
     """Yield ``(line number from 1, line without its ending)`` for each record of a text file.
 
@@ -48,7 +53,7 @@ def split_fields(line: str, sep: str, count: int, file: str, lineno: int, hint: 
     fields = line.split(sep)
     if len(fields) != count:
         listed = f" ({names})" if names else ""
-        raise DataError(file, lineno, f"expected {count} {_SEP_NAMES.get(sep, repr(sep))}-separated fields{listed}, "
+        raise DataError(file, lineno, f"expected {count} {separator_name(sep)}-separated fields{listed}, "
                                       f"got {len(fields)} ({shorten(line)}); {hint}")
     return fields
 
