@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import integrity
-from .atomic import prepare_output_dir, write_json, write_text
+from .atomic import prepare_output_dir, write_bytes, write_json, write_text
 from .data import DataBundle
 from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
@@ -22,13 +22,17 @@ from .distributed.sharding import ShardedTables, shard_tables, sharded_names
 from .metrics import module_bytes
 from .models.tables import table_bytes
 from .errors import ConfigError
+from .logs import run_log
+from .plots import Figure, render_html, render_png, training_figures
 from .compression import SAMPLE_ROWS, prepare
 from .plugin import Plugin
 from .recipe import Recipe, load_recipe, validate_recipe
 from .report import render_markdown
 from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
 from .schema import to_dict
-from .train import Trainer, batches, evaluate, planned_steps
+from .train import Trainer, batches, evaluate, planned_steps, to_model_inputs
+
+PLOTS_DIR = "plots"
 
 
 @dataclass
@@ -49,6 +53,12 @@ def _fingerprint(raw: Any) -> str:
     keep = {"model": raw.get("model"), "data": raw.get("data"), "stages": raw.get("stages"), "train": train}
     text = json.dumps(keep, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sample_inputs(data: DataBundle) -> tuple:
+    """Model inputs of the first ``SAMPLE_ROWS`` test rows, through the data's collate: the sample batch plugins
+    trace and tune with, and the one ``compresskit export --format torch.export`` exports with."""
+    return to_model_inputs(data.collate, *next(batches(data.test, SAMPLE_ROWS)))[0]
 
 
 def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | None = None,
@@ -86,7 +96,7 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
                 shard_tables(model, coll)
             except ValueError as e:
                 raise ConfigError("distributed.sharding", str(e)) from None
-    sample = next(batches(data.test, SAMPLE_ROWS))[0] if data is not None else None
+    sample = sample_inputs(data) if data is not None else None
     needs_training = train_cfg is not None and data is not None
     steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
     # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
@@ -100,16 +110,20 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
                                       (type(model).__name__ if model is not None else None),
                                       "data": recipe.data.name if recipe.data else None,
                                       "stages": ", ".join(p.name for p in compression.plugins) or "none"}}
+    log_rows: list[dict[str, float]] = []
     if needs_training:
-        trainer = Trainer(compression, data, train_cfg, out_dir, fingerprint=_fingerprint(raw))
-        if resume and not trainer.load_checkpoint():
-            raise ConfigError("--resume", f"no checkpoint to resume from in '{out_dir}'")
-        report["training"] = trainer.fit()
+        trainer = Trainer(compression, data, train_cfg, out_dir, fingerprint=_fingerprint(raw),
+                          logging_cfg=recipe.logging)
+        with run_log(out_dir, recipe.logging.level, writer=coll.is_main):
+            if resume and not trainer.load_checkpoint():
+                raise ConfigError("--resume", f"no checkpoint to resume from in '{out_dir}'")
+            report["training"] = trainer.fit()
+        log_rows = trainer.log.rows
     elif data is not None:
-        report["training"] = {"test": evaluate(model, data.test, data.task, coll=coll)}
+        report["training"] = {"test": evaluate(model, data.test, data.task, coll=coll, collate=data.collate)}
     model = compression.finalize()
     if needs_training and any(type(p).finalize is not Plugin.finalize for p in compression.plugins):
-        report["training"]["final_test"] = evaluate(model, data.test, data.task, coll=coll)
+        report["training"]["final_test"] = evaluate(model, data.test, data.task, coll=coll, collate=data.collate)
     report.update(compression.report())
     report["run"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sent = report.get("training", {}).pop("sent_bytes_per_step", None)
@@ -118,12 +132,26 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     if raw is not None:
         report["recipe"] = raw
     state = gather_state_dict(model, coll) if model is not None and out_dir else None
+    figures = training_figures(log_rows) + compression.figures(log_rows) if recipe.logging.plots and out_dir else []
     if out_dir and coll.is_main:
         if model is not None:
             integrity.save(os.path.join(out_dir, "model.pt"), state)
         write_json(os.path.join(out_dir, "report.json"), report)
-        write_text(os.path.join(out_dir, "report.md"), render_markdown(report))
+        plots = write_plots(out_dir, report, figures)
+        write_text(os.path.join(out_dir, "report.md"), render_markdown(report, plots=plots))
     return RunResult(model, report, compression.plugins, out_dir)
+
+
+def write_plots(out_dir: str, report: dict[str, Any], figures: list[Figure]) -> list[tuple[str, str]]:
+    """Render ``figures`` to ``out_dir/plots/<name>.png`` and write ``report.html`` with them inlined (with no
+    figures: the tables only). Returns (title, relative path) of each PNG for report.md."""
+    rendered = [(fig, render_png(fig)) for fig in figures]
+    if rendered:
+        os.makedirs(os.path.join(out_dir, PLOTS_DIR), exist_ok=True)
+    for fig, png in rendered:
+        write_bytes(os.path.join(out_dir, PLOTS_DIR, f"{fig.name}.png"), png)
+    write_text(os.path.join(out_dir, "report.html"), render_html(report, rendered))
+    return [(fig.title, f"{PLOTS_DIR}/{fig.name}.png") for fig, _ in rendered]
 
 
 def gather_state_dict(model: nn.Module, coll: Collective) -> dict[str, torch.Tensor] | None:

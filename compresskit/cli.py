@@ -1,4 +1,4 @@
-"""Command line: ``compresskit apply|validate|plugins`` plus the subcommands plugins add (HyPar's ``plan``).
+"""Command line: ``compresskit apply|validate|plugins|export`` plus the subcommands plugins add (HyPar's ``plan``).
 
 User errors print one line and exit with 2."""
 from __future__ import annotations
@@ -43,10 +43,14 @@ def _apply(args: argparse.Namespace, collective=None, loaded=None) -> int:
     out_dir = args.out or recipe.output.dir
     if collective is None:   # before anything slow; a distributed run checks it on rank 0, inside its agreement
         prepare_output_dir(out_dir)
+    from contextlib import nullcontext
+
     from .api import run
+    from .logs import console_log
 
     try:
-        result = run(recipe, out_dir=out_dir, resume=args.resume, raw=raw, collective=collective)
+        with console_log(recipe.logging.console) if collective is None or collective.is_main else nullcontext():
+            result = run(recipe, out_dir=out_dir, resume=args.resume, raw=raw, collective=collective)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is in {out_dir}; continue with "
               f"`compresskit apply {args.recipe} --resume`", file=sys.stderr)
@@ -56,7 +60,9 @@ def _apply(args: argparse.Namespace, collective=None, loaded=None) -> int:
     test = result.report.get("training", {}).get("final_test") or result.report.get("training", {}).get("test")
     if test:
         print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
-    written = (["model.pt"] if result.model is not None else []) + ["report.json", "report.md"]
+    written = (["model.pt"] if result.model is not None else []) + \
+        [name for name in ("report.json", "report.md", "report.html", "train_log.csv", "plots/", "tensorboard/")
+         if os.path.exists(os.path.join(out_dir, name))]
     print(f"wrote {out_dir}/" + ", ".join(written))
     return 0
 
@@ -126,7 +132,44 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-CORE_COMMANDS = ("apply", "validate", "plugins")
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    done = export_run(args.run_dir, args.format, args.out)
+    for row in done.get("tables", []):
+        kind = "packed" if row["packed"] else "dense "
+        print(f"  {row['module']}: {kind} values {row['values_bytes']:,} + index {row['index_bytes']:,} = "
+              f"{row['total_bytes']:,} bytes (dense {row['dense_bytes']:,})")
+    if "bytes" in done:
+        b = done["bytes"]
+        ratio = f" = {b['ratio']:.4f} of the dense tables" if b["ratio"] is not None else ""
+        print(f"tables: values {b['values']:,} + index {b['index']:,} = {b['total']:,} bytes{ratio} "
+              f"({b['dense']:,} bytes dense)")
+    notes = []
+    if done.get("fits_original"):
+        notes.append("loads with strict=True into the recipe's model" if args.format == "state-dict" else
+                     "load_packed fits it into the recipe's model")
+    if "dynamic_batch" in done:
+        notes.append("batch dimension dynamic" if done["dynamic_batch"] else
+                     f"batch dimension fixed at {done['rows']} (the model did not trace with a dynamic one)")
+    if done["max_abs_diff"] is not None:
+        notes.append(f"max |difference| from the run's model on {done['rows']} test rows: {done['max_abs_diff']:.3g}")
+    files = f"{done['path']} (+ .sha256)" if args.format != "torch.export" else done["path"]
+    if "spec" in done:
+        files += f" and {done['spec']}"
+    print(f"wrote {files}: {done['file_bytes']:,} bytes" + "".join(f"; {n}" for n in notes))
+    return 0
+
+
+def _one_line_errors(parser: argparse.ArgumentParser, where: str) -> None:
+    """Make ``parser`` report a usage mistake (unknown choice, missing argument) as a one-line ConfigError."""
+    def error(message: str) -> None:
+        raise ConfigError(where, message)
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+CORE_COMMANDS = ("apply", "validate", "plugins", "export")
 
 
 def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
@@ -150,6 +193,15 @@ def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list plugins and their config fields")
     p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("export", help="export a run's compressed model for serving (docs/export.md)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of compresskit apply (model.pt, report.json)")
+    p.add_argument("--format", required=True, choices=("state-dict", "packed", "torch.export"),
+                   help="state-dict: standard modules for the original architecture; packed: compact FIITED "
+                        "tables + JSON spec (compresskit.export.load_packed); torch.export: a .pt2 program")
+    p.add_argument("--out", metavar="PATH", help="file (or folder) to write (default: in RUN_DIR)")
+    p.set_defaults(func=_cmd_export)
+    _one_line_errors(p, "export")
 
     if not with_plugins:
         return parser

@@ -159,6 +159,29 @@ class Compression:
             out["memory"] = module_bytes(self.model)
         return out
 
+    def metrics(self) -> dict[str, float]:
+        """Each stage's training-log scalars, keyed ``<plugin>/<name>`` (``<plugin><i>/`` when a plugin appears
+        twice). Every rank of a distributed run calls it at the same steps."""
+        out: dict[str, float] = {}
+        for prefix, plugin in self._prefixed():
+            out.update({f"{prefix}/{k}": v if isinstance(v, int) else float(v)
+                        for k, v in plugin.metrics(self.ctx).items()})
+        return out
+
+    def figures(self, log: list[dict[str, float]]) -> list[Any]:
+        """Each stage's report plots (:class:`compresskit.plots.Figure`), given the training log's rows (each
+        stage sees its own metrics under their plain names)."""
+        figures = []
+        for prefix, plugin in self._prefixed():
+            own = [{**{k: v for k, v in row.items() if "/" not in k},
+                    **{k[len(prefix) + 1:]: v for k, v in row.items() if k.startswith(prefix + "/")}} for row in log]
+            figures += plugin.figures(self.ctx, own)
+        return figures
+
+    def _prefixed(self) -> list[tuple[str, Plugin]]:
+        names = [p.name for p in self.plugins]
+        return [(p.name if names.count(p.name) == 1 else f"{p.name}{i}", p) for i, p in enumerate(self.plugins)]
+
     def state_dict(self) -> dict[str, Any]:
         """The step count and each plugin's state; save it beside ``model.state_dict()`` and the optimizer's."""
         return {"steps": self.steps, "plugins": [p.state_dict() for p in self.plugins]}

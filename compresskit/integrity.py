@@ -20,6 +20,7 @@ import torch
 
 from .atomic import atomic_write, write_text
 from .errors import CheckpointError, first_line
+from .optional import import_quietly
 
 SUFFIX = ".sha256"
 
@@ -88,7 +89,7 @@ def verify(path: str | os.PathLike, *, required: bool) -> None:
                                          f"the file was damaged or changed after it was written; refusing to load it")
 
 
-def load(path: str | os.PathLike, *, required: bool = True) -> Any:
+def load(path: str | os.PathLike, *, required: bool = True, _retried: bool = False) -> Any:
     """Verify ``path`` (:func:`verify`), then ``torch.load`` it with ``weights_only=True`` on the CPU; every
     failure is a one-line CheckpointError."""
     if not os.path.isfile(path):
@@ -99,6 +100,8 @@ def load(path: str | os.PathLike, *, required: bool = True) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "torchao" in str(e) and import_quietly("torchao")[0] is not None and not _retried:
+            return load(path, required=required, _retried=True)   # torchao registers its tensor types on import
         skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
         lines = [ln.replace("WeightsUnpickler error:", "").strip() for ln in str(e).splitlines()]
         detail = next((ln for ln in lines if ln and not ln.startswith(skip)), type(e).__name__)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from .distributed.collective import Collective
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .plots import Figure
 
 
 @dataclass
@@ -72,6 +75,16 @@ class Plugin:
     def report(self, ctx: RunContext) -> dict[str, Any]:
         """Numbers for the run report (JSON-serialisable)."""
         return {}
+
+    def metrics(self, ctx: RunContext) -> dict[str, float]:
+        """Scalars for the training log at a logged step (after :meth:`on_step`): the same keys every time. Called
+        on every rank of a distributed run (collectives are allowed), so keep it cheap."""
+        return {}
+
+    def figures(self, ctx: RunContext, log: list[dict[str, float]]) -> list[Figure]:
+        """Plots for the run report (after :meth:`finalize`), from the model and the training log's rows (keys
+        of :meth:`metrics` prefixed ``<plugin name>/``)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """Plugin state needed to resume (tensors, numbers, strings)."""

@@ -33,6 +33,8 @@ class DataConfig:
     name: str = option(help="built-in dataset name (see docs/recipes.md)")
     path: Optional[str] = option(None, help="file or folder of the dataset in its upstream format")
     args: dict[str, Any] = option({}, help="keyword arguments for the dataset loader")
+    collate: Optional[str] = option(None, help="maps each batch to the model's inputs: 'torchrec' (dense + a "
+                                               "KeyedJaggedTensor) or 'pkg.module:function' (docs/recipes.md)")
 
 
 @dataclass
@@ -73,6 +75,34 @@ class DistributedConfig:
                            "by bytes (table_wise), or replicated and synchronised by DDP (none)")
     timeout_s: float = option(300.0, help="seconds a collective waits for the other ranks before the run fails",
                               min=1)
+
+
+@dataclass
+class LoggingConfig:
+    """What a training run logs (docs/recipes.md#logging): a CSV and TensorBoard events of per-step metrics, Python
+    logging, and the report's plots."""
+
+    csv: bool = option(True, help="write output.dir/train_log.csv: step, loss, learning rate, steps/s and each "
+                                  "stage's metrics (FIITED: kept ratio, payload/index bytes)")
+    every: int = option(10, help="log a row every N optimizer steps (and at the last step)", min=1)
+    tensorboard: Literal["auto", "always", "never"] = option(
+        "auto", help="TensorBoard events in output.dir/tensorboard: auto (when the tensorboard package is installed), "
+                     "always (an error when it is not), never")
+    level: Literal["debug", "info", "warning", "error"] = option(
+        "info", help="level of the records compresskit's Python loggers write to output.dir/run.log")
+    console: Literal["debug", "info", "warning", "error"] = option(
+        "warning", help="level of the records compresskit apply prints to the console (stderr; the progress bar "
+                        "shows progress)")
+    plots: bool = option(True, help="PNG plots in output.dir/plots, inlined in report.html")
+
+    def validate(self, path: str) -> None:
+        if self.tensorboard == "always":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError(f"{path}.tensorboard" if path else "tensorboard",
+                                  "got 'always', but the tensorboard package is not installed (pip install "
+                                  "tensorboard); use auto to log without it")
 
 
 @dataclass
@@ -136,6 +166,7 @@ class Recipe:
     # stages last: validating them loads the plugins (and torch), so errors in the sections above come faster
     output: OutputConfig = option({}, help="output settings")
     distributed: DistributedConfig = option({}, help="multi-process settings (used under torchrun / --nproc)")
+    logging: LoggingConfig = option({}, help="training logs (CSV, TensorBoard), Python logging and plots")
     stages: list[Stage] = option([], help="plugin stages, applied in order")
 
 
@@ -155,8 +186,11 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:
         raise ConfigError("model", "required field is missing (a model is needed to run a recipe from a file)")
     if recipe.data is not None:
         from .data import check_data_config
+        from .resolve import collate_function
 
         check_data_config(recipe.data)
+        if recipe.data.collate is not None:
+            collate_function(recipe.data.collate)
     if recipe.model is not None:
         from .resolve import check_model_config
 

@@ -63,20 +63,33 @@ def _flat(prefix: str, obj: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, obj))
 
 
-def render_markdown(report: dict[str, Any], title: str = "compresskit run report") -> str:
-    """Markdown for a run report: key numbers as tables, then each stage's own tables."""
-    parts = [f"# {title}", ""]
+def render_sections(report: dict[str, Any]) -> list[tuple[int, str, list[str], list[list[Any]]]]:
+    """(heading level, heading, columns, rows) of every table of a run report: key numbers, then each stage's
+    numbers and its own tables (level 3, under their stage)."""
+    sections: list[tuple[int, str, list[str], list[list[Any]]]] = []
     for section in ("run", "training", "memory"):
         if section in report and report[section]:
             rows: list[tuple[str, Any]] = []
             _flat("", report[section], rows)
-            parts += [f"## {section.capitalize()}", "", markdown_table(["metric", "value"], rows), ""]
+            sections.append((2, section.capitalize(), ["metric", "value"], [list(r) for r in rows]))
     for stage in report.get("stages", []):
-        parts += [f"## Stage: {stage.get('plugin', '?')}", ""]
         rows = []
         _flat("", {k: v for k, v in stage.items() if k != "plugin"}, rows)
-        if rows:
-            parts += [markdown_table(["metric", "value"], rows), ""]
+        sections.append((2, f"Stage: {stage.get('plugin', '?')}", ["metric", "value"], [list(r) for r in rows]))
         for table in stage.get("tables", []):
-            parts += [f"### {table['title']}", "", markdown_table(table["columns"], table["rows"]), ""]
+            sections.append((3, table["title"], list(table["columns"]), table["rows"]))
+    return sections
+
+
+def render_markdown(report: dict[str, Any], title: str = "compresskit run report",
+                    plots: Sequence[tuple[str, str]] = ()) -> str:
+    """Markdown for a run report: key numbers as tables, then each stage's own tables, then ``plots`` ((title,
+    relative PNG path) pairs) as images."""
+    parts = [f"# {title}", ""]
+    for level, heading, columns, rows in render_sections(report):
+        parts += [f"{'#' * level} {heading}", ""]
+        if rows:
+            parts += [markdown_table(columns, rows), ""]
+    if plots:
+        parts += ["## Plots", ""] + [f"![{name}]({path})\n" for name, path in plots]
     return "\n".join(parts)

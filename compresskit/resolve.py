@@ -1,12 +1,14 @@
-"""The one resolver: model, dataset and optimizer specs -> live objects.
+"""The one resolver: model, dataset (and its collate) and optimizer specs -> live objects.
 
-Models: a built-in name (``dlrm``, ``lenet5``, ``vgg``, ``resnet_cifar``), ``'pkg.module:factory'`` (any importable
-callable returning an ``nn.Module``) or ``'torchvision:<name>'`` (when torchvision is importable). Factory arguments
-that the dataset knows (``num_dense``, ``cardinalities``, ``num_classes``, ``in_channels``, ``image_size``) are filled
-in from it when the recipe leaves them out.
+Models: a built-in name (``dlrm``, ``torchrec_dlrm``, ``lenet5``, ``vgg``, ``resnet_cifar``),
+``'pkg.module:factory'`` (any importable callable returning an ``nn.Module``) or ``'torchvision:<name>'`` (when
+torchvision is importable). Factory arguments that the dataset knows (``num_dense``, ``cardinalities``,
+``num_classes``, ``in_channels``, ``image_size``) are filled in from it when the recipe leaves them out.
+Collates (``data.collate``): a built-in name (``torchrec``) or ``'pkg.module:function'``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any, Callable, Iterable
@@ -16,21 +18,23 @@ from torch import nn
 
 from . import integrity
 from .data import DataBundle, load_dataset
+from .data.collate import COLLATES, require_torchrec
 from .errors import CheckpointError, ConfigError, first_line, shorten
 from .models import MODELS
 from .registry import unknown_name
 from .schema import check_call_args
 
 
-def _import_factory(target: str) -> Callable[..., nn.Module]:
+def _import_factory(target: str, path: str = "model.name", kind: str = "factory") -> Callable[..., Any]:
+    """The attribute ``'pkg.module:attr'`` names, or a one-line ConfigError at ``path``."""
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:   # ImportError, and ValueError / TypeError for names like ':x' or '.x:y'
-        raise ConfigError("model.name", f"cannot import module {shorten(module_name)} ({first_line(e, 120)}); "
-                                        f"expected 'pkg.module:factory'") from None
+        raise ConfigError(path, f"cannot import module {shorten(module_name)} ({first_line(e, 120)}); "
+                                f"expected 'pkg.module:{kind}'") from None
     if not attr.isidentifier() or not hasattr(module, attr):
-        raise ConfigError("model.name", f"module {shorten(module_name)} has no attribute {shorten(attr)}")
+        raise ConfigError(path, f"module {shorten(module_name)} has no attribute {shorten(attr)}")
     return getattr(module, attr)
 
 
@@ -134,9 +138,40 @@ def _few(names: list[str]) -> str:
     return (", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")) if names else "none"
 
 
+def collate_function(name: str) -> Callable[..., Any]:
+    """The collate ``data.collate`` names: a built-in (``torchrec``: checks that TorchRec is installed) or
+    ``'pkg.module:function'``; it must take ``(inputs, label)`` (and may take ``info``). One-line ConfigError
+    naming ``data.collate`` otherwise."""
+    if ":" in name:
+        fn = _import_factory(name, "data.collate", "function")
+    elif name in COLLATES:
+        if name == "torchrec":
+            require_torchrec("data.collate", load=False)
+        fn = COLLATES[name]
+    else:
+        raise unknown_name("collate", name, COLLATES, "data.collate", more="'pkg.module:function'")
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        raise ConfigError("data.collate", f"{shorten(name)} cannot be called as collate(inputs, label); expected a "
+                                          f"function of (inputs tuple, label tensor)") from None
+    except ValueError:   # a builtin without a signature: left to the call
+        pass
+    return fn
+
+
 def resolve_data(cfg: Any, seed: int = 0) -> DataBundle:
-    """Load the dataset a DataConfig describes."""
-    return load_dataset(cfg, seed)
+    """Load the dataset a DataConfig describes; its ``collate`` (if any) is attached to the bundle, with the
+    dataset's ``info`` bound when the function takes an ``info`` argument."""
+    bundle = load_dataset(cfg, seed)
+    if cfg.collate is not None:
+        fn = collate_function(cfg.collate)
+        try:
+            takes_info = "info" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes_info = False
+        bundle.collate = functools.partial(fn, info=bundle.info) if takes_info else fn
+    return bundle
 
 
 def build_optimizer(cfg: Any, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

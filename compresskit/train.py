@@ -1,11 +1,12 @@
 """The built-in train/eval loop used by every plugin: progress bar, metrics, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from . import integrity
 from .distributed.collective import Collective
 from .distributed.sharding import data_parallel, sharded_names
 from .errors import CheckpointError, CompressKitError, ConfigError, first_line
+from .logs import TrainLog
 from .metrics import accuracy, log_loss, roc_auc
 from .resolve import build_optimizer
 
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from .compression import Compression
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+log = logging.getLogger(__name__)
 
 
 def batches(dataset: TensorDataset, batch_size: int, order: torch.Tensor | None = None):
@@ -52,19 +56,50 @@ def local_rows(inputs: tuple, label: torch.Tensor, coll: Collective) -> tuple[tu
     return tuple(x[start:end] if torch.is_tensor(x) else x for x in inputs), label[start:end]
 
 
+COLLATE_KEYS = ("dense", "sparse", "labels")   # a collate's mapping: model(dense, sparse), label ``labels``
+
+
+def to_model_inputs(collate: Callable[[tuple, torch.Tensor], Any] | None, inputs: tuple, label: torch.Tensor
+                    ) -> tuple[tuple, torch.Tensor]:
+    """``(model inputs, label)`` of one batch: the dataset's tensors as they are without ``collate`` (a DataBundle's
+    ``collate``), else what ``collate(inputs, label)`` returns, normalised: an ``(inputs, label)`` pair as is, a
+    mapping with ``dense`` / ``sparse`` / ``labels`` as ``model(dense, sparse)`` and label ``labels`` (either input
+    may be left out), a TorchRec ``Batch`` as ``model(dense_features, sparse_features)`` and ``labels``. Every
+    place a batch reaches a model goes through here (after :func:`local_rows` in a distributed run)."""
+    if collate is None:
+        return tuple(inputs), label
+    out = collate(inputs, label)
+    if isinstance(out, Mapping):
+        unknown = [str(k) for k in out if k not in COLLATE_KEYS]
+        if unknown or "labels" not in out or not ("dense" in out or "sparse" in out):
+            raise ConfigError("data.collate", f"returned a mapping with keys {', '.join(map(str, out)) or 'none'}; "
+                                              f"expected 'labels' and 'dense' and/or 'sparse', nothing else")
+        return tuple(out[k] for k in ("dense", "sparse") if k in out), out["labels"]
+    if all(hasattr(out, a) for a in ("dense_features", "sparse_features", "labels")):   # torchrec's Batch
+        return (out.dense_features, out.sparse_features), out.labels
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], (tuple, list)):
+        return tuple(out[0]), out[1]
+    raise ConfigError("data.collate", f"returned a {type(out).__name__}; expected (inputs tuple, label), a mapping "
+                                      f"with 'dense'/'sparse' and 'labels', or a torchrec Batch")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TensorDataset, task: str, batch_size: int = 4096,
-             coll: Collective | None = None) -> dict[str, float]:
+             coll: Collective | None = None, collate: Callable[[tuple, torch.Tensor], Any] | None = None
+             ) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset``: AUC + log loss + accuracy (binary) or accuracy + loss (multiclass).
-    In a distributed run every rank scores its share of each batch and every rank gets the same metrics."""
+    In a distributed run every rank scores its share of each batch and every rank gets the same metrics.
+    ``collate``: the DataBundle's, applied to each rank's rows (:func:`to_model_inputs`); the labels scored are
+    the ones it returns."""
     coll = coll or Collective.single()
     was_training = model.training
     model.eval()
     outputs, labels = [], []
     for inputs, label in batches(dataset, batch_size):
-        mine, _ = local_rows(inputs, label, coll)
-        outputs.append(coll.all_gather_rows(model(*mine), coll.split_sizes(label.shape[0])))
-        labels.append(label)
+        sizes = coll.split_sizes(label.shape[0])
+        mine, mine_label = to_model_inputs(collate, *local_rows(inputs, label, coll))
+        outputs.append(coll.all_gather_rows(model(*mine), sizes))
+        labels.append(label if collate is None else coll.all_gather_rows(mine_label, sizes))
     model.train(was_training)
     out, y = torch.cat(outputs), torch.cat(labels)
     if not torch.isfinite(out).all():
@@ -147,8 +182,10 @@ class Trainer:
     TrainConfig, driving the :class:`~compresskit.compression.Compression` handle like a user's loop would."""
 
     def __init__(self, compression: Compression, data, train_cfg: Any, out_dir: str | None = None,
-                 fingerprint: str = "") -> None:
+                 fingerprint: str = "", logging_cfg: Any = None) -> None:
         self.compression, self.data, self.cfg = compression, data, train_cfg
+        self.logging_cfg = logging_cfg   # the recipe's LoggingConfig (None: rows kept in memory, no files)
+        self.log: TrainLog | None = None
         self.out_dir, self.fingerprint = out_dir, fingerprint
         self.coll = compression.ctx.collective
         self._ddp: nn.Module | None = None
@@ -232,6 +269,7 @@ class Trainer:
                                         f"({first_line(e)}); use another output.dir or drop --resume") from None
         self.history = list(state["history"])
         self.running_loss = state["running_loss"]
+        log.info("resumed from %s at step %d", path, self.step)
         return True
 
     def _load_sharded(self) -> bool:
@@ -254,6 +292,7 @@ class Trainer:
         self.compression.load_state_dict(meta["compression"])
         self.history = list(meta.get("history", []))
         self.running_loss = meta.get("running_loss")
+        log.info("resumed from %s at step %d", path, self.step)
         return True
 
     def _forward_model(self) -> nn.Module:
@@ -272,12 +311,34 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps`` (continuing from the current step) and return a summary with val/test metrics."""
         start_time = time.perf_counter()
-        task, cfg, accumulate = self.data.task, self.cfg, self.cfg.accumulate_grad_batches
-        coll, world = self.coll, self.coll.world
+        task, cfg, coll = self.data.task, self.cfg, self.coll
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not (cfg.progress and coll.is_main), dynamic_ncols=True)
         self.model.train()
         sent_before, first_step = dict(coll.sent), self.step
+        self.log = TrainLog(self.logging_cfg, self.out_dir, writer=coll.is_main, start_step=self.step)
+        log.info("training %d steps (%d per epoch) from step %d", self.total_steps, self.steps_per_epoch, self.step)
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()
+            self.log.close()
+        summary: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start_time,
+                                   "train_loss": self.running_loss, "history": self.history}
+        if coll.distributed and self.step > first_step:
+            summary["sent_bytes_per_step"] = {kind: (n - sent_before.get(kind, 0)) / (self.step - first_step)
+                                              for kind, n in coll.sent.items()}
+        if self.data.val is not None:
+            summary["val"] = evaluate(self.model, self.data.val, task, cfg.eval_batch_size, coll, self.data.collate)
+        summary["test"] = evaluate(self.model, self.data.test, task, cfg.eval_batch_size, coll, self.data.collate)
+        log.info("finished at step %d: %s", self.step,
+                 ", ".join(f"test {k} {v:.4f}" for k, v in summary["test"].items()))
+        return summary
+
+    def _loop(self, bar: tqdm) -> None:
+        """The optimizer steps from the current one to ``total_steps`` (see :meth:`fit`)."""
+        task, cfg, accumulate = self.data.task, self.cfg, self.cfg.accumulate_grad_batches
+        coll, world = self.coll, self.coll.world
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             order = epoch_order(len(self.data.train), cfg.seed, epoch)[skip * accumulate * cfg.batch_size:]
@@ -287,7 +348,7 @@ class Trainer:
                 value = 0.0
                 for i, (inputs, label) in enumerate(group):
                     n = label.shape[0]
-                    inputs, label = local_rows(inputs, label, coll)
+                    inputs, label = to_model_inputs(self.data.collate, *local_rows(inputs, label, coll))
                     last = i == len(group) - 1
                     with model.no_sync() if world > 1 and not last and hasattr(model, "no_sync") else nullcontext():
                         if world > 1:   # each rank's share of the global mean; DDP averages over ranks
@@ -315,20 +376,15 @@ class Trainer:
                 self.running_loss = running
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}")
+                if self.log.due(self.step, self.step == self.total_steps):
+                    self.log.record(self.step, epoch + 1, value, running, self.optimizer.param_groups[0]["lr"],
+                                    self.compression.metrics())
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 if end_of_epoch:
                     self.history.append({"epoch": epoch + 1, "step": self.step, "train_loss": running})
+                    log.info("epoch %d done at step %d: smoothed loss %.4f", epoch + 1, self.step, running)
                 if self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
                     self.save_checkpoint()
+                    log.debug("checkpoint at step %d", self.step)
                 if self.step >= self.total_steps:
                     break
-        bar.close()
-        summary: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start_time,
-                                   "train_loss": self.running_loss, "history": self.history}
-        if coll.distributed and self.step > first_step:
-            summary["sent_bytes_per_step"] = {kind: (n - sent_before.get(kind, 0)) / (self.step - first_step)
-                                              for kind, n in coll.sent.items()}
-        if self.data.val is not None:
-            summary["val"] = evaluate(self.model, self.data.val, task, cfg.eval_batch_size, coll)
-        summary["test"] = evaluate(self.model, self.data.test, task, cfg.eval_batch_size, coll)
-        return summary

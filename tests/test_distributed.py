@@ -3,6 +3,7 @@ resharding, one rank's bad recipe, rank-0-only outputs; plus the pieces they rel
 pruning threshold)."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import yaml
 
 from compresskit.distributed.comm_model import ring_wire_factor, step_bytes
 from compresskit.distributed.sharding import place_tables
+from compresskit.logs import read_csv_log
 from compresskit.plugins.fiited.importance import tail_counts, whole_rows
 
 RECIPE = {
@@ -152,7 +154,15 @@ def test_tables_are_split_and_bytes_match_the_model(runs):
 def test_only_rank_zero_writes(runs):
     root, _ = runs
     names = sorted(os.listdir(root / "two"))
-    assert names == ["checkpoint", "model.pt", "model.pt.sha256", "report.json", "report.md"]
+    tensorboard = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    assert names == sorted(["checkpoint", "model.pt", "model.pt.sha256", "plots", "report.html", "report.json",
+                            "report.md", "run.log", "train_log.csv"] + tensorboard)
+    # one log, written by rank 0 alone, whose bytes are summed over both ranks' tables (as the report's)
+    _, rows = read_csv_log(str(root / "two" / "train_log.csv"))
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps))
+    _, report = load_outputs(root / "two")
+    assert rows[-1]["fiited/payload_bytes"] == report["stages"][0]["payload_bytes"]
     shards = sorted(f for f in os.listdir(root / "two" / "checkpoint") if f.endswith(".distcp"))
     assert len(shards) == 2   # each rank wrote its own checkpoint shard
 

@@ -60,7 +60,9 @@ FULL_FIITED = _with(SMALL_DICT, train={
              "start_step": None, "end_step": None, "interval": 3, "utility_exponent": 0.5, "position_discount": 2.0,
              "schedule": "cubic", "mixed_dim_alpha": 0.5, "lazy": False, "headroom": 0.1, "sparse_grad": False,
              "fused_optimizer": "auto", "fused_lr": None, "fused_eps": 1e-10}],
-    distributed={"backend": "auto", "sharding": "table_wise", "timeout_s": 300.0})
+    distributed={"backend": "auto", "sharding": "table_wise", "timeout_s": 300.0},
+    logging={"csv": True, "every": 10, "tensorboard": "auto", "level": "info", "console": "warning",
+                                 "plots": True})
 FULL_FIITED["model"]["args"].update(sparse=False)
 FULL_FIITED["model"]["checkpoint"] = None
 FULL_FIITED["data"].update(path=None)
@@ -100,7 +102,7 @@ def _field_paths() -> list[tuple]:
     from compresskit.registry import available_plugins
 
     sections = {"model": R.ModelConfig, "data": R.DataConfig, "train": R.TrainConfig, "output": R.OutputConfig,
-                "distributed": R.DistributedConfig}
+                "distributed": R.DistributedConfig, "logging": R.LoggingConfig}
     paths: list[tuple] = [(f.name,) for f in dataclasses.fields(R.Recipe)]
     paths += [(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)]
     paths += [("train", "optimizer", f.name) for f in dataclasses.fields(R.OptimizerConfig)]
@@ -425,6 +427,10 @@ APPLY_FIELDS = {
     ("train", "optimizer", "lr"): [1e-6, 0.05, 1.0, 1e30, 1e300, 0.0, -1.0, math.nan],
     ("train", "optimizer", "momentum"): [0.0, 0.9, 1.0, -0.1],
     ("train", "optimizer", "weight_decay"): [0.0, 1e-4, 1e10, -1.0],
+    ("logging", "every"): [1, 3, 10**9, 0, -1],
+    ("logging", "csv"): [True, False, "yes"],
+    ("logging", "plots"): [True, False],
+    ("logging", "tensorboard"): ["auto", "never", "sometimes"],
 }
 
 

@@ -15,13 +15,18 @@ from ..schema import check_call_args
 
 @dataclass
 class DataBundle:
-    """Train/val/test splits as TensorDatasets whose last tensor is the label, plus what models need to know."""
+    """Train/val/test splits as TensorDatasets whose last tensor is the label, plus what models need to know.
+
+    ``collate`` (optional): ``collate(inputs, label)`` maps one batch's tensors (this rank's rows of it) to what the
+    model takes: ``(inputs tuple, label)``, a mapping with ``dense``, ``sparse`` (e.g. a TorchRec
+    KeyedJaggedTensor) and ``labels``, or a TorchRec ``Batch``; see :func:`compresskit.train.to_model_inputs`."""
 
     train: TensorDataset
     val: TensorDataset | None
     test: TensorDataset
     task: Literal["binary", "multiclass"]
     info: dict[str, Any] = field(default_factory=dict)
+    collate: Callable[[tuple[torch.Tensor, ...], torch.Tensor], Any] | None = None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from ..registry import Registry
 
 
 def _import_builtins() -> None:
-    from . import dlrm, lenet, resnet_cifar, vgg  # noqa: F401  (registration)
+    from . import dlrm, lenet, resnet_cifar, torchrec_dlrm, vgg  # noqa: F401  (registration; torchrec: lazily)
 
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model.name", _import_builtins,

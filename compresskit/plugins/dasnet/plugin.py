@@ -2,20 +2,24 @@
 execution path for inference."""
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from ...errors import ConfigError, shorten
+from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import option
 from .convert import prepacked_batch_sizes, to_sparse_execution
 from .fuse import folded_batchnorms
+from .activity import ActivityProbe
+from .quantize import linear_targets, quantize_int8
 from .wta import WTADropout, insert_wta
+
+log = logging.getLogger(__name__)
 
 MAX_TUNE_BATCH = 64     # auto times each size with up to 27 forward passes (ResNet-20 w64: ~8 s each at 256)
 MAX_TUNE_SIZES = 4
@@ -38,7 +42,8 @@ class DasnetConfig:
                                    min=2, max=MAX_BLOCKS)
     weight_pruning: Optional[float] = option(None, help="L1 unstructured pruning amount for conv/linear weights",
                                              min=0, max=1, max_exclusive=True)
-    quantize: Literal["none", "int8"] = option("none", help="int8 dynamic quantization of Linear layers (torch.ao)")
+    quantize: Literal["none", "int8"] = option("none", help="int8 dynamic quantization of the Linear layers the sparse "
+                                                           "path does not run: torchao, else torch.ao with a warning")
     sparse_execution: Literal["auto", "always", "never"] = option(
         "auto", help="after training, run inference at the tune_batches sizes on WTA's compact output: auto = where "
                      "timing shows it faster (the model structure can then differ run to run), always = without "
@@ -87,7 +92,9 @@ class DasnetPlugin(Plugin):
         self.folded_batchnorms = 0
         self.prepacked_batches: list[int] = []
         self.quantized: list[str] = []
+        self.int8_backend: str | None = None
         self.weight_zero_fraction = 0.0
+        self.activity: ActivityProbe | None = None
 
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         cfg = self.config
@@ -104,6 +111,7 @@ class DasnetPlugin(Plugin):
         if cfg.weight_pruning:
             prune.global_unstructured(_prunable(model), pruning_method=prune.L1Unstructured,
                                       amount=cfg.weight_pruning)
+        self.activity = ActivityProbe(model, list(self.placed))
         return model
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -116,14 +124,8 @@ class DasnetPlugin(Plugin):
         self.weight_zero_fraction = sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
         self._sparse_execution(model, ctx)
         if cfg.quantize == "int8":
-            from torch.ao.quantization import quantize_dynamic
-
-            targets = {name for name, m in model.named_modules()
-                       if isinstance(m, nn.Linear) and not name.endswith(".linear")}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-            self.quantized = sorted(targets)
+            self.quantized = linear_targets(model)
+            model, self.int8_backend = quantize_int8(model, self.quantized)
         return model
 
     def _sparse_execution(self, model: nn.Module, ctx: RunContext) -> None:
@@ -153,6 +155,25 @@ class DasnetPlugin(Plugin):
             else:
                 choice = {"path": "dense", "batch_sizes": [], "reason": why}
             self.sparse_choice[name] = choice
+            log.info("WTA after %s: %s path (%s)", name, choice["path"], choice["reason"])
+
+    def metrics(self, ctx: RunContext) -> dict[str, float]:
+        """Measured active channels per sample of each WTA layer (see :mod:`.activity`)."""
+        return self.activity.metrics() if self.activity is not None else {}
+
+    def figures(self, ctx: RunContext, log: list[dict[str, float]]) -> list[Figure]:
+        """Active channels per WTA layer (against its width and k), and over training from the log."""
+        figures = []
+        final = self.activity.figure() if self.activity is not None else None
+        if final is not None:
+            figures.append(final)
+        columns = [k for k in (log[0] if log else {}) if k.startswith("active_channels/")]
+        if columns:
+            steps = [r["step"] for r in log]
+            figures.append(Figure("dasnet_active_over_training", "DASNet: active channels per sample over training",
+                                  "line", {c.split("/", 1)[1]: (steps, [r[c] for r in log]) for c in columns},
+                                  xlabel="optimizer step", ylabel="channels per sample"))
+        return figures
 
     def report(self, ctx: RunContext) -> dict[str, Any]:
         """WTA placement, weight sparsity, and the sparse execution choice per WTA layer (with ``auto``'s
@@ -168,6 +189,7 @@ class DasnetPlugin(Plugin):
             "folded_batchnorms": self.folded_batchnorms,
             "prepacked_batches": self.prepacked_batches,
             "int8_linear_layers": len(self.quantized),
+            "int8_backend": self.int8_backend,
             "tables": [{"title": "WTA placement", "columns": ["after module", "sparsity"],
                         "rows": [[name, s] for name, s in self.placed.items()]},
                        {"title": f"Sparse execution choice ({self.config.sparse_execution})",

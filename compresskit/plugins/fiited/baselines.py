@@ -85,6 +85,13 @@ class _NaturalBase(nn.Module):
     def memory_bytes(self) -> dict[str, int]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _dense_module(self, weight: torch.Tensor) -> nn.EmbeddingBag | nn.Embedding:
+        """The torch module this one replaced (same options), holding ``weight [num_embeddings, embedding_dim]``."""
+        if self.bag:
+            return nn.EmbeddingBag(self.num_embeddings, self.embedding_dim, mode=self.mode,
+                                   include_last_offset=self.include_last_offset, sparse=self.sparse, _weight=weight)
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, sparse=self.sparse, _weight=weight)
+
 
 # --------------------------------------------------------------------------------------------------- uniform
 def uniform_dim_for_budget(num_embeddings: int, embedding_dim: int, budget_bytes: int,
@@ -136,6 +143,12 @@ class NarrowEmbeddingBag(_NaturalBase):
         else:
             out = F.embedding(input, self.weight, sparse=self.sparse)
         return F.pad(out, (0, self.embedding_dim - self.dim))
+
+    def to_dense(self) -> nn.EmbeddingBag | nn.Embedding:
+        """The equivalent ``nn.EmbeddingBag`` / ``nn.Embedding`` (same options): the table zero-padded to
+        ``embedding_dim`` columns, so it loads into the model this module replaced."""
+        weight = F.pad(self.weight.detach(), (0, self.embedding_dim - self.dim))
+        return self._dense_module(weight)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes measured from the tensors held: payload (the table); no index, no stats."""
@@ -482,6 +495,16 @@ class MixedDimEmbeddingBag(_NaturalBase):
         if not self.bag:
             return out.view(*input.shape, self.embedding_dim)
         return out
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.EmbeddingBag | nn.Embedding:
+        """The dense equivalent (same options): row ``r`` is its bucket row times the bucket's projection (zeros in
+        a dropped bucket), so it equals this module's output up to float rounding."""
+        by_rank = self.tables[0].new_zeros(self.num_embeddings, self.embedding_dim)
+        starts = self.bucket_starts.tolist()
+        for i in range(self.kept):
+            by_rank[starts[i]:starts[i + 1]] = self.projections[i](self.tables[i].detach())
+        return self._dense_module(by_rank[self.remap.long()])
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes measured from the tensors held: payload (tables + projections), index (remap + boundaries)."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .packed import PackedEmbedding, PackedEmbeddingBag
 from .store import ChunkStore
 
 UTILITY = "utility"
@@ -227,6 +228,19 @@ class FiitedEmbeddingBag(nn.Module):
         mem["total"] = mem["payload"] + mem["index"] + training
         return mem
 
+    # ----------------------------------------------------------------------------------------------- export
+    def to_dense(self) -> nn.EmbeddingBag:
+        """The equivalent ``nn.EmbeddingBag`` (same mode, ``include_last_offset``, ``sparse``), pruned dims as
+        zeros: it loads into the model this table replaced and computes the same outputs."""
+        return nn.EmbeddingBag(self.num_embeddings, self.embedding_dim, mode=self.mode,
+                               include_last_offset=self.include_last_offset, sparse=self.sparse,
+                               _weight=self.store.dense())
+
+    def to_packed(self) -> PackedEmbeddingBag:
+        """The inference-only twin (:class:`~compresskit.plugins.fiited.packed.PackedEmbeddingBag`): the stored
+        chunks, packed, and the 2-byte-a-row index; no utilities, optimizer state or autograd."""
+        return PackedEmbeddingBag.from_store(self.store, self.mode, self.include_last_offset)
+
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}, mode={self.mode!r}, "
                 f"stored_chunks={self.store.live}/{self.num_embeddings * self.num_chunks}")
@@ -252,6 +266,14 @@ class FiitedEmbedding(FiitedEmbeddingBag):
         flat = input.reshape(-1)
         out = super().forward(flat, torch.arange(flat.numel(), device=input.device))
         return out.view(*input.shape, self.embedding_dim)
+
+    def to_dense(self) -> nn.Embedding:  # type: ignore[override]
+        """The equivalent ``nn.Embedding`` (same ``sparse``), pruned dims as zeros."""
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, sparse=self.sparse, _weight=self.store.dense())
+
+    def to_packed(self) -> PackedEmbedding:  # type: ignore[override]
+        """The inference-only twin as an ``nn.Embedding`` (:class:`PackedEmbedding`)."""
+        return PackedEmbedding.from_store(self.store)
 
 
 def fiited_modules(model: nn.Module) -> Iterator[tuple[str, FiitedEmbeddingBag]]:

@@ -13,6 +13,7 @@ Every method is charged what its modules really store: payload plus index, measu
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -21,12 +22,15 @@ from torch import nn
 
 from ...distributed.collective import Collective
 from ...errors import ConfigError
+from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import option
-from ...train import batches
+from ...train import batches, to_model_inputs
 from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
 from .importance import chunk_scores, chunk_utilities, tail_counts, whole_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -246,6 +250,8 @@ class FiitedPlugin(Plugin):
             pruned = sorted(sum(self.coll.all_gather_object(pruned), []), key=self._table_index)
             if pruned:
                 self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": pruned})
+                log.debug("step %d: pruned lazy tables %s to %d chunks", step, ", ".join(pruned),
+                          self.rounds[-1]["kept_chunks"])
         else:
             self.prune_to(self._target_chunks(kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule)),
                           step)
@@ -255,6 +261,7 @@ class FiitedPlugin(Plugin):
         stored; one threshold over all of them, the same whatever the number of ranks."""
         if self._prune_tables(target, self.modules, local=False):
             self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": "all"})
+            log.debug("step %d: pruned to %d chunks over all tables", step, self.rounds[-1]["kept_chunks"])
 
     def _table_index(self, name: str) -> int:
         """Position of table ``name`` in the model's table order (over every rank when sharded)."""
@@ -336,23 +343,76 @@ class FiitedPlugin(Plugin):
                 "rows": per_module}],
         }
 
+    def metrics(self, ctx: RunContext) -> dict[str, float]:
+        """The training log's FIITED columns: bytes stored (payload, index) and their ratios to the dense tables
+        (``kept_ratio``: payload only), summed over ranks."""
+        mem = self.memory()
+        dense = max(self.dense_bytes, 1)
+        return {"kept_ratio": mem.get("payload", 0) / dense,
+                "memory_ratio": (mem.get("payload", 0) + mem.get("index", 0)) / dense,
+                "payload_bytes": mem.get("payload", 0), "index_bytes": mem.get("index", 0)}
+
+    def figures(self, ctx: RunContext, log: list[dict[str, float]]) -> list[Figure]:
+        """Bytes over training (from the log) and the histogram of what each row keeps, per table."""
+        figures = []
+        if log and "payload_bytes" in log[0]:
+            steps = [r["step"] for r in log]
+            series = {name: (steps, [r[key] / 2**20 for r in log]) for name, key in
+                      (("payload", "payload_bytes"), ("index", "index_bytes"))}
+            series["payload + index"] = (steps, [(r["payload_bytes"] + r["index_bytes"]) / 2**20 for r in log])
+            figures.append(Figure("fiited_bytes", f"FIITED ({self.config.method}): embedding bytes over training",
+                                  "line", series, xlabel="optimizer step", ylabel="MiB", steps=True,
+                                  hlines={"dense tables": self.dense_bytes / 2**20,
+                                          f"target ({self.config.target_memory_ratio:g} of dense)":
+                                          self.config.target_memory_ratio * self.dense_bytes / 2**20}))
+        figures.append(self._kept_histogram())
+        return figures
+
+    def _kept_histogram(self) -> Figure:
+        """Fraction of each table's rows by what they keep: chunks (FIITED stores) or dims (the baselines); the
+        largest tables by name, the others together."""
+        chunked = all(isinstance(m, FiitedEmbeddingBag) for _, m in self.modules)
+        mine = []
+        for name, m in self.modules:
+            kept = m.row_chunk_counts() if chunked else kept_dims(m)
+            mine.append((name, m.num_embeddings, torch.bincount(kept.long()).tolist()))
+        tables = sorted(sum(self.coll.all_gather_object(mine), []), key=lambda t: self._table_index(t[0]))
+        width = max(len(hist) for _, _, hist in tables)
+        shown = sorted(tables, key=lambda t: -t[1])[:5] if len(tables) > 6 else tables
+        series = {f"{name} ({rows:,} rows)": [h / rows for h in hist + [0] * (width - len(hist))]
+                  for name, rows, hist in shown if rows}
+        rest = [t for t in tables if t not in shown]
+        if rest:
+            total = [0] * width
+            for _, _, hist in rest:
+                total = [a + b for a, b in zip(total, hist + [0] * (width - len(hist)))]
+            rows = sum(r for _, r, _ in rest)
+            series[f"{len(rest)} other tables ({rows:,} rows)"] = [h / rows for h in total]
+        unit = f"chunks of {self.modules[0][1].chunk_size} dims" if chunked and self.modules else "dims"
+        # every chunk count is a bar; of the dims (up to the full dim) only the values some row keeps
+        used = list(range(width)) if chunked else [i for i in range(width) if any(v[i] for v in series.values())]
+        return Figure("fiited_kept_per_row", f"FIITED ({self.config.method}): {unit} kept per row", "bars",
+                      {k: [v[i] for i in used] for k, v in series.items()}, categories=used,
+                      xlabel=f"kept per row ({unit})", ylabel="fraction of the table's rows")
+
 
 def count_rows(model: nn.Module, tables: list[tuple[str, nn.Module]], data) -> dict[str, torch.Tensor]:
     """How often each row of each table is looked up in one pass over the training data (mixed_dim)."""
     counts = {name: torch.zeros(m.num_embeddings, dtype=torch.int64) for name, m in tables}
 
     def hook(name):
-        def count(module, args):
-            counts[name].add_(torch.bincount(args[0].reshape(-1), minlength=module.num_embeddings))
+        def count(module, args, kwargs):   # ids by position, or as input= (TorchRec's collections call so)
+            ids = args[0] if args else kwargs["input"]
+            counts[name].add_(torch.bincount(ids.reshape(-1), minlength=module.num_embeddings))
         return count
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in tables]
+    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in tables]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for inputs, _ in batches(data.train, 8192):
-                model(*inputs)
+            for inputs, label in batches(data.train, 8192):
+                model(*to_model_inputs(data.collate, inputs, label)[0])
     finally:
         for h in handles:
             h.remove()

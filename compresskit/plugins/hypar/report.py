@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import os
 from typing import Any
 
 from ...atomic import write_bytes, write_text
+from ...plots import Figure, render_png
 from ...report import html_table, human_bytes, markdown_table
 from .plan import HyparPlan
 
@@ -23,31 +23,14 @@ Table = tuple[list[str], list[list[Any]]]
 
 
 def _plot_png(plan: HyparPlan) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r.layer for r in plan.layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.0), dpi=110)
     series = {"HyPar": [r.elements for r in plan.layers]}
     for base in plan.baselines:
         series[base] = [r.baseline_elements[base] for r in plan.layers]
-    width = 0.8 / len(series)
-    for j, (label, values) in enumerate(series.items()):
-        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [v * plan.element_bytes / 2**20 for v in values], width=width, label=label)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("communication per step (MiB)")
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_title(f"{plan.title}: {plan.accelerators} accelerators, batch {plan.batch}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return render_png(Figure("comm_per_layer", f"{plan.title}: {plan.accelerators} accelerators, batch {plan.batch}",
+                             "bars", {label: [v * plan.element_bytes / 2**20 for v in values]
+                                      for label, values in series.items()},
+                             categories=[r.layer for r in plan.layers], ylabel="communication per step (MiB)",
+                             yscale="symlog"))
 
 
 def totals_table(plan: HyparPlan) -> Table:

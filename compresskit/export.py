@@ -1,0 +1,428 @@
+"""Export a compressed model for serving (``compresskit export RUN_DIR --format ...``; docs/export.md).
+
+Three formats:
+
+* ``state-dict``: every compressed table becomes the standard module it replaced (:func:`to_state_dict`: FIITED
+  tables with their pruned dims as zeros, the baselines' dense equivalents), so the state dict loads with
+  ``strict=True`` into the original architecture and computes the same outputs.
+* ``packed``: FIITED tables become inference-only packed tables (:func:`pack`): only the stored chunks and the
+  2-byte-a-row index. Saved as a state dict plus a JSON spec of the packed modules; :func:`load_packed` puts them
+  into the original architecture.
+* ``torch.export``: the packed model through ``torch.export.export`` (:func:`export_program`), saved as ``.pt2``.
+
+The core knows no table types: a compressed module that can be served as a standard one has a ``to_dense()``
+method, one with a compact inference form a ``to_packed()`` method (whose result has ``config()`` and
+``memory_bytes()``); :func:`convert_modules` swaps them. :func:`load_run` rebuilds a run's compressed model from
+its output folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import integrity
+from .api import sample_inputs
+from .atomic import atomic_write, prepare_output_dir, write_json
+from .compression import prepare
+from .data import DataBundle
+from .errors import CheckpointError, CompressKitError, ConfigError, first_line, shorten
+from .recipe import Recipe, validate_recipe
+from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
+
+FORMATS = ("state-dict", "packed", "torch.export")
+DEFAULT_NAMES = {"state-dict": "model_dense.pt", "packed": "model_packed.pt", "torch.export": "model.pt2"}
+SPEC_FORMAT = "compresskit-packed"
+SPEC_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------- conversion
+def convert_modules(model: nn.Module, method: str) -> list[str]:
+    """Replace (in place) every submodule of ``model`` that has a callable ``method`` (``to_dense``,
+    ``to_packed``) by what that method returns; a replaced module's children are not visited, and a module
+    shared by several parents is converted once. Returns the names replaced, in module order."""
+    if callable(getattr(model, method, None)):
+        raise ConfigError("model", f"{type(model).__name__} is itself a table: call its {method}() directly; "
+                                   f"export converts the tables inside a model")
+    done: dict[int, nn.Module] = {}
+    names: list[str] = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            convert = getattr(child, method, None)
+            if callable(convert):
+                if id(child) not in done:
+                    done[id(child)] = convert()
+                setattr(parent, name, done[id(child)])
+                names.append(prefix + name)
+            else:
+                visit(child, f"{prefix}{name}.")
+
+    visit(model, "")
+    return names
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Swap (in place) every compressed table of ``model`` for the standard module it replaced (``to_dense()``);
+    returns ``model``."""
+    convert_modules(model, "to_dense")
+    return model
+
+
+def to_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` with every compressed table as the standard module it replaced: it loads with
+    ``strict=True`` into the original architecture. Converts ``model`` in place (:func:`densify`)."""
+    return densify(model).state_dict()
+
+
+def pack(model: nn.Module) -> dict[str, Any]:
+    """Swap (in place) every table that has an inference-only form for it (``to_packed()``: FIITED tables), and
+    every other compressed table for its standard module (``to_dense()``). Returns the spec: the packed modules
+    with their class and constructor arguments (what :func:`load_packed` needs) and the bytes of every table."""
+    packed = convert_modules(model, "to_packed")
+    densify(model)
+    modules = {}
+    for name in packed:
+        module = model.get_submodule(name)
+        cls = type(module)
+        modules[name] = {"class": f"{cls.__module__}:{cls.__qualname__}", "args": module.config()}
+    return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "modules": modules, **table_bytes(model, packed)}
+
+
+def table_bytes(model: nn.Module, packed: list[str]) -> dict[str, Any]:
+    """Bytes of every embedding table of a packed model: ``values`` and ``index`` of the packed ones (names in
+    ``packed``), the weight of plain ``nn.Embedding`` / ``nn.EmbeddingBag`` ones, each against its dense bytes;
+    ``tables`` (one row each) and ``bytes`` (totals and ``ratio`` = total / dense)."""
+    rows = []
+    names = set(packed)
+    for name, module in model.named_modules():
+        if name in names:
+            mem = module.memory_bytes()
+            values, index, dense = mem["values"], mem["index"], mem["dense"]
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            values = dense = module.weight.numel() * module.weight.element_size()
+            index = 0
+        else:
+            continue
+        rows.append({"module": name, "packed": name in names, "values_bytes": values, "index_bytes": index,
+                     "total_bytes": values + index, "dense_bytes": dense})
+    total = {key: sum(r[f"{key}_bytes"] for r in rows) for key in ("values", "index", "total", "dense")}
+    total["ratio"] = total["total"] / total["dense"] if total["dense"] else None
+    return {"tables": rows, "bytes": total}
+
+
+# --------------------------------------------------------------------------------------------------- packed files
+def spec_path(path: str | os.PathLike) -> Path:
+    """The JSON spec written next to packed weights: ``model_packed.pt`` -> ``model_packed.json``."""
+    path = Path(path)
+    spec = path.with_suffix(".json")
+    if spec == path:
+        raise ConfigError("--out", f"{shorten(str(path))}: the packed weights need a name not ending in .json "
+                                   f"(their spec is written next to them as <name>.json)")
+    return spec
+
+
+def save_packed(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`pack` ``model`` and write its state dict to ``path`` (with a SHA-256 sidecar) and the spec to
+    :func:`spec_path` (each atomically). Returns the spec."""
+    spec_path(path)   # a bad name fails before the model is converted
+    spec = pack(model)
+    write_packed(model, spec, path)
+    return spec
+
+
+def write_packed(model: nn.Module, spec: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a packed model's state dict to ``path`` (with its SHA-256 sidecar) and ``spec`` (naming the weights
+    file) to :func:`spec_path`, each atomically."""
+    integrity.save(path, model.state_dict())
+    spec["weights"] = Path(path).name
+    write_json(spec_path(path), spec)
+
+
+def read_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """The packed spec in ``path`` (JSON), or a one-line CheckpointError."""
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(str(path), "file not found (compresskit export --format packed writes this spec "
+                                         "next to the packed weights)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(path), f"not a readable JSON spec ({first_line(e, 120)})") from None
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT or not isinstance(spec.get("modules"), dict):
+        raise CheckpointError(str(path), f"is not a packed spec (expected a JSON object with format "
+                                         f"'{SPEC_FORMAT}' and 'modules')")
+    return spec
+
+
+def _packed_class(target: Any, where: str) -> type[nn.Module]:
+    """The module class a spec names (``'compresskit.pkg.module:Class'``); only compresskit's own are imported."""
+    if not isinstance(target, str) or ":" not in target:
+        raise CheckpointError(where, f"class {shorten(target)}: expected 'compresskit.module:Class'")
+    module_name, _, qualname = target.partition(":")
+    if module_name.split(".")[0] != "compresskit":
+        raise CheckpointError(where, f"class {shorten(target)}: only compresskit's own modules are loaded from a "
+                                     f"spec; refusing to import {shorten(module_name)}")
+    try:
+        cls = getattr(importlib.import_module(module_name), qualname)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise CheckpointError(where, f"class {shorten(target)} not found ({first_line(e, 100)})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(where, f"class {shorten(target)} is not an nn.Module")
+    return cls
+
+
+def swap_in_packed(model: nn.Module, spec: dict[str, Any], where: str) -> None:
+    """Replace (in place) the modules of ``model`` that ``spec`` names by empty packed modules of the spec's
+    shapes; one-line CheckpointError (naming ``where``) when a module is missing or its size differs."""
+    for name, entry in spec["modules"].items():
+        entry = entry if isinstance(entry, dict) else {}
+        cls = _packed_class(entry.get("class"), where)
+        args = dict(entry.get("args") or {})
+        if "dtype" in args:
+            dtype = getattr(torch, str(args["dtype"]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise CheckpointError(where, f"module '{name}': unknown dtype {shorten(args['dtype'])}")
+            args["dtype"] = dtype
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(where, f"module '{name}' is not in the {type(model).__name__} given: load into the "
+                                         f"model the run's recipe builds (before any stage)") from None
+        for attr in ("num_embeddings", "embedding_dim"):
+            if hasattr(old, attr) and getattr(old, attr) != args.get(attr):
+                raise CheckpointError(where, f"module '{name}' has {attr} {getattr(old, attr)} in the model, "
+                                             f"{shorten(args.get(attr))} in the spec")
+        try:
+            new = cls(**args)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(where, f"module '{name}': {first_line(e, 120)}") from None
+        model.set_submodule(name, new)
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with a one-line CheckpointError naming what does not fit."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # shapes: torch's first line is only "Error(s) in loading state_dict for X:"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(path, f"does not fit the model: {(lines[1:] or lines or ['?'])[0][:200]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(path, f"does not fit the model: missing {_few(result.missing_keys)}; unexpected "
+                                    f"{_few(result.unexpected_keys)}")
+
+
+def _few(names: list[str]) -> str:
+    names = sorted(names)
+    return (", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")) if names else "none"
+
+
+def load_packed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load packed weights (``compresskit export --format packed``) into ``model``, a freshly built model of the
+    original architecture: the modules the spec (``<path stem>.json``) names are swapped for packed tables, then
+    the state dict (checked against its ``.sha256`` sidecar) is loaded strictly. Returns ``model`` (on the CPU)."""
+    spec_file = spec_path(path)
+    swap_in_packed(model, read_spec(spec_file), str(spec_file))
+    _load_strict(model, read_state_dict(str(path)), str(path))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- torch.export
+def export_program(model: nn.Module, sample_inputs: tuple, dynamic_batch: bool = True
+                   ) -> torch.export.ExportedProgram:
+    """:func:`pack` ``model`` (in place), put it in eval mode and ``torch.export.export`` it on ``sample_inputs``
+    (a tuple of positional model inputs). With ``dynamic_batch`` the first dimension of every tensor input is
+    marked ``Dim.AUTO``: dynamic where the model allows, else specialised to the sample's size (see
+    :func:`batch_is_dynamic`). A model torch.export cannot trace is a one-line ConfigError with the first line of
+    torch's reason (the log messages and graphs torch prints during the trace are dropped then; call
+    ``torch.export.export`` yourself to see them)."""
+    pack(model)
+    model.eval()
+    # copies: a view would bring its whole storage (e.g. the test split) into the saved program's sample inputs
+    args = tuple(a.clone() if torch.is_tensor(a) else a for a in sample_inputs)
+    shapes = tuple({0: torch.export.Dim.AUTO} if torch.is_tensor(a) and a.dim() else None for a in args) \
+        if dynamic_batch else None
+    # a failed trace logs and prints its partial graphs: the one-line error below says why instead
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            program = torch.export.export(model, args, dynamic_shapes=shapes)
+    except Exception as e:   # torch.export raises many types (UserError, guard and tracing errors, ...)
+        raise ConfigError("torch.export", f"cannot export {type(model).__name__}: {first_line(e, 240)}") from None
+    finally:
+        torch_log.setLevel(level)
+    sys.stderr.write(printed.getvalue())   # a successful trace keeps what it printed
+    return program
+
+
+def batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
+    """Whether the first tensor input of ``program`` takes any batch size (its first dimension is symbolic)."""
+    user = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            value = node.meta.get("val")
+            if torch.is_tensor(value) and value.dim():
+                return isinstance(value.shape[0], torch.SymInt)
+    return False
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
+    """``torch.export.save`` ``program`` to ``path`` atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:   # a file object: torch warns about a file name not ending in .pt2
+            torch.export.save(program, f)
+
+    atomic_write(path, write)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------- runs
+def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Recipe, DataBundle | None]:
+    """Rebuild the compressed model of a ``compresskit apply`` output folder: the recipe saved in its
+    ``report.json`` is validated, its data and model resolved and its stages prepared (no training), then
+    ``model.pt`` (verified against its sidecar) is loaded; FIITED stores adopt the saved sizes. The recipe's
+    ``model.checkpoint`` is ignored (``model.pt`` holds every weight). Returns (model in eval mode, recipe, data)."""
+    run_dir = str(run_dir)
+    if not os.path.isdir(run_dir):
+        raise ConfigError("RUN_DIR", f"{shorten(run_dir)} is not a folder: give the output folder of a "
+                                     f"compresskit apply run (it holds model.pt and report.json)")
+    raw = _saved_recipe(os.path.join(run_dir, "report.json"))
+    weights = os.path.join(run_dir, "model.pt")
+    if not os.path.isfile(weights):
+        raise CheckpointError(weights, "file not found: the run wrote no model")
+    integrity.verify(weights, required=True)     # before anything slow
+    recipe = validate_recipe(raw, require_model=True)
+    seed = recipe.train.seed if recipe.train else 0
+    data = resolve_data(recipe.data, seed) if recipe.data is not None else None
+    model = resolve_model(recipe.model, data.info if data is not None else None)
+    sample = sample_inputs(data) if data is not None else None
+    model = prepare(model, recipe, total_steps=1, data=data, sample_input=sample).model
+    try:
+        load_weights(model, read_state_dict(weights), weights)
+    except ConfigError as e:   # load_weights names model.checkpoint, which export does not use
+        detail = str(e)[len(e.path) + 2:] if e.path else str(e)
+        raise ConfigError("export", f"{detail}; export rebuilds the model as the recipe's stages leave it when "
+                                    f"applied (FIITED and its baselines), so a run whose stages change the model in "
+                                    f"finalize (DASNet) cannot be rebuilt") from None
+    return model.eval(), recipe, data
+
+
+def _saved_recipe(report: str) -> dict[str, Any]:
+    """The raw recipe a run's ``report.json`` holds (without ``model.checkpoint``), or a one-line error."""
+    if not os.path.isfile(report):
+        raise ConfigError("RUN_DIR", f"no report.json in {shorten(os.path.dirname(report))}: not the output folder "
+                                     f"of a compresskit apply run")
+    try:
+        with open(report, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(report, f"not readable JSON ({first_line(e, 120)})") from None
+    raw = content.get("recipe") if isinstance(content, dict) else None
+    if not isinstance(raw, dict):
+        raise ConfigError(report, "holds no recipe (a run started from Python without one?): export needs the "
+                                  "recipe that built the model; rebuild the model yourself and call "
+                                  "compresskit.export.to_state_dict / save_packed / export_program")
+    raw = copy.deepcopy(raw)
+    if isinstance(raw.get("model"), dict):
+        raw["model"].pop("checkpoint", None)
+    return raw
+
+
+def output_path(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None) -> Path:
+    """Where ``compresskit export`` writes ``fmt``: ``out`` (a file, or a folder to put the default name in), by
+    default ``RUN_DIR/<DEFAULT_NAMES[fmt]>``."""
+    if out is None:
+        return Path(run_dir) / DEFAULT_NAMES[fmt]
+    return Path(out) / DEFAULT_NAMES[fmt] if os.path.isdir(out) else Path(out)
+
+
+def _check_fits_original(state: dict[str, torch.Tensor], recipe: Recipe, data: DataBundle | None,
+                         spec: dict[str, Any] | None = None) -> bool:
+    """Whether ``state`` has the keys and shapes of the model the recipe builds before any stage (with the spec's
+    packed modules swapped in), checked on the meta device (no memory); a ConfigError when it does not. False when
+    the model cannot be built on the meta device (not checked)."""
+    try:
+        with torch.device("meta"):
+            original = resolve_model(recipe.model, data.info if data is not None else None)
+    except (CompressKitError, RuntimeError, NotImplementedError):
+        return False
+    if spec is not None:
+        with torch.device("meta"):
+            swap_in_packed(original, spec, "packed spec")
+    expected = {k: tuple(v.shape) for k, v in original.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    shapes = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if missing or unexpected or shapes:
+        raise ConfigError("export", f"the exported weights do not fit the model the recipe builds "
+                                    f"({recipe.model.name}): missing {_few(missing)}; unexpected {_few(unexpected)}; "
+                                    f"other shape {_few(shapes)} (a stage changed more than the embedding tables)")
+    return True
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, sample: tuple | None) -> list[torch.Tensor] | None:
+    """The model's output tensors on ``sample`` (None without one)."""
+    if sample is None:
+        return None
+    out = model(*sample)
+    return [out] if torch.is_tensor(out) else [t for t in out if torch.is_tensor(t)] \
+        if isinstance(out, (tuple, list)) else []
+
+
+def _max_difference(a: list[torch.Tensor] | None, b: list[torch.Tensor] | None) -> float | None:
+    if not a or not b or len(a) != len(b):
+        return None
+    return max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+
+
+def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``compresskit export``: rebuild the run in ``run_dir`` (:func:`load_run`), convert it to ``fmt`` and write
+    it (atomically) to :func:`output_path`. Returns what was done: ``path`` (and the packed ``spec``),
+    ``file_bytes``, the packed ``tables`` and ``bytes``, ``fits_original`` (state-dict / packed: keys and shapes
+    checked against the recipe's model), ``dynamic_batch`` (torch.export), and ``max_abs_diff`` between the
+    exported and the run's model on the sample batch (the first test rows; None without data)."""
+    if fmt not in FORMATS:
+        raise ConfigError("--format", f"got {shorten(fmt)}, expected one of {', '.join(FORMATS)}")
+    path = output_path(run_dir, fmt, out)
+    if fmt == "packed":
+        spec_path(path)   # a bad name fails before the slow part
+    model, recipe, data = load_run(run_dir)
+    sample = sample_inputs(data) if data is not None else None
+    if fmt == "torch.export" and sample is None:
+        raise ConfigError("--format", "torch.export needs a sample batch, and the run's recipe names no data")
+    prepare_output_dir(str(path.parent))
+    reference = _outputs(model, sample)
+    summary: dict[str, Any] = {"format": fmt, "path": str(path), "rows": None if sample is None else
+                               next((int(t.shape[0]) for t in sample if torch.is_tensor(t)), None)}
+    if fmt == "state-dict":
+        state = to_state_dict(model)
+        summary["fits_original"] = _check_fits_original(state, recipe, data)
+        integrity.save(path, state)
+        exported = _outputs(model, sample)
+    elif fmt == "packed":
+        spec = pack(model)
+        summary["fits_original"] = _check_fits_original(model.state_dict(), recipe, data, spec)
+        write_packed(model, spec, path)
+        summary.update(spec=str(spec_path(path)), tables=spec["tables"], bytes=spec["bytes"])
+        exported = _outputs(model, sample)
+    else:
+        program = export_program(model, sample)
+        save_program(program, path)
+        summary["dynamic_batch"] = batch_is_dynamic(program)
+        exported = _outputs(program.module(), sample)
+    summary["file_bytes"] = os.path.getsize(path)
+    summary["max_abs_diff"] = _max_difference(reference, exported)
+    return summary

@@ -1,0 +1,283 @@
+"""Export for serving (docs/export.md): a pruned FIITED DLRM run becomes a state dict of the original architecture,
+a packed model or a torch.export program, each computing what the run's model computes; the packed tables hold
+only the kept chunks and the index; the baselines' dense equivalents equal them; bad inputs are one line, exit 2."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from compresskit import integrity
+from compresskit.api import run
+from compresskit.cli import main
+from compresskit.errors import ConfigError
+from compresskit.export import (densify, export_program, load_packed, load_run, pack, to_state_dict)
+from compresskit.plugins.fiited import FiitedEmbedding, FiitedEmbeddingBag, fiited_modules
+from compresskit.plugins.fiited.baselines import MixedDimEmbeddingBag, NarrowEmbeddingBag
+from compresskit.plugins.fiited.packed import PackedEmbedding, PackedEmbeddingBag
+from compresskit.recipe import validate_recipe
+from compresskit.resolve import resolve_model
+
+RECIPE = {
+    "model": {"name": "dlrm", "args": {"embedding_dim": 8, "bottom_mlp": [8], "top_mlp": [8]}},
+    "data": {"name": "synthetic-ctr", "args": {"num_samples": 600, "cardinality_scale": 0.0002}},
+    "train": {"epochs": 1, "batch_size": 64, "progress": False, "threads": 1,
+              "optimizer": {"name": "adagrad", "lr": 0.05}},
+    "stages": [{"plugin": "fiited", "target_memory_ratio": 0.3, "chunk_size": 4, "start_step": 2, "end_step": 6,
+                "interval": 2}],
+    "logging": {"csv": False, "plots": False, "tensorboard": "never"},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A FIITED DLRM run (really pruned to 30% of the embedding bytes) written to a folder, as `apply` does."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    torch.manual_seed(0)
+    result = run(validate_recipe(RECIPE, require_model=True), out_dir=str(out), raw=RECIPE)
+    return out, result
+
+
+def _batch(data, rows: int = 64) -> tuple[torch.Tensor, ...]:
+    return tuple(t[:rows] for t in data.test.tensors[:-1])
+
+
+def _original(recipe, data) -> nn.Module:
+    """The model the recipe's model section builds, before any stage (the user's own architecture)."""
+    return resolve_model(recipe.model, data.info).eval()
+
+
+@torch.no_grad()
+def _same(a: nn.Module, b: nn.Module, inputs: tuple) -> None:
+    assert torch.allclose(a(*inputs), b(*inputs), atol=1e-6, rtol=0)
+
+
+def test_load_run_rebuilds_the_pruned_model(trained):
+    out, result = trained
+    model, recipe, data = load_run(out)
+    tables = [m for _, m in fiited_modules(model)]
+    stored = sum(m.store.live for m in tables)
+    assert stored < 0.35 * sum(m.num_embeddings * m.num_chunks for m in tables)      # really pruned
+    assert stored == result.report["stages"][0]["stored_chunks"]
+    for (_, a), (_, b) in zip(fiited_modules(model), fiited_modules(result.model)):
+        assert torch.equal(a.store.counts, b.store.counts)
+    _same(model, result.model.eval(), _batch(data))
+
+
+def test_state_dict_loads_strict_into_the_original_architecture(trained):
+    out, result = trained
+    model, recipe, data = load_run(out)
+    reference = [(m.row_chunk_counts(), m.chunk_size) for _, m in fiited_modules(model)]
+    state = to_state_dict(model)
+    original = _original(recipe, data)
+    original.load_state_dict(state, strict=True)
+    _same(original, result.model.eval(), _batch(data))
+    for table, (counts, chunk) in zip(original.embeddings, reference):   # pruned dims are zeros
+        kept = torch.arange(table.embedding_dim)[None, :] < (counts * chunk)[:, None]
+        assert torch.all(table.weight[~kept] == 0) and isinstance(table, nn.EmbeddingBag)
+
+
+def test_packed_loads_into_the_original_architecture_and_is_smaller(trained, capsys):
+    out, result = trained
+    assert main(["export", str(out), "--format", "packed"]) == 0
+    printed = capsys.readouterr().out
+    path, spec_file = out / "model_packed.pt", out / "model_packed.json"
+    assert path.exists() and (out / "model_packed.pt.sha256").exists() and spec_file.exists()
+    spec = json.loads(spec_file.read_text())
+    state = integrity.load(path)
+    # the spec's bytes are those of the tensors saved: values + counts + bases, nothing else of the tables
+    packed_names = list(spec["modules"])
+    assert len(packed_names) == 26
+    values = sum(state[f"{n}.values"].numel() * 4 for n in packed_names)
+    index = sum(state[f"{n}.counts"].numel() + state[f"{n}.base"].numel() * 8 for n in packed_names)
+    assert {k for k in state if k.startswith("embeddings.")} == \
+        {f"{n}.{b}" for n in packed_names for b in ("values", "counts", "base")}
+    assert spec["bytes"]["values"] == values and spec["bytes"]["index"] == index
+    assert spec["bytes"]["total"] == values + index < spec["bytes"]["dense"]
+    stage = result.report["stages"][0]     # the run's own accounting: payload + index of the pruned stores
+    assert (values, index, spec["bytes"]["dense"]) == (stage["payload_bytes"], stage["index_bytes"],
+                                                       stage["dense_bytes"])
+    assert spec["bytes"]["ratio"] == pytest.approx(0.3, abs=0.001)
+    assert f"{values:,} + index {index:,}" in printed and "model_packed.json" in printed
+    # into a freshly built original model, with the Python function a serving process calls
+    _, recipe, data = load_run(out)
+    model = load_packed(_original(recipe, data), path)
+    assert all(isinstance(t, PackedEmbeddingBag) for t in model.embeddings)
+    assert not any(p for t in model.embeddings for p in t.parameters())     # inference only: no autograd state
+    _same(model, result.model.eval(), _batch(data))
+
+
+def test_state_dict_command_and_torch_export_round_trip(trained, capsys, tmp_path):
+    out, result = trained
+    dense = tmp_path / "dense.pt"
+    assert main(["export", str(out), "--format", "state-dict", "--out", str(dense)]) == 0
+    assert "loads with strict=True" in capsys.readouterr().out
+    _, recipe, data = load_run(out)
+    original = _original(recipe, data)
+    original.load_state_dict(integrity.load(dense), strict=True)
+    _same(original, result.model.eval(), _batch(data))
+
+    assert main(["export", str(out), "--format", "torch.export"]) == 0
+    assert "batch dimension dynamic" in capsys.readouterr().out
+    program = torch.export.load(str(out / "model.pt2"))
+    for rows in (8, 37):   # the sample had 8 rows; the batch dimension is dynamic
+        _same(program.module(), result.model.eval(), _batch(data, rows))
+
+
+def test_export_program_names_what_torch_cannot_trace():
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(ConfigError) as info:
+        export_program(Branchy(), (torch.randn(4, 3),))
+    message = str(info.value)
+    assert message.startswith("torch.export: cannot export Branchy: ") and "data-dependent" in message
+    assert "\n" not in message
+
+
+def _one_error(capsys, argv: list[str], expected: str) -> None:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def test_bad_inputs_are_one_line(trained, capsys, tmp_path):
+    out, _ = trained
+    _one_error(capsys, ["export", str(tmp_path / "nope"), "--format", "packed"], "is not a folder")
+    _one_error(capsys, ["export", str(out), "--format", "onnx"], "invalid choice: 'onnx'")
+    _one_error(capsys, ["export", str(out)], "required: --format")
+    _one_error(capsys, ["export", str(tmp_path), "--format", "packed"], "no report.json")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(out / "report.json", copy)
+    _one_error(capsys, ["export", str(copy), "--format", "state-dict"], "model.pt: file not found")
+    for name in ("model.pt", "model.pt.sha256"):
+        shutil.copy(out / name, copy)
+    with open(copy / "model.pt", "ab") as f:
+        f.write(b"\0")
+    _one_error(capsys, ["export", str(copy), "--format", "state-dict"], "checksum mismatch")
+    (copy / "report.json").write_text(json.dumps({"run": {}}))
+    _one_error(capsys, ["export", str(copy), "--format", "state-dict"], "holds no recipe")
+    _one_error(capsys, ["export", str(out), "--format", "packed", "--out", str(tmp_path / "p.json")],
+               "not ending in .json")
+
+
+# --- the modules, unit by unit --------------------------------------------------------------------------------
+
+def _pruned(cls, rows: int = 45, dim: int = 12, chunk: int = 4, **kwargs):
+    torch.manual_seed(1)
+    table = cls(rows, dim, chunk, **kwargs)
+    counts = torch.randint(0, dim // chunk + 1, (rows,))
+    counts[:3] = torch.tensor([0, dim // chunk, 1])
+    table.store.shrink_rows(counts)
+    return table.eval()
+
+
+BAG_CASES = [   # (input, offsets, per_sample_weights) as nn.EmbeddingBag takes them
+    (torch.tensor([1, 2, 44, 0, 7, 7, 30]), torch.tensor([0, 2, 2, 5]), None),
+    (torch.tensor([1, 2, 44, 0, 7, 7, 30]), torch.tensor([0, 2, 2, 5]), torch.rand(7)),
+    (torch.randint(0, 45, (5, 3)), None, None),
+    (torch.randint(0, 45, (5, 3)), None, torch.rand(5, 3)),
+    (torch.tensor([], dtype=torch.long), torch.tensor([0, 0]), None),
+]
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("last", [False, True])
+def test_packed_bag_equals_the_fiited_bag_it_came_from(mode, last):
+    table = _pruned(FiitedEmbeddingBag, mode=mode, include_last_offset=last)
+    packed = table.to_packed()
+    assert packed.values.shape[0] == table.store.live and not list(packed.parameters())
+    assert torch.equal(packed.counts, table.store.counts) and torch.equal(packed.dense(), table.store.dense())
+    assert packed.memory_bytes()["values"] + packed.memory_bytes()["index"] == \
+        table.memory_bytes()["payload"] + table.memory_bytes()["index"]
+    dense = table.to_dense()
+    assert isinstance(dense, nn.EmbeddingBag) and (dense.mode, dense.include_last_offset) == (mode, last)
+    for ids, offsets, weights in BAG_CASES:
+        if weights is not None and mode == "mean":
+            continue
+        if last and offsets is not None:
+            offsets = torch.cat([offsets, torch.tensor([ids.numel()])])
+        expected = table(ids, offsets, weights)
+        assert torch.allclose(packed(ids, offsets, weights), expected, atol=1e-6)
+        assert torch.allclose(dense(ids, offsets, per_sample_weights=weights), expected, atol=1e-6)
+    for bad in (-1, 45):
+        with pytest.raises(IndexError):
+            packed(torch.tensor([0, bad]), torch.tensor([0]))
+
+
+def test_packed_embedding_lazy_and_empty_tables():
+    table = _pruned(FiitedEmbedding)
+    ids = torch.randint(0, 45, (4, 6))
+    packed, dense = table.to_packed(), table.to_dense()
+    assert isinstance(packed, PackedEmbedding) and isinstance(dense, nn.Embedding)
+    assert torch.allclose(packed(ids), table(ids), atol=1e-6) and torch.allclose(dense(ids), table(ids), atol=1e-6)
+    with pytest.raises(IndexError):
+        packed(torch.tensor([[3, 45]]))
+    # a lazy table (fixed-capacity pool, rows admitted in training): packed without its free slots
+    lazy = FiitedEmbeddingBag(64, 8, 4, lazy=True, capacity=100).train()
+    lazy(torch.tensor([3, 9, 40, 63]), torch.tensor([0, 2]))
+    lazy.eval()
+    packed = lazy.to_packed()
+    assert packed.values.shape[0] == lazy.store.live == 8 < lazy.store.capacity
+    bags = (torch.tensor([3, 9, 40, 1]), torch.tensor([0, 1, 3]))
+    assert torch.allclose(packed(*bags), lazy(*bags), atol=1e-6)
+    # every chunk pruned
+    empty = _pruned(FiitedEmbeddingBag)
+    empty.store.shrink_rows(torch.zeros(45, dtype=torch.long))
+    assert torch.equal(empty.to_packed()(*BAG_CASES[0][:2]), torch.zeros(4, 12))
+
+
+def _bag_inputs(module: nn.Module) -> list[tuple]:
+    if not module.bag:
+        return [(torch.randint(0, 45, (3, 5)),)]
+    last = module.include_last_offset
+    cases = [(ids, torch.cat([off, torch.tensor([ids.numel()])]) if last and off is not None else off, w)
+             for ids, off, w in BAG_CASES]
+    return [c for c in cases if c[2] is None or module.mode == "sum"]
+
+
+@pytest.mark.parametrize("bag,mode,last", [(True, "sum", False), (True, "mean", True), (False, "sum", False)])
+def test_baselines_to_dense_equal_their_outputs(bag, mode, last):
+    torch.manual_seed(2)
+    source = nn.EmbeddingBag(45, 12, mode=mode, include_last_offset=last) if bag else nn.Embedding(45, 12)
+    narrow = NarrowEmbeddingBag.from_dense(source, 5)
+    counts = torch.randint(0, 50, (45,)).float()
+    order = torch.argsort(counts, descending=True)
+    mixed = MixedDimEmbeddingBag.from_plan(source, order, [0, 4, 15, 30, 45], [12, 6, 2, 0])  # last bucket dropped
+    with torch.no_grad():
+        for proj in mixed.projections:
+            if isinstance(proj, nn.Linear):
+                proj.weight.normal_()
+    for module in (narrow, mixed):
+        dense = module.to_dense()
+        assert type(dense) is type(source) and dense.weight.shape == (45, 12)
+        if bag:
+            assert (dense.mode, dense.include_last_offset) == (mode, last)
+        for args in _bag_inputs(module):
+            expected = module(*args)
+            got = dense(*args[:2], per_sample_weights=args[2]) if bag else dense(*args)
+            assert torch.allclose(got, expected, atol=1e-5), type(module).__name__
+    assert torch.all(narrow.to_dense().weight[:, 5:] == 0)
+    assert torch.all(mixed.to_dense().weight[order[30:]] == 0)   # the dropped bucket's rows
+
+
+def test_conversion_walks_any_model_and_leaves_plain_tables_alone():
+    plain = nn.Sequential(nn.EmbeddingBag(10, 4), nn.Linear(4, 1))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    state = to_state_dict(plain)
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    assert pack(plain)["modules"] == {} and pack(plain)["bytes"]["ratio"] == 1.0
+    # nested and shared: a table used twice is converted once and stays shared
+    table = _pruned(FiitedEmbeddingBag)
+    model = nn.ModuleDict({"a": nn.ModuleList([table]), "b": table})
+    spec = pack(model)
+    assert set(spec["modules"]) == {"a.0", "b"} and model["a"][0] is model["b"]
+    with pytest.raises(ConfigError, match="itself a table"):
+        densify(_pruned(FiitedEmbeddingBag))
