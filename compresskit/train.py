@@ -361,7 +361,6 @@ class Trainer:
                         loss.backward()
                 value = coll.sum(value)
                 if not math.isfinite(value):   # stop before the optimizer writes NaN into the weights
-                    bar.close()
                     raise ConfigError("train", f"the training loss became {value} at step {self.step + 1}: "
                                                f"training diverged; lower train.optimizer.lr (now "
                                                f"{cfg.optimizer.lr:g}) or check the data for NaN/inf values")
@@ -369,7 +368,6 @@ class Trainer:
                 try:
                     self.optimizer.step()
                 except RuntimeError as e:
-                    bar.close()
                     raise optimizer_error(e, cfg.optimizer, self.step + 1) from None
                 self.compression.step()
                 running = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
