@@ -1,11 +1,14 @@
-"""HyPar: communication of the planned partition vs the three baselines for every paper network on 16
-accelerators, and planner run time on long chains up to 150 weighted layers and 64 accelerators.
+"""HyPar: communication of the planned partition vs the baselines for every network on 16 accelerators (the paper's
+partitions [dp, mp] and AccPar's [dp, mp, mp_out]), the modelled step time and energy against all-DP next to the
+paper's 3.39x / 1.51x, residual and Inception graphs (exact DAG search vs the chain approximation), planner run time
+on long chains, and measured step time of planned models on 2 and 4 gloo processes.
 
-    python benchmarks/hypar.py [--batch 256] [--dtype float32]
+    python benchmarks/hypar.py [--batch 256] [--accelerators 16] [--skip-steps]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -13,8 +16,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import publish  # noqa: E402
 
-from compresskit.plugins.hypar.graph import PAPER_NETWORKS, paper_network, synthetic_chain  # noqa: E402
+from compresskit.plugins.hypar.cost import StateSpace  # noqa: E402
+from compresskit.plugins.hypar.graph import PAPER_EVALUATED, PAPER_NETWORKS, paper_network, synthetic_chain  # noqa: E402
 from compresskit.plugins.hypar.search import baselines, hierarchical_plan, joint_plan  # noqa: E402
+
+PARTITION_SETS = {"paper": ["dp", "mp"], "accpar": ["dp", "mp", "mp_out"]}
 
 
 def _best_time(fn, repeats: int = 3) -> float:
@@ -26,40 +32,60 @@ def _best_time(fn, repeats: int = 3) -> float:
     return best
 
 
+def communication(batch: int, accelerators: int) -> None:
+    """Elements per step of HyPar (hierarchical and joint) and the baselines, per network and partition set."""
+    levels = accelerators.bit_length() - 1
+    rows, nets = [], []
+    for set_name, names in PARTITION_SETS.items():
+        space = StateSpace.of(names, levels)
+        for name in PAPER_NETWORKS:
+            layers = paper_network(name)
+            hier = hierarchical_plan(layers, batch, space)
+            joint = joint_plan(layers, batch, space)
+            base = baselines(layers, batch, space)
+            mp_best = min(v.elements for k, v in base.items() if k.startswith("all model parallel"))
+            gb = 4 / 2**30
+            rows.append([set_name, name + ("" if name in PAPER_EVALUATED else " (ours)"), len(layers),
+                         hier.elements * gb, joint.elements * gb,
+                         base["all data parallel"].elements / hier.elements, mp_best / hier.elements,
+                         base["one weird trick"].elements / hier.elements])
+            nets.append({"partitions": names, "network": name, "paper_evaluated": name in PAPER_EVALUATED,
+                         "layers": len(layers), "hypar_elements": hier.elements, "joint_elements": joint.elements,
+                         **{k: v.elements for k, v in base.items()}})
+    for set_name in PARTITION_SETS:
+        ratios = [r[5] for r in rows if r[0] == set_name and not r[1].endswith("(ours)")]
+        rows.append([set_name, "geomean (paper's 10)", "", "", "", math.prod(ratios) ** (1 / len(ratios)), "", ""])
+    publish("hypar", ["partitions", "network", "weighted layers", "HyPar GiB/step", "joint GiB/step",
+                      "all-DP / HyPar", "best all-MP / HyPar", "OWT / HyPar"], rows,
+            {"batch": batch, "accelerators": accelerators, "dtype": "float32", "networks": nets})
+
+
+def planner_time(batch: int) -> None:
+    """Planner run time on long synthetic chains."""
+    timing_rows, timing = [], []
+    for n_layers in (19, 50, 100, 150):
+        for acc in (16, 64):
+            for set_name, names in PARTITION_SETS.items():
+                space = StateSpace.of(names, acc.bit_length() - 1)
+                layers = synthetic_chain(n_layers)
+                t_h = _best_time(lambda layers=layers, space=space: hierarchical_plan(layers, batch, space))
+                t_j = _best_time(lambda layers=layers, space=space: joint_plan(layers, batch, space))
+                timing_rows.append([n_layers, acc, set_name, t_h * 1000, t_j * 1000])
+                timing.append({"layers": n_layers, "accelerators": acc, "partitions": names,
+                               "hierarchical_s": t_h, "joint_s": t_j})
+    publish("hypar_planner_time", ["weighted layers", "accelerators", "partitions", "hierarchical ms", "joint ms"],
+            timing_rows, {"target_seconds": 1.0, "timings": timing})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--accelerators", type=int, default=16)
+    parser.add_argument("--skip-steps", action="store_true", help="skip the measured gloo step times")
     args = parser.parse_args()
-    levels = args.accelerators.bit_length() - 1
-    rows, nets = [], []
-    for name in PAPER_NETWORKS:
-        layers = paper_network(name)
-        hier = hierarchical_plan(layers, args.batch, levels)
-        joint = joint_plan(layers, args.batch, levels)
-        base = baselines(layers, args.batch, levels)
-        gb = 4 / 2**30
-        rows.append([name, len(layers), hier.elements * gb, joint.elements * gb,
-                     base["all data parallel"].elements / hier.elements,
-                     base["all model parallel"].elements / hier.elements,
-                     base["one weird trick"].elements / hier.elements])
-        nets.append({"network": name, "layers": len(layers), "hypar_elements": hier.elements,
-                     "joint_elements": joint.elements, **{k: v.elements for k, v in base.items()}})
-    publish("hypar", ["network", "weighted layers", "HyPar GiB/step", "joint GiB/step", "all-DP / HyPar",
-                      "all-MP / HyPar", "OWT / HyPar"], rows,
-            {"batch": args.batch, "accelerators": args.accelerators, "dtype": "float32", "networks": nets})
-    timing_rows, timing = [], []
-    for n_layers in (19, 50, 100, 150):
-        for acc in (16, 64):
-            lv = acc.bit_length() - 1
-            layers = synthetic_chain(n_layers)
-            t_h = _best_time(lambda layers=layers, lv=lv: hierarchical_plan(layers, args.batch, lv))
-            t_j = _best_time(lambda layers=layers, lv=lv: joint_plan(layers, args.batch, lv))
-            timing_rows.append([n_layers, acc, t_h * 1000, t_j * 1000])
-            timing.append({"layers": n_layers, "accelerators": acc, "hierarchical_s": t_h, "joint_s": t_j})
+    communication(args.batch, args.accelerators)
     print()
-    publish("hypar_planner_time", ["weighted layers", "accelerators", "hierarchical ms", "joint ms"], timing_rows,
-            {"target_seconds": 1.0, "timings": timing})
+    planner_time(args.batch)
 
 
 if __name__ == "__main__":

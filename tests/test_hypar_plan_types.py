@@ -56,7 +56,7 @@ def test_one_accelerator_has_no_ratios_and_round_trips():
     plan = _plan("lenet", 1)
     assert plan.levels == 0 and plan.level_stats == [] and plan.total_elements["hypar"] == 0
     assert all(v is None for v in plan.ratio_vs_hypar.values())
-    assert level_table(plan)[1] == [["total", "1 accelerators", 0, 0, 0, 0, 0, "0 B", "-"]]
+    assert level_table(plan)[1] == [["total", "1 accelerators", 0, 0, 0, 0, 0, 0, "0 B", "-"]]
 
 
 def test_from_dict_names_what_is_wrong(tmp_path):
@@ -77,6 +77,20 @@ def test_from_dict_names_what_is_wrong(tmp_path):
         HyparPlan.load(tmp_path / "absent.json")
 
 
+def test_partitions_are_searched_and_recorded():
+    paper = _plan("vgg-a", 16)
+    assert paper.partitions == ["dp", "mp"] and all(set(r.choices) <= {"dp", "mp"} for r in paper.layers)
+    cfg = HyparConfig(accelerators=16, batch=128, partitions=["dp", "mp", "mp_out"], search="joint")
+    accpar = plan_layers(paper_network("vgg-a"), cfg, "vgg-a")
+    assert accpar.partitions == ["dp", "mp", "mp_out"]
+    assert any("mp_out" in r.choices for r in accpar.layers)
+    assert accpar.baselines == ["all data parallel", "all model parallel (mp)", "all model parallel (mp_out)",
+                                "one weird trick"]
+    # a larger space never costs more
+    assert accpar.total_elements["hypar"] <= _plan("vgg-a", 16, search="joint").total_elements["hypar"]
+    assert HyparPlan.from_json(accpar.to_json()) == accpar
+
+
 # ------------------------------------------------------------------------------------------------ stats table
 @pytest.mark.parametrize("network,accelerators,search", [("alexnet", 16, "hierarchical"), ("vgg-e", 64, "joint"),
                                                          ("lenet-c", 2, "hierarchical"), ("sfc", 8, "joint")])
@@ -90,7 +104,7 @@ def test_level_stats_add_up_to_the_totals(network, accelerators, search):
     assert sum(r.elements for r in plan.layers) == pytest.approx(total, rel=1e-12)
     for k, s in enumerate(stats):
         assert s.groups == 2**k and s.group_size == accelerators // 2**k and s.groups * s.group_size == accelerators
-        assert s.gradient_elements + s.transition_elements == pytest.approx(s.elements)
+        assert s.gradient_elements + s.partial_sum_elements + s.transition_elements == pytest.approx(s.elements)
         assert s.dp_layers == sum(r.choices[k] == "dp" for r in plan.layers)
         assert s.dp_layers + s.mp_layers == len(plan.layers)
         assert s.elements == pytest.approx(sum(r.level_elements[k] for r in plan.layers))
@@ -99,10 +113,13 @@ def test_level_stats_add_up_to_the_totals(network, accelerators, search):
         assert sum(r.level_elements) == pytest.approx(r.elements)
     for name in plan.baselines:
         assert sum(r.baseline_elements[name] for r in plan.layers) == pytest.approx(plan.total_elements[name])
-    # level 0 independently: the top split exchanges the full kernel of every layer data parallel there
+    # level 0 independently: the top split exchanges the full kernel of every layer data parallel there, and the
+    # whole output (partial sums) of every layer model parallel (by input channel) there
     layers = paper_network(network)
     assert stats[0].gradient_elements == pytest.approx(
         sum(2 * l.weight_elems for l, r in zip(layers, plan.layers) if r.choices[0] == "dp"))
+    assert stats[0].partial_sum_elements == pytest.approx(
+        sum(2 * 256 * l.output_elems for l, r in zip(layers, plan.layers) if r.choices[0] == "mp"))
     # the rendered table's total row is the plan's total
     cols, rows = level_table(plan)
     assert len(rows) == plan.levels + 1
@@ -186,6 +203,13 @@ def test_plan_flags_and_set_are_overrides_of_the_hypar_stages(tmp_path, capsys):
     (["plan", "--model", "alexnet", "--dtype", "int4"],
      "error: stages[0].dtype: got 'int4', expected one of float32, float16, bfloat16"),
     (["plan"], "error: plan: give a recipe or --model"),
+    (["plan", "--model", "alexnet", "--set", "stages.0.partitions=[dp, tp]"],
+     "error: stages[0].partitions[1]: got 'tp', expected one of dp, mp, mp_out"),
+    (["plan", "--model", "alexnet", "--set", "stages.0.partitions=[dp, dp]"],
+     "error: stages[0].partitions: got ['dp', 'dp'], expected distinct names"),
+    (["plan", "--model", "alexnet", "--accelerators", "1024", "--set", "stages.0.partitions=[dp, mp, mp_out]",
+      "--set", "stages.0.search=joint"],
+     "error: stages[0].search: joint search over 3 partitions on 1024 accelerators has 59,049 states per layer"),
     (["plan", "--model", "vgg-f"], "error: --model: unknown network or model 'vgg-f' (did you mean 'vgg-e'?)"),
     (["plan", "--model", "lenet5", "--set", "stages.0.input_shape=[3, 32, 32]"],
      "error: stages[0].input_shape: the sample input (per sample 3x32x32) does not fit LeNet5 at 'features.0': "),

@@ -1,118 +1,209 @@
 """HyPar communication model for training on 2^h accelerators (derivation in docs/hypar.md).
 
-One binary split, two workers, batch ``B``. For weighted layer ``l``:
+One binary split, two workers, batch ``B``. For weighted layer ``l`` with input ``F_l`` / error ``E_l``, kernel
+``W_l`` and output ``F_{l+1}`` (before any pooling) three partitions are modelled, all per accelerator:
 
-* data parallelism (``dp``): the batch is split, the kernel replicated. Each worker computes a partial weight
-  gradient over its half batch; both need the sum -> each sends its partial: ``intra_dp = 2 * A(W_l)``.
-* model parallelism (``mp``): the kernel is split by output channel; the input is needed whole; the output is split
-  by channel. The weight gradient of each half is local: ``intra_mp = 0``. The input error is a *partial sum* on
-  both workers; combining it is charged to the transition with the layer below, where its layout is known.
+* ``dp`` (data parallelism, AccPar's Type-I): batch split, kernel replicated; the weight gradient is a partial sum
+  over each half batch and is exchanged: ``A(W_l)``.
+* ``mp`` (HyPar's model parallelism, AccPar's Type-II, the default): the kernel is split by **input** channel; the
+  output is a partial sum on both workers and is exchanged in the forward pass: ``A(F_{l+1})``.
+* ``mp_out`` (AccPar's Type-III): the kernel is split by **output** channel; the input error is a partial sum and is
+  exchanged in the backward pass: ``A(E_l)`` (nothing for the first layer, whose input needs no error).
 
-Between layer ``l`` and ``l+1`` (tensor ``A = B * input_elems(l+1)``, elements crossing in both directions):
+Between ``l`` and ``l+1`` (``A = A(F_{l+1}) = A(E_{l+1})``, layer ``l+1``'s input), per accelerator:
 
-=========  ==============================  ====================================  =======
-l -> l+1   forward feature map             backward error                        total
-=========  ==============================  ====================================  =======
-dp -> dp   batch split stays: 0            batch split, complete: 0              0
-dp -> mp   batch halves -> whole: A        partial sums -> own batch half: A     2A
-mp -> dp   channel halves -> batch: A/2    batch halves -> channel halves: A/2   A
-mp -> mp   channel halves -> whole: A      partial sums -> own channel half: A   2A
-=========  ==============================  ====================================  =======
+=============  ==========  ==========  ===========
+l -> l+1       forward     backward    total
+=============  ==========  ==========  ===========
+dp -> dp       0           0           0
+dp -> mp       A/4         A/4         A/2
+dp -> mp_out   A/2         0           A/2
+mp -> dp       0           A/2         A/2
+mp -> mp       0           A/2         A/2
+mp -> mp_out   0           0           0
+mp_out -> dp   A/4         A/4         A/2
+mp_out -> mp   0           0           0
+mp_out -> mp_out A/2       0           A/2
+=============  ==========  ==========  ===========
 
-Hierarchy: at level ``k`` (0 = top) there are ``2^k`` pairs, each solving the same split on tensors reduced by the
-choices above: a layer's kernel halves under each ``mp`` above, the boundary tensor (layer ``l+1``'s input) halves
-under each ``dp`` of layer ``l+1`` above (its batch is split; under ``mp`` it needs its input whole).
+The first three rows and ``mp -> *`` are HyPar's table (Song et al., HPCA 2019); the rest is AccPar's (Song et
+al., HPCA 2020). Both workers move the same amount, so a pair moves twice the per-accelerator figure.
+
+Hierarchy: level ``k`` (0 = top) splits each of its ``2^k`` groups in two, on tensors reduced by the layer's own
+choices above: ``dp`` halves the batch of its maps and errors, ``mp`` halves its input channels and kernel,
+``mp_out`` halves its output channels and kernel. A transition is sized by the consuming layer's input (AccPar's
+convention). Totals are elements per training step summed over all accelerators.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from .graph import LayerSpec
 
-DP, MP = 0, 1
-CHOICE_NAMES = ("dp", "mp")
-# INTER[a][b]: multiple of the boundary tensor moved for choices (a of layer l, b of layer l+1)
-INTER = np.array([[0.0, 2.0], [1.0, 2.0]])
-INTER_FORWARD = np.array([[0.0, 1.0], [0.5, 1.0]])
-INTRA_DP_FACTOR = 2.0
+DP, MP, MP_OUT = 0, 1, 2
+PARTITION_NAMES = ("dp", "mp", "mp_out")
+DEFAULT_PARTITIONS = ("dp", "mp")
+
+# [a, b]: multiple of A(F_{l+1}) one accelerator receives for choices a (layer l) and b (layer l+1)
+FORWARD_FACTOR = np.array([[0.0, 0.25, 0.5],
+                           [0.0, 0.0, 0.0],
+                           [0.25, 0.0, 0.5]])
+BACKWARD_FACTOR = np.array([[0.0, 0.25, 0.0],
+                            [0.5, 0.5, 0.0],
+                            [0.25, 0.0, 0.0]])
+WORKERS = 2.0   # both workers of a pair receive the per-accelerator amount
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
 
-
-def intra(layer: LayerSpec, choice: int, weight_scale: float = 1.0) -> float:
-    """Elements crossing inside ``layer`` for one split (weight-gradient exchange under dp)."""
-    return INTRA_DP_FACTOR * layer.weight_elems * weight_scale if choice == DP else 0.0
-
-
-def inter(nxt: LayerSpec, a: int, b: int, batch: float) -> float:
-    """Elements crossing between a layer with choice ``a`` and the next layer ``nxt`` with choice ``b``."""
-    return INTER[a, b] * batch * nxt.input_elems
+# phases of a term (the last axis of level_terms)
+GRADIENT, PARTIAL_SUM, FORWARD, BACKWARD = 0, 1, 2, 3
+PHASES = ("gradient", "partial_sum", "forward", "backward")
 
 
-def bits(state: int, levels: int) -> list[int]:
-    """Per-level choices of a hierarchical state (bit k = choice at level k, 0 = top)."""
-    return [(state >> k) & 1 for k in range(levels)]
+@dataclass(frozen=True)
+class StateSpace:
+    """The per-layer states of a hierarchical plan: one partition per level, each from ``partitions``.
+
+    State ``s`` is a number in base ``len(partitions)``; digit ``k`` (least significant first) is the index into
+    ``partitions`` of the choice at level ``k`` (0 = top)."""
+
+    partitions: tuple[int, ...]
+    levels: int
+
+    @classmethod
+    def of(cls, names: Sequence[str], levels: int) -> StateSpace:
+        """The space for partition names (e.g. ``["dp", "mp", "mp_out"]``)."""
+        return cls(tuple(PARTITION_NAMES.index(n) for n in names), levels)
+
+    @property
+    def size(self) -> int:
+        """Number of states, ``len(partitions) ** levels``."""
+        return len(self.partitions) ** self.levels
+
+    def choices(self, state: int) -> tuple[int, ...]:
+        """Partition codes (DP/MP/MP_OUT) per level, top first."""
+        p = len(self.partitions)
+        return tuple(self.partitions[(state // p**k) % p] for k in range(self.levels))
+
+    def state(self, choices: Sequence[int]) -> int:
+        """Inverse of :meth:`choices`."""
+        p = len(self.partitions)
+        return sum(self.partitions.index(c) * p**k for k, c in enumerate(choices))
+
+    def uniform(self, choice: int) -> int:
+        """The state with ``choice`` at every level."""
+        return self.state([choice] * self.levels)
+
+    def codes(self) -> np.ndarray:
+        """``codes[s, k]``: the partition code of state ``s`` at level ``k`` (array ``[size, levels]``)."""
+        return np.array([self.choices(s) for s in range(self.size)], dtype=np.int64).reshape(self.size,
+                                                                                           self.levels)
 
 
-def level_tables(layers: Sequence[LayerSpec], batch: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Total elements of every layer and every pair of consecutive layers for every hierarchical state.
+@dataclass(frozen=True)
+class Scales:
+    """Size factors at one level from the choices above it: ``batch`` (dp), ``cin`` (mp), ``cout`` (mp_out)."""
 
-    Returns ``intra_cost[l, s]`` (layer ``l`` in state ``s``) and ``inter_cost[l, s, t]`` (layer ``l`` in ``s``,
-    layer ``l+1`` in ``t``), with ``s, t`` in ``[0, 2^levels)`` and multiplicities ``2^k`` per level included.
-    """
-    n_states = 1 << levels
-    states = np.arange(n_states)
-    bit = (states[None, :] >> np.arange(levels)[:, None]) & 1                      # [levels, states]
-    mult = (2.0 ** np.arange(levels))[:, None]
-    mp_above = np.cumsum(np.vstack([np.zeros((1, n_states)), bit[:-1]]), axis=0)   # mp choices above level k
-    dp_above = np.cumsum(np.vstack([np.zeros((1, n_states)), 1 - bit[:-1]]), axis=0)
-    w_scale = 0.5 ** mp_above                                                      # [levels, states]
-    a_scale = 0.5 ** dp_above
-    weights = np.array([l.weight_elems for l in layers], dtype=np.float64)
-    intra_per_state = ((bit == DP) * INTRA_DP_FACTOR * w_scale * mult).sum(0)     # [states] per weight element
-    intra_cost = weights[:, None] * intra_per_state[None, :]
-    factor = INTER[bit[:, :, None], bit[:, None, :]]                               # [levels, s, t]
-    per_pair = (factor * a_scale[:, None, :] * mult[:, :, None]).sum(0)            # [s, t] per boundary element
-    boundary = np.array([batch * l.input_elems for l in layers[1:]], dtype=np.float64)
-    inter_cost = boundary[:, None, None] * per_pair[None, :, :]
-    return intra_cost, inter_cost
+    batch: float = 1.0
+    cin: float = 1.0
+    cout: float = 1.0
+
+    @classmethod
+    def above(cls, choices: Sequence[int]) -> Scales:
+        """Scales from the choices made at the levels above."""
+        return cls(0.5 ** sum(c == DP for c in choices), 0.5 ** sum(c == MP for c in choices),
+                   0.5 ** sum(c == MP_OUT for c in choices))
 
 
-def plan_cost(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, levels: int) -> float:
-    """Total elements moved by a hierarchical assignment (one state per layer), computed term by term."""
-    total = 0.0
+def intra(layer: LayerSpec, choice: int, batch: float, scales: Scales = Scales(), first: bool = False) -> float:
+    """Elements one accelerator receives inside ``layer`` for one split: the dp weight-gradient exchange, the mp
+    output partial sums or the mp_out input-error partial sums."""
+    if choice == DP:
+        return layer.weight_elems * scales.cin * scales.cout
+    if choice == MP:
+        return batch * layer.output_elems * scales.batch * scales.cout
+    return 0.0 if first else batch * layer.input_elems * scales.batch * scales.cin
+
+
+def inter(nxt: LayerSpec, a: int, b: int, batch: float, scales: Scales = Scales()) -> tuple[float, float]:
+    """(forward, backward) elements one accelerator receives between a layer with choice ``a`` and the next layer
+    ``nxt`` with choice ``b``; ``scales`` are ``nxt``'s own from the levels above."""
+    boundary = batch * nxt.input_elems * scales.batch * scales.cin
+    return FORWARD_FACTOR[a, b] * boundary, BACKWARD_FACTOR[a, b] * boundary
+
+
+def level_terms(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, space: StateSpace) -> np.ndarray:
+    """Every term of a plan: ``terms[l, k, p]`` are the elements (all accelerators, both directions) charged to
+    layer ``l`` at level ``k`` in phase ``p``: GRADIENT (dp), PARTIAL_SUM (mp forward / mp_out backward), and the
+    FORWARD / BACKWARD re-layout on the transition to layer ``l+1``."""
+    terms = np.zeros((len(layers), space.levels, len(PHASES)))
     for i, layer in enumerate(layers):
-        cb = bits(states[i], levels)
-        for k in range(levels):
-            w_scale = 0.5 ** sum(cb[:k])
-            total += 2**k * intra(layer, cb[k], w_scale)
-            if i + 1 < len(layers):
-                nb = bits(states[i + 1], levels)
-                a_scale = 0.5 ** sum(1 - c for c in nb[:k])
-                total += 2**k * inter(layers[i + 1], cb[k], nb[k], batch * a_scale)
+        cb = space.choices(states[i])
+        nb = space.choices(states[i + 1]) if i + 1 < len(layers) else None
+        for k in range(space.levels):
+            mult = WORKERS * 2.0**k
+            terms[i, k, GRADIENT if cb[k] == DP else PARTIAL_SUM] = mult * intra(
+                layer, cb[k], batch, Scales.above(cb[:k]), first=i == 0)
+            if nb is not None:
+                fwd, bwd = inter(layers[i + 1], cb[k], nb[k], batch, Scales.above(nb[:k]))
+                terms[i, k, FORWARD], terms[i, k, BACKWARD] = mult * fwd, mult * bwd
+    return terms
+
+
+def plan_cost(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, space: StateSpace) -> float:
+    """Total elements moved by a hierarchical assignment (one state per layer)."""
+    return float(level_terms(layers, states, batch, space).sum())
+
+
+def _scale_table(space: StateSpace) -> tuple[np.ndarray, np.ndarray]:
+    """``codes[s, k]`` and the three scale factors ``[3, s, k]`` (batch, cin, cout) at every level."""
+    codes = space.codes()
+    counts = np.zeros((3, space.size, space.levels))
+    for k in range(1, space.levels):
+        for c in (DP, MP, MP_OUT):
+            counts[c, :, k] = (codes[:, :k] == c).sum(axis=1)
+    return codes, 0.5 ** counts
+
+
+def unary_table(layer: LayerSpec, batch: int, space: StateSpace, first: bool = False) -> np.ndarray:
+    """Elements charged inside ``layer`` (all levels, all accelerators) for every state: array ``[size]``."""
+    codes, scale = _scale_table(space)
+    b, cin, cout = scale
+    mult = WORKERS * 2.0 ** np.arange(space.levels)[None, :]
+    per = np.where(codes == DP, layer.weight_elems * cin * cout,
+                   np.where(codes == MP, batch * layer.output_elems * b * cout,
+                            0.0 if first else batch * layer.input_elems * b * cin))
+    return (per * mult).sum(axis=1)
+
+
+def pair_base(space: StateSpace) -> np.ndarray:
+    """Elements charged on an edge per element of its tensor (per sample, batch 1) for every pair of states
+    (producer ``s``, consumer ``t``): array ``[size, size]``, sized by the consumer's scales."""
+    codes, scale = _scale_table(space)
+    b, cin, _ = scale
+    factor = FORWARD_FACTOR + BACKWARD_FACTOR
+    total = np.zeros((space.size, space.size))
+    for k in range(space.levels):
+        total += (WORKERS * 2.0**k) * factor[codes[:, k][:, None], codes[:, k][None, :]] * (b[:, k] * cin[:, k])[None, :]
     return total
 
 
-GRADIENT, FORWARD, BACKWARD = 0, 1, 2
+def pairwise_table(elems: float, batch: int, space: StateSpace) -> np.ndarray:
+    """Elements charged on an edge whose tensor has ``elems`` elements per sample, for every pair of states
+    (producer ``s``, consumer ``t``): array ``[size, size]``."""
+    return pair_base(space) * (batch * elems)
 
 
-def level_terms(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, levels: int) -> np.ndarray:
-    """The terms of :func:`plan_cost` one by one: ``terms[l, k, p]`` are the elements charged to layer ``l`` at
-    level ``k`` (multiplicity ``2^k`` included) in phase ``p``: its weight-gradient exchange (GRADIENT), and the
-    forward feature map / backward error crossing on the transition to layer ``l+1`` (FORWARD, BACKWARD).
-    ``terms.sum() == plan_cost(...)`` up to rounding."""
-    terms = np.zeros((len(layers), levels, 3))
-    backward = INTER - INTER_FORWARD
-    for i, layer in enumerate(layers):
-        cb = bits(states[i], levels)
-        nb = bits(states[i + 1], levels) if i + 1 < len(layers) else None
-        for k in range(levels):
-            mult = 2.0**k
-            terms[i, k, GRADIENT] = mult * intra(layer, cb[k], 0.5 ** sum(cb[:k]))
-            if nb is not None:
-                boundary = batch * 0.5 ** sum(1 - c for c in nb[:k]) * layers[i + 1].input_elems
-                terms[i, k, FORWARD] = mult * INTER_FORWARD[cb[k], nb[k]] * boundary
-                terms[i, k, BACKWARD] = mult * backward[cb[k], nb[k]] * boundary
-    return terms
+def chain_unary(layers: Sequence[LayerSpec], batch: int, space: StateSpace) -> np.ndarray:
+    """``unary[l, s]``: elements charged inside layer ``l`` in state ``s`` (the chain's pairwise terms are
+    ``pair_base(space) * batch * layers[l + 1].input_elems``)."""
+    return np.stack([unary_table(l, batch, space, first=i == 0) for i, l in enumerate(layers)])
+
+
+def all_assignments(n_layers: int, space: StateSpace):
+    """Every assignment of states to ``n_layers`` layers (for brute-force checks: exponential)."""
+    return itertools.product(range(space.size), repeat=n_layers)

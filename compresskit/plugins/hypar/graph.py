@@ -28,6 +28,7 @@ class LayerSpec:
     input_elems: int     # elements of the input feature map per sample
     output_elems: int    # elements of the output feature map per sample
     weight_elems: int    # elements of the kernel (and of its gradient), bias included
+    macs: int = 0        # multiply-accumulates of the forward pass per sample
 
 
 def _numel(shape) -> int:
@@ -96,8 +97,9 @@ def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], 
         if inp is None or out is None:
             continue
         weight = sum(p.numel() for p in module.parameters(recurse=False))
+        out_elems = _numel(out.shape) // batch
         layers.append(LayerSpec(str(node.target), "fc" if isinstance(module, nn.Linear) else "conv",
-                                _numel(inp.shape) // batch, _numel(out.shape) // batch, weight))
+                                _numel(inp.shape) // batch, out_elems, weight, out_elems * module.weight[0].numel()))
     if not layers:
         raise ConfigError(model_path, f"{type(model).__name__} has no Conv/Linear layers to plan")
     return layers
@@ -105,7 +107,10 @@ def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], 
 
 # ------------------------------------------------------------------------------------------------ paper networks
 def _chain(input_shape: tuple[int, int, int], spec: list) -> list[LayerSpec]:
-    """Build a chain from a compact spec: ("conv", out, k, pad, stride) / ("pool", k) / ("fc", out)."""
+    """Build a chain from a compact spec: ("conv", out, k, pad, stride) / ("pool", k[, stride]) / ("fc", out).
+
+    Pooling rounds up, as Caffe's does (the paper's networks are Caffe models): cifar10_quick's 3x3/2 pools take
+    32 -> 16 -> 8 -> 4, so its fc1 sees 64 x 4 x 4 = 1024 inputs."""
     c, h, w = input_shape
     layers: list[LayerSpec] = []
     pending_input = c * h * w
@@ -116,18 +121,20 @@ def _chain(input_shape: tuple[int, int, int], spec: list) -> list[LayerSpec]:
             _, out, k, pad, stride = item
             h2, w2 = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
             n_conv += 1
-            layers.append(LayerSpec(f"conv{n_conv}", "conv", pending_input, out * h2 * w2, out * c * k * k + out))
+            layers.append(LayerSpec(f"conv{n_conv}", "conv", pending_input, out * h2 * w2, out * c * k * k + out,
+                                    out * h2 * w2 * c * k * k))
             c, h, w = out, h2, w2
             pending_input = c * h * w
         elif kind == "pool":
             k = item[1]
             stride = item[2] if len(item) > 2 else k
-            h, w = (h - k) // stride + 1, (w - k) // stride + 1
+            h, w = -(-(h - k) // stride) + 1, -(-(w - k) // stride) + 1
             pending_input = c * h * w
         elif kind == "fc":
             _, out = item
             n_fc += 1
-            layers.append(LayerSpec(f"fc{n_fc}", "fc", pending_input, out, pending_input * out + out))
+            layers.append(LayerSpec(f"fc{n_fc}", "fc", pending_input, out, pending_input * out + out,
+                                    pending_input * out))
             c, h, w = out, 1, 1
             pending_input = out
         else:  # pragma: no cover - specs are ours
@@ -157,11 +164,12 @@ _VGG = {
               "M"],
 }
 
-# name -> (description, (input shape, chain spec for _chain))
+# name -> (description, (input shape, chain spec for _chain)). The paper evaluates lenet-c, convnet, alexnet, the
+# VGGs and two synthetic networks (sfc, sconv: our reading of their shapes); lenet is ours, not one of the paper's.
 NetworkEntry = tuple[str, tuple[tuple[int, int, int], list]]
 
 PAPER_NETWORKS: dict[str, NetworkEntry] = {
-    "lenet": ("LeNet-300-100 on MNIST: 3 fully connected layers",
+    "lenet": ("LeNet-300-100 on MNIST: 3 fully connected layers (ours: not one of the paper's networks)",
               ((1, 28, 28), [("fc", 300), ("fc", 100), ("fc", 10)])),
     "lenet-c": ("Caffe LeNet on MNIST: conv20-pool-conv50-pool-fc500-fc10",
                 ((1, 28, 28), [("conv", 20, 5, 0, 1), ("pool", 2), ("conv", 50, 5, 0, 1), ("pool", 2),
@@ -169,9 +177,10 @@ PAPER_NETWORKS: dict[str, NetworkEntry] = {
     "convnet": ("Caffe CIFAR-10 quick: conv32-pool-conv32-pool-conv64-pool-fc64-fc10",
                 ((3, 32, 32), [("conv", 32, 5, 2, 1), ("pool", 3, 2), ("conv", 32, 5, 2, 1), ("pool", 3, 2),
                                ("conv", 64, 5, 2, 1), ("pool", 3, 2), ("fc", 64), ("fc", 10)])),
-    "sfc": ("large fully connected net on MNIST: 784-8192-8192-8192-10",
+    "sfc": ("large fully connected net on MNIST: 784-8192-8192-8192-10 (the paper's SFC; shape is our reading)",
             ((1, 28, 28), [("fc", 8192), ("fc", 8192), ("fc", 8192), ("fc", 10)])),
-    "sconv": ("small all-convolutional net on CIFAR-10: 4 conv (64, 128, 256, 256) + fc10",
+    "sconv": ("small convolutional net on CIFAR-10: 4 conv (64, 128, 256, 256) + fc10 (the paper's SCONV; shape is "
+              "our reading)",
               ((3, 32, 32), [("conv", 64, 3, 1, 1), ("pool", 2), ("conv", 128, 3, 1, 1), ("pool", 2),
                              ("conv", 256, 3, 1, 1), ("pool", 2), ("conv", 256, 3, 1, 1), ("pool", 2),
                              ("fc", 10)])),
@@ -185,6 +194,8 @@ PAPER_NETWORKS: dict[str, NetworkEntry] = {
 
 # the paper networks as a Registry: an unknown name is the one did-you-mean error every registry gives
 NETWORKS: Registry[NetworkEntry] = Registry("network", "network")
+# the ten networks of the paper's evaluation (Song et al., HPCA 2019, Section 6), for its geometric means
+PAPER_EVALUATED = ("sfc", "sconv", "lenet-c", "convnet", "alexnet", "vgg-a", "vgg-b", "vgg-c", "vgg-d", "vgg-e")
 for _name, _entry in PAPER_NETWORKS.items():
     NETWORKS.add(_name, _entry)
 del _name, _entry

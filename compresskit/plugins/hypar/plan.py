@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from ...atomic import write_text
 from ...errors import ConfigError
 from ...schema import build
-from .cost import BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, level_terms
+from .cost import BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, PARTIAL_SUM, PARTITION_NAMES, level_terms
 from .graph import LayerSpec
 from .search import Plan
 
@@ -29,7 +29,7 @@ class LayerPlan:
     kind: str                             # "conv" or "fc"
     input_elems: int                      # per sample: the boundary tensor from the previous weighted layer
     weight_elems: int                     # kernel elements, bias included
-    choices: list[str]                    # "dp" / "mp" per level, top first
+    choices: list[str]                    # "dp" / "mp" / "mp_out" per level, top first
     elements: float                       # elements charged to this layer, all levels
     bytes: float
     level_elements: list[float]           # ... split by level (sums to ``elements``)
@@ -45,8 +45,9 @@ class LevelStats:
     groups: int                   # 2^level groups split at this level
     group_size: int               # accelerators per group before the split
     dp_layers: int                # layers data parallel at this level
-    mp_layers: int                # layers model parallel at this level
+    mp_layers: int                # layers model parallel at this level (mp or mp_out)
     gradient_elements: float      # weight-gradient exchange (dp layers)
+    partial_sum_elements: float   # partial sums completed inside model-parallel layers (mp: outputs, mp_out: errors)
     transition_elements: float    # feature maps (forward) and errors (backward) re-laid out between layers
     elements: float               # gradient + transition
     bytes: float
@@ -66,6 +67,7 @@ class HyparPlan:
     batch: int
     dtype: str
     search: str
+    partitions: list[str]
     planner_seconds: float
     layers: list[LayerPlan]
     level_stats: list[LevelStats]
@@ -126,8 +128,8 @@ def build_plan(title: str, layers: Sequence[LayerSpec], plan: Plan, baselines: d
     """The typed plan from a search result: per-layer choices and costs, per-level stats, totals and ratios."""
     elem_bytes = DTYPE_BYTES[dtype]
     levels = plan.levels
-    terms = level_terms(layers, plan.states, batch, levels)          # [layer, level, phase]
-    base_costs = {name: level_terms(layers, p.states, batch, levels).sum(axis=(1, 2))
+    terms = level_terms(layers, plan.states, batch, plan.space)      # [layer, level, phase]
+    base_costs = {name: level_terms(layers, p.states, batch, p.space).sum(axis=(1, 2))
                   for name, p in baselines.items()}
     choices = [plan.choices(i) for i in range(len(layers))]
     rows = []
@@ -144,13 +146,15 @@ def build_plan(title: str, layers: Sequence[LayerSpec], plan: Plan, baselines: d
         elements = float(at_k.sum())
         dp = sum(1 for c in choices if c[k] == "dp")
         stats.append(LevelStats(k, 2**k, accelerators >> k, dp, len(layers) - dp,
-                                float(at_k[:, GRADIENT].sum()), float(at_k[:, [FORWARD, BACKWARD]].sum()),
+                                float(at_k[:, GRADIENT].sum()), float(at_k[:, PARTIAL_SUM].sum()),
+                                float(at_k[:, [FORWARD, BACKWARD]].sum()),
                                 elements, elements * elem_bytes,
                                 elements / total if total else 0.0))
     totals = {"hypar": total, **{name: float(p.elements) for name, p in baselines.items()}}
     return HyparPlan(
         title=title, accelerators=accelerators, levels=levels, batch=batch, dtype=dtype, search=search,
-        planner_seconds=float(seconds), layers=rows, level_stats=stats, total_elements=totals,
+        partitions=[PARTITION_NAMES[c] for c in plan.space.partitions], planner_seconds=float(seconds),
+        layers=rows, level_stats=stats, total_elements=totals,
         total_bytes={k: v * elem_bytes for k, v in totals.items()},
         ratio_vs_hypar={name: (float(p.elements) / total if total else None) for name, p in baselines.items()},
     )

@@ -17,7 +17,8 @@ from ...schema import option
 from .graph import NETWORKS, LayerSpec, layers_from_model, paper_network
 from .plan import HyparPlan, build_plan
 from .report import level_table, totals_table, write_plan_report
-from .search import baselines, hierarchical_plan, joint_plan
+from .cost import StateSpace
+from .search import MAX_JOINT_STATES, baselines, hierarchical_plan, joint_plan
 
 
 MAX_SAMPLE_ELEMENTS = 1 << 24   # elements of one traced sample (VGG at 224x224: 150,528)
@@ -35,6 +36,9 @@ class HyparConfig:
                                               min=1, max=65536)
     search: Literal["hierarchical", "joint"] = option(
         "hierarchical", help="hierarchical: the paper's level-by-level DP; joint: optimal over all levels")
+    partitions: list[Literal["dp", "mp", "mp_out"]] = option(
+        ["dp", "mp"], help="partitions searched per layer and level: dp (batch), mp (the paper's input-channel "
+                           "split), mp_out (output-channel split, AccPar's third type)")
 
     def validate(self, path: str) -> None:
         if self.input_shape is not None and math.prod(self.input_shape) > MAX_SAMPLE_ELEMENTS:
@@ -47,15 +51,23 @@ class HyparConfig:
                                                       f"(e.g. {lo} or {lo * 2})")
         if self.network is not None:
             NETWORKS.get(self.network.lower(), f"{path}.network")
+        if not self.partitions or len(set(self.partitions)) != len(self.partitions):
+            raise ConfigError(f"{path}.partitions", f"got {self.partitions}, expected distinct names from dp, mp, "
+                                                    f"mp_out (e.g. [dp, mp] or [dp, mp, mp_out])")
+        states = len(self.partitions) ** int(math.log2(self.accelerators))
+        if self.search == "joint" and states > MAX_JOINT_STATES:
+            raise ConfigError(f"{path}.search", f"joint search over {len(self.partitions)} partitions on "
+                                                f"{self.accelerators} accelerators has {states:,} states per layer, "
+                                                f"more than {MAX_JOINT_STATES:,}: use search: hierarchical")
 
 
 def plan_layers(layers: list[LayerSpec], cfg: HyparConfig, title: str) -> HyparPlan:
     """Run the search and the baselines on a layer chain; returns the typed plan."""
-    levels = int(math.log2(cfg.accelerators))
+    space = StateSpace.of(cfg.partitions, int(math.log2(cfg.accelerators)))
     start = time.perf_counter()
-    plan = (joint_plan if cfg.search == "joint" else hierarchical_plan)(layers, cfg.batch, levels)
+    plan = (joint_plan if cfg.search == "joint" else hierarchical_plan)(layers, cfg.batch, space)
     seconds = time.perf_counter() - start
-    return build_plan(title, layers, plan, baselines(layers, cfg.batch, levels), cfg.batch, cfg.accelerators,
+    return build_plan(title, layers, plan, baselines(layers, cfg.batch, space), cfg.batch, cfg.accelerators,
                       cfg.dtype, cfg.search, seconds)
 
 

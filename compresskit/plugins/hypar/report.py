@@ -44,17 +44,19 @@ def totals_table(plan: HyparPlan) -> Table:
 
 def level_table(plan: HyparPlan) -> Table:
     """The stats table: one row per hierarchy level, then the total (the plan's total elements and bytes)."""
-    cols = ["level", "groups x accelerators", "dp layers", "mp layers", "weight gradients", "maps + errors",
-            "elements", "bytes", "share"]
+    cols = ["level", "groups x accelerators", "dp layers", "mp layers", "weight gradients", "partial sums",
+            "maps + errors", "elements", "bytes", "share"]
     rows: list[list[Any]] = [
         [s.level, f"{s.groups} x {s.group_size}", s.dp_layers, s.mp_layers, round(s.gradient_elements),
-         round(s.transition_elements), round(s.elements), human_bytes(s.bytes), f"{100 * s.share:.1f}%"]
+         round(s.partial_sum_elements), round(s.transition_elements), round(s.elements), human_bytes(s.bytes),
+         f"{100 * s.share:.1f}%"]
         for s in plan.level_stats]
     st = plan.level_stats
     total = sum(s.elements for s in st)
     rows.append(["total", f"{plan.accelerators} accelerators", sum(s.dp_layers for s in st),
                  sum(s.mp_layers for s in st), round(sum(s.gradient_elements for s in st)),
-                 round(sum(s.transition_elements for s in st)), round(total),
+                 round(sum(s.partial_sum_elements for s in st)), round(sum(s.transition_elements for s in st)),
+                 round(total),
                  human_bytes(total * plan.element_bytes), "100.0%" if st else "-"])
     return cols, rows
 
@@ -72,7 +74,8 @@ def layer_table(plan: HyparPlan) -> Table:
 def headline(plan: HyparPlan) -> str:
     """One line: hierarchy, batch, dtype, search and planner time."""
     return (f"{plan.accelerators} accelerators ({plan.levels} levels), batch {plan.batch}, {plan.dtype}, "
-            f"search: {plan.search}, planned in {plan.planner_seconds * 1000:.1f} ms")
+            f"search: {plan.search} over {', '.join(plan.partitions)}, "
+            f"planned in {plan.planner_seconds * 1000:.1f} ms")
 
 
 def summary(plan: HyparPlan) -> str:
@@ -86,8 +89,10 @@ _SECTIONS = [("Totals (communication per training step, all accelerators)", "Tot
              ("Per hierarchy level", "Per hierarchy level", level_table),
              ("Per layer", "Per layer", layer_table)]
 _LEVEL_NOTE = ("Level k splits each of its 2^k groups of accelerators in two. Elements cross the split in both "
-               "directions, summed over the groups: weight gradients of the layers data parallel there, and the "
-               "feature maps (forward) and errors (backward) re-laid out between layers.")
+               "directions, summed over the groups: weight gradients of the layers data parallel there, partial "
+               "sums completed inside the layers model parallel there (mp: outputs, forward; mp_out: input "
+               "errors, backward), and the feature maps (forward) and errors (backward) re-laid out between "
+               "layers.")
 
 
 def render_markdown(plan: HyparPlan) -> str:

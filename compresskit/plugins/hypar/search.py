@@ -1,110 +1,131 @@
 """HyPar search: the layer-wise dynamic program (Viterbi over layer states) and its hierarchical application.
 
-* :func:`hierarchical_plan` is the paper's procedure: level by level from the top, one two-state DP per level on
-  tensor sizes reduced by the choices already made above.
-* :func:`joint_plan` runs one DP whose per-layer state is the tuple of choices at every level (``2^h`` states), so it
-  is optimal over all hierarchical assignments (checked against :func:`exhaustive_plan` in the tests).
+* :func:`hierarchical_plan` is the paper's procedure: level by level from the top, one DP per level over the
+  allowed partitions, on tensor sizes reduced by the choices already made above.
+* :func:`joint_plan` runs one DP whose per-layer state is the tuple of choices at every level (``P^h`` states for
+  ``P`` partitions), so it is optimal over all hierarchical assignments (checked against :func:`exhaustive_plan`).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .cost import DP, MP, bits, inter, intra, level_tables, level_terms, plan_cost
+from .cost import (DP, MP, MP_OUT, PARTITION_NAMES, Scales, StateSpace, all_assignments, chain_unary, inter, intra,
+                   pair_base, plan_cost)
 from .graph import LayerSpec
+
+MAX_JOINT_STATES = 4096   # P^h per layer; beyond it the joint DP's P^2h pairs per layer take too long
 
 
 @dataclass
 class Plan:
-    """One state per layer (bit k = choice at level k) and its total communication in elements."""
+    """One state per layer (see :class:`~.cost.StateSpace`) and its total communication in elements."""
 
     states: list[int]
     elements: float
-    levels: int
+    space: StateSpace
+
+    @property
+    def levels(self) -> int:
+        """Levels of the hierarchy."""
+        return self.space.levels
+
+    def codes(self, layer: int) -> tuple[int, ...]:
+        """Partition codes (DP/MP/MP_OUT) per level, top first, of one layer."""
+        return self.space.choices(self.states[layer])
 
     def choices(self, layer: int) -> list[str]:
-        """'dp'/'mp' per level (top first) for one layer."""
-        return ["mp" if b else "dp" for b in bits(self.states[layer], self.levels)]
+        """'dp' / 'mp' / 'mp_out' per level (top first) for one layer."""
+        return [PARTITION_NAMES[c] for c in self.codes(layer)]
 
 
-def viterbi(unary: np.ndarray, pairwise: np.ndarray) -> tuple[list[int], float]:
-    """Minimise ``sum_l unary[l, s_l] + sum_l pairwise[l, s_l, s_{l+1}]`` over state sequences."""
-    n_layers = unary.shape[0]
+def viterbi(unary: np.ndarray, pairwise: Callable[[int], np.ndarray]) -> tuple[list[int], float]:
+    """Minimise ``sum_l unary[l, s_l] + sum_l pairwise(l)[s_l, s_{l+1}]`` over state sequences."""
+    n_layers, n_states = unary.shape
     best = unary[0].copy()
-    back = np.zeros((n_layers, unary.shape[1]), dtype=np.int64)
+    back = np.zeros((n_layers, n_states), dtype=np.int64)
     for l in range(1, n_layers):
-        cand = best[:, None] + pairwise[l - 1]                   # [prev state, state]
+        cand = best[:, None] + pairwise(l - 1)                   # [prev state, state]
         back[l] = np.argmin(cand, axis=0)
-        best = cand[back[l], np.arange(unary.shape[1])] + unary[l]
+        best = cand[back[l], np.arange(n_states)] + unary[l]
     path = [int(np.argmin(best))]
     for l in range(n_layers - 1, 0, -1):
         path.append(int(back[l, path[-1]]))
     return path[::-1], float(best.min())
 
 
-def one_split(layers: Sequence[LayerSpec], batch: float, weight_scale: Sequence[float] | None = None,
-              boundary_scale: Sequence[float] | None = None) -> tuple[list[int], float]:
-    """The layer-wise DP for one binary split (two workers); optional per-layer size scales from levels above."""
+def one_split(layers: Sequence[LayerSpec], batch: float, partitions: Sequence[int] = (DP, MP),
+              scales: Sequence[Scales] | None = None) -> tuple[list[int], float]:
+    """The layer-wise DP for one binary split (two workers, per-accelerator elements); ``scales`` are the
+    per-layer size factors from the levels above. Returns partition codes per layer and the cost."""
     n = len(layers)
-    ws = weight_scale or [1.0] * n
-    bs = boundary_scale or [1.0] * n
-    unary = np.array([[intra(l, DP, ws[i]), intra(l, MP, ws[i])] for i, l in enumerate(layers)])
-    pairwise = np.array([[[inter(layers[i + 1], a, b, batch * bs[i + 1]) for b in (DP, MP)] for a in (DP, MP)]
-                         for i in range(n - 1)]).reshape(max(n - 1, 0), 2, 2)
-    return viterbi(unary, pairwise)
+    sc = list(scales) if scales is not None else [Scales()] * n
+    unary = np.array([[intra(l, c, batch, sc[i], first=i == 0) for c in partitions] for i, l in enumerate(layers)])
+
+    def pairwise(i: int) -> np.ndarray:
+        return np.array([[sum(inter(layers[i + 1], a, b, batch, sc[i + 1])) for b in partitions]
+                         for a in partitions])
+
+    idx, cost = viterbi(unary, pairwise)
+    return [partitions[j] for j in idx], cost
 
 
-def hierarchical_plan(layers: Sequence[LayerSpec], batch: int, levels: int) -> Plan:
-    """The paper's hierarchical layer-wise DP: one two-state DP per level, top-down."""
+def hierarchical_plan(layers: Sequence[LayerSpec], batch: int, space: StateSpace) -> Plan:
+    """The paper's hierarchical layer-wise DP: one DP over the allowed partitions per level, top-down."""
     n = len(layers)
-    states = [0] * n
-    total = 0.0
-    for k in range(levels):
-        w_scale = [0.5 ** sum(bits(states[i], k)) for i in range(n)]                       # mp above halves W
-        b_scale = [0.5 ** sum(1 - c for c in bits(states[i], k)) for i in range(n)]        # dp above halves batch
-        choice, cost = one_split(layers, batch, w_scale, b_scale)
-        total += 2**k * cost
-        states = [s | (c << k) for s, c in zip(states, choice)]
-    return Plan(states, total, levels)
+    codes: list[list[int]] = [[] for _ in range(n)]
+    for k in range(space.levels):
+        choice, _ = one_split(layers, batch, space.partitions, [Scales.above(c) for c in codes])
+        for i, c in enumerate(choice):
+            codes[i].append(c)
+    states = [space.state(c) for c in codes]
+    return Plan(states, plan_cost(layers, states, batch, space), space)
 
 
-def joint_plan(layers: Sequence[LayerSpec], batch: int, levels: int) -> Plan:
-    """Optimal hierarchical assignment: Viterbi over the ``2^levels`` per-layer states."""
-    intra_cost, inter_cost = level_tables(layers, batch, levels)
-    states, total = viterbi(intra_cost, inter_cost)
-    return Plan(states, total, levels)
+def joint_plan(layers: Sequence[LayerSpec], batch: int, space: StateSpace) -> Plan:
+    """Optimal hierarchical assignment: Viterbi over the ``P^levels`` per-layer states."""
+    base = pair_base(space)
+    states, total = viterbi(chain_unary(layers, batch, space),
+                            lambda i: base * (batch * layers[i + 1].input_elems))
+    return Plan(states, total, space)
 
 
-def exhaustive_plan(layers: Sequence[LayerSpec], batch: int, levels: int) -> Plan:
-    """Brute force over all ``2^(levels * layers)`` assignments (tests only: exponential)."""
+def exhaustive_plan(layers: Sequence[LayerSpec], batch: int, space: StateSpace) -> Plan:
+    """Brute force over all ``(P^levels)^layers`` assignments (tests only: exponential)."""
     best: Plan | None = None
-    for states in itertools.product(range(1 << levels), repeat=len(layers)):
-        cost = plan_cost(layers, states, batch, levels)
+    for states in all_assignments(len(layers), space):
+        cost = plan_cost(layers, states, batch, space)
         if best is None or cost < best.elements - 1e-9:
-            best = Plan(list(states), cost, levels)
+            best = Plan(list(states), cost, space)
     assert best is not None
     return best
 
 
-def uniform_plan(layers: Sequence[LayerSpec], batch: int, levels: int, conv: int, fc: int) -> Plan:
-    """Every level: ``conv`` choice for conv layers and ``fc`` choice for fully connected layers."""
-    full = (1 << levels) - 1
-    states = [(full if (conv if l.kind == "conv" else fc) == MP else 0) for l in layers]
-    return Plan(states, plan_cost(layers, states, batch, levels), levels)
+def uniform_plan(layers: Sequence[LayerSpec], batch: int, space: StateSpace, conv: int, fc: int) -> Plan:
+    """Every level: ``conv`` choice for conv layers and ``fc`` choice for fully connected layers (the choices are
+    evaluated even when ``space`` does not search them)."""
+    full = StateSpace((DP, MP, MP_OUT), space.levels)
+    states = [full.uniform(conv if l.kind == "conv" else fc) for l in layers]
+    return Plan(states, plan_cost(layers, states, batch, full), full)
 
 
-def baselines(layers: Sequence[LayerSpec], batch: int, levels: int) -> dict[str, Plan]:
-    """All data parallel, all model parallel, and 'one weird trick' (dp convolutions, mp fully connected)."""
-    return {
-        "all data parallel": uniform_plan(layers, batch, levels, DP, DP),
-        "all model parallel": uniform_plan(layers, batch, levels, MP, MP),
-        "one weird trick": uniform_plan(layers, batch, levels, DP, MP),
-    }
+def baselines(layers: Sequence[LayerSpec], batch: int, space: StateSpace) -> dict[str, Plan]:
+    """All data parallel, all model parallel (each model-parallel partition searched), and 'one weird trick'
+    (dp convolutions, model-parallel fully connected layers: Krizhevsky 2014 splits them by output neuron)."""
+    out = {"all data parallel": uniform_plan(layers, batch, space, DP, DP)}
+    mps = [c for c in space.partitions if c != DP] or [MP]
+    for c in mps:
+        suffix = "" if len(mps) == 1 else f" ({PARTITION_NAMES[c]})"
+        out[f"all model parallel{suffix}"] = uniform_plan(layers, batch, space, c, c)
+    owt = MP_OUT if MP_OUT in space.partitions else MP
+    out["one weird trick"] = uniform_plan(layers, batch, space, DP, owt)
+    return out
 
 
 def layer_costs(layers: Sequence[LayerSpec], plan: Plan, batch: int) -> list[float]:
-    """Elements charged to each layer: its own weight-gradient exchange plus the transition to the next layer."""
-    return [float(v) for v in level_terms(layers, plan.states, batch, plan.levels).sum(axis=(1, 2))]
+    """Elements charged to each layer: its own exchange plus the transition to the next layer."""
+    from .cost import level_terms
+
+    return [float(v) for v in level_terms(layers, plan.states, batch, plan.space).sum(axis=(1, 2))]

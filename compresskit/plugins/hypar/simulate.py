@@ -2,15 +2,19 @@
 
 Each worker holds full-shape buffers plus masks of which elements it holds *complete* and which only as a *partial
 sum*. Before a computation a worker fetches what it needs but lacks: a complete copy from its partner, or the
-partner's partial sum to add to its own. Every fetched element is counted. The computation itself uses only local
-data, and the assembled outputs and weight gradients are returned so they can be checked against autograd.
-This checks the communication model in :mod:`cost` (one split) from the tensors up.
+partner's partial sum to add to its own. Every fetched element is counted, per layer and phase, the way
+:func:`~.cost.level_terms` charges it. The computation itself uses only local data, and the assembled outputs and
+weight gradients are returned so they can be checked against autograd. This checks the communication model in
+:mod:`cost` (one split, every partition type) from the tensors up.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from .cost import BACKWARD, FORWARD, GRADIENT, PARTIAL_SUM, PHASES
 
 
 @dataclass
@@ -22,28 +26,29 @@ class _Held:
 
 @dataclass
 class SimulationResult:
-    """Elements moved by phase, plus the output and weight gradients assembled from the workers."""
+    """Elements fetched (both workers) per layer and phase, plus the output and weight gradients assembled from
+    the workers. ``terms[l, p]`` is charged like ``level_terms(...)[l, 0, p]``: layer ``l``'s own exchange
+    (gradient, partial sums) and the forward / backward transition between ``l`` and ``l + 1``."""
 
-    forward: int = 0
-    backward: int = 0
-    intra: int = 0
-    per_boundary: dict[int, int] = field(default_factory=dict)
+    terms: np.ndarray
     output: torch.Tensor | None = None
     grads: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.forward + self.backward + self.intra
+        """All fetched elements."""
+        return int(self.terms.sum())
 
 
 class TwoWorkerMLP:
-    """Bias-free MLP ``relu(x W_0^T) ... W_{L-1}^T`` trained with loss ``0.5 * ||out - target||^2`` on 2 workers."""
+    """Bias-free MLP ``relu(x W_0^T) ... W_{L-1}^T`` trained with loss ``0.5 * ||out - target||^2`` on 2 workers,
+    each layer ``dp`` (batch split), ``mp`` (kernel split by input channel) or ``mp_out`` (by output channel)."""
 
     def __init__(self, weights: list[torch.Tensor], x: torch.Tensor, target: torch.Tensor) -> None:
         self.weights, self.x, self.target = weights, x, target
         self.batch = x.shape[0]
-        if self.batch % 2 or any(w.shape[0] % 2 for w in weights):
-            raise ValueError("batch and every layer's output width must be even")
+        if self.batch % 2 or x.shape[1] % 2 or any(w.shape[0] % 2 for w in weights):
+            raise ValueError("batch, input width and every layer's output width must be even")
 
     def _rows(self, w: int) -> slice:
         half = self.batch // 2
@@ -54,7 +59,8 @@ class TwoWorkerMLP:
         half = width // 2
         return slice(w * half, (w + 1) * half)
 
-    def _fetch(self, store: list[dict[str, _Held]], w: int, name: str, need: torch.Tensor) -> int:
+    @staticmethod
+    def _fetch(store: list[dict[str, _Held]], w: int, name: str, need: torch.Tensor) -> int:
         mine, other = store[w][name], store[1 - w][name]
         missing = need & ~mine.complete
         if not missing.any():
@@ -69,41 +75,80 @@ class TwoWorkerMLP:
         mine.partial &= ~missing
         return int(missing.sum())
 
+    def _fetch_both(self, store: list[dict[str, _Held]], name: str, needs: list[torch.Tensor]) -> int:
+        """Both workers fetch at once (a partner's partial sums are read before either adds them)."""
+        snapshot = [{name: _Held(h.value.clone(), h.complete.clone(), h.partial.clone())} for h in
+                    (store[0][name], store[1][name])]
+        moved = 0
+        for w in range(2):
+            view = [snapshot[0], snapshot[1]]
+            view[w] = {name: store[w][name]}
+            moved += self._fetch(view, w, name, needs[w])
+        return moved
+
     @staticmethod
     def _empty(shape) -> _Held:
         return _Held(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool))
 
+    def _mask(self, shape: tuple[int, int], rows: slice, cols: slice) -> torch.Tensor:
+        m = torch.zeros(shape, dtype=torch.bool)
+        m[rows, cols] = True
+        return m
+
+    def _in_slices(self, choice: str, width: int, w: int) -> tuple[slice, slice]:
+        """Rows and columns of a layer's input (forward) a worker computes with."""
+        if choice == "dp":
+            return self._rows(w), slice(None)
+        if choice == "mp":
+            return slice(None), self._cols(width, w)
+        return slice(None), slice(None)
+
+    def _out_slices(self, choice: str, width: int, w: int) -> tuple[slice, slice]:
+        """Rows and columns of a layer's output (and of its error) a worker computes with."""
+        if choice == "dp":
+            return self._rows(w), slice(None)
+        if choice == "mp":
+            return slice(None), slice(None)
+        return slice(None), self._cols(width, w)
+
     def run(self, choices: list[str]) -> SimulationResult:
-        """Forward and backward with per-layer 'dp'/'mp' choices; returns counted elements and the results."""
+        """Forward and backward with per-layer 'dp' / 'mp' / 'mp_out' choices; returns counted elements and the
+        results."""
         n = len(self.weights)
-        res = SimulationResult()
+        terms = np.zeros((n, len(PHASES)), dtype=np.int64)
         store: list[dict[str, _Held]] = [{}, {}]
         widths = [self.x.shape[1]] + [w.shape[0] for w in self.weights]
-        for w in range(2):
-            store[w]["F0"] = _Held(self.x.clone(), torch.zeros_like(self.x, dtype=torch.bool),
+        for w in range(2):   # the input is loaded by each worker as it needs it
+            store[w]["F0"] = _Held(self.x.clone(), torch.ones_like(self.x, dtype=torch.bool),
                                    torch.zeros_like(self.x, dtype=torch.bool))
-        pre: list[list[torch.Tensor]] = [[None] * n, [None] * n]  # type: ignore[list-item]
         # ---------------------------------------------------------------------------------------- forward
         for l, (weight, choice) in enumerate(zip(self.weights, choices)):
-            shape_out = (self.batch, widths[l + 1])
+            shape_in, shape_out = (self.batch, widths[l]), (self.batch, widths[l + 1])
+            if l > 0:
+                needs = [self._mask(shape_in, *self._in_slices(choice, widths[l], w)) for w in range(2)]
+                terms[l - 1, FORWARD] += sum(self._fetch(store, w, f"F{l}", needs[w]) for w in range(2))
             for w in range(2):
-                store[w][f"F{l + 1}"] = self._empty(shape_out)
+                store[w][f"O{l}"] = self._empty(shape_out)
             for w in range(2):
-                rows = self._rows(w) if choice == "dp" else slice(None)
-                cols = slice(None) if choice == "dp" else self._cols(widths[l + 1], w)
-                need = torch.zeros(self.batch, widths[l], dtype=torch.bool)
-                need[rows] = True
-                if l == 0:  # input data is loaded by each worker directly
-                    store[w]["F0"].complete |= need
+                rows, cols = self._in_slices(choice, widths[l], w)
+                out = store[w][f"O{l}"]
+                if choice == "dp":
+                    out.value[rows] = store[w][f"F{l}"].value[rows] @ weight.t()
+                    out.complete[rows] = True
+                elif choice == "mp":      # partial sums of the whole output
+                    out.value[:] = store[w][f"F{l}"].value[:, cols] @ weight[:, cols].t()
+                    out.partial[:] = True
                 else:
-                    moved = self._fetch(store, w, f"F{l}", need)
-                    res.forward += moved
-                    res.per_boundary[l] = res.per_boundary.get(l, 0) + moved
-                z = store[w][f"F{l}"].value[rows] @ weight[cols].t()
-                pre[w][l] = z
-                out = store[w][f"F{l + 1}"]
-                out.value[rows, cols] = torch.relu(z) if l < n - 1 else z
-                out.complete[rows, cols] = True
+                    oc = self._cols(widths[l + 1], w)
+                    out.value[:, oc] = store[w][f"F{l}"].value @ weight[oc].t()
+                    out.complete[:, oc] = True
+            if choice == "mp":
+                terms[l, PARTIAL_SUM] += self._fetch_both(store, f"O{l}", [torch.ones(shape_out, dtype=torch.bool)] * 2)
+            for w in range(2):
+                o = store[w][f"O{l}"]
+                act = torch.relu(o.value) if l < n - 1 else o.value.clone()
+                store[w][f"F{l + 1}"] = _Held(act * o.complete, o.complete.clone(),
+                                              torch.zeros(shape_out, dtype=torch.bool))
         # ---------------------------------------------------------------------------------------- loss
         output = torch.zeros(self.batch, widths[-1])
         for w in range(2):
@@ -113,32 +158,36 @@ class TwoWorkerMLP:
             err.value[held.complete] = held.value[held.complete] - self.target[held.complete]
             err.complete = held.complete.clone()
             store[w][f"E{n}"] = err
-        res.output = output
         # ---------------------------------------------------------------------------------------- backward
         grads: list[torch.Tensor] = [torch.zeros_like(wt) for wt in self.weights]
         for l in range(n - 1, -1, -1):
             weight, choice = self.weights[l], choices[l]
+            shape_out = (self.batch, widths[l + 1])
+            needs = [self._mask(shape_out, *self._out_slices(choice, widths[l + 1], w)) for w in range(2)]
+            moved = sum(self._fetch(store, w, f"E{l + 1}", needs[w]) for w in range(2))
+            if l < n - 1:
+                terms[l, BACKWARD] += moved
+            elif moved:
+                raise RuntimeError("the loss error is computed where the output lies: nothing to fetch")
             for w in range(2):
                 store[w][f"dW{l}"] = self._empty(tuple(weight.shape))
                 if l > 0:
                     store[w][f"E{l}"] = self._empty((self.batch, widths[l]))
             for w in range(2):
-                rows = self._rows(w) if choice == "dp" else slice(None)
-                cols = slice(None) if choice == "dp" else self._cols(widths[l + 1], w)
-                need = torch.zeros(self.batch, widths[l + 1], dtype=torch.bool)
-                need[rows, cols] = True
-                moved = self._fetch(store, w, f"E{l + 1}", need)
-                res.backward += moved
-                res.per_boundary[l + 1] = res.per_boundary.get(l + 1, 0) + moved
+                rows, cols = self._out_slices(choice, widths[l + 1], w)
                 dz = store[w][f"E{l + 1}"].value[rows, cols]
                 if l < n - 1:
-                    dz = dz * (pre[w][l] > 0)
-                f_in = store[w][f"F{l}"].value[rows]
+                    dz = dz * (store[w][f"O{l}"].value[rows, cols] > 0)
+                f_in = store[w][f"F{l}"].value
                 dw = store[w][f"dW{l}"]
-                if choice == "dp":      # partial over this worker's half batch
-                    dw.value[:] = dz.t() @ f_in
+                if choice == "dp":        # partial over this worker's half batch
+                    dw.value[:] = dz.t() @ f_in[rows]
                     dw.partial[:] = True
-                else:                   # complete for this worker's output channels
+                elif choice == "mp":      # complete for this worker's input channels
+                    ic = self._cols(widths[l], w)
+                    dw.value[:, ic] = dz.t() @ f_in[:, ic]
+                    dw.complete[:, ic] = True
+                else:                     # complete for this worker's output channels
                     dw.value[cols] = dz.t() @ f_in
                     dw.complete[cols] = True
                 if l > 0:
@@ -146,17 +195,22 @@ class TwoWorkerMLP:
                     if choice == "dp":
                         err.value[rows] = dz @ weight
                         err.complete[rows] = True
-                    else:
+                    elif choice == "mp":
+                        ic = self._cols(widths[l], w)
+                        err.value[:, ic] = dz @ weight[:, ic]
+                        err.complete[:, ic] = True
+                    else:                 # partial sums of the whole input error
                         err.value[:] = dz @ weight[cols]
                         err.partial[:] = True
-            if choice == "dp":          # both replicas need the summed gradient
-                for w in range(2):
-                    res.intra += self._fetch(store, w, f"dW{l}", torch.ones(weight.shape, dtype=torch.bool))
+            if choice == "dp":            # both replicas need the summed gradient
+                terms[l, GRADIENT] += self._fetch_both(store, f"dW{l}", [torch.ones(weight.shape, dtype=torch.bool)] * 2)
+            if choice == "mp_out" and l > 0:
+                terms[l, PARTIAL_SUM] += self._fetch_both(store, f"E{l}",
+                                                          [torch.ones((self.batch, widths[l]), dtype=torch.bool)] * 2)
             for w in range(2):
                 held = store[w][f"dW{l}"]
                 grads[l][held.complete] = held.value[held.complete]
-        res.grads = grads
-        return res
+        return SimulationResult(terms, output, grads)
 
 
 def reference(weights: list[torch.Tensor], x: torch.Tensor, target: torch.Tensor
