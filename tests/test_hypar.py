@@ -2,7 +2,6 @@
 layer graphs from traced models, and the planner report / CLI."""
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys

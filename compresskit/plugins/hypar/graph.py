@@ -55,6 +55,13 @@ def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], 
 
     Errors are ConfigErrors naming ``model_path`` (untraceable model, no weighted layers) or ``input_path`` (the
     sample input does not fit the model): the caller passes the recipe fields they come from."""
+    return trace_shapes(model, sample_input, model_path=model_path, input_path=input_path)[1]
+
+
+def trace_shapes(model: nn.Module, sample_input: tuple[torch.Tensor, ...], *, model_path: str = "model",
+                 input_path: str = "input_shape") -> tuple[Any, list[LayerSpec]]:
+    """The traced ``torch.fx.GraphModule`` (its nodes carry ``tensor_meta``) and its weighted layers, as
+    :func:`layers_from_model`."""
     from torch.fx import symbolic_trace
 
     try:
@@ -102,7 +109,7 @@ def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], 
                                 _numel(inp.shape) // batch, out_elems, weight, out_elems * module.weight[0].numel()))
     if not layers:
         raise ConfigError(model_path, f"{type(model).__name__} has no Conv/Linear layers to plan")
-    return layers
+    return traced, layers
 
 
 # ------------------------------------------------------------------------------------------------ paper networks
