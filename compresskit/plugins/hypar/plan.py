@@ -17,6 +17,7 @@ from ...errors import ConfigError
 from ...schema import build
 from .cost import BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, PARTIAL_SUM, PARTITION_NAMES, level_terms
 from .graph import LayerSpec
+from .perf import compare, step_estimate
 from .search import Plan
 
 
@@ -59,7 +60,9 @@ class HyparPlan:
     """A HyPar plan for ``accelerators = 2^levels`` accelerators with totals and ratios against the baselines.
 
     ``total_elements`` / ``total_bytes`` have the key ``hypar`` and one key per baseline; ``ratio_vs_hypar`` is
-    baseline / HyPar per baseline (``None`` when HyPar moves nothing)."""
+    baseline / HyPar per baseline (``None`` when HyPar moves nothing). ``step`` is the modelled training step
+    (:mod:`~.perf`, :data:`~.perf.HMC_ACCELERATOR`) of HyPar and each baseline: ``seconds``, ``joules``, and
+    ``speedup`` / ``energy_efficiency`` against all data parallel."""
 
     title: str
     accelerators: int
@@ -74,6 +77,7 @@ class HyparPlan:
     total_elements: dict[str, float]
     total_bytes: dict[str, float]
     ratio_vs_hypar: dict[str, Optional[float]]
+    step: dict[str, dict[str, float]]     # modelled step per plan: seconds, joules, speedup / energy vs all-DP
 
     # ------------------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -151,10 +155,16 @@ def build_plan(title: str, layers: Sequence[LayerSpec], plan: Plan, baselines: d
                                 elements, elements * elem_bytes,
                                 elements / total if total else 0.0))
     totals = {"hypar": total, **{name: float(p.elements) for name, p in baselines.items()}}
+    estimates = {name: step_estimate(layers, level_terms(layers, p.states, batch, p.space),
+                                     [p.choices(i) for i in range(len(layers))], batch, accelerators,
+                                     element_bytes=elem_bytes)
+                 for name, p in {"hypar": plan, **baselines}.items()}
+    ratios = compare(estimates)
     return HyparPlan(
         title=title, accelerators=accelerators, levels=levels, batch=batch, dtype=dtype, search=search,
         partitions=[PARTITION_NAMES[c] for c in plan.space.partitions], planner_seconds=float(seconds),
         layers=rows, level_stats=stats, total_elements=totals,
         total_bytes={k: v * elem_bytes for k, v in totals.items()},
         ratio_vs_hypar={name: (float(p.elements) / total if total else None) for name, p in baselines.items()},
+        step={name: {"seconds": e.seconds, "joules": e.joules, **ratios[name]} for name, e in estimates.items()},
     )

@@ -17,6 +17,7 @@ from typing import Any
 from ...atomic import write_bytes, write_text
 from ...plots import Figure, render_png
 from ...report import html_table, human_bytes, markdown_table
+from .perf import HMC_ACCELERATOR
 from .plan import HyparPlan
 
 Table = tuple[list[str], list[list[Any]]]
@@ -39,6 +40,14 @@ def totals_table(plan: HyparPlan) -> Table:
     rows = [["HyPar", round(plan.total_elements["hypar"]), human_bytes(plan.total_bytes["hypar"]), 1.0]]
     rows += [[name, round(plan.total_elements[name]), human_bytes(plan.total_bytes[name]), plan.ratio_vs_hypar[name]]
              for name in plan.baselines]
+    return cols, rows
+
+
+def step_table(plan: HyparPlan) -> Table:
+    """HyPar and every baseline: the modelled step time and energy, and their ratios against all data parallel."""
+    cols = ["plan", "step time (ms)", "energy (J)", "speedup vs all-DP", "energy efficiency vs all-DP"]
+    rows = [[{"hypar": "HyPar"}.get(name, name), 1000 * v["seconds"], v["joules"], v["speedup"],
+             v["energy_efficiency"]] for name, v in plan.step.items()]
     return cols, rows
 
 
@@ -86,6 +95,7 @@ def summary(plan: HyparPlan) -> str:
 
 
 _SECTIONS = [("Totals (communication per training step, all accelerators)", "Totals", totals_table),
+             ("Modelled step time and energy", "Modelled step time and energy", step_table),
              ("Per hierarchy level", "Per hierarchy level", level_table),
              ("Per layer", "Per layer", layer_table)]
 _LEVEL_NOTE = ("Level k splits each of its 2^k groups of accelerators in two. Elements cross the split in both "
@@ -95,6 +105,11 @@ _LEVEL_NOTE = ("Level k splits each of its 2^k groups of accelerators in two. El
                "layers.")
 
 
+_STEP_NOTE = (f"One training step on {HMC_ACCELERATOR.name} accelerators (compute, memory traffic and links; "
+              "parameters and their sources in docs/hypar.md). The paper reports 3.39x speedup and 1.51x energy "
+              "efficiency over data parallelism on 16 accelerators (geometric means over its ten networks).")
+
+
 def render_markdown(plan: HyparPlan) -> str:
     """plan.md."""
     parts = [f"# HyPar plan: {plan.title}", "", headline(plan), ""]
@@ -102,6 +117,8 @@ def render_markdown(plan: HyparPlan) -> str:
         parts += [f"## {title}", ""]
         if table is level_table:
             parts += [_LEVEL_NOTE, ""]
+        if table is step_table:
+            parts += [_STEP_NOTE, ""]
         parts += [markdown_table(*table(plan)), ""]
     parts += ["![communication per layer](comm_per_layer.png)", ""]
     return "\n".join(parts)
@@ -116,7 +133,8 @@ def render_html(plan: HyparPlan, png: bytes) -> str:
             img = base64.b64encode(png).decode()
             body.append(f"<h2>Communication per layer</h2>"
                         f"<img alt='communication per layer' src='data:image/png;base64,{img}'>")
-        note = f"<p>{html.escape(_LEVEL_NOTE)}</p>" if table is level_table else ""
+        note = {level_table: f"<p>{html.escape(_LEVEL_NOTE)}</p>",
+                step_table: f"<p>{html.escape(_STEP_NOTE)}</p>"}.get(table, "")
         body.append(f"<h2>{short}</h2>{note}{html_table(*table(plan))}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>HyPar plan: {title}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
