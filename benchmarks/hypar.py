@@ -3,11 +3,12 @@ partitions [dp, mp] and AccPar's [dp, mp, mp_out]), the modelled step time and e
 paper's 3.39x / 1.51x, residual and Inception graphs (exact DAG search vs the chain approximation), planner run time
 on long chains, and measured step time of planned models on 2 and 4 gloo processes.
 
-    python benchmarks/hypar.py [--batch 256] [--accelerators 16] [--skip-steps]
+    python benchmarks/hypar.py [--batch 256] [--accelerators 16]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -16,7 +17,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import publish  # noqa: E402
 
-from compresskit.plugins.hypar.cost import StateSpace  # noqa: E402
+from compresskit.plugins.hypar.cost import StateSpace, level_terms  # noqa: E402
+from compresskit.plugins.hypar.dag import chain_approximation, dag_cost, dag_plan, inception_graph, resnet_graph  # noqa: E402,E501
+from compresskit.plugins.hypar.perf import (HMC_ACCELERATOR, PAPER_HEADLINE, SOURCES, compare, geomean,  # noqa: E402
+                                            step_estimate)
 from compresskit.plugins.hypar.graph import PAPER_EVALUATED, PAPER_NETWORKS, paper_network, synthetic_chain  # noqa: E402
 from compresskit.plugins.hypar.search import baselines, hierarchical_plan, joint_plan  # noqa: E402
 
@@ -60,6 +64,69 @@ def communication(batch: int, accelerators: int) -> None:
             {"batch": batch, "accelerators": accelerators, "dtype": "float32", "networks": nets})
 
 
+def step_model(batch: int, accelerators: int) -> None:
+    """Modelled step time and energy of HyPar against all-DP per paper network, and their geometric means next to
+    the paper's 3.39x / 1.51x (both with the gradient exchange overlapped and without)."""
+    levels = accelerators.bit_length() - 1
+    space = StateSpace.of(PARTITION_SETS["paper"], levels)
+    rows, nets = [], []
+    means: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
+    for name in PAPER_EVALUATED:
+        layers = paper_network(name)
+        plans = {"hypar": hierarchical_plan(layers, batch, space),
+                 "all data parallel": baselines(layers, batch, space)["all data parallel"]}
+        for overlap in (True, False):
+            spec = dataclasses.replace(HMC_ACCELERATOR, overlap=overlap)
+            est = {k: step_estimate(layers, level_terms(layers, p.states, batch, p.space),
+                                    [p.choices(i) for i in range(len(layers))], batch, accelerators, spec)
+                   for k, p in plans.items()}
+            ratio = compare(est)["hypar"]
+            means[overlap][0].append(ratio["speedup"])
+            means[overlap][1].append(ratio["energy_efficiency"])
+            h, d = est["hypar"], est["all data parallel"]
+            rows.append([name, "yes" if overlap else "no", d.seconds * 1e3, h.seconds * 1e3, ratio["speedup"],
+                         d.joules, h.joules, ratio["energy_efficiency"],
+                         f"{100 * d.comm_seconds / d.seconds:.0f}%"])
+            nets.append({"network": name, "overlap": overlap, "dp": dataclasses.asdict(d),
+                         "hypar": dataclasses.asdict(h), **ratio})
+    for overlap, (spd, eff) in means.items():
+        rows.append(["geomean", "yes" if overlap else "no", "", "", geomean(spd), "", "", geomean(eff), ""])
+    rows.append(["paper (HPCA 2019)", "", "", "", PAPER_HEADLINE["speedup"], "", "",
+                 PAPER_HEADLINE["energy_efficiency"], ""])
+    publish("hypar_step_model", ["network", "overlap", "all-DP ms", "HyPar ms", "speedup", "all-DP J", "HyPar J",
+                                 "energy efficiency", "all-DP link share"], rows,
+            {"batch": batch, "accelerators": accelerators, "accelerator": dataclasses.asdict(HMC_ACCELERATOR),
+             "sources": SOURCES, "paper": PAPER_HEADLINE, "networks": nets})
+
+
+def graphs(batch: int, accelerators: int) -> None:
+    """Residual and Inception graphs: all-DP, the chain approximation and the exact DAG plan, charged on the
+    whole graph (shortcuts and concat parts included)."""
+    levels = accelerators.bit_length() - 1
+    rows, out = [], []
+    for name, graph in (("resnet-18", resnet_graph(18)), ("resnet-50", resnet_graph(50)),
+                        ("inception 3a+3b", inception_graph())):
+        for set_name, names in PARTITION_SETS.items():
+            space = StateSpace.of(names, levels)
+            dp = dag_cost(graph, [space.uniform(0)] * graph.number_of_nodes(), batch, space)
+            chain = chain_approximation(graph, batch, space).elements
+            start = time.perf_counter()
+            try:
+                exact = dag_plan(graph, batch, space).elements
+            except ValueError as e:
+                rows.append([name, set_name, graph.number_of_nodes(), graph.number_of_edges(), dp / chain, "-",
+                             "-", str(e)[:40]])
+                continue
+            seconds = time.perf_counter() - start
+            rows.append([name, set_name, graph.number_of_nodes(), graph.number_of_edges(), dp / chain, dp / exact,
+                         chain / exact, f"{seconds * 1000:.0f} ms"])
+            out.append({"graph": name, "partitions": names, "all_dp": dp, "chain": chain, "exact": exact,
+                        "seconds": seconds})
+    publish("hypar_graphs", ["graph", "partitions", "layers", "edges", "all-DP / chain", "all-DP / exact",
+                             "chain / exact", "exact search"], rows,
+            {"batch": batch, "accelerators": accelerators, "graphs": out})
+
+
 def planner_time(batch: int) -> None:
     """Planner run time on long synthetic chains."""
     timing_rows, timing = [], []
@@ -81,9 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--accelerators", type=int, default=16)
-    parser.add_argument("--skip-steps", action="store_true", help="skip the measured gloo step times")
     args = parser.parse_args()
     communication(args.batch, args.accelerators)
+    print()
+    step_model(args.batch, args.accelerators)
+    print()
+    graphs(args.batch, args.accelerators)
     print()
     planner_time(args.batch)
 

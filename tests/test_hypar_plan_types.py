@@ -256,3 +256,25 @@ def test_runtime_errors_name_the_stage_field():
         compresskit.run(recipe)
     result = compresskit.apply(LeNet5(), {"stages": [{"plugin": "hypar", "input_shape": [1, 32, 32]}]})
     assert isinstance(result.plugins[0].plan, HyparPlan) and result.plugins[0].plan.title == "LeNet5"
+
+
+def test_plan_export_writes_placements_dtensor_can_read(tmp_path, capsys):
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    target = tmp_path / "exported.json"
+    assert main(["plan", "--model", "alexnet", "--accelerators", "4", "--out", str(tmp_path / "run"),
+                 "--set", "stages.0.partitions=[dp, mp, mp_out]", "--export", str(target)]) == 0
+    assert str(target) in capsys.readouterr().out
+    data = json.loads(target.read_text())
+    plan = HyparPlan.from_dict(data["plan"])
+    assert [p["module"] for p in data["placements"]] == [r.layer for r in plan.layers]
+    names = {"Shard": Shard, "Replicate": Replicate, "Partial": Partial}
+    want_weight = {"dp": Replicate(), "mp": Shard(1), "mp_out": Shard(0)}
+    for place, layer in zip(data["placements"], plan.layers):
+        assert place["choices"] == layer.choices and place["mesh_shape"] == [2, 2]
+        for key in ("weight", "bias", "input", "output"):
+            for text in place[key]:
+                kind, arg = text[:-1].split("(")
+                assert kind in names and (names[kind](int(arg)) if arg else names[kind]()) is not None
+        weights = [names[t.split("(")[0]](*(int(a) for a in t[:-1].split("(")[1:] if a)) for t in place["weight"]]
+        assert weights == [want_weight[c] for c in layer.choices]

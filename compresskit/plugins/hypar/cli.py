@@ -25,6 +25,8 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="one sample's input shape without the batch dim, to trace --model (default: the model's "
                         "own input_shape attribute)")
     p.add_argument("--out", help="output folder")
+    p.add_argument("--export", metavar="PLAN.json",
+                   help="also write the plan with its per-module placements (DTensor names on a (2,)*h mesh)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (stages.0.search=joint); repeatable")
     p.set_defaults(func=plan_command)
@@ -141,7 +143,12 @@ def plan_command(args: argparse.Namespace) -> int:
             raise
         raise ConfigError(shape_flag, f"{what}; give --input-shape the shape of one sample without the batch "
                                       f"dim") from None
-    for plugin in result.plugins:
+    exported = []
+    for i, plugin in enumerate(result.plugins):
         print(summary(plugin.plan))
-    print(f"wrote {out_dir}/plan.md, plan.html, comm_per_layer.png, plan.json")
+        if args.export:
+            stem, ext = os.path.splitext(args.export)
+            exported.append(plugin.plan.export(args.export if i == 0 else f"{stem}.{i}{ext}"))
+    print(f"wrote {out_dir}/plan.md, plan.html, comm_per_layer.png, plan.json" +
+          "".join(f", {p}" for p in exported))
     return 0

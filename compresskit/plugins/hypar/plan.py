@@ -120,6 +120,28 @@ class HyparPlan:
         """Bytes per element of ``dtype``."""
         return DTYPE_BYTES[self.dtype]
 
+    def placements(self) -> list[dict[str, Any]]:
+        """Per weighted layer, how its tensors lie on a device mesh of shape ``(2,) * levels`` (mesh dim k = level
+        k), in DTensor's placement names, so other tools can apply the plan: ``weight`` (``[out, in, ...]``: dp
+        Replicate, mp Shard(1), mp_out Shard(0)), ``bias``, ``input`` (dp Shard(0), mp Shard(1), mp_out
+        Replicate) and ``output`` (dp Shard(0), mp Partial until its partial sums are exchanged, mp_out
+        Shard(1))."""
+        table = {"dp": ("Replicate()", "Replicate()", "Shard(0)", "Shard(0)"),
+                 "mp": ("Shard(1)", "Replicate()", "Shard(1)", "Partial()"),
+                 "mp_out": ("Shard(0)", "Shard(0)", "Replicate()", "Shard(1)")}
+        out = []
+        for layer in self.layers:
+            rows = [table[c] for c in layer.choices]
+            out.append({"module": layer.layer, "kind": layer.kind, "choices": list(layer.choices),
+                        "mesh_shape": [2] * self.levels,
+                        **{key: [r[i] for r in rows] for i, key in enumerate(("weight", "bias", "input", "output"))}})
+        return out
+
+    def export(self, path: str | os.PathLike) -> str:
+        """Write the plan with its per-module placements (``{"plan": ..., "placements": [...]}``) atomically."""
+        return str(write_text(path, json.dumps({"plan": self.to_dict(), "placements": self.placements()},
+                                               indent=2) + "\n"))
+
     @property
     def baselines(self) -> list[str]:
         """Names of the baseline plans, in report order."""
