@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 from compresskit.plugins.hypar.cost import StateSpace, plan_cost
-from compresskit.plugins.hypar.dag import (add_layer, chain_approximation, chain_graph, dag_cost, dag_plan,
-                                           exhaustive_dag_plan, graph_from_model, inception_graph, resnet_graph)
+from compresskit.errors import ConfigError
+from compresskit.plugins.hypar.dag import (LayerGraph, add_layer, chain_approximation, chain_graph, dag_cost,
+                                           dag_plan, exhaustive_dag_plan, graph_from_model, inception_graph,
+                                           resnet_graph)
 from compresskit.plugins.hypar.graph import LayerSpec
 
 
 def _random_dag(gen, n):
-    graph = nx.DiGraph()
+    graph = LayerGraph()
     names = []
     for i in range(n):
         spec = LayerSpec(f"l{i}", "conv", int(torch.randint(1, 900, (1,), generator=gen)),
@@ -71,6 +73,8 @@ class _Residual(nn.Module):
 
 def test_traced_residual_model_has_its_shortcut_edge():
     graph = graph_from_model(_Residual(), (torch.randn(2, 3, 8, 8),))
+    assert isinstance(graph, LayerGraph) and graph.layer_names() == ["stem", "a", "b", "fc"]
+    assert [s.input_elems for s in graph.specs()] == [3 * 64, 8 * 64, 8 * 64, 32]
     edges = {(u, v): d["elems"] for u, v, d in graph.edges(data=True)}
     # stem -> a (its input), stem -> b (the shortcut, added in b's layout), a -> b, b -> fc (pooled sum)
     assert edges == {("stem", "a"): 8 * 8 * 8, ("stem", "b"): 8 * 8 * 8, ("a", "b"): 8 * 8 * 8, ("b", "fc"): 32}
@@ -94,3 +98,100 @@ def test_resnet_graphs_exact_is_never_worse_than_the_chain(depth, n_layers):
 def test_too_wide_graph_is_refused():
     with pytest.raises(ValueError, match="exact DAG search needs a table"):
         dag_plan(inception_graph(), 256, StateSpace.of(["dp", "mp", "mp_out"], 4))
+
+
+class _Concat(nn.Module):
+    """Two branches of different widths concatenated, pooled, then a conv reused twice (one node per call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.left = nn.Conv2d(4, 6, 3, padding=1)
+        self.right = nn.Conv2d(4, 2, 1)
+        self.head = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.cat([self.left(x), torch.relu(self.right(x))], dim=1)
+        return self.head(self.head(nn.functional.max_pool2d(y, 2)))
+
+
+def test_traced_concat_model_gives_each_part_its_own_edge():
+    graph = graph_from_model(_Concat(), (torch.randn(2, 3, 8, 8),))
+    edges = {(u, v): d["elems"] for u, v, d in graph.edges(data=True)}
+    assert graph.layer_names() == ["stem", "left", "right", "head", "head#2"]
+    assert edges == {("stem", "left"): 4 * 64, ("stem", "right"): 4 * 64, ("left", "head"): 6 * 16,
+                     ("right", "head"): 2 * 16, ("head", "head#2"): 8 * 16}
+
+
+def test_untraceable_model_is_a_config_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x
+
+    with pytest.raises(ConfigError, match="cannot trace"):
+        graph_from_model(Branchy(), (torch.randn(2, 4),), model_path="hypar.model")
+
+
+class _Basic(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+class _ResNet18(nn.Module):
+    """torchvision's ResNet-18 layout (without torchvision)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        blocks, cin = [], 64
+        for stage, width in enumerate((64, 128, 256, 512)):
+            for b in range(2):
+                blocks.append(_Basic(cin, width, 2 if b == 0 and stage > 0 else 1))
+                cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, 1000)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(x), 1), 1))
+
+
+def test_resnet18_builder_equals_the_traced_network():
+    traced = graph_from_model(_ResNet18(), (torch.randn(1, 3, 224, 224),))
+    built = resnet_graph(18)
+    rename = dict(zip(traced.layer_names(), built.layer_names()))
+    key = lambda s: (s.kind, s.input_elems, s.output_elems, s.weight_elems, s.macs)  # noqa: E731
+    assert [key(s) for s in traced.specs()] == [key(s) for s in built.specs()]
+    assert ({(rename[u], rename[v]): d["elems"] for u, v, d in traced.edges(data=True)}
+            == {(u, v): d["elems"] for u, v, d in built.edges(data=True)})
+
+
+def test_inception_graph_concat_parts():
+    graph = inception_graph()
+    assert graph.number_of_nodes() == 14 and nx.is_directed_acyclic_graph(graph)
+    names = graph.layer_names()
+    fc = graph.nodes[names[-1]]["spec"]
+    into_fc = sum(d["elems"] for _, _, d in graph.in_edges(names[-1], data=True))
+    assert graph.in_degree(names[-1]) == 4 and into_fc == fc.input_elems == 480
+    # every consumer of module 3a's concat (3b's 1x1, its two reduces and its pool branch) reads all four parts
+    consumers = [v for v in names if graph.in_degree(v) == 4 and v != names[-1]]
+    assert len(consumers) == 4
+    for v in consumers:
+        assert sum(d["elems"] for _, _, d in graph.in_edges(v, data=True)) == 256 * 28 * 28

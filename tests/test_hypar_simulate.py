@@ -62,3 +62,13 @@ def test_the_per_accelerator_table_on_two_layers():
 def test_odd_shapes_are_refused():
     with pytest.raises(ValueError, match="even"):
         TwoWorkerMLP([torch.randn(3, 4)], torch.randn(2, 4), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("choices", [["dp", "mp"], ["mp_out", "dp"], ["dp", "mp_out"], ["mp", "dp"], ["mp", "mp"]])
+def test_a_worker_never_computes_with_data_it_does_not_hold(monkeypatch, choices):
+    """Without the fetches (every choice pair here moves something) the workers lack data they compute with, and
+    the simulator refuses instead of silently computing with zeros."""
+    monkeypatch.setattr(TwoWorkerMLP, "_fetch", staticmethod(lambda store, w, name, need: 0))
+    sim = TwoWorkerMLP([torch.randn(8, 6), torch.randn(2, 8)], torch.randn(4, 6), torch.randn(4, 2))
+    with pytest.raises(RuntimeError, match="does not hold"):
+        sim.run(choices)

@@ -1,11 +1,19 @@
 """HyPar on graphs, not only chains: residual and concat networks as a networkx DAG of weighted layers.
 
-Nodes are weighted layers (``spec``: :class:`~.graph.LayerSpec`, ``order``: execution index). An edge ``u -> v`` with
-``elems`` (per sample) is a tensor that ``v`` consumes from ``u``'s output, through any non-weighted ops in between;
-it is charged like a chain transition (:func:`~.cost.pairwise_table`). Our conventions (AccPar charges a shortcut
-the same way, from the block's input producer): an element-wise add is materialised in the layout of its latest
-weighted input (the residual branch), so the shortcut becomes an edge from the shortcut's producer to that layer;
-a concat keeps its parts, so each branch gets its own edge to the consumer with its part's size.
+A :class:`LayerGraph` (a ``networkx.DiGraph``) has weighted layers as nodes (``spec``: :class:`~.graph.LayerSpec`,
+``order``: execution index). An edge ``u -> v`` with ``elems`` (per sample) is a tensor that ``v`` consumes from
+``u``'s output, through any non-weighted ops in between (activations, pooling, batch norm, flatten, add, concat);
+it is charged like a chain transition (:func:`~.cost.pairwise_table`, sized by the consumer). Our conventions (AccPar
+charges a shortcut the same way, from the block's input producer): an element-wise add is materialised in the layout
+of its latest weighted input in execution order (the residual branch's last conv, or the 1x1 projection when it runs
+after it, as in torchvision), so the shortcut becomes an edge from the shortcut's producer to that layer, charged
+with the sum's full size, and the sum's consumers read it from that layer; a concat keeps its parts, so each branch
+gets its own edge to every consumer with its part's size.
+
+Charging the add in each *consumer's* layout instead (an edge from every addend's producer to every consumer of the
+sum) counts a sum once per addend and, through chains of identity blocks, makes every later block read every earlier
+one: on ResNet-50 the induced width grows from 2 to 8 and the exact search would need tables of 16^9 entries at 16
+accelerators, where the convention above needs 16^3.
 
 The cost of an assignment (one state per node) is a sum of node and edge terms, so the optimum over all
 assignments is found exactly by min-sum variable elimination (:func:`dag_plan`), in time exponential only in the
@@ -13,6 +21,7 @@ induced width of the elimination order (2-3 on ResNets).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Sequence
 
@@ -22,10 +31,25 @@ import torch
 from torch import nn
 
 from .cost import StateSpace, pair_base, unary_table
-from .graph import LayerSpec, trace_shapes
+from .graph import LAYER_META, LayerSpec, trace_shapes
 from .search import Plan, joint_plan
 
 MAX_FACTOR_ENTRIES = 50_000_000
+
+
+class LayerGraph(nx.DiGraph):
+    """A DAG of weighted layers: node attributes ``spec`` (:class:`~.graph.LayerSpec`) and ``order`` (execution
+    index); edge attribute ``elems`` (elements per sample that the consumer reads from the producer's output).
+    Build it with :func:`add_layer` / :func:`merge_add`, :func:`chain_graph`, :func:`graph_from_model`,
+    :func:`resnet_graph` or :func:`inception_graph`; any ``networkx.DiGraph`` with these attributes plans the same."""
+
+    def layer_names(self) -> list[Any]:
+        """Node names in execution order (the order of a plan's states)."""
+        return _nodes(self)
+
+    def specs(self) -> list[LayerSpec]:
+        """The layers in execution order."""
+        return [self.nodes[v]["spec"] for v in _nodes(self)]
 
 
 def _nodes(graph: nx.DiGraph) -> list[Any]:
@@ -34,6 +58,8 @@ def _nodes(graph: nx.DiGraph) -> list[Any]:
 
 def add_layer(graph: nx.DiGraph, spec: LayerSpec, sources: Sequence[tuple[str, float]]) -> str:
     """Add ``spec`` as the next node, consuming ``sources`` ((producer, elements per sample) pairs)."""
+    if spec.name in graph:
+        raise ValueError(f"layer '{spec.name}' is already in the graph: layer names must be unique")
     graph.add_node(spec.name, spec=spec, order=graph.number_of_nodes())
     for src, elems in sources:
         if graph.has_edge(src, spec.name):
@@ -58,9 +84,9 @@ def merge_add(graph: nx.DiGraph, sources: Sequence[tuple[str, float]], elems: fl
     return [(owner, elems)]
 
 
-def chain_graph(layers: Sequence[LayerSpec]) -> nx.DiGraph:
+def chain_graph(layers: Sequence[LayerSpec]) -> LayerGraph:
     """A chain as a graph: each layer consumes the previous one's output (``input_elems``)."""
-    graph = nx.DiGraph()
+    graph = LayerGraph()
     prev: list[tuple[str, float]] = []
     for spec in layers:
         prev = [(add_layer(graph, spec, [(p, spec.input_elems) for p, _ in prev]), spec.output_elems)]
@@ -68,14 +94,16 @@ def chain_graph(layers: Sequence[LayerSpec]) -> nx.DiGraph:
 
 
 # ------------------------------------------------------------------------------------------------ from a model
-def graph_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...]) -> nx.DiGraph:
-    """Trace ``model`` (torch.fx + shape propagation, as :func:`~.graph.layers_from_model`) and build its graph of
-    Conv/Linear layers; every other op passes its inputs' producers on (add: :func:`merge_add`; anything else with
-    one tensor input rescales the sizes to its output)."""
-    traced, layers = trace_shapes(model, sample_input)
-    by_target = {l.name: l for l in layers}
+def graph_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], *, model_path: str = "model",
+                     input_path: str = "input_shape") -> LayerGraph:
+    """Trace ``model`` (torch.fx + shape propagation, as :func:`~.graph.layers_from_model`, with its ConfigErrors)
+    and build its graph of Conv/Linear layers; every other op passes its inputs' producers on (add / sub:
+    :func:`merge_add`; one tensor input: the sizes rescaled to its output; concat and any other op with several
+    tensor inputs: the parts keep their sizes). A module called more than once gives one node per call
+    (``name#2``, ...)."""
+    traced, _ = trace_shapes(model, sample_input, model_path=model_path, input_path=input_path)
     batch = int(sample_input[0].shape[0])
-    graph = nx.DiGraph()
+    graph = LayerGraph()
     sources: dict[Any, list[tuple[str, float]]] = {}
 
     def size(node: Any) -> float:
@@ -86,11 +114,15 @@ def graph_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...]) -
 
     for node in traced.graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in sources]
-        if node.op == "call_module" and str(node.target) in by_target:
-            spec = by_target[str(node.target)]
-            srcs = [(s, e) for a in inputs for s, e in sources[a]]
-            add_layer(graph, spec, srcs)
-            sources[node] = [(spec.name, float(spec.output_elems))]
+        spec = node.meta.get(LAYER_META)
+        if spec is not None:
+            name, k = spec.name, 1
+            while name in graph:
+                k += 1
+                name = f"{spec.name}#{k}"
+            spec = dataclasses.replace(spec, name=name)
+            add_layer(graph, spec, [(s, e) for a in inputs for s, e in sources[a]])
+            sources[node] = [(name, float(spec.output_elems))]
             continue
         out = size(node)
         srcs = [(s, e) for a in inputs for s, e in sources[a]]
@@ -107,15 +139,17 @@ def graph_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...]) -
 
 
 # ------------------------------------------------------------------------------------------------ built-in graphs
-def resnet_graph(depth: int) -> nx.DiGraph:
-    """ResNet-18 / -34 / -50 / -101 on 224x224 ImageNet (He et al. 2016): basic or bottleneck blocks, 1x1 stride-2
-    projections where the shape changes, identity shortcuts elsewhere."""
+def resnet_graph(depth: int) -> LayerGraph:
+    """ResNet-18 / -34 / -50 / -101 on 224x224 ImageNet (He et al. 2016, torchvision's layout: stride on the 3x3 of a
+    bottleneck, convs without bias): basic or bottleneck blocks, 1x1 projections where the shape changes, identity
+    shortcuts elsewhere; adds as in the module docstring. Equal, edge for edge, to :func:`graph_from_model` on the
+    same network (checked in the tests for ResNet-18)."""
     blocks = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3]),
               101: ("bottleneck", [3, 4, 23, 3])}
     if depth not in blocks:
         raise ValueError(f"resnet depth {depth}: expected one of {sorted(blocks)}")
     kind, counts = blocks[depth]
-    graph = nx.DiGraph()
+    graph = LayerGraph()
     n = [0]
 
     def conv(cin: int, cout: int, k: int, hw_in: int, stride: int, srcs: list[tuple[str, float]]) -> tuple[str, int]:
@@ -153,10 +187,13 @@ def resnet_graph(depth: int) -> nx.DiGraph:
     return graph
 
 
-def inception_graph() -> nx.DiGraph:
-    """GoogLeNet's inception 3a and 3b modules (Szegedy et al. 2015) on a 192 x 28 x 28 stem output, then a
-    1000-way classifier: four branches (1x1; 1x1 -> 3x3; 1x1 -> 5x5; 3x3 pool -> 1x1) concatenated."""
-    graph = nx.DiGraph()
+def inception_graph() -> LayerGraph:
+    """An Inception-style graph (our construction): GoogLeNet's inception 3a and 3b modules (Szegedy et al. 2015,
+    their channel counts) at 28 x 28, each four branches (1x1; 1x1 -> 3x3; 1x1 -> 5x5; 3x3/1 max pool -> 1x1)
+    concatenated; fed by a stand-in stem (one 3x3 conv 64 -> 192 at 28 x 28, not GoogLeNet's) and followed by
+    global average pooling and a 1000-way classifier. 14 layers; every branch of a module feeds every consumer of
+    the concat with its part."""
+    graph = LayerGraph()
     hw = 28
     n = [0]
 

@@ -38,6 +38,9 @@ def _numel(shape) -> int:
     return n
 
 
+LAYER_META = "hypar_layer"   # fx node meta key of a weighted layer's LayerSpec (set by trace_shapes)
+
+
 class _ShapeProp(ShapeProp):
     """torch.fx ShapeProp that remembers the node it is running (for the error message)."""
 
@@ -60,8 +63,8 @@ def layers_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], 
 
 def trace_shapes(model: nn.Module, sample_input: tuple[torch.Tensor, ...], *, model_path: str = "model",
                  input_path: str = "input_shape") -> tuple[Any, list[LayerSpec]]:
-    """The traced ``torch.fx.GraphModule`` (its nodes carry ``tensor_meta``) and its weighted layers, as
-    :func:`layers_from_model`."""
+    """The traced ``torch.fx.GraphModule`` (its nodes carry ``tensor_meta``; a weighted layer's node also carries its
+    :class:`LayerSpec` under ``meta[LAYER_META]``) and its weighted layers, as :func:`layers_from_model`."""
     from torch.fx import symbolic_trace
 
     try:
@@ -107,6 +110,7 @@ def trace_shapes(model: nn.Module, sample_input: tuple[torch.Tensor, ...], *, mo
         out_elems = _numel(out.shape) // batch
         layers.append(LayerSpec(str(node.target), "fc" if isinstance(module, nn.Linear) else "conv",
                                 _numel(inp.shape) // batch, out_elems, weight, out_elems * module.weight[0].numel()))
+        node.meta[LAYER_META] = layers[-1]
     if not layers:
         raise ConfigError(model_path, f"{type(model).__name__} has no Conv/Linear layers to plan")
     return traced, layers

@@ -87,6 +87,13 @@ class TwoWorkerMLP:
         return moved
 
     @staticmethod
+    def _local(held: _Held, rows: slice, cols: slice, what: str) -> torch.Tensor:
+        """The block ``[rows, cols]`` of a worker's own buffer, which it must hold complete (no hidden reads)."""
+        if not bool(held.complete[rows, cols].all()):
+            raise RuntimeError(f"computation reads {what} that the worker does not hold complete: layout bug")
+        return held.value[rows, cols]
+
+    @staticmethod
     def _empty(shape) -> _Held:
         return _Held(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool))
 
@@ -132,15 +139,16 @@ class TwoWorkerMLP:
             for w in range(2):
                 rows, cols = self._in_slices(choice, widths[l], w)
                 out = store[w][f"O{l}"]
-                if choice == "dp":
-                    out.value[rows] = store[w][f"F{l}"].value[rows] @ weight.t()
+                f_in = self._local(store[w][f"F{l}"], rows, cols, f"F{l}")
+                if choice == "dp":        # this worker's batch half, complete
+                    out.value[rows] = f_in @ weight.t()
                     out.complete[rows] = True
-                elif choice == "mp":      # partial sums of the whole output
-                    out.value[:] = store[w][f"F{l}"].value[:, cols] @ weight[:, cols].t()
+                elif choice == "mp":      # partial sums of the whole output (this worker's input channels)
+                    out.value[:] = f_in @ weight[:, cols].t()
                     out.partial[:] = True
-                else:
+                else:                     # this worker's output channels, whole batch, complete
                     oc = self._cols(widths[l + 1], w)
-                    out.value[:, oc] = store[w][f"F{l}"].value @ weight[oc].t()
+                    out.value[:, oc] = f_in @ weight[oc].t()
                     out.complete[:, oc] = True
             if choice == "mp":
                 terms[l, PARTIAL_SUM] += self._fetch_both(store, f"O{l}", [torch.ones(shape_out, dtype=torch.bool)] * 2)
@@ -151,6 +159,8 @@ class TwoWorkerMLP:
                                               torch.zeros(shape_out, dtype=torch.bool))
         # ---------------------------------------------------------------------------------------- loss
         output = torch.zeros(self.batch, widths[-1])
+        if not bool((store[0][f"F{n}"].complete | store[1][f"F{n}"].complete).all()):
+            raise RuntimeError("the workers do not hold the whole output between them: layout bug")
         for w in range(2):
             held = store[w][f"F{n}"]
             output[held.complete] = held.value[held.complete]
@@ -175,17 +185,18 @@ class TwoWorkerMLP:
                     store[w][f"E{l}"] = self._empty((self.batch, widths[l]))
             for w in range(2):
                 rows, cols = self._out_slices(choice, widths[l + 1], w)
-                dz = store[w][f"E{l + 1}"].value[rows, cols]
-                if l < n - 1:
-                    dz = dz * (store[w][f"O{l}"].value[rows, cols] > 0)
-                f_in = store[w][f"F{l}"].value
+                dz = self._local(store[w][f"E{l + 1}"], rows, cols, f"E{l + 1}")
+                if l < n - 1:             # ReLU mask from the pre-activation, where the error is used
+                    dz = dz * (self._local(store[w][f"O{l}"], rows, cols, f"O{l}") > 0)
+                f_rows, f_cols = self._in_slices(choice, widths[l], w)
+                f_in = self._local(store[w][f"F{l}"], f_rows, f_cols, f"F{l}")
                 dw = store[w][f"dW{l}"]
                 if choice == "dp":        # partial over this worker's half batch
-                    dw.value[:] = dz.t() @ f_in[rows]
+                    dw.value[:] = dz.t() @ f_in
                     dw.partial[:] = True
                 elif choice == "mp":      # complete for this worker's input channels
                     ic = self._cols(widths[l], w)
-                    dw.value[:, ic] = dz.t() @ f_in[:, ic]
+                    dw.value[:, ic] = dz.t() @ f_in
                     dw.complete[:, ic] = True
                 else:                     # complete for this worker's output channels
                     dw.value[cols] = dz.t() @ f_in
@@ -207,6 +218,8 @@ class TwoWorkerMLP:
             if choice == "mp_out" and l > 0:
                 terms[l, PARTIAL_SUM] += self._fetch_both(store, f"E{l}",
                                                           [torch.ones((self.batch, widths[l]), dtype=torch.bool)] * 2)
+            if not bool((store[0][f"dW{l}"].complete | store[1][f"dW{l}"].complete).all()):
+                raise RuntimeError(f"the workers do not hold the whole gradient of layer {l}: layout bug")
             for w in range(2):
                 held = store[w][f"dW{l}"]
                 grads[l][held.complete] = held.value[held.complete]
