@@ -76,7 +76,8 @@ def _apply_on_rank(args: argparse.Namespace) -> int:
     import hashlib
     import json
 
-    from .distributed.launch import RankStopped, agreement, connect, disconnect, same_everywhere
+    from .distributed.launch import (LOST_CONTACT, STOPPED, RankStopped, agreement, connect, disconnect,
+                                     same_everywhere)
     from .recipe import DistributedConfig, load_recipe
 
     loaded, problem = None, None
@@ -95,14 +96,14 @@ def _apply_on_rank(args: argparse.Namespace) -> int:
         return _apply(args, coll, loaded)
     except RankStopped as e:
         print(f"error: rank {coll.rank}: {e}; resume with --resume", file=sys.stderr)
-        return 143
+        return STOPPED
     except RuntimeError as e:
         if not _raised_by_collective(e):
             raise
         first = first_line(e, 200)
         print(f"error: rank {coll.rank}: lost contact with another rank ({first}); the last checkpoint is in "
               f"{args.out or loaded[0].output.dir}; resume with --resume", file=sys.stderr)
-        return 3
+        return LOST_CONTACT
     finally:   # leaving the group cleanly: exiting with its threads running aborts the process
         disconnect(coll)
 

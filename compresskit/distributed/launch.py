@@ -21,6 +21,11 @@ from . import launched_world
 from .collective import Collective
 
 
+LOST_CONTACT = 3      # exit status of a rank whose peer died or whose collective timed out
+STOPPED = 143         # exit status of a rank the launcher stopped (SIGTERM turned into RankStopped)
+CONSEQUENCES = (LOST_CONTACT, STOPPED, -signal.SIGTERM)
+
+
 class RankStopped(CompressKitError):
     """This rank was told to stop: the launcher ends the other ranks with SIGTERM when one fails."""
 
@@ -99,8 +104,9 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        # the launcher ends the survivors with SIGTERM: the cause is a rank that failed otherwise
-        rank, first = min(e.failures.items(), key=lambda item: (item[1].exitcode == -signal.SIGTERM,
+        # the launcher ends the survivors with SIGTERM, and a rank that lost its peer exits with LOST_CONTACT: the
+        # cause is a rank that failed otherwise (both can be seen in the same monitor tick)
+        rank, first = min(e.failures.items(), key=lambda item: (item[1].exitcode in CONSEQUENCES,
                                                                 item[1].timestamp, item[0]))
         if first.exitcode < 0:
             how = f"was killed by {signal.Signals(-first.exitcode).name}"
