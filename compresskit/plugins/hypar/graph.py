@@ -29,6 +29,7 @@ class LayerSpec:
     output_elems: int    # elements of the output feature map per sample
     weight_elems: int    # elements of the kernel (and of its gradient), bias included
     macs: int = 0        # multiply-accumulates of the forward pass per sample
+    bias_elems: int = 0  # of ``weight_elems``, the bias (replicated where the kernel is split by input channel)
 
 
 def _numel(shape) -> int:
@@ -109,7 +110,8 @@ def trace_shapes(model: nn.Module, sample_input: tuple[torch.Tensor, ...], *, mo
         weight = sum(p.numel() for p in module.parameters(recurse=False))
         out_elems = _numel(out.shape) // batch
         layers.append(LayerSpec(str(node.target), "fc" if isinstance(module, nn.Linear) else "conv",
-                                _numel(inp.shape) // batch, out_elems, weight, out_elems * module.weight[0].numel()))
+                                _numel(inp.shape) // batch, out_elems, weight, out_elems * module.weight[0].numel(),
+                                0 if module.bias is None else module.bias.numel()))
         node.meta[LAYER_META] = layers[-1]
     if not layers:
         raise ConfigError(model_path, f"{type(model).__name__} has no Conv/Linear layers to plan")

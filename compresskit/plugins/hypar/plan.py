@@ -190,3 +190,23 @@ def build_plan(title: str, layers: Sequence[LayerSpec], plan: Plan, baselines: d
         ratio_vs_hypar={name: (float(p.elements) / total if total else None) for name, p in baselines.items()},
         step={name: {"seconds": e.seconds, "joules": e.joules, **ratios[name]} for name, e in estimates.items()},
     )
+
+
+def fixed_plan(layers: Sequence[LayerSpec], choices: Sequence[Sequence[str]], batch: int, *,
+               dtype: str = "float32", title: str = "given plan") -> HyparPlan:
+    """The typed plan for choices given per layer and level (``[["dp", "mp"], ...]``, top level first), with the
+    same totals, baselines and modelled step as a searched one (e.g. to run or price a hand-made plan)."""
+    from .cost import StateSpace, plan_cost
+    from .search import baselines
+
+    if len(choices) != len(layers) or len({len(c) for c in choices}) != 1:
+        raise ConfigError("choices", f"need one list of per-level choices for each of the {len(layers)} layers, "
+                                     f"all of one length")
+    bad = sorted({c for row in choices for c in row} - set(PARTITION_NAMES))
+    if bad:
+        raise ConfigError("choices", f"got {bad[0]!r}, expected one of {', '.join(PARTITION_NAMES)}")
+    space = StateSpace.of(PARTITION_NAMES, len(choices[0]))
+    states = [space.state([PARTITION_NAMES.index(c) for c in row]) for row in choices]
+    plan = Plan(states, plan_cost(layers, states, batch, space), space)
+    return build_plan(title, layers, plan, baselines(layers, batch, space), batch, 2**space.levels, dtype,
+                      "given", 0.0)
