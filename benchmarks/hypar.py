@@ -3,7 +3,7 @@ partitions [dp, mp] and AccPar's [dp, mp, mp_out]), the modelled step time and e
 paper's 3.39x / 1.51x, residual and Inception graphs (exact DAG search vs the chain approximation), planner run time
 on long chains, and measured step time of planned models on 2 and 4 gloo processes.
 
-    python benchmarks/hypar.py [--batch 256] [--accelerators 16]
+    python benchmarks/hypar.py [--batch 256] [--accelerators 16] [--measured-batch 64] [--steps 5] [--only measured]
 """
 from __future__ import annotations
 
@@ -144,11 +144,135 @@ def planner_time(batch: int) -> None:
             timing_rows, {"target_seconds": 1.0, "timings": timing})
 
 
+# models sized for a 2-core machine, shaped like the paper's SFC (wide fully connected) and VGG's classifier
+MEASURED_MODELS = {
+    "SFC-like 1024-4096x3-16": [1024, 4096, 4096, 4096, 16],
+    "VGG-classifier-like 6272-2048-2048-1000": [6272, 2048, 2048, 1000],
+}
+
+
+def _mlp(widths: list[int]):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    mods: list = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        mods += [nn.Linear(a, b)] + ([nn.ReLU()] if i + 2 < len(widths) else [])
+    return nn.Sequential(*mods)
+
+
+def _timed_steps(rank: int, world: int, widths: list[int], batch: int, plan, steps: int) -> dict:
+    """One process: ``steps`` timed training steps (after 2 warm-up steps) of the plan, or of torch DDP when
+    ``plan`` is None. Returns per-step seconds (the slowest process's) and elements received per step."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from compresskit.plugins.hypar.parallel import parallelize, train_step
+
+    x = torch.randn(batch, widths[0], generator=torch.Generator().manual_seed(1))
+    target = torch.randn(batch, widths[-1], generator=torch.Generator().manual_seed(2))
+    loss_fn = nn.functional.mse_loss
+    if plan is None:
+        model = nn.parallel.DistributedDataParallel(_mlp(widths))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        rows = slice(rank * batch // world, (rank + 1) * batch // world)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x[rows]), target[rows]).backward()
+            optimizer.step()
+    else:
+        parallel = parallelize(_mlp(widths), plan)
+        optimizer = torch.optim.SGD(parallel.parameters(), lr=1e-3)
+
+        def step() -> None:
+            train_step(parallel, x, target, loss_fn, optimizer)
+    times = []
+    for i in range(steps + 2):
+        if i == 2 and plan is not None:
+            parallel.counter.reset()
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        took = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        if i >= 2:
+            times.append(float(took))
+    received = float(parallel.received().terms.sum()) / steps if plan is not None else None
+    return {"seconds": times, "received_per_step": received}
+
+
+def measured(batch: int, steps: int) -> None:
+    """Measured step time of a HyPar plan on 2 and 4 gloo processes (one torch thread each) against all-DP run by
+    the same executor and against torch DDP, for an SFC-like and a VGG-classifier-like model."""
+    import statistics
+
+    from compresskit.distributed.local import run_local
+    from compresskit.plugins.hypar.parallel import executed_terms
+    from compresskit.plugins.hypar.plan import fixed_plan
+    from compresskit.plugins.hypar.plugin import HyparConfig, plan_layers
+
+    import torch
+
+    rows, out = [], []
+    for name, widths in MEASURED_MODELS.items():
+        layers = layers_from_model_of(widths, batch)
+        for world in (2, 4):
+            cfg = HyparConfig(accelerators=world, batch=batch)
+            hypar = plan_layers(layers, cfg, name)
+            dp = fixed_plan(layers, [["dp"] * hypar.levels] * len(layers), batch)
+            times = {}
+            for label, plan in (("HyPar", hypar), ("all-DP", dp), ("DDP", None)):
+                result = run_local(_timed_steps, world, (widths, batch, plan, steps), timeout=600)[0]
+                times[label] = statistics.median(result["seconds"])
+                if plan is not None:
+                    space = StateSpace.of(["dp", "mp", "mp_out"], plan.levels)
+                    states = [space.state([["dp", "mp", "mp_out"].index(c) for c in l.choices])
+                              for l in plan.layers]
+                    executed = float(executed_terms(layers, states, batch, space).sum())
+                    out.append({"model": name, "processes": world, "plan": label,
+                                "choices": [l.choices for l in plan.layers], "seconds": result["seconds"],
+                                "received_per_step": result["received_per_step"],
+                                "paper_model_elements": plan.total_elements["hypar"],
+                                "executed_elements": executed})
+                    times[label + " received"] = result["received_per_step"]
+                    times[label + " model"] = plan.total_elements["hypar"]
+                else:
+                    out.append({"model": name, "processes": world, "plan": "torch DDP", "seconds": result["seconds"]})
+            rows.append([name, world, " ".join("/".join(l.choices) for l in hypar.layers),
+                         times["HyPar"] * 1e3, times["all-DP"] * 1e3, times["DDP"] * 1e3,
+                         times["all-DP"] / times["HyPar"], times["DDP"] / times["HyPar"],
+                         times["all-DP received"] / times["HyPar received"],
+                         times["HyPar received"] / times["HyPar model"]])
+    publish("hypar_measured", ["model", "processes", "HyPar plan", "HyPar ms", "all-DP ms", "DDP ms",
+                               "all-DP / HyPar time", "DDP / HyPar time", "all-DP / HyPar elements",
+                               "HyPar received / paper model"], rows,
+            {"batch": batch, "steps": steps, "threads_per_process": 1, "cores": os.cpu_count(),
+             "torch": torch.__version__, "backend": "gloo on 127.0.0.1", "runs": out})
+
+
+def layers_from_model_of(widths: list[int], batch: int):
+    """The plan's layer chain of the measured MLP."""
+    import torch
+
+    from compresskit.plugins.hypar.graph import layers_from_model
+
+    return layers_from_model(_mlp(widths), (torch.zeros(batch, widths[0]),))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--accelerators", type=int, default=16)
+    parser.add_argument("--measured-batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", choices=["measured"], help="run only this table")
     args = parser.parse_args()
+    if args.only == "measured":
+        measured(args.measured_batch, args.steps)
+        return
     communication(args.batch, args.accelerators)
     print()
     step_model(args.batch, args.accelerators)
@@ -156,6 +280,8 @@ def main() -> None:
     graphs(args.batch, args.accelerators)
     print()
     planner_time(args.batch)
+    print()
+    measured(args.measured_batch, args.steps)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,19 @@ def test_fixed_plan_refuses_unknown_choices():
         fixed_plan(layers, [["tp"]] * 3, BATCH)
     with pytest.raises(ConfigError, match="one list of per-level choices for each of the 3 layers"):
         fixed_plan(layers, [["dp"]] * 2, BATCH)
+
+
+def test_the_example_runs_and_matches_one_process():
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "examples", "hypar_parallelize.py")],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    got, one = map(float, re.match(r"loss (\S+) \(one process: (\S+)\)", line).groups())
+    assert got == pytest.approx(one, rel=1e-6)
+    assert float(re.search(r"differs by (\S+);", line).group(1)) < 1e-5
