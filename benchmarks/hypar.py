@@ -210,7 +210,7 @@ def measured(batch: int, steps: int) -> None:
     import statistics
 
     from compresskit.distributed.local import run_local
-    from compresskit.plugins.hypar.parallel import executed_terms
+    from compresskit.plugins.hypar.cost import executed_terms
     from compresskit.plugins.hypar.plan import fixed_plan
     from compresskit.plugins.hypar.plugin import HyparConfig, plan_layers
 

@@ -14,7 +14,8 @@ from compresskit.distributed.local import run_local
 from compresskit.errors import ConfigError
 from compresskit.plugins.hypar.cost import PARTITION_NAMES, StateSpace, level_terms
 from compresskit.plugins.hypar.graph import layers_from_model
-from compresskit.plugins.hypar.parallel import executed_terms, parallelize, train_step
+from compresskit.plugins.hypar.cost import executed_terms
+from compresskit.plugins.hypar.parallel import parallelize, train_step
 from compresskit.plugins.hypar.plan import fixed_plan
 from compresskit.plugins.hypar.plugin import HyparConfig, plan_layers
 
@@ -100,6 +101,7 @@ def check(name: str, layers: list, plans: list, results: list[dict]) -> dict[str
         states = [space.state([PARTITION_NAMES.index(c) for c in row]) for row in what]
         executed = executed_terms(layers, states, BATCH, space)
         np.testing.assert_array_equal(got["terms"], executed, err_msg=str(what))   # term by term, exactly
+        assert got["terms"].sum() == pytest.approx(plan.executed_elements["hypar"])   # what the report says
         model = level_terms(layers, states, BATCH, space)
         assert model.sum() == pytest.approx(plan.total_elements["hypar"])
         if np.array_equal(executed, model):
@@ -212,3 +214,13 @@ def test_the_example_runs_and_matches_one_process():
     got, one = map(float, re.match(r"loss (\S+) \(one process: (\S+)\)", line).groups())
     assert got == pytest.approx(one, rel=1e-6)
     assert float(re.search(r"differs by (\S+);", line).group(1)) < 1e-5
+
+
+def test_a_plan_written_before_executed_elements_still_loads(tmp_path):
+    plan = one_plan(mlp(), ["dp"])
+    data = plan.to_dict()
+    del data["executed_elements"]
+    from compresskit.plugins.hypar.plan import HyparPlan
+
+    old = HyparPlan.from_dict(data)
+    assert old.executed_elements == {} and old.layers == plan.layers

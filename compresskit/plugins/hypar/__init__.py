@@ -1,6 +1,7 @@
 """HyPar: hierarchical layer-wise data/model parallelism planning for accelerator arrays."""
 from .graph import NETWORKS, PAPER_NETWORKS, LayerSpec, layers_from_model, paper_network
-from .parallel import HyparParallel, executed_terms, parallelize, train_step
+from .cost import executed_terms
+from .parallel import HyparParallel, parallelize, train_step
 from .plan import HyparPlan, LayerPlan, LevelStats, build_plan, fixed_plan
 from .plugin import HyparConfig, HyparPlugin, plan_layers
 from .search import baselines, exhaustive_plan, hierarchical_plan, joint_plan

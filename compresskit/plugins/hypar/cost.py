@@ -154,6 +154,32 @@ def level_terms(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, 
     return terms
 
 
+def executed_terms(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, space: StateSpace) -> np.ndarray:
+    """Elements :func:`~.parallel.parallelize` really moves, ``[layer, level, phase]`` like :func:`level_terms`.
+
+    The paper's model charges a group of accelerators once for a tensor that is replicated over them. The execution
+    differs from it in two places, both where a layer is ``mp`` at other levels than ``k``:
+
+    * a re-layout at level ``k`` after a layer that is ``mp`` at ``m`` lower levels: its output is replicated over
+      those ``2^m`` accelerators and each of them receives what the model charges their group once for (the
+      transition terms times ``2^m``);
+    * the ``dp`` gradient exchange at level ``k`` of a layer with a bias that is ``mp`` at ``m`` other levels: the
+      bias is not split by input channel, so it is exchanged ``2^m`` times what the model charges."""
+    terms = level_terms(layers, states, batch, space).copy()
+    for i, layer in enumerate(layers):
+        choices = space.choices(states[i])
+        for k in range(space.levels):
+            lower_mp = sum(1 for c in choices[k + 1:] if c == MP)
+            if i + 1 < len(layers):
+                terms[i, k, FORWARD] *= 2.0 ** lower_mp
+                terms[i, k, BACKWARD] *= 2.0 ** lower_mp
+            if choices[k] == DP and layer.bias_elems:
+                other_mp = sum(1 for j, c in enumerate(choices) if c == MP and j != k)
+                above = 0.5 ** sum(1 for c in choices[:k] if c in (MP, MP_OUT))
+                terms[i, k, GRADIENT] += 2.0 ** (k + 1) * layer.bias_elems * above * (2.0 ** other_mp - 1)
+    return terms
+
+
 def plan_cost(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, space: StateSpace) -> float:
     """Total elements moved by a hierarchical assignment (one state per layer)."""
     return float(level_terms(layers, states, batch, space).sum())

@@ -19,7 +19,7 @@ bottom level first in the backward pass, each step an exchange between the two p
 the exchanges :func:`~.cost.level_terms` charges; every one is an explicit point-to-point exchange, counted (elements
 received, per layer, level and phase) in :attr:`HyparParallel.counter`. Where the paper's model charges a group
 of accelerators once for data each of them needs (a re-layout at level ``k`` while layer ``l`` is ``mp`` at a
-lower level), the execution moves more; :func:`executed_terms` is the exact count, see docs/hypar.md.
+lower level), the execution moves more; :func:`~.cost.executed_terms` is the exact count, see docs/hypar.md.
 """
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from .cost import BACKWARD, DP, FORWARD, GRADIENT, MP, MP_OUT, PARTIAL_SUM, PARTITION_NAMES, PHASES, level_terms
-from .graph import LayerSpec
+from .cost import BACKWARD, DP, FORWARD, GRADIENT, MP, MP_OUT, PARTIAL_SUM, PARTITION_NAMES, PHASES
 from .plan import HyparPlan
 
 BATCH, CHANNEL, REPLICATED = "B", "C", "R"
@@ -46,32 +45,6 @@ OUTPUT_ROLE = {DP: BATCH, MP: REPLICATED, MP_OUT: CHANNEL}    # a layer's output
 # modules run on the local tensors between weighted layers: they act per sample and per channel
 LOCAL_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity,
                  nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
-
-
-def executed_terms(layers: Sequence[LayerSpec], states: Sequence[int], batch: int, space: Any) -> np.ndarray:
-    """Elements :func:`parallelize` really moves, ``[layer, level, phase]`` like :func:`~.cost.level_terms`.
-
-    The paper's model charges a group of accelerators once for a tensor that is replicated over them. The execution
-    differs from it in two places, both where a layer is ``mp`` at other levels than ``k``:
-
-    * a re-layout at level ``k`` after a layer that is ``mp`` at ``m`` lower levels: its output is replicated over
-      those ``2^m`` accelerators and each of them receives what the model charges their group once for (the
-      transition terms times ``2^m``);
-    * the ``dp`` gradient exchange at level ``k`` of a layer with a bias that is ``mp`` at ``m`` other levels: the
-      bias is not split by input channel, so it is exchanged ``2^m`` times what the model charges."""
-    terms = level_terms(layers, states, batch, space).copy()
-    for i, layer in enumerate(layers):
-        choices = space.choices(states[i])
-        for k in range(space.levels):
-            lower_mp = sum(1 for c in choices[k + 1:] if c == MP)
-            if i + 1 < len(layers):
-                terms[i, k, FORWARD] *= 2.0 ** lower_mp
-                terms[i, k, BACKWARD] *= 2.0 ** lower_mp
-            if choices[k] == DP and layer.bias_elems:
-                other_mp = sum(1 for j, c in enumerate(choices) if c == MP and j != k)
-                above = 0.5 ** sum(1 for c in choices[:k] if c in (MP, MP_OUT))
-                terms[i, k, GRADIENT] += 2.0 ** (k + 1) * layer.bias_elems * above * (2.0 ** other_mp - 1)
-    return terms
 
 
 # ---------------------------------------------------------------------------------------------- the mesh

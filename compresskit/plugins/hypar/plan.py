@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 from ...atomic import write_text
 from ...errors import ConfigError
 from ...schema import build
-from .cost import BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, PARTIAL_SUM, PARTITION_NAMES, level_terms
+from .cost import (BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, PARTIAL_SUM, PARTITION_NAMES, executed_terms,
+                   level_terms)
 from .graph import LayerSpec
 from .perf import compare, step_estimate
 from .search import Plan
@@ -78,6 +79,8 @@ class HyparPlan:
     total_bytes: dict[str, float]
     ratio_vs_hypar: dict[str, Optional[float]]
     step: dict[str, dict[str, float]]     # modelled step per plan: seconds, joules, speedup / energy vs all-DP
+    # elements per step as parallelize runs each plan (cost.executed_terms); keys as total_elements
+    executed_elements: dict[str, float] = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +192,8 @@ def build_plan(title: str, layers: Sequence[LayerSpec], plan: Plan, baselines: d
         total_bytes={k: v * elem_bytes for k, v in totals.items()},
         ratio_vs_hypar={name: (float(p.elements) / total if total else None) for name, p in baselines.items()},
         step={name: {"seconds": e.seconds, "joules": e.joules, **ratios[name]} for name, e in estimates.items()},
+        executed_elements={name: float(executed_terms(layers, p.states, batch, p.space).sum())
+                           for name, p in {"hypar": plan, **baselines}.items()},
     )
 
 
