@@ -1,7 +1,7 @@
 """FIITED quality: test AUC / log loss against embedding bytes kept, FIITED vs baselines at equal total bytes.
 
 Every method is charged what it really stores for inference, payload plus index, measured from its tensors:
-FIITED and AdaEmbed-style pruning their chunk store (pool + 2-byte-a-row index), uniform a narrower
+FIITED (with regrowth, the default, and without) and AdaEmbed pruning their chunk store (pool + 2-byte-a-row index), uniform a narrower
 ``nn.EmbeddingBag``, mixed-dim its frequency-bucket tables, projections and id remap. Training-only state
 (utilities, optimizer state) is reported beside it, not charged.
 
@@ -37,13 +37,15 @@ DATASETS = {
     "movielens": {"name": "movielens-100k", "path": shared_data("ml-100k")},
     "adult": {"name": "adult", "path": shared_data("adult", "adult.csv")},
 }
-METHODS = ["fiited", "adaembed", "mixed_dim", "uniform"]
+METHODS = ["fiited", "fiited-noregrow", "adaembed", "mixed_dim", "uniform"]
+VARIANTS = {"fiited-noregrow": ("fiited", {"regrow": False})}   # a method with options: (method, stage options)
 OPTIMIZERS = {"adagrad": {"name": "adagrad", "lr": 0.02}, "adam": {"name": "adam", "lr": 0.002}}
 
 
 def recipe(data: dict, method: str, ratio: float, seed: int, optimizer: str = "adagrad") -> dict:
     """The one recipe every cell of the table runs."""
-    stage = {"plugin": "fiited", "method": method, "target_memory_ratio": ratio, "chunk_size": 4}
+    method, options = VARIANTS.get(method, (method, {}))
+    stage = {"plugin": "fiited", "method": method, "target_memory_ratio": ratio, "chunk_size": 4, **options}
     return {
         "model": {"name": "dlrm", "args": {"embedding_dim": 64, "bottom_mlp": [64], "top_mlp": [64]}},
         "data": data,

@@ -58,6 +58,8 @@ class TrainConfig:
     eval_batch_size: int = option(4096, help="evaluation batch size", min=1)
     optimizer: OptimizerConfig = option({}, help="optimizer settings")
     seed: int = option(0, help="seed for initialisation and shuffling", min=0)
+    shuffle: bool = option(True, help="shuffle the training split every epoch (false: its stored order, e.g. a "
+                                      "time-ordered stream)")
     max_steps: Optional[int] = option(None, help="stop after this many optimizer steps", min=1)
     checkpoint_every: int = option(200, help="write a resumable checkpoint every N steps", min=1)
     threads: Optional[int] = option(None, help="torch CPU threads (default: torch's choice)", min=1)

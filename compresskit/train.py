@@ -341,7 +341,8 @@ class Trainer:
         coll, world = self.coll, self.coll.world
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
-            order = epoch_order(len(self.data.train), cfg.seed, epoch)[skip * accumulate * cfg.batch_size:]
+            order = (epoch_order(len(self.data.train), cfg.seed, epoch) if cfg.shuffle
+                     else torch.arange(len(self.data.train)))[skip * accumulate * cfg.batch_size:]
             for group in grouped(batches(self.data.train, cfg.batch_size, order), accumulate):
                 model = self._forward_model()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -39,7 +39,7 @@ class DatasetEntry:
 
 
 def _import_builtins() -> None:
-    from . import adult, criteo, images, movielens, synthetic_ctr  # noqa: F401  (registration)
+    from . import adult, criteo, drift_ctr, images, movielens, planted_ctr, synthetic_ctr  # noqa: F401  (registration)
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset", "data.name", _import_builtins)

@@ -17,6 +17,7 @@ from .packed import PackedEmbedding, PackedEmbeddingBag
 from .store import ChunkStore
 
 UTILITY = "utility"
+CANDIDATE = "candidate_utility"
 FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
@@ -55,6 +56,7 @@ class FiitedEmbeddingBag(nn.Module):
         num_embeddings, embedding_dim, mode, include_last_offset: as ``nn.EmbeddingBag`` (modes 'sum', 'mean').
         chunk_size: values per chunk; must divide ``embedding_dim``.
         weight: initial dense table to copy (default: N(0, ``init_std``), ``nn.EmbeddingBag``'s N(0, 1)).
+        init_std: scale of fresh values (re-admitted rows, lazy admission; default: the std of ``weight``, else 1).
         lazy: start empty and give a row its chunks when training first touches it, within ``capacity`` chunk
             slots (tables too large to materialise). Rows that do not fit are retried on later touches.
         sparse: gradients for the pool as sparse tensors (torch's SGD / Adagrad), as ``nn.EmbeddingBag``.
@@ -65,7 +67,7 @@ class FiitedEmbeddingBag(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int = 8, mode: str = "sum",
                  include_last_offset: bool = False, weight: torch.Tensor | None = None, lazy: bool = False,
                  capacity: int | None = None, sparse: bool = False, optimizer: str | None = None,
-                 lr: float = 0.01, eps: float = 1e-8, init_std: float = 1.0, seed: int = 0) -> None:
+                 lr: float = 0.01, eps: float = 1e-8, init_std: float | None = None, seed: int = 0) -> None:
         super().__init__()
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean', got '{mode}'")
@@ -74,6 +76,8 @@ class FiitedEmbeddingBag(nn.Module):
         self.num_embeddings, self.embedding_dim, self.chunk_size = num_embeddings, embedding_dim, chunk_size
         self.num_chunks = embedding_dim // chunk_size
         self.mode, self.include_last_offset, self.sparse, self.lazy = mode, include_last_offset, sparse, lazy
+        if init_std is None:   # fresh rows and chunks take the table's own scale
+            init_std = float(weight.detach().float().std()) if weight is not None and weight.numel() > 1 else 1.0
         self.init_std = init_std
         full = num_embeddings * self.num_chunks
         if lazy:
@@ -131,6 +135,23 @@ class FiitedEmbeddingBag(nn.Module):
             self.register_buffer("utility_scale", torch.ones((), dtype=torch.float64))
         self.utility_decay = decay
 
+    def track_candidates(self, span: str) -> None:
+        """Also keep a decayed utility per row for what the row does not store, so pruned chunks can come back:
+        ``span='chunk'``: the row's first missing chunk (FIITED's regrowth); ``span='row'``: the whole row, for
+        every row, stored or not (AdaEmbed's importance, access frequency x gradient norm). Needs
+        :meth:`track_utility` first (the two decay together); updated in backward."""
+        if span not in ("chunk", "row"):
+            raise ValueError(f"span must be 'chunk' or 'row', got {span!r}")
+        if self.utility_decay is None:
+            raise ValueError("track_candidates needs track_utility first")
+        if not hasattr(self, CANDIDATE):
+            self.register_buffer(CANDIDATE, torch.zeros(self.num_embeddings))
+        self.candidate_span = span
+
+    def candidate_utilities(self, rows: torch.Tensor) -> torch.Tensor:
+        """Current candidate utilities of ``rows`` (see :meth:`track_candidates`)."""
+        return getattr(self, CANDIDATE)[rows] * float(self.utility_scale)
+
     def utilities(self, slots: torch.Tensor) -> torch.Tensor:
         """Current utilities of the chunks in ``slots``."""
         return getattr(self.store, UTILITY)[slots] * float(self.utility_scale)
@@ -139,6 +160,8 @@ class FiitedEmbeddingBag(nn.Module):
         scale = float(self.utility_scale) * self.utility_decay
         if scale < 1e-30:  # fold the scale into the stored values before it underflows
             getattr(self.store, UTILITY).mul_(scale)
+            if hasattr(self, CANDIDATE):
+                getattr(self, CANDIDATE).mul_(scale)
             scale = 1.0
         self.utility_scale.fill_(scale)
         return 1.0 / scale
@@ -153,17 +176,39 @@ class FiitedEmbeddingBag(nn.Module):
             state = store.momentum
         elif self.optimizer == "rowwise_adagrad":
             state = self.row_momentum
+        gain = self._utility_gain() if tracking else 1.0
+        if tracking and getattr(self, "candidate_span", None):
+            self._track_candidates(grad_out, ids, offsets, weights, gain)   # before a fused update moves rows
         result = kernels.bag_backward(
             grad_out, store.pool.detach(), store.counts, store.base, ids, offsets, weights, self.mode == "mean",
             self.num_embeddings, self.optimizer or "none", self.lr, self.eps, state,
-            getattr(store, UTILITY) if tracking else None, self._utility_gain() if tracking else 1.0,
-            sparse=self.sparse)
+            getattr(store, UTILITY) if tracking else None, gain, sparse=self.sparse)
         if self.optimizer is not None:
             return None
         if self.sparse:
             slots, values = result
             return torch.sparse_coo_tensor(slots[None], values, store.pool.shape, check_invariants=False)
         return result
+
+    def _track_candidates(self, grad_out: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                          weights: torch.Tensor | None, gain: float) -> None:
+        """Add ``gain * ||g||`` per row, ``g`` being the gradient summed over the batch of the row's first missing
+        chunk (span 'chunk', rows not full) or of the whole row (span 'row'), as the stored chunks gain theirs."""
+        counts = self.store.counts[ids].long()
+        whole = self.candidate_span == "row"
+        open_rows = torch.ones_like(counts, dtype=torch.bool) if whole else counts < self.num_chunks
+        if not bool(open_rows.any()):
+            return
+        at = torch.nonzero(open_rows).flatten()
+        bag_of, w = kernels.positions(ids, offsets, weights, self.mode == "mean", torch.float32)
+        rows, inverse = torch.unique(ids[at], return_inverse=True)
+        g = grad_out.float()[bag_of[at]] * w[at, None]
+        if not whole:
+            cs = self.chunk_size
+            cols = (self.store.counts[rows].long() * cs)[:, None] + torch.arange(cs)
+            g = g.gather(1, cols[inverse])
+        summed = g.new_zeros(rows.numel(), g.shape[1]).index_add_(0, inverse, g)
+        getattr(self, CANDIDATE).index_add_(0, rows, gain * summed.norm(dim=1))
 
     def _admit(self, rows: torch.Tensor) -> None:
         """Lazy mode: give never-seen ``rows`` all their chunks while the pool has room."""
@@ -180,6 +225,39 @@ class FiitedEmbeddingBag(nn.Module):
             self.seen[blocks] |= bits.to(torch.uint8)
             if self.optimizer == "rowwise_adagrad":
                 self.row_momentum[grown] = 0
+
+    def resize_rows(self, new_counts: torch.Tensor, init: str = "zeros",
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Set every row's number of chunks in one pass (pruning and regrowth together); returns the rows that
+        gained chunks.
+
+        Fresh chunks start at zero (``init='zeros'``: the values the row already reads there, so the model's output
+        does not jump) or at N(0, ``init_std``) (``'random'``), with zeroed optimizer state. With candidate
+        tracking by chunk, a regrown chunk starts with the utility its row earned for it while it was missing, and
+        the first chunk a row loses becomes its candidate, with the utility it had earned."""
+        new_counts = new_counts.reshape(-1).long()
+        old = self.store.row_counts()
+        by_chunk = getattr(self, "candidate_span", None) == "chunk"
+        if by_chunk:
+            shrunk = torch.nonzero(new_counts < old).flatten()
+            first, _ = self.store.row_slots(shrunk)
+            lost = getattr(self.store, UTILITY)[first + new_counts[shrunk]].clone()
+        fill = None
+        if init == "random":
+            std = self.init_std
+            fill = (lambda n, cs: torch.randn(n, cs, generator=generator) * std)
+        elif init != "zeros":
+            raise ValueError(f"init must be 'zeros' or 'random', got {init!r}")
+        rows, slots = self.store.resize_rows(new_counts, fill)
+        grown = torch.unique(rows)
+        if by_chunk:
+            candidate = getattr(self, CANDIDATE)
+            getattr(self.store, UTILITY)[slots] = candidate[rows]
+            candidate[grown] = 0
+            candidate[shrunk] = lost
+        if self.optimizer == "rowwise_adagrad" and grown.numel():
+            self.row_momentum[grown] = 0
+        return grown
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
@@ -220,7 +298,7 @@ class FiitedEmbeddingBag(nn.Module):
         state, the lazy 'seen' bitmap: state only training needs), and ``total``."""
         mem = self.store.memory_bytes()
         training = mem.pop("stats")
-        for name in ("row_momentum", "seen"):
+        for name in ("row_momentum", "seen", CANDIDATE):
             if hasattr(self, name):
                 t = getattr(self, name)
                 training += t.numel() * t.element_size()

@@ -1,4 +1,4 @@
-"""Chunk importance and the choice of what to prune, for FIITED and the AdaEmbed-style baseline.
+"""Chunk importance and the choice of what to prune (and regrow), for FIITED and the AdaEmbed baseline.
 
 FIITED's chunk utility follows the paper: ``u <- gamma * u + a * g`` every step, where ``a * g`` is the chunk's
 access count times its mean per-access gradient magnitude, i.e. the norm of the chunk's gradient summed over the
@@ -25,6 +25,27 @@ def chunk_utilities(module: FiitedEmbeddingBag) -> tuple[torch.Tensor, torch.Ten
     slots = torch.where(present, first[:, None] + j, 0)
     grid = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float()
     return rows, cnt, grid.masked_fill_(~present, float("inf"))
+
+
+def regrowth_grid(module: FiitedEmbeddingBag) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunk_utilities` plus each row's *candidate*: its first missing chunk, with the utility the row earned
+    for it while it was missing (``FiitedEmbeddingBag.track_candidates('chunk')``), in the column after its stored
+    prefix. Rows with no stored chunk but a candidate are included. Returns (rows, chunks a row would hold if its
+    candidate came back, grid); a row's candidate counts only when its utility is positive."""
+    counts = module.store.row_counts()
+    candidate = module.candidate_utilities(torch.arange(module.num_embeddings))
+    open_ = (counts < module.num_chunks) & (candidate > 0)
+    rows = torch.nonzero((counts > 0) | open_).flatten()
+    first, cnt = module.store.row_slots(rows)
+    j = torch.arange(module.num_chunks)
+    present = j[None, :] < cnt[:, None]
+    slots = torch.where(present, first[:, None] + j, 0)
+    grid = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float()
+    grid.masked_fill_(~present, float("inf"))
+    has = open_[rows]
+    at = torch.nonzero(has).flatten()
+    grid[at, cnt[at]] = candidate[rows[at]].float()
+    return rows, cnt + has.long(), grid
 
 
 def chunk_scores(utility: torch.Tensor, exponent: float, discount: float) -> torch.Tensor:
@@ -119,3 +140,14 @@ def whole_rows(row_scores: list[torch.Tensor], row_counts: list[torch.Tensor], e
             start = int(before[t]) + torch.cumsum(c[at], 0) - c[at]   # covered just before each tied row
             drops[k][at[start < excess]] = True
     return drops
+
+
+def normalised_importance(importance: torch.Tensor, percentile: float = 0.95) -> torch.Tensor:
+    """AdaEmbed's per-feature normalisation: a table's row importances divided by their ``percentile`` over the
+    rows seen so far (importance > 0), so that one global threshold serves tables of different scales."""
+    seen = importance[importance > 0]
+    if seen.numel() == 0:
+        return importance.clone()
+    scale = float(torch.quantile(seen.double(), percentile)) if seen.numel() <= 1 << 24 else float(
+        torch.kthvalue(seen, max(1, int(percentile * seen.numel()))).values)
+    return importance / max(scale, 1e-30)

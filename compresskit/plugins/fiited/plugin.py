@@ -3,7 +3,9 @@
 Methods:
 
 * ``fiited``: chunk-level pruning by decayed chunk utility, gradually during training (the paper's method);
-* ``adaembed``: AdaEmbed-style whole-row pruning by row utility, gradually during training (same store);
+* ``adaembed``: AdaEmbed (Lai et al., OSDI 2023): whole rows by importance (access frequency x gradient norm, a
+  moving average), normalised per table by its 95th percentile, one global threshold; rows cross it both ways
+  (evicted, or re-admitted with fresh values), gradually during training and on after the budget is reached;
 * ``mixed_dim``: static frequency-bucketed tables of different dims with projections (the DLRM mixed-dimension
   layout, ``baselines.MixedDimEmbeddingBag``), sized before training;
 * ``uniform``: a narrower plain table (``baselines.NarrowEmbeddingBag``), sized before training;
@@ -28,7 +30,8 @@ from ...schema import option
 from ...train import batches, to_model_inputs
 from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
-from .importance import chunk_scores, chunk_utilities, tail_counts, whole_rows
+from .importance import (chunk_scores, chunk_utilities, normalised_importance, regrowth_grid, tail_counts,
+                         whole_rows)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ class FiitedConfig:
                                      min=0)
     position_discount: float = option(2.0, help="diminishing return of a row's later chunks (0 = none)", min=0)
     schedule: Literal["cubic", "linear"] = option("cubic", help="how the kept ratio falls from 1 to the target")
+    regrow: bool = option(True, help="fiited: a pruned chunk whose row earns more than the pruning threshold is "
+                                     "stored again (something else is pruned to pay); rounds go on after the "
+                                     "target is reached")
     mixed_dim_alpha: float = option(0.5, help="mixed_dim: bucket dims grow as access probability**alpha", min=0)
     lazy: bool = option(False, help="allocate rows on first access, pool capped at the target (huge tables)")
     headroom: float = option(0.1, help="lazy: fraction of the pool pruning frees for new rows", min=0, max=0.9)
@@ -99,6 +105,7 @@ class FiitedPlugin(Plugin):
         self.modules: list[tuple[str, nn.Module]] = []
         self.dense_bytes = 0
         self.rounds: list[dict[str, Any]] = []
+        self._generators: dict[str, torch.Generator] = {}   # adaembed: fresh values of re-admitted rows
 
     # ------------------------------------------------------------------------------------------- set-up
     def _fused(self, ctx: RunContext) -> dict[str, Any]:
@@ -160,6 +167,10 @@ class FiitedPlugin(Plugin):
             m.sparse = m.sparse or cfg.sparse_grad
             if cfg.method in ("fiited", "adaembed"):
                 m.track_utility(cfg.decay)
+            if cfg.method == "adaembed":
+                m.track_candidates("row")
+            elif cfg.method == "fiited" and cfg.regrow and not cfg.lazy:
+                m.track_candidates("chunk")
             m.store.attach_optimizer(ctx.optimizer)
         if not self.dense_bytes:
             self.dense_bytes = coll.sum(sum(m.num_embeddings * m.embedding_dim * m.store.pool.element_size()
@@ -242,11 +253,13 @@ class FiitedPlugin(Plugin):
                                                f"compression.attach_optimizer(opt))")
             m.store.attach_optimizer(ctx.optimizer)
         on_grid = step >= start and ((step - start) % cfg.interval == 0 or step == end)
-        if not on_grid or (step > end and not cfg.lazy):
+        adaptive = cfg.method == "adaembed" or (cfg.regrow and not cfg.lazy)   # the allocation never freezes
+        if not on_grid or (step > end and not cfg.lazy and not adaptive):
             return
         if cfg.lazy:  # each lazy table has its own pool: prune the ones fuller than 1 - headroom, one at a time
             pruned = [name for name, m in self.modules
-                      if self._prune_tables(int(m.store.capacity * (1 - cfg.headroom)), [(name, m)], local=True)]
+                      if self._prune_tables(int(m.store.capacity * (1 - cfg.headroom)), [(name, m)], local=True)
+                      is not None]
             pruned = sorted(sum(self.coll.all_gather_object(pruned), []), key=self._table_index)
             if pruned:
                 self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": pruned})
@@ -257,11 +270,15 @@ class FiitedPlugin(Plugin):
                           step)
 
     def prune_to(self, target: int, step: int = 0) -> None:
-        """Drop the lowest-scoring chunks over all tables (on every rank) until at most ``target`` chunks are
-        stored; one threshold over all of them, the same whatever the number of ranks."""
-        if self._prune_tables(target, self.modules, local=False):
-            self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": "all"})
-            log.debug("step %d: pruned to %d chunks over all tables", step, self.rounds[-1]["kept_chunks"])
+        """Keep the ``target`` highest-scoring chunks over all tables (on every rank): one threshold over all of
+        them, the same whatever the number of ranks. With regrowth (and for AdaEmbed) candidates compete too: a
+        missing chunk (row) scoring above the threshold comes back and something below it goes."""
+        grown = self._prune_tables(target, self.modules, local=False)
+        if grown is not None:
+            self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": "all",
+                                "regrown_rows": self.coll.sum(grown)})
+            log.debug("step %d: %d chunks over all tables, %d rows regrown", step, self.rounds[-1]["kept_chunks"],
+                      self.rounds[-1]["regrown_rows"])
 
     def _table_index(self, name: str) -> int:
         """Position of table ``name`` in the model's table order (over every rank when sharded)."""
@@ -269,33 +286,54 @@ class FiitedPlugin(Plugin):
             return self.coll.table_index(name, 0)
         return [n for n, _ in self.modules].index(name)
 
-    def _prune_tables(self, target: int, modules: list[tuple[str, nn.Module]], local: bool) -> bool:
-        """Prune ``modules`` to ``target`` chunks (over every rank's tables unless ``local``); whether any went."""
+    def _prune_tables(self, target: int, modules: list[tuple[str, nn.Module]], local: bool) -> int | None:
+        """Bring ``modules`` to ``target`` chunks (over every rank's tables unless ``local``), pruning and, with
+        candidates, regrowing. Returns the number of rows that gained chunks, or None when nothing changed."""
         cfg = self.config
         coll = Collective.single() if local else self.coll
-        excess = coll.sum(sum(m.store.live for _, m in modules)) - target
-        if excess <= 0:
-            return False
-        tables = [chunk_utilities(m) for _, m in modules]
-        owners = [(rows, cnt) for rows, cnt, _ in tables]
         ids = list(range(len(modules))) if local else [self._table_index(name) for name, _ in modules]
         num_tables = len(modules) if local else coll.num_tables(len(modules))
         if cfg.method == "adaembed":
-            row_scores = [u.masked_fill(torch.isinf(u), 0).sum(1) for _, _, u in tables]
-            drops = whole_rows(row_scores, [cnt for _, cnt, _ in tables], excess, coll, ids, num_tables)
-            cuts = [torch.where(d, cnt, 0) for d, (_, cnt, _) in zip(drops, tables)]
-        else:
-            scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in tables]
-            width = coll.max(max((m.num_chunks for _, m in modules), default=0))
-            cuts = tail_counts(scores, excess, coll, ids, num_tables, width)
-            del scores
+            return self._adaembed_round(target, modules, coll, ids, num_tables)
+        regrow = cfg.regrow and not cfg.lazy
+        tables = [regrowth_grid(m) if regrow else chunk_utilities(m) for _, m in modules]
+        excess = coll.sum(sum(int(ext.sum()) for _, ext, _ in tables)) - target
+        if excess <= 0 and not coll.sum(sum(int(ext.sum()) - int(m.store.row_counts()[rows].sum())
+                                            for (rows, ext, _), (_, m) in zip(tables, modules))):
+            return None
+        scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in tables]
+        width = coll.max(max((m.num_chunks for _, m in modules), default=0))
+        cuts = tail_counts(scores, max(excess, 0), coll, ids, num_tables, width)
+        del scores
+        owners = [(rows, ext) for rows, ext, _ in tables]
         del tables  # the score grids go before the stores repack
-        for (rows, cnt), cut, (name, m) in zip(owners, cuts, modules):
-            if bool((cut > 0).any()):
-                counts = m.store.row_counts()
-                counts[rows] = cnt - cut
-                m.store.shrink_rows(counts)
-        return True
+        grown = 0
+        for (rows, ext), cut, (_, m) in zip(owners, cuts, modules):
+            counts = m.store.row_counts()
+            new = counts.clone()
+            new[rows] = ext - cut
+            if not torch.equal(new, counts):
+                grown += int(m.resize_rows(new).numel()) if regrow else 0
+                if not regrow:
+                    m.store.shrink_rows(new)
+        return grown
+
+    def _adaembed_round(self, target: int, modules: list[tuple[str, nn.Module]], coll: Collective,
+                        ids: list[int], num_tables: int) -> int | None:
+        """AdaEmbed: every row's importance over its table's 95th percentile; rows lowest first lose their
+        allocation until the allocated rows fit ``target`` chunks; the others hold (or regain) all their chunks."""
+        scores = [normalised_importance(m.candidate_utilities(torch.arange(m.num_embeddings))) for _, m in modules]
+        full = [torch.full((m.num_embeddings,), m.num_chunks, dtype=torch.int64) for _, m in modules]
+        excess = coll.sum(sum(int(f.sum()) for f in full)) - target
+        drops = whole_rows(scores, full, excess, coll, ids, num_tables)
+        grown, changed = 0, False
+        for drop, f, (name, m) in zip(drops, full, modules):
+            new = torch.where(drop, 0, f)
+            if not torch.equal(new, m.store.row_counts()):
+                changed = True
+                gen = self._generators.setdefault(name, torch.Generator().manual_seed(self._table_index(name)))
+                grown += int(m.resize_rows(new, "random", gen).numel())
+        return grown if coll.sum(int(changed)) else None   # a collective: every rank calls it
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds}

@@ -274,6 +274,50 @@ class ChunkStore(nn.Module):
         self.top.fill_(top + int(size.sum()))
         return rows
 
+    # ----------------------------------------------------------------------------------------------- both
+    def resize_rows(self, new_counts: torch.Tensor, init=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give every row ``new_counts[r]`` chunks (fewer: its tail goes; more: fresh chunks are appended), in one
+        pass; returns the (row, slot) of every fresh chunk.
+
+        Fresh chunks get ``init(n, chunk_size)`` values (zeros if ``init`` is None) and zeroed per-slot state (the
+        optimizer's too). A store without a fixed capacity then holds exactly the live chunks, like
+        :meth:`shrink_rows`; a fixed-capacity store shrinks in place, then grows the rows that fit
+        (:meth:`grow_rows`), leaving the others at their shrunk count."""
+        new_counts = new_counts.reshape(-1).long()
+        if new_counts.numel() != self.num_rows or bool((new_counts < 0).any()) or \
+                bool((new_counts > self.num_chunks).any()):
+            raise ValueError(f"resize_rows: counts must be given for every row and lie in 0..{self.num_chunks}")
+        old = self.row_counts()
+        if self.fixed_capacity:
+            self.shrink_rows(torch.minimum(old, new_counts))
+            fresh_rows, fresh_chunks = [], []
+            for count in torch.unique(new_counts[new_counts > old]).tolist():
+                rows = torch.nonzero((new_counts == count) & (old < count)).flatten()
+                before = self.row_counts()[rows]
+                grown = self.grow_rows(rows, count, init)
+                n = count - before[torch.isin(rows, grown)]
+                fresh_rows.append(torch.repeat_interleave(grown, n))
+                fresh_chunks.append(count - n.repeat_interleave(n) + torch.arange(int(n.sum()))
+                                    - torch.repeat_interleave(torch.cumsum(n, 0) - n, n))
+            if not fresh_rows:
+                return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+            rows, chunks = torch.cat(fresh_rows), torch.cat(fresh_chunks)
+            return rows, self.row_slots(rows)[0] + chunks      # slots in the final layout (later growth moves)
+        rows, chunks, slots = self.entries()
+        keep = chunks < new_counts[rows]
+        self.counts[:self.num_rows] = new_counts.to(torch.uint8)
+        self._set_bases_packed()
+        new_rows, new_chunks, new_slots = self.entries()
+        kept = new_chunks < old[new_rows]
+        # the kept old chunks, in row-then-chunk order in both layouts
+        self._replace_tensors(new_slots.numel(), slots[keep], new_slots[kept])
+        self.top.fill_(new_slots.numel())
+        fresh_rows, fresh_slots = new_rows[~kept], new_slots[~kept]
+        if init is not None and fresh_slots.numel():
+            with torch.no_grad():
+                self.pool.data[fresh_slots] = init(fresh_slots.numel(), self.chunk_size).to(self.pool.dtype)
+        return fresh_rows, fresh_slots
+
     # ----------------------------------------------------------------------------------------------- memory
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the tensors held: payload (pool), index (counts + block bases), stats (per-slot buffers)."""
