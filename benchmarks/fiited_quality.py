@@ -92,7 +92,8 @@ def dense_by_optimizer(data: dict, seeds: int, optimizer: str) -> tuple[str, dic
     return chosen, dense[chosen], dense
 
 
-def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str) -> tuple[list, list, dict]:
+def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str, methods: list[str] = METHODS
+                ) -> tuple[list, list, dict]:
     """Every (method, ratio) cell of one dataset: (table rows, JSON cells, the optimizer selection)."""
     if torch.get_num_threads() > 1 and multiprocessing.current_process().name != "MainProcess":
         torch.set_num_threads(1)
@@ -108,7 +109,7 @@ def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str) -> tup
     for ratio in ratios:
         if ratio >= 1.0:
             continue
-        for method in METHODS:
+        for method in methods:
             cell = run_seeds(data, method, ratio, seeds, opt)
             cells.append({"dataset": ds, "optimizer": opt, "method": method, "ratio": ratio, **cell})
             if "error" in cell:
@@ -128,13 +129,15 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto",
                         help="auto: per dataset, the optimizer whose dense model has the better validation AUC; "
                              "or one optimizer for all (adagrad lr 0.02, adam lr 0.002)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS,
+                        help="methods to run (a subset writes fiited_quality_subset.json, not the main table)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="datasets run in this many worker processes (one thread each); results are the same")
     args = parser.parse_args()
     todo = [ds for ds in args.datasets if os.path.exists(DATASETS[ds]["path"])]
     for ds in set(args.datasets) - set(todo):
         print(f"skipping {ds}: {DATASETS[ds]['path']} not found")
-    jobs = [(ds, args.ratios, args.seeds, args.optimizer) for ds in todo]
+    jobs = [(ds, args.ratios, args.seeds, args.optimizer, args.methods) for ds in todo]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             results = pool.starmap(run_dataset, jobs)
@@ -144,6 +147,8 @@ def main() -> None:
     cells = [c for res in results for c in res[1]]
     selection = {ds: res[2] for ds, res in zip(todo, results)}
     name = "fiited_quality" if args.optimizer == "auto" else f"fiited_quality_{args.optimizer}"
+    if set(args.methods) != set(METHODS):
+        name = "fiited_quality_subset"
     optimizers = ", ".join(f"{o['name']} lr {o['lr']}" for o in OPTIMIZERS.values())
     choice = f"per dataset by dense validation AUC among {optimizers}" if args.optimizer == "auto" else \
         f"{args.optimizer} lr {OPTIMIZERS[args.optimizer]['lr']}"

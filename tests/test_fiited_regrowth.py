@@ -11,7 +11,7 @@ from compresskit.data.drift_ctr import DriftCTR, load_drift_ctr
 from compresskit.models.dlrm import DLRM
 from compresskit.plugins.fiited import FiitedConfig
 from compresskit.plugins.fiited.embedding import FiitedEmbeddingBag, fiited_modules
-from compresskit.plugins.fiited.importance import normalised_importance, whole_rows
+from compresskit.plugins.fiited.importance import normalised_importance, regrowth_grid, whole_rows
 from compresskit.plugins.fiited.store import ChunkStore
 
 IDS, FIELDS, TOP = 1000, 2, 40
@@ -173,3 +173,20 @@ class _Recording(nn.Module):
 def recording_model(**_: object) -> nn.Module:
     """A model that records the sparse ids of every training batch (for the shuffle test)."""
     return _Recording()
+
+
+def test_a_table_pruned_to_nothing_can_regrow():
+    """At a 1% budget a whole table can lose every chunk; its rows' candidates still compete (a regression: the
+    empty pool was indexed)."""
+    torch.manual_seed(0)
+    bag = FiitedEmbeddingBag(16, 8, chunk_size=4, weight=torch.randn(16, 8))
+    bag.track_utility(0.9)
+    bag.track_candidates("chunk")
+    bag.resize_rows(torch.zeros(16, dtype=torch.long))
+    assert bag.store.capacity == 0
+    bag(torch.arange(4).view(-1, 1)).sum().backward()
+    rows, ext, grid = regrowth_grid(bag)
+    assert torch.equal(rows, torch.arange(4)) and torch.equal(ext, torch.ones(4, dtype=torch.long))
+    assert bool((grid[:, 0] > 0).all()) and bool(torch.isinf(grid[:, 1:]).all())
+    grown = bag.resize_rows(torch.tensor([1] * 4 + [0] * 12))
+    assert torch.equal(grown, torch.arange(4)) and bag.store.capacity == 4

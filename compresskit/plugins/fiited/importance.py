@@ -39,9 +39,12 @@ def regrowth_grid(module: FiitedEmbeddingBag) -> tuple[torch.Tensor, torch.Tenso
     first, cnt = module.store.row_slots(rows)
     j = torch.arange(module.num_chunks)
     present = j[None, :] < cnt[:, None]
-    slots = torch.where(present, first[:, None] + j, 0)
-    grid = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float()
-    grid.masked_fill_(~present, float("inf"))
+    if module.store.capacity:
+        slots = torch.where(present, first[:, None] + j, 0)
+        grid = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float()
+        grid.masked_fill_(~present, float("inf"))
+    else:   # every chunk of the table was pruned: only candidates are left
+        grid = torch.full((rows.numel(), module.num_chunks), float("inf"))
     has = open_[rows]
     at = torch.nonzero(has).flatten()
     grid[at, cnt[at]] = candidate[rows[at]].float()
