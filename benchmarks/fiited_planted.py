@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dense_model = {"name": "dlrm", "args": {"embedding_dim": DIM, "bottom_mlp": [32], "top_mlp": [64]}}
-    methods = ["dense", "oracle", "fiited", "fiited-noregrow", "uniform"]
+    methods = ["dense", "oracle", "fiited", "fiited-regrow", "uniform"]
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in range(args.seeds):
         oracle = compresskit.run(compresskit.validate_recipe(recipe(
@@ -88,16 +88,16 @@ def main() -> None:
         accesses = torch.stack([torch.bincount(train_ids[:, f], minlength=args.ids) for f in range(FIELDS)])
         frequent = accesses >= torch.quantile(accesses.float().flatten(), 0.9)   # the 10% most accessed rows
         runs = {"oracle": oracle}
-        for method in ("dense", "fiited", "fiited-noregrow", "uniform"):
+        for method in ("dense", "fiited", "fiited-regrow", "uniform"):
             stage = [] if method == "dense" else [{"plugin": "fiited", "chunk_size": CHUNK,
                                                   "method": "uniform" if method == "uniform" else "fiited",
                                                   "target_memory_ratio": ratio,
-                                                  **({"regrow": False} if method == "fiited-noregrow" else {})}]
+                                                  **({"regrow": True} if method == "fiited-regrow" else {})}]
             runs[method] = compresskit.run(compresskit.validate_recipe(
                 recipe(args.samples, args.ids, seed, dense_model, stage), require_model=True))
         for method, result in runs.items():
             cell = {"auc": result.report["training"]["test"]["auc"], "ratio": ratio}
-            if method in ("fiited", "fiited-noregrow", "oracle"):
+            if method in ("fiited", "fiited-regrow", "oracle"):
                 kept = torch.stack([m.row_chunk_counts() for _, m in fiited_modules(result.model)])
                 cell["spearman_all"] = spearman(kept.flatten(), truth.flatten())
                 cell["spearman_frequent"] = spearman(kept[frequent], truth[frequent])

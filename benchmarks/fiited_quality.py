@@ -1,7 +1,7 @@
 """FIITED quality: test AUC / log loss against embedding bytes kept, FIITED vs baselines at equal total bytes.
 
 Every method is charged what it really stores for inference, payload plus index, measured from its tensors:
-FIITED (with regrowth, the default, and without) and AdaEmbed pruning their chunk store (pool + 2-byte-a-row index), uniform a narrower
+FIITED (without regrowth, the default, and with) and AdaEmbed pruning their chunk store (pool + 2-byte-a-row index), uniform a narrower
 ``nn.EmbeddingBag``, mixed-dim its frequency-bucket tables, projections and id remap. Training-only state
 (utilities, optimizer state) is reported beside it, not charged.
 
@@ -37,8 +37,8 @@ DATASETS = {
     "movielens": {"name": "movielens-100k", "path": shared_data("ml-100k")},
     "adult": {"name": "adult", "path": shared_data("adult", "adult.csv")},
 }
-METHODS = ["fiited", "fiited-noregrow", "adaembed", "mixed_dim", "uniform"]
-VARIANTS = {"fiited-noregrow": ("fiited", {"regrow": False})}   # a method with options: (method, stage options)
+METHODS = ["fiited", "fiited-regrow", "adaembed", "mixed_dim", "uniform"]
+VARIANTS = {"fiited-regrow": ("fiited", {"regrow": True})}   # a method with options: (method, stage options)
 OPTIMIZERS = {"adagrad": {"name": "adagrad", "lr": 0.02}, "adam": {"name": "adam", "lr": 0.002}}
 
 

@@ -37,9 +37,9 @@ def test_in_training_pruning_reaches_target_and_frees_memory():
     assert stage["memory_ratio"] == pytest.approx((payload + index) / stage["dense_bytes"])
     assert 0.2 - 16 / stage["dense_bytes"] <= stage["memory_ratio"] <= 0.2
     assert all(m.store.capacity == m.store.live for m in modules)
-    # training-only state is reported beside it: utilities, regrowth candidates and the fused Adagrad state
+    # training-only state is reported beside it: utilities and the fused Adagrad state
     assert stage["training_state_bytes"] == sum(m.store.utility.numel() * 4 + m.store.momentum.numel() * 4
-                                                + m.candidate_utility.numel() * 4 for m in modules)
+                                                for m in modules)
     # gradual: several rounds, non-increasing stored chunks
     kept = [r["kept_chunks"] for r in plugin.rounds]
     assert len(kept) >= 3 and kept == sorted(kept, reverse=True)
@@ -58,15 +58,21 @@ def test_rows_always_keep_a_prefix_of_chunks():
 
 def test_fused_update_equals_torch_optimizer_on_the_pool():
     """The same recipe with the Adagrad update fused into backward or left to torch.optim gives the same model
-    (up to float rounding: the fused kernel's fused multiply-adds, 1e-5 after 94 steps; a regrown chunk's first
-    Adagrad step is lr * g / |g| with a fresh state, which turns rounding in a near-zero g into up to 2e-4)."""
-    fused = _run(_recipe("fiited", 0.3))
-    plain = _run(_recipe("fiited", 0.3, fused_optimizer="none"))
+    (up to float rounding: the fused kernel's fused multiply-adds, 1e-5 after 94 steps; with regrowth a regrown
+    chunk's first Adagrad step is lr * g / |g| with a fresh state, which turns rounding in a near-zero g into up to
+    2e-4)."""
+    for regrow in (False, True):
+        _fused_equals_plain(regrow)
+
+
+def _fused_equals_plain(regrow: bool) -> None:
+    fused = _run(_recipe("fiited", 0.3, regrow=regrow))
+    plain = _run(_recipe("fiited", 0.3, fused_optimizer="none", regrow=regrow))
     assert fused.report["stages"][0]["stored_chunks"] == plain.report["stages"][0]["stored_chunks"]
     for (_, a), (_, b) in zip(fiited_modules(fused.model), fiited_modules(plain.model)):
         assert a.optimizer == "adagrad" and b.optimizer is None
         assert torch.equal(a.store.counts, b.store.counts)
-        assert torch.allclose(a.store.dense(), b.store.dense(), atol=5e-4, rtol=0)
+        assert torch.allclose(a.store.dense(), b.store.dense(), atol=5e-4 if regrow else 1e-4, rtol=0)
     assert fused.report["training"]["test"]["auc"] == pytest.approx(plain.report["training"]["test"]["auc"],
                                                                     abs=1e-4)
 
