@@ -2,13 +2,13 @@
 (``planted-ctr``). How well do FIITED's kept chunks per row track the planted dimensions (Spearman rank
 correlation), and how close is its AUC to an oracle that stores exactly the planted dimensions, at the same bytes?
 
-Setup: 4 fields of 20,000 ids (Zipf 1.05) with planted dimensions drawn from {0, 4, 8, 16, 32}; DLRM with
-embedding dim 32, chunk size 4; 200,000 samples (80/10/10), 2 epochs at batch 256, Adagrad lr 0.05.
+Setup: 4 fields of 2,000 ids (Zipf 1.05) with planted dimensions drawn from {0, 4, 8, 16, 32}; DLRM with
+embedding dim 32, chunk size 4; 100,000 samples (80/10/10), 2 epochs at batch 256, Adagrad lr 0.05.
 
 Budget: the oracle's own bytes. The oracle stores ceil(d / 4) chunks for a row of planted dimension d, fixed from
 the first step, in the same chunk store (payload + index), and FIITED and uniform get the same total bytes.
 
-    python benchmarks/fiited_planted.py [--seeds 3] [--samples 200000] [--ids 20000]
+    python benchmarks/fiited_planted.py [--seeds 3] [--samples 100000] [--ids 2000]
 """
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=200_000)
-    parser.add_argument("--ids", type=int, default=20_000)
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--ids", type=int, default=2_000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     dense_model = {"name": "dlrm", "args": {"embedding_dim": DIM, "bottom_mlp": [32], "top_mlp": [64]}}
