@@ -40,9 +40,9 @@ def groups(seed: int) -> dict[str, list[torch.Tensor]]:
     stream = DriftCTR(NUM_IDS, FIELDS, seed=seed)
     out: dict[str, list[torch.Tensor]] = {"newly popular": [], "formerly popular": []}
     for f in range(FIELDS):
-        before, after = stream.popular_ids(0, f, TOP), stream.popular_ids(1, f, TOP)
-        out["newly popular"].append(after[~torch.isin(after, before)])
-        out["formerly popular"].append(before[~torch.isin(before, after)])
+        newly, formerly = stream.changed_ids(f, TOP)
+        out["newly popular"].append(newly)
+        out["formerly popular"].append(formerly)
     return out
 
 

@@ -210,7 +210,6 @@ def measured(batch: int, steps: int) -> None:
     import statistics
 
     from compresskit.distributed.local import run_local
-    from compresskit.plugins.hypar.cost import executed_terms
     from compresskit.plugins.hypar.plan import fixed_plan
     from compresskit.plugins.hypar.plugin import HyparConfig, plan_layers
 
@@ -228,15 +227,11 @@ def measured(batch: int, steps: int) -> None:
                 result = run_local(_timed_steps, world, (widths, batch, plan, steps), timeout=600)[0]
                 times[label] = statistics.median(result["seconds"])
                 if plan is not None:
-                    space = StateSpace.of(["dp", "mp", "mp_out"], plan.levels)
-                    states = [space.state([["dp", "mp", "mp_out"].index(c) for c in l.choices])
-                              for l in plan.layers]
-                    executed = float(executed_terms(layers, states, batch, space).sum())
                     out.append({"model": name, "processes": world, "plan": label,
                                 "choices": [l.choices for l in plan.layers], "seconds": result["seconds"],
                                 "received_per_step": result["received_per_step"],
                                 "paper_model_elements": plan.total_elements["hypar"],
-                                "executed_elements": executed})
+                                "executed_elements": plan.executed_elements["hypar"]})
                     times[label + " received"] = result["received_per_step"]
                     times[label + " model"] = plan.total_elements["hypar"]
                 else:

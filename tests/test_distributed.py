@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 import yaml
 
 from compresskit.distributed.comm_model import ring_wire_factor, step_bytes
+from compresskit.distributed.local import free_port
 from compresskit.distributed.sharding import place_tables
 from compresskit.logs import read_csv_log
 from compresskit.plugins.fiited.importance import tail_counts, whole_rows
@@ -39,12 +39,6 @@ def refuse(path, write):
     raise SystemExit(f"rank 1 wrote {path}: only rank 0 may write outputs")
 atomic._atomic = refuse
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_recipe(path, recipe=RECIPE) -> str:

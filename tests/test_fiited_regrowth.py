@@ -19,11 +19,7 @@ IDS, FIELDS, TOP = 1000, 2, 40
 
 def newly_popular(seed: int = 0) -> list[torch.Tensor]:
     stream = DriftCTR(IDS, FIELDS, seed=seed)
-    out = []
-    for f in range(FIELDS):
-        before, after = stream.popular_ids(0, f, TOP), stream.popular_ids(1, f, TOP)
-        out.append(after[~torch.isin(after, before)])
-    return out
+    return [stream.changed_ids(f, TOP)[0] for f in range(FIELDS)]
 
 
 def train_through_drift(config: FiitedConfig) -> dict:

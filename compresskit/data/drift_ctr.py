@@ -13,7 +13,7 @@ import torch
 
 from ..schema import Range
 from . import DataBundle, register_dataset
-from .synthetic_ctr import _uniform
+from .synthetic_ctr import _uniform, zipf_ranks
 
 _LATENT = 4
 
@@ -28,11 +28,6 @@ class DriftCTR:
         gen = torch.Generator().manual_seed(seed + 104729)
         self.ranking = [[torch.randperm(num_ids, generator=gen) for _ in range(fields)] for _ in range(2)]
 
-    def _ranks(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        u = torch.rand(n, generator=gen, dtype=torch.float64)
-        top = (self.num_ids + 1) ** (1 - self.zipf) - 1
-        return ((u * top + 1) ** (1 / (1 - self.zipf)) - 1).long().clamp_(0, self.num_ids - 1)
-
     def _effect(self, ids: torch.Tensor, field: int, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         salt = self.seed + 7 * phase
         bias = (_uniform(ids, field, salt) - 0.5) * 1.5
@@ -41,7 +36,7 @@ class DriftCTR:
 
     def batch(self, n: int, phase: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``n`` samples of one phase: dense float32 [n, 2], sparse int64 [n, fields], label float32 [n]."""
-        ids = torch.stack([self.ranking[phase][f][self._ranks(n, gen)] for f in range(self.fields)], 1)
+        ids = torch.stack([self.ranking[phase][f][zipf_ranks((n,), self.num_ids, self.zipf, gen)] for f in range(self.fields)], 1)
         logit = torch.full((n,), -0.5, dtype=torch.float64)
         latents = []
         for f in range(self.fields):
@@ -58,6 +53,12 @@ class DriftCTR:
     def popular_ids(self, phase: int, field: int, top: int) -> torch.Tensor:
         """The ``top`` most popular ids of ``field`` in ``phase``."""
         return self.ranking[phase][field][:top]
+
+    def changed_ids(self, field: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(newly popular, formerly popular): ids of ``field`` in the ``top`` after the drift and not before it,
+        and the other way round."""
+        before, after = self.popular_ids(0, field, top), self.popular_ids(1, field, top)
+        return after[~torch.isin(after, before)], before[~torch.isin(before, after)]
 
 
 @register_dataset("drift-ctr", needs_path=False,

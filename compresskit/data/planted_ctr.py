@@ -13,6 +13,7 @@ import torch
 
 from ..schema import Range
 from . import DataBundle, bundle_from_tensors, register_dataset
+from .synthetic_ctr import zipf_ranks
 
 DEFAULT_DIMS = (0, 4, 8, 16, 32)
 
@@ -35,9 +36,7 @@ class PlantedCTR:
         self.order = torch.stack([torch.randperm(num_ids, generator=gen) for _ in range(fields)])
 
     def _ids(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        u = torch.rand(n, self.fields, generator=gen, dtype=torch.float64)
-        top = (self.num_ids + 1) ** (1 - self.zipf) - 1
-        rank = ((u * top + 1) ** (1 / (1 - self.zipf)) - 1).long().clamp_(0, self.num_ids - 1)
+        rank = zipf_ranks((n, self.fields), self.num_ids, self.zipf, gen)
         return torch.stack([self.order[f][rank[:, f]] for f in range(self.fields)], 1)
 
     def batch(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,6 +34,17 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def zipf_ranks(shape: tuple[int, ...], card: int, s: float, gen: torch.Generator) -> torch.Tensor:
+    """Popularity ranks in ``[0, card)`` of a (continuous, inverse-CDF sampled) Zipf law with exponent ``s``."""
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if abs(s - 1.0) < 1e-9:
+        rank = torch.exp(u * math.log(card + 1)) - 1
+    else:
+        top = (card + 1) ** (1 - s) - 1
+        rank = (u * top + 1) ** (1 / (1 - s)) - 1
+    return rank.long().clamp_(0, card - 1)
+
+
 def _uniform(ids: torch.Tensor, feature: int, salt: int) -> torch.Tensor:
     """Deterministic pseudo-uniform [0, 1) value per id."""
     h = _mix(ids * 0x9E3779B1 + (feature * 0x632BE5AB + salt * 0x27D4EB2F))
@@ -57,14 +68,7 @@ class SyntheticCTR:
         self.offset = -1.0  # base click rate ~ 25%, like Criteo
 
     def _sample_ids(self, n: int, card: int, gen: torch.Generator) -> torch.Tensor:
-        u = torch.rand(n, generator=gen, dtype=torch.float64)
-        s = self.zipf
-        if abs(s - 1.0) < 1e-9:
-            rank = torch.exp(u * math.log(card + 1)) - 1
-        else:
-            top = (card + 1) ** (1 - s) - 1
-            rank = (u * top + 1) ** (1 / (1 - s)) - 1
-        rank = rank.long().clamp_(0, card - 1)
+        rank = zipf_ranks((n,), card, self.zipf, gen)
         # scramble ranks into ids with an affine bijection so popular ids are spread over the table
         step = 2654435761 % card or 1
         while math.gcd(step, card) != 1:

@@ -299,9 +299,9 @@ class FiitedPlugin(Plugin):
             return self._adaembed_round(target, modules, coll, ids, num_tables)
         regrow = cfg.regrow and not cfg.lazy
         tables = [regrowth_grid(m) if regrow else chunk_utilities(m) for _, m in modules]
-        excess = coll.sum(sum(int(ext.sum()) for _, ext, _ in tables)) - target
-        if excess <= 0 and not coll.sum(sum(int(ext.sum()) - int(m.store.row_counts()[rows].sum())
-                                            for (rows, ext, _), (_, m) in zip(tables, modules))):
+        wanted = coll.sum(sum(int(ext.sum()) for _, ext, _ in tables))     # stored chunks plus candidates
+        excess = wanted - target
+        if excess <= 0 and wanted == coll.sum(sum(m.store.live for _, m in modules)):   # no candidates either
             return None
         scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in tables]
         width = coll.max(max((m.num_chunks for _, m in modules), default=0))
