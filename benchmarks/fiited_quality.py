@@ -133,6 +133,8 @@ def main() -> None:
                         help="methods to run (a subset writes fiited_quality_subset.json, not the main table)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="datasets run in this many worker processes (one thread each); results are the same")
+    parser.add_argument("--name", default=None, help="results file name (default: fiited_quality, "
+                                                     "fiited_quality_<optimizer> or fiited_quality_subset)")
     args = parser.parse_args()
     todo = [ds for ds in args.datasets if os.path.exists(DATASETS[ds]["path"])]
     for ds in set(args.datasets) - set(todo):
@@ -149,6 +151,7 @@ def main() -> None:
     name = "fiited_quality" if args.optimizer == "auto" else f"fiited_quality_{args.optimizer}"
     if set(args.methods) != set(METHODS):
         name = "fiited_quality_subset"
+    name = args.name or name
     optimizers = ", ".join(f"{o['name']} lr {o['lr']}" for o in OPTIMIZERS.values())
     choice = f"per dataset by dense validation AUC among {optimizers}" if args.optimizer == "auto" else \
         f"{args.optimizer} lr {OPTIMIZERS[args.optimizer]['lr']}"

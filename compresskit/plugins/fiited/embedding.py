@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from . import kernels
+from .cache import HotRowCache
 from .packed import PackedEmbedding, PackedEmbeddingBag
+from .precision import quantized_backward
+from .quantize import ROUNDING
 from .store import ChunkStore
 
 UTILITY = "utility"
@@ -30,9 +33,7 @@ class _PrefixBag(torch.autograd.Function):
         ctx.module = module
         ctx.save_for_backward(ids, offsets, weights)
         ctx.has_weights = weights is not None
-        return kernels.bag_forward(module.store.pool.detach(), module.store.counts, module.store.base, ids, offsets,
-                                   None if weights is None else weights.detach(), module.mode == "mean",
-                                   module.embedding_dim, module.num_embeddings)
+        return module._pooled(ids, offsets, None if weights is None else weights.detach(), module.mode == "mean")
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -41,8 +42,7 @@ class _PrefixBag(torch.autograd.Function):
         m = ctx.module
         grad_weights = None
         if weights is not None and ctx.needs_input_grad[1]:
-            rows = kernels.bag_forward(m.store.pool.detach(), m.store.counts, m.store.base, ids,
-                                       torch.arange(ids.numel()), None, False, m.embedding_dim, m.num_embeddings)
+            rows = m._pooled(ids, torch.arange(ids.numel()), None, False)
             bag_of, _ = kernels.positions(ids, offsets, None, False, rows.dtype)
             grad_weights = (rows * grad_out[bag_of]).sum(1)
         grad_pool = m._backward(grad_out, ids, offsets, weights) if ctx.needs_input_grad[0] else None
@@ -96,6 +96,9 @@ class FiitedEmbeddingBag(nn.Module):
         if optimizer is not None:
             self.set_optimizer(optimizer, lr, eps)
         self.utility_decay: float | None = None
+        self.cache: HotRowCache | None = None
+        self.rounding = "nearest"
+        self._rounding_gen = torch.Generator().manual_seed(seed)
 
     @classmethod
     def from_dense(cls, dense: nn.EmbeddingBag, chunk_size: int, **kwargs) -> "FiitedEmbeddingBag":
@@ -123,6 +126,52 @@ class FiitedEmbeddingBag(nn.Module):
         elif optimizer == "rowwise_adagrad":
             self.register_buffer("row_momentum", torch.zeros(self.num_embeddings))
         self.store.pool.requires_grad_(False)
+
+    def set_precision(self, storage: str, cache_rows: float = 0.0, rounding: str = "stochastic",
+                      seed: int = 0) -> None:
+        """Store the chunks as ``'int8'`` / ``'int4'`` codes with an FP16 scale a chunk, and serve the
+        ``cache_rows`` fraction of rows most accessed in training from an FP32 cache (``cache.py``, refreshed by
+        :meth:`refresh_cache`). Training updates cached rows in FP32 and re-quantizes the others with ``rounding``
+        (``precision.py`` says why stochastic is the default). Needs a fused optimizer (:meth:`set_optimizer`)."""
+        if self.optimizer is None:
+            raise ValueError("quantized chunks are trained by a fused optimizer only: call set_optimizer first "
+                             "(a torch optimizer would need an FP32 copy of every chunk)")
+        if rounding not in ROUNDING:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDING)}, got {rounding!r}")
+        if not 0.0 <= cache_rows <= 1.0:
+            raise ValueError(f"cache_rows must be a fraction of the rows in [0, 1], got {cache_rows}")
+        self.store.set_storage(storage)
+        self.rounding = rounding
+        self._rounding_gen.manual_seed(seed)
+        rows = int(round(cache_rows * self.num_embeddings))
+        self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, rows) if rows else None
+
+    def refresh_cache(self) -> dict[str, int]:
+        """Re-rank the cache by recent accesses (evicted rows written back quantized, see :class:`HotRowCache`)."""
+        if self.cache is None:
+            return {"evicted": 0, "admitted": 0}
+        return self.cache.refresh(self.store)
+
+    def _pooled(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool
+                ) -> torch.Tensor:
+        """Pooled bags over the store (FP32 chunks, or quantized ones and the FP32 cache)."""
+        store = self.store
+        if not store.quantized:
+            return kernels.bag_forward(store.pool.detach(), store.counts, store.base, ids, offsets, weights, mean,
+                                       self.embedding_dim, self.num_embeddings)
+        cache = self.cache
+        return kernels.qbag_forward(store.codes, store.scales, store.bits, self.chunk_size, store.counts, store.base,
+                                    ids, offsets, weights, mean, self.embedding_dim, self.num_embeddings,
+                                    cache.ids if cache is not None else None,
+                                    cache.values if cache is not None else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        limit = state_dict.get(prefix + "cache.limit")
+        if limit is not None and self.cache is None:   # a quantized table's state with its cache: build one
+            self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, int(limit))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ----------------------------------------------------------------------------------------------- utilities
     def track_utility(self, decay: float) -> None:
@@ -179,6 +228,10 @@ class FiitedEmbeddingBag(nn.Module):
         gain = self._utility_gain() if tracking else 1.0
         if tracking and getattr(self, "candidate_span", None):
             self._track_candidates(grad_out, ids, offsets, weights, gain)   # before a fused update moves rows
+        if store.quantized:
+            quantized_backward(self, grad_out, ids, offsets, weights, state,
+                               getattr(store, UTILITY) if tracking else None, gain)
+            return None
         result = kernels.bag_backward(
             grad_out, store.pool.detach(), store.counts, store.base, ids, offsets, weights, self.mode == "mean",
             self.num_embeddings, self.optimizer or "none", self.lr, self.eps, state,
@@ -249,6 +302,8 @@ class FiitedEmbeddingBag(nn.Module):
         elif init != "zeros":
             raise ValueError(f"init must be 'zeros' or 'random', got {init!r}")
         rows, slots = self.store.resize_rows(new_counts, fill)
+        if self.cache is not None:
+            self.cache.resized(self.store, old)
         grown = torch.unique(rows)
         if by_chunk:
             candidate = getattr(self, CANDIDATE)
@@ -258,6 +313,13 @@ class FiitedEmbeddingBag(nn.Module):
         if self.optimizer == "rowwise_adagrad" and grown.numel():
             self.row_momentum[grown] = 0
         return grown
+
+    def shrink_rows(self, new_counts: torch.Tensor) -> None:
+        """Keep only the first ``new_counts[r]`` chunks of every row (pruning; see :meth:`ChunkStore.shrink_rows`)."""
+        old = self.store.row_counts()
+        self.store.shrink_rows(new_counts)
+        if self.cache is not None:
+            self.cache.resized(self.store, old)
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
@@ -285,6 +347,8 @@ class FiitedEmbeddingBag(nn.Module):
         kernels.check_ids(ids, self.num_embeddings)  # IndexError as nn.Embedding, before lazy admission touches rows
         if self.lazy and self.training:
             self._admit(torch.unique(ids))
+        if self.cache is not None and self.training:
+            self.cache.record(ids)
         anchor = self._anchor if self.optimizer is not None and self.training else self.store.pool
         return _PrefixBag.apply(anchor, per_sample_weights, self, ids, offsets)
 
@@ -294,14 +358,20 @@ class FiitedEmbeddingBag(nn.Module):
         return self.store.row_counts()
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: ``payload`` and ``index`` (all inference needs), ``training`` (utilities, fused optimizer
-        state, the lazy 'seen' bitmap: state only training needs), and ``total``."""
+        """Bytes held: ``payload`` and ``index`` (all inference needs; a quantized table's payload is its codes,
+        scales and FP32 cache, the cache also shown as ``cache``), ``training`` (utilities, fused optimizer state,
+        the lazy 'seen' bitmap, cache access counts: state only training needs), and ``total``."""
         mem = self.store.memory_bytes()
         training = mem.pop("stats")
         for name in ("row_momentum", "seen", CANDIDATE):
             if hasattr(self, name):
                 t = getattr(self, name)
                 training += t.numel() * t.element_size()
+        if self.cache is not None:
+            cache = self.cache.memory_bytes()
+            mem["cache"] = cache["payload"]
+            mem["payload"] += cache["payload"]
+            training += cache["training"]
         mem["training"] = training
         mem["total"] = mem["payload"] + mem["index"] + training
         return mem
@@ -312,12 +382,33 @@ class FiitedEmbeddingBag(nn.Module):
         zeros: it loads into the model this table replaced and computes the same outputs."""
         return nn.EmbeddingBag(self.num_embeddings, self.embedding_dim, mode=self.mode,
                                include_last_offset=self.include_last_offset, sparse=self.sparse,
-                               _weight=self.store.dense())
+                               _weight=self.dense_weight())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The table as ``[num_embeddings, embedding_dim]`` FP32 values (dequantized, cached rows from the cache),
+        pruned dims as zeros."""
+        weight = self.store.dense().float()
+        if self.cache is not None and self.cache.ids.numel():
+            cnt = self.store.row_counts()[self.cache.ids]
+            mask = torch.arange(self.embedding_dim)[None, :] < (cnt * self.chunk_size)[:, None]
+            weight[self.cache.ids] = self.cache.values * mask
+        return weight
 
     def to_packed(self) -> PackedEmbeddingBag:
         """The inference-only twin (:class:`~compresskit.plugins.fiited.packed.PackedEmbeddingBag`): the stored
         chunks, packed, and the 2-byte-a-row index; no utilities, optimizer state or autograd."""
-        return PackedEmbeddingBag.from_store(self.store, self.mode, self.include_last_offset)
+        return self._with_cache(PackedEmbeddingBag.from_store(self.store, self.mode, self.include_last_offset))
+
+    def _with_cache(self, packed: PackedEmbeddingBag) -> PackedEmbeddingBag:
+        """``packed`` with the cached rows' FP32 master values in place of their stale quantized copies."""
+        if self.cache is None or self.cache.ids.numel() == 0:
+            return packed
+        first, cnt = kernels.row_slots(packed.counts, packed.base, self.cache.ids, self.num_embeddings)
+        at = torch.repeat_interleave(torch.arange(cnt.numel()), cnt)
+        chunk = torch.arange(int(cnt.sum())) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+        values = self.cache.values.view(cnt.numel(), -1, self.chunk_size)[at, chunk]
+        packed.values[torch.repeat_interleave(first, cnt) + chunk] = values.to(packed.values.dtype)
+        return packed
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}, mode={self.mode!r}, "
@@ -347,11 +438,11 @@ class FiitedEmbedding(FiitedEmbeddingBag):
 
     def to_dense(self) -> nn.Embedding:  # type: ignore[override]
         """The equivalent ``nn.Embedding`` (same ``sparse``), pruned dims as zeros."""
-        return nn.Embedding(self.num_embeddings, self.embedding_dim, sparse=self.sparse, _weight=self.store.dense())
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, sparse=self.sparse, _weight=self.dense_weight())
 
     def to_packed(self) -> PackedEmbedding:  # type: ignore[override]
         """The inference-only twin as an ``nn.Embedding`` (:class:`PackedEmbedding`)."""
-        return PackedEmbedding.from_store(self.store)
+        return self._with_cache(PackedEmbedding.from_store(self.store))
 
 
 def fiited_modules(model: nn.Module) -> Iterator[tuple[str, FiitedEmbeddingBag]]:

@@ -99,6 +99,45 @@ def bag_forward(pool: torch.Tensor, counts: torch.Tensor, base: torch.Tensor, id
     return out.view(c, bags, cs).permute(1, 0, 2).reshape(bags, dim)
 
 
+def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_size: int, counts: torch.Tensor,
+                 base: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+                 mean: bool, dim: int, num_rows: int, cache_ids: torch.Tensor | None = None,
+                 cache_values: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`bag_forward` over quantized chunks (``quantize.py``'s codes and FP16 scales), dequantized as they are
+    pooled; rows in ``cache_ids`` (ascending) are read from ``cache_values [k, dim]`` (FP32) instead."""
+    empty_ids = torch.zeros(0, dtype=torch.int64)
+    cache_ids = cache_ids if cache_ids is not None else empty_ids
+    cache_values = cache_values if cache_values is not None else torch.zeros(0, dim)
+    k = native_kernels()
+    if k is not None:
+        w = weights.contiguous().float() if weights is not None else torch.empty(0)
+        return k.forward_q(codes, scales, bits, chunk_size, counts, base, ids, offsets, w, mean, dim, num_rows,
+                           cache_ids.contiguous(), cache_values.contiguous())
+    from .quantize import dequantize
+
+    check_ids(ids, num_rows)
+    n, bags, cs = ids.numel(), offsets.numel(), chunk_size
+    c = dim // cs
+    if n == 0:
+        return torch.zeros(bags, dim)
+    slot, cnt = _row_slots(counts, base, ids)
+    j = torch.arange(c)
+    valid = j[None, :] < cnt[:, None]
+    slots = torch.where(valid, slot[:, None] + j, 0).reshape(-1)
+    if codes.shape[0] == 0:
+        vec = torch.zeros(n, c, cs)
+    else:
+        vec = dequantize(codes[slots], scales[slots], bits).view(n, c, cs)
+    vec = (vec * valid[:, :, None]).reshape(n, dim)
+    if cache_ids.numel():
+        pos = torch.searchsorted(cache_ids, ids).clamp(max=cache_ids.numel() - 1)
+        hit = cache_ids[pos] == ids
+        mask = (torch.arange(dim)[None, :] < (cnt * cs)[:, None])
+        vec = torch.where(hit[:, None], cache_values[pos] * mask, vec)
+    bag_of, w = positions(ids, offsets, weights, mean, torch.float32)
+    return torch.zeros(bags, dim).index_add_(0, bag_of, vec * w[:, None])
+
+
 def bag_backward(grad_out: torch.Tensor, pool: torch.Tensor, counts: torch.Tensor, base: torch.Tensor,
                  ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool, num_rows: int,
                  optimizer: str = "none", lr: float = 0.0, eps: float = 0.0, state: torch.Tensor | None = None,

@@ -64,11 +64,13 @@ class PackedEmbeddingBag(nn.Module):
 
     @classmethod
     def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False) -> "PackedEmbeddingBag":
-        """Copy a :class:`ChunkStore`'s stored chunks, packed (holes left by moves are dropped), and its counts."""
+        """Copy a :class:`ChunkStore`'s stored chunks, packed (holes left by moves are dropped; quantized chunks as
+        FP32), and its counts."""
         rows, _, slots = store.entries()            # ordered by row, then chunk: the packed order
         packed = cls(store.num_rows, store.num_chunks * store.chunk_size, store.chunk_size, slots.numel(),
-                     mode=mode, include_last_offset=include_last_offset, dtype=store.pool.dtype)
-        packed.values.copy_(store.pool.detach()[slots])
+                     mode=mode, include_last_offset=include_last_offset,
+                     dtype=torch.float32 if store.quantized else store.pool.dtype)
+        packed.values.copy_(store.read(slots))
         packed.counts.copy_(store.counts)
         totals = packed.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
         packed.base.copy_(torch.cumsum(totals, 0) - totals)

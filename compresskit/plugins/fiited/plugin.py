@@ -38,6 +38,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class PrecisionConfig:
+    """``precision`` of a ``fiited`` stage: how the kept chunks are stored (docs/fiited.md#mixed-precision-chunks)."""
+
+    storage: Literal["fp32", "int8", "int4"] = option(
+        "fp32", help="chunk values: fp32, or int8 / int4 codes with one fp16 scale a chunk")
+    cache_rows: float = option(0.05, help="int8/int4: fraction of each table's rows, the most accessed, served and "
+                                          "trained in an fp32 cache (0 = none)", min=0, max=1)
+    rounding: Literal["stochastic", "nearest"] = option(
+        "stochastic", help="int8/int4: rounding of the uncached rows' updated values (stochastic keeps updates "
+                           "smaller than a quantization step)")
+    refresh_interval: Optional[int] = option(None, help="steps between cache refreshes (default: interval)",
+                                             min=1)
+
+
+@dataclass
 class FiitedConfig:
     """Recipe fields of a ``fiited`` stage (documented in docs/fiited.md)."""
 
@@ -72,6 +87,8 @@ class FiitedConfig:
     fused_lr: Optional[float] = option(None, help="learning rate of an explicitly fused optimizer "
                                                   "(default: train.optimizer.lr)", min=0, min_exclusive=True)
     fused_eps: float = option(1e-10, help="eps of the fused Adagrad optimizers (torch Adagrad's default)", min=0)
+    precision: PrecisionConfig = option({}, help="chunk storage precision (int8/int4 with an fp32 hot-row cache); "
+                                                 "target_memory_ratio still counts chunks at fp32 bytes")
 
     def validate(self, path: str) -> None:
         if self.end_fraction < self.start_fraction:
@@ -81,6 +98,10 @@ class FiitedConfig:
             raise ConfigError(f"{path}.end_step", f"got {self.end_step}, expected >= start_step ({self.start_step})")
         if self.lazy and self.method not in ("fiited", "adaembed"):
             raise ConfigError(f"{path}.lazy", f"lazy allocation needs an in-training method, not '{self.method}'")
+        if self.precision.storage != "fp32" and self.method not in ("fiited", "adaembed"):
+            raise ConfigError(f"{path}.precision.storage", f"got '{self.precision.storage}': quantized chunks need a "
+                                                           f"chunk store (method fiited or adaembed), not "
+                                                           f"'{self.method}'")
 
 
 def kept_ratio(step: int, start: int, end: int, target: float, schedule: str) -> float:
@@ -161,11 +182,24 @@ class FiitedPlugin(Plugin):
         self.modules = list(fiited_modules(model))
         if not self.dense_bytes:
             self._check_placement(self.modules)
-        for mod_name, m in self.modules:
+        quantized = cfg.precision.storage != "fp32"
+        if quantized and not fused and any(m.optimizer is None for _, m in self.modules):
+            opt = getattr(getattr(ctx.train, "optimizer", None), "name", None)
+            raise self.error("precision.storage", f"'{cfg.precision.storage}' chunks are trained by a fused optimizer "
+                                                  f"only, and train.optimizer '{opt}' (fused_optimizer "
+                                                  f"'{cfg.fused_optimizer}') is not fused: use plain sgd / adagrad, "
+                                                  f"or set fused_optimizer and fused_lr")
+        for index, (mod_name, m) in enumerate(self.modules):
             if cfg.lazy and not m.lazy:
                 raise self.error("lazy", f"module {mod_name} is not a lazy FiitedEmbeddingBag")
             if m.optimizer is None and fused:
                 m.set_optimizer(**fused)
+            if quantized and not m.store.quantized:
+                try:
+                    m.set_precision(cfg.precision.storage, cfg.precision.cache_rows, cfg.precision.rounding,
+                                    seed=self._table_index(mod_name) if coll.distributed else index)
+                except ValueError as e:
+                    raise self.error("precision", f"{mod_name}: {e}") from None
             m.sparse = m.sparse or cfg.sparse_grad
             if cfg.method in ("fiited", "adaembed"):
                 m.track_utility(cfg.decay)
@@ -254,6 +288,10 @@ class FiitedPlugin(Plugin):
                                                f"it: pass that optimizer (prepare(..., optimizer=opt) or "
                                                f"compression.attach_optimizer(opt))")
             m.store.attach_optimizer(ctx.optimizer)
+        refresh = cfg.precision.refresh_interval or cfg.interval
+        if step % refresh == 0:
+            for _, m in self.modules:
+                m.refresh_cache()
         on_grid = step >= start and ((step - start) % cfg.interval == 0 or step == end)
         adaptive = cfg.method == "adaembed" or (cfg.regrow and not cfg.lazy)   # the allocation never freezes
         if not on_grid or (step > end and not cfg.lazy and not adaptive):
@@ -317,7 +355,7 @@ class FiitedPlugin(Plugin):
             if not torch.equal(new, counts):
                 grown += int(m.resize_rows(new).numel()) if regrow else 0
                 if not regrow:
-                    m.store.shrink_rows(new)
+                    m.shrink_rows(new)
         return grown
 
     def _adaembed_round(self, target: int, modules: list[tuple[str, nn.Module]], coll: Collective,
@@ -376,6 +414,8 @@ class FiitedPlugin(Plugin):
             "payload_ratio": mem.get("payload", 0) / max(self.dense_bytes, 1),
             "stored_chunks": self.stored_chunks(),
             "pruning_rounds": len(self.rounds),
+            "storage": self.config.precision.storage,
+            "cache_bytes": mem.get("cache", 0),
             **({"rank_bytes": self.coll.all_gather_object(self.memory(local=True)["total"])}
                if self.coll.distributed else {}),
             "tables": [{"title": "Embedding tables", "columns": [

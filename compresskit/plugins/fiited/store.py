@@ -20,6 +20,10 @@ A fixed-capacity store (lazy tables, whose pool is the budget) packs in place an
 :meth:`grow_rows` relocates a growing block to the top of the pool, packing first when the top is reached.
 Every move of chunks moves the per-slot buffers (utilities, fused-optimizer state) and, when an optimizer is
 attached, its per-slot state with them, so no chunk and no statistic is lost.
+
+Quantized storage (:meth:`set_storage`): the payload becomes two per-slot buffers, ``codes`` (INT8 / packed INT4)
+and ``scales`` (FP16, one a chunk; ``quantize.py``), and ``pool`` keeps its slots but no values (width 0), so every
+move, prune and regrowth above applies to the quantized chunks unchanged. :meth:`read` / :meth:`write` convert.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from ...params import swap_parameter
 from .kernels import BLOCK, row_slots
+from .quantize import STORAGE_BITS, code_bytes, dequantize, quantize
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
 
@@ -55,6 +60,50 @@ class ChunkStore(nn.Module):
         self.register_buffer("top", torch.zeros((), dtype=torch.int64))
         self._slot_buffers: list[str] = []
         self._optimizer: weakref.ref | None = None
+        self.bits = 32          # 8 / 4 once set_storage quantizes the payload
+
+    # ----------------------------------------------------------------------------------------------- storage
+    @property
+    def quantized(self) -> bool:
+        """Whether the payload is stored as INT8 / INT4 codes with FP16 scales."""
+        return self.bits < 32
+
+    def set_storage(self, storage: str) -> None:
+        """Store the payload as ``'int8'`` or ``'int4'`` codes with one FP16 scale a chunk (round to nearest), from
+        now on; the FP32 values are freed. Irreversible; the pool then trains only through a fused update."""
+        if storage not in STORAGE_BITS:
+            raise ValueError(f"storage must be one of {', '.join(STORAGE_BITS)}, got {storage!r}")
+        if self.quantized:
+            if STORAGE_BITS[storage] != self.bits:
+                raise ValueError(f"the store is already {self.bits}-bit")
+            return
+        bits = STORAGE_BITS[storage]
+        width = code_bytes(bits, self.chunk_size)
+        codes, scales = quantize(self.pool.detach(), bits)
+        self.register_slot_buffer("codes", (width,), torch.uint8)
+        self.register_slot_buffer("scales", (), torch.float16)
+        self.codes.copy_(codes)
+        self.scales.copy_(scales)
+        self.register_buffer("storage_bits", torch.tensor(bits))
+        self.bits = bits
+        self.pool = nn.Parameter(torch.zeros(self.capacity, 0), requires_grad=False)
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """Float32 values ``[len(slots), chunk_size]`` of the chunks in ``slots``."""
+        if self.quantized:
+            return dequantize(self.codes[slots], self.scales[slots], self.bits)
+        return self.pool.detach()[slots].float()
+
+    def write(self, slots: torch.Tensor, values: torch.Tensor, rounding: str = "nearest",
+              generator: torch.Generator | None = None) -> None:
+        """Store ``values [len(slots), chunk_size]`` in ``slots`` (quantized with ``rounding`` when the payload is)."""
+        with torch.no_grad():
+            if self.quantized:
+                codes, scales = quantize(values, self.bits, rounding, generator)
+                self.codes[slots] = codes
+                self.scales[slots] = scales
+            else:
+                self.pool.data[slots] = values.to(self.pool.dtype)
 
     # ----------------------------------------------------------------------------------------------- layout
     @property
@@ -105,9 +154,10 @@ class ChunkStore(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """The full ``[num_rows, num_chunks * chunk_size]`` table, missing chunks as zeros (tests, export)."""
-        out = torch.zeros(self.num_rows * self.num_chunks, self.chunk_size, dtype=self.pool.dtype)
+        out = torch.zeros(self.num_rows * self.num_chunks, self.chunk_size,
+                          dtype=torch.float32 if self.quantized else self.pool.dtype)
         rows, chunks, slots = self.entries()
-        out[rows * self.num_chunks + chunks] = self.pool.detach()[slots]
+        out[rows * self.num_chunks + chunks] = self.read(slots).to(out.dtype)
         return out.view(self.num_rows, self.num_chunks * self.chunk_size)
 
     # ----------------------------------------------------------------------------------------------- filling
@@ -124,8 +174,7 @@ class ChunkStore(nn.Module):
         self._set_bases_packed()
         self._replace_tensors(max(total, self.capacity) if self.fixed_capacity else total,
                               torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-        with torch.no_grad():
-            self.pool[:total] = weight.detach().reshape(total, self.chunk_size).to(self.pool.dtype)
+        self.write(torch.arange(total), weight.detach().reshape(total, self.chunk_size))
         self.top.fill_(total)
 
     def _set_bases_packed(self) -> None:
@@ -269,8 +318,7 @@ class ChunkStore(nn.Module):
         fresh = dst[~is_old]
         self._zero_slots(fresh)
         if init is not None and fresh.numel():
-            with torch.no_grad():
-                self.pool.data[fresh] = init(fresh.numel(), self.chunk_size).to(self.pool.dtype)
+            self.write(fresh, init(fresh.numel(), self.chunk_size))
         self.top.fill_(top + int(size.sum()))
         return rows
 
@@ -314,19 +362,20 @@ class ChunkStore(nn.Module):
         self.top.fill_(new_slots.numel())
         fresh_rows, fresh_slots = new_rows[~kept], new_slots[~kept]
         if init is not None and fresh_slots.numel():
-            with torch.no_grad():
-                self.pool.data[fresh_slots] = init(fresh_slots.numel(), self.chunk_size).to(self.pool.dtype)
+            self.write(fresh_slots, init(fresh_slots.numel(), self.chunk_size))
         return fresh_rows, fresh_slots
 
     # ----------------------------------------------------------------------------------------------- memory
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes of the tensors held: payload (pool), index (counts + block bases), stats (per-slot buffers)."""
+        """Bytes of the tensors held: payload (pool, or codes + scales), index (counts + block bases), stats (the
+        other per-slot buffers)."""
         def size(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
 
-        payload = size(self.pool)
+        values = {"codes", "scales"} if self.quantized else set()
+        payload = size(self.pool) + sum(size(getattr(self, n)) for n in values)
         index = size(self.counts) + size(self.base)
-        stats = sum(size(getattr(self, n)) for n in self._slot_buffers)
+        stats = sum(size(getattr(self, n)) for n in self._slot_buffers if n not in values)
         return {"payload": payload, "index": index, "stats": stats, "total": payload + index + stats}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -334,6 +383,9 @@ class ChunkStore(nn.Module):
         # A saved store may hold a different number of slots: adopt its shapes before copying. Per-slot state it
         # holds and this store does not yet (a trained model's fused-optimizer state) becomes a slot buffer too.
         saved_pool = state_dict.get(prefix + "pool")
+        saved_bits = state_dict.get(prefix + "storage_bits")
+        if saved_bits is not None and not self.quantized:   # a quantized store's state: quantize first
+            self.set_storage({b: name for name, b in STORAGE_BITS.items()}[int(saved_bits)])
         for key, value in state_dict.items():
             name = key[len(prefix):]
             if (key.startswith(prefix) and name.isidentifier() and not hasattr(self, name) and saved_pool is not None

@@ -9,9 +9,12 @@
 // backward: ids radix-sorted by row, the gradient of each distinct row accumulated once, then per row either
 //           written out (dense or sparse gradient for a torch optimizer) or applied by a fused optimizer (SGD,
 //           Adagrad, row-wise Adagrad, as FBGEMM's EXACT_* optimizers), together with the chunk utility update.
+// forward_q: the forward over int8 / int4 chunks with fp16 scales (dequantized as they are summed), hot rows from
+//           an fp32 cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -285,6 +288,93 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
   return {};
 }
 
+// forward over quantized chunks: codes (uint8 [slots, cs * bits / 8]: int8, or int4 packed two a byte with the
+// even value in the low nibble, code + 8) times one fp16 scale a chunk. Rows listed in cache_ids (ascending int64)
+// are read from cache_values (float32 [k, dim], the fp32 master copy) instead.
+at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
+                                const at::Tensor& counts, const at::Tensor& base, const at::Tensor& ids,
+                                const at::Tensor& offsets, const at::Tensor& weights, bool mean, int64_t dim,
+                                int64_t num_rows, const at::Tensor& cache_ids, const at::Tensor& cache_values) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  const int64_t cb = cs * bits / 8;  // code bytes a chunk
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(1) == cb, "codes: contiguous uint8 [slots, cs * bits / 8]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
+              "scales: contiguous float16 [slots]");
+  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
+  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
+  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "ids/offsets: int64");
+  const int64_t ncache = cache_ids.numel();
+  TORCH_CHECK(ncache == 0 || (cache_ids.scalar_type() == at::kLong && cache_ids.is_contiguous() &&
+                              cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
+                              cache_values.size(0) == ncache && cache_values.size(1) == dim),
+              "cache: ids int64 [k], values float32 [k, dim]");
+  Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
+  L.small = cs == 0 || dim / cs <= 36;
+  const int64_t n = ids.numel(), bags = offsets.numel();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const int64_t* offp = offsets.data_ptr<int64_t>();
+  const float* psw = weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr;
+  check_ids(idp, n, num_rows);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const int64_t* cid = ncache ? cache_ids.data_ptr<int64_t>() : nullptr;
+  const float* cval = ncache ? cache_values.data_ptr<float>() : nullptr;
+  at::Tensor out = at::zeros({bags, dim}, at::kFloat);
+  float* outp = out.data_ptr<float>();
+  std::vector<int64_t> slot_of(n), cnt_of(n), cached(n, -1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 2 * kPrefetch < n) L.prefetch_index(idp[i + 2 * kPrefetch]);
+    slot_of[i] = L.slot(idp[i], &cnt_of[i]);
+    if (ncache) {
+      const int64_t* at_ = std::lower_bound(cid, cid + ncache, idp[i]);
+      if (at_ != cid + ncache && *at_ == idp[i]) cached[i] = at_ - cid;
+    }
+  }
+  at::parallel_for(0, bags, 256, [&](int64_t b0, int64_t b1) {
+    const int64_t last = b1 < bags ? offp[b1] : n;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = offp[b], end = b + 1 < bags ? offp[b + 1] : n;
+      float* o = outp + b * dim;
+      for (int64_t i = start; i < end; ++i) {
+        if (i + kPrefetch < last) {
+          const int64_t j = i + kPrefetch;
+          __builtin_prefetch(sp + slot_of[j], 0, 1);
+          for (int64_t k = 0; k < cnt_of[j] * cb; k += 64) __builtin_prefetch(cp + slot_of[j] * cb + k, 0, 1);
+        }
+        const float w = psw ? psw[i] : 1.0f;
+        const int64_t cnt = cnt_of[i];
+        if (cached[i] >= 0) {
+          const float* p = cval + cached[i] * dim;
+          for (int64_t k = 0; k < cnt * cs; ++k) o[k] += w * p[k];
+          continue;
+        }
+        const int64_t slot = slot_of[i];
+        for (int64_t c = 0; c < cnt; ++c) {
+          const float s = w * float(sp[slot + c]);
+          float* oc = o + c * cs;
+          if (bits == 8) {
+            const int8_t* q = reinterpret_cast<const int8_t*>(cp + (slot + c) * cb);
+            for (int64_t k = 0; k < cs; ++k) oc[k] += s * float(q[k]);
+          } else {
+            const uint8_t* q = cp + (slot + c) * cb;
+            for (int64_t k = 0; k < cb; ++k) {
+              oc[2 * k] += s * float(int(q[k] & 0xF) - 8);
+              oc[2 * k + 1] += s * float(int(q[k] >> 4) - 8);
+            }
+          }
+        }
+      }
+      if (mean && end > start) {
+        const float s = 1.0f / float(end - start);
+        for (int64_t k = 0; k < dim; ++k) o[k] *= s;
+      }
+    }
+  });
+  return out;
+}
+
 // Slot of the first chunk and the chunk count of every row in `rows` (int64 [n, 2]).
 at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, const at::Tensor& rows,
                             int64_t num_rows) {
@@ -304,4 +394,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &prefix_bag_forward, "pooled lookup over the prefix-chunk store");
   m.def("backward", &prefix_bag_backward, "gradient (dense/sparse) or fused optimizer update, with utilities");
   m.def("row_slots", &prefix_row_slots, "(first slot, chunk count) of rows");
+  m.def("forward_q", &prefix_bag_forward_q, "pooled lookup over int8 / int4 chunks, hot rows from an fp32 cache");
 }

@@ -1,0 +1,75 @@
+"""Training a quantized chunk store: the fused optimizer step on INT8 / INT4 chunks and on FP32 cached rows.
+
+The gradient of every stored chunk a batch touched comes from the store's backward kernel (sparse, one row's
+repeated ids summed, utilities updated as for FP32 chunks). Then, per chunk:
+
+* a row in the FP32 cache (the hottest rows) is updated in the cache, in full precision: the cache is its master
+  copy, written back quantized only when the row is evicted;
+* any other row is dequantized, updated, and quantized again, by default with stochastic rounding. There is no FP32
+  master copy of these rows (it would cost the dense table's bytes), so an update smaller than half a quantization
+  step would be rounded away every time with round-to-nearest: cold rows would stop learning. Stochastic rounding
+  keeps each update in expectation.
+
+The optimizer rules are the store's fused ones (``kernels.py``: SGD, Adagrad, row-wise Adagrad, FBGEMM's EXACT_*).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+
+
+def optimizer_step(values: torch.Tensor, grads: torch.Tensor, optimizer: str, lr: float, eps: float,
+                   state: torch.Tensor | None, slots: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+    """Updated ``values [n, cs]`` of distinct chunks ``slots`` (rows ``row_of``) given their summed ``grads``; the
+    Adagrad state (per slot, or per row for row-wise Adagrad) is updated in place."""
+    if optimizer == "sgd":
+        return values - lr * grads
+    if optimizer == "adagrad":
+        s = state[slots] + grads * grads
+        state[slots] = s
+        return values - lr * grads / (s.sqrt() + eps)
+    if optimizer == "rowwise_adagrad":
+        rows, inverse = torch.unique(row_of, return_inverse=True)
+        sq = torch.zeros(rows.numel()).index_add_(0, inverse, (grads * grads).sum(1))
+        n = torch.bincount(inverse, minlength=rows.numel()) * grads.shape[1]
+        state[rows] += sq / n
+        step = lr / (state[rows].sqrt() + eps)
+        return values - step[inverse][:, None] * grads
+    raise ValueError(f"a quantized store trains only with a fused optimizer (sgd, adagrad, rowwise_adagrad), "
+                     f"got {optimizer!r}")
+
+
+def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                       weights: torch.Tensor | None, state: torch.Tensor | None, utility: torch.Tensor | None,
+                       gain: float) -> None:
+    """The fused backward of a :class:`~.embedding.FiitedEmbeddingBag` whose store is quantized (see the module
+    docstring): cached rows updated in FP32, the others re-quantized with the module's rounding."""
+    store, cache = module.store, module.cache
+    cs = store.chunk_size
+    layout = torch.empty(0, cs)   # the kernel reads the chunk size from it; the values live in codes / scales
+    slots, grads = kernels.bag_backward(grad_out, layout, store.counts, store.base, ids, offsets, weights,
+                                        module.mode == "mean", module.num_embeddings, "none", utility=utility,
+                                        utility_gain=gain, sparse=True)
+    if slots.numel() == 0:
+        return
+    rows = torch.unique(ids)       # the kernel emits chunks by ascending row, then chunk
+    first, cnt = store.row_slots(rows)
+    row_of = torch.repeat_interleave(rows, cnt)
+    chunk = slots - torch.repeat_interleave(first, cnt)
+    if row_of.numel() != slots.numel():
+        raise RuntimeError("quantized backward: the gradient's chunks do not match the rows' stored chunks")
+    hit, pos = cache.positions(row_of) if cache is not None else (torch.zeros_like(row_of, dtype=torch.bool), None)
+    with torch.no_grad():
+        if bool(hit.any()):
+            at = torch.nonzero(hit).flatten()
+            view = cache.values.view(cache.values.shape[0], -1, cs)
+            current = view[pos[at], chunk[at]]
+            view[pos[at], chunk[at]] = optimizer_step(current, grads[at], module.optimizer, module.lr, module.eps,
+                                                      state, slots[at], row_of[at])
+        cold = torch.nonzero(~hit).flatten()
+        if cold.numel():
+            s = slots[cold]
+            new = optimizer_step(store.read(s), grads[cold], module.optimizer, module.lr, module.eps, state, s,
+                                 row_of[cold])
+            store.write(s, new, module.rounding, module._rounding_gen)
