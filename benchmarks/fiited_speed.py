@@ -12,11 +12,15 @@ interleaved in one process so that the ratios compare like with like on a shared
   0.1, so that every method's copy fits in memory at once), one id per table per sample.
 * ``dlrm``: samples/s of a whole DLRM training step (bottom MLP, 26 tables, dot interaction, top MLP; dense MLPs
   with torch SGD) with FIITED tables against the same DLRM on one TBE.
+* ``lookup``: inference lookups (forward, no autograd) of one 1M x 64 table, 4096 bags of Zipf(1.1) ids, pooling 1
+  and 20: FIITED's FP32 chunks against INT8 / INT4 chunks holding the same chunks (unpruned, and 90% pruned; INT8
+  also with a 5% FP32 hot-row cache), next to ``nn.EmbeddingBag`` (FP32) and FBGEMM's INT8 inference TBE. Then one
+  training step (fused SGD) of FP32 against INT8 chunks, 90% pruned.
 * ``rss``: the Criteo-Kaggle-sized DLRM (33.8M rows, 8.05 GiB of dense embeddings) trained with lazily allocated
   FIITED tables at a 10% budget (payload + index), in a child process per thread count: peak RSS, steps/s,
   pruning rounds, and the share of rows first seen in the second half of training that end up with chunks.
 
-    python benchmarks/fiited_speed.py [--part table criteo dlrm rss] [--threads 1 2] [--rss-steps 1200]
+    python benchmarks/fiited_speed.py [--part table criteo dlrm lookup rss] [--threads 1 2] [--rss-steps 1200]
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import publish  # noqa: E402
-from peers import DLRMOnTBE, make_tbe, tbe_available, tbe_inputs  # noqa: E402
+from peers import DLRMOnTBE, int8_tbe_available, make_int8_tbe, make_tbe, tbe_available, tbe_inputs  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -142,6 +146,70 @@ def part_table(threads: int, rows: list, cells: list) -> None:
         ms = time_interleaved({k: v for k, v in fns.items() if k not in slow}, batches, rounds=7, steps=10)
         ms.update(time_interleaved(slow, batches, rounds=3, steps=3))
         table_rows("table 1M x 64", f"pooling {pooling}", threads, ms, rows, cells)
+
+
+def quantized_copy(m: FiitedEmbeddingBag, storage: str, cache_rows: float, hot: torch.Tensor) -> FiitedEmbeddingBag:
+    """A copy of ``m`` (same chunks) stored as ``storage``, its cache filled by the accesses ``hot``."""
+    q = FiitedEmbeddingBag(m.num_embeddings, DIM, CHUNK, optimizer="sgd", lr=LR)
+    q.track_utility(0.99)     # as m: utilities tracked, as in training
+    q.load_state_dict(m.state_dict())
+    q.set_precision(storage, cache_rows)
+    if q.cache is not None:
+        q.cache.record(hot)
+        q.refresh_cache()
+    return q
+
+
+def part_lookup(threads: int, rows: list, cells: list) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1_000_000, DIM, generator=gen) * 0.01
+    hot = sampler_ids([1_000_000], 200_000, gen)[0]
+    for pruned in (0.0, 0.9):
+        fp32 = fiited_tables([weight], pruned)[0]
+        tables = {"FIITED fp32 chunks": fp32,
+                  "FIITED int8 chunks": quantized_copy(fp32, "int8", 0.0, hot),
+                  "FIITED int8 chunks + 5% fp32 cache": quantized_copy(fp32, "int8", 0.05, hot),
+                  "FIITED int4 chunks": quantized_copy(fp32, "int4", 0.0, hot)}
+        fns = {}
+        if not pruned:
+            bag = nn.EmbeddingBag.from_pretrained(weight, mode="sum")
+            fns["nn.EmbeddingBag fp32"] = lambda ids, off, bag=bag: bag(ids[0], off)
+            if int8_tbe_available():
+                tbe = make_int8_tbe([(1_000_000, DIM)])
+                fns["FBGEMM int8 inference TBE"] = lambda ids, off, tbe=tbe: tbe(*tbe_inputs(ids, [off]))
+        for name, m in tables.items():
+            m.eval()
+            fns[name] = lambda ids, off, m=m: m(ids[0], off)
+        for pooling in (1, 20):
+            batches = [(sampler_ids([1_000_000], BATCH * pooling, gen), torch.arange(0, BATCH * pooling, pooling))
+                       for _ in range(4)]
+            with torch.no_grad():
+                ms = time_interleaved(fns, batches, rounds=7, steps=10)
+            setting = f"{'unpruned' if not pruned else '90% pruned'}, pooling {pooling}"
+            base = ms["FIITED fp32 chunks"]
+            for name, t in ms.items():
+                rows.append(["lookup 1M x 64", setting, threads, name, t, base / t])
+                cells.append({"part": "lookup", "setting": setting, "threads": threads, "method": name,
+                              "ms_per_lookup": t, "speed_vs_fp32_chunks": base / t})
+            print(f"  lookup {setting} threads={threads}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()),
+                  flush=True)
+        if pruned:   # the training step: the INT8 update re-quantizes in torch ops after the native backward
+            train = {}
+            for name, storage in (("FIITED fp32 chunks, train step", None), ("FIITED int8 chunks, train step",
+                                                                              "int8")):
+                m = fiited_tables([weight], pruned)[0] if storage is None else \
+                    quantized_copy(fiited_tables([weight], pruned)[0], storage, 0.0, hot)
+                train[name] = lambda ids, off, m=m: m(ids[0], off).sum().backward()
+            batches = [(sampler_ids([1_000_000], BATCH * 20, gen), torch.arange(0, BATCH * 20, 20))
+                       for _ in range(4)]
+            ms = time_interleaved(train, batches, rounds=5, steps=5)
+            base = ms["FIITED fp32 chunks, train step"]
+            for name, t in ms.items():
+                rows.append(["train step 1M x 64", "90% pruned, pooling 20", threads, name, t, base / t])
+                cells.append({"part": "lookup", "setting": "train step, 90% pruned, pooling 20", "threads": threads,
+                              "method": name, "ms_per_step": t, "speed_vs_fp32_chunks": base / t})
+            print(f"  train 90% pruned threads={threads}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()),
+                  flush=True)
 
 
 def part_criteo(threads: int, scale: float, rows: list, cells: list) -> None:
@@ -279,8 +347,8 @@ def part_rss(threads: int, steps: int, rows: list, cells: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", nargs="+", default=["table", "criteo", "dlrm", "rss"],
-                        choices=["table", "criteo", "dlrm", "rss"])
+    parser.add_argument("--part", nargs="+", default=["table", "criteo", "dlrm", "lookup", "rss"],
+                        choices=["table", "criteo", "dlrm", "lookup", "rss"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--criteo-scale", type=float, default=0.1)
     parser.add_argument("--rss-steps", type=int, default=1200)
@@ -293,7 +361,7 @@ def main() -> None:
         print("fbgemm-gpu-cpu is not installed: the TBE columns are missing (pip install fbgemm-gpu-cpu==1.8.0)")
     rows: list = []
     cells: list = []
-    speed_parts = [p for p in args.part if p != "rss"]
+    speed_parts = [p for p in args.part if p not in ("rss", "lookup")]
     for threads in args.threads if speed_parts else []:
         torch.set_num_threads(threads)
         if "table" in args.part:
@@ -306,6 +374,14 @@ def main() -> None:
         publish("fiited_throughput", ["benchmark", "setting", "threads", "method", "ms / step",
                                       "speed vs faster peer (TBE for DLRM)"], rows,
                 {"cells": cells, "dim": DIM, "chunk_size": CHUNK, "batch": BATCH, "ids": "Zipf 1.1", "lr": LR})
+    if "lookup" in args.part:
+        rows, cells = [], []
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            part_lookup(threads, rows, cells)
+        publish("fiited_lookup", ["benchmark", "setting", "threads", "method", "ms", "speed vs fp32 chunks"], rows,
+                {"cells": cells, "dim": DIM, "chunk_size": CHUNK, "batch": BATCH, "ids": "Zipf 1.1",
+                 "target": "int8 chunks within 1.2x of fp32 chunks (same chunks)"})
     if "rss" in args.part:
         rows, cells = [], []
         for threads in args.threads:

@@ -3,6 +3,8 @@
 * FBGEMM's ``SplitTableBatchedEmbeddingBagsCodegen`` (TBE) on CPU: all tables in one module, optimizer fused
   into backward (no torch optimizer; the update happens inside ``loss.backward()``).
 * ``nn.EmbeddingBag(sparse=True)`` per table with ``torch.optim.SGD`` / ``torch.optim.Adagrad``.
+* For quantized lookups: FBGEMM's inference TBE, ``IntNBitTableBatchedEmbeddingBagsCodegen`` (INT8 rows with a
+  per-row FP16 scale and bias), the CPU kernel served models use.
 
 FBGEMM 1.8.0 CPU update semantics (``codegen/genscript/optimizers.py``, ``split_weight_update_cpu``). Gradients
 are first summed per unique row over every occurrence in the batch (duplicates within and across bags); then,
@@ -37,6 +39,30 @@ def tbe_available() -> bool:
         return True
     except Exception:  # ImportError, or OSError from a .so that does not load
         return False
+
+
+def int8_tbe_available() -> bool:
+    """True when FBGEMM's quantized inference TBE imports (never raises)."""
+    try:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (  # noqa: F401
+            IntNBitTableBatchedEmbeddingBagsCodegen)
+        return True
+    except Exception:
+        return False
+
+
+def make_int8_tbe(tables: list[tuple[int, int]]) -> nn.Module:
+    """FBGEMM's CPU inference TBE over ``tables`` = [(rows, dim)], INT8 rows (random values: for timing);
+    ``forward(indices, offsets)`` as :func:`tbe_inputs` builds them."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+    tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(f"t{i}", rows, dim, SparseType.INT8, EmbeddingLocation.HOST)
+                         for i, (rows, dim) in enumerate(tables)], device="cpu")
+    tbe.fill_random_weights()
+    return tbe
 
 
 def make_tbe(tables: list[tuple[int, int]], optimizer: str, lr: float, eps: float = 1e-8,

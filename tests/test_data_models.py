@@ -123,6 +123,8 @@ def test_recipe_docs_cover_every_field():
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "recipes.md"), encoding="utf-8").read()
     classes = [ModelConfig, DataConfig, TrainConfig, OptimizerConfig, OutputConfig, LoggingConfig]
     classes += [cls.Config for cls in available_plugins().values() if cls.__module__.startswith("compresskit.")]
+    from compresskit.plugins.fiited.plugin import PrecisionConfig
+    classes.append(PrecisionConfig)
     for cls in classes:
         for row in fields_help(cls):
             assert f"| `{row['name']}` | {row['type']} | `{row['default']}` |" in doc, (cls.__name__, row["name"])

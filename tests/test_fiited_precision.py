@@ -109,12 +109,13 @@ def test_bytes_are_codes_scales_and_cache_and_follow_pruning(bits, code_bytes):
     assert m.store.pool.numel() == 0            # no FP32 values are held
     live = m.store.live
     mem = m.memory_bytes()
-    assert mem["payload"] == live * (code_bytes + 2) and mem["cache"] == 0
+    bitmap = 5 * (8 + 4)                       # the rank bitmap: 5 words of 64 rows, an int64 and an int32 each
+    assert mem["payload"] == live * (code_bytes + 2) + bitmap and mem["cache"] == bitmap
     ids, offsets = _bags()
     m.cache.record(ids)
     m.refresh_cache()
     mem = m.memory_bytes()
-    assert mem["cache"] == 30 * (16 * 4 + 8)     # 30 rows of 16 FP32 values and their int64 ids
+    assert mem["cache"] == 30 * (16 * 4 + 8) + bitmap   # 30 rows of 16 FP32 values and their int64 ids
     assert mem["payload"] == live * (code_bytes + 2) + mem["cache"]
     m.shrink_rows(torch.ones(300, dtype=torch.long))
     assert m.store.codes.shape[0] == 300 and m.store.scales.shape[0] == 300   # the freed chunks' bytes are gone
@@ -251,3 +252,23 @@ def test_precision_errors_name_the_field():
         compresskit.validate_recipe(_recipe({"storage": "int2"}))
     with pytest.raises(compresskit.ConfigError, match=r"precision.cache_rows"):
         compresskit.validate_recipe(_recipe({"storage": "int8", "cache_rows": 1.5}))
+
+
+def test_adaembed_readmits_rows_into_a_quantized_store():
+    result = _run(_recipe({"storage": "int8", "cache_rows": 0.05}, method="adaembed"))
+    stage = result.report["stages"][0]
+    assert stage["storage"] == "int8" and stage["pruning_rounds"] > 0
+    for _, m in fiited_modules(result.model):
+        counts = m.row_chunk_counts()
+        assert bool(((counts == 0) | (counts == m.num_chunks)).all())     # whole rows, as AdaEmbed keeps them
+        assert m.store.codes.shape[0] == m.store.live                     # only the kept rows' codes are held
+
+
+def test_lazy_tables_admit_rows_as_quantized_chunks(native):
+    m = FiitedEmbeddingBag(1000, 16, 4, lazy=True, capacity=400, optimizer="adagrad", lr=0.1, init_std=0.1)
+    m.set_precision("int8", 0.0)
+    ids, offsets = torch.arange(0, 200, 2), torch.arange(100)
+    before = m(ids, offsets)                     # admits 100 rows of 4 chunks: the whole pool
+    assert m.store.live == 400 and m.store.codes.shape == (400, 4)
+    assert torch.allclose(before, F.embedding_bag(ids, m.dense_weight(), offsets, mode="sum"), atol=1e-6)
+    assert float(before.detach().std()) == pytest.approx(0.1, rel=0.2)   # the fresh N(0, 0.1) values, quantized

@@ -59,7 +59,9 @@ FULL_FIITED = _with(SMALL_DICT, train={
              "include": ["embeddings.*"], "decay": 0.99, "start_fraction": 0.1, "end_fraction": 0.5,
              "start_step": None, "end_step": None, "interval": 3, "utility_exponent": 0.5, "position_discount": 2.0,
              "schedule": "cubic", "mixed_dim_alpha": 0.5, "lazy": False, "headroom": 0.1, "sparse_grad": False,
-             "fused_optimizer": "auto", "fused_lr": None, "fused_eps": 1e-10}],
+             "fused_optimizer": "auto", "fused_lr": None, "fused_eps": 1e-10,
+             "precision": {"storage": "int8", "cache_rows": 0.05, "rounding": "stochastic",
+                           "refresh_interval": None}}],
     distributed={"backend": "auto", "sharding": "table_wise", "timeout_s": 300.0},
     logging={"csv": True, "every": 10, "tensorboard": "auto", "level": "info", "console": "warning",
                                  "plots": True})

@@ -159,11 +159,8 @@ class FiitedEmbeddingBag(nn.Module):
         if not store.quantized:
             return kernels.bag_forward(store.pool.detach(), store.counts, store.base, ids, offsets, weights, mean,
                                        self.embedding_dim, self.num_embeddings)
-        cache = self.cache
         return kernels.qbag_forward(store.codes, store.scales, store.bits, self.chunk_size, store.counts, store.base,
-                                    ids, offsets, weights, mean, self.embedding_dim, self.num_embeddings,
-                                    cache.ids if cache is not None else None,
-                                    cache.values if cache is not None else None)
+                                    ids, offsets, weights, mean, self.embedding_dim, self.num_embeddings, self.cache)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

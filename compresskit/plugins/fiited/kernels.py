@@ -101,18 +101,19 @@ def bag_forward(pool: torch.Tensor, counts: torch.Tensor, base: torch.Tensor, id
 
 def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_size: int, counts: torch.Tensor,
                  base: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-                 mean: bool, dim: int, num_rows: int, cache_ids: torch.Tensor | None = None,
-                 cache_values: torch.Tensor | None = None) -> torch.Tensor:
+                 mean: bool, dim: int, num_rows: int, cache=None) -> torch.Tensor:
     """:func:`bag_forward` over quantized chunks (``quantize.py``'s codes and FP16 scales), dequantized as they are
-    pooled; rows in ``cache_ids`` (ascending) are read from ``cache_values [k, dim]`` (FP32) instead."""
-    empty_ids = torch.zeros(0, dtype=torch.int64)
-    cache_ids = cache_ids if cache_ids is not None else empty_ids
-    cache_values = cache_values if cache_values is not None else torch.zeros(0, dim)
+    pooled; rows of ``cache`` (a :class:`~.cache.HotRowCache`) are read from its FP32 values instead."""
+    empty = cache is None or cache.ids.numel() == 0
+    cache_ids = torch.zeros(0, dtype=torch.int64) if empty else cache.ids
+    cache_values = torch.zeros(0, dim) if empty else cache.values
     k = native_kernels()
     if k is not None:
         w = weights.contiguous().float() if weights is not None else torch.empty(0)
+        bits_, rank = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)) if empty else \
+            (cache.bits, cache.rank)
         return k.forward_q(codes, scales, bits, chunk_size, counts, base, ids, offsets, w, mean, dim, num_rows,
-                           cache_ids.contiguous(), cache_values.contiguous())
+                           bits_, rank, cache_values.contiguous())
     from .quantize import dequantize
 
     check_ids(ids, num_rows)

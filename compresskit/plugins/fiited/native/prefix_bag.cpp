@@ -13,6 +13,9 @@
 //           an fp32 cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -289,12 +292,62 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
 }
 
 // forward over quantized chunks: codes (uint8 [slots, cs * bits / 8]: int8, or int4 packed two a byte with the
-// even value in the low nibble, code + 8) times one fp16 scale a chunk. Rows listed in cache_ids (ascending int64)
-// are read from cache_values (float32 [k, dim], the fp32 master copy) instead.
+// even value in the low nibble, code + 8) times one fp16 scale a chunk. Rows of the fp32 cache are found in O(1)
+// with a rank bitmap (cache_bits: one bit a row in int64 words; cache_rank: cached rows before each word, int32)
+// and read from cache_values (float32 [k, dim], rows in ascending id order) instead.
+namespace {
+
+inline float half_to_float(at::Half h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h.x);
+#else
+  return float(h);
+#endif
+}
+
+// o[0 .. cnt * CS) += w * dequantized chunks (CS values each; CS = 0: the run-time cs). The scales are expanded to
+// one a value first (tmp), so the multiply-add runs as one vectorisable loop over the row's run of codes.
+template <int BITS, int CS>
+inline void add_chunks(float* o, const uint8_t* codes, const at::Half* scales, int64_t cnt, float w, int64_t cs_rt,
+                       float* tmp) {
+  const int64_t cs = CS ? CS : cs_rt;
+  const int64_t len = cnt * cs;
+  for (int64_t c = 0; c < cnt; ++c) {
+    const float s = w * half_to_float(scales[c]);
+    for (int64_t k = 0; k < cs; ++k) tmp[c * cs + k] = s;
+  }
+  if (BITS == 8) {
+    const int8_t* q8 = reinterpret_cast<const int8_t*>(codes);
+    for (int64_t k = 0; k < len; ++k) o[k] += tmp[k] * float(q8[k]);
+  } else {
+    for (int64_t k = 0; k < len / 2; ++k) {
+      o[2 * k] += tmp[2 * k] * float(int(codes[k] & 0xF) - 8);
+      o[2 * k + 1] += tmp[2 * k + 1] * float(int(codes[k] >> 4) - 8);
+    }
+  }
+}
+
+using AddChunks = void (*)(float*, const uint8_t*, const at::Half*, int64_t, float, int64_t, float*);
+
+template <int BITS>
+AddChunks pick_add_chunks(int64_t cs) {
+  switch (cs) {
+    case 2: return add_chunks<BITS, 2>;
+    case 4: return add_chunks<BITS, 4>;
+    case 8: return add_chunks<BITS, 8>;
+    case 16: return add_chunks<BITS, 16>;
+    case 32: return add_chunks<BITS, 32>;
+    default: return add_chunks<BITS, 0>;
+  }
+}
+
+}  // namespace
+
 at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
                                 const at::Tensor& counts, const at::Tensor& base, const at::Tensor& ids,
                                 const at::Tensor& offsets, const at::Tensor& weights, bool mean, int64_t dim,
-                                int64_t num_rows, const at::Tensor& cache_ids, const at::Tensor& cache_values) {
+                                int64_t num_rows, const at::Tensor& cache_bits, const at::Tensor& cache_rank,
+                                const at::Tensor& cache_values) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
   const int64_t cb = cs * bits / 8;  // code bytes a chunk
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
@@ -305,11 +358,13 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
   TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
   TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
   TORCH_CHECK(ids.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "ids/offsets: int64");
-  const int64_t ncache = cache_ids.numel();
-  TORCH_CHECK(ncache == 0 || (cache_ids.scalar_type() == at::kLong && cache_ids.is_contiguous() &&
-                              cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
-                              cache_values.size(0) == ncache && cache_values.size(1) == dim),
-              "cache: ids int64 [k], values float32 [k, dim]");
+  const bool use_cache = cache_values.numel() > 0;
+  TORCH_CHECK(!use_cache || (cache_bits.scalar_type() == at::kLong && cache_bits.is_contiguous() &&
+                             cache_bits.numel() * 64 >= num_rows && cache_rank.scalar_type() == at::kInt &&
+                             cache_rank.is_contiguous() && cache_rank.numel() == cache_bits.numel() &&
+                             cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
+                             cache_values.size(1) == dim),
+              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [k, dim]");
   Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
   L.small = cs == 0 || dim / cs <= 36;
   const int64_t n = ids.numel(), bags = offsets.numel();
@@ -319,51 +374,50 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
   check_ids(idp, n, num_rows);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
-  const int64_t* cid = ncache ? cache_ids.data_ptr<int64_t>() : nullptr;
-  const float* cval = ncache ? cache_values.data_ptr<float>() : nullptr;
+  const uint64_t* cbits = use_cache ? reinterpret_cast<const uint64_t*>(cache_bits.data_ptr<int64_t>()) : nullptr;
+  const int32_t* crank = use_cache ? cache_rank.data_ptr<int32_t>() : nullptr;
+  const float* cval = use_cache ? cache_values.data_ptr<float>() : nullptr;
+  const AddChunks add = bits == 8 ? pick_add_chunks<8>(cs) : pick_add_chunks<4>(cs);
   at::Tensor out = at::zeros({bags, dim}, at::kFloat);
   float* outp = out.data_ptr<float>();
-  std::vector<int64_t> slot_of(n), cnt_of(n), cached(n, -1);
+  // per id: first slot, or -(cache position + 1) for a cached row; and its stored chunks
+  std::vector<int64_t> where(n), cnt_of(n);
   for (int64_t i = 0; i < n; ++i) {
     if (i + 2 * kPrefetch < n) L.prefetch_index(idp[i + 2 * kPrefetch]);
-    slot_of[i] = L.slot(idp[i], &cnt_of[i]);
-    if (ncache) {
-      const int64_t* at_ = std::lower_bound(cid, cid + ncache, idp[i]);
-      if (at_ != cid + ncache && *at_ == idp[i]) cached[i] = at_ - cid;
+    const int64_t r = idp[i];
+    where[i] = L.slot(r, &cnt_of[i]);
+    if (use_cache) {
+      const uint64_t word = cbits[r >> 6];
+      const int bit = int(r & 63);
+      if ((word >> bit) & 1) {
+        const uint64_t below = bit ? word & (~uint64_t(0) >> (64 - bit)) : 0;
+        where[i] = -(int64_t(crank[r >> 6]) + __builtin_popcountll(below)) - 1;
+      }
     }
   }
   at::parallel_for(0, bags, 256, [&](int64_t b0, int64_t b1) {
     const int64_t last = b1 < bags ? offp[b1] : n;
+    std::vector<float> tmp(dim);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = offp[b], end = b + 1 < bags ? offp[b + 1] : n;
       float* o = outp + b * dim;
       for (int64_t i = start; i < end; ++i) {
         if (i + kPrefetch < last) {
           const int64_t j = i + kPrefetch;
-          __builtin_prefetch(sp + slot_of[j], 0, 1);
-          for (int64_t k = 0; k < cnt_of[j] * cb; k += 64) __builtin_prefetch(cp + slot_of[j] * cb + k, 0, 1);
+          if (where[j] >= 0) {
+            __builtin_prefetch(sp + where[j], 0, 1);
+            for (int64_t k = 0; k < cnt_of[j] * cb; k += 64) __builtin_prefetch(cp + where[j] * cb + k, 0, 1);
+          } else {
+            prefetch_run(cval + (-where[j] - 1) * dim, cnt_of[j] * cs);
+          }
         }
         const float w = psw ? psw[i] : 1.0f;
         const int64_t cnt = cnt_of[i];
-        if (cached[i] >= 0) {
-          const float* p = cval + cached[i] * dim;
+        if (where[i] < 0) {
+          const float* p = cval + (-where[i] - 1) * dim;
           for (int64_t k = 0; k < cnt * cs; ++k) o[k] += w * p[k];
-          continue;
-        }
-        const int64_t slot = slot_of[i];
-        for (int64_t c = 0; c < cnt; ++c) {
-          const float s = w * float(sp[slot + c]);
-          float* oc = o + c * cs;
-          if (bits == 8) {
-            const int8_t* q = reinterpret_cast<const int8_t*>(cp + (slot + c) * cb);
-            for (int64_t k = 0; k < cs; ++k) oc[k] += s * float(q[k]);
-          } else {
-            const uint8_t* q = cp + (slot + c) * cb;
-            for (int64_t k = 0; k < cb; ++k) {
-              oc[2 * k] += s * float(int(q[k] & 0xF) - 8);
-              oc[2 * k + 1] += s * float(int(q[k] >> 4) - 8);
-            }
-          }
+        } else {
+          add(o, cp + where[i] * cb, sp + where[i], cnt, w, cs, tmp.data());
         }
       }
       if (mean && end > start) {
