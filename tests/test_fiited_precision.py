@@ -272,3 +272,43 @@ def test_lazy_tables_admit_rows_as_quantized_chunks(native):
     assert m.store.live == 400 and m.store.codes.shape == (400, 4)
     assert torch.allclose(before, F.embedding_bag(ids, m.dense_weight(), offsets, mode="sum"), atol=1e-6)
     assert float(before.detach().std()) == pytest.approx(0.1, rel=0.2)   # the fresh N(0, 0.1) values, quantized
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_native_and_torch_quantized_updates_agree(optimizer):
+    if len(NATIVE) < 2:
+        pytest.skip("native kernels unavailable (no compiler)")
+    ids, offsets = _bags()
+    target = torch.randn(200, 16)
+    after = {}
+    for on in (True, False):
+        kernels.use_native(on)
+        m = _table("int8", cache_rows=0.1, optimizer=optimizer, rounding="nearest")
+        m.track_utility(0.9)
+        m.cache.record(ids)
+        m.refresh_cache()
+        for _ in range(3):
+            F.mse_loss(m(ids, offsets), target).backward()
+        after[on] = (m.dense_weight(), m.utilities(torch.arange(m.store.live)), m.store.scales.float())
+    kernels.use_native(True)
+    (w1, u1, s1), (w0, u0, s0) = after[True], after[False]
+    assert torch.allclose(u1, u0, rtol=1e-5, atol=1e-7)
+    step = torch.maximum(s1, s0).view(300, 4).repeat_interleave(4, 1)
+    assert bool(((w1 - w0).abs() <= step * 1.01 + 1e-7).all())     # at most one rounding apart
+    assert float((w1 == w0).float().mean()) > 0.95                  # and almost always the same code
+
+
+def test_native_stochastic_rounding_does_not_depend_on_the_thread_count():
+    if len(NATIVE) < 2:
+        pytest.skip("native kernels unavailable (no compiler)")
+    ids, offsets = _bags(n=3000)
+    out = []
+    threads = torch.get_num_threads()
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        m = _table("int4", optimizer="adagrad")
+        for _ in range(3):
+            m(ids, offsets).pow(2).sum().backward()
+        out.append(m.dense_weight())
+    torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1])

@@ -27,7 +27,7 @@ from ...distributed.collective import Collective
 from ...errors import ConfigError
 from ...plots import Figure
 from ...plugin import Plugin, RunContext
-from ...schema import option
+from ...schema import build, option
 from ...train import batches, to_model_inputs
 from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
@@ -89,6 +89,10 @@ class FiitedConfig:
     fused_eps: float = option(1e-10, help="eps of the fused Adagrad optimizers (torch Adagrad's default)", min=0)
     precision: PrecisionConfig = option({}, help="chunk storage precision (int8/int4 with an fp32 hot-row cache); "
                                                  "target_memory_ratio still counts chunks at fp32 bytes")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.precision, dict):   # built directly in Python (FiitedConfig(...)): type the nested form
+            self.precision = build(PrecisionConfig, self.precision, "precision")
 
     def validate(self, path: str) -> None:
         if self.end_fraction < self.start_fraction:

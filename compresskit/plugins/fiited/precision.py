@@ -1,7 +1,6 @@
 """Training a quantized chunk store: the fused optimizer step on INT8 / INT4 chunks and on FP32 cached rows.
 
-The gradient of every stored chunk a batch touched comes from the store's backward kernel (sparse, one row's
-repeated ids summed, utilities updated as for FP32 chunks). Then, per chunk:
+Per touched row, its gradient is summed over the batch (utilities updated as for FP32 chunks), then:
 
 * a row in the FP32 cache (the hottest rows) is updated in the cache, in full precision: the cache is its master
   copy, written back quantized only when the row is evicted;
@@ -11,6 +10,8 @@ repeated ids summed, utilities updated as for FP32 chunks). Then, per chunk:
   keeps each update in expectation.
 
 The optimizer rules are the store's fused ones (``kernels.py``: SGD, Adagrad, row-wise Adagrad, FBGEMM's EXACT_*).
+The native kernel (``backward_q`` in ``native/prefix_bag.cpp``) does all of it in one pass, seeding the stochastic
+rounding per row; the torch path below is the fallback and the reference it is tested against.
 """
 from __future__ import annotations
 
@@ -47,6 +48,21 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
     docstring): cached rows updated in FP32, the others re-quantized with the module's rounding."""
     store, cache = module.store, module.cache
     cs = store.chunk_size
+    k = kernels.native_kernels()
+    if k is not None:
+        live = cache is not None and cache.ids.numel() > 0
+        w = weights.contiguous().float() if weights is not None else torch.empty(0)
+        seed = int(torch.randint(0, 2**62, (1,), generator=module._rounding_gen))
+        k.backward_q(grad_out.contiguous().float(), store.codes, store.scales, store.bits, cs, store.counts,
+                     store.base, ids, offsets, w, module.mode == "mean", module.num_embeddings,
+                     kernels.OPTIMIZERS[module.optimizer], module.lr, module.eps,
+                     state if state is not None else torch.empty(0),
+                     utility if utility is not None else torch.empty(0), gain,
+                     cache.bits if live else torch.zeros(0, dtype=torch.int64),
+                     cache.rank if live else torch.zeros(0, dtype=torch.int32),
+                     cache.values if live else torch.zeros(0, module.embedding_dim),
+                     1 if module.rounding == "stochastic" else 0, seed)
+        return
     layout = torch.empty(0, cs)   # the kernel reads the chunk size from it; the values live in codes / scales
     slots, grads = kernels.bag_backward(grad_out, layout, store.counts, store.base, ids, offsets, weights,
                                         module.mode == "mean", module.num_embeddings, "none", utility=utility,

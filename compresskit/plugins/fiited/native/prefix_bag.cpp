@@ -9,8 +9,8 @@
 // backward: ids radix-sorted by row, the gradient of each distinct row accumulated once, then per row either
 //           written out (dense or sparse gradient for a torch optimizer) or applied by a fused optimizer (SGD,
 //           Adagrad, row-wise Adagrad, as FBGEMM's EXACT_* optimizers), together with the chunk utility update.
-// forward_q: the forward over int8 / int4 chunks with fp16 scales (dequantized as they are summed), hot rows from
-//           an fp32 cache.
+// forward_q / backward_q: the same over int8 / int4 chunks with fp16 scales (dequantized as they are summed; the
+//           fused update re-quantizes), hot rows from an fp32 cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #ifdef __F16C__
@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -126,6 +127,76 @@ void sort_by_row(const int64_t* ids, int64_t n, int64_t num_rows, std::vector<in
   }
 }
 
+// The distinct rows of a batch, for backward: positions sorted by row, and per distinct row its start in `order`,
+// its first slot and its stored chunks (seg has one more entry, n, at the end).
+struct RowSegments {
+  std::vector<float> w;
+  std::vector<int64_t> bag_of, keys, order, seg, seg_slot, seg_cnt;
+  int64_t rows() const { return int64_t(seg.size()) - 1; }
+};
+
+RowSegments segment_rows(const Layout& L, const int64_t* idp, int64_t n, const int64_t* offp, int64_t bags,
+                         const float* psw, bool mean) {
+  RowSegments S;
+  position_weights(offp, bags, n, psw, mean, S.w, S.bag_of);
+  sort_by_row(idp, n, L.num_rows, S.keys, S.order);
+  S.seg.reserve(n + 1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 2 * kPrefetch < n) L.prefetch_index(S.keys[i + 2 * kPrefetch]);
+    if (i == 0 || S.keys[i] != S.keys[i - 1]) {
+      int64_t cnt;
+      S.seg.push_back(i);
+      S.seg_slot.push_back(L.slot(S.keys[i], &cnt));
+      S.seg_cnt.push_back(cnt);
+    }
+  }
+  S.seg.push_back(n);
+  return S;
+}
+
+// g[0 .. len) = the gradient of distinct row s: its positions' weighted output gradients, summed
+inline void accumulate_row(float* g, const RowSegments& S, int64_t s, const float* g_out, int64_t dim, int64_t len) {
+  const int64_t n = int64_t(S.order.size());
+  std::memset(g, 0, sizeof(float) * len);
+  for (int64_t i = S.seg[s]; i < S.seg[s + 1]; ++i) {
+    if (i + kPrefetch < n) prefetch_run(g_out + S.bag_of[S.order[i + kPrefetch]] * dim, dim);
+    const int64_t pos = S.order[i];
+    const float wi = S.w[pos];
+    const float* go = g_out + S.bag_of[pos] * dim;
+    for (int64_t k = 0; k < len; ++k) g[k] += wi * go[k];
+  }
+}
+
+// u[c] += gain * ||g of chunk c||: squares per chunk first, then one vectorisable pass of square roots
+inline void add_utility(float* u, const float* g, int64_t cnt, int64_t cs, float gain, float* sq) {
+  for (int64_t c = 0; c < cnt; ++c) {
+    float a = 0.f;
+    for (int64_t k = c * cs; k < (c + 1) * cs; ++k) a += g[k] * g[k];
+    sq[c] = a;
+  }
+  for (int64_t c = 0; c < cnt; ++c) u[c] += gain * std::sqrt(sq[c]);
+}
+
+// The fused update of one row's values p[0 .. len) (optim 1 SGD, 2 Adagrad with per-value state m, 3 row-wise
+// Adagrad with the row's state mr), FBGEMM's EXACT_* rules.
+inline void fused_update(float* p, const float* g, int64_t len, int64_t optim, float lr, float eps, float* m,
+                         float* mr) {
+  if (optim == 1) {
+    for (int64_t k = 0; k < len; ++k) p[k] -= lr * g[k];
+  } else if (optim == 2) {
+    for (int64_t k = 0; k < len; ++k) {
+      m[k] += g[k] * g[k];
+      p[k] -= lr * g[k] / (std::sqrt(m[k]) + eps);
+    }
+  } else {
+    float sq = 0.f;
+    for (int64_t k = 0; k < len; ++k) sq += g[k] * g[k];
+    *mr += sq / float(len);
+    const float step = lr / (std::sqrt(*mr) + eps);
+    for (int64_t k = 0; k < len; ++k) p[k] -= step * g[k];
+  }
+}
+
 }  // namespace
 
 at::Tensor prefix_bag_forward(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base,
@@ -194,24 +265,11 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
   TORCH_CHECK(optim != 3 || (state.defined() && state.numel() >= num_rows),
               "fused row-wise Adagrad: the state needs one value per row");
 
-  std::vector<float> w;
-  std::vector<int64_t> bag_of;
-  position_weights(offsets.data_ptr<int64_t>(), bags, n, psw, mean, w, bag_of);
-  std::vector<int64_t> keys, order;
-  sort_by_row(idp, n, num_rows, keys, order);
-  std::vector<int64_t> seg, seg_slot, seg_cnt;  // per distinct row: start in `order`, first slot, stored chunks
-  seg.reserve(n + 1);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + 2 * kPrefetch < n) L.prefetch_index(keys[i + 2 * kPrefetch]);
-    if (i == 0 || keys[i] != keys[i - 1]) {
-      int64_t cnt;
-      seg.push_back(i);
-      seg_slot.push_back(L.slot(keys[i], &cnt));
-      seg_cnt.push_back(cnt);
-    }
-  }
-  const int64_t rows = int64_t(seg.size());
-  seg.push_back(n);
+  const RowSegments S = segment_rows(L, idp, n, offsets.data_ptr<int64_t>(), bags, psw, mean);
+  const std::vector<int64_t>& seg = S.seg;
+  const std::vector<int64_t>& seg_slot = S.seg_slot;
+  const std::vector<int64_t>& seg_cnt = S.seg_cnt;
+  const int64_t rows = S.rows();
 
   at::Tensor grad, grad_slots, grad_values;
   float* gw = nullptr;
@@ -238,51 +296,23 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
         if (optim == 2) prefetch_run(st + seg_slot[s + kPrefetch] * cs, seg_cnt[s + kPrefetch] * cs);
         if (util) __builtin_prefetch(util + seg_slot[s + kPrefetch], 1, 1);
       }
-      const int64_t r = keys[seg[s]];
+      const int64_t r = S.keys[seg[s]];
       const int64_t cnt = seg_cnt[s];
       const int64_t slot = seg_slot[s];
       const int64_t len = cnt * cs;
       if (len == 0) continue;
       float* g = acc.data();
-      std::memset(g, 0, sizeof(float) * len);
-      for (int64_t i = seg[s]; i < seg[s + 1]; ++i) {
-        if (i + kPrefetch < n) prefetch_run(g_out + bag_of[order[i + kPrefetch]] * dim, dim);
-        const int64_t pos = order[i];
-        const float wi = w[pos];
-        const float* go = g_out + bag_of[pos] * dim;
-        for (int64_t k = 0; k < len; ++k) g[k] += wi * go[k];
-      }
-      if (util) {  // squares per chunk first, then one vectorisable pass of square roots
-        float* sq = norms.data();
-        for (int64_t c = 0; c < cnt; ++c) {
-          float a = 0.f;
-          for (int64_t k = c * cs; k < (c + 1) * cs; ++k) a += g[k] * g[k];
-          sq[c] = a;
-        }
-        float* u = util + slot;
-        for (int64_t c = 0; c < cnt; ++c) u[c] += fgain * std::sqrt(sq[c]);
-      }
-      float* p = poolw + slot * cs;
+      accumulate_row(g, S, s, g_out, dim, len);
+      if (util) add_utility(util + slot, g, cnt, cs, fgain, norms.data());
       if (optim == 0 && grad_kind == 0) {
         std::memcpy(gw + slot * cs, g, sizeof(float) * len);
       } else if (optim == 0) {
         const int64_t f = first_chunk[s];
         std::memcpy(gw + f * cs, g, sizeof(float) * len);
         for (int64_t c = 0; c < cnt; ++c) gs[f + c] = slot + c;
-      } else if (optim == 1) {
-        for (int64_t k = 0; k < len; ++k) p[k] -= flr * g[k];
-      } else if (optim == 2) {
-        float* m = st + slot * cs;
-        for (int64_t k = 0; k < len; ++k) {
-          m[k] += g[k] * g[k];
-          p[k] -= flr * g[k] / (std::sqrt(m[k]) + feps);
-        }
       } else {
-        float sq = 0.f;
-        for (int64_t k = 0; k < len; ++k) sq += g[k] * g[k];
-        st[r] += sq / float(len);
-        const float step = flr / (std::sqrt(st[r]) + feps);
-        for (int64_t k = 0; k < len; ++k) p[k] -= step * g[k];
+        fused_update(poolw + slot * cs, g, len, optim, flr, feps, optim == 2 ? st + slot * cs : nullptr,
+                     optim == 3 ? st + r : nullptr);
       }
     }
   });
@@ -429,6 +459,137 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
   return out;
 }
 
+namespace {
+
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+// Quantize one chunk (quantize.py's rules): symmetric, FP16 scale = max|v| / qmax rounded up, codes rounded to
+// nearest (even) or stochastically (floor(x + u), u uniform in [0, 1) from `rng`).
+inline void quantize_chunk(const float* v, int64_t cs, int64_t bits, uint8_t* out, at::Half* scale, bool stochastic,
+                           uint64_t& rng) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < cs; ++k) amax = std::max(amax, std::fabs(v[k]));
+  const float top = bits == 8 ? 127.f : 7.f;
+  const float exact = std::min(amax / top, 65504.f);
+  at::Half h(exact);
+  if (float(h) < exact) h.x += 1;  // the next FP16 value up: no code clips
+  *scale = h;
+  const float sc = std::max(float(h), std::numeric_limits<float>::min());
+  for (int64_t k = 0; k < cs; ++k) {
+    float x = v[k] / sc;
+    if (stochastic) {
+      rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+      x = std::floor(x + float(rng >> 40) * (1.0f / 16777216.0f));
+    } else {
+      x = std::nearbyint(x);
+    }
+    const int q = int(std::min(std::max(x, -top), top));
+    if (bits == 8) {
+      out[k] = uint8_t(int8_t(q));
+    } else if (k % 2 == 0) {
+      out[k / 2] = uint8_t(q + 8);
+    } else {
+      out[k / 2] |= uint8_t((q + 8) << 4);
+    }
+  }
+}
+
+}  // namespace
+
+// The fused backward of a quantized store (precision.py's rules): per distinct row, its gradient is accumulated and
+// its chunks' utilities updated as in `backward`; a row of the fp32 cache (rank bitmap as in forward_q) is updated in
+// the cache; any other row is dequantized, updated and re-quantized with a fresh scale a chunk (rounding 0: nearest,
+// 1: stochastic, seeded per row from `seed`, so the result does not depend on the thread count).
+void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, const at::Tensor& scales,
+                           int64_t bits, int64_t cs, const at::Tensor& counts, const at::Tensor& base,
+                           const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& weights, bool mean,
+                           int64_t num_rows, int64_t optim, double lr, double eps, const at::Tensor& state,
+                           const at::Tensor& utility, double utility_gain, const at::Tensor& cache_bits,
+                           const at::Tensor& cache_rank, const at::Tensor& cache_values, int64_t rounding,
+                           int64_t seed) {
+  const int64_t dim = grad_out.size(1);
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  TORCH_CHECK(optim >= 1 && optim <= 3, "optim: 1 SGD, 2 Adagrad, 3 row-wise Adagrad");
+  const int64_t cb = cs * bits / 8;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == cb,
+              "codes: contiguous uint8 [slots, cs * bits / 8]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
+              "scales: contiguous float16 [slots]");
+  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
+  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
+  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous(), "grad_out: contiguous float32");
+  TORCH_CHECK(optim != 2 || (state.defined() && state.numel() == codes.size(0) * cs),
+              "fused Adagrad: the state needs one value per stored value");
+  TORCH_CHECK(optim != 3 || (state.defined() && state.numel() >= num_rows),
+              "fused row-wise Adagrad: the state needs one value per row");
+  const bool use_cache = cache_values.numel() > 0;
+  TORCH_CHECK(!use_cache || (cache_bits.scalar_type() == at::kLong && cache_bits.numel() * 64 >= num_rows &&
+                             cache_rank.scalar_type() == at::kInt && cache_rank.numel() == cache_bits.numel() &&
+                             cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
+                             cache_values.size(1) == dim),
+              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [k, dim]");
+  Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
+  L.small = cs == 0 || dim / cs <= 36;
+  const int64_t n = ids.numel(), bags = offsets.numel();
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  check_ids(idp, n, num_rows);
+  const float* psw = weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr;
+  const RowSegments S = segment_rows(L, idp, n, offsets.data_ptr<int64_t>(), bags, psw, mean);
+  const float* g_out = grad_out.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::Half* sp = scales.data_ptr<at::Half>();
+  float* st = state.defined() && state.numel() ? state.data_ptr<float>() : nullptr;
+  float* util = utility.defined() && utility.numel() ? utility.data_ptr<float>() : nullptr;
+  const uint64_t* cbits = use_cache ? reinterpret_cast<const uint64_t*>(cache_bits.data_ptr<int64_t>()) : nullptr;
+  const int32_t* crank = use_cache ? cache_rank.data_ptr<int32_t>() : nullptr;
+  float* cval = use_cache ? cache_values.data_ptr<float>() : nullptr;
+  const float flr = float(lr), feps = float(eps), fgain = float(utility_gain);
+  const bool stochastic = rounding == 1;
+
+  at::parallel_for(0, S.rows(), 64, [&](int64_t s0, int64_t s1) {
+    std::vector<float> acc(dim), values(dim), norms(dim);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t r = S.keys[S.seg[s]];
+      const int64_t cnt = S.seg_cnt[s];
+      const int64_t slot = S.seg_slot[s];
+      const int64_t len = cnt * cs;
+      if (len == 0) continue;
+      float* g = acc.data();
+      accumulate_row(g, S, s, g_out, dim, len);
+      if (util) add_utility(util + slot, g, cnt, cs, fgain, norms.data());
+      float* m = optim == 2 ? st + slot * cs : nullptr;
+      float* mr = optim == 3 ? st + r : nullptr;
+      if (use_cache && ((cbits[r >> 6] >> (r & 63)) & 1)) {
+        const int bit = int(r & 63);
+        const uint64_t below = bit ? cbits[r >> 6] & (~uint64_t(0) >> (64 - bit)) : 0;
+        const int64_t pos = int64_t(crank[r >> 6]) + __builtin_popcountll(below);
+        fused_update(cval + pos * dim, g, len, optim, flr, feps, m, mr);
+        continue;
+      }
+      float* v = values.data();
+      for (int64_t c = 0; c < cnt; ++c) {
+        const float sc = half_to_float(sp[slot + c]);
+        const uint8_t* q = cp + (slot + c) * cb;
+        for (int64_t k = 0; k < cs; ++k) {
+          const int code = bits == 8 ? int(int8_t(q[k])) : int((q[k / 2] >> (4 * (k % 2))) & 0xF) - 8;
+          v[c * cs + k] = float(code) * sc;
+        }
+      }
+      fused_update(v, g, len, optim, flr, feps, m, mr);
+      uint64_t rng = splitmix64(uint64_t(seed) ^ splitmix64(uint64_t(r))) | 1;
+      for (int64_t c = 0; c < cnt; ++c) {
+        quantize_chunk(v + c * cs, cs, bits, cp + (slot + c) * cb, sp + slot + c, stochastic, rng);
+      }
+    }
+  });
+}
+
 // Slot of the first chunk and the chunk count of every row in `rows` (int64 [n, 2]).
 at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, const at::Tensor& rows,
                             int64_t num_rows) {
@@ -449,4 +610,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &prefix_bag_backward, "gradient (dense/sparse) or fused optimizer update, with utilities");
   m.def("row_slots", &prefix_row_slots, "(first slot, chunk count) of rows");
   m.def("forward_q", &prefix_bag_forward_q, "pooled lookup over int8 / int4 chunks, hot rows from an fp32 cache");
+  m.def("backward_q", &prefix_bag_backward_q, "fused update of int8 / int4 chunks (re-quantized) and cached rows");
 }
