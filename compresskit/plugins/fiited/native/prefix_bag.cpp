@@ -83,6 +83,22 @@ void check_ids(const int64_t* ids, int64_t n, int64_t num_rows) {
   }
 }
 
+// A batch of bags: ids (checked to lie in [0, num_rows)), offsets and optional per-sample weights.
+struct BagInputs {
+  int64_t n, bags;
+  const int64_t* ids;
+  const int64_t* offsets;
+  const float* psw;
+};
+
+BagInputs bag_inputs(const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& weights, int64_t num_rows) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "ids/offsets: int64");
+  BagInputs in{ids.numel(), offsets.numel(), ids.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+               weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr};
+  check_ids(in.ids, in.n, num_rows);
+  return in;
+}
+
 // Per-position weight: per-sample weight (or 1) times 1/bag length for mode 'mean'; bag of every position.
 void position_weights(const int64_t* offsets, int64_t bags, int64_t n, const float* psw, bool mean,
                       std::vector<float>& w, std::vector<int64_t>& bag_of) {
@@ -203,12 +219,11 @@ at::Tensor prefix_bag_forward(const at::Tensor& pool, const at::Tensor& counts, 
                               const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& weights,
                               bool mean, int64_t dim, int64_t num_rows) {
   const Layout L = make_layout(pool, counts, base, dim, num_rows);
-  TORCH_CHECK(ids.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "ids/offsets: int64");
-  const int64_t n = ids.numel(), bags = offsets.numel();
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  const int64_t* offp = offsets.data_ptr<int64_t>();
-  const float* psw = weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr;
-  check_ids(idp, n, num_rows);
+  const BagInputs in = bag_inputs(ids, offsets, weights, num_rows);
+  const int64_t n = in.n, bags = in.bags;
+  const int64_t* idp = in.ids;
+  const int64_t* offp = in.offsets;
+  const float* psw = in.psw;
   at::Tensor out = at::zeros({bags, dim}, pool.options());
   float* outp = out.data_ptr<float>();
   std::vector<int64_t> start_of(n), len_of(n);  // where each id's stored values start in the pool, and how many
@@ -335,6 +350,56 @@ inline float half_to_float(at::Half h) {
 #endif
 }
 
+// The layout of a quantized store, its tensors checked: codes uint8 [slots, cs * bits / 8], scales fp16 [slots].
+Layout quantized_layout(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
+                        const at::Tensor& counts, const at::Tensor& base, int64_t dim, int64_t num_rows) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(1) == cs * bits / 8, "codes: contiguous uint8 [slots, cs * bits / 8]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
+              "scales: contiguous float16 [slots]");
+  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
+  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
+  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+  Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
+  L.small = cs == 0 || dim / cs <= 36;
+  return L;
+}
+
+// The fp32 hot-row cache: a rank bitmap over the rows (bits: one a row in int64 words; rank: cached rows before
+// each word, int32) and the cached rows' values (float32 [k, dim], ascending row id). Empty values: no cache.
+struct CacheView {
+  const uint64_t* bits = nullptr;
+  const int32_t* rank = nullptr;
+  float* values = nullptr;
+
+  // position of row r in the cache, or -1
+  inline int64_t position(int64_t r) const {
+    if (!values) return -1;
+    const uint64_t word = bits[r >> 6];
+    const int bit = int(r & 63);
+    if (!((word >> bit) & 1)) return -1;
+    const uint64_t below = bit ? word & (~uint64_t(0) >> (64 - bit)) : 0;
+    return int64_t(rank[r >> 6]) + __builtin_popcountll(below);
+  }
+};
+
+CacheView cache_view(const at::Tensor& cache_bits, const at::Tensor& cache_rank, const at::Tensor& cache_values,
+                     int64_t dim, int64_t num_rows) {
+  CacheView C;
+  if (cache_values.numel() == 0) return C;
+  TORCH_CHECK(cache_bits.scalar_type() == at::kLong && cache_bits.is_contiguous() &&
+                  cache_bits.numel() * 64 >= num_rows && cache_rank.scalar_type() == at::kInt &&
+                  cache_rank.is_contiguous() && cache_rank.numel() == cache_bits.numel() &&
+                  cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
+                  cache_values.size(1) == dim,
+              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [k, dim]");
+  C.bits = reinterpret_cast<const uint64_t*>(cache_bits.data_ptr<int64_t>());
+  C.rank = cache_rank.data_ptr<int32_t>();
+  C.values = cache_values.data_ptr<float>();
+  return C;
+}
+
 // o[0 .. cnt * CS) += w * dequantized chunks (CS values each; CS = 0: the run-time cs). The scales are expanded to
 // one a value first (tmp), so the multiply-add runs as one vectorisable loop over the row's run of codes.
 template <int BITS, int CS>
@@ -378,35 +443,17 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
                                 const at::Tensor& offsets, const at::Tensor& weights, bool mean, int64_t dim,
                                 int64_t num_rows, const at::Tensor& cache_bits, const at::Tensor& cache_rank,
                                 const at::Tensor& cache_values) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  const Layout L = quantized_layout(codes, scales, bits, cs, counts, base, dim, num_rows);
+  const CacheView C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
   const int64_t cb = cs * bits / 8;  // code bytes a chunk
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                  codes.size(1) == cb, "codes: contiguous uint8 [slots, cs * bits / 8]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
-              "scales: contiguous float16 [slots]");
-  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
-  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
-  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "ids/offsets: int64");
-  const bool use_cache = cache_values.numel() > 0;
-  TORCH_CHECK(!use_cache || (cache_bits.scalar_type() == at::kLong && cache_bits.is_contiguous() &&
-                             cache_bits.numel() * 64 >= num_rows && cache_rank.scalar_type() == at::kInt &&
-                             cache_rank.is_contiguous() && cache_rank.numel() == cache_bits.numel() &&
-                             cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
-                             cache_values.size(1) == dim),
-              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [k, dim]");
-  Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
-  L.small = cs == 0 || dim / cs <= 36;
-  const int64_t n = ids.numel(), bags = offsets.numel();
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  const int64_t* offp = offsets.data_ptr<int64_t>();
-  const float* psw = weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr;
-  check_ids(idp, n, num_rows);
+  const BagInputs in = bag_inputs(ids, offsets, weights, num_rows);
+  const int64_t n = in.n, bags = in.bags;
+  const int64_t* idp = in.ids;
+  const int64_t* offp = in.offsets;
+  const float* psw = in.psw;
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
-  const uint64_t* cbits = use_cache ? reinterpret_cast<const uint64_t*>(cache_bits.data_ptr<int64_t>()) : nullptr;
-  const int32_t* crank = use_cache ? cache_rank.data_ptr<int32_t>() : nullptr;
-  const float* cval = use_cache ? cache_values.data_ptr<float>() : nullptr;
+  const float* cval = C.values;
   const AddChunks add = bits == 8 ? pick_add_chunks<8>(cs) : pick_add_chunks<4>(cs);
   at::Tensor out = at::zeros({bags, dim}, at::kFloat);
   float* outp = out.data_ptr<float>();
@@ -416,14 +463,8 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
     if (i + 2 * kPrefetch < n) L.prefetch_index(idp[i + 2 * kPrefetch]);
     const int64_t r = idp[i];
     where[i] = L.slot(r, &cnt_of[i]);
-    if (use_cache) {
-      const uint64_t word = cbits[r >> 6];
-      const int bit = int(r & 63);
-      if ((word >> bit) & 1) {
-        const uint64_t below = bit ? word & (~uint64_t(0) >> (64 - bit)) : 0;
-        where[i] = -(int64_t(crank[r >> 6]) + __builtin_popcountll(below)) - 1;
-      }
-    }
+    const int64_t pos = C.position(r);
+    if (pos >= 0) where[i] = -pos - 1;
   }
   at::parallel_for(0, bags, 256, [&](int64_t b0, int64_t b1) {
     const int64_t last = b1 < bags ? offp[b1] : n;
@@ -513,29 +554,15 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
                            const at::Tensor& cache_rank, const at::Tensor& cache_values, int64_t rounding,
                            int64_t seed) {
   const int64_t dim = grad_out.size(1);
-  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
-  TORCH_CHECK(optim >= 1 && optim <= 3, "optim: 1 SGD, 2 Adagrad, 3 row-wise Adagrad");
+  const Layout L = quantized_layout(codes, scales, bits, cs, counts, base, dim, num_rows);
+  const CacheView C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
   const int64_t cb = cs * bits / 8;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == cb,
-              "codes: contiguous uint8 [slots, cs * bits / 8]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
-              "scales: contiguous float16 [slots]");
-  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
-  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
-  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+  TORCH_CHECK(optim >= 1 && optim <= 3, "optim: 1 SGD, 2 Adagrad, 3 row-wise Adagrad");
   TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous(), "grad_out: contiguous float32");
   TORCH_CHECK(optim != 2 || (state.defined() && state.numel() == codes.size(0) * cs),
               "fused Adagrad: the state needs one value per stored value");
   TORCH_CHECK(optim != 3 || (state.defined() && state.numel() >= num_rows),
               "fused row-wise Adagrad: the state needs one value per row");
-  const bool use_cache = cache_values.numel() > 0;
-  TORCH_CHECK(!use_cache || (cache_bits.scalar_type() == at::kLong && cache_bits.numel() * 64 >= num_rows &&
-                             cache_rank.scalar_type() == at::kInt && cache_rank.numel() == cache_bits.numel() &&
-                             cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
-                             cache_values.size(1) == dim),
-              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [k, dim]");
-  Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
-  L.small = cs == 0 || dim / cs <= 36;
   const int64_t n = ids.numel(), bags = offsets.numel();
   const int64_t* idp = ids.data_ptr<int64_t>();
   check_ids(idp, n, num_rows);
@@ -546,9 +573,6 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
   at::Half* sp = scales.data_ptr<at::Half>();
   float* st = state.defined() && state.numel() ? state.data_ptr<float>() : nullptr;
   float* util = utility.defined() && utility.numel() ? utility.data_ptr<float>() : nullptr;
-  const uint64_t* cbits = use_cache ? reinterpret_cast<const uint64_t*>(cache_bits.data_ptr<int64_t>()) : nullptr;
-  const int32_t* crank = use_cache ? cache_rank.data_ptr<int32_t>() : nullptr;
-  float* cval = use_cache ? cache_values.data_ptr<float>() : nullptr;
   const float flr = float(lr), feps = float(eps), fgain = float(utility_gain);
   const bool stochastic = rounding == 1;
 
@@ -565,11 +589,9 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
       if (util) add_utility(util + slot, g, cnt, cs, fgain, norms.data());
       float* m = optim == 2 ? st + slot * cs : nullptr;
       float* mr = optim == 3 ? st + r : nullptr;
-      if (use_cache && ((cbits[r >> 6] >> (r & 63)) & 1)) {
-        const int bit = int(r & 63);
-        const uint64_t below = bit ? cbits[r >> 6] & (~uint64_t(0) >> (64 - bit)) : 0;
-        const int64_t pos = int64_t(crank[r >> 6]) + __builtin_popcountll(below);
-        fused_update(cval + pos * dim, g, len, optim, flr, feps, m, mr);
+      const int64_t pos = C.position(r);
+      if (pos >= 0) {
+        fused_update(C.values + pos * dim, g, len, optim, flr, feps, m, mr);
         continue;
       }
       float* v = values.data();
