@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels import expand_runs
+
 
 class HotRowCache(nn.Module):
     """FP32 copies of the ``capacity`` most accessed rows of a :class:`~.store.ChunkStore` (see the module doc)."""
@@ -63,24 +65,16 @@ class HotRowCache(nn.Module):
 
     def write_back(self, store, positions: torch.Tensor) -> None:
         """Store the cached rows at ``positions`` into ``store`` (round to nearest)."""
-        rows = self.ids[positions]
-        first, cnt = store.row_slots(rows)
-        if int(cnt.sum()) == 0:
-            return
-        cs = store.chunk_size
-        at = torch.repeat_interleave(torch.arange(rows.numel()), cnt)
-        chunk = torch.arange(int(cnt.sum())) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
-        vals = self.values[positions].view(rows.numel(), -1, cs)[at, chunk]
-        store.write(torch.repeat_interleave(first, cnt) + chunk, vals)
+        at, chunk, slots = expand_runs(*store.row_slots(self.ids[positions]))
+        if slots.numel():
+            store.write(slots, self.values[positions].view(positions.numel(), -1, store.chunk_size)[at, chunk])
 
     def _load(self, store, rows: torch.Tensor) -> torch.Tensor:
         """FP32 rows ``[len(rows), dim]`` read from the store (missing chunks as zeros)."""
-        first, cnt = store.row_slots(rows)
         out = torch.zeros(rows.numel(), self.dim // store.chunk_size, store.chunk_size)
-        if int(cnt.sum()):
-            at = torch.repeat_interleave(torch.arange(rows.numel()), cnt)
-            chunk = torch.arange(int(cnt.sum())) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
-            out[at, chunk] = store.read(torch.repeat_interleave(first, cnt) + chunk)
+        at, chunk, slots = expand_runs(*store.row_slots(rows))
+        if slots.numel():
+            out[at, chunk] = store.read(slots)
         return out.view(rows.numel(), self.dim)
 
     def refresh(self, store) -> dict[str, int]:

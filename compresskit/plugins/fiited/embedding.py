@@ -400,11 +400,10 @@ class FiitedEmbeddingBag(nn.Module):
         """``packed`` with the cached rows' FP32 master values in place of their stale quantized copies."""
         if self.cache is None or self.cache.ids.numel() == 0:
             return packed
-        first, cnt = kernels.row_slots(packed.counts, packed.base, self.cache.ids, self.num_embeddings)
-        at = torch.repeat_interleave(torch.arange(cnt.numel()), cnt)
-        chunk = torch.arange(int(cnt.sum())) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
-        values = self.cache.values.view(cnt.numel(), -1, self.chunk_size)[at, chunk]
-        packed.values[torch.repeat_interleave(first, cnt) + chunk] = values.to(packed.values.dtype)
+        at, chunk, slots = kernels.expand_runs(*kernels.row_slots(packed.counts, packed.base, self.cache.ids,
+                                                                   self.num_embeddings))
+        values = self.cache.values.view(self.cache.ids.numel(), -1, self.chunk_size)[at, chunk]
+        packed.values[slots] = values.to(packed.values.dtype)
         return packed
 
     def extra_repr(self) -> str:

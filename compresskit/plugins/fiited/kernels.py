@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .quantize import dequantize
 
 OPTIMIZERS = {"none": 0, "sgd": 1, "adagrad": 2, "rowwise_adagrad": 3}
 BLOCK = 8
@@ -51,6 +52,14 @@ def row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, num_
         return out[:, 0], out[:, 1]
     check_ids(rows, num_rows)
     return _row_slots(counts, base, rows)
+
+
+def expand_runs(first: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every element of the runs ``first[i] .. first[i] + lengths[i] - 1`` as (run i, offset in the run, value), in
+    run order: e.g. the (row, chunk, slot) of every stored chunk of rows whose first slots and counts are given."""
+    run = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    offset = torch.arange(run.numel()) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return run, offset, first[run] + offset
 
 
 def _row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,23 +108,25 @@ def bag_forward(pool: torch.Tensor, counts: torch.Tensor, base: torch.Tensor, id
     return out.view(c, bags, cs).permute(1, 0, 2).reshape(bags, dim)
 
 
+def native_cache(cache, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native kernels' view of a :class:`~.cache.HotRowCache` (rank bitmap words, ranks, FP32 values); empty
+    tensors when there is no cache or it holds no rows."""
+    if cache is None or cache.ids.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dim)
+    return cache.bits, cache.rank, cache.values     # updated in place by the fused update: never a copy
+
+
 def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_size: int, counts: torch.Tensor,
                  base: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
                  mean: bool, dim: int, num_rows: int, cache=None) -> torch.Tensor:
     """:func:`bag_forward` over quantized chunks (``quantize.py``'s codes and FP16 scales), dequantized as they are
     pooled; rows of ``cache`` (a :class:`~.cache.HotRowCache`) are read from its FP32 values instead."""
-    empty = cache is None or cache.ids.numel() == 0
-    cache_ids = torch.zeros(0, dtype=torch.int64) if empty else cache.ids
-    cache_values = torch.zeros(0, dim) if empty else cache.values
+    cached = cache is not None and cache.ids.numel() > 0
     k = native_kernels()
     if k is not None:
         w = weights.contiguous().float() if weights is not None else torch.empty(0)
-        bits_, rank = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)) if empty else \
-            (cache.bits, cache.rank)
         return k.forward_q(codes, scales, bits, chunk_size, counts, base, ids, offsets, w, mean, dim, num_rows,
-                           bits_, rank, cache_values.contiguous())
-    from .quantize import dequantize
-
+                           *native_cache(cache, dim))
     check_ids(ids, num_rows)
     n, bags, cs = ids.numel(), offsets.numel(), chunk_size
     c = dim // cs
@@ -130,11 +141,10 @@ def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_siz
     else:
         vec = dequantize(codes[slots], scales[slots], bits).view(n, c, cs)
     vec = (vec * valid[:, :, None]).reshape(n, dim)
-    if cache_ids.numel():
-        pos = torch.searchsorted(cache_ids, ids).clamp(max=cache_ids.numel() - 1)
-        hit = cache_ids[pos] == ids
+    if cached:
+        hit, pos = cache.positions(ids)
         mask = (torch.arange(dim)[None, :] < (cnt * cs)[:, None])
-        vec = torch.where(hit[:, None], cache_values[pos] * mask, vec)
+        vec = torch.where(hit[:, None], cache.values[pos] * mask, vec)
     bag_of, w = positions(ids, offsets, weights, mean, torch.float32)
     return torch.zeros(bags, dim).index_add_(0, bag_of, vec * w[:, None])
 

@@ -50,7 +50,6 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
     cs = store.chunk_size
     k = kernels.native_kernels()
     if k is not None:
-        live = cache is not None and cache.ids.numel() > 0
         w = weights.contiguous().float() if weights is not None else torch.empty(0)
         seed = int(torch.randint(0, 2**62, (1,), generator=module._rounding_gen))
         k.backward_q(grad_out.contiguous().float(), store.codes, store.scales, store.bits, cs, store.counts,
@@ -58,9 +57,7 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
                      kernels.OPTIMIZERS[module.optimizer], module.lr, module.eps,
                      state if state is not None else torch.empty(0),
                      utility if utility is not None else torch.empty(0), gain,
-                     cache.bits if live else torch.zeros(0, dtype=torch.int64),
-                     cache.rank if live else torch.zeros(0, dtype=torch.int32),
-                     cache.values if live else torch.zeros(0, module.embedding_dim),
+                     *kernels.native_cache(cache, module.embedding_dim),
                      1 if module.rounding == "stochastic" else 0, seed)
         return
     layout = torch.empty(0, cs)   # the kernel reads the chunk size from it; the values live in codes / scales
@@ -70,11 +67,10 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
     if slots.numel() == 0:
         return
     rows = torch.unique(ids)       # the kernel emits chunks by ascending row, then chunk
-    first, cnt = store.row_slots(rows)
-    row_of = torch.repeat_interleave(rows, cnt)
-    chunk = slots - torch.repeat_interleave(first, cnt)
-    if row_of.numel() != slots.numel():
+    run, chunk, expected = kernels.expand_runs(*store.row_slots(rows))
+    if not torch.equal(expected, slots):
         raise RuntimeError("quantized backward: the gradient's chunks do not match the rows' stored chunks")
+    row_of = rows[run]
     hit, pos = cache.positions(row_of) if cache is not None else (torch.zeros_like(row_of, dtype=torch.bool), None)
     with torch.no_grad():
         if bool(hit.any()):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ...params import swap_parameter
-from .kernels import BLOCK, row_slots
+from .kernels import BLOCK, expand_runs, row_slots
 from .quantize import STORAGE_BITS, code_bytes, dequantize, quantize
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
@@ -146,11 +146,8 @@ class ChunkStore(nn.Module):
         """Every stored chunk as (row, chunk, slot), ordered by row then chunk."""
         cnt = self.row_counts()
         rows = torch.nonzero(cnt).flatten()
-        first, cnt = self.row_slots(rows)
-        row_of = torch.repeat_interleave(rows, cnt)
-        start = torch.cumsum(cnt, 0) - cnt
-        chunk = torch.arange(row_of.numel()) - torch.repeat_interleave(start, cnt)
-        return row_of, chunk, torch.repeat_interleave(first, cnt) + chunk
+        run, chunk, slots = expand_runs(*self.row_slots(rows))
+        return rows[run], chunk, slots
 
     def dense(self) -> torch.Tensor:
         """The full ``[num_rows, num_chunks * chunk_size]`` table, missing chunks as zeros (tests, export)."""
