@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .kernels import expand_runs
+from .packed_op import cache_index
 
 
 class HotRowCache(nn.Module):
@@ -44,13 +45,7 @@ class HotRowCache(nn.Module):
     def _index(self) -> None:
         """Rebuild the rank bitmap from ``ids``: a cached row's position is ``rank[r >> 6]`` plus the set bits
         below ``r`` in its word (O(1) per lookup in the native kernel)."""
-        words = self.bits.numel()
-        hit = torch.zeros(words * 64, dtype=torch.bool)
-        hit[self.ids] = True
-        weights = (torch.ones(64, dtype=torch.int64) << torch.arange(64))   # bit 63 wraps to the sign: same bits
-        self.bits = (hit.view(words, 64).long() * weights).sum(1)
-        per_word = hit.view(words, 64).sum(1)
-        self.rank = (torch.cumsum(per_word, 0) - per_word).to(torch.int32)
+        self.bits, self.rank = cache_index(self.ids, self.num_rows)
 
     def record(self, ids: torch.Tensor) -> None:
         """Count one access of every id (a lookup in training)."""

@@ -393,18 +393,9 @@ class FiitedEmbeddingBag(nn.Module):
 
     def to_packed(self) -> PackedEmbeddingBag:
         """The inference-only twin (:class:`~compresskit.plugins.fiited.packed.PackedEmbeddingBag`): the stored
-        chunks, packed, and the 2-byte-a-row index; no utilities, optimizer state or autograd."""
-        return self._with_cache(PackedEmbeddingBag.from_store(self.store, self.mode, self.include_last_offset))
-
-    def _with_cache(self, packed: PackedEmbeddingBag) -> PackedEmbeddingBag:
-        """``packed`` with the cached rows' FP32 master values in place of their stale quantized copies."""
-        if self.cache is None or self.cache.ids.numel() == 0:
-            return packed
-        at, chunk, slots = kernels.expand_runs(*kernels.row_slots(packed.counts, packed.base, self.cache.ids,
-                                                                   self.num_embeddings))
-        values = self.cache.values.view(self.cache.ids.numel(), -1, self.chunk_size)[at, chunk]
-        packed.values[slots] = values.to(packed.values.dtype)
-        return packed
+        chunks, packed, in the precision training stored them (FP32, or INT8 / INT4 codes with their scales and the
+        FP32 hot-row cache), and the 2-byte-a-row index; no utilities, optimizer state or autograd."""
+        return PackedEmbeddingBag.from_store(self.store, self.mode, self.include_last_offset, self.cache)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}, mode={self.mode!r}, "
@@ -438,7 +429,7 @@ class FiitedEmbedding(FiitedEmbeddingBag):
 
     def to_packed(self) -> PackedEmbedding:  # type: ignore[override]
         """The inference-only twin as an ``nn.Embedding`` (:class:`PackedEmbedding`)."""
-        return self._with_cache(PackedEmbedding.from_store(self.store))
+        return PackedEmbedding.from_store(self.store, cache=self.cache)
 
 
 def fiited_modules(model: nn.Module) -> Iterator[tuple[str, FiitedEmbeddingBag]]:

@@ -1,18 +1,26 @@
-"""Inference-only FIITED tables: what a pruned :class:`FiitedEmbeddingBag` needs to serve, and nothing else.
+"""Inference-only FIITED tables: what a trained :class:`FiitedEmbeddingBag` needs to serve, and nothing else.
 
-A :class:`PackedEmbeddingBag` holds three buffers, the chunk store's layout (``store.py``) with the pool packed:
+A :class:`PackedEmbeddingBag` holds the chunk store's layout (``store.py``) with the pool packed, in the precision
+training stored it:
 
-    values [live_chunks, chunk_size]   every stored chunk, rows in order, each row's chunks contiguous
-    counts [8 * blocks] uint8          stored chunks of every row (padded to whole blocks of 8 rows)
-    base   [blocks] int64              slot of the first chunk of each block of 8 rows
+    values [live_chunks, chunk_size] float32          (storage 'fp32')
+    codes  [live_chunks, chunk_size * bits / 8] uint8 (storage 'int8' / 'int4', ``quantize.py``'s layout)
+    scales [live_chunks] float16                      (one a chunk)
+    counts [8 * blocks] uint8                         stored chunks of every row (padded to whole blocks of 8 rows)
+    base   [blocks] int64                             slot of the first chunk of each block of 8 rows
 
     slot(r) = base[r // 8] + counts[8 * (r // 8)] + ... + counts[r - 1]
 
-No utilities, no optimizer state, no Parameters (nothing for autograd). The forward pass is plain torch ops
-(gathers, masks, ``index_add``), so the module runs without compresskit's C++ kernels and goes through
-``torch.export``. It mirrors ``nn.EmbeddingBag`` (modes 'sum' / 'mean', 1-D input with offsets, with or without
-``include_last_offset``, 2-D input, ``per_sample_weights``) and :class:`PackedEmbedding` mirrors ``nn.Embedding``;
-an id outside ``[0, num_embeddings)`` raises ``IndexError`` as ``nn.Embedding`` does.
+and, for a quantized table trained with an FP32 hot-row cache (``cache.py``), the cache as training left it:
+``cache_ids`` (ascending), ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` / ``cache_rank`` through
+which a lookup finds a cached row in O(1). A cached row is read from the cache, as in training.
+
+No utilities, no optimizer state, no Parameters (nothing for autograd). Every tensor above is a saved buffer, so the
+bytes :meth:`memory_bytes` reports are the bytes of the state dict. The forward pass is one call of the custom op
+``torch.ops.compresskit.packed_bag`` (``packed_op.py``: the native kernel, or its pure-torch fallback), which
+``torch.export`` keeps in the exported graph. It mirrors ``nn.EmbeddingBag`` (modes 'sum' / 'mean', 1-D input with
+offsets, with or without ``include_last_offset``, 2-D input, ``per_sample_weights``, empty bags) and
+:class:`PackedEmbedding` mirrors ``nn.Embedding``; an id outside ``[0, num_embeddings)`` raises ``IndexError``.
 """
 from __future__ import annotations
 
@@ -21,22 +29,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels import BLOCK, check_ids
+from .kernels import BLOCK
+from .packed_op import MODES, cache_index
+from .quantize import STORAGE_BITS, code_bytes
 
-
-def _tracing() -> bool:
-    """Whether torch.export / torch.compile is tracing (a data-dependent Python check cannot run then)."""
-    return torch.compiler.is_compiling()
+STORAGES = ("fp32", *STORAGE_BITS)
 
 
 class PackedEmbeddingBag(nn.Module):
-    """Pruned FIITED table for inference: ``values``, ``counts`` and ``base`` buffers (module docstring).
+    """Trained FIITED table for inference (module docstring).
 
     Args:
         num_embeddings, embedding_dim, mode, include_last_offset: as ``nn.EmbeddingBag`` (modes 'sum', 'mean').
         chunk_size: values per chunk (divides ``embedding_dim``).
-        live_chunks: chunks stored (rows of ``values``).
-        dtype: of ``values``.
+        live_chunks: chunks stored.
+        storage: ``'fp32'``, ``'int8'`` or ``'int4'``.
+        cached_rows: rows of the FP32 hot-row cache (quantized storage only).
+        dtype: of ``values``; float32 (kept for specs written before ``storage`` existed).
 
     Build one from a trained table with :meth:`FiitedEmbeddingBag.to_packed`; the constructor alone gives an
     empty shell of the right shapes for ``load_state_dict`` (``compresskit.export.load_packed`` does that).
@@ -45,124 +54,129 @@ class PackedEmbeddingBag(nn.Module):
     bag = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int, live_chunks: int,
-                 mode: str = "sum", include_last_offset: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 mode: str = "sum", include_last_offset: bool = False, dtype: torch.dtype = torch.float32,
+                 storage: str = "fp32", cached_rows: int = 0) -> None:
         super().__init__()
-        if mode not in ("sum", "mean"):
+        if mode not in MODES:
             raise ValueError(f"mode must be 'sum' or 'mean', got '{mode}'")
         if chunk_size < 1 or embedding_dim % chunk_size:
             raise ValueError(f"chunk_size {chunk_size} must divide embedding_dim {embedding_dim}")
         if not 0 <= live_chunks <= num_embeddings * (embedding_dim // chunk_size):
             raise ValueError(f"live_chunks must be in [0, {num_embeddings * (embedding_dim // chunk_size)}], "
                              f"got {live_chunks}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+        if dtype != torch.float32:
+            raise ValueError(f"dtype must be float32, got {dtype}")
+        if not 0 <= cached_rows <= (num_embeddings if storage != "fp32" else 0):
+            raise ValueError(f"cached_rows must be in [0, {num_embeddings if storage != 'fp32' else 0}] with storage "
+                             f"'{storage}', got {cached_rows}")
         self.num_embeddings, self.embedding_dim, self.chunk_size = num_embeddings, embedding_dim, chunk_size
         self.num_chunks = embedding_dim // chunk_size
         self.mode, self.include_last_offset = mode, include_last_offset
+        self.storage, self.bits = storage, STORAGE_BITS.get(storage, 32)
         blocks = (num_embeddings + BLOCK - 1) // BLOCK
-        self.register_buffer("values", torch.zeros(live_chunks, chunk_size, dtype=dtype))
+        quantized = storage != "fp32"
+        width = code_bytes(self.bits, chunk_size) if quantized else 0
+        # the tensors the other storage has are empty and not saved: the file holds what is served
+        self.register_buffer("values", torch.zeros(0 if quantized else live_chunks, chunk_size),
+                             persistent=not quantized)
+        self.register_buffer("codes", torch.zeros(live_chunks if quantized else 0, width, dtype=torch.uint8),
+                             persistent=quantized)
+        self.register_buffer("scales", torch.zeros(live_chunks if quantized else 0, dtype=torch.float16),
+                             persistent=quantized)
         self.register_buffer("counts", torch.zeros(blocks * BLOCK, dtype=torch.uint8))
         self.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
+        cached = cached_rows > 0
+        words = (num_embeddings + 63) // 64 if cached else 0
+        self.register_buffer("cache_ids", torch.zeros(cached_rows, dtype=torch.int64), persistent=cached)
+        self.register_buffer("cache_values", torch.zeros(cached_rows, embedding_dim), persistent=cached)
+        self.register_buffer("cache_bits", torch.zeros(words, dtype=torch.int64), persistent=cached)
+        self.register_buffer("cache_rank", torch.zeros(words, dtype=torch.int32), persistent=cached)
+
+    @property
+    def live_chunks(self) -> int:
+        """Chunks stored."""
+        return int((self.values if self.storage == "fp32" else self.codes).shape[0])
 
     @classmethod
-    def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False) -> "PackedEmbeddingBag":
-        """Copy a :class:`ChunkStore`'s stored chunks, packed (holes left by moves are dropped; quantized chunks as
-        FP32), and its counts."""
-        rows, _, slots = store.entries()            # ordered by row, then chunk: the packed order
+    def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False,
+                   cache: Any = None) -> "PackedEmbeddingBag":
+        """Copy a :class:`ChunkStore`'s stored chunks, packed (holes left by moves are dropped), in the store's
+        precision, its counts, and a quantized store's :class:`~.cache.HotRowCache` ``cache`` if given."""
+        _, _, slots = store.entries()            # ordered by row, then chunk: the packed order
+        storage = {bits: name for name, bits in STORAGE_BITS.items()}.get(store.bits, "fp32")
+        cached = cache.ids.numel() if cache is not None and storage != "fp32" else 0
         packed = cls(store.num_rows, store.num_chunks * store.chunk_size, store.chunk_size, slots.numel(),
-                     mode=mode, include_last_offset=include_last_offset,
-                     dtype=torch.float32 if store.quantized else store.pool.dtype)
-        packed.values.copy_(store.read(slots))
+                     mode=mode, include_last_offset=include_last_offset, storage=storage, cached_rows=cached)
+        if storage == "fp32":
+            packed.values.copy_(store.read(slots))
+        else:
+            packed.codes.copy_(store.codes[slots])
+            packed.scales.copy_(store.scales[slots])
         packed.counts.copy_(store.counts)
         totals = packed.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
         packed.base.copy_(torch.cumsum(totals, 0) - totals)
+        if cached:
+            packed.cache_ids.copy_(cache.ids)
+            packed.cache_values.copy_(cache.values)
+            packed.cache_bits.copy_(cache.bits)
+            packed.cache_rank.copy_(cache.rank)
         return packed
 
     def config(self) -> dict[str, Any]:
-        """Constructor arguments (JSON-serialisable: ``dtype`` by name) that rebuild this module's shapes."""
+        """Constructor arguments (JSON-serialisable) that rebuild this module's shapes."""
         args = {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "chunk_size": self.chunk_size, "live_chunks": int(self.values.shape[0]),
-                "dtype": str(self.values.dtype).removeprefix("torch.")}
+                "chunk_size": self.chunk_size, "live_chunks": self.live_chunks, "storage": self.storage,
+                "cached_rows": int(self.cache_ids.shape[0])}
         if self.bag:
             args.update(mode=self.mode, include_last_offset=self.include_last_offset)
         return args
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: ``values`` (payload), ``index`` (counts + block bases) and their ``total``; ``dense``: the
-        bytes of the unpruned table it stands for."""
-        values = self.values.numel() * self.values.element_size()
-        index = self.counts.numel() * self.counts.element_size() + self.base.numel() * self.base.element_size()
-        dense = self.num_embeddings * self.embedding_dim * self.values.element_size()
-        return {"values": values, "index": index, "total": values + index, "dense": dense}
+        """Bytes held, which are the bytes of the state dict: ``values`` (the chunks: FP32 values, or codes and
+        scales), ``cache`` (the FP32 hot rows, their ids and rank bitmap), ``index`` (counts and block bases) and
+        their ``total``; ``dense``: the bytes of the FP32 table it stands for."""
+        def size(*names: str) -> int:
+            return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+        values = size("values", "codes", "scales")
+        cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if self.cache_ids.numel() else 0
+        index = size("counts", "base")
+        return {"values": values, "cache": cache, "index": index, "total": values + cache + index,
+                "dense": self.num_embeddings * self.embedding_dim * 4}
 
     def dense(self) -> torch.Tensor:
-        """The full ``[num_embeddings, embedding_dim]`` table, pruned dims as zeros."""
-        return self._rows(torch.arange(self.num_embeddings))
+        """The full ``[num_embeddings, embedding_dim]`` table as served (cached rows from the cache), pruned dims
+        as zeros."""
+        return self._lookup(torch.arange(self.num_embeddings)[:, None], None, None, "sum")
 
-    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[len(ids), embedding_dim]``: each id's stored chunks, pruned dims as zeros. Ids outside the table
-        raise IndexError (eagerly with compresskit's message; when traced, from the gather itself)."""
-        if not _tracing():
-            check_ids(ids, self.num_embeddings)
-        n = ids.shape[0]
-        if self.values.shape[0] == 0:                      # everything pruned: a static shape, fine to branch on
-            return self.values.new_zeros(n, self.embedding_dim)
-        inside = (ids >= 0) & (ids < self.num_embeddings)
-        # an id outside the table is sent past the end of ``counts``: index_select raises IndexError there
-        safe = torch.where(inside, ids, self.counts.shape[0])
-        count = self.counts.index_select(0, safe).long()                                  # [n]
-        block = safe >> 3
-        in_block = torch.arange(BLOCK, device=ids.device)
-        mine = self.counts.view(-1, BLOCK).index_select(0, block).long()                 # [n, 8]
-        before = (mine * (in_block[None, :] < (safe & (BLOCK - 1))[:, None])).sum(1)
-        first = self.base.index_select(0, block) + before                                 # [n]
-        chunk = torch.arange(self.num_chunks, device=ids.device)
-        kept = chunk[None, :] < count[:, None]                                            # [n, chunks]
-        slots = torch.where(kept, first[:, None] + chunk[None, :], 0)
-        vec = self.values.index_select(0, slots.reshape(-1)).view(n, self.num_chunks, self.chunk_size)
-        return (vec * kept[:, :, None].to(vec.dtype)).reshape(n, self.embedding_dim)
+    def _lookup(self, input: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None,
+                mode: str) -> torch.Tensor:
+        return torch.ops.compresskit.packed_bag(
+            self.values, self.codes, self.scales, self.counts, self.base, self.cache_ids, self.cache_bits,
+            self.cache_rank, self.cache_values, input, offsets, per_sample_weights, self.bits, self.chunk_size,
+            MODES[mode], self.include_last_offset, self.num_embeddings, self.embedding_dim)
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``nn.EmbeddingBag.forward``: pooled ``[bags, embedding_dim]``."""
-        if per_sample_weights is not None and self.mode != "sum":
-            raise ValueError("per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
-        if input.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when input is 2-D")
-            bags, length = input.shape
-            ids = input.reshape(-1).long()
-            bag_of = torch.arange(bags, device=ids.device)[:, None].expand(bags, length).reshape(-1)
-            weight = None if per_sample_weights is None else per_sample_weights.reshape(-1)
-            if self.mode == "mean":
-                weight = torch.ones(ids.shape[0], dtype=self.values.dtype, device=ids.device) / length
-        elif input.dim() == 1:
-            if offsets is None:
-                raise ValueError("offsets are required when input is 1-D")
-            ids = input.long()
-            offsets = offsets.long()
-            n = ids.shape[0]
-            starts = offsets[:-1] if self.include_last_offset else offsets
-            end = offsets[-1:] if self.include_last_offset else torch.full((1,), n, device=ids.device)
-            bags = starts.shape[0]
-            position = torch.arange(n, device=ids.device)
-            bag_of = torch.searchsorted(starts, position, right=True) - 1
-            inside = (bag_of >= 0) & (position < end)      # ids past the last offset belong to no bag
-            bag_of = bag_of.clamp(min=0)
-            weight = inside.to(self.values.dtype)
-            if per_sample_weights is not None:
-                weight = weight * per_sample_weights.to(self.values.dtype)
-            if self.mode == "mean":
-                lengths = torch.diff(torch.cat([starts, end]))
-                weight = weight / lengths.clamp(min=1).to(self.values.dtype).index_select(0, bag_of)
-        else:
-            raise ValueError(f"input must be 1-D or 2-D, got {input.dim()}-D")
-        vec = self._rows(ids)
-        if weight is not None:
-            vec = vec * weight.to(vec.dtype)[:, None]
-        return vec.new_zeros(bags, self.embedding_dim).index_add(0, bag_of, vec)
+        return self._lookup(input, offsets, per_sample_weights, self.mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.cache_ids.numel():   # the bitmap must describe the ids loaded, whatever the file said
+            bits, rank = cache_index(self.cache_ids, self.num_embeddings)
+            if not (torch.equal(bits, self.cache_bits) and torch.equal(rank, self.cache_rank)):
+                error_msgs.append(f"{prefix}cache_bits / cache_rank do not index {prefix}cache_ids")
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}, mode={self.mode!r}, "
-                f"live_chunks={self.values.shape[0]}")
+        mode = f", mode={self.mode!r}" if self.bag else ""
+        cache = f", cached_rows={self.cache_ids.shape[0]}" if self.cache_ids.numel() else ""
+        return (f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}{mode}, "
+                f"storage={self.storage!r}, live_chunks={self.live_chunks}{cache}")
 
 
 class PackedEmbedding(PackedEmbeddingBag):
@@ -171,26 +185,24 @@ class PackedEmbedding(PackedEmbeddingBag):
     bag = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int, live_chunks: int,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(num_embeddings, embedding_dim, chunk_size, live_chunks, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, storage: str = "fp32", cached_rows: int = 0) -> None:
+        super().__init__(num_embeddings, embedding_dim, chunk_size, live_chunks, dtype=dtype, storage=storage,
+                         cached_rows=cached_rows)
 
     @classmethod
-    def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False) -> "PackedEmbedding":
+    def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False,
+                   cache: Any = None) -> "PackedEmbedding":
         """Copy a :class:`ChunkStore` (see :meth:`PackedEmbeddingBag.from_store`); ``mode`` and
         ``include_last_offset`` are ignored (an ``nn.Embedding`` has neither)."""
-        packed = PackedEmbeddingBag.from_store(store)
-        out = cls(packed.num_embeddings, packed.embedding_dim, packed.chunk_size, packed.values.shape[0],
-                  dtype=packed.values.dtype)
+        packed = PackedEmbeddingBag.from_store(store, cache=cache)
+        out = cls(packed.num_embeddings, packed.embedding_dim, packed.chunk_size, packed.live_chunks,
+                  storage=packed.storage, cached_rows=int(packed.cache_ids.shape[0]))
         out.load_state_dict(packed.state_dict())
         return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``nn.Embedding.forward``."""
-        return self._rows(input.reshape(-1).long()).view(*input.shape, self.embedding_dim)
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, chunk_size={self.chunk_size}, "
-                f"live_chunks={self.values.shape[0]}")
+        return self._lookup(input.reshape(-1, 1), None, None, "sum").view(*input.shape, self.embedding_dim)
 
 
 PACKED_CLASSES = {cls.__name__: cls for cls in (PackedEmbeddingBag, PackedEmbedding)}

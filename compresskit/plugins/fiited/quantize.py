@@ -63,5 +63,5 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Te
     else:
         low = (codes & 0xF).to(torch.int16) - 8
         high = (codes >> 4).to(torch.int16) - 8
-        q = torch.stack([low, high], 2).reshape(codes.shape[0], -1).float()
+        q = torch.stack([low, high], 2).reshape(codes.shape[0], 2 * codes.shape[1]).float()
     return q * scales.float()[:, None]

@@ -14,7 +14,9 @@ import platform
 import warnings
 from types import ModuleType
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prefix_bag.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_HERE, name) for name in ("prefix_bag.cpp", "packed_bag.cpp")]  # training, serving
+_HEADERS = [os.path.join(_HERE, "layout.h")]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno"]
 _state: dict[str, ModuleType | None] = {}
 
@@ -32,9 +34,12 @@ def build_directory() -> str:
     """Where the compiled kernels are cached for this source, torch version and CPU."""
     import torch
 
-    with open(_SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + torch.__version__.encode() + _cpu_signature().encode()
-                             + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for path in _SOURCES + _HEADERS:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    digest.update(torch.__version__.encode() + _cpu_signature().encode() + " ".join(_FLAGS).encode())
+    key = digest.hexdigest()[:16]
     root = os.environ.get("COMPRESSKIT_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "compresskit")
     return os.path.join(root, f"prefix_bag-{key}")
 
@@ -50,7 +55,7 @@ def kernels() -> ModuleType | None:
 
             path = build_directory()
             os.makedirs(path, exist_ok=True)
-            module = load(name="compresskit_prefix_bag", sources=[_SOURCE], extra_cflags=_FLAGS,
+            module = load(name="compresskit_prefix_bag", sources=_SOURCES, extra_cflags=_FLAGS,
                           build_directory=path, verbose=False)
         except Exception as e:  # no compiler, no headers, ...: the pure-torch kernels still work
             warnings.warn(f"compresskit: FIITED native kernels unavailable ({type(e).__name__}: "

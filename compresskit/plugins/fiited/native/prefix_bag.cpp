@@ -13,9 +13,8 @@
 //           fused update re-quantizes), hot rows from an fp32 cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#ifdef __F16C__
-#include <immintrin.h>
-#endif
+
+#include "layout.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,65 +22,9 @@
 #include <limits>
 #include <vector>
 
+using namespace fiited;
+
 namespace {
-
-constexpr int64_t kBlock = 8;
-
-struct Layout {
-  const float* pool;
-  const uint8_t* counts;
-  const int64_t* base;
-  int64_t cs;
-  int64_t dim;
-  int64_t num_rows;
-
-  inline int64_t slot(int64_t r, int64_t* count) const {
-    const uint8_t* c = counts + (r & ~(kBlock - 1));
-    const int k = int(r & (kBlock - 1));
-    uint64_t word;
-    std::memcpy(&word, c, sizeof(word));
-    *count = int64_t((word >> (8 * k)) & 0xFF);
-    // sum of the counts before r in its block: one multiply adds the masked bytes (each partial sum < 256 when a
-    // row has at most 36 chunks; otherwise add them one by one)
-    const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
-    if (small) return base[r >> 3] + int64_t((below * 0x0101010101010101ULL) >> 56);
-    int64_t off = 0;
-    for (int j = 0; j < k; ++j) off += c[j];
-    return base[r >> 3] + off;
-  }
-
-  inline void prefetch_index(int64_t r) const {
-    __builtin_prefetch(counts + (r & ~(kBlock - 1)), 0, 1);
-    __builtin_prefetch(base + (r >> 3), 0, 1);
-  }
-
-  bool small = true;
-};
-
-constexpr int kPrefetch = 8;  // ids looked ahead when prefetching rows (memory latency of random rows)
-
-inline void prefetch_run(const float* p, int64_t len) {
-  for (int64_t k = 0; k < len; k += 16) __builtin_prefetch(p + k, 0, 1);
-}
-
-Layout make_layout(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base, int64_t dim,
-                   int64_t num_rows) {
-  TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && pool.dim() == 2, "pool: contiguous float32 [slots, chunk]");
-  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
-  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
-  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
-  Layout L{pool.data_ptr<float>(), counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), pool.size(1), dim,
-           num_rows};
-  L.small = pool.size(1) == 0 || dim / pool.size(1) <= 36;
-  return L;
-}
-
-void check_ids(const int64_t* ids, int64_t n, int64_t num_rows) {
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < num_rows, "index ", ids[i], " is out of range for a table of ", num_rows,
-                " rows");
-  }
-}
 
 // A batch of bags: ids (checked to lie in [0, num_rows)), offsets and optional per-sample weights.
 struct BagInputs {
@@ -340,104 +283,6 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
 // even value in the low nibble, code + 8) times one fp16 scale a chunk. Rows of the fp32 cache are found in O(1)
 // with a rank bitmap (cache_bits: one bit a row in int64 words; cache_rank: cached rows before each word, int32)
 // and read from cache_values (float32 [k, dim], rows in ascending id order) instead.
-namespace {
-
-inline float half_to_float(at::Half h) {
-#ifdef __F16C__
-  return _cvtsh_ss(h.x);
-#else
-  return float(h);
-#endif
-}
-
-// The layout of a quantized store, its tensors checked: codes uint8 [slots, cs * bits / 8], scales fp16 [slots].
-Layout quantized_layout(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
-                        const at::Tensor& counts, const at::Tensor& base, int64_t dim, int64_t num_rows) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                  codes.size(1) == cs * bits / 8, "codes: contiguous uint8 [slots, cs * bits / 8]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
-              "scales: contiguous float16 [slots]");
-  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
-  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
-  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
-  Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
-  L.small = cs == 0 || dim / cs <= 36;
-  return L;
-}
-
-// The fp32 hot-row cache: a rank bitmap over the rows (bits: one a row in int64 words; rank: cached rows before
-// each word, int32) and the cached rows' values (float32 [k, dim], ascending row id). Empty values: no cache.
-struct CacheView {
-  const uint64_t* bits = nullptr;
-  const int32_t* rank = nullptr;
-  float* values = nullptr;
-
-  // position of row r in the cache, or -1
-  inline int64_t position(int64_t r) const {
-    if (!values) return -1;
-    const uint64_t word = bits[r >> 6];
-    const int bit = int(r & 63);
-    if (!((word >> bit) & 1)) return -1;
-    const uint64_t below = bit ? word & (~uint64_t(0) >> (64 - bit)) : 0;
-    return int64_t(rank[r >> 6]) + __builtin_popcountll(below);
-  }
-};
-
-CacheView cache_view(const at::Tensor& cache_bits, const at::Tensor& cache_rank, const at::Tensor& cache_values,
-                     int64_t dim, int64_t num_rows) {
-  CacheView C;
-  if (cache_values.numel() == 0) return C;
-  TORCH_CHECK(cache_bits.scalar_type() == at::kLong && cache_bits.is_contiguous() &&
-                  cache_bits.numel() * 64 >= num_rows && cache_rank.scalar_type() == at::kInt &&
-                  cache_rank.is_contiguous() && cache_rank.numel() == cache_bits.numel() &&
-                  cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
-                  cache_values.size(1) == dim,
-              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [k, dim]");
-  C.bits = reinterpret_cast<const uint64_t*>(cache_bits.data_ptr<int64_t>());
-  C.rank = cache_rank.data_ptr<int32_t>();
-  C.values = cache_values.data_ptr<float>();
-  return C;
-}
-
-// o[0 .. cnt * CS) += w * dequantized chunks (CS values each; CS = 0: the run-time cs). The scales are expanded to
-// one a value first (tmp), so the multiply-add runs as one vectorisable loop over the row's run of codes.
-template <int BITS, int CS>
-inline void add_chunks(float* o, const uint8_t* codes, const at::Half* scales, int64_t cnt, float w, int64_t cs_rt,
-                       float* tmp) {
-  const int64_t cs = CS ? CS : cs_rt;
-  const int64_t len = cnt * cs;
-  for (int64_t c = 0; c < cnt; ++c) {
-    const float s = w * half_to_float(scales[c]);
-    for (int64_t k = 0; k < cs; ++k) tmp[c * cs + k] = s;
-  }
-  if (BITS == 8) {
-    const int8_t* q8 = reinterpret_cast<const int8_t*>(codes);
-    for (int64_t k = 0; k < len; ++k) o[k] += tmp[k] * float(q8[k]);
-  } else {
-    for (int64_t k = 0; k < len / 2; ++k) {
-      o[2 * k] += tmp[2 * k] * float(int(codes[k] & 0xF) - 8);
-      o[2 * k + 1] += tmp[2 * k + 1] * float(int(codes[k] >> 4) - 8);
-    }
-  }
-}
-
-using AddChunks = void (*)(float*, const uint8_t*, const at::Half*, int64_t, float, int64_t, float*);
-
-template <int BITS>
-AddChunks pick_add_chunks(int64_t cs) {
-  switch (cs) {
-    case 2: return add_chunks<BITS, 2>;
-    case 4: return add_chunks<BITS, 4>;
-    case 8: return add_chunks<BITS, 8>;
-    case 16: return add_chunks<BITS, 16>;
-    case 32: return add_chunks<BITS, 32>;
-    default: return add_chunks<BITS, 0>;
-  }
-}
-
-}  // namespace
-
 at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
                                 const at::Tensor& counts, const at::Tensor& base, const at::Tensor& ids,
                                 const at::Tensor& offsets, const at::Tensor& weights, bool mean, int64_t dim,
@@ -627,7 +472,17 @@ at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, co
   return out;
 }
 
+// packed_bag.cpp: the serving kernel of packed tables
+at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
+                      const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
+                      const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
+                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
+                      int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
+                      int64_t dim);
+
+// the kernels of this file and of packed_bag.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_bag", &packed_bag, "pooled lookup over a packed table (fp32 / int8 / int4 chunks, fp32 cache)");
   m.def("forward", &prefix_bag_forward, "pooled lookup over the prefix-chunk store");
   m.def("backward", &prefix_bag_backward, "gradient (dense/sparse) or fused optimizer update, with utilities");
   m.def("row_slots", &prefix_row_slots, "(first slot, chunk count) of rows");

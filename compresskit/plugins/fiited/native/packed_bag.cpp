@@ -1,0 +1,391 @@
+// The serving kernel of packed FIITED tables (compresskit/plugins/fiited/packed.py): pooled lookups over FP32, INT8
+// or INT4 chunks (one fp16 scale a chunk) with an optional fp32 hot-row cache, for every input form
+// nn.EmbeddingBag takes (1-D ids with offsets, with or without include_last_offset; 2-D ids; empty bags; sum or
+// mean; per-sample weights). Ids outside [0, num_rows) raise IndexError.
+//
+// Two passes over each group of a thread's bags: the first finds every id's stored run through the index (its
+// block's counts word and base, prefetched ahead), with no dependence between iterations; the second adds the runs
+// into each bag's accumulator, prefetching the runs ahead. (One pass, where a run's prefetch must wait for its index
+// entry, reached a third of the memory parallelism on random ids.) With AVX-512 and dim <= 128 the accumulator is
+// dim / 16 vector registers, written to the output once a bag: a row's prefix of stored values is read with masked
+// loads (int8 / int4 codes widened and scaled in registers), so a lookup costs about what a dense row's does, less
+// the values it does not store. Otherwise the accumulator is the output row itself (auto-vectorised loops).
+#include <ATen/Parallel.h>
+
+#include "layout.h"
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#define FIITED_AVX512 1
+#include <immintrin.h>
+#endif
+
+using namespace fiited;
+
+namespace {
+
+constexpr int64_t kPrefetchRun = 24;    // ids looked ahead when prefetching stored runs
+constexpr int64_t kPrefetchIndex = 64;  // ids looked ahead when prefetching index entries
+constexpr int64_t kGroupIds = 1 << 16;  // ids located per pass (bounds the per-thread buffer of locations)
+constexpr int64_t kIdsPerTask = 2048;  // ids a thread takes at least (smaller batches run on one thread)
+
+// The bags of one call: bag b holds positions [start(b), stop(b)) of `ids`.
+struct BagView {
+  const int64_t* ids = nullptr;
+  const int64_t* offsets = nullptr;  // nullptr: fixed-length bags (2-D input) of `length` ids
+  const float* psw = nullptr;
+  int64_t n = 0, bags = 0, length = 0, num_offsets = 0;
+
+  inline int64_t start(int64_t b) const { return offsets ? offsets[b] : b * length; }
+  inline int64_t stop(int64_t b) const {
+    return offsets ? (b + 1 < num_offsets ? offsets[b + 1] : n) : (b + 1) * length;
+  }
+};
+
+// The stored chunks of one table, as the accumulators read them.
+struct Table {
+  Layout L;
+  const uint8_t* codes = nullptr;  // quantized storage: codes and one fp16 scale a chunk
+  const at::Half* scales = nullptr;
+  int64_t code_bytes = 0;          // bytes of one chunk's codes
+  CacheView C;
+};
+
+// Generic accumulator: the output row itself (any dim, any instruction set).
+template <int KIND>  // 32: fp32 values, 8: int8 codes, 4: int4 codes
+struct RowAccumulator {
+  float* o = nullptr;
+  const uint8_t* codes;
+  const at::Half* scales;
+  int64_t cs, dim, code_bytes;
+  std::vector<float> tmp;
+  AddChunks add_chunks;
+
+  explicit RowAccumulator(const Table& t)
+      : codes(t.codes), scales(t.scales), cs(t.L.cs), dim(t.L.dim), code_bytes(t.code_bytes),
+        tmp(KIND == 32 ? 0 : t.L.dim),
+        add_chunks(KIND == 8 ? pick_add_chunks<8>(t.L.cs) : pick_add_chunks<4>(t.L.cs)) {}
+
+  inline void begin(float* out) {
+    o = out;
+    std::memset(o, 0, sizeof(float) * dim);
+  }
+  // add w times a row's stored values: the fp32 run p, or (p null) the quantized chunks from slot
+  template <bool WEIGHTED>
+  inline void add(const float* p, int64_t slot, int64_t cnt, float w) {
+    const int64_t len = cnt * cs;
+    if (p) {
+      if (WEIGHTED) {
+        for (int64_t k = 0; k < len; ++k) o[k] += w * p[k];
+      } else {
+        for (int64_t k = 0; k < len; ++k) o[k] += p[k];
+      }
+    } else if (KIND != 32) {
+      add_chunks(o, codes + slot * code_bytes, scales + slot, cnt, w, cs, tmp.data());
+    }
+  }
+  inline void end(float scale) {
+    if (scale != 1.0f) {
+      for (int64_t k = 0; k < dim; ++k) o[k] *= scale;
+    }
+  }
+};
+
+#ifdef FIITED_AVX512
+// Register accumulator: NV zmm registers hold the bag's sum (dim <= 16 * NV).
+template <int KIND, int NV>
+struct VectorAccumulator {
+  float* o = nullptr;
+  const uint8_t* codes;
+  const at::Half* scales;
+  int64_t cs, dim, code_bytes;
+  __m512 acc[NV];
+  __m512i chunk_of[NV];  // lane -> chunk, counted from the register's first chunk (scale expansion)
+  int64_t first_chunk[NV];
+
+  explicit VectorAccumulator(const Table& t)
+      : codes(t.codes), scales(t.scales), cs(t.L.cs), dim(t.L.dim), code_bytes(t.code_bytes) {
+    for (int j = 0; j < NV; ++j) {
+      alignas(64) int32_t idx[16];
+      first_chunk[j] = (16 * j) / cs;
+      for (int l = 0; l < 16; ++l) idx[l] = int32_t((16 * j + l) / cs - first_chunk[j]);
+      chunk_of[j] = _mm512_load_si512(idx);
+    }
+  }
+
+  static inline __mmask16 lanes(int64_t len, int j) {  // lanes of register j below len
+    const int64_t m = std::min<int64_t>(std::max<int64_t>(len - 16 * j, 0), 16);
+    return __mmask16((1u << m) - 1);
+  }
+
+  inline void begin(float* out) {
+    o = out;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  }
+
+  // add w times a row's stored values: the fp32 run p, or (p null) the quantized chunks from slot
+  template <bool WEIGHTED>
+  inline void add(const float* p, int64_t slot, int64_t cnt, float w) {
+    const int64_t len = cnt * cs;
+    const __m512 vw = _mm512_set1_ps(w);
+    if (KIND == 32 || p) {
+      if (len == 16 * NV) {  // a whole row of a dim that is a multiple of 16: plain loads
+#pragma GCC unroll 8
+        for (int j = 0; j < NV; ++j) {
+          const __m512 v = _mm512_loadu_ps(p + 16 * j);
+          acc[j] = WEIGHTED ? _mm512_fmadd_ps(vw, v, acc[j]) : _mm512_add_ps(acc[j], v);
+        }
+        return;
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        if (16 * j >= len) break;
+        const __m512 v = _mm512_maskz_loadu_ps(lanes(len, j), p + 16 * j);
+        acc[j] = WEIGHTED ? _mm512_fmadd_ps(vw, v, acc[j]) : _mm512_add_ps(acc[j], v);
+      }
+      return;
+    }
+    const uint8_t* q = codes + slot * code_bytes;
+    const at::Half* s = scales + slot;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      if (16 * j >= len) break;
+      const __mmask16 m = lanes(len, j);
+      __m512 v;
+      if (KIND == 8) {
+        v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + 16 * j)));
+      } else {
+        const int64_t bytes = std::min<int64_t>((len - 16 * j + 1) / 2, 8);
+        const __m128i b = _mm_maskz_loadu_epi8(__mmask16((1u << bytes) - 1), q + 8 * j);
+        const __m128i nib = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+        const __m512i c = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), _mm512_set1_epi32(8));
+        v = _mm512_maskz_mov_ps(m, _mm512_cvtepi32_ps(c));
+      }
+      // the scales of the chunks this register covers, one a lane
+      const int64_t chunks = std::min<int64_t>(cnt - first_chunk[j], 16);
+      const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << chunks) - 1), s + first_chunk[j]);
+      __m512 sc = _mm512_permutexvar_ps(chunk_of[j], _mm512_cvtph_ps(h));
+      if (WEIGHTED) sc = _mm512_mul_ps(sc, vw);
+      acc[j] = _mm512_fmadd_ps(sc, v, acc[j]);
+    }
+  }
+
+  inline void end(float scale) {
+    const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      const __m512 r = scale != 1.0f ? _mm512_mul_ps(acc[j], vs) : acc[j];
+      _mm512_mask_storeu_ps(o + 16 * j, lanes(dim, j), r);
+    }
+  }
+};
+#endif
+
+// The table as plain locals of the loop (no reloads through references), with row lookups and prefetches.
+template <int KIND>
+struct Reader {
+  const float* pool;
+  const uint8_t* counts;
+  const int64_t* base;
+  const uint8_t* codes;
+  const at::Half* scales;
+  const uint64_t* cache_bits;
+  const int32_t* cache_rank;
+  const float* cache_values;
+  int64_t cs, dim, code_bytes, num_rows;
+  bool small;
+
+  explicit Reader(const Table& T)
+      : pool(T.L.pool), counts(T.L.counts), base(T.L.base), codes(T.codes), scales(T.scales),
+        cache_bits(T.C.bits), cache_rank(T.C.rank), cache_values(T.C.values), cs(T.L.cs), dim(T.L.dim),
+        code_bytes(T.code_bytes), num_rows(T.L.num_rows), small(T.L.small) {}
+
+  inline bool valid(int64_t r) const { return r >= 0 && r < num_rows; }
+
+  inline void prefetch_index(int64_t r) const {
+    __builtin_prefetch(counts + (r & ~int64_t(7)), 0, 1);
+    __builtin_prefetch(base + (r >> 3), 0, 1);
+  }
+
+  // slot of row r's first chunk; its chunk count in *cnt (layout.h's Layout::slot)
+  inline int64_t slot(int64_t r, int64_t* cnt) const {
+    uint64_t word;
+    std::memcpy(&word, counts + (r & ~int64_t(7)), sizeof(word));
+    const int k = int(r & 7);
+    *cnt = int64_t((word >> (8 * k)) & 0xFF);
+    const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
+    if (small) return base[r >> 3] + int64_t((below * 0x0101010101010101ULL) >> 56);
+    int64_t off = 0;
+    for (int j = 0; j < k; ++j) off += counts[(r & ~int64_t(7)) + j];
+    return base[r >> 3] + off;
+  }
+
+  // fp32 values of row r (pool or cache), or nullptr for quantized chunks at *slot
+  inline const float* locate(int64_t r, int64_t* slot, int64_t* cnt) const {
+    *slot = this->slot(r, cnt);
+    if (cache_values) {
+      const uint64_t word = cache_bits[r >> 6];
+      const int bit = int(r & 63);
+      if ((word >> bit) & 1) {
+        const uint64_t below = bit ? word & (~uint64_t(0) >> (64 - bit)) : 0;
+        return cache_values + (int64_t(cache_rank[r >> 6]) + __builtin_popcountll(below)) * dim;
+      }
+    }
+    return KIND == 32 ? pool + *slot * cs : nullptr;
+  }
+
+  inline void prefetch_run(const float* p, int64_t slot, int64_t cnt) const {
+    if (p) {
+      for (int64_t k = 0; k < cnt * cs; k += 16) __builtin_prefetch(p + k, 0, 3);
+    } else {
+      __builtin_prefetch(scales + slot, 0, 3);
+      const uint8_t* q = codes + slot * code_bytes;
+      for (int64_t k = 0; k < cnt * code_bytes; k += 64) __builtin_prefetch(q + k, 0, 3);
+    }
+  }
+};
+
+// Where one id's stored values are: an fp32 run p (pool or cache), or (p null) quantized chunks from slot.
+struct Where {
+  const float* p;
+  int64_t slot;
+  int64_t cnt;
+};
+
+template <int KIND, bool WEIGHTED, class Acc>
+void pool_bags(const Table& T, const BagView& in, bool mean, float* outp) {
+  const int64_t grain = std::max<int64_t>(1, in.bags * kIdsPerTask / std::max<int64_t>(in.n, 1));
+  at::parallel_for(0, in.bags, grain, [&](int64_t b0, int64_t b1) {
+    const Reader<KIND> R(T);
+    Acc acc(T);
+    const int64_t* ids = in.ids;
+    const float* psw = in.psw;
+    const int64_t dim = R.dim, num_rows = R.num_rows;
+    thread_local std::vector<Where> where;  // reused across calls: no allocation (or page faults) per call
+    for (int64_t g0 = b0; g0 < b1;) {
+      // a group of bags with at most kGroupIds ids (or one bag)
+      int64_t g1 = g0 + 1;
+      while (g1 < b1 && in.stop(g1) - in.start(g0) <= kGroupIds) ++g1;
+      const int64_t first = in.start(g0), last = std::max(first, in.stop(g1 - 1));
+      if (int64_t(where.size()) < last - first) where.resize(last - first);
+      Where* w = where.data() - first;
+      // pass 1: every id's run (independent iterations, index entries prefetched kPrefetchIndex ids ahead)
+      for (int64_t i = first; i < last; ++i) {
+        if (i + kPrefetchIndex < last && R.valid(ids[i + kPrefetchIndex])) R.prefetch_index(ids[i + kPrefetchIndex]);
+        const int64_t r = ids[i];
+        TORCH_CHECK_INDEX(R.valid(r), "index ", r, " out of range for a table of ", num_rows,
+                          " rows (ids must be in [0, ", num_rows, "))");
+        w[i].p = R.locate(r, &w[i].slot, &w[i].cnt);
+      }
+      // pass 2: pool each bag in registers (or its output row), runs prefetched kPrefetchRun ids ahead
+      for (int64_t b = g0; b < g1; ++b) {
+        const int64_t start = in.start(b), stop = in.stop(b);
+        acc.begin(outp + b * dim);
+        for (int64_t i = start; i < stop; ++i) {
+          if (i + kPrefetchRun < last) R.prefetch_run(w[i + kPrefetchRun].p, w[i + kPrefetchRun].slot,
+                                                      w[i + kPrefetchRun].cnt);
+          if (w[i].cnt) acc.template add<WEIGHTED>(w[i].p, w[i].slot, w[i].cnt, WEIGHTED ? psw[i] : 1.0f);
+        }
+        acc.end(mean && stop > start ? 1.0f / float(stop - start) : 1.0f);
+      }
+      g0 = g1;
+    }
+  });
+}
+
+template <int KIND, bool WEIGHTED>
+void pool_any(const Table& T, const BagView& in, bool mean, float* outp) {
+#ifdef FIITED_AVX512
+  switch ((T.L.dim + 15) / 16) {
+    case 1: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 1>>(T, in, mean, outp);
+    case 2: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 2>>(T, in, mean, outp);
+    case 3: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 3>>(T, in, mean, outp);
+    case 4: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 4>>(T, in, mean, outp);
+    case 5: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 5>>(T, in, mean, outp);
+    case 6: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 6>>(T, in, mean, outp);
+    case 7: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 7>>(T, in, mean, outp);
+    case 8: return pool_bags<KIND, WEIGHTED, VectorAccumulator<KIND, 8>>(T, in, mean, outp);
+    default: break;
+  }
+#endif
+  pool_bags<KIND, WEIGHTED, RowAccumulator<KIND>>(T, in, mean, outp);
+}
+
+}  // namespace
+
+// values: float32 [slots, cs] (bits 32), or codes uint8 [slots, cs * bits / 8] and scales float16 [slots] (bits 8
+// or 4); counts / base: the prefix-chunk index; cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
+// per_sample_weights, mode (0 sum, 1 mean) and include_last_offset as nn.EmbeddingBag. Returns [bags, dim] float32.
+at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
+                      const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
+                      const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
+                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
+                      int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
+                      int64_t dim) {
+  TORCH_CHECK_VALUE(mode == 0 || mode == 1, "mode: 0 (sum) or 1 (mean)");
+  TORCH_CHECK_VALUE(bits == 32 || bits == 8 || bits == 4, "bits: 32, 8 or 4");
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kLong || input.scalar_type() == at::kInt,
+                    "input: int64 or int32 ids, got ", input.scalar_type());
+  Table T;
+  T.L = bits == 32 ? make_layout(values, counts, base, dim, num_rows)
+                   : quantized_layout(codes, scales, bits, cs, counts, base, dim, num_rows);
+  TORCH_CHECK_VALUE(bits != 32 || values.size(1) == cs, "values: [slots, chunk_size]");
+  T.C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
+  if (bits != 32) {
+    T.codes = codes.data_ptr<uint8_t>();
+    T.scales = scales.data_ptr<at::Half>();
+    T.code_bytes = cs * bits / 8;
+  }
+  const bool has_offsets = offsets.has_value() && offsets->defined();
+  const at::Tensor ids = input.scalar_type() == at::kLong ? input.contiguous() : input.to(at::kLong).contiguous();
+  BagView in;
+  at::Tensor offs;
+  if (input.dim() == 2) {
+    TORCH_CHECK_VALUE(!has_offsets, "offsets must be None when input is 2-D");
+    in.bags = input.size(0);
+    in.length = input.size(1);
+  } else {
+    TORCH_CHECK_VALUE(input.dim() == 1, "input must be 1-D or 2-D, got ", input.dim(), "-D");
+    TORCH_CHECK_VALUE(has_offsets, "offsets are required when input is 1-D");
+    TORCH_CHECK_VALUE(offsets->dim() == 1, "offsets must be 1-D, got ", offsets->dim(), "-D");
+    offs = offsets->scalar_type() == at::kLong ? offsets->contiguous() : offsets->to(at::kLong).contiguous();
+    in.offsets = offs.data_ptr<int64_t>();
+    in.num_offsets = offs.numel();
+    in.bags = include_last_offset ? std::max<int64_t>(in.num_offsets - 1, 0) : in.num_offsets;
+  }
+  in.ids = ids.data_ptr<int64_t>();
+  in.n = ids.numel();
+  for (int64_t b = 0; b < in.num_offsets; ++b) {
+    const int64_t o = in.offsets[b];
+    TORCH_CHECK_VALUE(o >= 0 && o <= in.n && (b == 0 || o >= in.offsets[b - 1]),
+                      "offsets must be non-decreasing and in [0, ", in.n, "], got ", o, " at position ", b);
+  }
+  at::Tensor psw;
+  if (per_sample_weights.has_value() && per_sample_weights->defined()) {
+    TORCH_CHECK_VALUE(mode == 0, "per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)");
+    TORCH_CHECK_VALUE(per_sample_weights->numel() == in.n, "per_sample_weights must have one weight per id (",
+                      in.n, "), got ", per_sample_weights->numel());
+    psw = per_sample_weights->to(at::kFloat).contiguous();
+    in.psw = psw.data_ptr<float>();
+  }
+  // ids in no bag (before the first offset, past the last one) are checked here, the others as they are pooled
+  const int64_t covered_from = in.bags ? in.start(0) : in.n, covered_to = in.bags ? in.stop(in.bags - 1) : in.n;
+  check_ids(in.ids, covered_from, num_rows);
+  check_ids(in.ids + covered_to, in.n - covered_to, num_rows);
+  at::Tensor out = at::empty({in.bags, dim}, at::kFloat);
+  if (in.bags == 0) return out;
+  float* outp = out.data_ptr<float>();
+  const bool mean = mode == 1, weighted = in.psw != nullptr;
+  if (bits == 32) {
+    weighted ? pool_any<32, true>(T, in, mean, outp) : pool_any<32, false>(T, in, mean, outp);
+  } else if (bits == 8) {
+    weighted ? pool_any<8, true>(T, in, mean, outp) : pool_any<8, false>(T, in, mean, outp);
+  } else {
+    weighted ? pool_any<4, true>(T, in, mean, outp) : pool_any<4, false>(T, in, mean, outp);
+  }
+  return out;
+}

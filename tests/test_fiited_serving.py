@@ -1,0 +1,160 @@
+"""The serving op of packed FIITED tables (``torch.ops.compresskit.packed_bag``): the native kernel equals the
+pure-torch fallback and the trained module it was packed from, for FP32, INT8 and INT4 chunks with and without the
+FP32 hot-row cache, every ``nn.EmbeddingBag`` input form, register-accumulator dims and the generic path (dim > 128);
+the packed table keeps the trained codes and scales exactly; bad input is an IndexError / ValueError naming it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compresskit.plugins.fiited import FiitedEmbedding, FiitedEmbeddingBag, kernels
+from compresskit.plugins.fiited.packed import PackedEmbeddingBag
+
+HAVE_NATIVE = kernels.native.kernels() is not None
+
+
+def _trained(storage: str, rows: int = 203, dim: int = 16, cs: int = 4, cache_rows: float = 0.0, mode: str = "sum",
+             last: bool = False, seed: int = 0) -> FiitedEmbeddingBag:
+    """A table pruned to random prefixes (some rows empty, some full), quantized with a filled cache if asked."""
+    g = torch.Generator().manual_seed(seed)
+    m = FiitedEmbeddingBag(rows, dim, cs, mode=mode, include_last_offset=last, optimizer="adagrad", lr=0.1,
+                           weight=torch.randn(rows, dim, generator=g) * 0.1)
+    counts = torch.randint(0, dim // cs + 1, (rows,), generator=g)
+    counts[:3] = torch.tensor([0, dim // cs, 1])
+    m.shrink_rows(counts)
+    if storage != "fp32":
+        m.set_precision(storage, cache_rows)
+        if m.cache is not None:
+            m.cache.record(torch.randint(0, rows, (2000,), generator=g))
+            m.refresh_cache()
+            with torch.no_grad():
+                m.cache.values.add_(0.0123)   # the cache is the master copy: served rows must come from it
+    return m.eval()
+
+
+def _cases(rows: int, mode: str, last: bool):
+    """(input, offsets, per_sample_weights) in every form nn.EmbeddingBag takes, empty bags included."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, rows, (40,), generator=g)
+    offsets = torch.tensor([0, 5, 5, 17, 17, 30])            # empty bags inside
+    cases = [(ids, offsets, None), (ids[:0], torch.tensor([0, 0, 0]), None), (ids.view(8, 5), None, None),
+             (ids.int(), offsets.int(), None), (ids[:6], torch.tensor([0, 2, 6, 6]), None)]   # empty bag at the end
+    if mode == "sum":
+        cases += [(ids, offsets, torch.rand(40, generator=g)), (ids.view(8, 5), None, torch.rand(8, 5, generator=g))]
+    if last:
+        cases = [(i, torch.cat([o, o.new_tensor([i.numel()])]) if o is not None else None, w) for i, o, w in cases]
+    return cases
+
+
+def _both(fn):
+    """fn() with the native kernels (when built) and with the pure-torch fallback."""
+    out = []
+    for native in ([True, False] if HAVE_NATIVE else [False]):
+        kernels.use_native(native)
+        try:
+            out.append(fn())
+        finally:
+            kernels.use_native(True)
+    return out
+
+
+@pytest.mark.parametrize("storage,cache", [("fp32", 0.0), ("int8", 0.0), ("int8", 0.1), ("int4", 0.0),
+                                           ("int4", 0.1)])
+@pytest.mark.parametrize("mode,last", [("sum", False), ("mean", False), ("sum", True), ("mean", True)])
+def test_native_equals_fallback_equals_the_trained_module(storage, cache, mode, last):
+    m = _trained(storage, cache_rows=cache, mode=mode, last=last)
+    packed = m.to_packed()
+    assert packed.storage == storage and not list(packed.parameters())
+    if storage != "fp32":        # the codes training stored, not a re-quantization
+        rows, _, slots = m.store.entries()
+        assert torch.equal(packed.codes, m.store.codes[slots]) and torch.equal(packed.scales, m.store.scales[slots])
+        assert packed.values.numel() == 0
+        if cache:
+            assert torch.equal(packed.cache_values, m.cache.values) and packed.cache_ids.numel() == 20
+    for ids, offsets, weights in _cases(m.num_embeddings, mode, last):
+        expected = m(ids.long(), None if offsets is None else offsets.long(),
+                     None if weights is None else weights)
+        for got in _both(lambda: packed(ids, offsets, weights)):
+            assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dim,cs", [(8, 2), (24, 4), (64, 4), (64, 16), (128, 8), (160, 4), (12, 3)])
+@pytest.mark.parametrize("storage", ["fp32", "int8", "int4"])
+def test_every_dim_and_chunk_size(dim, cs, storage):
+    """Dims below, at and between multiples of 16 (partial registers), the largest register path (128) and the
+    generic one (160); a chunk size that does not divide 16 (3)."""
+    if storage == "int4" and cs % 2:
+        pytest.skip("int4 needs an even chunk size")
+    m = _trained(storage, rows=97, dim=dim, cs=cs, cache_rows=0.1 if storage != "fp32" else 0.0)
+    packed = m.to_packed()
+    ids, offsets = torch.randint(0, 97, (300,)), torch.arange(0, 300, 7)
+    weights = torch.rand(300)
+    ref = F.embedding_bag(ids, m.dense_weight(), offsets, per_sample_weights=weights, mode="sum")
+    for got in _both(lambda: packed(ids, offsets, weights)):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_large_batches_split_into_groups_and_threads_agree():
+    m = _trained("int8", rows=5000, dim=32, cache_rows=0.05)
+    packed = m.to_packed()
+    ids = torch.randint(0, 5000, (200_000,))
+    offsets = torch.cat([torch.tensor([0, 0]), torch.arange(3, 200_000, 50), torch.tensor([199_990])])
+    ref = F.embedding_bag(ids, m.dense_weight(), offsets, mode="sum")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.allclose(packed(ids, offsets), ref, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    one_bag = F.embedding_bag(ids, m.dense_weight(), torch.tensor([0]), mode="sum")   # larger than a group
+    assert torch.allclose(packed(ids, torch.tensor([0])), one_bag, atol=1e-3, rtol=1e-4)
+
+
+def test_packed_embedding_serves_any_shape():
+    torch.manual_seed(0)
+    m = FiitedEmbedding(50, 8, 4, optimizer="sgd", lr=0.1)
+    m.shrink_rows(torch.randint(0, 3, (50,)))
+    m.set_precision("int8", 0.2)
+    packed = m.to_packed()
+    ids = torch.randint(0, 50, (3, 4, 5))
+    for got in _both(lambda: packed(ids)):
+        assert got.shape == (3, 4, 5, 8) and torch.allclose(got, m(ids), atol=1e-6)
+
+
+def test_bad_input_names_what_is_wrong():
+    packed = _trained("int8", rows=30).to_packed()
+    last = _trained("fp32", rows=30, last=True).to_packed()
+    for native in ([True, False] if HAVE_NATIVE else [False]):
+        kernels.use_native(native)
+        try:
+            with pytest.raises(IndexError, match="30 rows"):
+                packed(torch.tensor([0, 30]), torch.tensor([0]))
+            with pytest.raises(IndexError):
+                packed(torch.tensor([-1, 2]), torch.tensor([0, 1]))
+            with pytest.raises(IndexError):      # an id past the last offset is in no bag, and still checked
+                last(torch.tensor([1, 99]), torch.tensor([0, 1]))
+            with pytest.raises(ValueError, match="non-decreasing"):
+                packed(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 1]))
+            with pytest.raises(ValueError, match="per_sample_weights"):
+                packed(torch.tensor([1, 2]), torch.tensor([0]), torch.rand(3))
+            with pytest.raises(ValueError, match="offsets are required"):
+                packed(torch.tensor([1, 2]))
+            with pytest.raises(ValueError, match="1-D or 2-D"):
+                packed(torch.zeros(2, 2, 2, dtype=torch.long))
+        finally:
+            kernels.use_native(True)
+
+
+def test_memory_bytes_are_the_state_dict_bytes():
+    for storage, cache in (("fp32", 0.0), ("int8", 0.1), ("int4", 0.0)):
+        packed = _trained(storage, cache_rows=cache).to_packed()
+        state = packed.state_dict()
+        mem = packed.memory_bytes()
+        assert mem["total"] == sum(t.numel() * t.element_size() for t in state.values())
+        assert (mem["cache"] > 0) == bool(cache)
+        fresh = PackedEmbeddingBag(**{**packed.config(), "dtype": torch.float32})
+        fresh.load_state_dict(state)
+        ids, offsets = torch.randint(0, 203, (50,)), torch.arange(0, 50, 5)
+        assert torch.equal(fresh(ids, offsets), packed(ids, offsets))
