@@ -143,13 +143,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     done = export_run(args.run_dir, args.format, args.out)
     for row in done.get("tables", []):
-        kind = "packed" if row["packed"] else "dense "
-        print(f"  {row['module']}: {kind} values {row['values_bytes']:,} + index {row['index_bytes']:,} = "
+        kind = f"packed {row['storage']}" if row["packed"] else "dense"
+        cache = f" + cache {row['cache_bytes']:,}" if row["cache_bytes"] else ""
+        print(f"  {row['module']}: {kind} values {row['values_bytes']:,}{cache} + index {row['index_bytes']:,} = "
               f"{row['total_bytes']:,} bytes (dense {row['dense_bytes']:,})")
     if "bytes" in done:
         b = done["bytes"]
         ratio = f" = {b['ratio']:.4f} of the dense tables" if b["ratio"] is not None else ""
-        print(f"tables: values {b['values']:,} + index {b['index']:,} = {b['total']:,} bytes{ratio} "
+        cache = f" + cache {b['cache']:,}" if b["cache"] else ""
+        print(f"tables: values {b['values']:,}{cache} + index {b['index']:,} = {b['total']:,} bytes{ratio} "
               f"({b['dense']:,} bytes dense)")
     notes = []
     if done.get("fits_original"):
@@ -160,10 +162,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
                      f"batch dimension fixed at {done['rows']} (the model did not trace with a dynamic one)")
     if done["max_abs_diff"] is not None:
         notes.append(f"max |difference| from the run's model on {done['rows']} test rows: {done['max_abs_diff']:.3g}")
-    files = f"{done['path']} (+ .sha256)" if args.format != "torch.export" else done["path"]
+    files = f"{done['path']} (+ .sha256)"
     if "spec" in done:
         files += f" and {done['spec']}"
     print(f"wrote {files}: {done['file_bytes']:,} bytes" + "".join(f"; {n}" for n in notes))
+    return 0
+
+
+def _cmd_check_export(args: argparse.Namespace) -> int:
+    from .export import check_export
+
+    done = check_export(args.run_dir, args.file)
+    print(f"{done['path']}: {done['format']} loaded; max |difference| from the run's model on {done['rows']} test "
+          f"rows: {done['max_abs_diff']:.3g}")
     return 0
 
 
@@ -175,7 +186,7 @@ def _one_line_errors(parser: argparse.ArgumentParser, where: str) -> None:
     parser.error = error  # type: ignore[method-assign]
 
 
-CORE_COMMANDS = ("apply", "validate", "plugins", "export")
+CORE_COMMANDS = ("apply", "validate", "plugins", "export", "check-export")
 
 
 def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
@@ -208,6 +219,11 @@ def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH", help="file (or folder) to write (default: in RUN_DIR)")
     p.set_defaults(func=_cmd_export)
     _one_line_errors(p, "export")
+    p = sub.add_parser("check-export", help="load an exported file as a server would and compare it with the run")
+    p.add_argument("run_dir", help="the output folder of the compresskit apply run it was exported from")
+    p.add_argument("file", help="model.pt2, model_packed.pt (its .json spec beside it) or model_dense.pt")
+    p.set_defaults(func=_cmd_check_export)
+    _one_line_errors(p, "check-export")
 
     if not with_plugins:
         return parser

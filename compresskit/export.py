@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
 FORMATS = ("state-dict", "packed", "torch.export")
 DEFAULT_NAMES = {"state-dict": "model_dense.pt", "packed": "model_packed.pt", "torch.export": "model.pt2"}
 SPEC_FORMAT = "compresskit-packed"
-SPEC_VERSION = 1
+SPEC_VERSION = 2          # 2: packed tables carry their storage (fp32 / int8 / int4) and FP32 hot-row cache
+READABLE_VERSIONS = (1, 2)
 
 
 # --------------------------------------------------------------------------------------------------- conversion
@@ -100,23 +102,27 @@ def pack(model: nn.Module) -> dict[str, Any]:
 
 
 def table_bytes(model: nn.Module, packed: list[str]) -> dict[str, Any]:
-    """Bytes of every embedding table of a packed model: ``values`` and ``index`` of the packed ones (names in
-    ``packed``), the weight of plain ``nn.Embedding`` / ``nn.EmbeddingBag`` ones, each against its dense bytes;
-    ``tables`` (one row each) and ``bytes`` (totals and ``ratio`` = total / dense)."""
+    """Bytes of every embedding table of a packed model: ``values`` (FP32 values, or INT8 / INT4 codes and their
+    scales), ``cache`` (the FP32 hot rows) and ``index`` of the packed ones (names in ``packed``; the bytes of the
+    tensors the packed file holds), the weight of plain ``nn.Embedding`` / ``nn.EmbeddingBag`` ones, each against its
+    dense FP32 bytes; ``tables`` (one row each) and ``bytes`` (totals and ``ratio`` = total / dense)."""
     rows = []
     names = set(packed)
     for name, module in model.named_modules():
         if name in names:
             mem = module.memory_bytes()
-            values, index, dense = mem["values"], mem["index"], mem["dense"]
+            values, cache, index, dense = mem["values"], mem.get("cache", 0), mem["index"], mem["dense"]
+            storage = getattr(module, "storage", "fp32")
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             values = dense = module.weight.numel() * module.weight.element_size()
-            index = 0
+            cache = index = 0
+            storage = str(module.weight.dtype).removeprefix("torch.")
         else:
             continue
-        rows.append({"module": name, "packed": name in names, "values_bytes": values, "index_bytes": index,
-                     "total_bytes": values + index, "dense_bytes": dense})
-    total = {key: sum(r[f"{key}_bytes"] for r in rows) for key in ("values", "index", "total", "dense")}
+        rows.append({"module": name, "packed": name in names, "storage": storage, "values_bytes": values,
+                     "cache_bytes": cache, "index_bytes": index, "total_bytes": values + cache + index,
+                     "dense_bytes": dense})
+    total = {key: sum(r[f"{key}_bytes"] for r in rows) for key in ("values", "cache", "index", "total", "dense")}
     total["ratio"] = total["total"] / total["dense"] if total["dense"] else None
     return {"tables": rows, "bytes": total}
 
@@ -161,6 +167,10 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT or not isinstance(spec.get("modules"), dict):
         raise CheckpointError(str(path), f"is not a packed spec (expected a JSON object with format "
                                          f"'{SPEC_FORMAT}' and 'modules')")
+    if spec.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(str(path), f"packed format version {shorten(spec.get('version'))}; this compresskit "
+                                         f"reads versions {', '.join(map(str, READABLE_VERSIONS))}: export the run "
+                                         f"again with this compresskit, or load it with the one that wrote it")
     return spec
 
 
@@ -198,10 +208,13 @@ def swap_in_packed(model: nn.Module, spec: dict[str, Any], where: str) -> None:
         except AttributeError:
             raise CheckpointError(where, f"module '{name}' is not in the {type(model).__name__} given: load into the "
                                          f"model the run's recipe builds (before any stage)") from None
-        for attr in ("num_embeddings", "embedding_dim"):
-            if hasattr(old, attr) and getattr(old, attr) != args.get(attr):
-                raise CheckpointError(where, f"module '{name}' has {attr} {getattr(old, attr)} in the model, "
-                                             f"{shorten(args.get(attr))} in the spec")
+        if hasattr(old, "num_embeddings") and hasattr(old, "embedding_dim"):
+            model_shape = (old.num_embeddings, old.embedding_dim)
+            file_shape = (args.get("num_embeddings"), args.get("embedding_dim"))
+            if model_shape != file_shape:
+                raise CheckpointError(where, f"table '{name}' is {model_shape[0]} x {model_shape[1]} in the model "
+                                             f"but {shorten(file_shape[0])} x {shorten(file_shape[1])} in the file: "
+                                             f"load into the model the run's recipe builds")
         try:
             new = cls(**args)
         except (TypeError, ValueError) as e:
@@ -279,13 +292,44 @@ def batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
-    """``torch.export.save`` ``program`` to ``path`` atomically."""
+    """``torch.export.save`` ``program`` to ``path`` atomically, with a SHA-256 sidecar (``<path>.sha256``) as
+    ``model.pt`` has."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:   # a file object: torch warns about a file name not ending in .pt2
             torch.export.save(program, f)
 
-    atomic_write(path, write)
+    integrity.publish(path, write)
     return Path(path)
+
+
+def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """``torch.export.load`` a program :func:`save_program` wrote, after checking its sidecar. The custom ops of
+    installed compresskit plugins (the packed tables' ``compresskit::packed_bag``) are registered first; a program that
+    calls an op nobody registered, or a file that is not a program, is a one-line CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(str(path), "file not found")
+    integrity.verify(path, required=True)
+    from .registry import available_plugins
+
+    available_plugins()    # imports the plugins, which register their ops (FIITED: compresskit::packed_bag)
+    export_log = logging.getLogger("torch.export")   # torch.export.load logs why it failed, and raises a generic
+    said = io.StringIO()                              # error: keep what it logs for the one line below
+    handler = logging.StreamHandler(said)
+    handlers = export_log.handlers
+    export_log.handlers = [handler]
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:   # torch raises many types for unknown ops and damaged archives
+        op = re.search(r"resolve torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)", said.getvalue() + str(e))
+        if op:
+            namespace = op.group(1)
+            hint = ("import compresskit.plugins.fiited first (or a compresskit that defines it)"
+                    if namespace == "compresskit" else f"import the package that defines the '{namespace}' ops first")
+            raise CheckpointError(str(path), f"the program calls {namespace}::{op.group(2)}, which no imported "
+                                             f"package has registered: {hint}") from None
+        raise CheckpointError(str(path), f"not a loadable torch.export program ({first_line(e, 160)})") from None
+    finally:
+        export_log.handlers = handlers
 
 
 # --------------------------------------------------------------------------------------------------- runs
@@ -426,3 +470,31 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     summary["file_bytes"] = os.path.getsize(path)
     summary["max_abs_diff"] = _max_difference(reference, exported)
     return summary
+
+
+def check_export(run_dir: str | os.PathLike, path: str | os.PathLike) -> dict[str, Any]:
+    """``compresskit check-export``: load an exported file as a serving process would, in a model built from the
+    run's recipe (never from ``model.pt``), and compare its outputs on the sample batch with the run's model. The
+    format follows the file: ``.pt2`` (:func:`load_program`), a packed file with its JSON spec
+    (:func:`load_packed`), else a state dict (strict). Returns ``format``, ``rows`` and ``max_abs_diff``; every
+    failure (checksum, format version, tables that do not fit, an unregistered op) is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(str(path), "file not found")
+    reference, recipe, data = load_run(run_dir)
+    sample = sample_inputs(data) if data is not None else None
+    if sample is None:
+        raise ConfigError("RUN_DIR", "the run's recipe names no data: there is no sample batch to check with")
+    if path.suffix == ".pt2":
+        fmt, model = "torch.export", load_program(path).module()
+    else:
+        model = resolve_model(recipe.model, data.info).eval()
+        if path.with_suffix(".json").is_file() and path.suffix != ".json":
+            fmt = "packed"
+            load_packed(model, path)
+        else:
+            fmt = "state-dict"
+            _load_strict(model, read_state_dict(str(path)), str(path))
+    return {"format": fmt, "path": str(path), "rows": next((int(t.shape[0]) for t in sample if torch.is_tensor(t)),
+                                                            None),
+            "max_abs_diff": _max_difference(_outputs(reference, sample), _outputs(model, sample))}

@@ -14,7 +14,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,20 +56,26 @@ def _sidecar_text(hashes: list[str], name: str) -> str:
     return "".join(f"{h}  {name}\n" for h in hashes)
 
 
-def save(path: str | os.PathLike, obj: Any) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically, with its checksum sidecar (see the module docstring)."""
+def publish(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write ``path`` atomically through ``write(temporary path)``, with its checksum sidecar (see the module
+    docstring)."""
     path = Path(path)
 
-    def publish(tmp: str) -> str:
-        torch.save(obj, tmp)
+    def finish(tmp: str) -> str:
+        write(tmp)
         new = sha256_file(tmp)
         old = (accepted_hashes(path) or [])[:1] if path.exists() else []
         write_text(sidecar(path), _sidecar_text([new] + [h for h in old if h != new], path.name))
         return new
 
-    new = atomic_write(path, publish)
+    new = atomic_write(path, finish)
     write_text(sidecar(path), _sidecar_text([new], path.name))
     return path
+
+
+def save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, with its checksum sidecar (see the module docstring)."""
+    return publish(path, lambda tmp: torch.save(obj, tmp))
 
 
 def verify(path: str | os.PathLike, *, required: bool) -> None:

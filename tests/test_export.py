@@ -281,3 +281,136 @@ def test_conversion_walks_any_model_and_leaves_plain_tables_alone():
     assert set(spec["modules"]) == {"a.0", "b"} and model["a"][0] is model["b"]
     with pytest.raises(ConfigError, match="itself a table"):
         densify(_pruned(FiitedEmbeddingBag))
+
+
+# --- what a serving process loads: quantized tables, checksummed programs, one-line failures ------------------
+
+INT8_RECIPE = {**RECIPE, "stages": [{**RECIPE["stages"][0], "precision": {"storage": "int8", "cache_rows": 0.1}}]}
+
+
+@pytest.fixture(scope="module")
+def trained_int8(tmp_path_factory):
+    """The same run with INT8 chunks and an FP32 hot-row cache."""
+    out = tmp_path_factory.mktemp("export_int8") / "run"
+    torch.manual_seed(0)
+    result = run(validate_recipe(INT8_RECIPE, require_model=True), out_dir=str(out), raw=INT8_RECIPE)
+    return out, result
+
+
+def _fresh_process(code: str) -> str:
+    """Run ``code`` in a new interpreter (nothing imported yet); returns its stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_packed_export_keeps_the_int8_codes_and_the_cache(trained_int8, capsys):
+    out, result = trained_int8
+    assert main(["export", str(out), "--format", "packed"]) == 0
+    assert "packed int8" in capsys.readouterr().out
+    spec = json.loads((out / "model_packed.json").read_text())
+    state = integrity.load(out / "model_packed.pt")
+    trained = dict(fiited_modules(result.model))
+    for name, entry in spec["modules"].items():
+        assert entry["args"]["storage"] == "int8"
+        store = trained[name].store
+        _, _, slots = store.entries()
+        assert torch.equal(state[f"{name}.codes"], store.codes[slots])          # what training stored, bit for bit
+        assert torch.equal(state[f"{name}.scales"], store.scales[slots])
+        assert f"{name}.values" not in state
+        cache = trained[name].cache
+        if cache is not None and cache.ids.numel():
+            assert torch.equal(state[f"{name}.cache_values"], cache.values)
+    assert any(e["args"]["cached_rows"] for e in spec["modules"].values())
+    # the report's bytes are the bytes of the file's table tensors
+    table_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith("embeddings."))
+    assert spec["bytes"]["total"] == table_bytes and spec["bytes"]["cache"] > 0
+    assert spec["bytes"]["total"] < 0.5 * spec["bytes"]["dense"]
+    # a fresh process loads it with weights_only=True and serves what the run's model computes
+    _, recipe, data = load_run(out)
+    batch = _batch(data)
+    torch.save({"batch": batch, "expected": result.model.eval()(*batch).detach()}, out / "probe.pt")
+    printed = _fresh_process(f"""
+import torch
+from compresskit.export import load_packed, load_run
+_, recipe, data = load_run({str(out)!r})
+from compresskit.resolve import resolve_model
+model = load_packed(resolve_model(recipe.model, data.info).eval(), {str(out / 'model_packed.pt')!r})
+probe = torch.load({str(out / 'probe.pt')!r}, weights_only=True)
+print(float((model(*probe['batch']) - probe['expected']).abs().max()))
+""")
+    assert float(printed.strip().splitlines()[-1]) < 1e-5
+
+
+def test_torch_export_serves_the_native_op_and_reloads_in_a_fresh_process(trained_int8, capsys):
+    out, result = trained_int8
+    assert main(["export", str(out), "--format", "torch.export"]) == 0
+    assert (out / "model.pt2.sha256").exists()
+    program = torch.export.load(str(out / "model.pt2"))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "compresskit.packed_bag.default" in ops               # the custom op, not a graph of gathers
+    _, recipe, data = load_run(out)
+    for rows in (8, 37):
+        batch = _batch(data, rows)
+        torch.save({"batch": batch, "expected": result.model.eval()(*batch).detach()}, out / f"probe{rows}.pt")
+    printed = _fresh_process(f"""
+import torch
+import compresskit
+from compresskit.export import load_program
+module = load_program({str(out / 'model.pt2')!r}).module()
+for rows in (8, 37):
+    probe = torch.load({str(out)!r} + f'/probe{{rows}}.pt', weights_only=True)
+    print(float((module(*probe['batch']) - probe['expected']).abs().max()))
+""")
+    assert all(float(v) < 1e-5 for v in printed.split())
+    assert main(["check-export", str(out), str(out / "model.pt2")]) == 0
+    assert "torch.export loaded" in capsys.readouterr().out
+
+
+def test_check_export_bad_files_are_one_line(trained_int8, capsys, tmp_path):
+    out, _ = trained_int8
+    assert main(["export", str(out), "--format", "packed"]) == 0
+    assert main(["export", str(out), "--format", "torch.export"]) == 0
+    capsys.readouterr()
+    assert main(["check-export", str(out), str(out / "model_packed.pt")]) == 0
+    assert "packed loaded" in capsys.readouterr().out
+    # a file from another format version
+    spec = json.loads((out / "model_packed.json").read_text())
+    bad = tmp_path / "v9"
+    bad.mkdir()
+    shutil.copy(out / "model_packed.pt", bad / "model_packed.pt")
+    shutil.copy(out / "model_packed.pt.sha256", bad / "model_packed.pt.sha256")
+    (bad / "model_packed.json").write_text(json.dumps({**spec, "version": 9}))
+    _one_error(capsys, ["check-export", str(out), str(bad / "model_packed.pt")], "packed format version 9")
+    # tables that do not fit the model: name the table and both shapes
+    name = next(iter(spec["modules"]))
+    rows = spec["modules"][name]["args"]["num_embeddings"]
+    spec["modules"][name]["args"]["num_embeddings"] = rows + 5
+    (bad / "model_packed.json").write_text(json.dumps(spec))
+    _one_error(capsys, ["check-export", str(out), str(bad / "model_packed.pt")],
+               f"table '{name}' is {rows} x 8 in the model but {rows + 5} x 8 in the file")
+    # a damaged file
+    shutil.copy(out / "model.pt2", bad / "model.pt2")
+    shutil.copy(out / "model.pt2.sha256", bad / "model.pt2.sha256")
+    with open(bad / "model.pt2", "ab") as f:
+        f.write(b"\0")
+    _one_error(capsys, ["check-export", str(out), str(bad / "model.pt2")], "checksum mismatch")
+    # a .pt2 calling an op nobody registered: say which package to import
+    import subprocess
+    import sys
+    unknown = tmp_path / "unknown.pt2"
+    subprocess.run([sys.executable, "-c", f"""
+import torch
+from compresskit.export import save_program
+lib = torch.library.Library("cktest_ns", "DEF")
+lib.define("foo(Tensor x) -> Tensor")
+lib.impl("foo", lambda x: x * 2, "CPU")
+torch.library.register_fake("cktest_ns::foo", lambda x: torch.empty_like(x), lib=lib)
+class M(torch.nn.Module):
+    def forward(self, x): return torch.ops.cktest_ns.foo(x) + 1
+save_program(torch.export.export(M(), (torch.ones(3),)), {str(unknown)!r})
+"""], check=True, timeout=300)
+    _one_error(capsys, ["check-export", str(out), str(unknown)], "cktest_ns::foo, which no imported package")
