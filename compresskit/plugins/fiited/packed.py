@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .kernels import BLOCK
-from .packed_op import MODES, cache_index
+from .packed_op import MODES, PACKED_BAG, cache_index
 from .quantize import STORAGE_BITS, code_bytes
 
 STORAGES = ("fp32", *STORAGE_BITS)
@@ -153,10 +153,11 @@ class PackedEmbeddingBag(nn.Module):
 
     def _lookup(self, input: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None,
                 mode: str) -> torch.Tensor:
-        return torch.ops.compresskit.packed_bag(
-            self.values, self.codes, self.scales, self.counts, self.base, self.cache_ids, self.cache_bits,
-            self.cache_rank, self.cache_values, input, offsets, per_sample_weights, self.bits, self.chunk_size,
-            MODES[mode], self.include_last_offset, self.num_embeddings, self.embedding_dim)
+        b = self._buffers   # one dict, not nine nn.Module attribute lookups: a lookup of 4096 ids takes ~50 us
+        return PACKED_BAG(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
+                          b["cache_bits"], b["cache_rank"], b["cache_values"], input, offsets, per_sample_weights,
+                          self.bits, self.chunk_size, MODES[mode], self.include_last_offset, self.num_embeddings,
+                          self.embedding_dim)
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:

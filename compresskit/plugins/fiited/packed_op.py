@@ -134,6 +134,7 @@ def _packed_bag_fake(values, codes, scales, counts, base, cache_ids, cache_bits,
 
 _LIB.impl("packed_bag", _packed_bag_cpu, "CPU")
 torch.library.register_fake("compresskit::packed_bag", _packed_bag_fake, lib=_LIB)
+PACKED_BAG = torch.ops.compresskit.packed_bag.default
 
 
 def cache_index(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,16 +102,23 @@ struct VectorAccumulator {
   const at::Half* scales;
   int64_t cs, dim, code_bytes;
   __m512 acc[NV];
-  __m512i chunk_of[NV];  // lane -> chunk, counted from the register's first chunk (scale expansion)
+  __m512i chunk_of[NV];      // lane -> chunk, counted from the register's first chunk (scale expansion)
+  __m512i chunk_in_row[NV];  // lane -> chunk of the row (rows of at most 16 chunks)
   int64_t first_chunk[NV];
+  bool few_chunks;
 
   explicit VectorAccumulator(const Table& t)
-      : codes(t.codes), scales(t.scales), cs(t.L.cs), dim(t.L.dim), code_bytes(t.code_bytes) {
+      : codes(t.codes), scales(t.scales), cs(t.L.cs), dim(t.L.dim), code_bytes(t.code_bytes),
+        few_chunks(t.L.dim / t.L.cs <= 16) {
     for (int j = 0; j < NV; ++j) {
-      alignas(64) int32_t idx[16];
+      alignas(64) int32_t idx[16], row[16];
       first_chunk[j] = (16 * j) / cs;
-      for (int l = 0; l < 16; ++l) idx[l] = int32_t((16 * j + l) / cs - first_chunk[j]);
+      for (int l = 0; l < 16; ++l) {
+        idx[l] = int32_t((16 * j + l) / cs - first_chunk[j]);
+        row[l] = int32_t(std::min<int64_t>((16 * j + l) / cs, 15));
+      }
       chunk_of[j] = _mm512_load_si512(idx);
+      chunk_in_row[j] = _mm512_load_si512(row);
     }
   }
 
@@ -150,6 +157,13 @@ struct VectorAccumulator {
     }
     const uint8_t* q = codes + slot * code_bytes;
     const at::Half* s = scales + slot;
+    // rows of at most 16 chunks: all the row's scales in one register, read once (one masked load a register
+    // stalled on the scales)
+    __m512 row_scales = _mm512_setzero_ps();
+    if (few_chunks) {
+      row_scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << cnt) - 1), s));
+      if (WEIGHTED) row_scales = _mm512_mul_ps(row_scales, vw);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
       if (16 * j >= len) break;
@@ -166,10 +180,15 @@ struct VectorAccumulator {
         v = _mm512_maskz_mov_ps(m, _mm512_cvtepi32_ps(c));
       }
       // the scales of the chunks this register covers, one a lane
-      const int64_t chunks = std::min<int64_t>(cnt - first_chunk[j], 16);
-      const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << chunks) - 1), s + first_chunk[j]);
-      __m512 sc = _mm512_permutexvar_ps(chunk_of[j], _mm512_cvtph_ps(h));
-      if (WEIGHTED) sc = _mm512_mul_ps(sc, vw);
+      __m512 sc;
+      if (few_chunks) {
+        sc = _mm512_permutexvar_ps(chunk_in_row[j], row_scales);
+      } else {
+        const int64_t chunks = std::min<int64_t>(cnt - first_chunk[j], 16);
+        const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << chunks) - 1), s + first_chunk[j]);
+        sc = _mm512_permutexvar_ps(chunk_of[j], _mm512_cvtph_ps(h));
+        if (WEIGHTED) sc = _mm512_mul_ps(sc, vw);
+      }
       acc[j] = _mm512_fmadd_ps(sc, v, acc[j]);
     }
   }
@@ -184,6 +203,16 @@ struct VectorAccumulator {
   }
 };
 #endif
+
+// Prefetch the cache line of p into L1. An asm statement, because GCC dropped the __builtin_prefetch calls of the
+// pooling pass altogether (found in the disassembly: the second pass ran without any prefetch).
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
 
 // The table as plain locals of the loop (no reloads through references), with row lookups and prefetches.
 template <int KIND>
@@ -240,11 +269,11 @@ struct Reader {
 
   inline void prefetch_run(const float* p, int64_t slot, int64_t cnt) const {
     if (p) {
-      for (int64_t k = 0; k < cnt * cs; k += 16) __builtin_prefetch(p + k, 0, 3);
+      for (int64_t k = 0; k < cnt * cs; k += 16) prefetch_line(p + k);
     } else {
-      __builtin_prefetch(scales + slot, 0, 3);
+      prefetch_line(scales + slot);
       const uint8_t* q = codes + slot * code_bytes;
-      for (int64_t k = 0; k < cnt * code_bytes; k += 64) __builtin_prefetch(q + k, 0, 3);
+      for (int64_t k = 0; k < cnt * code_bytes; k += 64) prefetch_line(q + k);
     }
   }
 };
