@@ -34,7 +34,7 @@ from peers import int8_tbe_available, make_int8_tbe, tbe_inputs  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from compresskit.data.synthetic_ctr import KAGGLE_CARDINALITIES, scaled_cardinalities  # noqa: E402
+from compresskit.data.synthetic_ctr import scaled_cardinalities  # noqa: E402
 from compresskit.export import load_program, save_program  # noqa: E402
 from compresskit.plugins.fiited import kernels  # noqa: E402
 
@@ -153,7 +153,7 @@ def main() -> None:
     print(f"native kernels: {'yes' if native else 'no (pure-torch fallback)'}; FBGEMM int8 TBE: "
           f"{'yes' if int8_tbe_available() else 'not installed'}")
     for part in args.part:
-        cards = [1_000_000] if part == "single" else scaled_cardinalities(KAGGLE_CARDINALITIES, args.criteo_scale)
+        cards = [1_000_000] if part == "single" else scaled_cardinalities(args.criteo_scale)
         run_part(part, cards, args.threads, args.rounds, args.steps, rows, cells)
         gc.collect()
     publish("fiited_serve", ["tables", "pooling", "threads", "method", "ms", "vs nn.EmbeddingBag", "vs int8 TBE",

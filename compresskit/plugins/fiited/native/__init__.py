@@ -17,7 +17,9 @@ from types import ModuleType
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_HERE, name) for name in ("prefix_bag.cpp", "packed_bag.cpp")]  # training, serving
 _HEADERS = [os.path.join(_HERE, "layout.h")]
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop in ATen's headers; compiled without it, every kernel ran on one
+# thread whatever torch.set_num_threads said (the extension then links the libgomp.so.1 torch already loaded)
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 _state: dict[str, ModuleType | None] = {}
 
 
@@ -55,7 +57,7 @@ def kernels() -> ModuleType | None:
 
             path = build_directory()
             os.makedirs(path, exist_ok=True)
-            module = load(name="compresskit_prefix_bag", sources=_SOURCES, extra_cflags=_FLAGS,
+            module = load(name="compresskit_prefix_bag", sources=_SOURCES, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                           build_directory=path, verbose=False)
         except Exception as e:  # no compiler, no headers, ...: the pure-torch kernels still work
             warnings.warn(f"compresskit: FIITED native kernels unavailable ({type(e).__name__}: "
