@@ -92,9 +92,9 @@ def test_packed_loads_into_the_original_architecture_and_is_smaller(trained, cap
     packed_names = list(spec["modules"])
     assert len(packed_names) == 26
     values = sum(state[f"{n}.values"].numel() * 4 for n in packed_names)
-    index = sum(state[f"{n}.counts"].numel() + state[f"{n}.base"].numel() * 8 for n in packed_names)
+    index = sum(state[f"{n}.index"].numel() * 8 for n in packed_names)   # 16 bytes a block of 8 rows
     assert {k for k in state if k.startswith("embeddings.")} == \
-        {f"{n}.{b}" for n in packed_names for b in ("values", "counts", "base")}
+        {f"{n}.{b}" for n in packed_names for b in ("values", "index")}
     assert spec["bytes"]["values"] == values and spec["bytes"]["index"] == index
     assert spec["bytes"]["total"] == values + index < spec["bytes"]["dense"]
     stage = result.report["stages"][0]     # the run's own accounting: payload + index of the pruned stores

@@ -158,3 +158,20 @@ def test_memory_bytes_are_the_state_dict_bytes():
         fresh.load_state_dict(state)
         ids, offsets = torch.randint(0, 203, (50,)), torch.arange(0, 50, 5)
         assert torch.equal(fresh(ids, offsets), packed(ids, offsets))
+
+
+def test_index_is_one_entry_a_block_and_version_1_state_dicts_still_load():
+    m = _trained("fp32", rows=203)
+    packed = m.to_packed()
+    assert packed.index.shape == (26, 2) and packed.index.dtype == torch.int64
+    assert torch.equal(packed.counts, m.store.counts)                       # the store's counts, interleaved
+    totals = m.store.counts.view(-1, 8).sum(1, dtype=torch.int64)
+    assert torch.equal(packed.index[:, 0], torch.cumsum(totals, 0) - totals)
+    # a packed file of format version 1 held counts and base apart
+    old = {k: v for k, v in packed.state_dict().items() if k != "index"}
+    old.update(counts=m.store.counts.clone(), base=packed.index[:, 0].clone())
+    fresh = PackedEmbeddingBag(**packed.config())
+    result = fresh.load_state_dict(old, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids, offsets = torch.randint(0, 203, (60,)), torch.arange(0, 60, 6)
+    assert torch.equal(fresh(ids, offsets), packed(ids, offsets))

@@ -6,10 +6,13 @@ training stored it:
     values [live_chunks, chunk_size] float32          (storage 'fp32')
     codes  [live_chunks, chunk_size * bits / 8] uint8 (storage 'int8' / 'int4', ``quantize.py``'s layout)
     scales [live_chunks] float16                      (one a chunk)
-    counts [8 * blocks] uint8                         stored chunks of every row (padded to whole blocks of 8 rows)
-    base   [blocks] int64                             slot of the first chunk of each block of 8 rows
+    index  [blocks, 2] int64                          per block of 8 rows: the slot of its first chunk (base),
+                                                      then its 8 rows' chunk counts, one byte each
 
-    slot(r) = base[r // 8] + counts[8 * (r // 8)] + ... + counts[r - 1]
+    slot(r) = base[r // 8] + count[8 * (r // 8)] + ... + count[r - 1]
+
+(the store's ``counts`` and ``base`` interleaved: a lookup reads one 16-byte entry, one cache line, where two arrays
+cost two random cache lines),
 
 and, for a quantized table trained with an FP32 hot-row cache (``cache.py``), the cache as training left it:
 ``cache_ids`` (ascending), ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` / ``cache_rank`` through
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from .kernels import BLOCK
-from .packed_op import MODES, PACKED_BAG, cache_index
+from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
 from .quantize import STORAGE_BITS, code_bytes
 
 STORAGES = ("fp32", *STORAGE_BITS)
@@ -85,8 +88,7 @@ class PackedEmbeddingBag(nn.Module):
                              persistent=quantized)
         self.register_buffer("scales", torch.zeros(live_chunks if quantized else 0, dtype=torch.float16),
                              persistent=quantized)
-        self.register_buffer("counts", torch.zeros(blocks * BLOCK, dtype=torch.uint8))
-        self.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
+        self.register_buffer("index", torch.zeros(blocks, 2, dtype=torch.int64))
         cached = cached_rows > 0
         words = (num_embeddings + 63) // 64 if cached else 0
         self.register_buffer("cache_ids", torch.zeros(cached_rows, dtype=torch.int64), persistent=cached)
@@ -114,9 +116,8 @@ class PackedEmbeddingBag(nn.Module):
         else:
             packed.codes.copy_(store.codes[slots])
             packed.scales.copy_(store.scales[slots])
-        packed.counts.copy_(store.counts)
-        totals = packed.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
-        packed.base.copy_(torch.cumsum(totals, 0) - totals)
+        totals = store.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
+        packed.index.copy_(interleave_index(store.counts, torch.cumsum(totals, 0) - totals))
         if cached:
             packed.cache_ids.copy_(cache.ids)
             packed.cache_values.copy_(cache.values)
@@ -142,7 +143,7 @@ class PackedEmbeddingBag(nn.Module):
 
         values = size("values", "codes", "scales")
         cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if self.cache_ids.numel() else 0
-        index = size("counts", "base")
+        index = size("index")
         return {"values": values, "cache": cache, "index": index, "total": values + cache + index,
                 "dense": self.num_embeddings * self.embedding_dim * 4}
 
@@ -154,7 +155,7 @@ class PackedEmbeddingBag(nn.Module):
     def _lookup(self, input: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None,
                 mode: str) -> torch.Tensor:
         b = self._buffers   # one dict, not nine nn.Module attribute lookups: a lookup of 4096 ids takes ~50 us
-        return PACKED_BAG(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
+        return PACKED_BAG(b["values"], b["codes"], b["scales"], b["index"], b["cache_ids"],
                           b["cache_bits"], b["cache_rank"], b["cache_values"], input, offsets, per_sample_weights,
                           self.bits, self.chunk_size, MODES[mode], self.include_last_offset, self.num_embeddings,
                           self.embedding_dim)
@@ -164,8 +165,19 @@ class PackedEmbeddingBag(nn.Module):
         """``nn.EmbeddingBag.forward``: pooled ``[bags, embedding_dim]``."""
         return self._lookup(input, offsets, per_sample_weights, self.mode)
 
+    @property
+    def counts(self) -> torch.Tensor:
+        """Stored chunks of every row (uint8, padded to whole blocks of 8 rows), as the chunk store keeps them."""
+        return split_index(self.index)[0]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        counts, base = state_dict.get(prefix + "counts"), state_dict.get(prefix + "base")
+        if counts is not None and base is not None and prefix + "index" not in state_dict:
+            # written before the index was interleaved (packed format version 1): counts and base apart
+            state_dict = dict(state_dict)
+            state_dict[prefix + "index"] = interleave_index(state_dict.pop(prefix + "counts"),
+                                                            state_dict.pop(prefix + "base"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self.cache_ids.numel():   # the bitmap must describe the ids loaded, whatever the file said

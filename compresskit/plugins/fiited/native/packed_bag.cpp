@@ -4,7 +4,7 @@
 // mean; per-sample weights). Ids outside [0, num_rows) raise IndexError.
 //
 // Two passes over each group of a thread's bags: the first finds every id's stored run through the index (its
-// block's counts word and base, prefetched ahead), with no dependence between iterations; the second adds the runs
+// block's 16-byte entry: first slot and counts, prefetched ahead), with no dependence between iterations; the second adds the runs
 // into each bag's accumulator, prefetching the runs ahead. (One pass, where a run's prefetch must wait for its index
 // entry, reached a third of the memory parallelism on random ids.) With AVX-512 and dim <= 128 the accumulator is
 // dim / 16 vector registers, written to the output once a bag: a row's prefix of stored values is read with masked
@@ -28,7 +28,7 @@ namespace {
 
 constexpr int64_t kPrefetchRun = 24;    // ids looked ahead when prefetching stored runs
 constexpr int64_t kPrefetchIndex = 64;  // ids looked ahead when prefetching index entries
-constexpr int64_t kGroupIds = 1 << 16;  // ids located per pass (bounds the per-thread buffer of locations)
+constexpr int64_t kGroupIds = 2048;     // ids located per pass: their locations (48 KiB) stay in L1/L2
 constexpr int64_t kIdsPerTask = 2048;  // ids a thread takes at least (smaller batches run on one thread)
 
 // The bags of one call: bag b holds positions [start(b), stop(b)) of `ids`.
@@ -50,6 +50,7 @@ struct Table {
   const uint8_t* codes = nullptr;  // quantized storage: codes and one fp16 scale a chunk
   const at::Half* scales = nullptr;
   int64_t code_bytes = 0;          // bytes of one chunk's codes
+  const int64_t* index = nullptr;  // the packed index (see Reader)
   CacheView C;
 };
 
@@ -218,8 +219,7 @@ inline void prefetch_line(const void* p) {
 template <int KIND>
 struct Reader {
   const float* pool;
-  const uint8_t* counts;
-  const int64_t* base;
+  const int64_t* index;  // [blocks, 2]: a block's first slot, then its 8 counts (one byte each)
   const uint8_t* codes;
   const at::Half* scales;
   const uint64_t* cache_bits;
@@ -229,28 +229,27 @@ struct Reader {
   bool small;
 
   explicit Reader(const Table& T)
-      : pool(T.L.pool), counts(T.L.counts), base(T.L.base), codes(T.codes), scales(T.scales),
+      : pool(T.L.pool), index(T.index), codes(T.codes), scales(T.scales),
         cache_bits(T.C.bits), cache_rank(T.C.rank), cache_values(T.C.values), cs(T.L.cs), dim(T.L.dim),
         code_bytes(T.code_bytes), num_rows(T.L.num_rows), small(T.L.small) {}
 
   inline bool valid(int64_t r) const { return r >= 0 && r < num_rows; }
 
   inline void prefetch_index(int64_t r) const {
-    __builtin_prefetch(counts + (r & ~int64_t(7)), 0, 1);
-    __builtin_prefetch(base + (r >> 3), 0, 1);
+    __builtin_prefetch(index + 2 * (r >> 3), 0, 1);  // one 16-byte entry: one cache line
   }
 
   // slot of row r's first chunk; its chunk count in *cnt (layout.h's Layout::slot)
   inline int64_t slot(int64_t r, int64_t* cnt) const {
-    uint64_t word;
-    std::memcpy(&word, counts + (r & ~int64_t(7)), sizeof(word));
+    const int64_t* entry = index + 2 * (r >> 3);
+    const uint64_t word = uint64_t(entry[1]);
     const int k = int(r & 7);
     *cnt = int64_t((word >> (8 * k)) & 0xFF);
     const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
-    if (small) return base[r >> 3] + int64_t((below * 0x0101010101010101ULL) >> 56);
+    if (small) return entry[0] + int64_t((below * 0x0101010101010101ULL) >> 56);
     int64_t off = 0;
-    for (int j = 0; j < k; ++j) off += counts[(r & ~int64_t(7)) + j];
-    return base[r >> 3] + off;
+    for (int j = 0; j < k; ++j) off += int64_t((word >> (8 * j)) & 0xFF);
+    return entry[0] + off;
   }
 
   // fp32 values of row r (pool or cache), or nullptr for quantized chunks at *slot
@@ -310,6 +309,7 @@ void pool_bags(const Table& T, const BagView& in, bool mean, float* outp) {
                           " rows (ids must be in [0, ", num_rows, "))");
         w[i].p = R.locate(r, &w[i].slot, &w[i].cnt);
       }
+      for (int64_t i = first; i < std::min(first + kPrefetchRun, last); ++i) R.prefetch_run(w[i].p, w[i].slot, w[i].cnt);
       // pass 2: pool each bag in registers (or its output row), runs prefetched kPrefetchRun ids ahead
       for (int64_t b = g0; b < g1; ++b) {
         const int64_t start = in.start(b), stop = in.stop(b);
@@ -347,10 +347,11 @@ void pool_any(const Table& T, const BagView& in, bool mean, float* outp) {
 }  // namespace
 
 // values: float32 [slots, cs] (bits 32), or codes uint8 [slots, cs * bits / 8] and scales float16 [slots] (bits 8
-// or 4); counts / base: the prefix-chunk index; cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
+// or 4); index: int64 [blocks, 2], per block of 8 rows its first slot and its 8 chunk counts (a byte each, row
+// 8b + j in byte j), so a lookup reads one 16-byte entry; cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
 // per_sample_weights, mode (0 sum, 1 mean) and include_last_offset as nn.EmbeddingBag. Returns [bags, dim] float32.
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
-                      const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
+                      const at::Tensor& index, const at::Tensor& cache_bits,
                       const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
                       const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
                       int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
@@ -360,9 +361,22 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
   TORCH_CHECK_VALUE(input.scalar_type() == at::kLong || input.scalar_type() == at::kInt,
                     "input: int64 or int32 ids, got ", input.scalar_type());
   Table T;
-  T.L = bits == 32 ? make_layout(values, counts, base, dim, num_rows)
-                   : quantized_layout(codes, scales, bits, cs, counts, base, dim, num_rows);
-  TORCH_CHECK_VALUE(bits != 32 || values.size(1) == cs, "values: [slots, chunk_size]");
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2 &&
+                        index.size(1) == 2 && index.size(0) * 8 >= num_rows,
+                    "index: contiguous int64 [blocks, 2] covering num_rows rows");
+  TORCH_CHECK_VALUE(cs >= 1 && dim % cs == 0, "chunk_size must divide dim");
+  if (bits == 32) {
+    TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat && values.is_contiguous() && values.dim() == 2 &&
+                          values.size(1) == cs, "values: contiguous float32 [slots, chunk_size]");
+  } else {
+    TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                          codes.size(1) == cs * bits / 8, "codes: contiguous uint8 [slots, chunk_size * bits / 8]");
+    TORCH_CHECK_VALUE(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
+                      "scales: contiguous float16 [slots]");
+  }
+  T.L = Layout{bits == 32 ? values.data_ptr<float>() : nullptr, nullptr, nullptr, cs, dim, num_rows};
+  T.L.small = dim / cs <= 36;
+  T.index = index.data_ptr<int64_t>();
   T.C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
   if (bits != 32) {
     T.codes = codes.data_ptr<uint8_t>();

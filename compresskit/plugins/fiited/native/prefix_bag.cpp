@@ -474,7 +474,7 @@ at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, co
 
 // packed_bag.cpp: the serving kernel of packed tables
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
-                      const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
+                      const at::Tensor& index, const at::Tensor& cache_bits,
                       const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
                       const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
                       int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
