@@ -320,13 +320,20 @@ def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
     try:
         return torch.export.load(str(path))
     except Exception as e:   # torch raises many types for unknown ops and damaged archives
-        op = re.search(r"resolve torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)", said.getvalue() + str(e))
+        log = said.getvalue() + str(e)
+        op = re.search(r"resolve torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)", log)
         if op:
             namespace = op.group(1)
             hint = ("import compresskit.plugins.fiited first (or a compresskit that defines it)"
                     if namespace == "compresskit" else f"import the package that defines the '{namespace}' ops first")
             raise CheckpointError(str(path), f"the program calls {namespace}::{op.group(2)}, which no imported "
                                              f"package has registered: {hint}") from None
+        node = re.search(r"Failed deserializing node .*?target='torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)", log)
+        if node:   # the op exists but takes other arguments: written by another version of its package
+            raise CheckpointError(str(path), f"the program calls {node.group(1)}::{node.group(2)} with arguments the "
+                                             f"installed version of that op does not take: export it again with the "
+                                             f"installed {node.group(1)}, or load it with the version that wrote "
+                                             f"it") from None
         raise CheckpointError(str(path), f"not a loadable torch.export program ({first_line(e, 160)})") from None
     finally:
         export_log.handlers = handlers

@@ -414,3 +414,19 @@ class M(torch.nn.Module):
 save_program(torch.export.export(M(), (torch.ones(3),)), {str(unknown)!r})
 """], check=True, timeout=300)
     _one_error(capsys, ["check-export", str(out), str(unknown)], "cktest_ns::foo, which no imported package")
+    # a .pt2 written by another version of an op (its arguments renamed since): say so, not torch's generic error
+    older = tmp_path / "older.pt2"
+    subprocess.run([sys.executable, "-c", f"""
+import torch
+from compresskit.export import save_program
+lib = torch.library.Library("cktest_schema", "DEF")
+lib.define("bar(Tensor x, Tensor counts) -> Tensor")
+lib.impl("bar", lambda x, y: x * 2, "CPU")
+torch.library.register_fake("cktest_schema::bar", lambda x, y: torch.empty_like(x), lib=lib)
+class M(torch.nn.Module):
+    def forward(self, x): return torch.ops.cktest_schema.bar(x, x)
+save_program(torch.export.export(M(), (torch.ones(3),)), {str(older)!r})
+"""], check=True, timeout=300)
+    lib = torch.library.Library("cktest_schema", "DEF")
+    lib.define("bar(Tensor x, Tensor index) -> Tensor")
+    _one_error(capsys, ["check-export", str(out), str(older)], "cktest_schema::bar with arguments the installed")
