@@ -14,11 +14,13 @@ INT8 and INT4 (and INT8 with a 5% FP32 hot-row cache, pruned), each with its byt
 The 1M x 64 table, 90% pruned, is also exported (``torch.export``, saved and loaded) and timed the same way.
 
     python benchmarks/fiited_serve.py [--part single criteo] [--threads 1 2] [--rounds 9] [--steps 8]
+    python benchmarks/fiited_serve.py --markdown     # the docs tables, from benchmarks/results/fiited_serve.json
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
@@ -139,6 +141,26 @@ def run_part(part: str, cards: list[int], threads_list: list[int], rounds: int, 
                   ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), flush=True)
 
 
+def markdown(cells: list[dict]) -> str:
+    """docs/fiited.md's serving tables from the JSON cells: per table set, a row per method, a column per pooling and
+    thread count, each cell the time and (in brackets) the faster baseline's time over it."""
+    out = []
+    for tables in dict.fromkeys(c["tables"] for c in cells):
+        mine = [c for c in cells if c["tables"] == tables]
+        keys = sorted({(c["pooling"], c["threads"]) for c in mine})
+        out.append(f"**{tables}**\n")
+        out.append("| method | bytes of fp32 | " + " | ".join(f"pooling {p}, {t} thread{'s' * (t > 1)}"
+                                                             for p, t in keys) + " |")
+        out.append("|---|---|" + "---|" * len(keys))
+        for method in dict.fromkeys(c["method"] for c in mine):
+            row = {(c["pooling"], c["threads"]): c for c in mine if c["method"] == method}
+            first = next(iter(row.values()))
+            out.append(f"| {method} | {first['bytes_of_fp32']:.3f} | " + " | ".join(
+                f"{row[k]['ms']:.3f} ms ({row[k]['vs_faster_peer']:.2f}x)" if k in row else "" for k in keys) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", nargs="+", default=["single", "criteo"], choices=["single", "criteo"])
@@ -146,7 +168,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--criteo-scale", type=float, default=0.1)
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the tables of benchmarks/results/fiited_serve.json as docs/fiited.md has them; "
+                             "run nothing")
     args = parser.parse_args()
+    if args.markdown:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fiited_serve.json")) as f:
+            print(markdown(json.load(f)["cells"]))
+        return
     rows: list = []
     cells: list = []
     native = kernels.native_kernels() is not None
