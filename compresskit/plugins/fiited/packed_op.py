@@ -8,10 +8,9 @@ must have imported this module (``import compresskit.plugins.fiited``; ``compres
 Arguments: ``values`` (float32 ``[slots, chunk_size]``, ``bits`` 32) or ``codes`` / ``scales`` (``bits`` 8 or 4,
 ``quantize.py``'s layout); ``index`` (int64 ``[blocks, 2]``: per block of 8 rows, the slot of its first chunk and
 its 8 chunk counts, a byte each: ``store.py``'s counts and bases interleaved, so a lookup reads one 16-byte entry);
-the FP32 hot-row cache
-(``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` / ``cache_rank`` of
-``cache.py``; empty tensors when there is none); then ``nn.EmbeddingBag``'s ``input``, ``offsets``,
-``per_sample_weights``, ``mode`` (0 sum, 1 mean) and ``include_last_offset``.
+the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` /
+``cache_rank`` of ``cache.py``; empty tensors when there is none); then ``nn.EmbeddingBag``'s ``input``,
+``offsets``, ``per_sample_weights``, ``mode`` (0 sum, 1 mean) and ``include_last_offset``.
 """
 from __future__ import annotations
 
