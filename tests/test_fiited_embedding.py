@@ -200,3 +200,21 @@ def test_lazy_bag_bad_id_admits_nothing():
     with pytest.raises(IndexError):
         bag(torch.tensor([3, -1]), torch.tensor([0]))
     assert bag.store.live == 0 and int(bag.seen.sum()) == 0
+
+
+@pytest.mark.parametrize("dense,option", [
+    (nn.EmbeddingBag(20, 8, scale_grad_by_freq=True), "scale_grad_by_freq=True"),
+    (nn.Embedding(20, 8, scale_grad_by_freq=True), "scale_grad_by_freq=True"),
+    (nn.EmbeddingBag(20, 8, max_norm=1.0), "max_norm=1.0"),
+    (nn.Embedding(20, 8, padding_idx=0), "padding_idx=0"),
+    (nn.EmbeddingBag(20, 8, mode="max"), "mode 'max'"),
+])
+def test_from_dense_refuses_options_it_cannot_honour(dense, option):
+    """A row seen 3 times with scale_grad_by_freq gets gradient 1.0 from nn.EmbeddingBag; the twin would give 3.0, so
+    the conversion stops instead of changing training silently."""
+    twin = FiitedEmbeddingBag if isinstance(dense, nn.EmbeddingBag) else FiitedEmbedding
+    with pytest.raises(ValueError, match=option.replace("(", r"\(")):
+        twin.from_dense(dense, 4)
+    model = nn.Sequential(dense)
+    with pytest.raises(ValueError, match="not supported"):
+        convert_embeddings(model, 4)

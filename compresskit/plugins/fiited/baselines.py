@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedding import check_dense
 from .kernels import check_ids
 
 __all__ = ["NarrowEmbeddingBag", "MixedDimEmbeddingBag", "uniform_dim_for_budget", "plan_mixed_dims",
@@ -30,21 +31,6 @@ _INT32_MAX = 2**31 - 1
 
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _check_dense(dense: nn.Module, what: str) -> bool:
-    """Validate a dense module to copy; return True for ``nn.EmbeddingBag``, False for ``nn.Embedding``."""
-    if not isinstance(dense, (nn.EmbeddingBag, nn.Embedding)):
-        raise TypeError(f"{what}.from_dense expects nn.EmbeddingBag or nn.Embedding, got {type(dense).__name__}")
-    for name in ("max_norm", "padding_idx"):
-        if getattr(dense, name) is not None:
-            raise ValueError(f"{name}={getattr(dense, name)} is not supported by {what}")
-    if dense.scale_grad_by_freq:
-        raise ValueError(f"scale_grad_by_freq=True is not supported by {what}")
-    bag = isinstance(dense, nn.EmbeddingBag)
-    if bag and dense.mode not in ("sum", "mean"):
-        raise ValueError(f"mode '{dense.mode}' is not supported by {what} (only 'sum' and 'mean')")
-    return bag
 
 
 class _NaturalBase(nn.Module):
@@ -127,7 +113,7 @@ class NarrowEmbeddingBag(_NaturalBase):
     @classmethod
     def from_dense(cls, dense: nn.EmbeddingBag | nn.Embedding, dim: int) -> "NarrowEmbeddingBag":
         """Copy the first ``dim`` columns (and the options) of a dense ``nn.EmbeddingBag`` / ``nn.Embedding``."""
-        bag = _check_dense(dense, cls.__name__)
+        bag = check_dense(dense, cls.__name__)
         return cls(dense.num_embeddings, dense.embedding_dim, dim, mode=dense.mode if bag else "sum",
                    include_last_offset=dense.include_last_offset if bag else False, bag=bag, sparse=dense.sparse,
                    weight=dense.weight.detach()[:, :dim])
@@ -430,7 +416,7 @@ class MixedDimEmbeddingBag(_NaturalBase):
     def from_dense(cls, dense: nn.EmbeddingBag | nn.Embedding, counts: torch.Tensor, budget_bytes: int,
                    num_buckets: int = 4, alpha: float = 0.5) -> "MixedDimEmbeddingBag":
         """Plan buckets and dims from per-row access ``counts`` to fit ``budget_bytes``, and copy ``dense``."""
-        _check_dense(dense, cls.__name__)
+        check_dense(dense, cls.__name__)
         if counts.numel() != dense.num_embeddings:
             raise ValueError(f"counts has {counts.numel()} entries, the table {dense.num_embeddings} rows")
         order, starts, dims = plan_mixed_dims(counts.reshape(-1), dense.embedding_dim, budget_bytes, num_buckets,
@@ -442,7 +428,7 @@ class MixedDimEmbeddingBag(_NaturalBase):
                   dims: list[int]) -> "MixedDimEmbeddingBag":
         """Copy ``dense`` (values and options) into the buckets of a precomputed plan: one ``(order, starts,
         dims)`` of :func:`plan_mixed_dims` or of :func:`plan_mixed_dims_tables`."""
-        bag = _check_dense(dense, cls.__name__)
+        bag = check_dense(dense, cls.__name__)
         return cls(dense.num_embeddings, dense.embedding_dim, order, starts, dims,
                    mode=dense.mode if bag else "sum", include_last_offset=dense.include_last_offset if bag else False,
                    bag=bag, sparse=dense.sparse, weight=dense.weight.detach())
@@ -526,7 +512,7 @@ def mixed_dim_tables(denses: list[nn.Module], counts: list[torch.Tensor], budget
     if len(denses) != len(counts) or not denses:
         raise ValueError(f"need one counts tensor per dense table, got {len(denses)} tables and {len(counts)} counts")
     for t, (dense, c) in enumerate(zip(denses, counts)):
-        _check_dense(dense, MixedDimEmbeddingBag.__name__)
+        check_dense(dense, MixedDimEmbeddingBag.__name__)
         if c.numel() != dense.num_embeddings:
             raise ValueError(f"counts[{t}] has {c.numel()} entries, table {t} {dense.num_embeddings} rows")
     dims = {dense.embedding_dim for dense in denses}

@@ -24,6 +24,22 @@ CANDIDATE = "candidate_utility"
 FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
+def check_dense(dense: nn.Module, what: str) -> bool:
+    """Refuse (ValueError naming the option) what a compressed twin cannot honour: ``max_norm``, ``padding_idx``,
+    ``scale_grad_by_freq``, bag mode ``max``; return True for ``nn.EmbeddingBag``, False for ``nn.Embedding``."""
+    if not isinstance(dense, (nn.EmbeddingBag, nn.Embedding)):
+        raise TypeError(f"{what}.from_dense expects nn.EmbeddingBag or nn.Embedding, got {type(dense).__name__}")
+    for name in ("max_norm", "padding_idx"):
+        if getattr(dense, name) is not None:
+            raise ValueError(f"{name}={getattr(dense, name)} is not supported by {what}")
+    if dense.scale_grad_by_freq:
+        raise ValueError(f"scale_grad_by_freq=True is not supported by {what}")
+    bag = isinstance(dense, nn.EmbeddingBag)
+    if bag and dense.mode not in ("sum", "mean"):
+        raise ValueError(f"mode '{dense.mode}' is not supported by {what} (only 'sum' and 'mean')")
+    return bag
+
+
 class _PrefixBag(torch.autograd.Function):
     """Pooled lookup over the store; the backward is the module's (gradient out, or a fused update)."""
 
@@ -103,12 +119,7 @@ class FiitedEmbeddingBag(nn.Module):
     @classmethod
     def from_dense(cls, dense: nn.EmbeddingBag, chunk_size: int, **kwargs) -> "FiitedEmbeddingBag":
         """Copy an ``nn.EmbeddingBag`` (its weights and options) into a FIITED bag."""
-        unsupported = {"max_norm": dense.max_norm, "padding_idx": dense.padding_idx}
-        for name, value in unsupported.items():
-            if value is not None:
-                raise ValueError(f"{name}={value} is not supported by FiitedEmbeddingBag")
-        if dense.mode not in ("sum", "mean"):
-            raise ValueError(f"mode '{dense.mode}' is not supported (only 'sum' and 'mean')")
+        check_dense(dense, cls.__name__)
         kwargs.setdefault("sparse", dense.sparse)
         return cls(dense.num_embeddings, dense.embedding_dim, chunk_size, mode=dense.mode,
                    include_last_offset=dense.include_last_offset, weight=dense.weight.detach(), **kwargs)
@@ -411,9 +422,7 @@ class FiitedEmbedding(FiitedEmbeddingBag):
     @classmethod
     def from_dense(cls, dense: nn.Embedding, chunk_size: int, **kwargs) -> "FiitedEmbedding":
         """Copy an ``nn.Embedding`` into a FIITED embedding."""
-        for name in ("max_norm", "padding_idx"):
-            if getattr(dense, name) is not None:
-                raise ValueError(f"{name}={getattr(dense, name)} is not supported by FiitedEmbedding")
+        check_dense(dense, cls.__name__)
         kwargs.setdefault("sparse", dense.sparse)
         return cls(dense.num_embeddings, dense.embedding_dim, chunk_size, weight=dense.weight.detach(), **kwargs)
 

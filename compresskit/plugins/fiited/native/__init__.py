@@ -9,6 +9,7 @@ pure-torch kernels in ``compresskit.plugins.fiited.kernels`` are used instead.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import warnings
@@ -57,6 +58,10 @@ def kernels() -> ModuleType | None:
 
             path = build_directory()
             os.makedirs(path, exist_ok=True)
+            if not os.path.exists(os.path.join(path, "compresskit_prefix_bag.so")):
+                logging.getLogger(__name__).warning(
+                    "compresskit: compiling FIITED's C++ kernels into %s (about 30 s with 2 cores; once per source, "
+                    "torch version and CPU)", path)
             module = load(name="compresskit_prefix_bag", sources=_SOURCES, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                           build_directory=path, verbose=False)
         except Exception as e:  # no compiler, no headers, ...: the pure-torch kernels still work
