@@ -218,3 +218,33 @@ def test_from_dense_refuses_options_it_cannot_honour(dense, option):
     model = nn.Sequential(dense)
     with pytest.raises(ValueError, match="not supported"):
         convert_embeddings(model, 4)
+
+
+def test_a_trained_state_dict_loads_into_a_freshly_converted_model():
+    """The natural way back: build the model, convert it, load the trained state (utilities, fused row-wise Adagrad
+    state and pruned sizes included) and compute what the trained model computes."""
+    import compresskit
+    from compresskit.plugins.fiited import FiitedConfig
+
+    torch.manual_seed(0)
+    trained = DLRM(4, [50, 30, 20], embedding_dim=8, bottom_mlp=[8], top_mlp=[8])
+    compression = compresskit.prepare(trained, FiitedConfig(target_memory_ratio=0.5, chunk_size=4, start_step=0,
+                                                            end_step=2, interval=1), total_steps=4)
+    for name, table in fiited_modules(trained):
+        if name.endswith("0"):
+            table.register_buffer("row_momentum", torch.rand(table.num_embeddings))   # as rowwise Adagrad leaves it
+    dense, sparse = torch.randn(16, 4), torch.stack([torch.randint(0, c, (16,)) for c in (50, 30, 20)], 1)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    compression.attach_optimizer(optimizer)
+    for _ in range(4):
+        trained(dense, sparse).sum().backward()
+        compression.after_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        compression.step()
+    state = trained.state_dict()
+    assert any(k.endswith("utility_scale") for k in state)
+    fresh = DLRM(4, [50, 30, 20], embedding_dim=8, bottom_mlp=[8], top_mlp=[8])
+    convert_embeddings(fresh, 4)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.eval()(dense, sparse), trained.eval()(dense, sparse))

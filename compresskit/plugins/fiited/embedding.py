@@ -22,6 +22,7 @@ from .store import ChunkStore
 UTILITY = "utility"
 CANDIDATE = "candidate_utility"
 FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+TRAINING_BUFFERS = ("utility_scale", "row_momentum", CANDIDATE, "seen")   # registered by training-time setters
 
 
 def check_dense(dense: nn.Module, what: str) -> bool:
@@ -178,6 +179,12 @@ class FiitedEmbeddingBag(nn.Module):
         limit = state_dict.get(prefix + "cache.limit")
         if limit is not None and self.cache is None:   # a quantized table's state with its cache: build one
             self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, int(limit))
+        # state that training adds (utility scale, row-wise Adagrad state, candidate utilities, the lazy 'seen'
+        # bitmap): a trained table's state dict loads into a freshly converted twin, which adopts it
+        for name in TRAINING_BUFFERS:
+            incoming = state_dict.get(prefix + name)
+            if torch.is_tensor(incoming) and name not in self._buffers:
+                self.register_buffer(name, torch.empty(incoming.shape, dtype=incoming.dtype))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
