@@ -160,7 +160,9 @@ def gather_state_dict(model: nn.Module, coll: Collective) -> dict[str, torch.Ten
     state = model.state_dict()
     if not coll.distributed:
         return state
-    tables = set(sharded_names(model))
+    # every state-dict entry of the sharded tables, extra state included (a FIITED table's generator states)
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, ShardedTables))
+    tables = {k for k in state if k.startswith(prefixes)} | set(sharded_names(model))
     parts = coll.gather_object({k: v for k, v in state.items() if k in tables})
     if parts is None:
         return None

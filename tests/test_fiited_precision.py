@@ -312,3 +312,23 @@ def test_native_stochastic_rounding_does_not_depend_on_the_thread_count():
         out.append(m.dense_weight())
     torch.set_num_threads(threads)
     assert torch.equal(out[0], out[1])
+
+
+def test_a_resumed_stochastic_rounding_stream_continues(native):
+    """Saving and loading the state mid-training gives bit-identical codes afterwards: the rounding generator's state
+    is part of the state dict (it used to restart from its seed)."""
+    ids, offsets = _bags()
+    grad = torch.randn(offsets.numel(), 16)
+
+    def steps(m, n):
+        for _ in range(n):
+            m(ids, offsets).backward(grad)
+
+    a = _table("int8", rounding="stochastic")
+    steps(a, 2)
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    steps(a, 3)
+    b = _table("int8", rounding="stochastic")
+    b.load_state_dict(state)
+    steps(b, 3)
+    assert torch.equal(a.store.codes, b.store.codes) and torch.equal(a.store.scales, b.store.scales)

@@ -174,8 +174,28 @@ class FiitedEmbeddingBag(nn.Module):
         return kernels.qbag_forward(store.codes, store.scales, store.bits, self.chunk_size, store.counts, store.base,
                                     ids, offsets, weights, mean, self.embedding_dim, self.num_embeddings, self.cache)
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The random streams training draws from, saved with the state so that a resumed run continues them:
+        stochastic rounding's, and a lazy table's initialisation of admitted rows."""
+        gens = {"rounding_generator": self._rounding_gen}
+        if self.lazy:
+            gens["init_generator"] = self._gen
+        return gens
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, gen in self._generators().items():
+            destination[prefix + name] = gen.get_state()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        saved = {name: state_dict[prefix + name] for name in ("rounding_generator", "init_generator")
+                 if torch.is_tensor(state_dict.get(prefix + name))}
+        if saved:   # restored here, not a buffer (and absent from states saved before they were kept)
+            state_dict = {k: v for k, v in state_dict.items() if k[len(prefix):] not in saved or not k.startswith(prefix)}
+            for name, gen in self._generators().items():
+                if name in saved:
+                    gen.set_state(saved[name].to(torch.uint8))
         limit = state_dict.get(prefix + "cache.limit")
         if limit is not None and self.cache is None:   # a quantized table's state with its cache: build one
             self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, int(limit))
