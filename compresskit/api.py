@@ -162,7 +162,7 @@ def gather_state_dict(model: nn.Module, coll: Collective) -> dict[str, torch.Ten
         return state
     # every state-dict entry of the sharded tables, extra state included (a FIITED table's generator states)
     prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, ShardedTables))
-    tables = {k for k in state if k.startswith(prefixes)} | set(sharded_names(model))
+    tables = {k for k in state if k.startswith(prefixes)}
     parts = coll.gather_object({k: v for k, v in state.items() if k in tables})
     if parts is None:
         return None

@@ -32,13 +32,17 @@ RECIPE = {
 }
 
 
+def _apply(tmp_path_factory, recipe: dict, name: str):
+    """Run ``recipe`` into a fresh folder, as `apply` does; returns (folder, result)."""
+    out = tmp_path_factory.mktemp(name) / "run"
+    torch.manual_seed(0)
+    return out, run(validate_recipe(recipe, require_model=True), out_dir=str(out), raw=recipe)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A FIITED DLRM run (really pruned to 30% of the embedding bytes) written to a folder, as `apply` does."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    torch.manual_seed(0)
-    result = run(validate_recipe(RECIPE, require_model=True), out_dir=str(out), raw=RECIPE)
-    return out, result
+    return _apply(tmp_path_factory, RECIPE, "export")
 
 
 def _batch(data, rows: int = 64) -> tuple[torch.Tensor, ...]:
@@ -291,10 +295,7 @@ INT8_RECIPE = {**RECIPE, "stages": [{**RECIPE["stages"][0], "precision": {"stora
 @pytest.fixture(scope="module")
 def trained_int8(tmp_path_factory):
     """The same run with INT8 chunks and an FP32 hot-row cache."""
-    out = tmp_path_factory.mktemp("export_int8") / "run"
-    torch.manual_seed(0)
-    result = run(validate_recipe(INT8_RECIPE, require_model=True), out_dir=str(out), raw=INT8_RECIPE)
-    return out, result
+    return _apply(tmp_path_factory, INT8_RECIPE, "export_int8")
 
 
 def _fresh_process(code: str) -> str:

@@ -13,6 +13,17 @@ namespace fiited {
 
 constexpr int64_t kBlock = 8;
 
+// Sum of the k bytes below byte k of a block's counts word (the chunks stored by the rows before row k of the block):
+// one multiply adds the masked bytes (each partial sum < 256 when a row has at most 36 chunks, `small`; otherwise
+// they are added one by one).
+inline int64_t counts_before(uint64_t word, int k, bool small) {
+  const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
+  if (small) return int64_t((below * 0x0101010101010101ULL) >> 56);
+  int64_t off = 0;
+  for (int j = 0; j < k; ++j) off += int64_t((word >> (8 * j)) & 0xFF);
+  return off;
+}
+
 struct Layout {
   const float* pool;
   const uint8_t* counts;
@@ -27,13 +38,7 @@ struct Layout {
     uint64_t word;
     std::memcpy(&word, c, sizeof(word));
     *count = int64_t((word >> (8 * k)) & 0xFF);
-    // sum of the counts before r in its block: one multiply adds the masked bytes (each partial sum < 256 when a
-    // row has at most 36 chunks; otherwise add them one by one)
-    const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
-    if (small) return base[r >> 3] + int64_t((below * 0x0101010101010101ULL) >> 56);
-    int64_t off = 0;
-    for (int j = 0; j < k; ++j) off += c[j];
-    return base[r >> 3] + off;
+    return base[r >> 3] + counts_before(word, k, small);
   }
 
   inline void prefetch_index(int64_t r) const {
@@ -50,23 +55,43 @@ inline void prefetch_run(const float* p, int64_t len) {
   for (int64_t k = 0; k < len; k += 16) __builtin_prefetch(p + k, 0, 1);
 }
 
-inline Layout make_layout(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base, int64_t dim,
-                   int64_t num_rows) {
+inline void check_pool(const at::Tensor& pool) {
   TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && pool.dim() == 2, "pool: contiguous float32 [slots, chunk]");
+}
+
+// codes uint8 [slots, cs * bits / 8], scales fp16 [slots]
+inline void check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(1) == cs * bits / 8, "codes: contiguous uint8 [slots, cs * bits / 8]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
+              "scales: contiguous float16 [slots]");
+}
+
+inline void check_counts_base(const at::Tensor& counts, const at::Tensor& base, int64_t num_rows) {
   TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
   TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
   TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+}
+
+inline Layout make_layout(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base, int64_t dim,
+                   int64_t num_rows) {
+  check_pool(pool);
+  check_counts_base(counts, base, num_rows);
   Layout L{pool.data_ptr<float>(), counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), pool.size(1), dim,
            num_rows};
   L.small = pool.size(1) == 0 || dim / pool.size(1) <= 36;
   return L;
 }
 
+// IndexError, as nn.Embedding raises, for an id outside [0, num_rows)
+inline void check_id(int64_t r, int64_t num_rows) {
+  TORCH_CHECK_INDEX(r >= 0 && r < num_rows, "index ", r, " out of range for a table of ", num_rows,
+                    " rows (ids must be in [0, ", num_rows, "))");
+}
+
 inline void check_ids(const int64_t* ids, int64_t n, int64_t num_rows) {
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < num_rows, "index ", ids[i], " out of range for a table of ", num_rows,
-                      " rows (ids must be in [0, ", num_rows, "))");
-  }
+  for (int64_t i = 0; i < n; ++i) check_id(ids[i], num_rows);
 }
 
 inline float half_to_float(at::Half h) {
@@ -80,14 +105,8 @@ inline float half_to_float(at::Half h) {
 // The layout of a quantized store, its tensors checked: codes uint8 [slots, cs * bits / 8], scales fp16 [slots].
 inline Layout quantized_layout(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
                         const at::Tensor& counts, const at::Tensor& base, int64_t dim, int64_t num_rows) {
-  TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                  codes.size(1) == cs * bits / 8, "codes: contiguous uint8 [slots, cs * bits / 8]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
-              "scales: contiguous float16 [slots]");
-  TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
-  TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
-  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+  check_codes(codes, scales, bits, cs);
+  check_counts_base(counts, base, num_rows);
   Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
   L.small = cs == 0 || dim / cs <= 36;
   return L;

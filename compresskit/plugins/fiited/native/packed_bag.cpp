@@ -224,15 +224,12 @@ struct Reader {
   const int64_t* index;  // [blocks, 2]: a block's first slot, then its 8 counts (one byte each)
   const uint8_t* codes;
   const at::Half* scales;
-  const uint64_t* cache_bits;
-  const int32_t* cache_rank;
-  const float* cache_values;
+  CacheView cache;
   int64_t cs, dim, code_bytes, num_rows;
   bool small;
 
   explicit Reader(const Table& T)
-      : pool(T.L.pool), index(T.index), codes(T.codes), scales(T.scales),
-        cache_bits(T.C.bits), cache_rank(T.C.rank), cache_values(T.C.values), cs(T.L.cs), dim(T.L.dim),
+      : pool(T.L.pool), index(T.index), codes(T.codes), scales(T.scales), cache(T.C), cs(T.L.cs), dim(T.L.dim),
         code_bytes(T.code_bytes), num_rows(T.L.num_rows), small(T.L.small) {}
 
   inline bool valid(int64_t r) const { return r >= 0 && r < num_rows; }
@@ -247,24 +244,14 @@ struct Reader {
     const uint64_t word = uint64_t(entry[1]);
     const int k = int(r & 7);
     *cnt = int64_t((word >> (8 * k)) & 0xFF);
-    const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
-    if (small) return entry[0] + int64_t((below * 0x0101010101010101ULL) >> 56);
-    int64_t off = 0;
-    for (int j = 0; j < k; ++j) off += int64_t((word >> (8 * j)) & 0xFF);
-    return entry[0] + off;
+    return entry[0] + counts_before(word, k, small);
   }
 
   // fp32 values of row r (pool or cache), or nullptr for quantized chunks at *slot
   inline const float* locate(int64_t r, int64_t* slot, int64_t* cnt) const {
     *slot = this->slot(r, cnt);
-    if (cache_values) {
-      const uint64_t word = cache_bits[r >> 6];
-      const int bit = int(r & 63);
-      if ((word >> bit) & 1) {
-        const uint64_t below = bit ? word & (~uint64_t(0) >> (64 - bit)) : 0;
-        return cache_values + (int64_t(cache_rank[r >> 6]) + __builtin_popcountll(below)) * dim;
-      }
-    }
+    const int64_t cached = cache.position(r);
+    if (cached >= 0) return cache.values + cached * dim;
     return KIND == 32 ? pool + *slot * cs : nullptr;
   }
 
@@ -307,8 +294,7 @@ void pool_bags(const Table& T, const BagView& in, bool mean, float* outp) {
       for (int64_t i = first; i < last; ++i) {
         if (i + kPrefetchIndex < last && R.valid(ids[i + kPrefetchIndex])) R.prefetch_index(ids[i + kPrefetchIndex]);
         const int64_t r = ids[i];
-        TORCH_CHECK_INDEX(R.valid(r), "index ", r, " out of range for a table of ", num_rows,
-                          " rows (ids must be in [0, ", num_rows, "))");
+        check_id(r, num_rows);
         w[i].p = R.locate(r, &w[i].slot, &w[i].cnt);
       }
       for (int64_t i = first; i < std::min(first + kPrefetchRun, last); ++i) R.prefetch_run(w[i].p, w[i].slot, w[i].cnt);
@@ -368,13 +354,10 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
                     "index: contiguous int64 [blocks, 2] covering num_rows rows");
   TORCH_CHECK_VALUE(cs >= 1 && dim % cs == 0, "chunk_size must divide dim");
   if (bits == 32) {
-    TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat && values.is_contiguous() && values.dim() == 2 &&
-                          values.size(1) == cs, "values: contiguous float32 [slots, chunk_size]");
+    check_pool(values);
+    TORCH_CHECK_VALUE(values.size(1) == cs, "values: [slots, chunk_size]");
   } else {
-    TORCH_CHECK_VALUE(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                          codes.size(1) == cs * bits / 8, "codes: contiguous uint8 [slots, chunk_size * bits / 8]");
-    TORCH_CHECK_VALUE(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
-                      "scales: contiguous float16 [slots]");
+    check_codes(codes, scales, bits, cs);
   }
   T.L = Layout{bits == 32 ? values.data_ptr<float>() : nullptr, nullptr, nullptr, cs, dim, num_rows};
   T.L.small = dim / cs <= 36;
