@@ -22,15 +22,16 @@ from .distributed.sharding import ShardedTables, shard_tables, sharded_names
 from .metrics import module_bytes
 from .models.tables import table_bytes
 from .errors import ConfigError
+from .layout import LAYOUT_FILE, Layout, module_records, write_layout
 from .logs import run_log
 from .plots import Figure, render_html, render_png, training_figures
-from .compression import SAMPLE_ROWS, prepare
+from .compression import prepare
 from .plugin import Plugin
 from .recipe import Recipe, load_recipe, validate_recipe
 from .report import render_markdown
-from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
+from .resolve import check_model_config, load_weights, read_state_dict, resolve_data, resolve_model
 from .schema import to_dict
-from .train import Trainer, batches, evaluate, planned_steps, to_model_inputs
+from .train import Trainer, evaluate, planned_steps, sample_inputs
 
 PLOTS_DIR = "plots"
 
@@ -55,12 +56,6 @@ def _fingerprint(raw: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def sample_inputs(data: DataBundle) -> tuple:
-    """Model inputs of the first ``SAMPLE_ROWS`` test rows, through the data's collate: the sample batch plugins
-    trace and tune with, and the one ``compresskit export --format torch.export`` exports with."""
-    return to_model_inputs(data.collate, *next(batches(data.test, SAMPLE_ROWS)))[0]
-
-
 def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | None = None,
         out_dir: str | None = None, resume: bool = False, raw: dict[str, Any] | None = None,
         collective: Collective | None = None) -> RunResult:
@@ -74,6 +69,7 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     seed = train_cfg.seed if train_cfg else 0
     analysis_only = bool(recipe.stages) and all(s.plugin.kind == "analysis" for s in recipe.stages)
     weights = None     # model.checkpoint's state dict, loaded before the stages or after them (a compressed model)
+    built = model is None and recipe.model is not None   # from the recipe: its layout record can rebuild it
     with agreement(coll):   # local work only: a user error on any rank stops every rank with its message
         if out_dir is not None and coll.is_main:
             prepare_output_dir(out_dir)
@@ -132,10 +128,13 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     if raw is not None:
         report["recipe"] = raw
     state = gather_state_dict(model, coll) if model is not None and out_dir else None
+    layout = run_layout(model, recipe, data, coll) if built and out_dir else None
     figures = training_figures(log_rows) + compression.figures(log_rows) if recipe.logging.plots and out_dir else []
     if out_dir and coll.is_main:
         if model is not None:
             integrity.save(os.path.join(out_dir, "model.pt"), state)
+        if layout is not None:
+            write_layout(os.path.join(out_dir, LAYOUT_FILE), layout)
         write_json(os.path.join(out_dir, "report.json"), report)
         plots = write_plots(out_dir, report, figures)
         write_text(os.path.join(out_dir, "report.md"), render_markdown(report, plots=plots))
@@ -152,6 +151,21 @@ def write_plots(out_dir: str, report: dict[str, Any], figures: list[Figure]) -> 
         write_bytes(os.path.join(out_dir, PLOTS_DIR, f"{fig.name}.png"), png)
     write_text(os.path.join(out_dir, "report.html"), render_html(report, rendered))
     return [(fig.title, f"{PLOTS_DIR}/{fig.name}.png") for fig, _ in rendered]
+
+
+def run_layout(model: nn.Module, recipe: Recipe, data: DataBundle | None, coll: Collective) -> Layout | None:
+    """The layout record of a model built from ``recipe`` (:mod:`compresskit.layout`): the factory with its full
+    arguments and every module the stages put in, over all ranks (a sharded table is recorded by its owner).
+    None on ranks other than the first."""
+    records = module_records(model)
+    if coll.distributed:
+        parts = coll.gather_object(records)
+        if parts is None:
+            return None
+        seen: set[str] = set()
+        records = [r for part in parts for r in part if not (r.module in seen or seen.add(r.module))]
+    args = check_model_config(recipe.model, data.info if data is not None else None)
+    return Layout(recipe.model.name, args, records)
 
 
 def gather_state_dict(model: nn.Module, coll: Collective) -> dict[str, torch.Tensor] | None:

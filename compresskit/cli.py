@@ -147,7 +147,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         cache = f" + cache {row['cache_bytes']:,}" if row["cache_bytes"] else ""
         print(f"  {row['module']}: {kind} values {row['values_bytes']:,}{cache} + index {row['index_bytes']:,} = "
               f"{row['total_bytes']:,} bytes (dense {row['dense_bytes']:,})")
-    if "bytes" in done:
+    if done.get("tables"):
         b = done["bytes"]
         ratio = f" = {b['ratio']:.4f} of the dense tables" if b["ratio"] is not None else ""
         cache = f" + cache {b['cache']:,}" if b["cache"] else ""

@@ -31,9 +31,9 @@ from .metrics import module_bytes
 from .plugin import Plugin, RunContext
 from .recipe import Recipe, Stage, load_recipe, validate_recipe
 from .registry import plugin_for_config
+from .train import SAMPLE_ROWS
 from .schema import build, to_dict
 
-SAMPLE_ROWS = 8  # rows of the first batch kept as the sample input for tracing and tuning
 
 
 def stages_of(config: Any) -> tuple[list[Stage], Recipe | None]:

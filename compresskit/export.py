@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import io
 import json
 import logging
@@ -33,13 +32,16 @@ import torch
 from torch import nn
 
 from . import integrity
-from .api import sample_inputs
-from .atomic import atomic_write, prepare_output_dir, write_json
+from .atomic import prepare_output_dir, write_json
 from .compression import prepare
 from .data import DataBundle
 from .errors import CheckpointError, CompressKitError, ConfigError, first_line, shorten
-from .recipe import Recipe, validate_recipe
+from .layout import LAYOUT_FILE, apply_layout, read_layout, recordable_class
+from .recipe import ModelConfig, Recipe, validate_recipe
 from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
+from .train import sample_inputs
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("state-dict", "packed", "torch.export")
 DEFAULT_NAMES = {"state-dict": "model_dense.pt", "packed": "model_packed.pt", "torch.export": "model.pt2"}
@@ -49,10 +51,11 @@ READABLE_VERSIONS = (1, 2)
 
 
 # --------------------------------------------------------------------------------------------------- conversion
-def convert_modules(model: nn.Module, method: str) -> list[str]:
+def convert_modules(model: nn.Module, method: str, keep: tuple[nn.Module, ...] = ()) -> list[str]:
     """Replace (in place) every submodule of ``model`` that has a callable ``method`` (``to_dense``,
-    ``to_packed``) by what that method returns; a replaced module's children are not visited, and a module
-    shared by several parents is converted once. Returns the names replaced, in module order."""
+    ``to_packed``) by what that method returns, except the modules in ``keep``; a replaced (or kept) module's
+    children are not visited, and a module shared by several parents is converted once. Returns the names
+    replaced, in module order. A method that returns None leaves its module (and what is inside it) as it is."""
     if callable(getattr(model, method, None)):
         raise ConfigError("model", f"{type(model).__name__} is itself a table: call its {method}() directly; "
                                    f"export converts the tables inside a model")
@@ -61,12 +64,15 @@ def convert_modules(model: nn.Module, method: str) -> list[str]:
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
+            if any(child is k for k in keep):
+                continue
             convert = getattr(child, method, None)
             if callable(convert):
                 if id(child) not in done:
                     done[id(child)] = convert()
-                setattr(parent, name, done[id(child)])
-                names.append(prefix + name)
+                if done[id(child)] is not None:
+                    setattr(parent, name, done[id(child)])
+                    names.append(prefix + name)
             else:
                 visit(child, f"{prefix}{name}.")
 
@@ -81,23 +87,46 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
+def dequantize_weights(model: nn.Module) -> list[str]:
+    """Replace (in place) every quantized tensor-subclass parameter of ``model`` (torchao's int8 weights of
+    DASNet's ``quantize: int8``) by the float tensor it stands for, so that the state dict loads into the original
+    architecture with ``weights_only=True``. Returns the parameter names replaced."""
+    names = []
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if type(param) not in (torch.Tensor, nn.Parameter) and callable(getattr(param, "dequantize", None)):
+                setattr(module, name, nn.Parameter(param.dequantize().detach(), requires_grad=False))
+                names.append(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
 def to_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of ``model`` with every compressed table as the standard module it replaced: it loads with
-    ``strict=True`` into the original architecture. Converts ``model`` in place (:func:`densify`)."""
-    return densify(model).state_dict()
-
-
-def pack(model: nn.Module) -> dict[str, Any]:
-    """Swap (in place) every table that has an inference-only form for it (``to_packed()``: FIITED tables), and
-    every other compressed table for its standard module (``to_dense()``). Returns the spec: the packed modules
-    with their class and constructor arguments (what :func:`load_packed` needs) and the bytes of every table."""
-    packed = convert_modules(model, "to_packed")
+    """The state dict of ``model`` with every compressed table as the standard module it replaced and quantized
+    weights as floats: it loads with ``strict=True`` into the original architecture. Converts ``model`` in place
+    (:func:`densify`, :func:`dequantize_weights`)."""
     densify(model)
+    dequantize_weights(model)
+    return model.state_dict()
+
+
+def pack(model: nn.Module, dequantize: bool = True) -> dict[str, Any]:
+    """Swap (in place) every table that has an inference-only form for it (``to_packed()``: FIITED tables), a table
+    collection whose packed tables can share one module for that module (``to_batched()``: one op call serves
+    them all), and
+    every other compressed module for its standard one (``to_dense()``), quantized weights dequantized unless
+    ``dequantize`` is False (``torch.export`` keeps them). Returns the spec: the packed modules with their class
+    and constructor arguments (what :func:`load_packed` needs) and the bytes of every table."""
+    packed = convert_modules(model, "to_packed")
+    batched = convert_modules(model, "to_batched")   # a collection whose packed tables one op call serves
+    packed = [n for n in packed if not any(n.startswith(f"{b}.") for b in batched)] + batched
+    convert_modules(model, "to_dense", keep=tuple(model.get_submodule(name) for name in packed))
+    if dequantize:
+        dequantize_weights(model)
     modules = {}
     for name in packed:
         module = model.get_submodule(name)
         cls = type(module)
-        modules[name] = {"class": f"{cls.__module__}:{cls.__qualname__}", "args": module.config()}
+        modules[name] = {"class": f"{cls.__module__}:{cls.__qualname__}", "args": module.record_args()}
     return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "modules": modules, **table_bytes(model, packed)}
 
 
@@ -109,9 +138,10 @@ def table_bytes(model: nn.Module, packed: list[str]) -> dict[str, Any]:
     rows = []
     names = set(packed)
     for name, module in model.named_modules():
-        if name in names:
+        if name in names:   # a FIITED packed table (values), or a baseline in its own natural form (payload)
             mem = module.memory_bytes()
-            values, cache, index, dense = mem["values"], mem.get("cache", 0), mem["index"], mem["dense"]
+            values, cache, index = mem.get("values", mem.get("payload")), mem.get("cache", 0), mem["index"]
+            dense = mem["dense"] if "dense" in mem else module.num_embeddings * module.embedding_dim * 4
             storage = getattr(module, "storage", "fp32")
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             values = dense = module.weight.numel() * module.weight.element_size()
@@ -174,29 +204,12 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
     return spec
 
 
-def _packed_class(target: Any, where: str) -> type[nn.Module]:
-    """The module class a spec names (``'compresskit.pkg.module:Class'``); only compresskit's own are imported."""
-    if not isinstance(target, str) or ":" not in target:
-        raise CheckpointError(where, f"class {shorten(target)}: expected 'compresskit.module:Class'")
-    module_name, _, qualname = target.partition(":")
-    if module_name.split(".")[0] != "compresskit":
-        raise CheckpointError(where, f"class {shorten(target)}: only compresskit's own modules are loaded from a "
-                                     f"spec; refusing to import {shorten(module_name)}")
-    try:
-        cls = getattr(importlib.import_module(module_name), qualname)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise CheckpointError(where, f"class {shorten(target)} not found ({first_line(e, 100)})") from None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise CheckpointError(where, f"class {shorten(target)} is not an nn.Module")
-    return cls
-
-
 def swap_in_packed(model: nn.Module, spec: dict[str, Any], where: str) -> None:
     """Replace (in place) the modules of ``model`` that ``spec`` names by empty packed modules of the spec's
     shapes; one-line CheckpointError (naming ``where``) when a module is missing or its size differs."""
     for name, entry in spec["modules"].items():
         entry = entry if isinstance(entry, dict) else {}
-        cls = _packed_class(entry.get("class"), where)
+        cls = recordable_class(str(entry.get("class")), where)
         args = dict(entry.get("args") or {})
         if "dtype" in args:
             dtype = getattr(torch, str(args["dtype"]), None)
@@ -216,8 +229,8 @@ def swap_in_packed(model: nn.Module, spec: dict[str, Any], where: str) -> None:
                                              f"but {shorten(file_shape[0])} x {shorten(file_shape[1])} in the file: "
                                              f"load into the model the run's recipe builds")
         try:
-            new = cls(**args)
-        except (TypeError, ValueError) as e:
+            new = cls.from_record(model, name, args)
+        except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(where, f"module '{name}': {first_line(e, 120)}") from None
         model.set_submodule(name, new)
 
@@ -258,7 +271,7 @@ def export_program(model: nn.Module, sample_inputs: tuple, dynamic_batch: bool =
     :func:`batch_is_dynamic`). A model torch.export cannot trace is a one-line ConfigError with the first line of
     torch's reason (the log messages and graphs torch prints during the trace are dropped then; call
     ``torch.export.export`` yourself to see them)."""
-    pack(model)
+    pack(model, dequantize=False)
     model.eval()
     # copies: a view would bring its whole storage (e.g. the test split) into the saved program's sample inputs
     args = tuple(a.clone() if torch.is_tensor(a) else a for a in sample_inputs)
@@ -341,10 +354,13 @@ def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
 
 # --------------------------------------------------------------------------------------------------- runs
 def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Recipe, DataBundle | None]:
-    """Rebuild the compressed model of a ``compresskit apply`` output folder: the recipe saved in its
-    ``report.json`` is validated, its data and model resolved and its stages prepared (no training), then
-    ``model.pt`` (verified against its sidecar) is loaded; FIITED stores adopt the saved sizes. The recipe's
-    ``model.checkpoint`` is ignored (``model.pt`` holds every weight). Returns (model in eval mode, recipe, data)."""
+    """Rebuild the compressed model of a ``compresskit apply`` output folder and load its ``model.pt`` (verified
+    against its sidecar). The model comes from the run's layout record (``layout.json``, :mod:`compresskit.layout`):
+    the recipe's model factory with the arguments the run used, every module the stages put in swapped in as
+    recorded; no data is read and no stage runs. Runs written before layout records rebuild the older way: data
+    and model resolved from the recipe in ``report.json`` and its stages prepared (no training), which cannot
+    rebuild a model whose stages change it in ``finalize`` (DASNet). Returns (model in eval mode, recipe, data:
+    resolved for the sample batch when the recipe names data and it is found, else None)."""
     run_dir = str(run_dir)
     if not os.path.isdir(run_dir):
         raise ConfigError("RUN_DIR", f"{shorten(run_dir)} is not a folder: give the output folder of a "
@@ -355,8 +371,17 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Recipe, DataBundle 
         raise CheckpointError(weights, "file not found: the run wrote no model")
     integrity.verify(weights, required=True)     # before anything slow
     recipe = validate_recipe(raw, require_model=True)
-    seed = recipe.train.seed if recipe.train else 0
-    data = resolve_data(recipe.data, seed) if recipe.data is not None else None
+    layout_file = os.path.join(run_dir, LAYOUT_FILE)
+    if os.path.isfile(layout_file):
+        model = apply_layout(original_model(run_dir, recipe, None), read_layout(layout_file).modules, layout_file)
+        load_weights(model, read_state_dict(weights), weights)
+        try:
+            data = _sample_data(recipe)
+        except CompressKitError as e:   # the model does not need it: only a sample batch is missing then
+            log.warning("no sample batch (the run's data: %s)", first_line(e, 200))
+            data = None
+        return model.eval(), recipe, data
+    data = _sample_data(recipe)
     model = resolve_model(recipe.model, data.info if data is not None else None)
     sample = sample_inputs(data) if data is not None else None
     model = prepare(model, recipe, total_steps=1, data=data, sample_input=sample).model
@@ -364,10 +389,27 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Recipe, DataBundle 
         load_weights(model, read_state_dict(weights), weights)
     except ConfigError as e:   # load_weights names model.checkpoint, which export does not use
         detail = str(e)[len(e.path) + 2:] if e.path else str(e)
-        raise ConfigError("export", f"{detail}; export rebuilds the model as the recipe's stages leave it when "
-                                    f"applied (FIITED and its baselines), so a run whose stages change the model in "
-                                    f"finalize (DASNet) cannot be rebuilt") from None
+        raise ConfigError("export", f"{detail}; this run has no {LAYOUT_FILE} (written before layout records), so "
+                                    f"export rebuilds it by preparing the recipe's stages, which cannot rebuild a "
+                                    f"model whose stages change it in finalize (DASNet): run compresskit apply "
+                                    f"again to get a {LAYOUT_FILE}") from None
     return model.eval(), recipe, data
+
+
+def original_model(run_dir: str | os.PathLike, recipe: Recipe, data: DataBundle | None) -> nn.Module:
+    """The model of a run as its recipe builds it before any stage (no weights loaded): from the run's layout
+    record where it has one, else from the recipe and its data."""
+    layout_file = os.path.join(str(run_dir), LAYOUT_FILE)
+    if os.path.isfile(layout_file):
+        layout = read_layout(layout_file)
+        return resolve_model(ModelConfig(name=layout.model, args=layout.model_args))
+    return resolve_model(recipe.model, data.info if data is not None else None)
+
+
+def _sample_data(recipe: Recipe) -> DataBundle | None:
+    """The run's data (for the sample batch), or None when the recipe names none."""
+    seed = recipe.train.seed if recipe.train else 0
+    return resolve_data(recipe.data, seed) if recipe.data is not None else None
 
 
 def _saved_recipe(report: str) -> dict[str, Any]:
@@ -399,14 +441,14 @@ def output_path(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | N
     return Path(out) / DEFAULT_NAMES[fmt] if os.path.isdir(out) else Path(out)
 
 
-def _check_fits_original(state: dict[str, torch.Tensor], recipe: Recipe, data: DataBundle | None,
-                         spec: dict[str, Any] | None = None) -> bool:
+def _check_fits_original(state: dict[str, torch.Tensor], run_dir: str | os.PathLike, recipe: Recipe,
+                         data: DataBundle | None, spec: dict[str, Any] | None = None) -> bool:
     """Whether ``state`` has the keys and shapes of the model the recipe builds before any stage (with the spec's
     packed modules swapped in), checked on the meta device (no memory); a ConfigError when it does not. False when
     the model cannot be built on the meta device (not checked)."""
     try:
         with torch.device("meta"):
-            original = resolve_model(recipe.model, data.info if data is not None else None)
+            original = original_model(run_dir, recipe, data)
     except (CompressKitError, RuntimeError, NotImplementedError):
         return False
     if spec is not None:
@@ -460,12 +502,12 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
                                next((int(t.shape[0]) for t in sample if torch.is_tensor(t)), None)}
     if fmt == "state-dict":
         state = to_state_dict(model)
-        summary["fits_original"] = _check_fits_original(state, recipe, data)
+        summary["fits_original"] = _check_fits_original(state, run_dir, recipe, data)
         integrity.save(path, state)
         exported = _outputs(model, sample)
     elif fmt == "packed":
         spec = pack(model)
-        summary["fits_original"] = _check_fits_original(model.state_dict(), recipe, data, spec)
+        summary["fits_original"] = _check_fits_original(model.state_dict(), run_dir, recipe, data, spec)
         write_packed(model, spec, path)
         summary.update(spec=str(spec_path(path)), tables=spec["tables"], bytes=spec["bytes"])
         exported = _outputs(model, sample)
@@ -495,7 +537,7 @@ def check_export(run_dir: str | os.PathLike, path: str | os.PathLike) -> dict[st
     if path.suffix == ".pt2":
         fmt, model = "torch.export", load_program(path).module()
     else:
-        model = resolve_model(recipe.model, data.info).eval()
+        model = original_model(run_dir, recipe, data).eval()
         if path.with_suffix(".json").is_file() and path.suffix != ".json":
             fmt = "packed"
             load_packed(model, path)

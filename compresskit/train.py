@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .compression import Compression
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SAMPLE_ROWS = 8  # rows of the first batch kept as the sample input for tracing and tuning
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ def to_model_inputs(collate: Callable[[tuple, torch.Tensor], Any] | None, inputs
         return tuple(out[0]), out[1]
     raise ConfigError("data.collate", f"returned a {type(out).__name__}; expected (inputs tuple, label), a mapping "
                                       f"with 'dense'/'sparse' and 'labels', or a torchrec Batch")
+
+
+def sample_inputs(data: Any) -> tuple:
+    """Model inputs of the first ``SAMPLE_ROWS`` test rows of a DataBundle, through the data's collate: the sample
+    batch plugins trace and tune with, and the one ``compresskit export --format torch.export`` exports with."""
+    return to_model_inputs(data.collate, *next(batches(data.test, SAMPLE_ROWS)))[0]
 
 
 @torch.no_grad()

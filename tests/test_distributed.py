@@ -126,6 +126,15 @@ def test_two_ranks_equal_one_process(runs):
     assert report2["stages"][0]["memory_ratio"] <= 0.2
 
 
+def test_two_ranks_record_every_table_and_export(runs, tmp_path):
+    root, _ = runs
+    one, two = (json.load(open(root / name / "layout.json")) for name in ("one", "two"))
+    key = lambda layout: sorted((m["module"], m["class"]) for m in layout["modules"])   # noqa: E731
+    assert len(two["modules"]) == 26 and key(two) == key(one)      # each rank's tables, gathered on rank 0
+    done = run_cli(["export", str(root / "two"), "--format", "packed", "--out", str(tmp_path / "packed.pt")])
+    assert done.returncode == 0, done.stderr
+
+
 def test_tables_are_split_and_bytes_match_the_model(runs):
     root, _ = runs
     _, report1 = load_outputs(root / "one")
@@ -149,8 +158,8 @@ def test_only_rank_zero_writes(runs):
     root, _ = runs
     names = sorted(os.listdir(root / "two"))
     tensorboard = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    assert names == sorted(["checkpoint", "model.pt", "model.pt.sha256", "plots", "report.html", "report.json",
-                            "report.md", "run.log", "train_log.csv"] + tensorboard)
+    assert names == sorted(["checkpoint", "layout.json", "model.pt", "model.pt.sha256", "plots", "report.html",
+                            "report.json", "report.md", "run.log", "train_log.csv"] + tensorboard)
     # one log, written by rank 0 alone, whose bytes are summed over both ranks' tables (as the report's)
     _, rows = read_csv_log(str(root / "two" / "train_log.csv"))
     steps = [r["step"] for r in rows]

@@ -18,6 +18,7 @@ from compresskit.export import (densify, export_program, load_packed, load_run, 
 from compresskit.plugins.fiited import FiitedEmbedding, FiitedEmbeddingBag, fiited_modules
 from compresskit.plugins.fiited.baselines import MixedDimEmbeddingBag, NarrowEmbeddingBag
 from compresskit.plugins.fiited.packed import PackedEmbedding, PackedEmbeddingBag
+from compresskit.plugins.fiited.packed_tables import PackedTables
 from compresskit.recipe import validate_recipe
 from compresskit.resolve import resolve_model
 
@@ -92,13 +93,14 @@ def test_packed_loads_into_the_original_architecture_and_is_smaller(trained, cap
     assert path.exists() and (out / "model_packed.pt.sha256").exists() and spec_file.exists()
     spec = json.loads(spec_file.read_text())
     state = integrity.load(path)
-    # the spec's bytes are those of the tensors saved: values + counts + bases, nothing else of the tables
-    packed_names = list(spec["modules"])
-    assert len(packed_names) == 26
-    values = sum(state[f"{n}.values"].numel() * 4 for n in packed_names)
-    index = sum(state[f"{n}.index"].numel() * 8 for n in packed_names)   # 16 bytes a block of 8 rows
-    assert {k for k in state if k.startswith("embeddings.")} == \
-        {f"{n}.{b}" for n in packed_names for b in ("values", "index")}
+    # DLRM's 26 tables are one module, served by one op call (table-batched); the spec's bytes are those of the
+    # tensors saved: values + index, nothing else of the tables
+    assert list(spec["modules"]) == ["embeddings"]
+    assert spec["modules"]["embeddings"]["class"].endswith(":PackedTables")
+    assert len(spec["modules"]["embeddings"]["args"]["rows"]) == 26
+    values = state["embeddings.values"].numel() * 4
+    index = state["embeddings.index"].numel() * 8                  # 16 bytes a block of 8 rows
+    assert {k for k in state if k.startswith("embeddings.")} == {"embeddings.values", "embeddings.index"}
     assert spec["bytes"]["values"] == values and spec["bytes"]["index"] == index
     assert spec["bytes"]["total"] == values + index < spec["bytes"]["dense"]
     stage = result.report["stages"][0]     # the run's own accounting: payload + index of the pruned stores
@@ -109,8 +111,8 @@ def test_packed_loads_into_the_original_architecture_and_is_smaller(trained, cap
     # into a freshly built original model, with the Python function a serving process calls
     _, recipe, data = load_run(out)
     model = load_packed(_original(recipe, data), path)
-    assert all(isinstance(t, PackedEmbeddingBag) for t in model.embeddings)
-    assert not any(p for t in model.embeddings for p in t.parameters())     # inference only: no autograd state
+    assert isinstance(model.embeddings, PackedTables)
+    assert not list(model.embeddings.parameters())     # inference only: no autograd state
     _same(model, result.model.eval(), _batch(data))
 
 
@@ -314,18 +316,16 @@ def test_packed_export_keeps_the_int8_codes_and_the_cache(trained_int8, capsys):
     assert "packed int8" in capsys.readouterr().out
     spec = json.loads((out / "model_packed.json").read_text())
     state = integrity.load(out / "model_packed.pt")
-    trained = dict(fiited_modules(result.model))
-    for name, entry in spec["modules"].items():
-        assert entry["args"]["storage"] == "int8"
-        store = trained[name].store
-        _, _, slots = store.entries()
-        assert torch.equal(state[f"{name}.codes"], store.codes[slots])          # what training stored, bit for bit
-        assert torch.equal(state[f"{name}.scales"], store.scales[slots])
-        assert f"{name}.values" not in state
-        cache = trained[name].cache
-        if cache is not None and cache.ids.numel():
-            assert torch.equal(state[f"{name}.cache_values"], cache.values)
-    assert any(e["args"]["cached_rows"] for e in spec["modules"].values())
+    entry = spec["modules"]["embeddings"]
+    assert entry["args"]["storage"] == "int8" and entry["args"]["cached_rows"] > 0
+    tables = [m for _, m in fiited_modules(result.model)]
+    slots = [t.store.entries()[2] for t in tables]
+    # what training stored, bit for bit, the tables end to end
+    assert torch.equal(state["embeddings.codes"], torch.cat([t.store.codes[s] for t, s in zip(tables, slots)]))
+    assert torch.equal(state["embeddings.scales"], torch.cat([t.store.scales[s] for t, s in zip(tables, slots)]))
+    assert "embeddings.values" not in state
+    assert torch.equal(state["embeddings.cache_values"],
+                       torch.cat([t.cache.values for t in tables if t.cache is not None]))
     # the report's bytes are the bytes of the file's table tensors
     table_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith("embeddings."))
     assert spec["bytes"]["total"] == table_bytes and spec["bytes"]["cache"] > 0
@@ -387,12 +387,11 @@ def test_check_export_bad_files_are_one_line(trained_int8, capsys, tmp_path):
     (bad / "model_packed.json").write_text(json.dumps({**spec, "version": 9}))
     _one_error(capsys, ["check-export", str(out), str(bad / "model_packed.pt")], "packed format version 9")
     # tables that do not fit the model: name the table and both shapes
-    name = next(iter(spec["modules"]))
-    rows = spec["modules"][name]["args"]["num_embeddings"]
-    spec["modules"][name]["args"]["num_embeddings"] = rows + 5
+    rows = spec["modules"]["embeddings"]["args"]["rows"][3]
+    spec["modules"]["embeddings"]["args"]["rows"][3] = rows + 5
     (bad / "model_packed.json").write_text(json.dumps(spec))
     _one_error(capsys, ["check-export", str(out), str(bad / "model_packed.pt")],
-               f"table '{name}' is {rows} x 8 in the model but {rows + 5} x 8 in the file")
+               f"table 'embeddings.3' is {rows} x 8 in the model but {rows + 5} x 8 in the file")
     # a damaged file
     shutil.copy(out / "model.pt2", bad / "model.pt2")
     shutil.copy(out / "model.pt2.sha256", bad / "model.pt2.sha256")
@@ -431,3 +430,126 @@ save_program(torch.export.export(M(), (torch.ones(3),)), {str(older)!r})
     lib = torch.library.Library("cktest_schema", "DEF")
     lib.define("bar(Tensor x, Tensor index) -> Tensor")
     _one_error(capsys, ["check-export", str(out), str(older)], "cktest_schema::bar with arguments the installed")
+
+
+# ------------------------------------------------------------------------------------------ layout records
+DASNET_RECIPE = {
+    "model": {"name": "lenet5"}, "data": {"name": "digits"},
+    "train": {"epochs": 1, "batch_size": 64, "progress": False, "threads": 1,
+              "optimizer": {"name": "adam", "lr": 0.002}},
+    "stages": [{"plugin": "dasnet", "sparsity": 0.5, "layers": ["*"], "sparse_execution": "always",
+                "tune_batches": [1, 8], "quantize": "int8"}],
+    "logging": {"csv": False, "plots": False, "tensorboard": "never"},
+}
+
+
+@pytest.fixture(scope="module")
+def dasnet_run(tmp_path_factory):
+    """A DASNet run whose finalize rewrote the model: sparse twins, WTA wrappers, int8 Linears."""
+    return _apply(tmp_path_factory, DASNET_RECIPE, "export_dasnet")
+
+
+def test_a_dasnet_run_exports_from_its_layout_record(dasnet_run, capsys):
+    out, result = dasnet_run
+    layout = json.loads((out / "layout.json").read_text())
+    classes = {m["class"].rsplit(":", 1)[1] for m in layout["modules"]}
+    assert {"WithWTA", "SparseConv2d", "SparseLinear", "SparsePool", "Int8Linear"} <= classes
+    model, _, _ = load_run(out)         # rebuilt from the record (no prepare, no timing): the run's exact model
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        for rows in (1, 8, 3):          # compact path at 1 and 8, masked dense at 3
+            assert torch.equal(model(x[:rows]), result.model.eval()(x[:rows]))
+    for fmt in ("state-dict", "packed", "torch.export"):
+        assert main(["export", str(out), "--format", fmt]) == 0
+    diffs = [float(line.rsplit(": ", 1)[1]) for line in capsys.readouterr().out.splitlines() if "test rows" in line]
+    assert len(diffs) == 3 and diffs[2] < 1e-5     # the .pt2 keeps int8 (the other two hold dequantized weights)
+    # the state dict is the original LeNet-5's, int8 weights dequantized: plain tensors, weights_only, strict
+    state = torch.load(out / "model_dense.pt", weights_only=True)
+    assert all(type(v) is torch.Tensor for v in state.values())
+    lenet = resolve_model(validate_recipe(DASNET_RECIPE, require_model=True).model, {"in_channels": 1})
+    lenet.load_state_dict(state, strict=True)
+    assert main(["check-export", str(out), str(out / "model.pt2")]) == 0
+    assert float(capsys.readouterr().out.rsplit(": ", 1)[1]) < 1e-5
+
+
+def test_recorded_batchnorm_folding_rebuilds_exactly():
+    from compresskit.layout import apply_layout, module_records
+    from compresskit.models.resnet_cifar import resnet_cifar
+    from compresskit.plugins.dasnet.convert import to_sparse_execution
+    from compresskit.plugins.dasnet.fuse import PassFolded
+    from compresskit.plugins.dasnet.wta import insert_wta
+
+    torch.manual_seed(0)
+    model = resnet_cifar(20, width=8)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    insert_wta(model, 0.5, blocks=2)
+    model.eval()
+    to_sparse_execution(model, (torch.randn(4, 3, 32, 32),), batch_sizes=(1, 4), tune=False)
+    records = module_records(model)
+    assert sum(r.cls.endswith(":PassFolded") for r in records) > 0
+    rebuilt = apply_layout(resnet_cifar(20, width=8), records, "test").eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in model.modules()]
+    assert sum(isinstance(m, PassFolded) for m in rebuilt.modules()) == \
+        sum(isinstance(m, PassFolded) for m in model.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for rows in (1, 4, 2):
+            assert torch.allclose(rebuilt(x[:rows]), model(x[:rows]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["uniform", "mixed_dim"])
+def test_baseline_runs_export_in_their_natural_form(tmp_path_factory, capsys, method):
+    recipe = {**RECIPE, "stages": [{"plugin": "fiited", "method": method, "target_memory_ratio": 0.3}]}
+    out, result = _apply(tmp_path_factory, recipe, f"export_{method}")
+    for fmt in ("packed", "torch.export"):
+        assert main(["export", str(out), "--format", fmt]) == 0
+    capsys.readouterr()
+    spec = json.loads((out / "model_packed.json").read_text())
+    cls = NarrowEmbeddingBag if method == "uniform" else MixedDimEmbeddingBag
+    assert spec["modules"] and all(e["class"].endswith(cls.__name__) for e in spec["modules"].values())
+    state = integrity.load(out / "model_packed.pt")
+    stored = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith("embeddings."))
+    assert spec["bytes"]["total"] == stored <= 0.3 * spec["bytes"]["dense"]      # not densified on export
+    for file in ("model_packed.pt", "model.pt2"):
+        assert main(["check-export", str(out), str(out / file)]) == 0
+        assert "test rows: 0\n" in capsys.readouterr().out
+
+
+def test_export_reads_no_data_and_old_runs_still_export(trained, dasnet_run, capsys, tmp_path, monkeypatch):
+    out, _ = trained
+    import compresskit.export as export
+
+    def no_data(*args, **kwargs):
+        raise ConfigError("data.path", "not found")
+
+    monkeypatch.setattr(export, "resolve_data", no_data)      # the layout rebuilds the model without the data
+    assert main(["export", str(out), "--format", "state-dict", "--out", str(tmp_path / "a.pt")]) == 0
+    assert "max |difference|" not in capsys.readouterr().out
+    monkeypatch.undo()
+    # a run written before layout records: FIITED rebuilds by preparing its stages; DASNet says what to do
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "layout.json").unlink()
+    assert main(["export", str(old), "--format", "packed"]) == 0
+    old_dasnet = tmp_path / "old_dasnet"
+    shutil.copytree(dasnet_run[0], old_dasnet)
+    (old_dasnet / "layout.json").unlink()
+    _one_error(capsys, ["export", str(old_dasnet), "--format", "state-dict"], "run compresskit apply again")
+
+
+def test_a_layout_record_names_only_compresskit_classes(trained, capsys, tmp_path):
+    out, _ = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    layout = json.loads((bad / "layout.json").read_text())
+    layout["modules"][0]["class"] = "os:system"
+    (bad / "layout.json").write_text(json.dumps(layout))
+    _one_error(capsys, ["export", str(bad), "--format", "state-dict"], "only compresskit's own")
+    layout["modules"][0]["class"] = "compresskit.plugins.fiited.embedding:FiitedEmbeddingBag"
+    layout["modules"][0]["args"]["num_embeddings"] += 3
+    (bad / "layout.json").write_text(json.dumps(layout))
+    _one_error(capsys, ["export", str(bad), "--format", "state-dict"], "in the model but")

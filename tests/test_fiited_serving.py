@@ -21,7 +21,7 @@ def _trained(storage: str, rows: int = 203, dim: int = 16, cs: int = 4, cache_ro
     m = FiitedEmbeddingBag(rows, dim, cs, mode=mode, include_last_offset=last, optimizer="adagrad", lr=0.1,
                            weight=torch.randn(rows, dim, generator=g) * 0.1)
     counts = torch.randint(0, dim // cs + 1, (rows,), generator=g)
-    counts[:3] = torch.tensor([0, dim // cs, 1])
+    counts[:3] = torch.tensor([0, dim // cs, 1])[:rows]
     m.shrink_rows(counts)
     if storage != "fp32":
         m.set_precision(storage, cache_rows)
@@ -154,7 +154,7 @@ def test_memory_bytes_are_the_state_dict_bytes():
         mem = packed.memory_bytes()
         assert mem["total"] == sum(t.numel() * t.element_size() for t in state.values())
         assert (mem["cache"] > 0) == bool(cache)
-        fresh = PackedEmbeddingBag(**{**packed.config(), "dtype": torch.float32})
+        fresh = PackedEmbeddingBag(**{**packed.record_args(), "dtype": torch.float32})
         fresh.load_state_dict(state)
         ids, offsets = torch.randint(0, 203, (50,)), torch.arange(0, 50, 5)
         assert torch.equal(fresh(ids, offsets), packed(ids, offsets))
@@ -170,8 +170,57 @@ def test_index_is_one_entry_a_block_and_version_1_state_dicts_still_load():
     # a packed file of format version 1 held counts and base apart
     old = {k: v for k, v in packed.state_dict().items() if k != "index"}
     old.update(counts=m.store.counts.clone(), base=packed.index[:, 0].clone())
-    fresh = PackedEmbeddingBag(**packed.config())
+    fresh = PackedEmbeddingBag(**packed.record_args())
     result = fresh.load_state_dict(old, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     ids, offsets = torch.randint(0, 203, (60,)), torch.arange(0, 60, 6)
     assert torch.equal(fresh(ids, offsets), packed(ids, offsets))
+
+
+# ------------------------------------------------------------------------------------------ table-batched
+@pytest.mark.parametrize("storage,cache", [("fp32", 0.0), ("int8", 0.1), ("int4", 0.0)])
+def test_one_op_call_serves_every_table_of_a_collection(storage, cache):
+    from compresskit.models.tables import EmbeddingTables
+    from compresskit.plugins.fiited.packed_tables import PackedTables
+
+    rows = [5, 8, 203, 17, 2]                   # one-block tables, a row space that is not a multiple of 8
+    trained = EmbeddingTables([_trained(storage, r, cache_rows=cache, seed=i, mode="mean" if i % 2 else "sum")
+                               for i, r in enumerate(rows)])
+    packed = EmbeddingTables([t.to_packed() for t in trained])
+    batched = packed.to_batched()
+    assert isinstance(batched, PackedTables)
+    for key in ("values", "index", "dense"):
+        assert batched.memory_bytes()[key] == sum(t.memory_bytes()[key] for t in packed)
+    # the cache's rank bitmap covers one row space instead of five (fewer partly used words)
+    assert batched.memory_bytes()["cache"] <= sum(t.memory_bytes()["cache"] for t in packed)
+    g = torch.Generator().manual_seed(5)
+    sparse = torch.stack([torch.randint(0, r, (300,), generator=g) for r in rows], 1)
+    sparse[:4] = torch.tensor(rows) - 1                        # every table's last row
+    with torch.no_grad():
+        expected = trained(sparse)
+        for got in _both(lambda: batched(sparse)):
+            assert len(got) == len(rows)
+            for e, o in zip(expected, got):
+                assert torch.allclose(o, e, atol=1e-6, rtol=0)      # fp32: the trained module; int: the same codes
+    # one op call a batch (TBE-style), where the collection made one call per table
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        batched(sparse)
+    assert sum(e.count for e in prof.key_averages() if e.key == "compresskit::packed_bag") == 1
+    # ids out of their own table's range never read the next table's rows
+    bad = sparse.clone()
+    bad[7, 1] = 8
+    with pytest.raises(IndexError, match="table 1 of 8 rows"):
+        batched(bad)
+    with pytest.raises(ValueError, match=r"shape \[batch, 5\]"):
+        batched(sparse[:, :3])
+
+
+def test_a_collection_that_cannot_share_one_store_stays_per_table():
+    from compresskit.models.tables import EmbeddingTables
+
+    mixed = EmbeddingTables([_trained("fp32", 20).to_packed(), _trained("int8", 20).to_packed()])
+    assert mixed.to_batched() is None
+    wide = EmbeddingTables([_trained("fp32", 20).to_packed(), _trained("fp32", 20, dim=32).to_packed()])
+    assert wide.to_batched() is None
+    assert EmbeddingTables([torch.nn.EmbeddingBag(4, 8)]).to_batched() is None

@@ -24,6 +24,16 @@ class EmbeddingTables(nn.ModuleList):
         """Output width of every table."""
         return [table_dim(t) for t in self]
 
+    def to_batched(self) -> nn.Module | None:
+        """One module that serves every table in one call (as FBGEMM's table-batched embeddings do), where the
+        tables' class offers one: a ``batched(tables)`` classmethod (FIITED's packed tables). None otherwise, or when
+        the tables cannot share one (different classes, dims, storage)."""
+        tables = list(self)
+        make = getattr(type(tables[0]), "batched", None) if tables else None
+        if not callable(make) or any(type(t) is not type(tables[0]) for t in tables):
+            return None
+        return make(tables)
+
 
 def table_dim(table: nn.Module) -> int:
     """Width of the vectors a table returns."""

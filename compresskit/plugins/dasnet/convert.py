@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils import benchmark
 
 from . import onednn
-from .compact import ChannelSparse, channels_last, densify
+from .compact import ChannelSparse
 from .fuse import fold_batchnorm, unfold_batchnorm
-from .sparse_exec import POOLS, SparseConv2d, SparseLinear, SparsePool
+from .sparse_exec import POOLS, SparseConv2d, SparseLinear, SparsePool, ensure_dense_output
 from .wta import WTADropout
 
 
@@ -34,17 +34,6 @@ def _twin_for(module: nn.Module) -> nn.Module | None:
     if isinstance(module, POOLS) and not getattr(module, "return_indices", False):
         return SparsePool(module)
     return None
-
-
-def _densify_output(module: nn.Module, args, output):
-    """The model's output as the dense model gives it: dense, and a feature map in its input's memory format (the
-    prepacked convolutions compute channels-last whatever the input)."""
-    output = densify(output)
-    if isinstance(output, torch.Tensor) and output.dim() == 4 and args and isinstance(args[0], torch.Tensor) \
-            and args[0].dim() == 4:
-        output = output.contiguous(memory_format=torch.channels_last if channels_last(args[0])
-                                   else torch.contiguous_format)
-    return output
 
 
 def _receivers(model: nn.Module, sample: tuple[torch.Tensor, ...]) -> list[str]:
@@ -110,8 +99,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
                 wrapped.append(name)
         if fold:
             fold_batchnorm(model)
-        if not any(h is _densify_output for h in model._forward_hooks.values()):
-            hook = model.register_forward_hook(_densify_output)
+        hook = ensure_dense_output(model)
         for m in wta:
             m.compact_always = force
         convs = [m for m in model.modules() if isinstance(m, SparseConv2d)]

@@ -14,6 +14,7 @@ path, other batch sizes).
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -25,13 +26,34 @@ from .wta import WTADropout
 class PassFolded(nn.Module):
     """A BatchNorm2d / ReLU whose work the compact conv ``source`` already did on its own output."""
 
-    def __init__(self, layer: nn.Module, source: _SparseTwin) -> None:
+    def __init__(self, layer: nn.Module, source: _SparseTwin, source_name: str = "") -> None:
         super().__init__()
         self.layer = layer
         self._source = (source,)          # a tuple, so the conv is not registered twice as a submodule
+        self.source_name = source_name    # the conv's module name, for the layout record
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._source[0].produced(x) else self.layer(x)
+
+    def record_args(self) -> dict[str, Any]:
+        """The conv that does this module's work (and, for a BatchNorm, whether it fuses the ReLU after it)."""
+        return {"source": self.source_name, "relu": self._source[0].fused_relu}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "PassFolded":
+        """Fold the BatchNorm / ReLU at ``name`` of ``model`` into the recorded sparse conv again."""
+        source_name = str(args.get("source", ""))
+        source = model.get_submodule(source_name) if source_name else None
+        if not isinstance(source, SparseConv2d):
+            raise ValueError(f"source {source_name!r} is not a sparse conv of the model")
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.BatchNorm2d):
+            source.fold(layer, bool(args.get("relu")))
+        return cls(layer, source, source_name)
+
+    def to_dense(self) -> nn.Module:
+        """The BatchNorm / ReLU itself (its conv unfolds in its own ``to_dense``)."""
+        return self.layer
 
 
 class _Tracer(fx.Tracer):
@@ -83,7 +105,7 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
         twin.fold(model.get_submodule(bn_name), relu_name is not None)
         for name in (bn_name, relu_name):
             if name is not None:
-                model.set_submodule(name, PassFolded(model.get_submodule(name), twin))
+                model.set_submodule(name, PassFolded(model.get_submodule(name), twin, conv_name))
                 wrapped.append(name)
     return wrapped
 

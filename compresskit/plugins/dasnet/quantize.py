@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 import warnings
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
+from ...layout import tag
 from ...optional import import_quietly
 from .sparse_exec import SparseLinear
 
@@ -54,6 +56,7 @@ def quantize_int8(model: nn.Module, targets: list[str]) -> tuple[nn.Module, str]
         ao.quantize_(model, ao.Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: fqn in wanted)
         for name in wanted:       # torchao sets a bound-method extra_repr per layer, which does not pickle
             model.get_submodule(name).__dict__.pop("extra_repr", None)
+            tag(model.get_submodule(name), Int8Linear, {"backend": TORCHAO})
         return model, TORCHAO
     log.warning("quantize: int8: torchao %s; falling back to the deprecated torch.ao.quantization.quantize_dynamic",
                 why)
@@ -63,4 +66,24 @@ def quantize_int8(model: nn.Module, targets: list[str]) -> tuple[nn.Module, str]
         warnings.simplefilter("ignore")
         model = quantize_dynamic(model, {name: default_dynamic_qconfig for name in wanted}, dtype=torch.qint8,
                                  inplace=True)
-    return model, TORCH_AO if why == "not installed" else TORCH_AO_BROKEN
+    backend = TORCH_AO if why == "not installed" else TORCH_AO_BROKEN
+    for name in wanted:
+        tag(model.get_submodule(name), Int8Linear, {"backend": backend})
+    return model, backend
+
+
+class Int8Linear:
+    """Layout-record builder of a Linear that ``quantize: int8`` quantized in place (``compresskit.layout``)."""
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> nn.Module:
+        """Quantize the Linear at ``name`` of ``model`` as the run did; its int8 weights come from the state dict
+        (which ``torch.load(weights_only=True)`` reads once torchao is imported: it allowlists its tensors).
+        ValueError when the backend that quantized it is not the one this environment runs."""
+        if type(model.get_submodule(name)) is not nn.Linear:
+            raise ValueError(f"expected an nn.Linear to quantize, found {type(model.get_submodule(name)).__name__}")
+        quantized, backend = quantize_int8(model, [name])
+        if backend != args.get("backend"):
+            raise ValueError(f"the run quantized it with {args.get('backend')}, this environment with {backend}: "
+                             f"install the run's torchao to rebuild it")
+        return quantized.get_submodule(name)

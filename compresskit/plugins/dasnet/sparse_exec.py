@@ -24,6 +24,7 @@ Results equal the masked dense model up to float rounding.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,27 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import onednn
-from .compact import ChannelSparse, Part, densify
+from .compact import ChannelSparse, Part, channels_last, densify
 
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
+
+
+def dense_output(module: nn.Module, args, output):
+    """Forward hook on a model with a sparse path: its output as the dense model gives it, dense, and a feature map
+    in its input's memory format (the prepacked convolutions compute channels-last whatever the input)."""
+    output = densify(output)
+    if isinstance(output, torch.Tensor) and output.dim() == 4 and args and isinstance(args[0], torch.Tensor) \
+            and args[0].dim() == 4:
+        output = output.contiguous(memory_format=torch.channels_last if channels_last(args[0])
+                                   else torch.contiguous_format)
+    return output
+
+
+def ensure_dense_output(model: nn.Module):
+    """Register :func:`dense_output` on ``model`` unless it is there; returns the new handle (None if it was)."""
+    if any(h is dense_output for h in model._forward_hooks.values()):
+        return None
+    return model.register_forward_hook(dense_output)
 
 
 class _SparseTwin(nn.Module):
@@ -56,6 +75,24 @@ class _SparseTwin(nn.Module):
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def record_args(self) -> dict[str, Any]:
+        """What rebuilds this twin from a layout record (``compresskit.layout``; a folded BatchNorm is recorded by
+        its ``PassFolded``)."""
+        return {}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "_SparseTwin":
+        """The twin of the layer at ``name`` of ``model``, set up as recorded; the model gets the dense-output
+        hook the sparse path needs."""
+        twin = cls(model.get_submodule(name))
+        ensure_dense_output(model)
+        return twin
+
+    def to_dense(self) -> nn.Module:
+        """The layer this twin runs (what it replaced), unfolded: the masked dense model's layer."""
+        self.unfold()
+        return self.layer
 
     def fold(self, bn: nn.BatchNorm2d, relu: bool) -> None:
         """Apply the eval-mode ``bn`` (and a ReLU if ``relu``) to the compact path's output, folded into the kernel
@@ -140,6 +177,17 @@ class SparseConv2d(_SparseTwin):
         super().__init__(conv)
         self.prepacked_batches: set[int] = set()
 
+    def record_args(self) -> dict[str, Any]:
+        """The batch sizes run with prepacked kernels (see ``_SparseTwin.record_args``)."""
+        return {"prepacked_batches": sorted(self.prepacked_batches)}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "SparseConv2d":
+        """See ``_SparseTwin.from_record``."""
+        twin = super().from_record(model, name, args)
+        twin.prepacked_batches = {int(b) for b in args.get("prepacked_batches", [])}
+        return twin
+
     def _kernel_for(self, part: Part, weight: torch.Tensor, batch: int) -> torch.Tensor:
         if batch not in self.prepacked_batches or part.key is None or not onednn.prepack_available() \
                 or not onednn.applies(part.data, self.layer):
@@ -176,6 +224,19 @@ class SparsePool(nn.Module):
     def __init__(self, pool: nn.Module) -> None:
         super().__init__()
         self.layer = pool
+
+    def record_args(self) -> dict[str, Any]:
+        """Nothing beyond the pool it wraps (see ``compresskit.layout``)."""
+        return {}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "SparsePool":
+        """The compact form of the pool at ``name`` of ``model``."""
+        return cls(model.get_submodule(name))
+
+    def to_dense(self) -> nn.Module:
+        """The pool this one wraps."""
+        return self.layer
 
     def forward(self, x: torch.Tensor | ChannelSparse) -> torch.Tensor | ChannelSparse:
         return x.map(self.layer) if isinstance(x, ChannelSparse) else self.layer(x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -128,9 +128,29 @@ class WTADropout(nn.Module):
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}, active_in={self.active_in!r}, blocks={self.blocks}"
 
+    def to_dense(self) -> "WTADropout":
+        """The same WTA without the compact output: the masked dense form (what ``torch.export`` traces)."""
+        return WTADropout(self.sparsity, self.active_in, self.blocks, self.nonnegative_input)
+
 
 class WithWTA(nn.Sequential):
     """An activation followed by its WTA dropout (keeps the activation's name in the model)."""
+
+    def record_args(self) -> dict[str, Any]:
+        """The WTA's settings and compact batch sizes, for the layout record (``compresskit.layout``)."""
+        wta = self[1]
+        return {"sparsity": wta.sparsity, "active_in": wta.active_in, "blocks": wta.blocks,
+                "nonnegative_input": wta.nonnegative_input, "compact_batches": sorted(wta.compact_batches),
+                "compact_always": wta.compact_always}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "WithWTA":
+        """The activation at ``name`` of ``model`` followed by the recorded WTA."""
+        wta = WTADropout(float(args["sparsity"]), args.get("active_in", "both"), args.get("blocks"),
+                         bool(args.get("nonnegative_input", False)))
+        wta.compact_batches = {int(b) for b in args.get("compact_batches", [])}
+        wta.compact_always = bool(args.get("compact_always", False))
+        return cls(model.get_submodule(name), wta)
 
 
 def activation_names(model: nn.Module, kinds: tuple[str, ...] = ACTIVATIONS) -> list[str]:

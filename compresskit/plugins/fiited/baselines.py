@@ -16,11 +16,13 @@ whichever they replace, and report ``memory_bytes()`` measured from their tensor
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embedding import check_dense
+from .embedding import check_dense, replaced_table
 from .kernels import check_ids
 
 __all__ = ["NarrowEmbeddingBag", "MixedDimEmbeddingBag", "uniform_dim_for_budget", "plan_mixed_dims",
@@ -71,6 +73,16 @@ class _NaturalBase(nn.Module):
     def memory_bytes(self) -> dict[str, int]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def to_packed(self) -> "_NaturalBase":
+        """This module: the baseline's natural form is already what serving reads (``compresskit export --format
+        packed`` keeps it)."""
+        return self
+
+    def _options(self) -> dict[str, Any]:
+        """The options shared by both baselines, as constructor arguments."""
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "mode": self.mode,
+                "include_last_offset": self.include_last_offset, "bag": self.bag, "sparse": self.sparse}
+
     def _dense_module(self, weight: torch.Tensor) -> nn.EmbeddingBag | nn.Embedding:
         """The torch module this one replaced (same options), holding ``weight [num_embeddings, embedding_dim]``."""
         if self.bag:
@@ -117,6 +129,17 @@ class NarrowEmbeddingBag(_NaturalBase):
         return cls(dense.num_embeddings, dense.embedding_dim, dim, mode=dense.mode if bag else "sum",
                    include_last_offset=dense.include_last_offset if bag else False, bag=bag, sparse=dense.sparse,
                    weight=dense.weight.detach()[:, :dim])
+
+    def record_args(self) -> dict[str, Any]:
+        """What rebuilds this table from a layout record (``compresskit.layout``); the values come from its
+        state dict."""
+        return {**self._options(), "dim": self.dim}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "NarrowEmbeddingBag":
+        """The table :meth:`record_args` describes, with unset values (its state dict fills them)."""
+        replaced_table(model, name, args)
+        return cls(**args, weight=torch.empty(int(args["num_embeddings"]), int(args["dim"])))
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -432,6 +455,18 @@ class MixedDimEmbeddingBag(_NaturalBase):
         return cls(dense.num_embeddings, dense.embedding_dim, order, starts, dims,
                    mode=dense.mode if bag else "sum", include_last_offset=dense.include_last_offset if bag else False,
                    bag=bag, sparse=dense.sparse, weight=dense.weight.detach())
+
+    def record_args(self) -> dict[str, Any]:
+        """What rebuilds this table's buckets from a layout record (``compresskit.layout``): boundaries and dims;
+        the row order (``remap``), tables and projections come from its state dict."""
+        return {**self._options(), "starts": [int(s) for s in self.bucket_starts.tolist()], "dims": list(self.dims)}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "MixedDimEmbeddingBag":
+        """The buckets :meth:`record_args` describes, with unset values (its state dict fills them)."""
+        replaced_table(model, name, args)
+        rows, dim = int(args["num_embeddings"]), int(args["embedding_dim"])
+        return cls(**args, order=torch.arange(rows), weight=torch.empty(rows, dim))
 
     def _flatten(self, input: torch.Tensor, offsets: torch.Tensor | None,
                  per_sample_weights: torch.Tensor | None

@@ -7,7 +7,7 @@ FBGEMM's table-batched embeddings, and the pool never holds a gradient.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +39,18 @@ def check_dense(dense: nn.Module, what: str) -> bool:
     if bag and dense.mode not in ("sum", "mean"):
         raise ValueError(f"mode '{dense.mode}' is not supported by {what} (only 'sum' and 'mean')")
     return bag
+
+
+def replaced_table(model: nn.Module, name: str, args: dict[str, Any]) -> nn.Module | None:
+    """The table at ``name`` of ``model`` that a layout record (``compresskit.layout``) replaces (None at the
+    root); ValueError when its shape is not the record's ``num_embeddings x embedding_dim``."""
+    old = model.get_submodule(name) if name else None
+    shape = (getattr(old, "num_embeddings", None), getattr(old, "embedding_dim", None))
+    wanted = (args.get("num_embeddings"), args.get("embedding_dim"))
+    if old is not None and shape != wanted:
+        raise ValueError(f"the table is {shape[0]} x {shape[1]} in the model but {wanted[0]} x {wanted[1]} in the "
+                         f"record")
+    return old
 
 
 class _PrefixBag(torch.autograd.Function):
@@ -124,6 +136,32 @@ class FiitedEmbeddingBag(nn.Module):
         kwargs.setdefault("sparse", dense.sparse)
         return cls(dense.num_embeddings, dense.embedding_dim, chunk_size, mode=dense.mode,
                    include_last_offset=dense.include_last_offset, weight=dense.weight.detach(), **kwargs)
+
+    def record_args(self) -> dict[str, Any]:
+        """What rebuilds this table's structure from a layout record (``compresskit.layout``): shape, options,
+        fused optimizer, rounding; pool, codes, cache and training state come from its state dict, which the
+        rebuilt table adopts."""
+        args = {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "chunk_size": self.chunk_size, "lazy": self.lazy, "sparse": self.sparse, "optimizer": self.optimizer,
+                "lr": self.lr, "eps": self.eps, "init_std": self.init_std, "rounding": self.rounding}
+        if type(self) is FiitedEmbeddingBag:
+            args.update(mode=self.mode, include_last_offset=self.include_last_offset)
+        if self.lazy:
+            args["capacity"] = self.store.capacity
+        return args
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "FiitedEmbeddingBag":
+        """The table :meth:`record_args` describes, put where ``model`` holds the one it replaced (a dense table
+        of that shape lends its values until the state dict loads, so nothing is drawn at random)."""
+        args = dict(args)
+        rounding = args.pop("rounding", "nearest")
+        old = replaced_table(model, name, args)
+        if not args.get("lazy") and isinstance(old, (nn.Embedding, nn.EmbeddingBag)):
+            args["weight"] = old.weight.detach()
+        table = cls(**args)
+        table.rounding = rounding
+        return table
 
     def set_optimizer(self, optimizer: str, lr: float, eps: float = 1e-8) -> None:
         """Fuse ``optimizer`` (sgd, adagrad, rowwise_adagrad) into backward; the pool then takes no gradient and

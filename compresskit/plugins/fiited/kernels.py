@@ -34,8 +34,9 @@ def native_kernels():
 
 
 def check_ids(ids: torch.Tensor, num_rows: int) -> None:
-    """Raise ``IndexError`` (as ``nn.Embedding`` does) unless every id is in ``[0, num_rows)``: one min/max pass."""
-    if ids.numel():
+    """Raise ``IndexError`` (as ``nn.Embedding`` does) unless every id is in ``[0, num_rows)``: one min/max pass.
+    Skipped while ``torch.export`` / ``torch.compile`` trace (the traced gathers check their indices)."""
+    if ids.numel() and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= num_rows:
             raise IndexError(f"index {lo if lo < 0 else hi} out of range for a table of {num_rows} rows "

@@ -39,6 +39,38 @@ from .quantize import STORAGE_BITS, code_bytes
 STORAGES = ("fp32", *STORAGE_BITS)
 
 
+def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_size: int, live_chunks: int,
+                            storage: str, cached_rows: int) -> None:
+    """Check the packed layout's shape arguments (ValueError naming the one out of range) and register its buffers
+    (module docstring) on ``module``, zero-filled. The tensors the other storage has are empty and not saved: the
+    state dict holds what is served."""
+    if chunk_size < 1 or dim % chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} must divide embedding_dim {dim}")
+    if not 0 <= live_chunks <= num_rows * (dim // chunk_size):
+        raise ValueError(f"live_chunks must be in [0, {num_rows * (dim // chunk_size)}], got {live_chunks}")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if not 0 <= cached_rows <= (num_rows if storage != "fp32" else 0):
+        raise ValueError(f"cached_rows must be in [0, {num_rows if storage != 'fp32' else 0}] with storage "
+                         f"'{storage}', got {cached_rows}")
+    blocks = (num_rows + BLOCK - 1) // BLOCK
+    quantized = storage != "fp32"
+    width = code_bytes(STORAGE_BITS[storage], chunk_size) if quantized else 0
+    module.register_buffer("values", torch.zeros(0 if quantized else live_chunks, chunk_size),
+                           persistent=not quantized)
+    module.register_buffer("codes", torch.zeros(live_chunks if quantized else 0, width, dtype=torch.uint8),
+                           persistent=quantized)
+    module.register_buffer("scales", torch.zeros(live_chunks if quantized else 0, dtype=torch.float16),
+                           persistent=quantized)
+    module.register_buffer("index", torch.zeros(blocks, 2, dtype=torch.int64))
+    cached = cached_rows > 0
+    words = (num_rows + 63) // 64 if cached else 0
+    module.register_buffer("cache_ids", torch.zeros(cached_rows, dtype=torch.int64), persistent=cached)
+    module.register_buffer("cache_values", torch.zeros(cached_rows, dim), persistent=cached)
+    module.register_buffer("cache_bits", torch.zeros(words, dtype=torch.int64), persistent=cached)
+    module.register_buffer("cache_rank", torch.zeros(words, dtype=torch.int32), persistent=cached)
+
+
 class PackedEmbeddingBag(nn.Module):
     """Trained FIITED table for inference (module docstring).
 
@@ -62,39 +94,13 @@ class PackedEmbeddingBag(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be 'sum' or 'mean', got '{mode}'")
-        if chunk_size < 1 or embedding_dim % chunk_size:
-            raise ValueError(f"chunk_size {chunk_size} must divide embedding_dim {embedding_dim}")
-        if not 0 <= live_chunks <= num_embeddings * (embedding_dim // chunk_size):
-            raise ValueError(f"live_chunks must be in [0, {num_embeddings * (embedding_dim // chunk_size)}], "
-                             f"got {live_chunks}")
-        if storage not in STORAGES:
-            raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
         if dtype != torch.float32:
             raise ValueError(f"dtype must be float32, got {dtype}")
-        if not 0 <= cached_rows <= (num_embeddings if storage != "fp32" else 0):
-            raise ValueError(f"cached_rows must be in [0, {num_embeddings if storage != 'fp32' else 0}] with storage "
-                             f"'{storage}', got {cached_rows}")
+        register_packed_buffers(self, num_embeddings, embedding_dim, chunk_size, live_chunks, storage, cached_rows)
         self.num_embeddings, self.embedding_dim, self.chunk_size = num_embeddings, embedding_dim, chunk_size
         self.num_chunks = embedding_dim // chunk_size
         self.mode, self.include_last_offset = mode, include_last_offset
         self.storage, self.bits = storage, STORAGE_BITS.get(storage, 32)
-        blocks = (num_embeddings + BLOCK - 1) // BLOCK
-        quantized = storage != "fp32"
-        width = code_bytes(self.bits, chunk_size) if quantized else 0
-        # the tensors the other storage has are empty and not saved: the file holds what is served
-        self.register_buffer("values", torch.zeros(0 if quantized else live_chunks, chunk_size),
-                             persistent=not quantized)
-        self.register_buffer("codes", torch.zeros(live_chunks if quantized else 0, width, dtype=torch.uint8),
-                             persistent=quantized)
-        self.register_buffer("scales", torch.zeros(live_chunks if quantized else 0, dtype=torch.float16),
-                             persistent=quantized)
-        self.register_buffer("index", torch.zeros(blocks, 2, dtype=torch.int64))
-        cached = cached_rows > 0
-        words = (num_embeddings + 63) // 64 if cached else 0
-        self.register_buffer("cache_ids", torch.zeros(cached_rows, dtype=torch.int64), persistent=cached)
-        self.register_buffer("cache_values", torch.zeros(cached_rows, embedding_dim), persistent=cached)
-        self.register_buffer("cache_bits", torch.zeros(words, dtype=torch.int64), persistent=cached)
-        self.register_buffer("cache_rank", torch.zeros(words, dtype=torch.int32), persistent=cached)
 
     @property
     def live_chunks(self) -> int:
@@ -125,14 +131,28 @@ class PackedEmbeddingBag(nn.Module):
             packed.cache_rank.copy_(cache.rank)
         return packed
 
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments (JSON-serialisable) that rebuild this module's shapes."""
+    def record_args(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable) that rebuild this module's shapes (the packed spec's
+        ``args``; a layout record's, ``compresskit.layout``)."""
         args = {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "chunk_size": self.chunk_size, "live_chunks": self.live_chunks, "storage": self.storage,
                 "cached_rows": int(self.cache_ids.shape[0])}
         if self.bag:
             args.update(mode=self.mode, include_last_offset=self.include_last_offset)
         return args
+
+    @classmethod
+    def batched(cls, tables: list["PackedEmbeddingBag"]) -> nn.Module | None:
+        """The tables of one collection served by one op call (:class:`~.packed_tables.PackedTables`), or None
+        where they cannot share one store."""
+        from .packed_tables import PackedTables
+
+        return PackedTables.batched(tables)
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "PackedEmbeddingBag":
+        """An empty table of the recorded shapes, for ``load_state_dict`` (``compresskit.export.load_packed``)."""
+        return cls(**args)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held, which are the bytes of the state dict: ``values`` (the chunks: FP32 values, or codes and

@@ -80,7 +80,8 @@ def interleave_index(counts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 def split_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts, base) of a packed index (the inverse of :func:`interleave_index`)."""
-    return index[:, 1].contiguous().view(torch.uint8), index[:, 0].contiguous()
+    # a clone, not .contiguous(): a one-block column counts as contiguous with stride 2, which view() refuses
+    return index[:, 1].clone(memory_format=torch.contiguous_format).view(torch.uint8), index[:, 0].contiguous()
 
 
 def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, index: torch.Tensor,

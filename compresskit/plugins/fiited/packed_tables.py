@@ -1,0 +1,163 @@
+"""Table-batched serving: every packed table of a model's table collection in one store, one op call a batch.
+
+A DLRM looks up one id per feature in each of its tables (``EmbeddingTables``: Criteo has 26). Served table by
+table, that is 26 module calls, 26 op calls and 26 output tensors a batch; FBGEMM's TBE serves them all in one
+kernel call. :class:`PackedTables` does the same with FIITED's packed layout (``packed.py``): the tables' stores
+are laid end to end in one global row space,
+
+    global row = row_offsets[t] + id        (row_offsets: each table's rows rounded up to whole blocks of 8)
+
+so that every table keeps its own index blocks, whose slot bases are shifted by the chunks of the tables before
+it, and its cached rows (ids shifted the same way). A batch ``sparse [B, F]`` becomes one call of
+``compresskit::packed_bag`` over ``F * B`` single-id bags in feature-major order, whose ``[F * B, dim]`` output is
+viewed as ``F`` tensors ``[B, dim]``: what ``EmbeddingTables`` returns. An id outside its own table's rows raises
+``IndexError`` (it never reads the next table's rows): in eager mode with the feature named; in an exported
+program such an id becomes -1, which the op refuses.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kernels import BLOCK
+from .packed import PackedEmbeddingBag, register_packed_buffers
+from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
+from .quantize import STORAGE_BITS
+
+__all__ = ["PackedTables"]
+
+
+def _padded(rows: int) -> int:
+    return (rows + BLOCK - 1) // BLOCK * BLOCK
+
+
+class PackedTables(nn.Module):
+    """The packed tables of one table collection (``EmbeddingTables``) served by one op call.
+
+    Args:
+        rows: each table's ``num_embeddings`` (table ``t`` answers feature ``t``).
+        embedding_dim, chunk_size, storage: shared by every table (``'fp32'``, ``'int8'`` or ``'int4'``).
+        live_chunks: chunks stored over all tables.
+        cached_rows: FP32 hot rows over all tables (quantized storage only).
+
+    Build one with :meth:`batched` from the tables' :class:`PackedEmbeddingBag` forms; the constructor alone gives
+    an empty shell for ``load_state_dict``. Every tensor is a saved buffer, so :meth:`memory_bytes` is the bytes of
+    the state dict, equal to the sum over the tables it batches.
+    """
+
+    def __init__(self, rows: list[int], embedding_dim: int, chunk_size: int, live_chunks: int,
+                 storage: str = "fp32", cached_rows: int = 0) -> None:
+        super().__init__()
+        if not rows or any(int(r) < 1 for r in rows):
+            raise ValueError(f"rows must list at least one table of at least one row, got {rows}")
+        self.rows = [int(r) for r in rows]
+        self.num_rows = sum(_padded(r) for r in self.rows)
+        register_packed_buffers(self, self.num_rows, embedding_dim, chunk_size, live_chunks, storage, cached_rows)
+        self.embedding_dim, self.chunk_size, self.storage = embedding_dim, chunk_size, storage
+        self.bits = STORAGE_BITS.get(storage, 32)
+        starts = [0]
+        for r in self.rows[:-1]:
+            starts.append(starts[-1] + _padded(r))
+        self.register_buffer("row_offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
+        self.register_buffer("row_limits", torch.tensor(self.rows, dtype=torch.int64), persistent=False)
+
+    @classmethod
+    def batched(cls, tables: list[nn.Module]) -> "PackedTables | None":
+        """One module serving ``tables`` (the packed forms of a collection's tables, in feature order), or None
+        when they cannot share one store: not all :class:`PackedEmbeddingBag` (bag form) without
+        ``include_last_offset``, or different dims, chunk sizes or storage. Mode does not matter: a bag of one id
+        has the same sum and mean."""
+        first = tables[0] if tables else None
+        if first is None or any(type(t) is not PackedEmbeddingBag or t.include_last_offset or
+                                (t.embedding_dim, t.chunk_size, t.storage) !=
+                                (first.embedding_dim, first.chunk_size, first.storage) for t in tables):
+            return None
+        out = cls([t.num_embeddings for t in tables], first.embedding_dim, first.chunk_size,
+                  sum(t.live_chunks for t in tables), first.storage, sum(int(t.cache_ids.numel()) for t in tables))
+        values, codes, scales, index, cache_ids, cache_values = [], [], [], [], [], []
+        chunks = 0
+        for t, start in zip(tables, out.row_offsets.tolist()):
+            counts, base = split_index(t.index)
+            index.append(interleave_index(counts, base + chunks))
+            values.append(t.values)
+            codes.append(t.codes)
+            scales.append(t.scales)
+            cache_ids.append(t.cache_ids + start)
+            cache_values.append(t.cache_values)
+            chunks += t.live_chunks
+        out.values.copy_(torch.cat(values))
+        out.codes.copy_(torch.cat(codes))
+        out.scales.copy_(torch.cat(scales))
+        out.index.copy_(torch.cat(index))
+        if out.cache_ids.numel():
+            out.cache_ids.copy_(torch.cat(cache_ids))
+            out.cache_values.copy_(torch.cat(cache_values))
+            bits, rank = cache_index(out.cache_ids, out.num_rows)
+            out.cache_bits.copy_(bits)
+            out.cache_rank.copy_(rank)
+        return out
+
+    def record_args(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable) that rebuild this module's shapes (the packed spec)."""
+        return {"rows": list(self.rows), "embedding_dim": self.embedding_dim, "chunk_size": self.chunk_size,
+                "live_chunks": int((self.values if self.storage == "fp32" else self.codes).shape[0]),
+                "storage": self.storage, "cached_rows": int(self.cache_ids.shape[0])}
+
+    @classmethod
+    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "PackedTables":
+        """An empty module of the recorded shapes in place of the collection at ``name`` of ``model``; ValueError
+        naming the first table whose shape differs."""
+        collection = model.get_submodule(name) if name else model
+        tables = list(collection.children())
+        rows, dim = list(args.get("rows") or []), args.get("embedding_dim")
+        if len(tables) != len(rows):
+            raise ValueError(f"the collection has {len(tables)} tables in the model but {len(rows)} in the file")
+        for t, (table, r) in enumerate(zip(tables, rows)):
+            shape = (getattr(table, "num_embeddings", None), getattr(table, "embedding_dim", None))
+            if shape != (r, dim):
+                where = f"{name}.{t}" if name else str(t)
+                raise ValueError(f"table '{where}' is {shape[0]} x {shape[1]} in the model but {r} x {dim} in the "
+                                 f"file: load into the model the run's recipe builds")
+        return cls(**args)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """As :meth:`PackedEmbeddingBag.memory_bytes` (the bytes of the state dict), over all the tables; ``dense``
+        counts each table's own rows (not the padding of the row space)."""
+        def size(*names: str) -> int:
+            return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+        values = size("values", "codes", "scales")
+        cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if self.cache_ids.numel() else 0
+        index = size("index")
+        return {"values": values, "cache": cache, "index": index, "total": values + cache + index,
+                "dense": sum(self.rows) * self.embedding_dim * 4}
+
+    def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:
+        """``EmbeddingTables.forward``: ``sparse [B, F]`` (one id per sample and feature) -> ``F`` tensors
+        ``[B, embedding_dim]``."""
+        if sparse.dim() != 2 or sparse.shape[1] != len(self.rows):
+            raise ValueError(f"expected sparse ids of shape [batch, {len(self.rows)}], got {tuple(sparse.shape)}")
+        b = self._buffers
+        inside = (sparse >= 0) & (sparse < b["row_limits"])
+        if not torch.compiler.is_compiling() and not bool(inside.all()):
+            bad = (~inside).nonzero()[0]
+            feature, value = int(bad[1]), int(sparse[bad[0], bad[1]])
+            raise IndexError(f"index {value} out of range for table {feature} of {self.rows[feature]} rows "
+                             f"(ids must be in [0, {self.rows[feature]}))")
+        ids = torch.where(inside, sparse + b["row_offsets"], -1).t().reshape(-1, 1)     # feature-major bags
+        out = PACKED_BAG(b["values"], b["codes"], b["scales"], b["index"], b["cache_ids"], b["cache_bits"],
+                         b["cache_rank"], b["cache_values"], ids, None, None, self.bits, self.chunk_size,
+                         MODES["sum"], False, self.num_rows, self.embedding_dim)
+        return list(out.view(len(self.rows), sparse.shape[0], self.embedding_dim).unbind(0))
+
+    def dims(self) -> list[int]:
+        """Output width of every table (as ``EmbeddingTables.dims``)."""
+        return [self.embedding_dim] * len(self.rows)
+
+    def extra_repr(self) -> str:
+        cache = f", cached_rows={self.cache_ids.shape[0]}" if self.cache_ids.numel() else ""
+        return (f"tables={len(self.rows)}, rows={sum(self.rows)}, {self.embedding_dim}, chunk_size={self.chunk_size}, "
+                f"storage={self.storage!r}{cache}")
+
