@@ -2,8 +2,12 @@
 
 Every method is charged what it really stores for inference, payload plus index, measured from its tensors:
 FIITED (without regrowth, the default, and with) and AdaEmbed pruning their chunk store (pool + 2-byte-a-row index), uniform a narrower
-``nn.EmbeddingBag``, mixed-dim its frequency-bucket tables, projections and id remap. Training-only state
-(utilities, optimizer state) is reported beside it, not charged.
+``nn.EmbeddingBag``, mixed-dim its frequency-bucket tables, projections and id remap, and the hashing family in its
+natural forms (``compresskit/plugins/fiited/hashing.py``): the hashing trick its shared rows, QR its quotient and
+remainder tables, ROBE its one array, TT-Rec its three cores (each with a few bytes of hash parameters). Each table
+of those gets its share of the bytes (``share_budget``: in proportion to its dense bytes, at least its smallest
+form). Training-only state (utilities, optimizer state) is reported beside it, not charged. Each cell also gives
+the training speed (samples trained over the run's ``train_seconds``).
 
 DLRM (dim 64) on MovieLens-100K and UCI Adult from ../shared/data, seeded 80/10/10 split, 3 epochs, the same recipe
 for every method; only the ``fiited`` stage's method and target change. Each cell is the mean over ``--seeds`` seeds
@@ -37,7 +41,7 @@ DATASETS = {
     "movielens": {"name": "movielens-100k", "path": shared_data("ml-100k")},
     "adult": {"name": "adult", "path": shared_data("adult", "adult.csv")},
 }
-METHODS = ["fiited", "fiited-regrow", "adaembed", "mixed_dim", "uniform"]
+METHODS = ["fiited", "fiited-regrow", "adaembed", "mixed_dim", "uniform", "hashing", "qr", "robe", "tt_rec"]
 VARIANTS = {"fiited-regrow": ("fiited", {"regrow": True})}   # a method with options: (method, stage options)
 OPTIMIZERS = {"adagrad": {"name": "adagrad", "lr": 0.02}, "adam": {"name": "adam", "lr": 0.002}}
 
@@ -63,8 +67,11 @@ def run_cell(data: dict, method: str, ratio: float, seed: int, optimizer: str) -
     except compresskit.ConfigError as e:  # e.g. uniform below one dimension per row
         return {"error": str(e)}
     stage = result.report["stages"][0]
-    test = result.report["training"]["test"]
-    return {"auc": test["auc"], "logloss": test["logloss"], "val_auc": result.report["training"]["val"]["auc"],
+    training = result.report["training"]
+    test = training["test"]
+    samples = training["steps"] * rec.train.batch_size
+    return {"auc": test["auc"], "logloss": test["logloss"], "val_auc": training["val"]["auc"],
+            "samples_per_s": samples / max(training["train_seconds"], 1e-9),
             "memory_ratio": stage["memory_ratio"], "payload_bytes": stage["payload_bytes"],
             "index_bytes": stage["index_bytes"], "training_state_bytes": stage["training_state_bytes"],
             "dense_bytes": stage["dense_bytes"]}
@@ -77,6 +84,7 @@ def run_seeds(data: dict, method: str, ratio: float, seeds: int, optimizer: str)
         return {"error": next(r["error"] for r in runs if "error" in r)}
     return {"auc": statistics.mean(r["auc"] for r in runs), "logloss": statistics.mean(r["logloss"] for r in runs),
             "val_auc": statistics.mean(r["val_auc"] for r in runs),
+            "samples_per_s": statistics.mean(r["samples_per_s"] for r in runs),
             "memory_ratio": statistics.mean(r["memory_ratio"] for r in runs),
             "index_ratio": statistics.mean(r["index_bytes"] / max(r["payload_bytes"], 1) for r in runs),
             "payload_bytes": runs[0]["payload_bytes"], "index_bytes": runs[0]["index_bytes"],
@@ -105,7 +113,8 @@ def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str, method
     val_aucs = ", ".join(f"{n} {c['val_auc']:.4f}" for n, c in candidates.items())
     print(f"  {ds}: optimizer {opt} (dense validation AUC: {val_aucs})", flush=True)
     cells.append({"dataset": ds, "optimizer": opt, "method": "dense", "ratio": 1.0, **dense})
-    rows.append([ds, opt, "dense", 1.0, dense["memory_ratio"], 0.0, dense["auc"], dense["logloss"], 0.0])
+    rows.append([ds, opt, "dense", 1.0, dense["memory_ratio"], 0.0, dense["auc"], dense["logloss"], 0.0,
+                 dense["samples_per_s"]])
     for ratio in ratios:
         if ratio >= 1.0:
             continue
@@ -113,10 +122,10 @@ def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str, method
             cell = run_seeds(data, method, ratio, seeds, opt)
             cells.append({"dataset": ds, "optimizer": opt, "method": method, "ratio": ratio, **cell})
             if "error" in cell:
-                rows.append([ds, opt, method, ratio, None, None, None, None, None])
+                rows.append([ds, opt, method, ratio, None, None, None, None, None, None])
             else:
                 rows.append([ds, opt, method, ratio, cell["memory_ratio"], cell["index_ratio"], cell["auc"],
-                             cell["logloss"], cell["auc"] - dense["auc"]])
+                             cell["logloss"], cell["auc"] - dense["auc"], cell["samples_per_s"]])
             print(f"  {ds} {method} {ratio}: {cell}", flush=True)
     return rows, cells, selection
 
@@ -156,7 +165,7 @@ def main() -> None:
     choice = f"per dataset by dense validation AUC among {optimizers}" if args.optimizer == "auto" else \
         f"{args.optimizer} lr {OPTIMIZERS[args.optimizer]['lr']}"
     publish(name, ["dataset", "optimizer", "method", "target", "bytes kept (payload+index)", "index/payload",
-                   "mean test AUC", "mean logloss", "dAUC vs dense"], rows,
+                   "mean test AUC", "mean logloss", "dAUC vs dense", "train samples/s"], rows,
             {"cells": cells, "seeds": args.seeds, "optimizer_selection": selection,
              "protocol": f"DLRM dim 64, 3 epochs, batch 256, seeded split 80/10/10; optimizer {choice}"})
 

@@ -8,7 +8,11 @@ INT8 rows with an FP16 scale and bias each; ``pip install -e ".[bench]"``). Rati
 against the faster of the two (> 1: FIITED is faster).
 
 Tables: one 1M x 64 table, and the 26 Criteo-Kaggle tables (dim 64, cardinalities scaled by ``--criteo-scale``,
-default 0.1) served as 26 modules (``nn.EmbeddingBag`` and FIITED; the TBE serves them in one module).
+default 0.1) served as 26 modules (``nn.EmbeddingBag`` and FIITED; the TBE serves them in one module), and, at
+pooling 1, as the one ``PackedTables`` module a packed DLRM serves them with (table-batched: one op call; it takes
+DLRM's ``[batch, 26]`` ids, stacked from the per-table ids inside the timed call, and its output is concatenated
+as the others'). A run of some ``--part``s keeps the other parts' cells of the previous JSON (each cell's ratios
+come from its own run).
 FIITED, ``chunk_size`` 4: unpruned and with 90% of the chunks pruned (random row prefixes), as packed tables in FP32,
 INT8 and INT4 (and INT8 with a 5% FP32 hot-row cache, pruned), each with its bytes against the FP32 dense table.
 The 1M x 64 table, 90% pruned, is also exported (``torch.export``, saved and loaded) and timed the same way.
@@ -38,6 +42,7 @@ from torch import nn  # noqa: E402
 
 from compresskit.data.synthetic_ctr import scaled_cardinalities  # noqa: E402
 from compresskit.export import load_program, save_program  # noqa: E402
+from compresskit.models.tables import EmbeddingTables  # noqa: E402
 from compresskit.plugins.fiited import kernels  # noqa: E402
 
 BATCH = 4096
@@ -69,6 +74,10 @@ def packed_variants(weights: list[torch.Tensor], hot: list[torch.Tensor]) -> dic
                       for m, h in zip(trained, hot)]
             out[f"FIITED packed {kind}, {label}"] = (Tables(tables).eval(),
                                                      sum(t.memory_bytes()["total"] for t in tables))
+            batched = EmbeddingTables(tables).to_batched() if len(tables) > 1 else None
+            if batched is not None:
+                out[f"FIITED packed {kind}, {label}, table-batched"] = (batched.eval(),
+                                                                        batched.memory_bytes()["total"])
         del trained
         gc.collect()
     return out
@@ -113,7 +122,12 @@ def run_part(part: str, cards: list[int], threads_list: list[int], rounds: int, 
         tbe = make_int8_tbe([(c, DIM) for c in cards])
         tbe_bytes = sum(c * (DIM + 4) for c in cards)       # INT8 codes + FP16 scale and bias a row
         methods[TBE] = (lambda ids, off: tbe(*tbe_inputs(ids, [off] * len(ids))), tbe_bytes)
+    single_id = set()      # the table-batched module takes one id per table and sample (pooling 1)
     for name, (module, size) in packed_variants(weights, hot).items():
+        if name.endswith("table-batched"):
+            methods[name] = (lambda ids, off, m=module: torch.cat(m(torch.stack(ids, 1)), 1), size)
+            single_id.add(name)
+            continue
         methods[name] = (lambda ids, off, m=module: m(ids, off), size)
         if part == "single" and name == "FIITED packed fp32, 90% pruned":
             sample = (sampler_ids(cards, 64, gen), torch.arange(0, 64))
@@ -126,7 +140,8 @@ def run_part(part: str, cards: list[int], threads_list: list[int], rounds: int, 
         for pooling in (1, 20):
             batches = [(sampler_ids(cards, BATCH * pooling, gen), torch.arange(0, BATCH * pooling, pooling))
                        for _ in range(4)]
-            ms = time_interleaved({k: f for k, (f, _) in methods.items()}, batches, rounds, steps)
+            ms = time_interleaved({k: f for k, (f, _) in methods.items() if pooling == 1 or k not in single_id},
+                                  batches, rounds, steps)
             peers = [ms[p] for p in (BAG, TBE) if p in ms]
             for name, t in ms.items():
                 size = methods[name][1]
@@ -181,10 +196,22 @@ def main() -> None:
     native = kernels.native_kernels() is not None
     print(f"native kernels: {'yes' if native else 'no (pure-torch fallback)'}; FBGEMM int8 TBE: "
           f"{'yes' if int8_tbe_available() else 'not installed'}")
+    stamp = time.strftime("%Y-%m-%d %H:%M")
     for part in args.part:
         cards = [1_000_000] if part == "single" else scaled_cardinalities(args.criteo_scale)
         run_part(part, cards, args.threads, args.rounds, args.steps, rows, cells)
         gc.collect()
+    for cell in cells:
+        cell["run"] = stamp
+    previous = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fiited_serve.json")
+    if os.path.exists(previous):   # the parts not run this time keep their cells
+        ran = {c["tables"] for c in cells}
+        with open(previous) as f:
+            kept = [c for c in json.load(f)["cells"] if c["tables"] not in ran]
+        cells[:0] = kept
+        rows[:0] = [[c["tables"], c["pooling"], c["threads"], c["method"], c["ms"], c["vs_embedding_bag"],
+                     c["vs_int8_tbe"] if c["vs_int8_tbe"] is not None else float("nan"), c["vs_faster_peer"],
+                     c["bytes_of_fp32"]] for c in kept]
     publish("fiited_serve", ["tables", "pooling", "threads", "method", "ms", "vs nn.EmbeddingBag", "vs int8 TBE",
                              "vs faster peer", "bytes of fp32"], rows,
             {"cells": cells, "native_kernels": native, "batch": BATCH, "chunk_size": CHUNK,

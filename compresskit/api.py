@@ -31,7 +31,8 @@ from .recipe import Recipe, load_recipe, validate_recipe
 from .report import render_markdown
 from .resolve import check_model_config, load_weights, read_state_dict, resolve_data, resolve_model
 from .schema import to_dict
-from .train import Trainer, evaluate, planned_steps, sample_inputs
+from .data.batches import sample_inputs
+from .train import Trainer, evaluate, planned_steps
 
 PLOTS_DIR = "plots"
 

@@ -31,7 +31,7 @@ from .metrics import module_bytes
 from .plugin import Plugin, RunContext
 from .recipe import Recipe, Stage, load_recipe, validate_recipe
 from .registry import plugin_for_config
-from .train import SAMPLE_ROWS
+from .data.batches import SAMPLE_ROWS
 from .schema import build, to_dict
 
 

@@ -45,6 +45,7 @@ class ConfigError(CompressKitError):
 
     def __init__(self, path: str, message: str) -> None:
         self.path = path
+        self.message = message        # without the path: what a caller re-raising under another field keeps
         super().__init__(f"{path}: {message}" if path else message)
 
 

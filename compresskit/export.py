@@ -35,11 +35,11 @@ from . import integrity
 from .atomic import prepare_output_dir, write_json
 from .compression import prepare
 from .data import DataBundle
+from .data.batches import sample_inputs
 from .errors import CheckpointError, CompressKitError, ConfigError, first_line, shorten
 from .layout import LAYOUT_FILE, apply_layout, read_layout, recordable_class
 from .recipe import ModelConfig, Recipe, validate_recipe
 from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
-from .train import sample_inputs
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Recipe, DataBundle 
     try:
         load_weights(model, read_state_dict(weights), weights)
     except ConfigError as e:   # load_weights names model.checkpoint, which export does not use
-        detail = str(e)[len(e.path) + 2:] if e.path else str(e)
+        detail = e.message
         raise ConfigError("export", f"{detail}; this run has no {LAYOUT_FILE} (written before layout records), so "
                                     f"export rebuilds it by preparing the recipe's stages, which cannot rebuild a "
                                     f"model whose stages change it in finalize (DASNet): run compresskit apply "

@@ -12,7 +12,7 @@ import torch
 
 import compresskit
 from compresskit.errors import ConfigError
-from compresskit.train import to_model_inputs
+from compresskit.data.batches import to_model_inputs
 
 CALLS: list[int] = []   # batch sizes mapping_collate saw
 INFOS: list[dict] = []

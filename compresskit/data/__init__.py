@@ -19,7 +19,7 @@ class DataBundle:
 
     ``collate`` (optional): ``collate(inputs, label)`` maps one batch's tensors (this rank's rows of it) to what the
     model takes: ``(inputs tuple, label)``, a mapping with ``dense``, ``sparse`` (e.g. a TorchRec
-    KeyedJaggedTensor) and ``labels``, or a TorchRec ``Batch``; see :func:`compresskit.train.to_model_inputs`."""
+    KeyedJaggedTensor) and ``labels``, or a TorchRec ``Batch``; see :func:`compresskit.data.batches.to_model_inputs`."""
 
     train: TensorDataset
     val: TensorDataset | None
@@ -53,11 +53,6 @@ def register_dataset(name: str, *, needs_path: bool, description: str):
         return fn
 
     return deco
-
-
-def available_datasets() -> dict[str, DatasetEntry]:
-    """Registered datasets by name."""
-    return DATASETS.items()
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> tuple[torch.Tensor, ...]:

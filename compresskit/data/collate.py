@@ -1,5 +1,5 @@
 """Built-in collates (``data.collate``): functions ``collate(inputs, label[, info])`` that turn one batch of a
-dataset's tensors into a model's inputs (see :func:`compresskit.train.to_model_inputs`).
+dataset's tensors into a model's inputs (see :func:`compresskit.data.batches.to_model_inputs`).
 
 ``torchrec``: ``(dense [B, D], categorical [B, F], label)`` -> ``{dense, sparse: KeyedJaggedTensor, labels}`` for
 TorchRec models (``torchrec.models.dlrm.DLRM``: ``model(dense, sparse)``). TorchRec is imported when first used.

@@ -70,6 +70,36 @@ class _NaturalBase(nn.Module):
                 raise ValueError(f"per_sample_weights shape {tuple(per_sample_weights.shape)} != input shape "
                                  f"{tuple(input.shape)}")
 
+    def _flatten(self, input: torch.Tensor, offsets: torch.Tensor | None,
+                 per_sample_weights: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """(ids, bag of each id, weight of each id or None, number of bags)."""
+        dev = input.device
+        if not self.bag:
+            ids = input.reshape(-1)
+            return ids, torch.arange(ids.numel(), device=dev), None, ids.numel()
+        if input.dim() == 2:
+            bags, length = input.shape
+            lengths = torch.full((bags,), length, dtype=torch.long, device=dev)
+            ids = input.reshape(-1)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
+        else:
+            offsets = offsets.to(torch.long)
+            end = offsets[-1:] if self.include_last_offset else offsets.new_tensor([input.numel()])
+            starts = offsets[:-1] if self.include_last_offset else offsets
+            bags = starts.numel()
+            lengths = torch.diff(torch.cat([starts, end]))
+            stop = int(end[0]) if bags else 0
+            ids = input[:stop]
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights[:stop]
+        bag_of = torch.repeat_interleave(torch.arange(bags, device=dev), lengths)
+        weights = per_sample_weights
+        if self.mode == "mean":
+            weights = 1.0 / lengths.clamp(min=1).to(torch.float32)[bag_of]
+        return ids, bag_of, weights, bags
+
     def memory_bytes(self) -> dict[str, int]:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -467,36 +497,6 @@ class MixedDimEmbeddingBag(_NaturalBase):
         replaced_table(model, name, args)
         rows, dim = int(args["num_embeddings"]), int(args["embedding_dim"])
         return cls(**args, order=torch.arange(rows), weight=torch.empty(rows, dim))
-
-    def _flatten(self, input: torch.Tensor, offsets: torch.Tensor | None,
-                 per_sample_weights: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-        """(ids, bag of each id, weight of each id or None, number of bags)."""
-        dev = input.device
-        if not self.bag:
-            ids = input.reshape(-1)
-            return ids, torch.arange(ids.numel(), device=dev), None, ids.numel()
-        if input.dim() == 2:
-            bags, length = input.shape
-            lengths = torch.full((bags,), length, dtype=torch.long, device=dev)
-            ids = input.reshape(-1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.reshape(-1)
-        else:
-            offsets = offsets.to(torch.long)
-            end = offsets[-1:] if self.include_last_offset else offsets.new_tensor([input.numel()])
-            starts = offsets[:-1] if self.include_last_offset else offsets
-            bags = starts.numel()
-            lengths = torch.diff(torch.cat([starts, end]))
-            stop = int(end[0]) if bags else 0
-            ids = input[:stop]
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights[:stop]
-        bag_of = torch.repeat_interleave(torch.arange(bags, device=dev), lengths)
-        weights = per_sample_weights
-        if self.mode == "mean":
-            weights = 1.0 / lengths.clamp(min=1).to(self.tables[0].dtype)[bag_of]
-        return ids, bag_of, weights, bags
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:

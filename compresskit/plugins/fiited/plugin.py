@@ -23,14 +23,15 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
+from ...data.batches import batches, to_model_inputs
 from ...distributed.collective import Collective
 from ...errors import ConfigError
 from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import build, option
-from ...train import batches, to_model_inputs
 from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
+from .hashing import HASHING_METHODS, share_budget
 from .importance import (chunk_scores, chunk_utilities, normalised_importance, regrowth_grid, tail_counts,
                          whole_rows)
 
@@ -56,8 +57,9 @@ class PrecisionConfig:
 class FiitedConfig:
     """Recipe fields of a ``fiited`` stage (documented in docs/fiited.md)."""
 
-    method: Literal["fiited", "adaembed", "mixed_dim", "uniform", "dense"] = option(
-        "fiited", help="pruning method (fiited, or a baseline)")
+    method: Literal["fiited", "adaembed", "mixed_dim", "uniform", "hashing", "qr", "robe", "tt_rec", "dense"] = \
+        option("fiited", help="pruning method (fiited, or a baseline: adaembed, mixed_dim, uniform; the hashing "
+                              "family hashing, qr, robe, tt_rec; dense)")
     target_memory_ratio: float = option(0.1, help="embedding bytes kept (payload + index: all inference needs) / "
                                                   "dense embedding bytes", min=0, max=1, min_exclusive=True)
     chunk_size: int = option(8, help="values per dimension chunk (must divide the embedding dim)", min=1)
@@ -173,7 +175,7 @@ class FiitedPlugin(Plugin):
             dense = embedding_modules(model, cfg.include or None)
             self._check_placement(dense)
             self.dense_bytes = coll.sum(sum(m.weight.numel() * m.weight.element_size() for _, m in dense))
-            if cfg.method in ("uniform", "mixed_dim"):
+            if cfg.method in ("uniform", "mixed_dim", *HASHING_METHODS):
                 self._convert_natural(model, dense, ctx)
                 return model
             if cfg.method == "dense":
@@ -232,12 +234,20 @@ class FiitedPlugin(Plugin):
                                      f"distributed.sharding: table_wise")
 
     def _convert_natural(self, model: nn.Module, dense: list[tuple[str, nn.Module]], ctx: RunContext) -> None:
-        """uniform / mixed_dim: replace the tables by the baseline's own natural form within the same total bytes
-        (uniform: the same narrower dim everywhere; mixed_dim: one budget over all tables' frequency buckets)."""
+        """uniform / mixed_dim / the hashing family: replace the tables by the baseline's own natural form within the
+        same total bytes (uniform: the same narrower dim everywhere; mixed_dim: one budget over all tables'
+        frequency buckets; hashing, qr, robe, tt_rec: each table its share of the bytes, ``hashing.py``)."""
         cfg = self.config
         ratio = cfg.target_memory_ratio
         try:
-            if cfg.method == "uniform":
+            if cfg.method in HASHING_METHODS:   # each table in its natural form within its share of the bytes
+                cls = HASHING_METHODS[cfg.method]
+                shares = share_budget([(m.num_embeddings, m.embedding_dim) for _, m in dense],
+                                      int(ratio * sum(m.weight.numel() * m.weight.element_size() for _, m in dense)),
+                                      cls.minimum_bytes)
+                twins = [cls.from_budget(m, share, seed=self._table_index(name) if self.coll.distributed else index)
+                         for index, ((name, m), share) in enumerate(zip(dense, shares))]
+            elif cfg.method == "uniform":
                 twins = []
                 for name, m in dense:
                     dim = uniform_dim_for_budget(m.num_embeddings, m.embedding_dim,

@@ -135,7 +135,7 @@ def plan_command(args: argparse.Namespace) -> int:
     try:
         result = run(recipe, model=model, out_dir=out_dir, raw=raw)
     except ConfigError as e:   # name the flag the shape or model came from, not the recipe field the CLI filled in
-        what = str(e)[len(e.path) + 2:]
+        what = e.message
         if e.path == "model" and args.model:                     # untraceable
             raise ConfigError("--model", what) from None
         shape_flag = "--input-shape" if args.input_shape else "--model" if model is not None else None

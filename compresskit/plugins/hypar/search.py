@@ -123,9 +123,3 @@ def baselines(layers: Sequence[LayerSpec], batch: int, space: StateSpace) -> dic
     out["one weird trick"] = uniform_plan(layers, batch, space, DP, owt)
     return out
 
-
-def layer_costs(layers: Sequence[LayerSpec], plan: Plan, batch: int) -> list[float]:
-    """Elements charged to each layer: its own exchange plus the transition to the next layer."""
-    from .cost import level_terms
-
-    return [float(v) for v in level_terms(layers, plan.states, batch, plan.space).sum(axis=(1, 2))]
