@@ -5,6 +5,11 @@ correlation), and how close is its AUC to an oracle that stores exactly the plan
 Setup: 4 fields of 2,000 ids (Zipf 1.05) with planted dimensions drawn from {0, 4, 8, 16, 32}; DLRM with
 embedding dim 32, chunk size 4; 100,000 samples (80/10/10), 2 epochs at batch 256, Adagrad lr 0.05.
 
+``fiited-per-access`` ranks chunks by their utility per access (``utility: per_access``: the decayed gradient
+norm over 1 + the row's decayed access count) instead of the paper's frequency-weighted utility; the
+``-no-discount`` variants set ``position_discount: 0`` (scores not divided by ``(chunk + 1) ** 2``), so that the
+utility alone decides.
+
 Budget: the oracle's own bytes. The oracle stores ceil(d / 4) chunks for a row of planted dimension d, fixed from
 the first step, in the same chunk store (payload + index), and FIITED and uniform get the same total bytes.
 
@@ -28,6 +33,10 @@ from compresskit.models.dlrm import DLRM  # noqa: E402
 from compresskit.plugins.fiited.embedding import convert_embeddings, fiited_modules  # noqa: E402
 
 DIM, CHUNK, FIELDS = 32, 4, 4
+VARIANTS = {"fiited-regrow": {"regrow": True}, "fiited-per-access": {"utility": "per_access"},
+            "fiited-no-discount": {"position_discount": 0.0},
+            "fiited-per-access-no-discount": {"utility": "per_access", "position_discount": 0.0}}
+FIITED_VARIANTS = ["fiited", *VARIANTS]
 
 
 def oracle_counts(ids: int, seed: int) -> torch.Tensor:
@@ -73,14 +82,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dense_model = {"name": "dlrm", "args": {"embedding_dim": DIM, "bottom_mlp": [32], "top_mlp": [64]}}
-    methods = ["dense", "oracle", "fiited", "fiited-regrow", "uniform"]
+    methods = ["dense", "oracle", *FIITED_VARIANTS, "uniform"]
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in range(args.seeds):
         oracle = compresskit.run(compresskit.validate_recipe(recipe(
             args.samples, args.ids, seed, {"name": "fiited_planted:oracle_dlrm", "args": {"seed": seed}}, []),
             require_model=True))
         mods = [m for _, m in fiited_modules(oracle.model)]
-        stored = sum(m.memory_bytes()["payload"] + m.memory_bytes()["index"] for m in mods)
+        stored = sum(m.table_bytes().serving for m in mods)
         ratio = stored / sum(m.num_embeddings * m.embedding_dim * 4 for m in mods)
         truth = oracle_counts(args.ids, seed)
         train_ids = load_planted_ctr(seed=seed, num_samples=args.samples, num_ids=args.ids, fields=FIELDS,
@@ -88,16 +97,15 @@ def main() -> None:
         accesses = torch.stack([torch.bincount(train_ids[:, f], minlength=args.ids) for f in range(FIELDS)])
         frequent = accesses >= torch.quantile(accesses.float().flatten(), 0.9)   # the 10% most accessed rows
         runs = {"oracle": oracle}
-        for method in ("dense", "fiited", "fiited-regrow", "uniform"):
+        for method in ("dense", *FIITED_VARIANTS, "uniform"):
             stage = [] if method == "dense" else [{"plugin": "fiited", "chunk_size": CHUNK,
                                                   "method": "uniform" if method == "uniform" else "fiited",
-                                                  "target_memory_ratio": ratio,
-                                                  **({"regrow": True} if method == "fiited-regrow" else {})}]
+                                                  "target_memory_ratio": ratio, **VARIANTS.get(method, {})}]
             runs[method] = compresskit.run(compresskit.validate_recipe(
                 recipe(args.samples, args.ids, seed, dense_model, stage), require_model=True))
         for method, result in runs.items():
             cell = {"auc": result.report["training"]["test"]["auc"], "ratio": ratio}
-            if method in ("fiited", "fiited-regrow", "oracle"):
+            if method in ("oracle", *FIITED_VARIANTS):
                 kept = torch.stack([m.row_chunk_counts() for _, m in fiited_modules(result.model)])
                 cell["spearman_all"] = spearman(kept.flatten(), truth.flatten())
                 cell["spearman_frequent"] = spearman(kept[frequent], truth[frequent])

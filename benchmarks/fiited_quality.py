@@ -24,6 +24,7 @@ model is trained with every candidate (Adagrad lr 0.02, Adam lr 0.002) and the o
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import statistics
@@ -130,6 +131,29 @@ def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str, method
     return rows, cells, selection
 
 
+def markdown(cells: list[dict]) -> str:
+    """The docs table of a results file: per dataset and budget, each method's mean test AUC, its change against
+    dense and (in brackets) the bytes it kept; ``n/a`` where the method has no form within the budget."""
+    methods = list(dict.fromkeys(c["method"] for c in cells if c["method"] != "dense"))
+    out = ["| dataset (dense AUC) | budget | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for ds in dict.fromkeys(c["dataset"] for c in cells):
+        dense = next(c for c in cells if c["dataset"] == ds and c["method"] == "dense")
+        for ratio in sorted({c["ratio"] for c in cells if c["dataset"] == ds and c["method"] != "dense"},
+                            reverse=True):
+            row = {c["method"]: c for c in cells if c["dataset"] == ds and c["ratio"] == ratio}
+            best = max((c["auc"] for c in row.values() if "auc" in c), default=None)
+            cols = []
+            for m in methods:
+                c = row.get(m)
+                if c is None or "auc" not in c:
+                    cols.append("n/a")
+                    continue
+                text = f"{c['auc']:.4f} ({c['auc'] - dense['auc']:+.4f}; {c['memory_ratio']:.3f})"
+                cols.append(f"**{text}**" if c["auc"] == best else text)
+            out.append(f"| {ds} ({dense['auc']:.4f}) | {ratio:g} | " + " | ".join(cols) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -144,7 +168,14 @@ def main() -> None:
                         help="datasets run in this many worker processes (one thread each); results are the same")
     parser.add_argument("--name", default=None, help="results file name (default: fiited_quality, "
                                                      "fiited_quality_<optimizer> or fiited_quality_subset)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the docs table of benchmarks/results/<--name or fiited_quality>.json; run nothing")
     args = parser.parse_args()
+    if args.markdown:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{args.name or 'fiited_quality'}.json")
+        with open(path) as f:
+            print(markdown(json.load(f)["cells"]))
+        return
     todo = [ds for ds in args.datasets if os.path.exists(DATASETS[ds]["path"])]
     for ds in set(args.datasets) - set(todo):
         print(f"skipping {ds}: {DATASETS[ds]['path']} not found")

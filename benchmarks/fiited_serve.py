@@ -73,11 +73,11 @@ def packed_variants(weights: list[torch.Tensor], hot: list[torch.Tensor]) -> dic
             tables = [(m if storage is None else quantized_copy(m, storage, cache, h)).to_packed()
                       for m, h in zip(trained, hot)]
             out[f"FIITED packed {kind}, {label}"] = (Tables(tables).eval(),
-                                                     sum(t.memory_bytes()["total"] for t in tables))
+                                                     sum(t.table_bytes().serving for t in tables))
             batched = EmbeddingTables(tables).to_batched() if len(tables) > 1 else None
             if batched is not None:
                 out[f"FIITED packed {kind}, {label}, table-batched"] = (batched.eval(),
-                                                                        batched.memory_bytes()["total"])
+                                                                        batched.table_bytes().serving)
         del trained
         gc.collect()
     return out

@@ -20,7 +20,6 @@ from .distributed.comm_model import step_bytes
 from .distributed.launch import agreement
 from .distributed.sharding import ShardedTables, shard_tables, sharded_names
 from .metrics import module_bytes
-from .models.tables import table_bytes
 from .errors import ConfigError
 from .layout import LAYOUT_FILE, Layout, module_records, write_layout
 from .logs import run_log
@@ -212,7 +211,7 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
     dense_grad = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if p.requires_grad and n not in ignored)
     mine = {"rank": coll.rank, "tables": local,
-            "table_bytes": sum(table_bytes(mods[name]) for name in local),
+            "table_bytes": sum(module_bytes(mods[name])["total"] for name in local),
             "model_bytes": module_bytes(model)["total"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "sent_bytes_per_step": sent}

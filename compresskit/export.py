@@ -11,8 +11,8 @@ Three formats:
 * ``torch.export``: the packed model through ``torch.export.export`` (:func:`export_program`), saved as ``.pt2``.
 
 The core knows no table types: a compressed module that can be served as a standard one has a ``to_dense()``
-method, one with a compact inference form a ``to_packed()`` method (whose result has ``config()`` and
-``memory_bytes()``); :func:`convert_modules` swaps them. :func:`load_run` rebuilds a run's compressed model from
+method, one with a compact inference form a ``to_packed()`` method (whose result has ``record_args()`` and
+``table_bytes()``, ``compresskit.table_types``); :func:`convert_modules` swaps them. :func:`load_run` rebuilds a run's compressed model from
 its output folder.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .data.batches import sample_inputs
 from .errors import CheckpointError, CompressKitError, ConfigError, first_line, shorten
 from .layout import LAYOUT_FILE, apply_layout, read_layout, recordable_class
 from .recipe import ModelConfig, Recipe, validate_recipe
+from .table_types import dense_bytes
 from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,10 @@ def table_bytes(model: nn.Module, packed: list[str]) -> dict[str, Any]:
     rows = []
     names = set(packed)
     for name, module in model.named_modules():
-        if name in names:   # a FIITED packed table (values), or a baseline in its own natural form (payload)
-            mem = module.memory_bytes()
-            values, cache, index = mem.get("values", mem.get("payload")), mem.get("cache", 0), mem["index"]
-            dense = mem["dense"] if "dense" in mem else module.num_embeddings * module.embedding_dim * 4
+        if name in names:   # a FIITED packed table (collection), or a baseline in its own natural form
+            held = module.table_bytes()
+            values, cache, index = held.payload - held.cache, held.cache, held.index
+            dense = dense_bytes(module)
             storage = getattr(module, "storage", "fp32")
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             values = dense = module.weight.numel() * module.weight.element_size()

@@ -31,8 +31,8 @@ CASES = [
     ("negative batch", GOOD.replace("batch_size: 256", "batch_size: 0"),
      "train.batch_size: got 0, expected a value >= 1"),
     ("bad choice", GOOD.replace("chunk_size: 4", "chunk_size: 4, method: fitted"),
-     "stages[0].method: got 'fitted', expected one of fiited, adaembed, mixed_dim, uniform, dense "
-     "(did you mean 'fiited'?)"),
+     "stages[0].method: got 'fitted', expected one of fiited, adaembed, mixed_dim, uniform, hashing, qr, robe, "
+     "tt_rec, dense (did you mean 'fiited'?)"),
     ("bad optimizer", GOOD.replace("progress: false", "progress: false, optimizer: {name: adamm}"),
      "train.optimizer.name: got 'adamm', expected one of sgd, adam, adamw, adagrad (did you mean 'adam'?)"),
     ("missing data file", GOOD.replace("{name: synthetic-ctr, args: {num_samples: 2000}}",

@@ -7,6 +7,7 @@ from torch import nn
 
 from compresskit.plugins.fiited.baselines import (MixedDimEmbeddingBag, NarrowEmbeddingBag, mixed_dim_tables,
                                                    plan_mixed_dims, plan_mixed_dims_tables, uniform_dim_for_budget)
+from compresskit.table_types import TableBytes
 
 ROWS, D = 200, 8
 
@@ -165,12 +166,11 @@ def _tensor_bytes(module: nn.Module) -> int:
 def test_mixed_memory_fits_budget_and_matches_tensors(ratio):
     budget = _budget(ratio)
     module = MixedDimEmbeddingBag.from_dense(nn.EmbeddingBag(ROWS, D), _counts(), budget)
-    mem = module.memory_bytes()
-    assert set(mem) == {"payload", "index", "stats", "total"}
-    assert mem["total"] <= budget
-    assert mem["total"] == mem["payload"] + mem["index"] + mem["stats"] == _tensor_bytes(module)
+    mem = module.table_bytes()
+    assert mem.total <= budget and mem.training == 0
+    assert mem.total == mem.payload + mem.index == _tensor_bytes(module)
     assert module.remap.dtype == torch.int32
-    assert mem["index"] == ROWS * 4 + module.bucket_starts.numel() * 8
+    assert mem.index == ROWS * 4 + module.bucket_starts.numel() * 8
     dims = [d for d in module.dims if d > 0]
     assert dims[0] == max(dims) and dims == sorted(dims, reverse=True)
 
@@ -180,9 +180,9 @@ def test_narrow_memory_and_dim_for_budget():
     d = uniform_dim_for_budget(ROWS, D, budget)
     assert d == 3  # 0.4 * 8 = 3.2 columns
     module = NarrowEmbeddingBag.from_dense(nn.EmbeddingBag(ROWS, D), d)
-    mem = module.memory_bytes()
-    assert mem == {"payload": ROWS * d * 4, "index": 0, "stats": 0, "total": ROWS * d * 4}
-    assert mem["total"] == _tensor_bytes(module) <= budget
+    mem = module.table_bytes()
+    assert mem == TableBytes(ROWS * d * 4)
+    assert mem.total == _tensor_bytes(module) <= budget
     with pytest.raises(ValueError, match="dim must be"):
         NarrowEmbeddingBag.from_dense(nn.EmbeddingBag(ROWS, D), D + 1)
 
@@ -244,7 +244,7 @@ def test_tight_budget_drops_rare_buckets_then_errors():
     # one byte short of every bucket at one dim: the rarest bucket is dropped, its rows read zeros
     module = MixedDimEmbeddingBag.from_dense(nn.EmbeddingBag(ROWS, D), counts, all_ones - 1)
     assert module.dims[-1] == 0 and module.dims[0] >= 1 and module.kept == len(module.tables) < 4
-    assert module.memory_bytes()["total"] <= all_ones - 1 and module.memory_bytes()["total"] == _tensor_bytes(module)
+    assert module.table_bytes().total <= all_ones - 1 and module.table_bytes().total == _tensor_bytes(module)
     dropped = order[starts[module.kept]:]
     assert bool((module(dropped.view(-1, 1)) == 0).all())
     kept = order[:starts[module.kept]]
@@ -296,7 +296,7 @@ def test_model_wide_budget_fits_and_matches_tensors(ratio):
     denses = [nn.EmbeddingBag(c.numel(), MODEL_D, mode="sum") for c in counts]
     modules = mixed_dim_tables(denses, counts, budget)
     plans = plan_mixed_dims_tables(counts, MODEL_D, budget)
-    totals = [m.memory_bytes()["total"] for m in modules]
+    totals = [m.table_bytes().total for m in modules]
     assert sum(totals) <= budget
     assert totals == [_tensor_bytes(m) for m in modules]
     # popularity is per table (accesses / that table's total): rescaling one table's counts changes nothing
@@ -319,7 +319,7 @@ def test_tiny_tables_feasible_only_under_model_wide_budget():
         MixedDimEmbeddingBag.from_dense(tiny, counts[0], int(0.1 * 2 * MODEL_D * 4))
     denses = [tiny, nn.EmbeddingBag(10, MODEL_D), nn.EmbeddingBag(2000, MODEL_D)]
     modules = mixed_dim_tables(denses, counts, budget)
-    assert sum(m.memory_bytes()["total"] for m in modules) <= budget
+    assert sum(m.table_bytes().total for m in modules) <= budget
     assert modules[0].dims[0] > modules[2].dims[0]  # a tiny table's rows are hot: wider than the big table's head
     assert all(d > 0 for m in modules for d in m.dims)
 

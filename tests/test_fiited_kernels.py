@@ -144,6 +144,26 @@ def test_utilities_decay_and_accumulate_chunk_gradient_norms(backend):
     assert torch.allclose(bag.utilities(slots), expected[rows, chunks], rtol=1e-5, atol=1e-6)
 
 
+def test_per_access_utilities_divide_by_decayed_access_counts(backend):
+    from compresskit.plugins.fiited.importance import chunk_utilities
+
+    bag = FiitedEmbeddingBag.from_dense(nn.EmbeddingBag(20, 8, mode="sum"), chunk_size=4)
+    bag.track_utility(0.5)
+    bag.track_access()
+    accesses = torch.zeros(20)
+    for step in range(4):
+        ids, offsets, _ = _batch(20, n=30, bags=6, seed=step)
+        accesses = 0.5 * accesses + torch.bincount(ids, minlength=20).float()
+        _loss(bag(ids, offsets), step).backward()
+    assert torch.allclose(bag.row_accesses(torch.arange(20)), accesses, rtol=1e-5)
+    rows, _, plain = chunk_utilities(bag)
+    _, _, by_access = chunk_utilities(bag, by_access=True)
+    assert torch.allclose(by_access, plain / (1 + accesses[rows])[:, None], rtol=1e-5)
+    fresh = FiitedEmbeddingBag(20, 8, chunk_size=4)      # a trained state dict brings its access counts along
+    fresh.load_state_dict(bag.state_dict())
+    assert torch.equal(fresh.row_access, bag.row_access)
+
+
 def test_out_of_range_ids_raise_like_embedding_bag(backend):
     bag = FiitedEmbeddingBag(10, 4, chunk_size=2)
     with pytest.raises(IndexError, match="out of range"):

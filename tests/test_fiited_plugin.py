@@ -124,6 +124,10 @@ def test_fiited_stage_errors_name_the_field():
     bad["stages"][0]["methd"] = "x"
     with pytest.raises(compresskit.ConfigError, match="did you mean 'method'"):
         compresskit.validate_recipe(bad)
+    bad = _recipe("uniform")
+    bad["stages"][0]["utility"] = "per_access"
+    with pytest.raises(compresskit.ConfigError, match=r"stages\[0\].utility: got 'per_access': it ranks FIITED"):
+        compresskit.validate_recipe(bad)
 
 
 def test_python_api_on_an_existing_model():

@@ -108,18 +108,18 @@ def test_bytes_are_codes_scales_and_cache_and_follow_pruning(bits, code_bytes):
     m = _table(bits, cache_rows=0.1)
     assert m.store.pool.numel() == 0            # no FP32 values are held
     live = m.store.live
-    mem = m.memory_bytes()
+    mem = m.table_bytes()
     bitmap = 5 * (8 + 4)                       # the rank bitmap: 5 words of 64 rows, an int64 and an int32 each
-    assert mem["payload"] == live * (code_bytes + 2) + bitmap and mem["cache"] == bitmap
+    assert mem.payload == live * (code_bytes + 2) + bitmap and mem.cache == bitmap
     ids, offsets = _bags()
     m.cache.record(ids)
     m.refresh_cache()
-    mem = m.memory_bytes()
-    assert mem["cache"] == 30 * (16 * 4 + 8) + bitmap   # 30 rows of 16 FP32 values and their int64 ids
-    assert mem["payload"] == live * (code_bytes + 2) + mem["cache"]
+    mem = m.table_bytes()
+    assert mem.cache == 30 * (16 * 4 + 8) + bitmap   # 30 rows of 16 FP32 values and their int64 ids
+    assert mem.payload == live * (code_bytes + 2) + mem.cache
     m.shrink_rows(torch.ones(300, dtype=torch.long))
     assert m.store.codes.shape[0] == 300 and m.store.scales.shape[0] == 300   # the freed chunks' bytes are gone
-    assert m.memory_bytes()["payload"] == 300 * (code_bytes + 2) + mem["cache"]
+    assert m.table_bytes().payload == 300 * (code_bytes + 2) + mem.cache
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
@@ -204,7 +204,7 @@ def test_quantized_state_loads_into_a_fresh_table():
     m.shrink_rows(torch.randint(1, 5, (300,), generator=torch.Generator().manual_seed(3)))
     fresh = FiitedEmbeddingBag(300, 16, 4, optimizer="adagrad", lr=0.1)
     fresh.load_state_dict(m.state_dict())
-    assert fresh.store.quantized and fresh.cache is not None and fresh.memory_bytes() == m.memory_bytes()
+    assert fresh.store.quantized and fresh.cache is not None and fresh.table_bytes() == m.table_bytes()
     assert torch.equal(fresh(ids, offsets), m(ids, offsets))
 
 

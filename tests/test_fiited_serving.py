@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from compresskit.plugins.fiited import FiitedEmbedding, FiitedEmbeddingBag, kernels
 from compresskit.plugins.fiited.packed import PackedEmbeddingBag
+from compresskit.table_types import TableBytes, dense_bytes
 
 HAVE_NATIVE = kernels.native.kernels() is not None
 
@@ -147,13 +148,13 @@ def test_bad_input_names_what_is_wrong():
             kernels.use_native(True)
 
 
-def test_memory_bytes_are_the_state_dict_bytes():
+def test_table_bytes_are_the_state_dict_bytes():
     for storage, cache in (("fp32", 0.0), ("int8", 0.1), ("int4", 0.0)):
         packed = _trained(storage, cache_rows=cache).to_packed()
         state = packed.state_dict()
-        mem = packed.memory_bytes()
-        assert mem["total"] == sum(t.numel() * t.element_size() for t in state.values())
-        assert (mem["cache"] > 0) == bool(cache)
+        mem = packed.table_bytes()
+        assert mem.total == mem.serving == sum(t.numel() * t.element_size() for t in state.values())
+        assert (mem.cache > 0) == bool(cache)
         fresh = PackedEmbeddingBag(**{**packed.record_args(), "dtype": torch.float32})
         fresh.load_state_dict(state)
         ids, offsets = torch.randint(0, 203, (50,)), torch.arange(0, 50, 5)
@@ -189,10 +190,11 @@ def test_one_op_call_serves_every_table_of_a_collection(storage, cache):
     packed = EmbeddingTables([t.to_packed() for t in trained])
     batched = packed.to_batched()
     assert isinstance(batched, PackedTables)
-    for key in ("values", "index", "dense"):
-        assert batched.memory_bytes()[key] == sum(t.memory_bytes()[key] for t in packed)
+    mine, theirs = batched.table_bytes(), sum((t.table_bytes() for t in packed), TableBytes(0))
+    assert (mine.payload - mine.cache, mine.index) == (theirs.payload - theirs.cache, theirs.index)
+    assert dense_bytes(batched) == sum(dense_bytes(t) for t in packed)
     # the cache's rank bitmap covers one row space instead of five (fewer partly used words)
-    assert batched.memory_bytes()["cache"] <= sum(t.memory_bytes()["cache"] for t in packed)
+    assert mine.cache <= theirs.cache
     g = torch.Generator().manual_seed(5)
     sparse = torch.stack([torch.randint(0, r, (300,), generator=g) for r in rows], 1)
     sparse[:4] = torch.tensor(rows) - 1                        # every table's last row
@@ -224,3 +226,17 @@ def test_a_collection_that_cannot_share_one_store_stays_per_table():
     wide = EmbeddingTables([_trained("fp32", 20).to_packed(), _trained("fp32", 20, dim=32).to_packed()])
     assert wide.to_batched() is None
     assert EmbeddingTables([torch.nn.EmbeddingBag(4, 8)]).to_batched() is None
+
+
+def test_a_packed_table_stays_packed_on_export_and_has_a_dense_equivalent():
+    from compresskit.export import pack
+
+    packed = _trained("int8", cache_rows=0.1).to_packed()
+    holder = torch.nn.Module()
+    holder.table = packed
+    pack(holder)                                    # exporting a loaded packed model keeps the packed table
+    assert holder.table is packed
+    ids, offsets = torch.randint(0, 203, (50,)), torch.arange(0, 50, 5)
+    dense = packed.to_dense()
+    assert isinstance(dense, torch.nn.EmbeddingBag) and dense.mode == packed.mode
+    assert torch.allclose(dense(ids, offsets), packed(ids, offsets), atol=1e-6)

@@ -95,19 +95,19 @@ def test_shrinking_really_releases_memory():
     rows, c = 20_000, 8
     store = ChunkStore(rows, c, 8)
     store.load_dense(torch.randn(rows, c * 8))
-    before = store.memory_bytes()
+    before = store.table_bytes()
     keep_rows = torch.arange(0, rows, 10)
     reference = store.dense()[keep_rows]
     counts = torch.zeros(rows, dtype=torch.int64)
     counts[keep_rows] = c
     store.shrink_rows(counts)
-    after = store.memory_bytes()
-    assert after["payload"] == store.pool.numel() * 4 == len(keep_rows) * c * 8 * 4
-    assert after["payload"] <= before["payload"] / 9.9
-    assert store.pool.untyped_storage().nbytes() == after["payload"]   # the pool tensor itself is small now
+    after = store.table_bytes()
+    assert after.payload == store.pool.numel() * 4 == len(keep_rows) * c * 8 * 4
+    assert after.payload <= before.payload / 9.9
+    assert store.pool.untyped_storage().nbytes() == after.payload   # the pool tensor itself is small now
     assert torch.equal(store.dense()[keep_rows], reference)
     # the index is 2 bytes a row whatever is stored
-    assert after["index"] == before["index"] == rows // 8 * (8 + 8)
+    assert after.index == before.index == rows // 8 * (8 + 8)
 
 
 def test_moves_carry_the_attached_optimizer_state():

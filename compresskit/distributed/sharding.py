@@ -17,7 +17,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ..models.tables import EmbeddingTables, table_bytes
+from ..metrics import module_bytes
+from ..models.tables import EmbeddingTables
 from .collective import Collective
 
 
@@ -94,7 +95,7 @@ def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
     if not collections:
         return []
     names = [f"{prefix}.{i}" if prefix else str(i) for prefix, c in collections for i in range(len(c))]
-    owners = place_tables([table_bytes(t) for _, c in collections for t in c], coll.world)
+    owners = place_tables([module_bytes(t)["total"] for _, c in collections for t in c], coll.world)
     start = 0
     for prefix, tables in collections:
         sharded = ShardedTables(tables, owners[start:start + len(tables)], coll)

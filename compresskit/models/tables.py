@@ -38,9 +38,3 @@ class EmbeddingTables(nn.ModuleList):
 def table_dim(table: nn.Module) -> int:
     """Width of the vectors a table returns."""
     return int(getattr(table, "embedding_dim"))
-
-
-def table_bytes(table: nn.Module) -> int:
-    """Bytes of a table's parameters and buffers (what placing it on a rank costs)."""
-    tensors = {id(t): t for t in [*table.parameters(), *table.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())

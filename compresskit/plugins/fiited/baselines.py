@@ -12,7 +12,7 @@
 
 Both mirror ``nn.EmbeddingBag`` (1-D input + offsets with or without ``include_last_offset``, 2-D input,
 ``per_sample_weights``, modes 'sum' / 'mean') or ``nn.Embedding`` (ids of any shape -> ``ids.shape + (D,)``),
-whichever they replace, and report ``memory_bytes()`` measured from their tensors like the FIITED modules.
+whichever they replace, and report ``table_bytes()`` measured from their tensors like the FIITED modules.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...table_types import TableBytes
 from .embedding import check_dense, replaced_table
 from .kernels import check_ids
 
@@ -100,7 +101,8 @@ class _NaturalBase(nn.Module):
             weights = 1.0 / lengths.clamp(min=1).to(torch.float32)[bag_of]
         return ids, bag_of, weights, bags
 
-    def memory_bytes(self) -> dict[str, int]:  # pragma: no cover - overridden
+    def table_bytes(self) -> TableBytes:  # pragma: no cover - overridden
+        """Bytes measured from the tensors held (``compresskit.table_types``)."""
         raise NotImplementedError
 
     def to_packed(self) -> "_NaturalBase":
@@ -189,10 +191,9 @@ class NarrowEmbeddingBag(_NaturalBase):
         weight = F.pad(self.weight.detach(), (0, self.embedding_dim - self.dim))
         return self._dense_module(weight)
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes measured from the tensors held: payload (the table); no index, no stats."""
-        payload = _tensor_bytes(self.weight)
-        return {"payload": payload, "index": 0, "stats": 0, "total": payload}
+    def table_bytes(self) -> TableBytes:
+        """Bytes measured from the tensors held: payload (the table); no index, no training state."""
+        return TableBytes(_tensor_bytes(self.weight))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, dim={self.dim}, mode={self.mode!r}, "
@@ -527,12 +528,11 @@ class MixedDimEmbeddingBag(_NaturalBase):
             by_rank[starts[i]:starts[i + 1]] = self.projections[i](self.tables[i].detach())
         return self._dense_module(by_rank[self.remap.long()])
 
-    def memory_bytes(self) -> dict[str, int]:
+    def table_bytes(self) -> TableBytes:
         """Bytes measured from the tensors held: payload (tables + projections), index (remap + boundaries)."""
         payload = sum(_tensor_bytes(t) for t in self.tables)
         payload += sum(_tensor_bytes(p.weight) for p in self.projections if isinstance(p, nn.Linear))
-        index = _tensor_bytes(self.remap) + _tensor_bytes(self.bucket_starts)
-        return {"payload": payload, "index": index, "stats": 0, "total": payload + index}
+        return TableBytes(payload, _tensor_bytes(self.remap) + _tensor_bytes(self.bucket_starts))
 
     def extra_repr(self) -> str:
         sizes = [int(b - a) for a, b in zip(self.bucket_starts[:-1], self.bucket_starts[1:])]
@@ -543,7 +543,7 @@ class MixedDimEmbeddingBag(_NaturalBase):
 def mixed_dim_tables(denses: list[nn.Module], counts: list[torch.Tensor], budget_bytes: int, num_buckets: int = 4,
                      alpha: float = 0.5) -> list[MixedDimEmbeddingBag]:
     """Mixed-dim twins of several dense tables fitted to one model-wide ``budget_bytes`` (the sum of their
-    ``memory_bytes()["total"]``), planned by :func:`plan_mixed_dims_tables` from per-row access ``counts``."""
+    ``table_bytes().serving``), planned by :func:`plan_mixed_dims_tables` from per-row access ``counts``."""
     if len(denses) != len(counts) or not denses:
         raise ValueError(f"need one counts tensor per dense table, got {len(denses)} tables and {len(counts)} counts")
     for t, (dense, c) in enumerate(zip(denses, counts)):

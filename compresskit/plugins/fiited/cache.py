@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...table_types import TableBytes
 from .kernels import expand_runs
 from .packed_op import cache_index
 
@@ -114,10 +115,10 @@ class HotRowCache(nn.Module):
         kept = torch.arange(mine.shape[1])[None, :] < torch.minimum(old, new)[changed][:, None]
         self.values[changed] = torch.where(kept[:, :, None], mine, fresh).view(changed.numel(), self.dim)
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Payload (values, ids and the rank bitmap) and training (access counts) bytes."""
+    def table_bytes(self) -> TableBytes:
+        """Payload (values, ids and the rank bitmap; all of it ``cache``) and training (access counts) bytes."""
         payload = sum(t.numel() * t.element_size() for t in (self.values, self.ids, self.bits, self.rank))
-        return {"payload": payload, "training": self.access.numel() * self.access.element_size()}
+        return TableBytes(payload, training=self.access.numel() * self.access.element_size(), cache=payload)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

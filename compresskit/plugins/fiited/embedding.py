@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ...table_types import TableBytes
 from . import kernels
 from .cache import HotRowCache
 from .packed import PackedEmbedding, PackedEmbeddingBag
@@ -22,7 +23,8 @@ from .store import ChunkStore
 UTILITY = "utility"
 CANDIDATE = "candidate_utility"
 FUSED_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
-TRAINING_BUFFERS = ("utility_scale", "row_momentum", CANDIDATE, "seen")   # registered by training-time setters
+ACCESS = "row_access"
+TRAINING_BUFFERS = ("utility_scale", "row_momentum", CANDIDATE, "seen", ACCESS)   # registered by training-time setters
 
 
 def check_dense(dense: nn.Module, what: str) -> bool:
@@ -270,6 +272,19 @@ class FiitedEmbeddingBag(nn.Module):
             self.register_buffer(CANDIDATE, torch.zeros(self.num_embeddings))
         self.candidate_span = span
 
+    def track_access(self) -> None:
+        """Also keep a decayed access count per row (decayed with the utilities, updated in backward), so that
+        :meth:`utilities` can be read per access (:func:`~.importance.chunk_utilities` with ``per_access``).
+        Needs :meth:`track_utility` first."""
+        if self.utility_decay is None:
+            raise ValueError("track_access needs track_utility first")
+        if not hasattr(self, ACCESS):
+            self.register_buffer(ACCESS, torch.zeros(self.num_embeddings))
+
+    def row_accesses(self, rows: torch.Tensor) -> torch.Tensor:
+        """Current decayed access counts of ``rows`` (see :meth:`track_access`)."""
+        return getattr(self, ACCESS)[rows] * float(self.utility_scale)
+
     def candidate_utilities(self, rows: torch.Tensor) -> torch.Tensor:
         """Current candidate utilities of ``rows`` (see :meth:`track_candidates`)."""
         return getattr(self, CANDIDATE)[rows] * float(self.utility_scale)
@@ -282,8 +297,9 @@ class FiitedEmbeddingBag(nn.Module):
         scale = float(self.utility_scale) * self.utility_decay
         if scale < 1e-30:  # fold the scale into the stored values before it underflows
             getattr(self.store, UTILITY).mul_(scale)
-            if hasattr(self, CANDIDATE):
-                getattr(self, CANDIDATE).mul_(scale)
+            for name in (CANDIDATE, ACCESS):
+                if hasattr(self, name):
+                    getattr(self, name).mul_(scale)
             scale = 1.0
         self.utility_scale.fill_(scale)
         return 1.0 / scale
@@ -299,6 +315,8 @@ class FiitedEmbeddingBag(nn.Module):
         elif self.optimizer == "rowwise_adagrad":
             state = self.row_momentum
         gain = self._utility_gain() if tracking else 1.0
+        if tracking and hasattr(self, ACCESS):
+            getattr(self, ACCESS).index_add_(0, ids, torch.full((ids.numel(),), gain, dtype=torch.float32))
         if tracking and getattr(self, "candidate_span", None):
             self._track_candidates(grad_out, ids, offsets, weights, gain)   # before a fused update moves rows
         if store.quantized:
@@ -430,24 +448,15 @@ class FiitedEmbeddingBag(nn.Module):
         """Number of stored chunks of every row (int64 [num_embeddings])."""
         return self.store.row_counts()
 
-    def memory_bytes(self) -> dict[str, int]:
+    def table_bytes(self) -> TableBytes:
         """Bytes held: ``payload`` and ``index`` (all inference needs; a quantized table's payload is its codes,
-        scales and FP32 cache, the cache also shown as ``cache``), ``training`` (utilities, fused optimizer state,
-        the lazy 'seen' bitmap, cache access counts: state only training needs), and ``total``."""
-        mem = self.store.memory_bytes()
-        training = mem.pop("stats")
-        for name in ("row_momentum", "seen", CANDIDATE):
-            if hasattr(self, name):
-                t = getattr(self, name)
-                training += t.numel() * t.element_size()
-        if self.cache is not None:
-            cache = self.cache.memory_bytes()
-            mem["cache"] = cache["payload"]
-            mem["payload"] += cache["payload"]
-            training += cache["training"]
-        mem["training"] = training
-        mem["total"] = mem["payload"] + mem["index"] + training
-        return mem
+        scales and FP32 cache, the cache also shown as ``cache``) and ``training`` (utilities, fused optimizer state,
+        the lazy 'seen' bitmap, cache access counts: state only training needs)."""
+        held = self.store.table_bytes()
+        extra = sum(getattr(self, n).numel() * getattr(self, n).element_size()
+                    for n in ("row_momentum", "seen", CANDIDATE, ACCESS) if hasattr(self, n))
+        held = held + TableBytes(0, training=extra)
+        return held + self.cache.table_bytes() if self.cache is not None else held
 
     # ----------------------------------------------------------------------------------------------- export
     def to_dense(self) -> nn.EmbeddingBag:

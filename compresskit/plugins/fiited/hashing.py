@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...table_types import TableBytes
 from .baselines import _NaturalBase
 from .embedding import check_dense, replaced_table
 
@@ -79,11 +80,10 @@ class _HashedBase(_NaturalBase):
         rows = [self.embed(ids) for ids in torch.arange(self.num_embeddings).split(65536)]
         return self._dense_module(torch.cat(rows).detach())
 
-    def memory_bytes(self) -> dict[str, int]:
+    def table_bytes(self) -> TableBytes:
         """Bytes of the tensors held: payload (the parameters), index (the hash parameters)."""
         payload = sum(p.numel() * p.element_size() for p in self.parameters())
-        index = self.hash_params.numel() * self.hash_params.element_size()
-        return {"payload": payload, "index": index, "stats": 0, "total": payload + index}
+        return TableBytes(payload, self.hash_params.numel() * self.hash_params.element_size())
 
     def _sizes(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -123,23 +123,27 @@ class _HashedBase(_NaturalBase):
 
 
 def share_budget(tables: list[tuple[int, int]], budget_bytes: int, minimum: Any) -> list[int]:
-    """Split ``budget_bytes`` over tables ``(rows, dim)`` in proportion to their dense bytes, except that a table
-    gets at least ``minimum(rows, dim)``; what those take is taken from the others in the same proportion.
-    ValueError when the minimums alone exceed the budget."""
+    """Split ``budget_bytes`` over tables ``(rows, dim)`` as a row cap does (DLRM's ``max-ind-range``): every table
+    gets ``min(its dense bytes, cap)``, but at least ``minimum(rows, dim)``, with the largest ``cap`` that fits. A
+    small table is then kept whole and the big ones share the rest equally. ValueError when the minimums alone
+    exceed the budget."""
     dense = [r * d * FLOAT_BYTES for r, d in tables]
-    floor = [minimum(r, d) for r, d in tables]
+    floor = [min(minimum(r, d), budget_bytes + 1) for r, d in tables]
+
+    def shares(cap: int) -> list[int]:
+        return [max(f, min(b, cap)) for f, b in zip(floor, dense)]
+
     if sum(floor) > budget_bytes:
         raise ValueError(f"{budget_bytes} bytes are below the {sum(floor)} bytes the smallest form of every table "
                          f"takes")
-    fixed: set[int] = set()
-    while True:     # tables whose proportional share is below their minimum take the minimum, the rest share
-        left = budget_bytes - sum(floor[t] for t in fixed)
-        free = sum(dense[t] for t in range(len(tables)) if t not in fixed)
-        shares = {t: left * dense[t] // free for t in range(len(tables)) if t not in fixed} if free else {}
-        short = {t for t, b in shares.items() if b < floor[t]}
-        if not short:
-            return [floor[t] if t in fixed else shares[t] for t in range(len(tables))]
-        fixed |= short
+    low, high = 0, max(dense)
+    while low < high:                  # the largest cap whose shares fit
+        mid = (low + high + 1) // 2
+        if sum(shares(mid)) <= budget_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return shares(low)
 
 
 def _index_bytes(hashes: int) -> int:
@@ -153,9 +157,11 @@ class HashedEmbeddingBag(_HashedBase):
     def __init__(self, num_embeddings: int, embedding_dim: int, rows: int, mode: str = "sum",
                  include_last_offset: bool = False, bag: bool = True, sparse: bool = False, seed: int = 0,
                  init_std: float = 1.0) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode, include_last_offset, bag, sparse, seed, 1)
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
+        # a table given all its rows is not hashed, and keeps no hash parameters
+        super().__init__(num_embeddings, embedding_dim, mode, include_last_offset, bag, sparse, seed,
+                         int(rows < num_embeddings))
         self.rows = min(rows, num_embeddings)
         self.weight = nn.Parameter(torch.randn(self.rows, embedding_dim) * init_std)
 
@@ -169,6 +175,8 @@ class HashedEmbeddingBag(_HashedBase):
 
     @staticmethod
     def sizes_for_budget(num_embeddings: int, embedding_dim: int, budget_bytes: int) -> dict[str, int]:
+        if budget_bytes >= num_embeddings * embedding_dim * FLOAT_BYTES:
+            return {"rows": num_embeddings}
         rows = (budget_bytes - _index_bytes(1)) // (embedding_dim * FLOAT_BYTES)
         if rows < 1:
             raise ValueError(f"{budget_bytes} bytes hold no row of {embedding_dim} values")
@@ -176,7 +184,8 @@ class HashedEmbeddingBag(_HashedBase):
 
     @classmethod
     def minimum_bytes(cls, num_embeddings: int, embedding_dim: int) -> int:
-        return _index_bytes(1) + embedding_dim * FLOAT_BYTES
+        # one row; hashed onto it (one hash function) unless the table has just that row
+        return embedding_dim * FLOAT_BYTES + (_index_bytes(1) if num_embeddings > 1 else 0)
 
 
 class QREmbeddingBag(_HashedBase):

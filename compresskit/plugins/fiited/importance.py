@@ -16,22 +16,35 @@ import torch
 from .embedding import FiitedEmbeddingBag
 
 
-def chunk_utilities(module: FiitedEmbeddingBag) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(stored rows, their chunk counts, utility grid ``[rows, num_chunks]`` with ``+inf`` for absent chunks)."""
+def per_access(module: FiitedEmbeddingBag, rows: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``grid`` (utilities of ``rows``) divided by ``1 + `` each row's decayed access count, in place: a chunk's
+    gradient per access, what the row needs rather than how often it is seen (the one is a prior access, so a row
+    seen once is not ranked on one sample's gradient alone). Needs ``module.track_access()``."""
+    return grid.div_((1.0 + module.row_accesses(rows)).float()[:, None])
+
+
+def chunk_utilities(module: FiitedEmbeddingBag, by_access: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(stored rows, their chunk counts, utility grid ``[rows, num_chunks]`` with ``+inf`` for absent chunks);
+    ``by_access``: utilities :func:`per_access`."""
     rows = torch.nonzero(module.store.row_counts()).flatten()
     first, cnt = module.store.row_slots(rows)
     j = torch.arange(module.num_chunks)
     present = j[None, :] < cnt[:, None]
     slots = torch.where(present, first[:, None] + j, 0)
     grid = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float()
+    if by_access:
+        per_access(module, rows, grid)
     return rows, cnt, grid.masked_fill_(~present, float("inf"))
 
 
-def regrowth_grid(module: FiitedEmbeddingBag) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def regrowth_grid(module: FiitedEmbeddingBag, by_access: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunk_utilities` plus each row's *candidate*: its first missing chunk, with the utility the row earned
     for it while it was missing (``FiitedEmbeddingBag.track_candidates('chunk')``), in the column after its stored
     prefix. Rows with no stored chunk but a candidate are included. Returns (rows, chunks a row would hold if its
-    candidate came back, grid); a row's candidate counts only when its utility is positive."""
+    candidate came back, grid); a row's candidate counts only when its utility is positive. ``by_access``: every
+    utility :func:`per_access`."""
     counts = module.store.row_counts()
     candidate = module.candidate_utilities(torch.arange(module.num_embeddings))
     open_ = (counts < module.num_chunks) & (candidate > 0)
@@ -48,6 +61,8 @@ def regrowth_grid(module: FiitedEmbeddingBag) -> tuple[torch.Tensor, torch.Tenso
     has = open_[rows]
     at = torch.nonzero(has).flatten()
     grid[at, cnt[at]] = candidate[rows[at]].float()
+    if by_access:
+        per_access(module, rows, grid)
     return rows, cnt + has.long(), grid
 
 

@@ -19,7 +19,7 @@ and, for a quantized table trained with an FP32 hot-row cache (``cache.py``), th
 which a lookup finds a cached row in O(1). A cached row is read from the cache, as in training.
 
 No utilities, no optimizer state, no Parameters (nothing for autograd). Every tensor above is a saved buffer, so the
-bytes :meth:`memory_bytes` reports are the bytes of the state dict. The forward pass is one call of the custom op
+bytes :meth:`table_bytes` reports are the bytes of the state dict. The forward pass is one call of the custom op
 ``torch.ops.compresskit.packed_bag`` (``packed_op.py``: the native kernel, or its pure-torch fallback), which
 ``torch.export`` keeps in the exported graph. It mirrors ``nn.EmbeddingBag`` (modes 'sum' / 'mean', 1-D input with
 offsets, with or without ``include_last_offset``, 2-D input, ``per_sample_weights``, empty bags) and
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...table_types import TableBytes
 from .kernels import BLOCK
 from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
 from .quantize import STORAGE_BITS, code_bytes
@@ -69,6 +70,15 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
     module.register_buffer("cache_values", torch.zeros(cached_rows, dim), persistent=cached)
     module.register_buffer("cache_bits", torch.zeros(words, dtype=torch.int64), persistent=cached)
     module.register_buffer("cache_rank", torch.zeros(words, dtype=torch.int32), persistent=cached)
+
+
+def packed_bytes(module: nn.Module) -> TableBytes:
+    """The :class:`TableBytes` of a module holding the packed buffers (:func:`register_packed_buffers`)."""
+    def size(*names: str) -> int:
+        return sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names)
+
+    cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if module.cache_ids.numel() else 0
+    return TableBytes(size("values", "codes", "scales") + cache, size("index"), cache=cache)
 
 
 class PackedEmbeddingBag(nn.Module):
@@ -154,18 +164,20 @@ class PackedEmbeddingBag(nn.Module):
         """An empty table of the recorded shapes, for ``load_state_dict`` (``compresskit.export.load_packed``)."""
         return cls(**args)
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes held, which are the bytes of the state dict: ``values`` (the chunks: FP32 values, or codes and
-        scales), ``cache`` (the FP32 hot rows, their ids and rank bitmap), ``index`` (counts and block bases) and
-        their ``total``; ``dense``: the bytes of the FP32 table it stands for."""
-        def size(*names: str) -> int:
-            return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+    def table_bytes(self) -> TableBytes:
+        """Bytes held, which are the bytes of the state dict (no training state): ``payload`` (the chunks: FP32
+        values, or codes and scales; and the cache), ``cache`` (the FP32 hot rows, their ids and rank bitmap),
+        ``index`` (counts and block bases)."""
+        return packed_bytes(self)
 
-        values = size("values", "codes", "scales")
-        cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if self.cache_ids.numel() else 0
-        index = size("index")
-        return {"values": values, "cache": cache, "index": index, "total": values + cache + index,
-                "dense": self.num_embeddings * self.embedding_dim * 4}
+    def to_packed(self) -> "PackedEmbeddingBag":
+        """This module (already the packed form: exporting a loaded packed model keeps it)."""
+        return self
+
+    def to_dense(self) -> nn.EmbeddingBag:
+        """The equivalent ``nn.EmbeddingBag`` (same mode and ``include_last_offset``), pruned dims as zeros."""
+        return nn.EmbeddingBag(self.num_embeddings, self.embedding_dim, mode=self.mode,
+                               include_last_offset=self.include_last_offset, _weight=self.dense())
 
     def dense(self) -> torch.Tensor:
         """The full ``[num_embeddings, embedding_dim]`` table as served (cached rows from the cache), pruned dims
@@ -232,6 +244,10 @@ class PackedEmbedding(PackedEmbeddingBag):
                   storage=packed.storage, cached_rows=int(packed.cache_ids.shape[0]))
         out.load_state_dict(packed.state_dict())
         return out
+
+    def to_dense(self) -> nn.Embedding:  # type: ignore[override]
+        """The equivalent ``nn.Embedding``, pruned dims as zeros."""
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, _weight=self.dense())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``nn.Embedding.forward``."""

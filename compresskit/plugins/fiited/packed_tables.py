@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .kernels import BLOCK
-from .packed import PackedEmbeddingBag, register_packed_buffers
+from ...table_types import TableBytes
+from .packed import PackedEmbeddingBag, packed_bytes, register_packed_buffers
 from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
 from .quantize import STORAGE_BITS
 
@@ -43,7 +44,7 @@ class PackedTables(nn.Module):
         cached_rows: FP32 hot rows over all tables (quantized storage only).
 
     Build one with :meth:`batched` from the tables' :class:`PackedEmbeddingBag` forms; the constructor alone gives
-    an empty shell for ``load_state_dict``. Every tensor is a saved buffer, so :meth:`memory_bytes` is the bytes of
+    an empty shell for ``load_state_dict``. Every tensor is a saved buffer, so :meth:`table_bytes` is the bytes of
     the state dict, equal to the sum over the tables it batches.
     """
 
@@ -99,6 +100,10 @@ class PackedTables(nn.Module):
             out.cache_rank.copy_(rank)
         return out
 
+    def to_packed(self) -> "PackedTables":
+        """This module (already the packed form)."""
+        return self
+
     def record_args(self) -> dict[str, Any]:
         """Constructor arguments (JSON-serialisable) that rebuild this module's shapes (the packed spec)."""
         return {"rows": list(self.rows), "embedding_dim": self.embedding_dim, "chunk_size": self.chunk_size,
@@ -122,17 +127,14 @@ class PackedTables(nn.Module):
                                  f"file: load into the model the run's recipe builds")
         return cls(**args)
 
-    def memory_bytes(self) -> dict[str, int]:
-        """As :meth:`PackedEmbeddingBag.memory_bytes` (the bytes of the state dict), over all the tables; ``dense``
-        counts each table's own rows (not the padding of the row space)."""
-        def size(*names: str) -> int:
-            return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+    def table_bytes(self) -> TableBytes:
+        """As :meth:`PackedEmbeddingBag.table_bytes` (the bytes of the state dict), over all the tables."""
+        return packed_bytes(self)
 
-        values = size("values", "codes", "scales")
-        cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if self.cache_ids.numel() else 0
-        index = size("index")
-        return {"values": values, "cache": cache, "index": index, "total": values + cache + index,
-                "dense": sum(self.rows) * self.embedding_dim * 4}
+    def dense_bytes(self) -> int:
+        """Bytes of the FP32 dense tables it stands for (each table's own rows, not the padding of the row
+        space)."""
+        return sum(self.rows) * self.embedding_dim * 4
 
     def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:
         """``EmbeddingTables.forward``: ``sparse [B, F]`` (one id per sample and feature) -> ``F`` tensors

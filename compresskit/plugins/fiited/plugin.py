@@ -29,6 +29,7 @@ from ...errors import ConfigError
 from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import build, option
+from ...table_types import TableBytes, bytes_of
 from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
 from .hashing import HASHING_METHODS, share_budget
@@ -71,6 +72,11 @@ class FiitedConfig:
     end_step: Optional[int] = option(None, help="step where the target is reached (overrides end_fraction)",
                                      min=1)
     interval: int = option(50, help="steps between pruning rounds", min=1)
+    utility: Literal["gradient", "per_access"] = option(
+        "gradient", help="fiited: a chunk's utility as the paper keeps it (decayed norm of its gradient summed over "
+                         "each batch: it grows with access frequency), or per_access: that divided by 1 + the row's "
+                         "decayed access count (the gradient a row gets per access: what it needs, not how often "
+                         "it is seen)")
     utility_exponent: float = option(0.5, help="chunk score = utility**exponent / (chunk+1)**position_discount",
                                      min=0)
     position_discount: float = option(2.0, help="diminishing return of a row's later chunks (0 = none)", min=0)
@@ -102,6 +108,9 @@ class FiitedConfig:
                                                       f"({self.start_fraction})")
         if self.start_step is not None and self.end_step is not None and self.end_step < self.start_step:
             raise ConfigError(f"{path}.end_step", f"got {self.end_step}, expected >= start_step ({self.start_step})")
+        if self.utility != "gradient" and self.method != "fiited":
+            raise ConfigError(f"{path}.utility", f"got '{self.utility}': it ranks FIITED's chunks, and method is "
+                                                 f"'{self.method}'")
         if self.lazy and self.method not in ("fiited", "adaembed"):
             raise ConfigError(f"{path}.lazy", f"lazy allocation needs an in-training method, not '{self.method}'")
         if self.precision.storage != "fp32" and self.method not in ("fiited", "adaembed"):
@@ -209,6 +218,8 @@ class FiitedPlugin(Plugin):
             m.sparse = m.sparse or cfg.sparse_grad
             if cfg.method in ("fiited", "adaembed"):
                 m.track_utility(cfg.decay)
+            if cfg.method == "fiited" and cfg.utility == "per_access":
+                m.track_access()
             if cfg.method == "adaembed":
                 m.track_candidates("row")
             elif cfg.method == "fiited" and cfg.regrow and not cfg.lazy:
@@ -281,7 +292,7 @@ class FiitedPlugin(Plugin):
 
     def _target_chunks(self, ratio: float) -> int:
         """Chunks the payload may hold so that payload + index stays within ``ratio`` of the dense bytes."""
-        index = self.coll.sum(sum(m.memory_bytes()["index"] for _, m in self.modules))
+        index = self.coll.sum(sum(bytes_of(m).index for _, m in self.modules))
         chunk_bytes = self.coll.max(max((m.chunk_size * m.store.pool.element_size() for _, m in self.modules),
                                         default=0))
         room = ratio * self.dense_bytes - index
@@ -350,7 +361,8 @@ class FiitedPlugin(Plugin):
         if cfg.method == "adaembed":
             return self._adaembed_round(target, modules, coll, ids, num_tables)
         regrow = cfg.regrow and not cfg.lazy
-        tables = [regrowth_grid(m) if regrow else chunk_utilities(m) for _, m in modules]
+        by_access = self.config.utility == "per_access"
+        tables = [regrowth_grid(m, by_access) if regrow else chunk_utilities(m, by_access) for _, m in modules]
         wanted = coll.sum(sum(int(ext.sum()) for _, ext, _ in tables))     # stored chunks plus candidates
         excess = wanted - target
         if excess <= 0 and wanted == coll.sum(sum(m.store.live for _, m in modules)):   # no candidates either
@@ -403,18 +415,17 @@ class FiitedPlugin(Plugin):
     def memory(self, local: bool = False) -> dict[str, int]:
         """Summed bytes of all tables (of every rank unless ``local``), measured from their tensors (payload, index,
         training state, total)."""
-        total = {"payload": 0, "index": 0, "training": 0, "total": 0}
-        for _, m in self.modules:
-            for k, v in table_bytes(m).items():
-                total[k] = total.get(k, 0) + v
+        held = sum((bytes_of(m) for _, m in self.modules), TableBytes(0))
+        total = {"payload": held.payload, "index": held.index, "training": held.training, "total": held.total,
+                 "cache": held.cache}
         return total if local else {k: self.coll.sum(v) for k, v in total.items()}
 
     def report(self, ctx: RunContext) -> dict[str, Any]:
         mem = self.memory()
         per_module = []
         for name, m in self.modules:
-            dims, mem_m = kept_dims(m), table_bytes(m)
-            per_module.append([name, m.num_embeddings, m.embedding_dim, mem_m["payload"], mem_m["index"],
+            dims, mem_m = kept_dims(m), bytes_of(m)
+            per_module.append([name, m.num_embeddings, m.embedding_dim, mem_m.payload, mem_m.index,
                                float((dims == 0).float().mean()), float(dims.float().mean())])
         per_module = sorted(sum(self.coll.all_gather_object(per_module), []), key=lambda row: self._table_index(row[0]))
         stored = mem.get("payload", 0) + mem.get("index", 0)
@@ -512,16 +523,6 @@ def count_rows(model: nn.Module, tables: list[tuple[str, nn.Module]], data) -> d
             h.remove()
         model.train(was_training)
     return counts
-
-
-def table_bytes(m: nn.Module) -> dict[str, int]:
-    """payload / index / training / total bytes of any table the plugin manages (plain modules: the weight)."""
-    if hasattr(m, "memory_bytes"):
-        mem = dict(m.memory_bytes())
-        mem.setdefault("training", mem.pop("stats", 0))
-        return mem
-    payload = m.weight.numel() * m.weight.element_size()
-    return {"payload": payload, "index": 0, "training": 0, "total": payload}
 
 
 def kept_dims(m: nn.Module) -> torch.Tensor:

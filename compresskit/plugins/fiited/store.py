@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ...params import swap_parameter
+from ...table_types import TableBytes
 from .kernels import BLOCK, expand_runs, row_slots
 from .quantize import STORAGE_BITS, code_bytes, dequantize, quantize
 
@@ -363,17 +364,17 @@ class ChunkStore(nn.Module):
         return fresh_rows, fresh_slots
 
     # ----------------------------------------------------------------------------------------------- memory
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes of the tensors held: payload (pool, or codes + scales), index (counts + block bases), stats (the
-        other per-slot buffers)."""
+    def table_bytes(self) -> TableBytes:
+        """Bytes of the tensors held: payload (pool, or codes + scales), index (counts + block bases), training (the
+        other per-slot buffers: utilities, optimizer state)."""
         def size(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
 
         values = {"codes", "scales"} if self.quantized else set()
         payload = size(self.pool) + sum(size(getattr(self, n)) for n in values)
         index = size(self.counts) + size(self.base)
-        stats = sum(size(getattr(self, n)) for n in self._slot_buffers if n not in values)
-        return {"payload": payload, "index": index, "stats": stats, "total": payload + index + stats}
+        training = sum(size(getattr(self, n)) for n in self._slot_buffers if n not in values)
+        return TableBytes(payload, index, training)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
