@@ -5,8 +5,8 @@ FIITED (without regrowth, the default, and with) and AdaEmbed pruning their chun
 ``nn.EmbeddingBag``, mixed-dim its frequency-bucket tables, projections and id remap, and the hashing family in its
 natural forms (``compresskit/plugins/fiited/hashing.py``): the hashing trick its shared rows, QR its quotient and
 remainder tables, ROBE its one array, TT-Rec its three cores (each with a few bytes of hash parameters). Each table
-of those gets its share of the bytes (``share_budget``: in proportion to its dense bytes, at least its smallest
-form). Training-only state (utilities, optimizer state) is reported beside it, not charged. Each cell also gives
+of those gets its share of the bytes (``share_budget``: a row cap, ``min(dense bytes, cap)`` with the largest cap
+that fits, at least its smallest form). Training-only state (utilities, optimizer state) is reported beside it, not charged. Each cell also gives
 the training speed (samples trained over the run's ``train_seconds``).
 
 DLRM (dim 64) on MovieLens-100K and UCI Adult from ../shared/data, seeded 80/10/10 split, 3 epochs, the same recipe

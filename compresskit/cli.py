@@ -162,6 +162,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
                      f"batch dimension fixed at {done['rows']} (the model did not trace with a dynamic one)")
     if done["max_abs_diff"] is not None:
         notes.append(f"max |difference| from the run's model on {done['rows']} test rows: {done['max_abs_diff']:.3g}")
+    else:
+        notes.append("not compared with the run's model (no sample batch: the run's data names none or is not "
+                     "found here)")
     files = f"{done['path']} (+ .sha256)"
     if "spec" in done:
         files += f" and {done['spec']}"

@@ -42,8 +42,6 @@ from .recipe import ModelConfig, Recipe, validate_recipe
 from .table_types import dense_bytes
 from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
 
-log = logging.getLogger(__name__)
-
 FORMATS = ("state-dict", "packed", "torch.export")
 DEFAULT_NAMES = {"state-dict": "model_dense.pt", "packed": "model_packed.pt", "torch.export": "model.pt2"}
 SPEC_FORMAT = "compresskit-packed"
@@ -378,8 +376,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Recipe, DataBundle 
         load_weights(model, read_state_dict(weights), weights)
         try:
             data = _sample_data(recipe)
-        except CompressKitError as e:   # the model does not need it: only a sample batch is missing then
-            log.warning("no sample batch (the run's data: %s)", first_line(e, 200))
+        except CompressKitError:   # the model does not need it: only the sample batch is missing then
             data = None
         return model.eval(), recipe, data
     data = _sample_data(recipe)
@@ -496,6 +493,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     model, recipe, data = load_run(run_dir)
     sample = sample_inputs(data) if data is not None else None
     if fmt == "torch.export" and sample is None:
+        if recipe.data is not None:
+            _sample_data(recipe)      # the data could not be read: its own one-line error says why
         raise ConfigError("--format", "torch.export needs a sample batch, and the run's recipe names no data")
     prepare_output_dir(str(path.parent))
     reference = _outputs(model, sample)
@@ -503,6 +502,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
                                next((int(t.shape[0]) for t in sample if torch.is_tensor(t)), None)}
     if fmt == "state-dict":
         state = to_state_dict(model)
+        model.eval()             # the converted modules are new: the same mode as the run's model
         summary["fits_original"] = _check_fits_original(state, run_dir, recipe, data)
         integrity.save(path, state)
         exported = _outputs(model, sample)
@@ -510,6 +510,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         spec = pack(model)
         summary["fits_original"] = _check_fits_original(model.state_dict(), run_dir, recipe, data, spec)
         write_packed(model, spec, path)
+        model.eval()
         summary.update(spec=str(spec_path(path)), tables=spec["tables"], bytes=spec["bytes"])
         exported = _outputs(model, sample)
     else:

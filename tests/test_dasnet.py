@@ -221,6 +221,20 @@ def test_prepacked_path_returns_feature_maps_in_the_input_layout():
             assert torch.allclose(out, trunk(x), atol=1e-5, rtol=1e-5)
 
 
+def test_wta_to_dense_keeps_the_mode_and_drops_the_compact_output():
+    for active_in in ("both", "train", "eval"):
+        wta = WTADropout(0.5, active_in, blocks=2)
+        wta.compact_batches = {1, 4}
+        for training in (True, False):
+            dense = wta.train(training).to_dense()
+            assert dense.training == training and not dense.compact_batches and dense.active_in == active_in
+            x = torch.rand(4, 8, 3, 3)
+            with torch.no_grad():
+                expected = x * wta_mask(x, 0.5, 2, False) if (active_in == "both" or
+                                                              (active_in == "train") == training) else x
+                assert torch.equal(dense(x), expected)
+
+
 def test_compact_only_in_inference_without_autograd():
     wta = WTADropout(0.5, blocks=2)
     wta.compact_always = True

@@ -528,7 +528,9 @@ def test_export_reads_no_data_and_old_runs_still_export(trained, dasnet_run, cap
 
     monkeypatch.setattr(export, "resolve_data", no_data)      # the layout rebuilds the model without the data
     assert main(["export", str(out), "--format", "state-dict", "--out", str(tmp_path / "a.pt")]) == 0
-    assert "max |difference|" not in capsys.readouterr().out
+    assert "not compared with the run's model (no sample batch" in capsys.readouterr().out
+    _one_error(capsys, ["export", str(out), "--format", "torch.export", "--out", str(tmp_path / "a.pt2")],
+               "data.path: not found")      # the data's own error says why there is no sample batch
     monkeypatch.undo()
     # a run written before layout records: FIITED rebuilds by preparing its stages; DASNet says what to do
     old = tmp_path / "old"

@@ -46,6 +46,17 @@ def test_forward_equals_the_dense_equivalent(kind, mode, last):
         module(torch.tensor([ROWS]), torch.tensor([0]))
 
 
+@pytest.mark.parametrize("kind", ["hashing", "robe"])
+def test_an_exported_hashed_table_still_refuses_out_of_range_ids(kind):
+    module = HASHING_METHODS[kind].from_budget(_dense(), _budget(0.1)).eval()
+    program = torch.export.export(module, (torch.tensor([1, 2, 3]), torch.tensor([0, 1]))).module()
+    ids, offsets = torch.tensor([5, 7, 999]), torch.tensor([0, 2])
+    assert torch.allclose(program(ids, offsets), module(ids, offsets))
+    for bad in (ROWS, -1):    # a hash would map them into range: the graph checks them first
+        with pytest.raises(RuntimeError, match="out of DATA bounds"):
+            program(torch.tensor([5, 7, bad]), offsets)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_embedding_form_and_gradients(kind):
     module = HASHING_METHODS[kind].from_budget(_dense(bag=False), _budget(0.2))

@@ -130,7 +130,8 @@ class WTADropout(nn.Module):
 
     def to_dense(self) -> "WTADropout":
         """The same WTA without the compact output: the masked dense form (what ``torch.export`` traces)."""
-        return WTADropout(self.sparsity, self.active_in, self.blocks, self.nonnegative_input)
+        dense = WTADropout(self.sparsity, self.active_in, self.blocks, self.nonnegative_input)
+        return dense.train(self.training)
 
 
 class WithWTA(nn.Sequential):

@@ -57,6 +57,8 @@ class _HashedBase(_NaturalBase):
         params = torch.stack([torch.randint(1, PRIME, (hashes,), generator=gen),
                               torch.randint(0, PRIME, (hashes,), generator=gen)], 1)
         self.register_buffer("hash_params", params)
+        # zero columns: no bytes; gathering from it checks ids inside a traced graph (see forward)
+        self.register_buffer("_id_range", torch.zeros(num_embeddings, 0), persistent=False)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         """``[n, embedding_dim]`` rows of the int64 ``ids``."""
@@ -66,6 +68,8 @@ class _HashedBase(_NaturalBase):
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``nn.EmbeddingBag`` / ``nn.Embedding`` forward (see the module docstring)."""
         self._check_args(input, offsets, per_sample_weights)
+        if torch.compiler.is_compiling():   # a hash maps any id into range: keep an id check in the exported graph
+            input = input + F.embedding(input, self._id_range).sum(-1).to(input.dtype)
         if not self.bag:
             return self.embed(input.reshape(-1).long()).view(*input.shape, self.embedding_dim)
         ids, bag_of, weights, bags = self._flatten(input, offsets, per_sample_weights)

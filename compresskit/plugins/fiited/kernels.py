@@ -35,7 +35,8 @@ def native_kernels():
 
 def check_ids(ids: torch.Tensor, num_rows: int) -> None:
     """Raise ``IndexError`` (as ``nn.Embedding`` does) unless every id is in ``[0, num_rows)``: one min/max pass.
-    Skipped while ``torch.export`` / ``torch.compile`` trace (the traced gathers check their indices)."""
+    Skipped while ``torch.export`` / ``torch.compile`` trace: a module whose gathers do not check the ids themselves
+    (a hashed table) keeps a check of its own in the graph."""
     if ids.numel() and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= num_rows:

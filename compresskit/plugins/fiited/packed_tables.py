@@ -45,7 +45,7 @@ class PackedTables(nn.Module):
 
     Build one with :meth:`batched` from the tables' :class:`PackedEmbeddingBag` forms; the constructor alone gives
     an empty shell for ``load_state_dict``. Every tensor is a saved buffer, so :meth:`table_bytes` is the bytes of
-    the state dict, equal to the sum over the tables it batches.
+    the state dict: the tables' values and index, and one cache bitmap over the whole row space.
     """
 
     def __init__(self, rows: list[int], embedding_dim: int, chunk_size: int, live_chunks: int,
@@ -135,6 +135,15 @@ class PackedTables(nn.Module):
         """Bytes of the FP32 dense tables it stands for (each table's own rows, not the padding of the row
         space)."""
         return sum(self.rows) * self.embedding_dim * 4
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.cache_ids.numel():   # the bitmap must describe the ids loaded, whatever the file said
+            bits, rank = cache_index(self.cache_ids, self.num_rows)
+            if not (torch.equal(bits, self.cache_bits) and torch.equal(rank, self.cache_rank)):
+                error_msgs.append(f"{prefix}cache_bits / cache_rank do not index {prefix}cache_ids")
 
     def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:
         """``EmbeddingTables.forward``: ``sparse [B, F]`` (one id per sample and feature) -> ``F`` tensors

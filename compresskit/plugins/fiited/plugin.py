@@ -253,11 +253,15 @@ class FiitedPlugin(Plugin):
         try:
             if cfg.method in HASHING_METHODS:   # each table in its natural form within its share of the bytes
                 cls = HASHING_METHODS[cfg.method]
-                shares = share_budget([(m.num_embeddings, m.embedding_dim) for _, m in dense],
-                                      int(ratio * sum(m.weight.numel() * m.weight.element_size() for _, m in dense)),
+                # one cap over every table of the model (every rank's), so a sharded run sizes them as one process
+                index = {name: self._table_index(name) if self.coll.distributed else i
+                         for i, (name, _) in enumerate(dense)}
+                tables = sorted(sum(self.coll.all_gather_object(
+                    [(index[name], m.num_embeddings, m.embedding_dim) for name, m in dense]), []))
+                shares = share_budget([(r, d) for _, r, d in tables], int(ratio * self.dense_bytes),
                                       cls.minimum_bytes)
-                twins = [cls.from_budget(m, share, seed=self._table_index(name) if self.coll.distributed else index)
-                         for index, ((name, m), share) in enumerate(zip(dense, shares))]
+                share_of = {t: share for (t, _, _), share in zip(tables, shares)}
+                twins = [cls.from_budget(m, share_of[index[name]], seed=index[name]) for name, m in dense]
             elif cfg.method == "uniform":
                 twins = []
                 for name, m in dense:
