@@ -406,3 +406,21 @@ def test_any_model_trains_data_parallel(tmp_path):
     assert loss1 == pytest.approx(loss2, abs=1e-4)
     for metric, value in report1["training"]["test"].items():
         assert report2["training"]["test"][metric] == pytest.approx(value, abs=1e-4), metric
+
+
+def test_the_hashing_family_sizes_sharded_tables_as_one_process(tmp_path):
+    """A hashed baseline's budget is one cap over every rank's tables: two ranks build the tables one process
+    builds (the same records), within the same bytes."""
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["train"].update(epochs=1)
+    recipe["stages"] = [{"plugin": "fiited", "method": "robe", "target_memory_ratio": 0.2}]
+    path = write_recipe(tmp_path / "robe.yaml", recipe)
+    one = run_cli(["apply", path, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    for code, _, err in launch_ranks([["apply", path, "--out", str(tmp_path / "two")]] * 2):
+        assert code == 0, err
+    records = [sorted((m["module"], json.dumps(m["args"], sort_keys=True))
+                      for m in json.load(open(tmp_path / name / "layout.json"))["modules"]) for name in ("one", "two")]
+    assert len(records[0]) == 26 and records[0] == records[1]
+    ratios = [json.load(open(tmp_path / name / "report.json"))["stages"][0]["memory_ratio"] for name in ("one", "two")]
+    assert ratios[0] == ratios[1] <= 0.2
