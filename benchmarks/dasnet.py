@@ -110,7 +110,7 @@ def accuracy_table(args: argparse.Namespace) -> None:
     """Part 1: test accuracy per WTA setting."""
 
     rows, cells = [], []
-    conv = ["features.*"]
+    conv: list[str] = []      # the default placement: the activations that follow a convolution
     settings = [("dense", None, None, []), ("WTA 25% conv channels", 0.25, None, conv),
                 ("WTA 50% conv channels", 0.5, None, conv), ("WTA 75% conv channels", 0.75, None, conv),
                 ("WTA 50% conv channels + FC neurons", 0.5, None, ["*"]),
