@@ -29,6 +29,7 @@ from .errors import CheckpointError, first_line, shorten
 LAYOUT_FILE = "layout.json"
 LAYOUT_FORMAT = "compresskit-layout"
 LAYOUT_VERSION = 1
+_TAG = "_compresskit_layout"   # where tag() keeps an in-place change's record on the module
 
 
 @runtime_checkable
@@ -98,9 +99,6 @@ def tag(module: nn.Module, builder: type, args: dict[str, Any]) -> None:
     """Record a change a stage made to ``module`` in place (no new class, e.g. quantized weights): ``builder``
     (a class with ``from_record``) makes that change again from ``args``."""
     module.__dict__[_TAG] = (qualified_name(builder), dict(args))
-
-
-_TAG = "_compresskit_layout"
 
 
 def module_records(model: nn.Module) -> list[ModuleRecord]:
