@@ -37,7 +37,7 @@ from .compression import prepare
 from .data import DataBundle
 from .data.batches import sample_inputs
 from .errors import CheckpointError, CompressKitError, ConfigError, first_line, shorten
-from .layout import LAYOUT_FILE, apply_layout, read_layout, recordable_class
+from .layout import LAYOUT_FILE, Layout, apply_layout, read_layout, recordable_class
 from .recipe import ModelConfig, Recipe, validate_recipe
 from .table_types import dense_bytes
 from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
@@ -372,7 +372,8 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Recipe, DataBundle 
     recipe = validate_recipe(raw, require_model=True)
     layout_file = os.path.join(run_dir, LAYOUT_FILE)
     if os.path.isfile(layout_file):
-        model = apply_layout(original_model(run_dir, recipe, None), read_layout(layout_file).modules, layout_file)
+        layout = read_layout(layout_file)
+        model = apply_layout(_layout_model(layout), layout.modules, layout_file)
         load_weights(model, read_state_dict(weights), weights)
         try:
             data = _sample_data(recipe)
@@ -399,9 +400,13 @@ def original_model(run_dir: str | os.PathLike, recipe: Recipe, data: DataBundle 
     record where it has one, else from the recipe and its data."""
     layout_file = os.path.join(str(run_dir), LAYOUT_FILE)
     if os.path.isfile(layout_file):
-        layout = read_layout(layout_file)
-        return resolve_model(ModelConfig(name=layout.model, args=layout.model_args))
+        return _layout_model(read_layout(layout_file))
     return resolve_model(recipe.model, data.info if data is not None else None)
+
+
+def _layout_model(layout: Layout) -> nn.Module:
+    """The model a layout record's factory and arguments build (before any stage)."""
+    return resolve_model(ModelConfig(name=layout.model, args=layout.model_args))
 
 
 def _sample_data(recipe: Recipe) -> DataBundle | None:

@@ -269,19 +269,23 @@ class RobeEmbeddingBag(_HashedBase):
     @staticmethod
     def sizes_for_budget(num_embeddings: int, embedding_dim: int, budget_bytes: int) -> dict[str, int]:
         size = (budget_bytes - _index_bytes(1)) // FLOAT_BYTES
-        block = min(32, embedding_dim)
-        while embedding_dim % block:
-            block //= 2
+        block = _robe_block(embedding_dim)
         if size < block:
             raise ValueError(f"{budget_bytes} bytes hold fewer than one block of {block} values")
         return {"size": int(min(size, num_embeddings * embedding_dim)), "block": block}
 
     @classmethod
     def minimum_bytes(cls, num_embeddings: int, embedding_dim: int) -> int:
-        block = min(32, embedding_dim)
-        while embedding_dim % block:
-            block //= 2
+        block = _robe_block(embedding_dim)
         return _index_bytes(1) + block * FLOAT_BYTES
+
+
+def _robe_block(embedding_dim: int) -> int:
+    """ROBE's block: 32 values, or the largest power-of-two divisor of the dim below that."""
+    block = min(32, embedding_dim)
+    while embedding_dim % block:
+        block //= 2
+    return block
 
 
 def _three_factors(n: int) -> tuple[int, int, int]:

@@ -72,6 +72,15 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
     module.register_buffer("cache_rank", torch.zeros(words, dtype=torch.int32), persistent=cached)
 
 
+def check_cache_index(module: nn.Module, num_rows: int, prefix: str, error_msgs: list[str]) -> None:
+    """After a load: the rank bitmap must describe the cached ids loaded, whatever the file said (an error message
+    for ``load_state_dict`` otherwise)."""
+    if module.cache_ids.numel():
+        bits, rank = cache_index(module.cache_ids, num_rows)
+        if not (torch.equal(bits, module.cache_bits) and torch.equal(rank, module.cache_rank)):
+            error_msgs.append(f"{prefix}cache_bits / cache_rank do not index {prefix}cache_ids")
+
+
 def packed_bytes(module: nn.Module) -> TableBytes:
     """The :class:`TableBytes` of a module holding the packed buffers (:func:`register_packed_buffers`)."""
     def size(*names: str) -> int:
@@ -212,10 +221,7 @@ class PackedEmbeddingBag(nn.Module):
                                                             state_dict.pop(prefix + "base"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if self.cache_ids.numel():   # the bitmap must describe the ids loaded, whatever the file said
-            bits, rank = cache_index(self.cache_ids, self.num_embeddings)
-            if not (torch.equal(bits, self.cache_bits) and torch.equal(rank, self.cache_rank)):
-                error_msgs.append(f"{prefix}cache_bits / cache_rank do not index {prefix}cache_ids")
+        check_cache_index(self, self.num_embeddings, prefix, error_msgs)
 
     def extra_repr(self) -> str:
         mode = f", mode={self.mode!r}" if self.bag else ""

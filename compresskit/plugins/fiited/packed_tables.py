@@ -23,7 +23,7 @@ from torch import nn
 
 from .kernels import BLOCK
 from ...table_types import TableBytes
-from .packed import PackedEmbeddingBag, packed_bytes, register_packed_buffers
+from .packed import PackedEmbeddingBag, check_cache_index, packed_bytes, register_packed_buffers
 from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
 from .quantize import STORAGE_BITS
 
@@ -140,10 +140,7 @@ class PackedTables(nn.Module):
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if self.cache_ids.numel():   # the bitmap must describe the ids loaded, whatever the file said
-            bits, rank = cache_index(self.cache_ids, self.num_rows)
-            if not (torch.equal(bits, self.cache_bits) and torch.equal(rank, self.cache_rank)):
-                error_msgs.append(f"{prefix}cache_bits / cache_rank do not index {prefix}cache_ids")
+        check_cache_index(self, self.num_rows, prefix, error_msgs)
 
     def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:
         """``EmbeddingTables.forward``: ``sparse [B, F]`` (one id per sample and feature) -> ``F`` tensors
