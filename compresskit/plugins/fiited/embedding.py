@@ -29,7 +29,9 @@ TRAINING_BUFFERS = ("utility_scale", "row_momentum", CANDIDATE, "seen", ACCESS) 
 
 def check_dense(dense: nn.Module, what: str) -> bool:
     """Refuse (ValueError naming the option) what a compressed twin cannot honour: ``max_norm``, ``padding_idx``,
-    ``scale_grad_by_freq``, bag mode ``max``; return True for ``nn.EmbeddingBag``, False for ``nn.Embedding``."""
+    ``scale_grad_by_freq``, bag mode ``max``, a frozen weight, a dtype other than float32 and a weight on the meta
+    device; return True for ``nn.EmbeddingBag``, False for ``nn.Embedding``. Every other constructor option
+    (``sparse``, ``include_last_offset``, ``mode`` sum/mean, ``norm_type`` without ``max_norm``) is honoured."""
     if not isinstance(dense, (nn.EmbeddingBag, nn.Embedding)):
         raise TypeError(f"{what}.from_dense expects nn.EmbeddingBag or nn.Embedding, got {type(dense).__name__}")
     for name in ("max_norm", "padding_idx"):
@@ -40,6 +42,16 @@ def check_dense(dense: nn.Module, what: str) -> bool:
     bag = isinstance(dense, nn.EmbeddingBag)
     if bag and dense.mode not in ("sum", "mean"):
         raise ValueError(f"mode '{dense.mode}' is not supported by {what} (only 'sum' and 'mean')")
+    weight = dense.weight
+    if not weight.requires_grad:
+        raise ValueError(f"a frozen weight (requires_grad=False, e.g. _freeze=True) is not supported by {what}: it "
+                         f"trains its table; compress a trainable one")
+    if weight.dtype != torch.float32:
+        raise ValueError(f"dtype {str(weight.dtype).replace('torch.', '')} is not supported by {what} (only "
+                         f"float32; for int8/int4 storage set the fiited stage's precision.storage)")
+    if weight.is_meta:
+        raise ValueError(f"a weight on the meta device is not supported by {what}: it copies the values, so "
+                         f"materialise the table first (to_empty() and initialise it)")
     return bag
 
 
