@@ -26,7 +26,7 @@ from .logs import run_log
 from .plots import Figure, render_html, render_png, training_figures
 from .compression import prepare
 from .plugin import Plugin
-from .recipe import Recipe, load_recipe, validate_recipe
+from .recipe import Recipe, is_validated, load_recipe, validate_recipe
 from .report import render_markdown
 from .resolve import check_model_config, load_weights, read_state_dict, resolve_data, resolve_model
 from .schema import to_dict
@@ -234,9 +234,9 @@ def apply(model: nn.Module, recipe: str | dict[str, Any] | Recipe, data: DataBun
         rec, raw = load_recipe(recipe, require_model=False)
     elif isinstance(recipe, dict):
         rec, raw = validate_recipe(recipe), recipe
-    elif isinstance(recipe, Recipe):  # re-validated: a Recipe built in Python may hold raw stages or bad values
+    elif isinstance(recipe, Recipe):  # one built or edited in Python may hold raw stages or bad values
         raw = to_dict(recipe)
-        rec = validate_recipe(raw)
+        rec = recipe if is_validated(recipe) else validate_recipe(raw)
     else:
         raise ConfigError("recipe", f"expected a path, dict or Recipe, got {type(recipe).__name__}")
     return run(rec, model=model, data=data, out_dir=out_dir, raw=raw)

@@ -43,14 +43,8 @@ def _apply(args: argparse.Namespace, collective=None, loaded=None) -> int:
     out_dir = args.out or recipe.output.dir
     if collective is None:   # before anything slow; a distributed run checks it on rank 0, inside its agreement
         prepare_output_dir(out_dir)
-    from contextlib import nullcontext
-
-    from .api import run
-    from .logs import console_log
-
     try:
-        with console_log(recipe.logging.console) if collective is None or collective.is_main else nullcontext():
-            result = run(recipe, out_dir=out_dir, resume=args.resume, raw=raw, collective=collective)
+        result = run_recipe(recipe, raw, out_dir, resume=args.resume, collective=collective)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is in {out_dir}; continue with "
               f"`compresskit apply {args.recipe} --resume`", file=sys.stderr)
@@ -65,6 +59,19 @@ def _apply(args: argparse.Namespace, collective=None, loaded=None) -> int:
          if os.path.exists(os.path.join(out_dir, name))]
     print(f"wrote {out_dir}/" + ", ".join(written))
     return 0
+
+
+def run_recipe(recipe, raw: dict, out_dir: str | None, *, model=None, resume: bool = False, collective=None):
+    """The one way a command runs a validated recipe: :func:`compresskit.api.run` with the recipe's console
+    logging (on the first rank). ``compresskit apply`` calls it, and plugin subcommands get it as
+    ``args.run_recipe`` (so a plugin never imports the runner above it). Returns the RunResult."""
+    from contextlib import nullcontext
+
+    from .api import run
+    from .logs import console_log
+
+    with console_log(recipe.logging.console) if collective is None or collective.is_main else nullcontext():
+        return run(recipe, model=model, out_dir=out_dir, resume=resume, raw=raw, collective=collective)
 
 
 # set once this process has joined a torchrun launch: main then ends it with os._exit (see main)
@@ -261,6 +268,7 @@ def _main(argv: Sequence[str] | None) -> int:
         # problems are reported before torch is imported
         args = build_parser(with_plugins=not given or given[0] not in CORE_COMMANDS).parse_args(argv)
         args.argv = list(argv) if argv is not None else None
+        args.run_recipe = run_recipe
         return args.func(args)
     except CompressKitError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)

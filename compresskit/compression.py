@@ -29,7 +29,7 @@ from .distributed.collective import Collective
 from .errors import ConfigError
 from .metrics import module_bytes
 from .plugin import Plugin, RunContext
-from .recipe import Recipe, Stage, load_recipe, validate_recipe
+from .recipe import Recipe, Stage, is_validated, load_recipe, validate_recipe
 from .registry import plugin_for_config
 from .data.batches import SAMPLE_ROWS
 from .schema import build, to_dict
@@ -42,8 +42,8 @@ def stages_of(config: Any) -> tuple[list[Stage], Recipe | None]:
     ``config`` is a plugin's typed config (``FiitedConfig(...)``), a stage dict (``{"plugin": "fiited", ...}``), a
     list of those, a recipe dict (with ``stages``), a typed :class:`Recipe` or a recipe file path.
     """
-    if isinstance(config, Recipe):  # re-validated: one built in Python may hold raw stages or bad values
-        recipe = validate_recipe(to_dict(config))
+    if isinstance(config, Recipe):  # one built or edited in Python may hold raw stages or bad values
+        recipe = config if is_validated(config) else validate_recipe(to_dict(config))
         return list(recipe.stages), recipe
     if isinstance(config, str):
         recipe, _ = load_recipe(config, require_model=False)

@@ -56,7 +56,8 @@ class Plugin:
     @classmethod
     def add_commands(cls, subparsers: argparse._SubParsersAction) -> None:
         """Add this plugin's own ``compresskit`` subcommands. Each sets ``func(args) -> exit status`` as its default;
-        raising a CompressKitError prints one line and exits with 2."""
+        raising a CompressKitError prints one line and exits with 2. A command that runs a recipe calls
+        ``args.run_recipe(recipe, raw, out_dir, model=...)``, the runner ``compresskit apply`` uses."""
 
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Transform the model before training (e.g. swap modules). Returns the model to train."""

@@ -202,7 +202,14 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:
     needs_training = any(s.plugin.kind == "transform" for s in stages)
     if recipe.train is not None and recipe.data is None and needs_training and require_model:
         raise ConfigError("data", "required field is missing (training needs a dataset)")
+    recipe._validated_as = to_dict(recipe)   # what was checked, so that is_validated sees later edits
     return recipe
+
+
+def is_validated(recipe: Recipe) -> bool:
+    """True for a Recipe :func:`validate_recipe` returned and nobody changed since (a Recipe built in Python, or
+    one edited after validation, is validated again before it runs)."""
+    return getattr(recipe, "_validated_as", None) == to_dict(recipe)
 
 
 MAX_RECIPE_BYTES = 1 << 20   # a recipe is settings, not data: data goes in data.path

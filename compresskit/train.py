@@ -143,7 +143,8 @@ def optimizer_error(error: RuntimeError, cfg: Any, step: int) -> Exception:
 
 class Trainer:
     """The built-in loop of ``compresskit apply``: trains ``compression.model`` on a DataBundle with the recipe's
-    TrainConfig, driving the :class:`~compresskit.compression.Compression` handle like a user's loop would."""
+    TrainConfig, driving the :class:`~compresskit.compression.Compression` handle like a user's loop would. It
+    runs the ``total_steps`` the handle was prepared with (:func:`planned_steps`, planned once by the caller)."""
 
     def __init__(self, compression: Compression, data, train_cfg: Any, out_dir: str | None = None,
                  fingerprint: str = "", logging_cfg: Any = None) -> None:
@@ -156,8 +157,7 @@ class Trainer:
         self._ddp_params: tuple[int, ...] = ()
         self._ddp_ignored: set[str] | None = None     # sharded tables' names: fixed once the model is sharded
         self.steps_per_epoch = steps_per_epoch(train_cfg, len(data.train))
-        self.total_steps = planned_steps(train_cfg, len(data.train))
-        compression.ctx.total_steps = self.total_steps
+        self.total_steps = compression.ctx.total_steps   # planned once by api.run, before prepare() schedules it
         self.optimizer = build_optimizer(train_cfg.optimizer, self.model.parameters())
         compression.attach_optimizer(self.optimizer)
         self.history: list[dict[str, float]] = []

@@ -436,3 +436,31 @@ def test_bad_numbers_are_refused_by_validate(tmp_path, capsys, field, value, exp
     assert main(["validate", str(path)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: stages[0].{expected}"), lines
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_sparse_path_with_and_without_torch_private_attributes(monkeypatch, private):
+    """compresskit.torch_private's public fallback (a torch without the private attributes) gives the same outputs,
+    registers the dense-output hook once, and still sees an in-place weight change (it recomputes every call)."""
+    from compresskit import torch_private
+    from compresskit.plugins.dasnet.sparse_exec import dense_output, ensure_dense_output
+
+    monkeypatch.setattr(torch_private, "PRIVATE", private and torch_private.PRIVATE)
+    model = resnet_cifar(20, width=8)
+    insert_wta(model, 0.5, blocks=2)
+    _random_batchnorm_statistics(model)
+    model.eval()
+    sparse = copy.deepcopy(model)
+    assert to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), batch_sizes=(1,), force=True)
+    assert ensure_dense_output(sparse) is None                     # already there: not added twice
+    calls = []
+    sparse.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+        conv = next(m for m in sparse.modules() if isinstance(m, SparseConv2d))
+        twin_conv = dict(model.named_modules())[next(n for n, m in sparse.named_modules() if m is conv)]
+        conv.layer.weight.mul_(0.5)
+        twin_conv.weight.mul_(0.5)
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2

@@ -221,6 +221,24 @@ def test_recipe_objects_are_revalidated():
         compresskit.prepare(copy.deepcopy(model), recipe)
 
 
+def test_a_validated_recipe_is_validated_once(monkeypatch):
+    """A Recipe from validate_recipe runs without a second validation; editing it afterwards brings one back."""
+    import compresskit.recipe as recipe_module
+
+    data, model = _bundle_and_model("fiited")
+    recipe = compresskit.validate_recipe({"train": {"epochs": 1, "batch_size": 500},
+                                          "stages": [{"plugin": "fiited", "chunk_size": 4}]})
+    calls = []
+    real = recipe_module.build
+    monkeypatch.setattr(recipe_module, "build", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    result = compresskit.apply(copy.deepcopy(model), recipe, data=data)
+    assert calls == [] and result.report["training"]["steps"] == -(-len(data.train) // 500)   # planned once
+    recipe.stages[0].config.chunk_size = 0
+    with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\].chunk_size: got 0, expected a value >= 1"):
+        compresskit.prepare(copy.deepcopy(model), recipe)
+    assert calls
+
+
 def test_one_registry_type_with_one_error():
     registry = compresskit.Registry("widget", "widget.name", populate=lambda: registry.add("gear", 1))
     with pytest.raises(ValueError, match="widget name 'gear' is taken"):

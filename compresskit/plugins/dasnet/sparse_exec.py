@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ...torch_private import add_forward_hook, own_tensors, tensor_versions
 from . import onednn
 from .compact import ChannelSparse, Part, channels_last, densify
 
@@ -50,9 +51,7 @@ def dense_output(module: nn.Module, args, output):
 
 def ensure_dense_output(model: nn.Module):
     """Register :func:`dense_output` on ``model`` unless it is there; returns the new handle (None if it was)."""
-    if any(h is dense_output for h in model._forward_hooks.values()):
-        return None
-    return model.register_forward_hook(dense_output)
+    return add_forward_hook(model, dense_output, "_dense_output_hook")
 
 
 class _SparseTwin(nn.Module):
@@ -69,7 +68,7 @@ class _SparseTwin(nn.Module):
         self.fused_relu = False
         self._cache: dict[tuple, torch.Tensor] = {}          # channel set (or (set, "prepacked")) -> kernel
         self._channel_major: torch.Tensor | None = None
-        self._cached_version: tuple[tuple[int, int], ...] = ()
+        self._cached_version: tuple[tuple[int, int], ...] | None = ()
         self._weight_bias: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused_output: weakref.ref | None = None
 
@@ -124,11 +123,11 @@ class _SparseTwin(nn.Module):
         cached from an earlier call are dropped when any of the tensors they came from has changed."""
         bn = self.folded_bn
         # read the tensors from the modules' dicts: this runs on every call, nn.Module.__getattr__ is slow at batch 1
-        sources = list(self.layer._parameters.values())
+        sources = own_tensors(self.layer)
         if bn is not None:
-            sources += [*bn._parameters.values(), bn._buffers["running_mean"], bn._buffers["running_var"]]
-        version = tuple((t.data_ptr(), t._version) for t in sources if t is not None)
-        if version != self._cached_version:
+            sources += own_tensors(bn, ("running_mean", "running_var"))
+        version = tensor_versions(sources)
+        if version is None or version != self._cached_version:
             self._cache.clear()
             self._channel_major = None
             self._cached_version = version

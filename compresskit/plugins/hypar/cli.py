@@ -112,7 +112,6 @@ def plan_command(args: argparse.Namespace) -> int:
 
     Order: the recipe (or the --model recipe), then --set (indices of the recipe's own stages), then only the hypar
     stages are kept (no training), then the flags as overrides of those stages, then validation and the run."""
-    from ...api import run
     from ...recipe import apply_overrides, validate_recipe
     from .report import summary
 
@@ -133,7 +132,7 @@ def plan_command(args: argparse.Namespace) -> int:
     recipe = validate_recipe(raw)
     out_dir = args.out or recipe.output.dir
     try:
-        result = run(recipe, model=model, out_dir=out_dir, raw=raw)
+        result = args.run_recipe(recipe, raw, out_dir, model=model)
     except ConfigError as e:   # name the flag the shape or model came from, not the recipe field the CLI filled in
         what = e.message
         if e.path == "model" and args.model:                     # untraceable
