@@ -113,9 +113,16 @@ def module_records(model: nn.Module) -> list[ModuleRecord]:
     return records
 
 
+# classes that moved: a record written before the move names the old place
+MOVED = {
+    "compresskit.plugins.fiited.baselines:NarrowEmbeddingBag": "compresskit.plugins.fiited.natural:NarrowEmbeddingBag",
+    "compresskit.plugins.fiited.baselines:MixedDimEmbeddingBag": "compresskit.plugins.fiited.mixed_dim:MixedDimEmbeddingBag",
+}
+
+
 def recordable_class(target: str, where: str) -> type:
     """The class a record names; only compresskit's own modules are imported from a file."""
-    module_name, _, qualname = target.partition(":")
+    module_name, _, qualname = MOVED.get(target, target).partition(":")
     if not qualname or module_name.split(".")[0] != "compresskit":
         raise CheckpointError(where, f"class {shorten(target)}: only compresskit's own 'compresskit.module:Class' "
                                      f"classes are rebuilt from a record")

@@ -30,9 +30,11 @@ CASES = [
      "stages[0].target_memory_ratio: got 1.5, expected a value > 0 and <= 1"),
     ("negative batch", GOOD.replace("batch_size: 256", "batch_size: 0"),
      "train.batch_size: got 0, expected a value >= 1"),
-    ("bad choice", GOOD.replace("chunk_size: 4", "chunk_size: 4, method: fitted"),
-     "stages[0].method: got 'fitted', expected one of fiited, adaembed, mixed_dim, uniform, hashing, qr, robe, "
-     "tt_rec, dense (did you mean 'fiited'?)"),
+    ("bad choice", GOOD.replace("chunk_size: 4", "chunk_size: 4, schedule: cubik"),
+     "stages[0].schedule: got 'cubik', expected one of cubic, linear (did you mean 'cubic'?)"),
+    ("bad method", GOOD.replace("chunk_size: 4", "chunk_size: 4, method: fitted"),
+     "stages[0].method: unknown fiited method 'fitted' (did you mean 'fiited'?); available: adaembed, dense, "
+     "fiited, hashing, mixed_dim, qr, robe, tt_rec, uniform"),
     ("bad optimizer", GOOD.replace("progress: false", "progress: false, optimizer: {name: adamm}"),
      "train.optimizer.name: got 'adamm', expected one of sgd, adam, adamw, adagrad (did you mean 'adam'?)"),
     ("missing data file", GOOD.replace("{name: synthetic-ctr, args: {num_samples: 2000}}",

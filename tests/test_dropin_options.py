@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from compresskit.plugins.fiited.baselines import NarrowEmbeddingBag
+from compresskit.plugins.fiited.natural import NarrowEmbeddingBag
 from compresskit.plugins.fiited.embedding import FiitedEmbedding, FiitedEmbeddingBag
 from compresskit.plugins.fiited.hashing import HashedEmbeddingBag
 

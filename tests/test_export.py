@@ -16,7 +16,8 @@ from compresskit.cli import main
 from compresskit.errors import ConfigError
 from compresskit.export import (densify, export_program, load_packed, load_run, pack, to_state_dict)
 from compresskit.plugins.fiited import FiitedEmbedding, FiitedEmbeddingBag, fiited_modules
-from compresskit.plugins.fiited.baselines import MixedDimEmbeddingBag, NarrowEmbeddingBag
+from compresskit.plugins.fiited.mixed_dim import MixedDimEmbeddingBag
+from compresskit.plugins.fiited.natural import NarrowEmbeddingBag
 from compresskit.plugins.fiited.packed import PackedEmbedding, PackedEmbeddingBag
 from compresskit.plugins.fiited.packed_tables import PackedTables
 from compresskit.recipe import validate_recipe

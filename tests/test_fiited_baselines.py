@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from compresskit.plugins.fiited.baselines import (MixedDimEmbeddingBag, NarrowEmbeddingBag, mixed_dim_tables,
-                                                   plan_mixed_dims, plan_mixed_dims_tables, uniform_dim_for_budget)
+from compresskit.plugins.fiited.mixed_dim import (MixedDimEmbeddingBag, mixed_dim_tables, plan_mixed_dims,
+                                                   plan_mixed_dims_tables)
+from compresskit.plugins.fiited.natural import NarrowEmbeddingBag, uniform_dim_for_budget
 from compresskit.table_types import TableBytes
 
 ROWS, D = 200, 8

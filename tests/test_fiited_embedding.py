@@ -151,7 +151,8 @@ def test_lazy_bag_allocates_on_first_training_access_within_capacity():
 
 def _id_modules():
     """(name, module, call(ids) -> output, dense twin's call) for every module type that takes ids."""
-    from compresskit.plugins.fiited.baselines import MixedDimEmbeddingBag, NarrowEmbeddingBag
+    from compresskit.plugins.fiited.mixed_dim import MixedDimEmbeddingBag
+    from compresskit.plugins.fiited.natural import NarrowEmbeddingBag
 
     dense_bag, dense_emb = nn.EmbeddingBag(20, 8, mode="sum"), nn.Embedding(20, 8)
     counts = torch.arange(20, dtype=torch.float32)

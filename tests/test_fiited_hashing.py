@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compresskit.plugins.fiited.hashing import (HASHING_METHODS, HashedEmbeddingBag, QREmbeddingBag,
+from compresskit.plugins.fiited.hashing import (HASHED_TABLES, HashedEmbeddingBag, QREmbeddingBag,
                                                 RobeEmbeddingBag, TTEmbeddingBag)
 
 ROWS, DIM = 1000, 16
-KINDS = sorted(HASHING_METHODS)
+KINDS = sorted(HASHED_TABLES)
 
 
 def _dense(bag: bool = True, mode: str = "sum", last: bool = False) -> nn.Module:
@@ -33,7 +33,7 @@ def _stored(module: nn.Module) -> int:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode,last", [("sum", False), ("mean", False), ("sum", True)])
 def test_forward_equals_the_dense_equivalent(kind, mode, last):
-    module = HASHING_METHODS[kind].from_budget(_dense(mode=mode, last=last), _budget(0.1), seed=3)
+    module = HASHED_TABLES[kind].from_budget(_dense(mode=mode, last=last), _budget(0.1), seed=3)
     dense = module.to_dense()
     ids = torch.randint(0, ROWS, (40,))
     offsets = torch.tensor([0, 5, 5, 17, 30] + ([40] if last else []))
@@ -48,7 +48,7 @@ def test_forward_equals_the_dense_equivalent(kind, mode, last):
 
 @pytest.mark.parametrize("kind", ["hashing", "robe"])
 def test_an_exported_hashed_table_still_refuses_out_of_range_ids(kind):
-    module = HASHING_METHODS[kind].from_budget(_dense(), _budget(0.1)).eval()
+    module = HASHED_TABLES[kind].from_budget(_dense(), _budget(0.1)).eval()
     program = torch.export.export(module, (torch.tensor([1, 2, 3]), torch.tensor([0, 1]))).module()
     ids, offsets = torch.tensor([5, 7, 999]), torch.tensor([0, 2])
     assert torch.allclose(program(ids, offsets), module(ids, offsets))
@@ -59,7 +59,7 @@ def test_an_exported_hashed_table_still_refuses_out_of_range_ids(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_embedding_form_and_gradients(kind):
-    module = HASHING_METHODS[kind].from_budget(_dense(bag=False), _budget(0.2))
+    module = HASHED_TABLES[kind].from_budget(_dense(bag=False), _budget(0.2))
     ids = torch.randint(0, ROWS, (3, 7))
     out = module(ids)
     assert out.shape == (3, 7, DIM)
@@ -73,9 +73,9 @@ def test_embedding_form_and_gradients(kind):
 def test_bytes_are_what_it_stores_and_fit_the_budget(kind, ratio):
     if kind == "qr" and ratio == 0.02:    # 20 rows: two tables need at least 2 sqrt(1000) = 64
         with pytest.raises(ValueError, match="needs at least 64"):
-            HASHING_METHODS[kind].from_budget(_dense(), _budget(ratio))
+            HASHED_TABLES[kind].from_budget(_dense(), _budget(ratio))
         return
-    module = HASHING_METHODS[kind].from_budget(_dense(), _budget(ratio))
+    module = HASHED_TABLES[kind].from_budget(_dense(), _budget(ratio))
     mem = module.table_bytes()
     assert mem.total == mem.serving == _stored(module) <= _budget(ratio)
     assert mem.total >= 0.5 * _budget(ratio)          # it uses the bytes it was given (TT: rank steps)
@@ -119,7 +119,7 @@ def test_a_budget_is_shared_with_a_floor_for_small_tables():
     tables = [(3, 16), (50, 16), (10_000, 16), (100_000, 16)]
     budget = int(0.05 * sum(r * d * 4 for r, d in tables))
     for kind in KINDS:
-        cls = HASHING_METHODS[kind]
+        cls = HASHED_TABLES[kind]
         shares = share_budget(tables, budget, cls.minimum_bytes)
         assert sum(shares) <= budget
         assert all(s >= cls.minimum_bytes(r, d) for s, (r, d) in zip(shares, tables))
@@ -128,7 +128,7 @@ def test_a_budget_is_shared_with_a_floor_for_small_tables():
         for share, (r, d) in zip(shares, tables):     # every share builds
             cls.from_budget(nn.EmbeddingBag(r, d), share)
     with pytest.raises(ValueError, match="smallest form"):
-        share_budget(tables, 100, HASHING_METHODS["qr"].minimum_bytes)
+        share_budget(tables, 100, HASHED_TABLES["qr"].minimum_bytes)
 
 
 def test_init_matches_the_dense_scale_and_budgets_too_small_are_refused():
@@ -136,11 +136,11 @@ def test_init_matches_the_dense_scale_and_budgets_too_small_are_refused():
     with torch.no_grad():
         dense.weight.mul_(0.01)
     for kind in KINDS:
-        rows = HASHING_METHODS[kind].from_budget(dense, _budget(0.1)).to_dense().weight
+        rows = HASHED_TABLES[kind].from_budget(dense, _budget(0.1)).to_dense().weight
         assert 0.002 < float(rows.detach().std()) < 0.05, kind
     for kind in KINDS:
         with pytest.raises(ValueError):
-            HASHING_METHODS[kind].from_budget(dense, 40)
+            HASHED_TABLES[kind].from_budget(dense, 40)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -161,7 +161,7 @@ def test_a_recipe_trains_exports_and_charges_each_method(kind, tmp_path, capsys)
     result = run(validate_recipe(recipe, require_model=True), out_dir=str(tmp_path / "run"), raw=recipe)
     stage = result.report["stages"][0]
     assert stage["memory_ratio"] <= 0.25 + 1e-9
-    tables = [m for m in result.model.modules() if isinstance(m, HASHING_METHODS[kind])]
+    tables = [m for m in result.model.modules() if isinstance(m, HASHED_TABLES[kind])]
     assert len(tables) == 26
     assert stage["payload_bytes"] + stage["index_bytes"] == sum(_stored(t) for t in tables)
     assert main(["export", str(tmp_path / "run"), "--format", "packed"]) == 0

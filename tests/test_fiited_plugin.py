@@ -7,8 +7,9 @@ import torch
 
 import compresskit
 from compresskit.plugins.fiited import fiited_modules
-from compresskit.plugins.fiited.baselines import MixedDimEmbeddingBag, NarrowEmbeddingBag
-from compresskit.plugins.fiited.plugin import kept_ratio
+from compresskit.plugins.fiited.mixed_dim import MixedDimEmbeddingBag
+from compresskit.plugins.fiited.natural import NarrowEmbeddingBag
+from compresskit.plugins.fiited.schedule import kept_ratio
 
 
 def _recipe(method: str, ratio: float = 0.2, **stage) -> dict:
@@ -172,3 +173,29 @@ def test_lazy_tables_prune_to_make_room_and_late_rows_get_chunks():
     late = [(seen > 30) & (t.row_chunk_counts() > 0) for t, seen in zip(tables, first_seen)]
     assert sum(int(x.sum()) for x in late) > 0                       # rows first seen late got chunks
     assert all(t.store.capacity == cap for t, cap in zip(tables, [60, 300]))   # the pools never grew
+
+
+def test_a_registered_method_is_selected_by_name_and_checked_like_the_built_ins():
+    """Methods are objects in one registry: a package's own method runs from a recipe through the same stage
+    (budget, bytes, report), and the stage's options are checked against what it is."""
+    from compresskit.plugins.fiited.methods import TABLE_METHODS, TableMethod
+
+    class Quarter(TableMethod):
+        """Every table a quarter of its dims, whatever the budget asks (a method that ignores it)."""
+
+        name = "quarter_for_test"
+
+        def replace(self, model, tables, budget_bytes, ctx):
+            assert budget_bytes == int(0.2 * sum(m.weight.numel() * 4 for _, m in tables.modules))
+            return [NarrowEmbeddingBag.from_dense(m, m.embedding_dim // 4) for _, m in tables.modules]
+
+    if "quarter_for_test" not in TABLE_METHODS:
+        TABLE_METHODS.add("quarter_for_test", Quarter)
+    result = _run(_recipe("quarter_for_test", 0.2))
+    stage = result.report["stages"][0]
+    tables = [m for m in result.model.modules() if isinstance(m, NarrowEmbeddingBag)]
+    assert tables and all(m.dim == 4 for m in tables)
+    assert stage["memory_ratio"] == pytest.approx(0.25)   # charged what it stores, not what it was asked
+    with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\].lazy: lazy allocation needs an in-training "
+                                                      r"method, not 'quarter_for_test'"):
+        compresskit.validate_recipe(_recipe("quarter_for_test", 0.2, lazy=True))

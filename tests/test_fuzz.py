@@ -564,7 +564,7 @@ APPLY_REGRESSIONS = [
     ("lr 1e300 overflows the optimizer", _small(("train: {", "train: {max_steps: 1, optimizer: {lr: 1.0e+300}, "))),
     ("lr 1e30 makes NaN weights", _small(("train: {", "train: {max_steps: 1, optimizer: {lr: 1.0e+30}, "))),
     # (exit 2, but one line of ~950 characters): the mixed_dim budget error lists all 26 tables
-    # (plugins/fiited/baselines.py, the ValueError after 'nothing fits'; list a few tables and 'and N more')
+    # (plugins/fiited/mixed_dim.py, the ValueError after 'nothing fits'; list a few tables and 'and N more')
     ("mixed_dim budget error too long", _small(("cardinality_scale: 0.0002", "cardinality_scale: 1.0e-9")).replace(
         "{plugin: fiited,", "{plugin: fiited, method: mixed_dim,")),
     # optimizers that cannot take sparse gradients: RuntimeError out of torch's optimizer step

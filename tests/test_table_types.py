@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from compresskit.plugins.fiited import FiitedEmbedding, FiitedEmbeddingBag
-from compresskit.plugins.fiited.baselines import MixedDimEmbeddingBag, NarrowEmbeddingBag
-from compresskit.plugins.fiited.hashing import HASHING_METHODS
+from compresskit.plugins.fiited.mixed_dim import MixedDimEmbeddingBag
+from compresskit.plugins.fiited.natural import NarrowEmbeddingBag
+from compresskit.plugins.fiited.hashing import HASHED_TABLES
 from compresskit.table_types import CompressedTable, TableBytes, bytes_of, dense_bytes
 
 
@@ -20,7 +21,7 @@ def test_every_table_type_satisfies_the_protocol_and_counts_what_it_holds():
     tables = [fiited, quantized, FiitedEmbedding.from_dense(nn.Embedding(300, 16), 4), fiited.to_packed(),
               quantized.to_packed(), NarrowEmbeddingBag.from_dense(dense, 5),
               MixedDimEmbeddingBag.from_dense(dense, torch.randint(0, 50, (300,)), 6000),
-              *[cls.from_budget(dense, 4000) for cls in HASHING_METHODS.values()]]
+              *[cls.from_budget(dense, 4000) for cls in HASHED_TABLES.values()]]
     for table in tables:
         assert isinstance(table, CompressedTable), type(table).__name__
         held = table.table_bytes()

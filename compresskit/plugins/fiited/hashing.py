@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...table_types import TableBytes
-from .baselines import _NaturalBase
+from .natural import _NaturalBase
 from .embedding import check_dense, replaced_table
 
-__all__ = ["HashedEmbeddingBag", "QREmbeddingBag", "RobeEmbeddingBag", "TTEmbeddingBag", "HASHING_METHODS",
+__all__ = ["HashedEmbeddingBag", "QREmbeddingBag", "RobeEmbeddingBag", "TTEmbeddingBag", "HASHED_TABLES",
            "share_budget"]
 
 PRIME = 2**31 - 1
@@ -363,5 +363,6 @@ class TTEmbeddingBag(_HashedBase):
         return FLOAT_BYTES * (n1 * d1 + n2 * d2 + n3 * d3)
 
 
-HASHING_METHODS = {"hashing": HashedEmbeddingBag, "qr": QREmbeddingBag, "robe": RobeEmbeddingBag,
-                   "tt_rec": TTEmbeddingBag}
+# the table class of each hashing-family ``method`` (``methods/hashing.py``)
+HASHED_TABLES = {"hashing": HashedEmbeddingBag, "qr": QREmbeddingBag, "robe": RobeEmbeddingBag,
+                 "tt_rec": TTEmbeddingBag}

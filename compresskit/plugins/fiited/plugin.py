@@ -1,18 +1,10 @@
 """The ``fiited`` plugin: in-training embedding-dimension pruning, and the baselines it is measured against.
 
-Methods:
-
-* ``fiited``: chunk-level pruning by decayed chunk utility, gradually during training (the paper's method); with
-  ``regrow``, pruned chunks whose rows earn more than the threshold come back, and rounds go on at the target;
-* ``adaembed``: AdaEmbed (Lai et al., OSDI 2023): whole rows by importance (access frequency x gradient norm, a
-  moving average), normalised per table by its 95th percentile, one global threshold; rows cross it both ways
-  (evicted, or re-admitted with fresh values), gradually during training and on after the budget is reached;
-* ``mixed_dim``: static frequency-bucketed tables of different dims with projections (the DLRM mixed-dimension
-  layout, ``baselines.MixedDimEmbeddingBag``), sized before training;
-* ``uniform``: a narrower plain table (``baselines.NarrowEmbeddingBag``), sized before training;
-* ``dense``: the original modules, unchanged (the reference).
-
-Every method is charged what its modules really store: payload plus index, measured from their tensors.
+The stage converts the model's tables and runs the pruning schedule (``schedule.py``); what it converts them to and
+what each round keeps is the ``method``'s, an object from the ``methods`` registry: ``fiited`` (the paper's
+chunk pruning), ``adaembed``, ``mixed_dim``, ``uniform``, the hashing family ``hashing``, ``qr``, ``robe``,
+``tt_rec``, and ``dense`` (the reference). Every method is charged what its modules really store: payload plus
+index, measured from their tensors.
 """
 from __future__ import annotations
 
@@ -23,18 +15,15 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
-from ...data.batches import batches, to_model_inputs
 from ...distributed.collective import Collective
 from ...errors import ConfigError
 from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import build, option
 from ...table_types import TableBytes, bytes_of
-from .baselines import NarrowEmbeddingBag, mixed_dim_tables, uniform_dim_for_budget
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
-from .hashing import HASHING_METHODS, share_budget
-from .importance import (chunk_scores, chunk_utilities, normalised_importance, regrowth_grid, tail_counts,
-                         whole_rows)
+from .methods import TABLE_METHODS, TableMethod, TableSet
+from .schedule import kept_ratio, missing_length, on_grid, schedule_bounds
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +47,9 @@ class PrecisionConfig:
 class FiitedConfig:
     """Recipe fields of a ``fiited`` stage (documented in docs/fiited.md)."""
 
-    method: Literal["fiited", "adaembed", "mixed_dim", "uniform", "hashing", "qr", "robe", "tt_rec", "dense"] = \
-        option("fiited", help="pruning method (fiited, or a baseline: adaembed, mixed_dim, uniform; the hashing "
-                              "family hashing, qr, robe, tt_rec; dense)")
+    method: str = option("fiited", help="pruning method: fiited, or a baseline (adaembed, mixed_dim, uniform; the "
+                                        "hashing family hashing, qr, robe, tt_rec; dense), or one a package "
+                                        "registered in compresskit.plugins.fiited.methods.TABLE_METHODS")
     target_memory_ratio: float = option(0.1, help="embedding bytes kept (payload + index: all inference needs) / "
                                                   "dense embedding bytes", min=0, max=1, min_exclusive=True)
     chunk_size: int = option(8, help="values per dimension chunk (must divide the embedding dim)", min=1)
@@ -108,26 +97,7 @@ class FiitedConfig:
                                                       f"({self.start_fraction})")
         if self.start_step is not None and self.end_step is not None and self.end_step < self.start_step:
             raise ConfigError(f"{path}.end_step", f"got {self.end_step}, expected >= start_step ({self.start_step})")
-        if self.utility != "gradient" and self.method != "fiited":
-            raise ConfigError(f"{path}.utility", f"got '{self.utility}': it ranks FIITED's chunks, and method is "
-                                                 f"'{self.method}'")
-        if self.lazy and self.method not in ("fiited", "adaembed"):
-            raise ConfigError(f"{path}.lazy", f"lazy allocation needs an in-training method, not '{self.method}'")
-        if self.precision.storage != "fp32" and self.method not in ("fiited", "adaembed"):
-            raise ConfigError(f"{path}.precision.storage", f"got '{self.precision.storage}': quantized chunks need a "
-                                                           f"chunk store (method fiited or adaembed), not "
-                                                           f"'{self.method}'")
-
-
-def kept_ratio(step: int, start: int, end: int, target: float, schedule: str) -> float:
-    """Fraction of dense chunks to keep at ``step``: 1 before ``start``, ``target`` from ``end`` on."""
-    if step < start:
-        return 1.0
-    if step >= end or end <= start:
-        return target
-    progress = (step - start) / (end - start)
-    fall = 1 - (1 - progress) ** 3 if schedule == "cubic" else progress
-    return 1.0 - (1.0 - target) * fall
+        TABLE_METHODS.get(self.method, f"{path}.method").check(self, path)
 
 
 class FiitedPlugin(Plugin):
@@ -143,7 +113,7 @@ class FiitedPlugin(Plugin):
         self.modules: list[tuple[str, nn.Module]] = []
         self.dense_bytes = 0
         self.rounds: list[dict[str, Any]] = []
-        self._generators: dict[str, torch.Generator] = {}   # adaembed: fresh values of re-admitted rows
+        self.method: TableMethod = TABLE_METHODS.get(config.method)(config, self.error)
 
     # ------------------------------------------------------------------------------------------- set-up
     def _fused(self, ctx: RunContext) -> dict[str, Any]:
@@ -171,12 +141,12 @@ class FiitedPlugin(Plugin):
         return {"optimizer": name, "lr": lr, "eps": cfg.fused_eps}
 
     def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
-        cfg = self.config
+        cfg, method = self.config, self.method
         coll = self.coll = ctx.collective
         fused = self._fused(ctx)
-        if coll.distributed and cfg.method == "mixed_dim":
-            raise self.error("method", "mixed_dim plans one budget over every table in one process; run it "
-                                       "without --nproc (fiited, adaembed, uniform and dense shard)")
+        if coll.distributed and method.single_process:
+            raise self.error("method", f"{cfg.method} plans one budget over every table in one process; run it "
+                                       f"without --nproc")
         if not list(fiited_modules(model)):
             if cfg.lazy:
                 raise self.error("lazy", "lazy allocation needs a model built with lazy "
@@ -184,11 +154,8 @@ class FiitedPlugin(Plugin):
             dense = embedding_modules(model, cfg.include or None)
             self._check_placement(dense)
             self.dense_bytes = coll.sum(sum(m.weight.numel() * m.weight.element_size() for _, m in dense))
-            if cfg.method in ("uniform", "mixed_dim", *HASHING_METHODS):
-                self._convert_natural(model, dense, ctx)
-                return model
-            if cfg.method == "dense":
-                self.modules = dense
+            if not method.in_training:
+                self._replace(model, dense, ctx)
                 return model
             try:
                 convert_embeddings(model, cfg.chunk_size, cfg.include or None, **fused)
@@ -216,14 +183,8 @@ class FiitedPlugin(Plugin):
                 except ValueError as e:
                     raise self.error("precision", f"{mod_name}: {e}") from None
             m.sparse = m.sparse or cfg.sparse_grad
-            if cfg.method in ("fiited", "adaembed"):
-                m.track_utility(cfg.decay)
-            if cfg.method == "fiited" and cfg.utility == "per_access":
-                m.track_access()
-            if cfg.method == "adaembed":
-                m.track_candidates("row")
-            elif cfg.method == "fiited" and cfg.regrow and not cfg.lazy:
-                m.track_candidates("chunk")
+            if method.in_training:
+                method.track(m)
             m.store.attach_optimizer(ctx.optimizer)
         if not self.dense_bytes:
             self.dense_bytes = coll.sum(sum(m.num_embeddings * m.embedding_dim * m.store.pool.element_size()
@@ -244,55 +205,38 @@ class FiitedPlugin(Plugin):
                                      f"tables in an EmbeddingTables collection (as DLRM's) and "
                                      f"distributed.sharding: table_wise")
 
-    def _convert_natural(self, model: nn.Module, dense: list[tuple[str, nn.Module]], ctx: RunContext) -> None:
-        """uniform / mixed_dim / the hashing family: replace the tables by the baseline's own natural form within the
-        same total bytes (uniform: the same narrower dim everywhere; mixed_dim: one budget over all tables'
-        frequency buckets; hashing, qr, robe, tt_rec: each table its share of the bytes, ``hashing.py``)."""
+    def _replace(self, model: nn.Module, dense: list[tuple[str, nn.Module]], ctx: RunContext) -> None:
+        """A method that is not in training puts its own natural form in place of the dense tables, within the
+        same total bytes (or keeps them: dense)."""
         cfg = self.config
-        ratio = cfg.target_memory_ratio
+        tables = self._table_set(dense, local=False)
         try:
-            if cfg.method in HASHING_METHODS:   # each table in its natural form within its share of the bytes
-                cls = HASHING_METHODS[cfg.method]
-                # one cap over every table of the model (every rank's), so a sharded run sizes them as one process
-                index = {name: self._table_index(name) if self.coll.distributed else i
-                         for i, (name, _) in enumerate(dense)}
-                tables = sorted(sum(self.coll.all_gather_object(
-                    [(index[name], m.num_embeddings, m.embedding_dim) for name, m in dense]), []))
-                shares = share_budget([(r, d) for _, r, d in tables], int(ratio * self.dense_bytes),
-                                      cls.minimum_bytes)
-                share_of = {t: share for (t, _, _), share in zip(tables, shares)}
-                twins = [cls.from_budget(m, share_of[index[name]], seed=index[name]) for name, m in dense]
-            elif cfg.method == "uniform":
-                twins = []
-                for name, m in dense:
-                    dim = uniform_dim_for_budget(m.num_embeddings, m.embedding_dim,
-                                                 int(ratio * m.weight.numel() * m.weight.element_size()))
-                    if dim < 1:
-                        raise ValueError(f"{ratio} of {name}'s {m.embedding_dim} dims is below one dimension a row")
-                    twins.append(NarrowEmbeddingBag.from_dense(m, dim))
-            else:
-                if ctx.data is None:
-                    raise self.error("method", "mixed_dim needs training data to count row frequencies")
-                counts = count_rows(model, dense, ctx.data)
-                twins = mixed_dim_tables([m for _, m in dense], [counts[name] for name, _ in dense],
-                                         int(ratio * self.dense_bytes), alpha=cfg.mixed_dim_alpha)
+            twins = self.method.replace(model, tables, int(cfg.target_memory_ratio * self.dense_bytes), ctx)
         except ValueError as e:
             raise self.error("target_memory_ratio", f"{cfg.method}: {e}") from None
+        if twins is None:
+            self.modules = dense
+            return
         for (name, _), twin in zip(dense, twins):
             model.set_submodule(name, twin)
             self.modules.append((name, twin))
         self.rounds.append({"step": 0, "kept_bytes": self.memory().get("total", 0)})
 
+    def _table_set(self, modules: list[tuple[str, nn.Module]], local: bool) -> TableSet:
+        """``modules`` as a method sees them: over every rank's tables, or (``local``) on their own."""
+        if local:
+            return TableSet(modules, Collective.single(), list(range(len(modules))), len(modules), self._table_index)
+        index = {name: self._table_index(name) if self.coll.distributed else i for i, (name, _) in enumerate(modules)}
+        return TableSet(modules, self.coll, [index[name] for name, _ in modules], self.coll.num_tables(len(modules)),
+                        index.__getitem__)
+
     # ------------------------------------------------------------------------------------------- training
     def _schedule_bounds(self, total_steps: int) -> tuple[int, int]:
-        cfg = self.config
-        if total_steps <= 0 and (cfg.start_step is None or cfg.end_step is None):
-            field = "start_fraction" if cfg.start_step is None else "end_fraction"
+        field = missing_length(self.config, total_steps)
+        if field is not None:
             raise self.error(field, "a schedule in fractions of training needs its length: pass "
                                     "prepare(..., total_steps=N), or set start_step and end_step")
-        start = cfg.start_step if cfg.start_step is not None else int(cfg.start_fraction * total_steps)
-        end = cfg.end_step if cfg.end_step is not None else int(cfg.end_fraction * total_steps)
-        return max(start, 1), max(end, start, 1)
+        return schedule_bounds(self.config, total_steps)
 
     def _target_chunks(self, ratio: float) -> int:
         """Chunks the payload may hold so that payload + index stays within ``ratio`` of the dense bytes."""
@@ -308,7 +252,7 @@ class FiitedPlugin(Plugin):
 
     def on_step(self, step: int, ctx: RunContext) -> None:
         cfg = self.config
-        if cfg.method not in ("fiited", "adaembed"):
+        if not self.method.in_training:
             return
         start, end = self._schedule_bounds(ctx.total_steps)
         for name, m in self.modules:
@@ -321,14 +265,12 @@ class FiitedPlugin(Plugin):
         if step % refresh == 0:
             for _, m in self.modules:
                 m.refresh_cache()
-        on_grid = step >= start and ((step - start) % cfg.interval == 0 or step == end)
-        adaptive = cfg.method == "adaembed" or (cfg.regrow and not cfg.lazy)   # the allocation never freezes
-        if not on_grid or (step > end and not cfg.lazy and not adaptive):
+        if not on_grid(step, start, end, cfg.interval) or (step > end and not cfg.lazy and not self.method.adaptive):
             return
         if cfg.lazy:  # each lazy table has its own pool: prune the ones fuller than 1 - headroom, one at a time
             pruned = [name for name, m in self.modules
-                      if self._prune_tables(int(m.store.capacity * (1 - cfg.headroom)), [(name, m)], local=True)
-                      is not None]
+                      if self.method.prune(int(m.store.capacity * (1 - cfg.headroom)),
+                                           self._table_set([(name, m)], local=True)) is not None]
             pruned = sorted(sum(self.coll.all_gather_object(pruned), []), key=self._table_index)
             if pruned:
                 self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": pruned})
@@ -342,7 +284,7 @@ class FiitedPlugin(Plugin):
         """Keep the ``target`` highest-scoring chunks over all tables (on every rank): one threshold over all of
         them, the same whatever the number of ranks. With regrowth (and for AdaEmbed) candidates compete too: a
         missing chunk (row) scoring above the threshold comes back and something below it goes."""
-        grown = self._prune_tables(target, self.modules, local=False)
+        grown = self.method.prune(target, self._table_set(self.modules, local=False))
         if grown is not None:
             self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": "all",
                                 "regrown_rows": self.coll.sum(grown)})
@@ -354,56 +296,6 @@ class FiitedPlugin(Plugin):
         if self.coll.distributed:
             return self.coll.table_index(name, 0)
         return [n for n, _ in self.modules].index(name)
-
-    def _prune_tables(self, target: int, modules: list[tuple[str, nn.Module]], local: bool) -> int | None:
-        """Bring ``modules`` to ``target`` chunks (over every rank's tables unless ``local``), pruning and, with
-        candidates, regrowing. Returns the number of rows that gained chunks, or None when nothing changed."""
-        cfg = self.config
-        coll = Collective.single() if local else self.coll
-        ids = list(range(len(modules))) if local else [self._table_index(name) for name, _ in modules]
-        num_tables = len(modules) if local else coll.num_tables(len(modules))
-        if cfg.method == "adaembed":
-            return self._adaembed_round(target, modules, coll, ids, num_tables)
-        regrow = cfg.regrow and not cfg.lazy
-        by_access = self.config.utility == "per_access"
-        tables = [regrowth_grid(m, by_access) if regrow else chunk_utilities(m, by_access) for _, m in modules]
-        wanted = coll.sum(sum(int(ext.sum()) for _, ext, _ in tables))     # stored chunks plus candidates
-        excess = wanted - target
-        if excess <= 0 and wanted == coll.sum(sum(m.store.live for _, m in modules)):   # no candidates either
-            return None
-        scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in tables]
-        width = coll.max(max((m.num_chunks for _, m in modules), default=0))
-        cuts = tail_counts(scores, max(excess, 0), coll, ids, num_tables, width)
-        del scores
-        owners = [(rows, ext) for rows, ext, _ in tables]
-        del tables  # the score grids go before the stores repack
-        grown = 0
-        for (rows, ext), cut, (_, m) in zip(owners, cuts, modules):
-            counts = m.store.row_counts()
-            new = counts.clone()
-            new[rows] = ext - cut
-            if not torch.equal(new, counts):
-                grown += int(m.resize_rows(new).numel()) if regrow else 0
-                if not regrow:
-                    m.shrink_rows(new)
-        return grown
-
-    def _adaembed_round(self, target: int, modules: list[tuple[str, nn.Module]], coll: Collective,
-                        ids: list[int], num_tables: int) -> int | None:
-        """AdaEmbed: every row's importance over its table's 95th percentile; rows lowest first lose their
-        allocation until the allocated rows fit ``target`` chunks; the others hold (or regain) all their chunks."""
-        scores = [normalised_importance(m.candidate_utilities(torch.arange(m.num_embeddings))) for _, m in modules]
-        full = [torch.full((m.num_embeddings,), m.num_chunks, dtype=torch.int64) for _, m in modules]
-        excess = coll.sum(sum(int(f.sum()) for f in full)) - target
-        drops = whole_rows(scores, full, excess, coll, ids, num_tables)
-        grown, changed = 0, False
-        for drop, f, (name, m) in zip(drops, full, modules):
-            new = torch.where(drop, 0, f)
-            if not torch.equal(new, m.store.row_counts()):
-                changed = True
-                gen = self._generators.setdefault(name, torch.Generator().manual_seed(self._table_index(name)))
-                grown += int(m.resize_rows(new, "random", gen).numel())
-        return grown if coll.sum(int(changed)) else None   # a collective: every rank calls it
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds}
@@ -503,30 +395,6 @@ class FiitedPlugin(Plugin):
         return Figure("fiited_kept_per_row", f"FIITED ({self.config.method}): {unit} kept per row", "bars",
                       {k: [v[i] for i in used] for k, v in series.items()}, categories=used,
                       xlabel=f"kept per row ({unit})", ylabel="fraction of the table's rows")
-
-
-def count_rows(model: nn.Module, tables: list[tuple[str, nn.Module]], data) -> dict[str, torch.Tensor]:
-    """How often each row of each table is looked up in one pass over the training data (mixed_dim)."""
-    counts = {name: torch.zeros(m.num_embeddings, dtype=torch.int64) for name, m in tables}
-
-    def hook(name):
-        def count(module, args, kwargs):   # ids by position, or as input= (TorchRec's collections call so)
-            ids = args[0] if args else kwargs["input"]
-            counts[name].add_(torch.bincount(ids.reshape(-1), minlength=module.num_embeddings))
-        return count
-
-    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in tables]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for inputs, label in batches(data.train, 8192):
-                model(*to_model_inputs(data.collate, inputs, label)[0])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return counts
 
 
 def kept_dims(m: nn.Module) -> torch.Tensor:

@@ -1,18 +1,11 @@
-"""Natural-form baseline embeddings for the FIITED quality benchmark, each charged only what it really stores.
+"""The mixed-dimension baseline (Ginart et al., *Mixed Dimension Embeddings with Application to Memory-Efficient
+Recommendation Systems*, laid out as the DLRM repository's ``md_embedding``).
 
-* :class:`NarrowEmbeddingBag` ("uniform"): one narrower dense table ``[rows, d']``; its output is zero-padded to
-  the full dim ``D`` so it drops into a model built for ``D``. Stores ``rows * d'`` values and no index.
-* :class:`MixedDimEmbeddingBag` ("mixed-dim", Ginart et al., *Mixed Dimension Embeddings with Application to
-  Memory-Efficient Recommendation Systems*, laid out as the DLRM repository's ``md_embedding``): rows are
-  partitioned by access frequency into buckets; bucket ``i`` is a table of its rows with dim ``d_i`` plus a
-  projection ``Linear(d_i -> D, bias=False)`` (none when ``d_i == D``); an int32 remap turns a row id into its
-  bucket and local index. :func:`plan_mixed_dims` fits one table to its own budget;
-  :func:`plan_mixed_dims_tables` / :func:`mixed_dim_tables` fit all tables of a model to one model-wide budget
-  (one global scale over every table's buckets), so tiny tables are not starved by a per-table share.
-
-Both mirror ``nn.EmbeddingBag`` (1-D input + offsets with or without ``include_last_offset``, 2-D input,
-``per_sample_weights``, modes 'sum' / 'mean') or ``nn.Embedding`` (ids of any shape -> ``ids.shape + (D,)``),
-whichever they replace, and report ``table_bytes()`` measured from their tensors like the FIITED modules.
+Rows are partitioned by access frequency into buckets; bucket ``i`` is a table of its rows with dim ``d_i`` plus a
+projection ``Linear(d_i -> D, bias=False)`` (none when ``d_i == D``); an int32 remap turns a row id into its bucket
+and local index. :func:`plan_mixed_dims` fits one table to its own budget; :func:`plan_mixed_dims_tables` /
+:func:`mixed_dim_tables` fit all tables of a model to one model-wide budget (one global scale over every table's
+buckets), so tiny tables are not starved by a per-table share.
 """
 from __future__ import annotations
 
@@ -24,183 +17,13 @@ from torch import nn
 
 from ...table_types import TableBytes
 from .embedding import check_dense, replaced_table
-from .kernels import check_ids
+from .natural import _NaturalBase, _tensor_bytes
 
-__all__ = ["NarrowEmbeddingBag", "MixedDimEmbeddingBag", "uniform_dim_for_budget", "plan_mixed_dims",
-           "plan_mixed_dims_tables", "mixed_dim_tables"]
+__all__ = ["MixedDimEmbeddingBag", "plan_mixed_dims", "plan_mixed_dims_tables", "mixed_dim_tables"]
 
 _INT32_MAX = 2**31 - 1
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class _NaturalBase(nn.Module):
-    """Shared options and argument checks of the two baselines."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, mode: str, include_last_offset: bool, bag: bool,
-                 sparse: bool) -> None:
-        super().__init__()
-        if mode not in ("sum", "mean"):
-            raise ValueError(f"mode must be 'sum' or 'mean', got '{mode}'")
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError(f"need num_embeddings >= 1 and embedding_dim >= 1, got {num_embeddings}, "
-                             f"{embedding_dim}")
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.mode, self.include_last_offset, self.bag, self.sparse = mode, include_last_offset, bag, sparse
-
-    def _check_args(self, input: torch.Tensor, offsets: torch.Tensor | None,
-                    per_sample_weights: torch.Tensor | None) -> None:
-        """ValueError for arguments the replaced module refuses; IndexError for an id outside the table."""
-        check_ids(input, self.num_embeddings)
-        if not self.bag:
-            if offsets is not None or per_sample_weights is not None:
-                raise ValueError("this module replaces nn.Embedding: forward(ids) takes no offsets / weights")
-            return
-        if input.dim() == 2 and offsets is not None:
-            raise ValueError("offsets must be None when input is 2-D")
-        if input.dim() == 1 and offsets is None:
-            raise ValueError("offsets are required when input is 1-D")
-        if input.dim() not in (1, 2):
-            raise ValueError(f"input must be 1-D or 2-D, got {input.dim()}-D")
-        if per_sample_weights is not None:
-            if self.mode != "sum":
-                raise ValueError("per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
-            if per_sample_weights.shape != input.shape:
-                raise ValueError(f"per_sample_weights shape {tuple(per_sample_weights.shape)} != input shape "
-                                 f"{tuple(input.shape)}")
-
-    def _flatten(self, input: torch.Tensor, offsets: torch.Tensor | None,
-                 per_sample_weights: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-        """(ids, bag of each id, weight of each id or None, number of bags)."""
-        dev = input.device
-        if not self.bag:
-            ids = input.reshape(-1)
-            return ids, torch.arange(ids.numel(), device=dev), None, ids.numel()
-        if input.dim() == 2:
-            bags, length = input.shape
-            lengths = torch.full((bags,), length, dtype=torch.long, device=dev)
-            ids = input.reshape(-1)
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights.reshape(-1)
-        else:
-            offsets = offsets.to(torch.long)
-            end = offsets[-1:] if self.include_last_offset else offsets.new_tensor([input.numel()])
-            starts = offsets[:-1] if self.include_last_offset else offsets
-            bags = starts.numel()
-            lengths = torch.diff(torch.cat([starts, end]))
-            stop = int(end[0]) if bags else 0
-            ids = input[:stop]
-            if per_sample_weights is not None:
-                per_sample_weights = per_sample_weights[:stop]
-        bag_of = torch.repeat_interleave(torch.arange(bags, device=dev), lengths)
-        weights = per_sample_weights
-        if self.mode == "mean":
-            weights = 1.0 / lengths.clamp(min=1).to(torch.float32)[bag_of]
-        return ids, bag_of, weights, bags
-
-    def table_bytes(self) -> TableBytes:  # pragma: no cover - overridden
-        """Bytes measured from the tensors held (``compresskit.table_types``)."""
-        raise NotImplementedError
-
-    def to_packed(self) -> "_NaturalBase":
-        """This module: the baseline's natural form is already what serving reads (``compresskit export --format
-        packed`` keeps it)."""
-        return self
-
-    def _options(self) -> dict[str, Any]:
-        """The options shared by both baselines, as constructor arguments."""
-        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "mode": self.mode,
-                "include_last_offset": self.include_last_offset, "bag": self.bag, "sparse": self.sparse}
-
-    def _dense_module(self, weight: torch.Tensor) -> nn.EmbeddingBag | nn.Embedding:
-        """The torch module this one replaced (same options), holding ``weight [num_embeddings, embedding_dim]``."""
-        if self.bag:
-            return nn.EmbeddingBag(self.num_embeddings, self.embedding_dim, mode=self.mode,
-                                   include_last_offset=self.include_last_offset, sparse=self.sparse, _weight=weight)
-        return nn.Embedding(self.num_embeddings, self.embedding_dim, sparse=self.sparse, _weight=weight)
-
-
-# --------------------------------------------------------------------------------------------------- uniform
-def uniform_dim_for_budget(num_embeddings: int, embedding_dim: int, budget_bytes: int,
-                           element_size: int = 4) -> int:
-    """Largest ``d' <= embedding_dim`` with ``num_embeddings * d' * element_size <= budget_bytes`` (0 if none)."""
-    return max(0, min(embedding_dim, budget_bytes // (num_embeddings * element_size)))
-
-
-class NarrowEmbeddingBag(_NaturalBase):
-    """Uniform baseline: a ``[num_embeddings, dim]`` table whose output is zero-padded to ``embedding_dim``.
-
-    Args:
-        num_embeddings, embedding_dim: shape of the table it replaces (``embedding_dim`` = output width ``D``).
-        dim: stored width ``d'`` in ``[1, D]``.
-        mode, include_last_offset, sparse: as ``nn.EmbeddingBag`` (modes 'sum', 'mean').
-        bag: True to mirror ``nn.EmbeddingBag.forward``, False to mirror ``nn.Embedding.forward``.
-        weight: initial ``[num_embeddings, dim]`` values (default N(0, 1) like the torch modules).
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, dim: int, mode: str = "sum",
-                 include_last_offset: bool = False, bag: bool = True, sparse: bool = False,
-                 weight: torch.Tensor | None = None) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode, include_last_offset, bag, sparse)
-        if not 1 <= dim <= embedding_dim:
-            raise ValueError(f"dim must be in [1, {embedding_dim}], got {dim}")
-        self.dim = dim
-        if weight is None:
-            weight = torch.randn(num_embeddings, dim)
-        if tuple(weight.shape) != (num_embeddings, dim):
-            raise ValueError(f"weight shape {tuple(weight.shape)} != ({num_embeddings}, {dim})")
-        self.weight = nn.Parameter(weight.detach().clone())
-
-    @classmethod
-    def from_dense(cls, dense: nn.EmbeddingBag | nn.Embedding, dim: int) -> "NarrowEmbeddingBag":
-        """Copy the first ``dim`` columns (and the options) of a dense ``nn.EmbeddingBag`` / ``nn.Embedding``."""
-        bag = check_dense(dense, cls.__name__)
-        return cls(dense.num_embeddings, dense.embedding_dim, dim, mode=dense.mode if bag else "sum",
-                   include_last_offset=dense.include_last_offset if bag else False, bag=bag, sparse=dense.sparse,
-                   weight=dense.weight.detach()[:, :dim])
-
-    def record_args(self) -> dict[str, Any]:
-        """What rebuilds this table from a layout record (``compresskit.layout``); the values come from its
-        state dict."""
-        return {**self._options(), "dim": self.dim}
-
-    @classmethod
-    def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "NarrowEmbeddingBag":
-        """The table :meth:`record_args` describes, with unset values (its state dict fills them)."""
-        replaced_table(model, name, args)
-        return cls(**args, weight=torch.empty(int(args["num_embeddings"]), int(args["dim"])))
-
-    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
-                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``nn.EmbeddingBag`` / ``nn.Embedding`` forward (see the class), zero-padded to ``embedding_dim``."""
-        self._check_args(input, offsets, per_sample_weights)
-        if self.bag:
-            out = F.embedding_bag(input, self.weight, offsets, mode=self.mode, sparse=self.sparse,
-                                  per_sample_weights=per_sample_weights,
-                                  include_last_offset=self.include_last_offset)
-        else:
-            out = F.embedding(input, self.weight, sparse=self.sparse)
-        return F.pad(out, (0, self.embedding_dim - self.dim))
-
-    def to_dense(self) -> nn.EmbeddingBag | nn.Embedding:
-        """The equivalent ``nn.EmbeddingBag`` / ``nn.Embedding`` (same options): the table zero-padded to
-        ``embedding_dim`` columns, so it loads into the model this module replaced."""
-        weight = F.pad(self.weight.detach(), (0, self.embedding_dim - self.dim))
-        return self._dense_module(weight)
-
-    def table_bytes(self) -> TableBytes:
-        """Bytes measured from the tensors held: payload (the table); no index, no training state."""
-        return TableBytes(_tensor_bytes(self.weight))
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, dim={self.dim}, mode={self.mode!r}, "
-                f"bag={self.bag}")
-
-
-# ------------------------------------------------------------------------------------------------ mixed-dim
 def _bucket_starts(sorted_counts: torch.Tensor, num_buckets: int) -> list[int]:
     """Boundaries (K+1 values) splitting frequency-sorted rows into buckets of about equal access mass.
 
@@ -294,6 +117,19 @@ def plan_mixed_dims_tables(counts: list[torch.Tensor], embedding_dim: int, budge
 
     Returns one ``(order, starts, dims)`` per table, as :func:`plan_mixed_dims`.
     """
+    sizes = _check_plan_args(counts, embedding_dim, num_buckets, alpha, element_size)
+    name = "counts" if len(counts) == 1 else "counts[{}]"
+    buckets = _Buckets([_split_buckets(c, num_buckets, name.format(t)) for t, c in enumerate(counts)],
+                       embedding_dim, alpha, sizes)
+    dims = buckets.largest_fitting_dims(budget_bytes)
+    if dims is None:
+        raise ValueError(buckets.below_minimum(budget_bytes))
+    return buckets.per_table(dims)
+
+
+def _check_plan_args(counts: list[torch.Tensor], embedding_dim: int, num_buckets: int, alpha: float,
+                     element_size: int | list[int]) -> list[int]:
+    """ValueError for arguments no plan can take; the element size of each table."""
     if isinstance(counts, torch.Tensor) or len(counts) < 1:
         raise ValueError("counts must be a non-empty list of 1-D tensors, one per table")
     if num_buckets < 1:
@@ -302,79 +138,91 @@ def plan_mixed_dims_tables(counts: list[torch.Tensor], embedding_dim: int, budge
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if embedding_dim < 1:
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-    num_tables = len(counts)
-    sizes_of = [element_size] * num_tables if isinstance(element_size, int) else list(element_size)
-    if len(sizes_of) != num_tables or any(int(e) < 1 for e in sizes_of):
-        raise ValueError(f"element_size must be a positive int or one per table ({num_tables}), got {element_size}")
-    name = "counts" if num_tables == 1 else "counts[{}]"
-    splits = [_split_buckets(c, num_buckets, name.format(t)) for t, c in enumerate(counts)]
-    d_full = embedding_dim
-    index = sum(_index_bytes(order.numel(), len(sizes)) for order, _, sizes, _ in splits)
+    sizes = [element_size] * len(counts) if isinstance(element_size, int) else list(element_size)
+    if len(sizes) != len(counts) or any(int(e) < 1 for e in sizes):
+        raise ValueError(f"element_size must be a positive int or one per table ({len(counts)}), got {element_size}")
+    return sizes
 
-    # flat view over every (table, bucket)
-    flat = [(t, j) for t, sp in enumerate(splits) for j in range(len(sp[2]))]
-    pos = {tj: b for b, tj in enumerate(flat)}
-    p_ref = max(p for sp in splits for p in sp[3])  # > 0: bucket 0 of a table holds its most accessed row
-    weights = [(splits[t][3][j] / p_ref) ** alpha for t, j in flat]  # 0 ** 0 == 1
-    rows = torch.tensor([splits[t][2][j] for t, j in flat], dtype=torch.int64)
-    elem = torch.tensor([int(sizes_of[t]) for t, _ in flat], dtype=torch.int64)
-    w = torch.tensor(weights, dtype=torch.float64)
 
-    # candidate scales: every point where some rounded dim steps up; bytes are not monotone in the scale (a
-    # bucket reaching D drops its projection), so take the largest feasible scale, not a bisection
-    steps = torch.arange(1, d_full + 1, dtype=torch.float64) - 0.5
-    pos_w = w[w > 0]
-    scales = torch.unique(torch.cat([torch.zeros(1, dtype=torch.float64),
-                                     (steps[None, :] / pos_w[:, None]).reshape(-1)]))  # sorted ascending
-    chunk = max(1, 2**20 // len(flat))
+class _Buckets:
+    """Every (table, bucket) of a plan in one flat view, with the bytes each choice of dims costs."""
 
-    def dims_at(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # [S] scales -> [S, B] dims
-        raw = torch.floor(s[:, None] * w[None, :] * (1 + 1e-12) + 0.5).clamp_(1, d_full)
-        return raw.to(torch.int64) * keep[None, :]
+    def __init__(self, splits: list[tuple[torch.Tensor, list[int], list[int], list[float]]], embedding_dim: int,
+                 alpha: float, element_sizes: list[int]) -> None:
+        self.splits, self.d_full = splits, embedding_dim
+        self.index = sum(_index_bytes(order.numel(), len(sizes)) for order, _, sizes, _ in splits)
+        self.flat = [(t, j) for t, sp in enumerate(splits) for j in range(len(sp[2]))]
+        self.pos = {tj: b for b, tj in enumerate(self.flat)}
+        p_ref = max(p for sp in splits for p in sp[3])  # > 0: bucket 0 of a table holds its most accessed row
+        self.w = torch.tensor([(splits[t][3][j] / p_ref) ** alpha for t, j in self.flat],   # 0 ** 0 == 1
+                              dtype=torch.float64)
+        self.rows = torch.tensor([splits[t][2][j] for t, j in self.flat], dtype=torch.int64)
+        self.elem = torch.tensor([int(element_sizes[t]) for t, _ in self.flat], dtype=torch.int64)
+        # candidate scales: every point where some rounded dim steps up; bytes are not monotone in the scale (a
+        # bucket reaching D drops its projection), so the largest feasible scale is searched, not bisected
+        steps = torch.arange(1, embedding_dim + 1, dtype=torch.float64) - 0.5
+        pos_w = self.w[self.w > 0]
+        self.scales = torch.unique(torch.cat([torch.zeros(1, dtype=torch.float64),
+                                              (steps[None, :] / pos_w[:, None]).reshape(-1)]))  # ascending
+        self.chunk = max(1, 2**20 // len(self.flat))
+        self.keep = torch.ones(len(self.flat), dtype=torch.int64)
 
-    def bytes_at(dims: torch.Tensor) -> torch.Tensor:
-        return index + (_bucket_elems(rows[None, :], dims, d_full) * elem[None, :]).sum(1)
+    def dims_at(self, s: torch.Tensor) -> torch.Tensor:
+        """[S] scales -> [S, B] dims of the kept buckets (0 for dropped ones)."""
+        raw = torch.floor(s[:, None] * self.w[None, :] * (1 + 1e-12) + 0.5).clamp_(1, self.d_full)
+        return raw.to(torch.int64) * self.keep[None, :]
 
-    def per_table(dims: torch.Tensor) -> list[tuple[torch.Tensor, list[int], list[int]]]:
+    def bytes_at(self, dims: torch.Tensor) -> torch.Tensor:
+        """[S, B] dims -> [S] total bytes: index plus every bucket's table and projection."""
+        return self.index + (_bucket_elems(self.rows[None, :], dims, self.d_full) * self.elem[None, :]).sum(1)
+
+    def per_table(self, dims: torch.Tensor) -> list[tuple[torch.Tensor, list[int], list[int]]]:
+        """One ``(order, starts, dims)`` per table."""
         dl = dims.tolist()
-        return [(order, starts, [dl[pos[(t, j)]] for j in range(len(sizes))])
-                for t, (order, starts, sizes, _) in enumerate(splits)]
+        return [(order, starts, [dl[self.pos[(t, j)]] for j in range(len(sizes))])
+                for t, (order, starts, sizes, _) in enumerate(self.splits)]
 
-    cheapest = [int(_bucket_elems(n, _cheapest_dim(n, d_full), d_full)) * int(e)
-                for n, e in zip(rows.tolist(), elem.tolist())]
-    keep = torch.ones(len(flat), dtype=torch.int64)
-    lower = index + sum(cheapest)  # no scale can store the kept buckets for less
-    drops = _drop_sequence([sp[3] for sp in splits])
-    for level in range(len(drops) + 1):  # keep as many buckets as fit, dropping the least popular first
-        if level:
-            b = pos[drops[level - 1]]
-            keep[b] = 0
-            lower -= cheapest[b]
-        if lower > budget_bytes:
-            continue
-        for hi in range(scales.numel(), 0, -chunk):
-            dims = dims_at(scales[max(0, hi - chunk):hi], keep)
-            ok = (bytes_at(dims) <= budget_bytes).nonzero()
-            if ok.numel():
-                return per_table(dims[int(ok[-1])])
-    # nothing fits: the minimum is every table's bucket 0 alone at the cheapest dims one global scale allows
-    best, best_dims = None, None
-    for lo in range(0, scales.numel(), chunk):
-        dims = dims_at(scales[lo:lo + chunk], keep)
-        total = bytes_at(dims)
-        i = int(torch.argmin(total))  # first minimum: the smallest scale, hence the smallest dims
-        if best is None or int(total[i]) < best:
-            best, best_dims = int(total[i]), dims[i]
-    heads = [(t, splits[t][2][0], int(best_dims[pos[(t, 0)]])) for t in range(num_tables)]
-    what = "the most frequent bucket alone at its cheapest dim" if num_tables == 1 else \
-        "each table's most frequent bucket alone at the cheapest dims one global scale allows"
-    parts = "; ".join(f"{'' if num_tables == 1 else f'table {t}: '}{n} rows at dim {d}"
-                      f"{' with its projection' if d < d_full else ''}" for t, n, d in heads[:3])
-    if len(heads) > 3:
-        parts += f"; and {len(heads) - 3} more tables"
-    tables = "" if num_tables == 1 else f" over {num_tables} tables"
-    raise ValueError(f"mixed-dim budget of {budget_bytes} bytes{tables} is below the minimum of {best} bytes "
-                     f"(remap index {index} bytes + {what}, {best - index} bytes: {parts})")
+    def largest_fitting_dims(self, budget_bytes: int) -> torch.Tensor | None:
+        """The dims at the largest scale that fits ``budget_bytes`` with as many buckets kept as fit (the least
+        popular dropped first); None when even every table's bucket 0 alone does not fit."""
+        cheapest = [int(_bucket_elems(n, _cheapest_dim(n, self.d_full), self.d_full)) * int(e)
+                    for n, e in zip(self.rows.tolist(), self.elem.tolist())]
+        lower = self.index + sum(cheapest)  # no scale can store the kept buckets for less
+        drops = _drop_sequence([sp[3] for sp in self.splits])
+        for level in range(len(drops) + 1):
+            if level:
+                b = self.pos[drops[level - 1]]
+                self.keep[b] = 0
+                lower -= cheapest[b]
+            if lower > budget_bytes:
+                continue
+            for hi in range(self.scales.numel(), 0, -self.chunk):
+                dims = self.dims_at(self.scales[max(0, hi - self.chunk):hi])
+                ok = (self.bytes_at(dims) <= budget_bytes).nonzero()
+                if ok.numel():
+                    return dims[int(ok[-1])]
+        return None
+
+    def below_minimum(self, budget_bytes: int) -> str:
+        """Why nothing fits: the budget against the minimum, every table's bucket 0 alone at the cheapest dims one
+        global scale allows (after :meth:`largest_fitting_dims` dropped every other bucket)."""
+        best, best_dims = None, None
+        for lo in range(0, self.scales.numel(), self.chunk):
+            total = self.bytes_at(dims := self.dims_at(self.scales[lo:lo + self.chunk]))
+            i = int(torch.argmin(total))  # first minimum: the smallest scale, hence the smallest dims
+            if best is None or int(total[i]) < best:
+                best, best_dims = int(total[i]), dims[i]
+        num_tables, d_full = len(self.splits), self.d_full
+        heads = [(t, self.splits[t][2][0], int(best_dims[self.pos[(t, 0)]])) for t in range(num_tables)]
+        what = "the most frequent bucket alone at its cheapest dim" if num_tables == 1 else \
+            "each table's most frequent bucket alone at the cheapest dims one global scale allows"
+        parts = "; ".join(f"{'' if num_tables == 1 else f'table {t}: '}{n} rows at dim {d}"
+                          f"{' with its projection' if d < d_full else ''}" for t, n, d in heads[:3])
+        if len(heads) > 3:
+            parts += f"; and {len(heads) - 3} more tables"
+        tables = "" if num_tables == 1 else f" over {num_tables} tables"
+        return (f"mixed-dim budget of {budget_bytes} bytes{tables} is below the minimum of {best} bytes "
+                f"(remap index {self.index} bytes + {what}, {best - self.index} bytes: {parts})")
 
 
 def plan_mixed_dims(counts: torch.Tensor, embedding_dim: int, budget_bytes: int, num_buckets: int = 4,
