@@ -21,7 +21,7 @@ from compresskit.plugins.hypar.cost import StateSpace, level_terms  # noqa: E402
 from compresskit.plugins.hypar.dag import chain_approximation, dag_cost, dag_plan, inception_graph, resnet_graph  # noqa: E402,E501
 from compresskit.plugins.hypar.perf import (HMC_ACCELERATOR, PAPER_HEADLINE, SOURCES, compare, geomean,  # noqa: E402
                                             step_estimate)
-from compresskit.plugins.hypar.graph import PAPER_EVALUATED, PAPER_NETWORKS, paper_network, synthetic_chain  # noqa: E402
+from compresskit.plugins.hypar.chain import PAPER_EVALUATED, PAPER_NETWORKS, paper_network, synthetic_chain  # noqa: E402
 from compresskit.plugins.hypar.search import baselines, hierarchical_plan, joint_plan  # noqa: E402
 
 PARTITION_SETS = {"paper": ["dp", "mp"], "accpar": ["dp", "mp", "mp_out"]}
@@ -252,7 +252,7 @@ def layers_from_model_of(widths: list[int], batch: int):
     """The plan's layer chain of the measured MLP."""
     import torch
 
-    from compresskit.plugins.hypar.graph import layers_from_model
+    from compresskit.plugins.hypar.chain import layers_from_model
 
     return layers_from_model(_mlp(widths), (torch.zeros(batch, widths[0]),))
 

@@ -556,3 +556,13 @@ def test_a_layout_record_names_only_compresskit_classes(trained, capsys, tmp_pat
     layout["modules"][0]["args"]["num_embeddings"] += 3
     (bad / "layout.json").write_text(json.dumps(layout))
     _one_error(capsys, ["export", str(bad), "--format", "state-dict"], "in the model but")
+
+
+def test_a_record_naming_a_moved_class_still_loads():
+    """Layout records written before baselines.py was split name the old module; they rebuild the same class."""
+    from compresskit.layout import recordable_class
+    from compresskit.plugins.fiited.mixed_dim import MixedDimEmbeddingBag as Mixed
+    from compresskit.plugins.fiited.natural import NarrowEmbeddingBag as Narrow
+
+    assert recordable_class("compresskit.plugins.fiited.baselines:NarrowEmbeddingBag", "layout.json") is Narrow
+    assert recordable_class("compresskit.plugins.fiited.baselines:MixedDimEmbeddingBag", "layout.json") is Mixed

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import compresskit
 from compresskit.plugins.fiited import kernels
 from compresskit.plugins.fiited.embedding import FiitedEmbeddingBag, fiited_modules
-from compresskit.plugins.fiited.quantize import dequantize, qmax, quantize
+from compresskit.plugins.fiited.chunk_codec import dequantize, qmax, quantize
 
 NATIVE = [True, False] if kernels.native.kernels() is not None else [False]
 

@@ -13,7 +13,7 @@ from torch import nn
 import compresskit
 from compresskit.cli import main
 from compresskit.models.lenet import LeNet5
-from compresskit.plugins.hypar.graph import PAPER_EVALUATED, PAPER_NETWORKS
+from compresskit.plugins.hypar.chain import PAPER_EVALUATED, PAPER_NETWORKS
 from compresskit.plugins.hypar import (LayerSpec, exhaustive_plan, hierarchical_plan, joint_plan,
                                        layers_from_model, paper_network)
 from compresskit.plugins.hypar import cost

@@ -15,7 +15,7 @@ from compresskit.errors import ConfigError
 from compresskit.plugins.hypar.dag import (LayerGraph, add_layer, chain_approximation, chain_graph, dag_cost,
                                            dag_plan, exhaustive_dag_plan, graph_from_model, inception_graph,
                                            resnet_graph)
-from compresskit.plugins.hypar.graph import LayerSpec
+from compresskit.plugins.hypar.chain import LayerSpec
 
 
 def _random_dag(gen, n):

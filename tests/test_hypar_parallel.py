@@ -13,7 +13,7 @@ from torch import nn
 from compresskit.distributed.local import run_local
 from compresskit.errors import ConfigError
 from compresskit.plugins.hypar.cost import PARTITION_NAMES, StateSpace, level_terms
-from compresskit.plugins.hypar.graph import layers_from_model
+from compresskit.plugins.hypar.chain import layers_from_model
 from compresskit.plugins.hypar.cost import executed_terms
 from compresskit.plugins.hypar.parallel import parallelize, train_step
 from compresskit.plugins.hypar.plan import fixed_plan

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compresskit.plugins.hypar.cost import GRADIENT, StateSpace, level_terms
-from compresskit.plugins.hypar.graph import LayerSpec, paper_network
+from compresskit.plugins.hypar.chain import LayerSpec, paper_network
 from compresskit.plugins.hypar.perf import HMC_ACCELERATOR, SOURCES, AcceleratorSpec, compare, step_estimate
 from compresskit.plugins.hypar.search import baselines, hierarchical_plan
 

@@ -10,7 +10,7 @@ import torch
 
 from compresskit.plugins.hypar import cost
 from compresskit.plugins.hypar.cost import StateSpace, level_terms
-from compresskit.plugins.hypar.graph import LayerSpec
+from compresskit.plugins.hypar.chain import LayerSpec
 from compresskit.plugins.hypar.simulate import TwoWorkerMLP, reference
 
 TYPES = ["dp", "mp", "mp_out"]

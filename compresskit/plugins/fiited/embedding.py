@@ -16,8 +16,8 @@ from ...table_types import TableBytes
 from . import kernels
 from .cache import HotRowCache
 from .packed import PackedEmbedding, PackedEmbeddingBag
-from .precision import quantized_backward
-from .quantize import ROUNDING
+from .quantized_training import quantized_backward
+from .chunk_codec import ROUNDING
 from .store import ChunkStore
 
 UTILITY = "utility"
@@ -196,7 +196,7 @@ class FiitedEmbeddingBag(nn.Module):
         """Store the chunks as ``'int8'`` / ``'int4'`` codes with an FP16 scale a chunk, and serve the
         ``cache_rows`` fraction of rows most accessed in training from an FP32 cache (``cache.py``, refreshed by
         :meth:`refresh_cache`). Training updates cached rows in FP32 and re-quantizes the others with ``rounding``
-        (``precision.py`` says why stochastic is the default). Needs a fused optimizer (:meth:`set_optimizer`)."""
+        (``quantized_training.py`` says why stochastic is the default). Needs a fused optimizer (:meth:`set_optimizer`)."""
         if self.optimizer is None:
             raise ValueError("quantized chunks are trained by a fused optimizer only: call set_optimizer first "
                              "(a torch optimizer would need an FP32 copy of every chunk)")

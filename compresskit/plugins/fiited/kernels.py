@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .quantize import dequantize
+from .chunk_codec import dequantize
 
 OPTIMIZERS = {"none": 0, "sgd": 1, "adagrad": 2, "rowwise_adagrad": 3}
 BLOCK = 8
@@ -121,7 +121,7 @@ def native_cache(cache, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_size: int, counts: torch.Tensor,
                  base: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
                  mean: bool, dim: int, num_rows: int, cache=None) -> torch.Tensor:
-    """:func:`bag_forward` over quantized chunks (``quantize.py``'s codes and FP16 scales), dequantized as they are
+    """:func:`bag_forward` over quantized chunks (``chunk_codec.py``'s codes and FP16 scales), dequantized as they are
     pooled; rows of ``cache`` (a :class:`~.cache.HotRowCache`) are read from its FP32 values instead."""
     cached = cache is not None and cache.ids.numel() > 0
     k = native_kernels()

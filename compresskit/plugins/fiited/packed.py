@@ -4,7 +4,7 @@ A :class:`PackedEmbeddingBag` holds the chunk store's layout (``store.py``) with
 training stored it:
 
     values [live_chunks, chunk_size] float32          (storage 'fp32')
-    codes  [live_chunks, chunk_size * bits / 8] uint8 (storage 'int8' / 'int4', ``quantize.py``'s layout)
+    codes  [live_chunks, chunk_size * bits / 8] uint8 (storage 'int8' / 'int4', ``chunk_codec.py``'s layout)
     scales [live_chunks] float16                      (one a chunk)
     index  [blocks, 2] int64                          per block of 8 rows: the slot of its first chunk (base),
                                                       then its 8 rows' chunk counts, one byte each
@@ -35,7 +35,7 @@ from torch import nn
 from ...table_types import TableBytes
 from .kernels import BLOCK
 from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
-from .quantize import STORAGE_BITS, code_bytes
+from .chunk_codec import STORAGE_BITS, code_bytes
 
 STORAGES = ("fp32", *STORAGE_BITS)
 

@@ -6,7 +6,7 @@ implementation gives ``torch.export`` the output shape, ``[bags, dim]`` float32.
 must have imported this module (``import compresskit.plugins.fiited``; ``compresskit.export.load_program`` does).
 
 Arguments: ``values`` (float32 ``[slots, chunk_size]``, ``bits`` 32) or ``codes`` / ``scales`` (``bits`` 8 or 4,
-``quantize.py``'s layout); ``index`` (int64 ``[blocks, 2]``: per block of 8 rows, the slot of its first chunk and
+``chunk_codec.py``'s layout); ``index`` (int64 ``[blocks, 2]``: per block of 8 rows, the slot of its first chunk and
 its 8 chunk counts, a byte each: ``store.py``'s counts and bases interleaved, so a lookup reads one 16-byte entry);
 the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` /
 ``cache_rank`` of ``cache.py``; empty tensors when there is none); then ``nn.EmbeddingBag``'s ``input``,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import _row_slots, check_ids, native_kernels
-from .quantize import dequantize
+from .chunk_codec import dequantize
 
 MODES = {"sum": 0, "mean": 1}
 _LIB = torch.library.Library("compresskit", "FRAGMENT")

@@ -25,7 +25,7 @@ from .kernels import BLOCK
 from ...table_types import TableBytes
 from .packed import PackedEmbeddingBag, check_cache_index, packed_bytes, register_packed_buffers
 from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
-from .quantize import STORAGE_BITS
+from .chunk_codec import STORAGE_BITS
 
 __all__ = ["PackedTables"]
 

@@ -22,7 +22,7 @@ Every move of chunks moves the per-slot buffers (utilities, fused-optimizer stat
 attached, its per-slot state with them, so no chunk and no statistic is lost.
 
 Quantized storage (:meth:`set_storage`): the payload becomes two per-slot buffers, ``codes`` (INT8 / packed INT4)
-and ``scales`` (FP16, one a chunk; ``quantize.py``), and ``pool`` keeps its slots but no values (width 0), so every
+and ``scales`` (FP16, one a chunk; ``chunk_codec.py``), and ``pool`` keeps its slots but no values (width 0), so every
 move, prune and regrowth above applies to the quantized chunks unchanged. :meth:`read` / :meth:`write` convert.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import nn
 from ...params import swap_parameter
 from ...table_types import TableBytes
 from .kernels import BLOCK, expand_runs, row_slots
-from .quantize import STORAGE_BITS, code_bytes, dequantize, quantize
+from .chunk_codec import STORAGE_BITS, code_bytes, dequantize, quantize
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
 

@@ -1,5 +1,5 @@
 """HyPar: hierarchical layer-wise data/model parallelism planning for accelerator arrays."""
-from .graph import NETWORKS, PAPER_NETWORKS, LayerSpec, layers_from_model, paper_network
+from .chain import NETWORKS, PAPER_NETWORKS, LayerSpec, layers_from_model, paper_network
 from .cost import executed_terms
 from .parallel import HyparParallel, parallelize, train_step
 from .plan import HyparPlan, LayerPlan, LevelStats, build_plan, fixed_plan

@@ -36,7 +36,7 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def _base_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe to plan from: the file, or a one-stage recipe for --model."""
     from ...recipe import read_yaml
-    from .graph import NETWORKS
+    from .chain import NETWORKS
 
     if args.recipe:
         raw = read_yaml(args.recipe)

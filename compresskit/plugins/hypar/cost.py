@@ -42,7 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .graph import LayerSpec
+from .chain import LayerSpec
 
 DP, MP, MP_OUT = 0, 1, 2
 PARTITION_NAMES = ("dp", "mp", "mp_out")

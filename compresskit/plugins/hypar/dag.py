@@ -1,6 +1,6 @@
 """HyPar on graphs, not only chains: residual and concat networks as a networkx DAG of weighted layers.
 
-A :class:`LayerGraph` (a ``networkx.DiGraph``) has weighted layers as nodes (``spec``: :class:`~.graph.LayerSpec`,
+A :class:`LayerGraph` (a ``networkx.DiGraph``) has weighted layers as nodes (``spec``: :class:`~.chain.LayerSpec`,
 ``order``: execution index). An edge ``u -> v`` with ``elems`` (per sample) is a tensor that ``v`` consumes from
 ``u``'s output, through any non-weighted ops in between (activations, pooling, batch norm, flatten, add, concat);
 it is charged like a chain transition (:func:`~.cost.pairwise_table`, sized by the consumer). Our conventions (AccPar
@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from .cost import StateSpace, pair_base, unary_table
-from .graph import LAYER_META, LayerSpec, trace_shapes
+from .chain import LAYER_META, LayerSpec, trace_shapes
 from .search import Plan, joint_plan
 
 MAX_FACTOR_ENTRIES = 50_000_000
 
 
 class LayerGraph(nx.DiGraph):
-    """A DAG of weighted layers: node attributes ``spec`` (:class:`~.graph.LayerSpec`) and ``order`` (execution
+    """A DAG of weighted layers: node attributes ``spec`` (:class:`~.chain.LayerSpec`) and ``order`` (execution
     index); edge attribute ``elems`` (elements per sample that the consumer reads from the producer's output).
     Build it with :func:`add_layer` / :func:`merge_add`, :func:`chain_graph`, :func:`graph_from_model`,
     :func:`resnet_graph` or :func:`inception_graph`; any ``networkx.DiGraph`` with these attributes plans the same."""
@@ -96,7 +96,7 @@ def chain_graph(layers: Sequence[LayerSpec]) -> LayerGraph:
 # ------------------------------------------------------------------------------------------------ from a model
 def graph_from_model(model: nn.Module, sample_input: tuple[torch.Tensor, ...], *, model_path: str = "model",
                      input_path: str = "input_shape") -> LayerGraph:
-    """Trace ``model`` (torch.fx + shape propagation, as :func:`~.graph.layers_from_model`, with its ConfigErrors)
+    """Trace ``model`` (torch.fx + shape propagation, as :func:`~.chain.layers_from_model`, with its ConfigErrors)
     and build its graph of Conv/Linear layers; every other op passes its inputs' producers on (add / sub:
     :func:`merge_add`; one tensor input: the sizes rescaled to its output; concat and any other op with several
     tensor inputs: the parts keep their sizes). A module called more than once gives one node per call

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from .cost import GRADIENT
-from .graph import LayerSpec
+from .chain import LayerSpec
 
 
 @dataclass(frozen=True)

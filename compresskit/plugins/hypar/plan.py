@@ -17,7 +17,7 @@ from ...errors import ConfigError
 from ...schema import build
 from .cost import (BACKWARD, DTYPE_BYTES, FORWARD, GRADIENT, PARTIAL_SUM, PARTITION_NAMES, executed_terms,
                    level_terms)
-from .graph import LayerSpec
+from .chain import LayerSpec
 from .perf import compare, step_estimate
 from .search import Plan
 

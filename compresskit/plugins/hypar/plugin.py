@@ -14,7 +14,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...plugin import Plugin, RunContext
 from ...schema import option
-from .graph import NETWORKS, LayerSpec, layers_from_model, paper_network
+from .chain import NETWORKS, LayerSpec, layers_from_model, paper_network
 from .plan import HyparPlan, build_plan
 from .report import level_table, totals_table, write_plan_report
 from .cost import StateSpace

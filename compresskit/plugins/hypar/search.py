@@ -14,7 +14,7 @@ import numpy as np
 
 from .cost import (DP, MP, MP_OUT, PARTITION_NAMES, Scales, StateSpace, all_assignments, chain_unary, inter, intra,
                    pair_base, plan_cost)
-from .graph import LayerSpec
+from .chain import LayerSpec
 
 MAX_JOINT_STATES = 4096   # P^h per layer; beyond it the joint DP's P^2h pairs per layer take too long
 

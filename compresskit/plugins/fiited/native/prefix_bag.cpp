@@ -354,7 +354,7 @@ inline uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// Quantize one chunk (quantize.py's rules): symmetric, FP16 scale = max|v| / qmax rounded up, codes rounded to
+// Quantize one chunk (chunk_codec.py's rules): symmetric, FP16 scale = max|v| / qmax rounded up, codes rounded to
 // nearest (even) or stochastically (floor(x + u), u uniform in [0, 1) from `rng`).
 inline void quantize_chunk(const float* v, int64_t cs, int64_t bits, uint8_t* out, at::Half* scale, bool stochastic,
                            uint64_t& rng) {
@@ -387,7 +387,7 @@ inline void quantize_chunk(const float* v, int64_t cs, int64_t bits, uint8_t* ou
 
 }  // namespace
 
-// The fused backward of a quantized store (precision.py's rules): per distinct row, its gradient is accumulated and
+// The fused backward of a quantized store (quantized_training.py's rules): per distinct row, its gradient is accumulated and
 // its chunks' utilities updated as in `backward`; a row of the fp32 cache (rank bitmap as in forward_q) is updated in
 // the cache; any other row is dequantized, updated and re-quantized with a fresh scale a chunk (rounding 0: nearest,
 // 1: stochastic, seeded per row from `seed`, so the result does not depend on the thread count).
