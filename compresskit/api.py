@@ -65,11 +65,49 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     tables are then sharded table-wise (``distributed.sharding``), the rest is data-parallel, and rank 0 alone
     writes outputs."""
     coll = collective or Collective.single()
+    built = model is None and recipe.model is not None   # from the recipe: its layout record can rebuild it
+    model, data, weights = _resolve(recipe, model, data, out_dir, coll)
+    train_cfg = recipe.train
+    needs_training = train_cfg is not None and data is not None
+    steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
+    # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
+    compression = prepare(model, recipe, total_steps=steps, data=data,
+                          sample_input=sample_inputs(data) if data is not None else None,
+                          out_dir=out_dir if coll.is_main else None, collective=coll)
+    model = compression.model
+    if weights is not None:   # saved after its stages had converted it: they have rebuilt that structure now
+        with agreement(coll):
+            load_weights(model, weights, recipe.model.checkpoint)
+    report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
+                                      (type(model).__name__ if model is not None else None),
+                                      "data": recipe.data.name if recipe.data else None,
+                                      "stages": ", ".join(p.name for p in compression.plugins) or "none"}}
+    log_rows = _train(compression, recipe, data, out_dir, resume, raw, report) if needs_training else []
+    if not needs_training and data is not None:
+        report["training"] = {"test": evaluate(model, data.test, data.task, coll=coll, collate=data.collate)}
+    model = compression.finalize()
+    if needs_training and any(type(p).finalize is not Plugin.finalize for p in compression.plugins):
+        report["training"]["final_test"] = evaluate(model, data.test, data.task, coll=coll, collate=data.collate)
+    report.update(compression.report())
+    report["run"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sent = report.get("training", {}).pop("sent_bytes_per_step", None)
+    if coll.distributed:
+        report["distributed"] = distributed_report(model, recipe, coll, sent)
+    if raw is not None:
+        report["recipe"] = raw
+    _write_outputs(model, recipe, data, report, compression, log_rows, out_dir, coll, built)
+    return RunResult(model, report, compression.plugins, out_dir)
+
+
+def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, out_dir: str | None,
+             coll: Collective) -> tuple[nn.Module | None, DataBundle | None, dict[str, torch.Tensor] | None]:
+    """The run's model and data (those given, or what the recipe names), seeded and sharded, with the output folder
+    ready. Returns (model, data, weights): ``weights`` is a ``model.checkpoint`` saved after its stages converted
+    the model, to load once they have rebuilt that structure (None when it loaded into the plain model)."""
     train_cfg = recipe.train
     seed = train_cfg.seed if train_cfg else 0
     analysis_only = bool(recipe.stages) and all(s.plugin.kind == "analysis" for s in recipe.stages)
-    weights = None     # model.checkpoint's state dict, loaded before the stages or after them (a compressed model)
-    built = model is None and recipe.model is not None   # from the recipe: its layout record can rebuild it
+    weights = None
     with agreement(coll):   # local work only: a user error on any rank stops every rank with its message
         if out_dir is not None and coll.is_main:
             prepare_output_dir(out_dir)
@@ -92,45 +130,33 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
                 shard_tables(model, coll)
             except ValueError as e:
                 raise ConfigError("distributed.sharding", str(e)) from None
-    sample = sample_inputs(data) if data is not None else None
-    needs_training = train_cfg is not None and data is not None
-    steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
-    # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
-    compression = prepare(model, recipe, total_steps=steps, data=data, sample_input=sample,
-                          out_dir=out_dir if coll.is_main else None, collective=coll)
-    model = compression.model
-    if weights is not None:   # saved after its stages had converted it: they have rebuilt that structure now
-        with agreement(coll):
-            load_weights(model, weights, recipe.model.checkpoint)
-    report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
-                                      (type(model).__name__ if model is not None else None),
-                                      "data": recipe.data.name if recipe.data else None,
-                                      "stages": ", ".join(p.name for p in compression.plugins) or "none"}}
-    log_rows: list[dict[str, float]] = []
-    if needs_training:
-        trainer = Trainer(compression, data, train_cfg, out_dir, fingerprint=_fingerprint(raw),
-                          logging_cfg=recipe.logging)
-        with run_log(out_dir, recipe.logging.level, writer=coll.is_main):
-            if resume and not trainer.load_checkpoint():
-                raise ConfigError("--resume", f"no checkpoint to resume from in '{out_dir}'")
-            report["training"] = trainer.fit()
-        log_rows = trainer.log.rows
-    elif data is not None:
-        report["training"] = {"test": evaluate(model, data.test, data.task, coll=coll, collate=data.collate)}
-    model = compression.finalize()
-    if needs_training and any(type(p).finalize is not Plugin.finalize for p in compression.plugins):
-        report["training"]["final_test"] = evaluate(model, data.test, data.task, coll=coll, collate=data.collate)
-    report.update(compression.report())
-    report["run"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sent = report.get("training", {}).pop("sent_bytes_per_step", None)
-    if coll.distributed:
-        report["distributed"] = distributed_report(model, recipe, coll, sent)
-    if raw is not None:
-        report["recipe"] = raw
-    state = gather_state_dict(model, coll) if model is not None and out_dir else None
-    layout = run_layout(model, recipe, data, coll) if built and out_dir else None
-    figures = training_figures(log_rows) + compression.figures(log_rows) if recipe.logging.plots and out_dir else []
-    if out_dir and coll.is_main:
+    return model, data, weights
+
+
+def _train(compression, recipe: Recipe, data: DataBundle, out_dir: str | None, resume: bool,
+           raw: dict[str, Any] | None, report: dict[str, Any]) -> list[dict[str, float]]:
+    """Train with the built-in loop (resuming from ``out_dir``'s checkpoint if asked); the training numbers go
+    into ``report``. Returns the training log's rows."""
+    trainer = Trainer(compression, data, recipe.train, out_dir, fingerprint=_fingerprint(raw),
+                      logging_cfg=recipe.logging)
+    with run_log(out_dir, recipe.logging.level, writer=compression.ctx.collective.is_main):
+        if resume and not trainer.load_checkpoint():
+            raise ConfigError("--resume", f"no checkpoint to resume from in '{out_dir}'")
+        report["training"] = trainer.fit()
+    return trainer.log.rows
+
+
+def _write_outputs(model: nn.Module | None, recipe: Recipe, data: DataBundle | None, report: dict[str, Any],
+                   compression, log_rows: list[dict[str, float]], out_dir: str | None, coll: Collective,
+                   built: bool) -> None:
+    """model.pt (gathered from every rank), layout.json (for a model the recipe built), report.json / .md / .html
+    and the plots, written atomically by rank 0; nothing without ``out_dir``."""
+    if not out_dir:
+        return
+    state = gather_state_dict(model, coll) if model is not None else None
+    layout = run_layout(model, recipe, data, coll) if built else None
+    figures = training_figures(log_rows) + compression.figures(log_rows) if recipe.logging.plots else []
+    if coll.is_main:
         if model is not None:
             integrity.save(os.path.join(out_dir, "model.pt"), state)
         if layout is not None:
@@ -138,7 +164,6 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
         write_json(os.path.join(out_dir, "report.json"), report)
         plots = write_plots(out_dir, report, figures)
         write_text(os.path.join(out_dir, "report.md"), render_markdown(report, plots=plots))
-    return RunResult(model, report, compression.plugins, out_dir)
 
 
 def write_plots(out_dir: str, report: dict[str, Any], figures: list[Figure]) -> list[tuple[str, str]]:
