@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -320,9 +321,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(data: Any, where: str = "") -> Any:
+    """``data`` with every ``${NAME}`` / ``${NAME:-default}`` in its strings replaced by the environment variable
+    (or the default when it is unset or empty), so a recipe can say ``path: ${COMPRESSKIT_DATA:-data}/ml-100k``.
+    A variable that is unset with no default is a ConfigError naming the field and the variable."""
+    if isinstance(data, dict):
+        return {k: expand_environment(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_environment(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def value(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found:
+            return found
+        if default is not None:
+            return default
+        raise ConfigError(where, f"environment variable {name} is not set (the value is {shorten(data)}); set it, "
+                                 f"write ${{{name}:-default}}, or give the value with --set {where}=...")
+
+    return ENV_REFERENCE.sub(value, data)
+
+
 def load_recipe(path: str, overrides: list[str] | None = None, *, require_model: bool = True
                 ) -> tuple[Recipe, dict[str, Any]]:
-    """Read, ``--set``-override and validate a recipe file. Returns (recipe, raw dict after overrides)."""
+    """Read, ``--set``-override, expand ``${ENV}`` references (:func:`expand_environment`) and validate a recipe
+    file. Returns (recipe, raw dict after overrides and expansion)."""
     raw = read_yaml(path)
     if raw is None:
         raise ConfigError("recipe", f"'{path}' is empty")
@@ -330,4 +359,5 @@ def load_recipe(path: str, overrides: list[str] | None = None, *, require_model:
         raise ConfigError("recipe", f"'{path}' must hold a mapping at top level, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     check_depth(raw, "recipe")
+    raw = expand_environment(raw)
     return validate_recipe(raw, require_model=require_model), raw

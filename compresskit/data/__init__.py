@@ -36,6 +36,7 @@ class DatasetEntry:
     loader: Callable[..., DataBundle]
     needs_path: bool
     description: str
+    source: str = ""     # where a user gets the files (a dataset that reads data.path)
 
 
 def _import_builtins() -> None:
@@ -45,11 +46,12 @@ def _import_builtins() -> None:
 DATASETS: Registry[DatasetEntry] = Registry("dataset", "data.name", _import_builtins)
 
 
-def register_dataset(name: str, *, needs_path: bool, description: str):
-    """Decorator: register ``loader(path, seed, **args) -> DataBundle`` under ``name``."""
+def register_dataset(name: str, *, needs_path: bool, description: str, source: str = ""):
+    """Decorator: register ``loader(path, seed, **args) -> DataBundle`` under ``name``; ``source`` says where the
+    files of a dataset that reads ``data.path`` come from (named when the path is missing)."""
 
     def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
-        DATASETS.add(name, DatasetEntry(fn, needs_path, description))
+        DATASETS.add(name, DatasetEntry(fn, needs_path, description, source))
         return fn
 
     return deco
@@ -76,10 +78,14 @@ def check_data_config(cfg: Any) -> dict[str, Any]:
     and within the bounds the loader declares (``Annotated[int, Range(...)]``). Returns the checked arguments."""
     entry = DATASETS.get(cfg.name)
     if entry.needs_path:
+        get = f"; get it from {entry.source}" if entry.source else ""
         if not cfg.path:
-            raise ConfigError("data.path", f"required for dataset '{cfg.name}' (folder or file in upstream format)")
+            raise ConfigError("data.path", f"required for dataset '{cfg.name}' (folder or file in upstream "
+                                           f"format{get})")
         if not os.path.exists(cfg.path):
-            raise ConfigError("data.path", f"file not found: {shorten(cfg.path)}")
+            where = "" if os.path.isabs(cfg.path) else f" (relative to {shorten(os.getcwd(), 200)})"
+            raise ConfigError("data.path", f"file not found: {shorten(cfg.path, 200)}{where}{get}; point at your copy "
+                                           f"with --set data.path=... or the recipe's environment variable")
     return check_call_args(entry.loader, cfg.args, "data.args", f"dataset '{cfg.name}'", skip=("path", "seed"))
 
 

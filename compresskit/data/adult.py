@@ -33,7 +33,8 @@ def _records(path: str) -> list[tuple[int, list[str]]]:
     return rows
 
 
-@register_dataset("adult", needs_path=True, description="UCI Adult census CSV, label income>50K")
+@register_dataset("adult", needs_path=True, description="UCI Adult census CSV, label income>50K",
+                  source="https://archive.ics.uci.edu/dataset/2/adult (adult.data, or one CSV with a header)")
 def load_adult(path: str, seed: int = 0) -> DataBundle:
     """Load the CSV; numeric columns standardised (money columns log1p first); a seeded 80/10/10 split.
 

@@ -19,7 +19,8 @@ NUM_DENSE, NUM_SPARSE = 13, 26
 FIELDS = 1 + NUM_DENSE + NUM_SPARSE    # label, I1..I13, C1..C26
 
 
-@register_dataset("criteo", needs_path=True, description="Criteo Kaggle/Terabyte TSV (label, 13 ints, 26 hex)")
+@register_dataset("criteo", needs_path=True, description="Criteo Kaggle/Terabyte TSV (label, 13 ints, 26 hex)",
+                  source="https://ailab.criteo.com/ressources/ (Kaggle Display Advertising train.txt, or a Terabyte day_N)")
 def load_criteo(path: str, seed: int = 0, max_rows: Annotated[int, Range(1)] | None = None,
                 min_count: Annotated[int, Range(1)] = 1) -> DataBundle:
     """Read up to ``max_rows`` rows; dense -> log(1 + max(x, 0)); categories seen < ``min_count`` times -> id 0.

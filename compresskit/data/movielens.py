@@ -68,7 +68,8 @@ def _year(date: str, path: str, lineno: int) -> int:
     return int(m.group(1))
 
 
-@register_dataset("movielens-100k", needs_path=True, description="MovieLens-100K (u.data/u.user/u.item), rating>=4")
+@register_dataset("movielens-100k", needs_path=True, description="MovieLens-100K (u.data/u.user/u.item), rating>=4",
+                  source="https://grouplens.org/datasets/movielens/100k/ (the ml-100k folder)")
 def load_movielens(path: str, seed: int = 0, min_rating_positive: Annotated[int, Range(1, 5)] = 4) -> DataBundle:
     """Load ratings joined with user and item side information; a seeded 80/10/10 split.
 

@@ -107,7 +107,7 @@ class FiitedEmbeddingBag(nn.Module):
             ``eps`` (FBGEMM's EXACT_* semantics); ``None`` leaves the pool to a torch optimizer.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int = 8, mode: str = "sum",
+    def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int = 4, mode: str = "sum",
                  include_last_offset: bool = False, weight: torch.Tensor | None = None, lazy: bool = False,
                  capacity: int | None = None, sparse: bool = False, optimizer: str | None = None,
                  lr: float = 0.01, eps: float = 1e-8, init_std: float | None = None, seed: int = 0) -> None:
@@ -502,7 +502,7 @@ class FiitedEmbeddingBag(nn.Module):
 class FiitedEmbedding(FiitedEmbeddingBag):
     """``nn.Embedding`` drop-in: ``forward(ids of any shape) -> ids.shape + (embedding_dim,)``."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int = 8, **kwargs) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int = 4, **kwargs) -> None:
         super().__init__(num_embeddings, embedding_dim, chunk_size, mode="sum", **kwargs)
 
     @classmethod
@@ -543,7 +543,7 @@ def embedding_modules(model: nn.Module, include: list[str] | None = None) -> lis
             and (not include or any(fnmatch.fnmatchcase(name, pat) for pat in include))]
 
 
-def convert_embeddings(model: nn.Module, chunk_size: int = 8, include: list[str] | None = None,
+def convert_embeddings(model: nn.Module, chunk_size: int = 4, include: list[str] | None = None,
                        **kwargs) -> list[str]:
     """Swap every ``nn.EmbeddingBag`` / ``nn.Embedding`` (whose name matches a pattern in ``include``, if given)
     for its FIITED twin, copying weights; ``kwargs`` go to the twins (e.g. ``optimizer``, ``lr``). Returns the

@@ -34,8 +34,9 @@ class PrecisionConfig:
 
     storage: Literal["fp32", "int8", "int4"] = option(
         "fp32", help="chunk values: fp32, or int8 / int4 codes with one fp16 scale a chunk")
-    cache_rows: float = option(0.05, help="int8/int4: fraction of each table's rows, the most accessed, served and "
-                                          "trained in an fp32 cache (0 = none)", min=0, max=1)
+    cache_rows: float = option(0.0, help="int8/int4: fraction of each table's rows, the most accessed, served and "
+                                         "trained in an fp32 cache (0 = none, the byte-optimal setting on every "
+                                         "dataset measured; docs/fiited.md#mixed-precision-chunks)", min=0, max=1)
     rounding: Literal["stochastic", "nearest"] = option(
         "stochastic", help="int8/int4: rounding of the uncached rows' updated values (stochastic keeps updates "
                            "smaller than a quantization step)")
@@ -52,7 +53,8 @@ class FiitedConfig:
                                         "registered in compresskit.plugins.fiited.methods.TABLE_METHODS")
     target_memory_ratio: float = option(0.1, help="embedding bytes kept (payload + index: all inference needs) / "
                                                   "dense embedding bytes", min=0, max=1, min_exclusive=True)
-    chunk_size: int = option(8, help="values per dimension chunk (must divide the embedding dim)", min=1)
+    chunk_size: int = option(4, help="values per dimension chunk (must divide the embedding dim); 4 is what every "
+                                     "measured result uses", min=1)
     include: list[str] = option([], help="module-name patterns to convert (default: every embedding)")
     decay: float = option(0.99, help="per-step utility decay gamma", min=0, max=1, min_exclusive=True)
     start_fraction: float = option(0.1, help="first pruning at this fraction of training steps", min=0, max=1)
