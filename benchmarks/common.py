@@ -25,9 +25,37 @@ def shared_data(*parts: str) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Where the numbers were taken."""
+    """Where the numbers were taken: versions, thread and CPU count, CPU model, date and the code's commit
+    (``render_docs.py`` prints it under every table)."""
     return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+            "machine": platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"), "commit": commit()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the architecture where that is not readable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def commit() -> str:
+    """The repository's commit, ``+changes`` when files differ from it; ``unknown`` outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 def timer(fn: Callable[..., Any], *args: Any, label: str = "") -> benchmark.Timer:
