@@ -255,10 +255,11 @@ def test_tuned_conversion_records_its_choice():
         wta = [m for m in model.modules() if isinstance(m, WTADropout)]
         if decisions:                                            # a measured win: layers wrapped, choice recorded
             chosen = set(next(iter(decisions.values())))
-            assert chosen and chosen <= {1, 8}
+            tuned = set(convert.tuned_dense_batch_sizes(model))
+            assert (chosen or tuned) and chosen | tuned <= {1, 8} and not chosen & tuned
             assert all(m.compact_batches == chosen and not m.compact_always for m in wta)
             assert any(isinstance(m, SparseConv2d) for m in model.modules())
-            assert set(prepacked_batch_sizes(model)) <= chosen     # prepacking only tried where compact won
+            assert set(prepacked_batch_sizes(model)) <= chosen     # prepacked slices only where compact won
             if blocks is None:                                   # per-channel kernels are gathered, never packed
                 assert not prepacked_batch_sizes(model)
         else:                                                    # none: the model is left as it was
@@ -398,7 +399,8 @@ def test_sparse_execution_auto_records_the_timings(monkeypatch, faster):
         == [(1, 2.0, 1.0 if faster else 3.0, faster), (7, 2.0, 1.0 if faster else 3.0, faster)]
     assert not any(t["prepacked"] for t in stage["sparse_execution_timings"])
     c = "1" if faster else "3"
-    reason = f"auto: batch 1: compact {c} ms vs dense 2 ms; batch 7: compact {c} ms vs dense 2 ms"
+    kept = "compact" if faster else "masked"    # the tuned dense path times as the masked one here: not 5% faster
+    reason = "auto: " + "; ".join(f"batch {b}: masked 2 ms, compact {c} ms, tuned dense 2 ms -> {kept}" for b in (1, 7))
     expected = {"path": "sparse", "batch_sizes": [1, 7], "reason": reason} if faster else \
         {"path": "dense", "batch_sizes": [], "reason": reason}
     assert stage["sparse_execution_choice"] == {"features.1": expected, "features.4": expected}
@@ -464,3 +466,85 @@ def test_sparse_path_with_and_without_torch_private_attributes(monkeypatch, priv
         twin_conv.weight.mul_(0.5)
         torch.testing.assert_close(sparse(x), model(x), atol=1e-5, rtol=1e-5)
     assert len(calls) == 2
+
+
+def _faked_times(model, ms_by_path, monkeypatch):
+    """Make the tuner's timer report ``ms_by_path[path]`` for whatever path the model is set to run."""
+    from compresskit.plugins.dasnet.wta import WTADropout
+
+    def fake(m, x, repeats=3):
+        with torch.no_grad():
+            m(*x)                       # as the timer does: the path's kernels get cut and prepacked
+        b = x[0].shape[0]
+        convs = [c for c in model.modules() if isinstance(c, SparseConv2d)]
+        if any(b in c.tuned_dense_batches for c in convs):
+            path = "tuned"
+        elif any(b in c.prepacked_batches for c in convs):
+            path = "prepacked"
+        elif any(b in w.compact_batches for w in model.modules() if isinstance(w, WTADropout)):
+            path = "compact"
+        else:
+            path = "masked"
+        return ms_by_path[path] / 1e3
+
+    monkeypatch.setattr(convert, "_median_time", fake)
+
+
+@pytest.mark.parametrize("net", ["vgg", "resnet"])
+def test_the_tuned_dense_path_equals_the_masked_model(net, monkeypatch):
+    """Where the tuned dense form (whole kernels, BatchNorm folded, prepacked) wins the timing, the model computes
+    exactly the masked WTA model at that batch size, and the masked path at others, in training and with autograd."""
+    model = vgg("vgg11", width=0.25) if net == "vgg" else resnet_cifar(20, width=8)
+    insert_wta(model, 0.5, blocks=2)
+    _random_batchnorm_statistics(model)
+    model.eval()
+    tuned = copy.deepcopy(model)
+    _faked_times(tuned, {"masked": 10.0, "compact": 9.9, "prepacked": 9.8, "tuned": 6.0}, monkeypatch)
+    timings = []
+    wrapped = to_sparse_execution(tuned, (torch.randn(4, 3, 32, 32),), batch_sizes=(2,), timings=timings)
+    assert wrapped and all(sizes == [] for sizes in wrapped.values())    # kept wrapped, no size runs compactly
+    assert timings[0]["tuned"] and not timings[0]["compact"] and timings[0]["tuned_ms"] == 6.0
+    convs = [m for m in tuned.modules() if isinstance(m, SparseConv2d)]
+    assert convs and all(m.tuned_dense_batches == {2} for m in convs)
+    assert convert.tuned_dense_batch_sizes(tuned) == [2]
+    calls = []
+    hooks = [m.layer.register_forward_pre_hook(lambda *a: calls.append(1)) for m in convs]
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 3, 32, 32)
+            calls.clear()
+            torch.testing.assert_close(tuned(x), model(x), atol=1e-5, rtol=1e-5)
+            assert (len(calls) == 0) == (batch == 2)        # batch 2 never calls the plain layers
+    for h in hooks:
+        h.remove()
+    if onednn.prepack_available():
+        assert all(m._cache.get(("dense", "prepacked")) is not None for m in convs)
+        assert not any(m.prepacked_kernels() for m in convs)   # the whole kernel is not counted as a slice
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    torch.testing.assert_close(tuned(x), model(x), atol=1e-5, rtol=1e-5)   # autograd: the plain layers
+    tuned(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_the_tuner_keeps_the_fastest_path_or_leaves_the_model(monkeypatch):
+    """Each batch size gets the fastest path that beats the masked model by 5%; with none, nothing is wrapped."""
+    base = resnet_cifar(20, width=8)
+    insert_wta(base, 0.5, blocks=2)
+    base.eval()
+    sample = (torch.randn(4, 3, 32, 32),)
+    cases = [({"masked": 10.0, "compact": 7.0, "prepacked": 6.0, "tuned": 8.0}, "prepacked"),
+             ({"masked": 10.0, "compact": 7.0, "prepacked": 7.5, "tuned": 8.0}, "compact"),
+             ({"masked": 10.0, "compact": 9.8, "prepacked": 9.7, "tuned": 9.6}, "masked")]
+    for times, kept in cases:
+        model = copy.deepcopy(base)
+        _faked_times(model, times, monkeypatch)
+        timings = []
+        wrapped = to_sparse_execution(model, sample, batch_sizes=(1,), timings=timings)
+        record = timings[0]
+        assert ("prepacked" if record["prepacked"] else "compact" if record["compact"] else
+                "tuned" if record["tuned"] else "masked") == (kept if onednn.prepack_available() or kept != "prepacked"
+                                                            else "compact")
+        if kept == "masked":
+            assert wrapped == {} and not any(isinstance(m, SparseConv2d) for m in model.modules())
+        else:
+            assert wrapped and all(b == [1] for b in wrapped.values())

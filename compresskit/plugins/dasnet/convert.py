@@ -1,15 +1,22 @@
-"""``to_sparse_execution``: switch a WTA model to the compact inference path, fold BatchNorms, keep it where faster.
+"""``to_sparse_execution``: switch a WTA model to the compact inference path, fold BatchNorms, keep the fastest path.
 
 The model's ``WTADropout`` modules are set to return ``ChannelSparse`` and every layer that receives one is
 wrapped in its sparse twin (``sparse_exec``), repeating until nothing new is found (a wrapped pool passes the
 compact form on to the layer behind it). BatchNorms (and ReLUs) right after a wrapped conv are folded into it
-(``fuse``). Whether all that beats the masked dense model depends on the net, the batch size and the CPU, so each
-batch size in ``batch_sizes`` is timed both ways and the compact path kept only where it is faster; where no batch
-size gains, the model is left exactly as it was (``tune=False``: kept for every size without timing). Where the
-compact path is kept, it is timed once more with the convolution kernels prepacked for oneDNN
-(``onednn.prepack_conv_weight``), kept where that is faster still; where ``onednn`` cannot prepack (private
-operators missing or switched off), that step is skipped. Timings are medians of a few single calls, each after
-warm-up calls, taken with ``torch.utils.benchmark.Timer`` at the process's thread count.
+(``fuse``). Whether all that beats dense execution depends on the net, the batch size and the CPU, so each batch
+size in ``batch_sizes`` is timed on every path and the fastest kept:
+
+* ``masked``: the WTA model as trained (the masks applied, dense layers, BatchNorm unfolded);
+* ``compact``: the compact path, and ``prepacked``: the same with kernel slices prepacked for oneDNN
+  (``onednn.prepack_conv_weight``; skipped where ``onednn`` cannot prepack);
+* ``tuned``: the tuned dense form of the same WTA model: the masked input through the wrapped convolutions' whole
+  kernels with their BatchNorm (and ReLU) folded in, prepacked for oneDNN (computing channels-last), as a tuned
+  dense model runs.
+
+A path other than ``masked`` is kept only where it is at least 5% faster; where no batch size gains, the model is
+left exactly as it was (``tune=False``: the compact path for every size without timing). Timings are medians of a
+few single calls, each after warm-up calls, taken with ``torch.utils.benchmark.Timer`` at the process's thread
+count.
 """
 from __future__ import annotations
 
@@ -66,8 +73,9 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
     """Switch the WTA modules of ``model`` to compact outputs and wrap the layers fed by them (see module doc).
 
     ``sample``: a representative input batch; each batch size in ``batch_sizes`` is built from its samples
-    (cycled) and timed with the compact path and with the masked dense one; the compact path is used for the batch
-    sizes where it is faster. ``tune=False``: it is used for every size in ``batch_sizes`` without timing
+    (cycled) and timed on every path (module doc); the fastest is used for that batch size (the tuned dense one's
+    choice is in each ``SparseConv2d.tuned_dense_batches``). ``tune=False``: the compact path is used for every
+    size in ``batch_sizes`` without timing
     (``sparse_execution: always``); ``force``: at every batch size (tests). ``fold``: fold BatchNorm / ReLU into the
     wrapped convs where the traced graph allows (see ``fuse``). ``prepack``: try prepacked conv kernels for each
     batch size run compactly (with ``force`` or ``tune=False``: use them for every size in ``batch_sizes``), where
@@ -75,8 +83,8 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
     ``SparseConv2d.prepacked_batches``. The compact path runs in eval mode without autograd (``torch.no_grad`` /
     ``inference_mode``); training and autograd use the masked dense path. Returns {wrapped layer name: batch
     sizes run compactly}. ``timings``: where given, one record per timed batch size is appended: ``{"batch",
-    "dense_ms", "compact_ms", "prepacked_ms" (None where not timed), "compact", "prepacked"}`` (the last two: what
-    was kept).
+    "dense_ms" (the masked path), "compact_ms", "prepacked_ms", "tuned_ms" (None where not timed), "compact",
+    "prepacked", "tuned"}`` (the last three: what was kept).
     """
     wta = [m for m in model.modules() if isinstance(m, WTADropout) and m.sparsity > 0]
     if not wta:
@@ -104,7 +112,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
             m.compact_always = force
         convs = [m for m in model.modules() if isinstance(m, SparseConv2d)]
         prepack = prepack and onednn.prepack_available()
-        chosen = []
+        chosen, tuned = [], []
         if force:
             for m in convs:
                 m.prepacked_batches = set(batch_sizes) if prepack else set()
@@ -112,37 +120,19 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
             for b in batch_sizes:
                 if not tune:
                     chosen.append(b)
-                    for m in wta:
-                        m.compact_batches.add(b)
-                    for m in convs if prepack else ():
-                        m.prepacked_batches.add(b)
+                    _set_path(b, "prepacked" if prepack else "compact", wta, convs)
                     continue
-                xb = tuple(t[torch.arange(b) % t.shape[0]] for t in sample)
-                for m in wta:
-                    m.compact_batches.discard(b)
-                dense_time = _median_time(model, xb)
-                for m in wta:
-                    m.compact_batches.add(b)
-                compact_time = _median_time(model, xb)
-                record = {"batch": b, "dense_ms": dense_time * 1e3, "compact_ms": compact_time * 1e3,
-                          "prepacked_ms": None, "compact": compact_time < 0.95 * dense_time, "prepacked": False}
+                record = _fastest_path(model, tuple(t[torch.arange(b) % t.shape[0]] for t in sample), b, wta,
+                                       convs, prepack)
                 if timings is not None:
                     timings.append(record)
-                if not record["compact"]:
-                    for m in wta:
-                        m.compact_batches.discard(b)
-                    continue
-                chosen.append(b)
-                if prepack and convs:     # costs only a packed copy of the kernel slices: kept on any gain
-                    for m in convs:
-                        m.prepacked_batches.add(b)
-                    packed_time = _median_time(model, xb)
-                    record["prepacked_ms"] = packed_time * 1e3
-                    record["prepacked"] = packed_time < compact_time and any(m.prepacked_kernels() for m in convs)
-                    if not record["prepacked"]:
-                        for m in convs:
-                            m.prepacked_batches.discard(b)
-            if not chosen:             # no batch size gains: leave the model as it was
+                if record["compact"]:
+                    chosen.append(b)
+                elif record["tuned"]:
+                    tuned.append(b)
+            for m in convs:
+                m.drop_unused_kernels()
+            if not chosen and not tuned:   # no batch size gains: leave the model as it was
                 unfold_batchnorm(model)
                 for name in wrapped:
                     model.set_submodule(name, model.get_submodule(name).layer)
@@ -154,6 +144,50 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
             m.compact_always = force
         model.train(was_training)
     return {name: (list(batch_sizes) if force else chosen) for name in wrapped}
+
+
+PATHS = ("masked", "compact", "prepacked", "tuned")
+
+
+def _set_path(batch: int, path: str, wta: list[WTADropout], convs: list[SparseConv2d]) -> None:
+    """Run batches of size ``batch`` on ``path``: the masked dense model, the compact path (with prepacked kernel
+    slices: ``prepacked``), or the tuned dense layers (whole kernels, BatchNorm folded, prepacked: ``tuned``)."""
+    for m in wta:
+        (m.compact_batches.add if path in ("compact", "prepacked") else m.compact_batches.discard)(batch)
+    for m in convs:
+        (m.prepacked_batches.add if path == "prepacked" else m.prepacked_batches.discard)(batch)
+        (m.tuned_dense_batches.add if path == "tuned" else m.tuned_dense_batches.discard)(batch)
+
+
+def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta: list[WTADropout],
+                  convs: list[SparseConv2d], prepack: bool) -> dict[str, Any]:
+    """Time every path for inputs ``x`` of ``batch`` samples, set the fastest and return the timing record.
+
+    The masked dense model is kept unless another path is at least 5% faster; prepacked slices are timed only
+    where the compact path runs convolutions and ``onednn`` can prepack (they cost only a packed copy of the
+    slices, so any gain keeps them), the tuned dense layers only where there are convolutions."""
+    ms: dict[str, float | None] = {path: None for path in PATHS}
+    for path in PATHS:
+        if path == "prepacked" and not (prepack and convs) or path == "tuned" and not convs:
+            continue
+        _set_path(batch, path, wta, convs)
+        ms[path] = _median_time(model, x) * 1e3
+        if path == "prepacked" and not any(m.prepacked_kernels() for m in convs):
+            ms[path] = None               # no cacheable channel set: nothing was prepacked
+    faster = {p: t for p, t in ms.items() if t is not None and p != "masked" and t < 0.95 * ms["masked"]}
+    best = min(faster, key=faster.get) if faster else "masked"
+    if best == "compact" and ms["prepacked"] is not None and ms["prepacked"] < ms["compact"]:
+        best = "prepacked"
+    _set_path(batch, best, wta, convs)
+    return {"batch": batch, "dense_ms": ms["masked"], "compact_ms": ms["compact"], "prepacked_ms": ms["prepacked"],
+            "tuned_ms": ms["tuned"], "compact": best in ("compact", "prepacked"), "prepacked": best == "prepacked",
+            "tuned": best == "tuned"}
+
+
+def tuned_dense_batch_sizes(model: nn.Module) -> list[int]:
+    """Batch sizes for which ``model``'s wrapped convolutions run as the tuned dense layers (``to_sparse_execution``:
+    the masked input through whole kernels with the BatchNorm folded, prepacked)."""
+    return sorted(set().union(*(m.tuned_dense_batches for m in model.modules() if isinstance(m, SparseConv2d))))
 
 
 def prepacked_batch_sizes(model: nn.Module) -> list[int]:

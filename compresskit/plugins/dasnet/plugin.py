@@ -13,7 +13,7 @@ from ...errors import ConfigError, shorten
 from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import option
-from .convert import prepacked_batch_sizes, to_sparse_execution
+from .convert import prepacked_batch_sizes, to_sparse_execution, tuned_dense_batch_sizes
 from .fuse import folded_batchnorms
 from .activity import ActivityProbe
 from .quantize import linear_targets, quantize_int8
@@ -45,9 +45,10 @@ class DasnetConfig:
     quantize: Literal["none", "int8"] = option("none", help="int8 dynamic quantization of the Linear layers the sparse "
                                                            "path does not run: torchao, else torch.ao with a warning")
     sparse_execution: Literal["auto", "always", "never"] = option(
-        "auto", help="after training, run inference at the tune_batches sizes on WTA's compact output: auto = where "
-                     "timing shows it faster (the model structure can then differ run to run), always = without "
-                     "timing, never = keep the masked dense model")
+        "auto", help="after training, run inference at the tune_batches sizes on the fastest of the masked model, "
+                     "WTA's compact output and the tuned dense model (BatchNorm folded, prepacked kernels): auto = "
+                     "by timing each (the model structure can then differ run to run), always = the compact path "
+                     "without timing, never = keep the masked dense model")
     tune_batches: list[int] = option([1], help=f"inference batch sizes for the compact path (at most "
                                                f"{MAX_TUNE_SIZES}); auto times each both ways and keeps the faster",
                                      min=1, max=MAX_TUNE_BATCH)
@@ -91,6 +92,7 @@ class DasnetPlugin(Plugin):
         self.timings: list[dict[str, Any]] = []
         self.folded_batchnorms = 0
         self.prepacked_batches: list[int] = []
+        self.tuned_dense_batches: list[int] = []   # batch sizes run as the tuned dense model (BN folded, prepacked)
         self.quantized: list[str] = []
         self.int8_backend: str | None = None
         self.weight_zero_fraction = 0.0
@@ -141,10 +143,10 @@ class DasnetPlugin(Plugin):
                                                      prepack=self.config.prepack_weights, timings=self.timings)
             self.folded_batchnorms = folded_batchnorms(model)
             self.prepacked_batches = prepacked_batch_sizes(model)
+            self.tuned_dense_batches = tuned_dense_batch_sizes(model)
         why = f"sparse_execution: {mode}"
         if mode == "auto":
-            why = "auto: " + ("; ".join(f"batch {t['batch']}: compact {t['compact_ms']:.3g} ms vs dense "
-                                        f"{t['dense_ms']:.3g} ms" for t in self.timings) or "no sample input to time")
+            why = "auto: " + ("; ".join(_timing_text(t) for t in self.timings) or "no sample input to time")
         for name in self.placed:
             wta = next(m for m in model.get_submodule(name).modules() if isinstance(m, WTADropout))
             if wta.sparsity == 0 or wta.active_in == "train":
@@ -152,6 +154,8 @@ class DasnetPlugin(Plugin):
                 choice = {"path": "dense", "batch_sizes": [], "reason": reason}
             elif wta.compact_batches:
                 choice = {"path": "sparse", "batch_sizes": sorted(wta.compact_batches), "reason": why}
+            elif self.tuned_dense_batches:
+                choice = {"path": "tuned dense", "batch_sizes": self.tuned_dense_batches, "reason": why}
             else:
                 choice = {"path": "dense", "batch_sizes": [], "reason": why}
             self.sparse_choice[name] = choice
@@ -188,6 +192,7 @@ class DasnetPlugin(Plugin):
             "sparse_execution_timings": self.timings,
             "folded_batchnorms": self.folded_batchnorms,
             "prepacked_batches": self.prepacked_batches,
+            "tuned_dense_batches": self.tuned_dense_batches,
             "int8_linear_layers": len(self.quantized),
             "int8_backend": self.int8_backend,
             "tables": [{"title": "WTA placement", "columns": ["after module", "sparsity"],
@@ -199,3 +204,13 @@ class DasnetPlugin(Plugin):
                        {"title": "Sparse execution", "columns": ["layer", "batch sizes run sparsely"],
                         "rows": [[name, _batches(b)] for name, b in self.sparse_layers.items()]}],
         }
+
+
+def _timing_text(record: dict[str, Any]) -> str:
+    """One batch size's timings as the report's reason: each path timed, in ms, and the one kept."""
+    paths = [("masked", record["dense_ms"]), ("compact", record["compact_ms"]),
+             ("prepacked", record.get("prepacked_ms")), ("tuned dense", record.get("tuned_ms"))]
+    kept = "prepacked" if record["prepacked"] else "compact" if record["compact"] else \
+        "tuned dense" if record.get("tuned") else "masked"
+    return f"batch {record['batch']}: " + ", ".join(f"{name} {ms:.3g} ms" for name, ms in paths if ms is not None) + \
+        f" -> {kept}"

@@ -158,9 +158,17 @@ class _SparseTwin(nn.Module):
     def forward(self, x: torch.Tensor | ChannelSparse) -> torch.Tensor:
         if not isinstance(x, ChannelSparse) or x.dim() != self.input_dim or \
                 type(self.layer) not in (nn.Conv2d, nn.Linear):
-            return self.layer(densify(x))
+            return self._dense(densify(x))
         weight, bias = self._weight_and_bias()
         y = x.assemble([self._op(p.data, self._kernel_for(p, weight, x.batch), bias) for p in x.parts])
+        return self._mark_fused(y)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on an ordinary (masked or unmasked) tensor."""
+        return self.layer(x)
+
+    def _mark_fused(self, y: torch.Tensor) -> torch.Tensor:
+        """``y``, remembered as this layer's output with the folded BatchNorm / ReLU applied (``produced``)."""
         if self._folded:
             object.__setattr__(self, "_fused_output", weakref.ref(y))     # skips nn.Module.__setattr__'s checks
         return y
@@ -168,24 +176,45 @@ class _SparseTwin(nn.Module):
 
 class SparseConv2d(_SparseTwin):
     """``nn.Conv2d`` (groups=1, zero padding) over each part's kept input channels only; for the batch sizes in
-    ``prepacked_batches`` with kernel slices prepacked for oneDNN (where ``onednn`` can prepack)."""
+    ``prepacked_batches`` with kernel slices prepacked for oneDNN (where ``onednn`` can prepack).
+
+    On an ordinary (WTA-masked) tensor of a batch size in ``tuned_dense_batches`` it is the *tuned dense* layer
+    instead, in inference (eval mode, no autograd): the whole kernel with the folded BatchNorm (and ReLU), prepacked
+    for oneDNN, as a tuned dense model runs it. ``to_sparse_execution`` chooses that where it beats both the masked
+    and the compact path."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("only groups=1, zero-padded convolutions are supported")
         super().__init__(conv)
         self.prepacked_batches: set[int] = set()
+        self.tuned_dense_batches: set[int] = set()
 
     def record_args(self) -> dict[str, Any]:
-        """The batch sizes run with prepacked kernels (see ``_SparseTwin.record_args``)."""
-        return {"prepacked_batches": sorted(self.prepacked_batches)}
+        """The batch sizes run with prepacked kernels and those run as the tuned dense layer (see
+        ``_SparseTwin.record_args``)."""
+        return {"prepacked_batches": sorted(self.prepacked_batches),
+                "tuned_dense_batches": sorted(self.tuned_dense_batches)}
 
     @classmethod
     def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "SparseConv2d":
         """See ``_SparseTwin.from_record``."""
         twin = super().from_record(model, name, args)
         twin.prepacked_batches = {int(b) for b in args.get("prepacked_batches", [])}
+        twin.tuned_dense_batches = {int(b) for b in args.get("tuned_dense_batches", [])}
         return twin
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[0] not in self.tuned_dense_batches or self.training or torch.is_grad_enabled():
+            return self.layer(x)
+        weight, bias = self._weight_and_bias()
+        kernel = self._cache.get(("dense", "prepacked"))
+        if kernel is None and onednn.prepack_available() and onednn.applies(x, self.layer):
+            kernel = onednn.prepack_conv_weight(weight, self.layer, x.shape)
+            if kernel is not None:
+                self._cache[("dense", "prepacked")] = kernel      # dropped with the slices when the weights change
+        return self._mark_fused(onednn.conv2d(x, weight if kernel is None else kernel, bias, self.layer,
+                                              self.fused_relu))
 
     def _kernel_for(self, part: Part, weight: torch.Tensor, batch: int) -> torch.Tensor:
         if batch not in self.prepacked_batches or part.key is None or not onednn.prepack_available() \
@@ -200,9 +229,17 @@ class SparseConv2d(_SparseTwin):
             self._cache[key] = packed
         return packed
 
+    def drop_unused_kernels(self) -> None:
+        """Forget the prepacked kernels no batch size uses any more (the tuner timed them and chose otherwise)."""
+        for key in [k for k in self._cache if k[-1] == "prepacked"]:
+            if (key[0] == "dense" and not self.tuned_dense_batches) or \
+                    (key[0] != "dense" and not self.prepacked_batches):
+                del self._cache[key]
+
     def prepacked_kernels(self) -> int:
-        """How many prepacked kernel slices are cached (0 where no part had a cacheable channel set)."""
-        return sum(1 for key in self._cache if key[-1] == "prepacked")
+        """How many prepacked kernel slices are cached (0 where no part had a cacheable channel set; the tuned
+        dense layer's whole kernel is not a slice)."""
+        return sum(1 for key in self._cache if key[-1] == "prepacked" and key[0] != "dense")
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return onednn.conv2d(x, weight, bias, self.layer, self.fused_relu)
