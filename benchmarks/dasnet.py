@@ -30,7 +30,8 @@ from torch.fx.experimental.optimization import fuse  # noqa: E402
 import compresskit  # noqa: E402
 from compresskit.models.resnet_cifar import resnet_cifar  # noqa: E402
 from compresskit.models.vgg import vgg  # noqa: E402
-from compresskit.plugins.dasnet import insert_wta, onednn, prepacked_batch_sizes, to_sparse_execution  # noqa: E402
+from compresskit.plugins.dasnet import (insert_wta, onednn, prepacked_batch_sizes, to_sparse_execution,  # noqa: E402
+                                        tuned_dense_batch_sizes)
 from compresskit.plugins.dasnet.fuse import folded_batchnorms  # noqa: E402
 from compresskit.recipe import validate_recipe  # noqa: E402
 
@@ -168,6 +169,7 @@ def speed_rows(allocator: str) -> list[dict]:
                              "dense_bn_folded_prepacked_ms": t["dense_folded_prepacked"], "wta_masked_ms": t["masked"],
                              "sparse_ms": t["sparse"], "compact_path_used": batch in compact_batches,
                              "prepacked_kernels_used": batch in prepacked_batch_sizes(sparse),
+                             "tuned_dense_used": batch in tuned_dense_batch_sizes(sparse),
                              "speedup_vs_dense": t["dense"] / t["sparse"],
                              "speedup_vs_best_dense": best_dense / t["sparse"], "max_abs_error": err,
                              "wrapped_layers": len(decisions),
@@ -186,10 +188,12 @@ def speed_table() -> None:
         runs += json.loads(out.stdout.strip().splitlines()[-1])
     keys = ["allocator", "net", "wta", "batch", "dense_ms", "dense_onednn_ms", "dense_bn_folded_ms",
             "dense_bn_folded_channels_last_ms", "dense_bn_folded_prepacked_ms", "wta_masked_ms", "sparse_ms",
-            "compact_path_used", "prepacked_kernels_used", "speedup_vs_dense", "speedup_vs_best_dense"]
+            "compact_path_used", "prepacked_kernels_used", "tuned_dense_used", "speedup_vs_dense",
+            "speedup_vs_best_dense"]
     publish("dasnet_speed", ["allocator", "net", "WTA", "batch", "dense ms", "dense oneDNN ms", "dense BN-folded ms",
                              "dense BN-folded NHWC ms", "dense BN-folded prepacked ms", "WTA masked ms",
-                             "sparse path ms", "compact used", "prepacked", "dense / sparse", "best dense / sparse"],
+                             "sparse path ms", "compact used", "prepacked", "tuned dense used", "dense / sparse",
+                             "best dense / sparse"],
             [[r[k] for k in keys] for r in runs],
             {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(),
              "onednn_private_ops": onednn.private_ops_enabled(), "onednn_probe": onednn.probe().reason or "ok",

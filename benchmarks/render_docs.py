@@ -271,6 +271,23 @@ def dasnet_speed() -> str:
     return rows_table("dasnet_speed")
 
 
+@renderer("dasnet-speed-summary")
+def dasnet_speed_summary() -> str:
+    """Per net and WTA form, the sparse path's speed against PyTorch's dense model and the best tuned dense one."""
+    runs = load("dasnet_speed")["runs"]
+    lines = ["| net | WTA | batch 1: vs dense | batch 1: vs best dense | batch 32: vs dense | batch 32: vs best dense |",
+             "|---|---|---|---|---|---|"]
+    for net in dict.fromkeys(r["net"] for r in runs):
+        for form in dict.fromkeys(r["wta"] for r in runs):
+            cells = []
+            for batch in (1, 32):
+                mine = [r for r in runs if r["net"] == net and r["wta"] == form and r["batch"] == batch]
+                cells += [span([r["speedup_vs_dense"] for r in mine]),
+                          span([r["speedup_vs_best_dense"] for r in mine])]
+            lines.append(f"| {net} | {form} | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + "\n\nEach cell spans the two allocator settings.\n\n" + provenance("dasnet_speed"))
+
+
 @renderer("readme-dasnet", block=False)
 def readme_dasnet() -> str:
     cells = [c for c in load("dasnet_speed")["runs"] if c["allocator"] == "default"]
