@@ -260,6 +260,31 @@ def readme_serve() -> str:
             f"TBE (pooling 1 and 20, 1 and 2 threads)")
 
 
+@renderer("fiited-drift")
+def fiited_drift() -> str:
+    return rows_table("fiited_drift", {"memory ratio": 3, "post-drift AUC": 4, "vs dense": 4})
+
+
+@renderer("fiited-planted")
+def fiited_planted() -> str:
+    return rows_table("fiited_planted", {"test AUC": 4, "vs dense": 4, "vs oracle": 4})
+
+
+@renderer("fiited-lookup")
+def fiited_lookup() -> str:
+    return rows_table("fiited_lookup", {"speed vs fp32 chunks": 2})
+
+
+@renderer("fiited-throughput")
+def fiited_throughput() -> str:
+    return rows_table("fiited_throughput", {"speed vs faster peer (TBE for DLRM)": 2})
+
+
+@renderer("fiited-rss")
+def fiited_rss() -> str:
+    return rows_table("fiited_rss")
+
+
 # ------------------------------------------------------------------------------------------------------ DASNet
 @renderer("dasnet-accuracy")
 def dasnet_accuracy() -> str:
@@ -328,6 +353,21 @@ def readme_hypar() -> str:
     return (f"VGG-E on {data['accelerators']} accelerators (batch {data['batch']}) moves {ratio:.2f}x less data "
             f"per step than all-data-parallel. Run on 2 and 4 gloo processes, planned steps of SFC- and "
             f"VGG-classifier-like models are {span(ddp, 1)} faster than DDP")
+
+
+@renderer("hypar-graphs")
+def hypar_graphs() -> str:
+    return rows_table("hypar_graphs")
+
+
+@renderer("hypar-planner-time")
+def hypar_planner_time() -> str:
+    return rows_table("hypar_planner_time")
+
+
+@renderer("hypar-step-model")
+def hypar_step_model() -> str:
+    return rows_table("hypar_step_model")
 
 
 # ------------------------------------------------------------------------------------------------- distributed
