@@ -203,14 +203,16 @@ def validate_recipe(data: Any, *, require_model: bool = False) -> Recipe:
     needs_training = any(s.plugin.kind == "transform" for s in stages)
     if recipe.train is not None and recipe.data is None and needs_training and require_model:
         raise ConfigError("data", "required field is missing (training needs a dataset)")
-    recipe._validated_as = to_dict(recipe)   # what was checked, so that is_validated sees later edits
+    recipe._validated_as = repr(recipe)   # what was checked, types included, so that is_validated sees later edits
     return recipe
 
 
 def is_validated(recipe: Recipe) -> bool:
     """True for a Recipe :func:`validate_recipe` returned and nobody changed since (a Recipe built in Python, or
-    one edited after validation, is validated again before it runs)."""
-    return getattr(recipe, "_validated_as", None) == to_dict(recipe)
+    one edited after validation, is validated again before it runs). The comparison is of the dataclasses' reprs,
+    which name every class and type: a raw dict put where a typed section was, or 256.0 where 256 was, counts as
+    an edit."""
+    return getattr(recipe, "_validated_as", None) == repr(recipe)
 
 
 MAX_RECIPE_BYTES = 1 << 20   # a recipe is settings, not data: data goes in data.path
@@ -321,31 +323,42 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REFERENCE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 
 
 def expand_environment(data: Any, where: str = "") -> Any:
-    """``data`` with every ``${NAME}`` / ``${NAME:-default}`` in its strings replaced by the environment variable
-    (or the default when it is unset or empty), so a recipe can say ``path: ${COMPRESSKIT_DATA:-data}/ml-100k``.
-    A variable that is unset with no default is a ConfigError naming the field and the variable."""
+    """``data`` with every ``${NAME}`` / ``${NAME:-default}`` in its strings replaced by the environment variable,
+    as a shell does: ``${NAME:-default}`` takes the default when ``NAME`` is unset or empty, ``${NAME}`` takes the
+    value even when empty, and an unset ``${NAME}`` is a ConfigError naming the field and the variable. ``$${``
+    writes a literal ``${``. A string that is one reference and nothing else is read as YAML once expanded
+    (``epochs: ${EPOCHS:-3}`` gives the number 3), as ``--set`` values are."""
     if isinstance(data, dict):
         return {k: expand_environment(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
     if isinstance(data, list):
-        return [expand_environment(v, f"{where}[{i}]") for i, v in enumerate(data)]
+        return [expand_environment(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(data)]
     if not isinstance(data, str) or "${" not in data:
         return data
 
     def value(match: re.Match) -> str:
-        name, default = match.group(1), match.group(2)
+        escaped, name, default = match.group(1), match.group(2), match.group(3)
+        if escaped:
+            return match.group(0)[1:]
         found = os.environ.get(name)
-        if found:
-            return found
         if default is not None:
-            return default
+            return found if found else default[2:]
+        if found is not None:
+            return found
         raise ConfigError(where, f"environment variable {name} is not set (the value is {shorten(data)}); set it, "
                                  f"write ${{{name}:-default}}, or give the value with --set {where}=...")
 
-    return ENV_REFERENCE.sub(value, data)
+    expanded = ENV_REFERENCE.sub(value, data)
+    whole = ENV_REFERENCE.fullmatch(data)
+    if whole and not whole.group(1):
+        try:
+            return yaml.safe_load(expanded) if expanded.strip() else expanded
+        except yaml.YAMLError:
+            return expanded
+    return expanded
 
 
 def load_recipe(path: str, overrides: list[str] | None = None, *, require_model: bool = True

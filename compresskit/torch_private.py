@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-MIN_TORCH = (2, 13)   # the oldest release these attributes were checked on
+MIN_TORCH = (2, 4)    # the oldest release the project supports; each attribute is probed as well
 
 
 def _torch_at_least(version: tuple[int, int]) -> bool:
@@ -23,7 +23,7 @@ def _torch_at_least(version: tuple[int, int]) -> bool:
 
 
 def _probe() -> bool:
-    module = nn.Linear(1, 1)
+    module = nn.Module()        # no parameters drawn: importing this must not touch the global random state
     try:
         return (_torch_at_least(MIN_TORCH) and isinstance(module._parameters, dict)
                 and isinstance(module._buffers, dict) and isinstance(module._forward_hooks, dict)

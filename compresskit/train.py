@@ -157,7 +157,9 @@ class Trainer:
         self._ddp_params: tuple[int, ...] = ()
         self._ddp_ignored: set[str] | None = None     # sharded tables' names: fixed once the model is sharded
         self.steps_per_epoch = steps_per_epoch(train_cfg, len(data.train))
-        self.total_steps = compression.ctx.total_steps   # planned once by api.run, before prepare() schedules it
+        if not compression.ctx.total_steps:     # prepared without a length: plan it here, once
+            compression.ctx.total_steps = planned_steps(train_cfg, len(data.train))
+        self.total_steps = compression.ctx.total_steps   # planned before prepare() schedules it (api.run)
         self.optimizer = build_optimizer(train_cfg.optimizer, self.model.parameters())
         compression.attach_optimizer(self.optimizer)
         self.history: list[dict[str, float]] = []

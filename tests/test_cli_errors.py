@@ -127,6 +127,13 @@ def test_recipe_strings_expand_environment_variables(tmp_path, monkeypatch, caps
     monkeypatch.delenv("CK_TEST_DIR")
     with pytest.raises(ConfigError, match=r"^output.dir: environment variable CK_TEST_DIR is not set"):
         expand_environment({"output": {"dir": "${CK_TEST_DIR}/runs"}})
+    with pytest.raises(ConfigError, match=r"give the value with --set stages.0.dir="):    # --set's own syntax
+        expand_environment({"stages": [{"dir": "${CK_TEST_DIR}"}]})
+    assert expand_environment({"train": {"epochs": "${CK_TEST_DIR:-3}"}, "note": "$${CK_TEST_DIR}"}) == \
+        {"train": {"epochs": 3}, "note": "${CK_TEST_DIR}"}                # a whole reference reads as YAML
+    monkeypatch.setenv("CK_TEST_DIR", "")                                  # set but empty, as a shell reads it
+    assert expand_environment({"a": "${CK_TEST_DIR}", "b": "${CK_TEST_DIR:-d}"}) == {"a": "", "b": "d"}
+    monkeypatch.delenv("CK_TEST_DIR")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: lenet5}\ndata: {name: digits}\noutput: {dir: '${CK_TEST_DIR:-" + str(tmp_path)
                       + "}/run'}\nstages: [{plugin: dasnet}]\n")

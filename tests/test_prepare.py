@@ -237,6 +237,16 @@ def test_a_validated_recipe_is_validated_once(monkeypatch):
     with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\].chunk_size: got 0, expected a value >= 1"):
         compresskit.prepare(copy.deepcopy(model), recipe)
     assert calls
+    from compresskit.recipe import is_validated
+    from compresskit.schema import to_dict
+
+    fresh = compresskit.validate_recipe({"train": {"batch_size": 256}, "stages": [{"plugin": "fiited"}]})
+    assert is_validated(fresh) and is_validated(copy.deepcopy(fresh))
+    fresh.train.batch_size = 256.0                                   # equal as a number, not the validated type
+    assert not is_validated(fresh)
+    fresh = compresskit.validate_recipe({"train": {"batch_size": 256}, "stages": [{"plugin": "fiited"}]})
+    fresh.train.optimizer = to_dict(fresh.train.optimizer)            # the same values as a raw dict
+    assert not is_validated(fresh)
 
 
 def test_one_registry_type_with_one_error():

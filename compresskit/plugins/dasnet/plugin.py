@@ -158,6 +158,8 @@ class DasnetPlugin(Plugin):
                 choice = {"path": "tuned dense", "batch_sizes": self.tuned_dense_batches, "reason": why}
             else:
                 choice = {"path": "dense", "batch_sizes": [], "reason": why}
+            if choice["path"] == "sparse" and self.tuned_dense_batches:   # some sizes compact, others tuned dense
+                choice["tuned_dense_batch_sizes"] = self.tuned_dense_batches
             self.sparse_choice[name] = choice
             log.info("WTA after %s: %s path (%s)", name, choice["path"], choice["reason"])
 

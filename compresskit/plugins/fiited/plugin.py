@@ -53,8 +53,8 @@ class FiitedConfig:
                                         "registered in compresskit.plugins.fiited.methods.TABLE_METHODS")
     target_memory_ratio: float = option(0.1, help="embedding bytes kept (payload + index: all inference needs) / "
                                                   "dense embedding bytes", min=0, max=1, min_exclusive=True)
-    chunk_size: int = option(4, help="values per dimension chunk (must divide the embedding dim); 4 is what every "
-                                     "measured result uses", min=1)
+    chunk_size: int = option(4, help="values per dimension chunk (must divide the embedding dim); 4 is what the "
+                                     "quality results use", min=1)
     include: list[str] = option([], help="module-name patterns to convert (default: every embedding)")
     decay: float = option(0.99, help="per-step utility decay gamma", min=0, max=1, min_exclusive=True)
     start_fraction: float = option(0.1, help="first pruning at this fraction of training steps", min=0, max=1)

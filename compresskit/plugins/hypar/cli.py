@@ -112,10 +112,10 @@ def plan_command(args: argparse.Namespace) -> int:
 
     Order: the recipe (or the --model recipe), then --set (indices of the recipe's own stages), then only the hypar
     stages are kept (no training), then the flags as overrides of those stages, then validation and the run."""
-    from ...recipe import apply_overrides, validate_recipe
+    from ...recipe import apply_overrides, expand_environment, validate_recipe
     from .report import summary
 
-    raw = apply_overrides(_base_recipe(args), args.set or [])
+    raw = expand_environment(apply_overrides(_base_recipe(args), args.set or []))
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     hypar = [s for s in stages if isinstance(s, dict) and s.get("plugin") == "hypar"]
     if not hypar:
