@@ -12,6 +12,7 @@ After a benchmark run, rerun this and commit the JSON and the docs together.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -260,42 +261,7 @@ def readme_serve() -> str:
             f"TBE (pooling 1 and 20, 1 and 2 threads)")
 
 
-@renderer("fiited-drift")
-def fiited_drift() -> str:
-    return rows_table("fiited_drift", {"memory ratio": 3, "post-drift AUC": 4, "vs dense": 4})
-
-
-@renderer("fiited-planted")
-def fiited_planted() -> str:
-    return rows_table("fiited_planted", {"test AUC": 4, "vs dense": 4, "vs oracle": 4})
-
-
-@renderer("fiited-lookup")
-def fiited_lookup() -> str:
-    return rows_table("fiited_lookup", {"speed vs fp32 chunks": 2})
-
-
-@renderer("fiited-throughput")
-def fiited_throughput() -> str:
-    return rows_table("fiited_throughput", {"speed vs faster peer (TBE for DLRM)": 2})
-
-
-@renderer("fiited-rss")
-def fiited_rss() -> str:
-    return rows_table("fiited_rss")
-
-
 # ------------------------------------------------------------------------------------------------------ DASNet
-@renderer("dasnet-accuracy")
-def dasnet_accuracy() -> str:
-    return rows_table("dasnet_accuracy", {"mean test acc": 4, "min": 4, "max": 4, "points vs dense": 2})
-
-
-@renderer("dasnet-speed")
-def dasnet_speed() -> str:
-    return rows_table("dasnet_speed")
-
-
 @renderer("dasnet-speed-summary")
 def dasnet_speed_summary() -> str:
     """Per net and WTA form, the sparse path's speed against PyTorch's dense model and the best tuned dense one."""
@@ -332,17 +298,6 @@ def readme_dasnet() -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- HyPar
-@renderer("hypar-networks")
-def hypar_networks() -> str:
-    return rows_table("hypar", {"HyPar GiB/step": 3, "joint GiB/step": 3, "all-DP / HyPar": 2,
-                                "best all-MP / HyPar": 1, "OWT / HyPar": 2})
-
-
-@renderer("hypar-measured")
-def hypar_measured() -> str:
-    return rows_table("hypar_measured")
-
-
 @renderer("readme-hypar", block=False)
 def readme_hypar() -> str:
     data = load("hypar")
@@ -355,25 +310,26 @@ def readme_hypar() -> str:
             f"VGG-classifier-like models are {span(ddp, 1)} faster than DDP")
 
 
-@renderer("hypar-graphs")
-def hypar_graphs() -> str:
-    return rows_table("hypar_graphs")
-
-
-@renderer("hypar-planner-time")
-def hypar_planner_time() -> str:
-    return rows_table("hypar_planner_time")
-
-
-@renderer("hypar-step-model")
-def hypar_step_model() -> str:
-    return rows_table("hypar_step_model")
-
-
-# ------------------------------------------------------------------------------------------------- distributed
-@renderer("distributed")
-def distributed() -> str:
-    return rows_table("distributed")
+# ------------------------------------------------------------------------------------------------ plain tables
+# results files whose own table is rendered as it stands: block name -> (file, decimals of some columns)
+PLAIN_TABLES: dict[str, tuple[str, dict[str, int]]] = {
+    "fiited-drift": ("fiited_drift", {"memory ratio": 3, "post-drift AUC": 4, "vs dense": 4}),
+    "fiited-planted": ("fiited_planted", {"test AUC": 4, "vs dense": 4, "vs oracle": 4}),
+    "fiited-lookup": ("fiited_lookup", {"speed vs fp32 chunks": 2}),
+    "fiited-throughput": ("fiited_throughput", {"speed vs faster peer (TBE for DLRM)": 2}),
+    "fiited-rss": ("fiited_rss", {}),
+    "dasnet-accuracy": ("dasnet_accuracy", {"mean test acc": 4, "min": 4, "max": 4, "points vs dense": 2}),
+    "dasnet-speed": ("dasnet_speed", {}),
+    "hypar-networks": ("hypar", {"HyPar GiB/step": 3, "joint GiB/step": 3, "all-DP / HyPar": 2,
+                                "best all-MP / HyPar": 1, "OWT / HyPar": 2}),
+    "hypar-measured": ("hypar_measured", {}),
+    "hypar-graphs": ("hypar_graphs", {}),
+    "hypar-planner-time": ("hypar_planner_time", {}),
+    "hypar-step-model": ("hypar_step_model", {}),
+    "distributed": ("distributed", {}),
+}
+for _name, (_file, _digits) in PLAIN_TABLES.items():
+    renderer(_name)(functools.partial(rows_table, _file, _digits))
 
 
 # --------------------------------------------------------------------------------------------------- rewriting
