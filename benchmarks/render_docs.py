@@ -209,6 +209,24 @@ def fiited_quality_findings() -> str:
     return "\n".join(lines)
 
 
+@renderer("fiited-optimizer-choice", block=False)
+def fiited_optimizer_choice() -> str:
+    choice = load("fiited_quality")["optimizer_selection"]
+    parts = []
+    for ds, c in choice.items():
+        other = next(o for o in ("adagrad", "adam") if o != c["optimizer"])
+        parts.append(f"{c['optimizer'].capitalize()} on {ds} ({c[c['optimizer']]['dense_val_auc']:.4f} against "
+                     f"{c[other]['dense_val_auc']:.4f})")
+    return ", ".join(parts)
+
+
+@renderer("fiited-training-state", block=False)
+def fiited_training_state() -> str:
+    ten = next(c for c in load("fiited_quality_hashing")["cells"] if c["dataset"] == "movielens"
+               and c["method"] == "fiited" and c["ratio"] == 0.1)
+    return f"{ten['training_state_bytes'] / ten['payload_bytes']:.2f}x its payload at 10% on MovieLens"
+
+
 @renderer("fiited-quality")
 def fiited_quality() -> str:
     """The full quality run, AdaEmbed's cells from its rerun with the published rules."""
