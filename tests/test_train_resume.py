@@ -12,7 +12,7 @@ import torch
 
 RECIPE = """
 model: {name: dlrm, args: {embedding_dim: 8, bottom_mlp: [16], top_mlp: [16]}}
-data: {name: synthetic-ctr, args: {num_samples: 40000, cardinality_scale: 0.0005}}
+data: {name: synthetic-ctr, args: {num_samples: 20000, cardinality_scale: 0.0005}}
 train: {epochs: 2, batch_size: 64, checkpoint_every: 25, progress: false, threads: 1,
         optimizer: {name: adagrad, lr: 0.05}}
 stages:
@@ -58,7 +58,7 @@ def test_kill_then_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resuming from step {killed_at}"
-    assert 0 < killed_at < 1250
+    assert 0 < killed_at < 500          # 2 epochs of 250 steps (16,000 training samples at batch 64)
     full_report = json.loads((full_dir / "report.json").read_text())
     cut_report = json.loads((cut_dir / "report.json").read_text())
     assert _without_timings(full_report) == _without_timings(cut_report), "the resumed report differs"
@@ -79,7 +79,7 @@ def _without_timings(report):
 def test_resume_refuses_a_checkpoint_from_another_recipe(tmp_path):
     out = tmp_path / "o"
     r1 = tmp_path / "a.yaml"
-    r1.write_text(RECIPE.replace("OUT", str(out)).replace("num_samples: 40000", "num_samples: 2000"))
+    r1.write_text(RECIPE.replace("OUT", str(out)).replace("num_samples: 20000", "num_samples: 2000"))
     assert subprocess.run(_cmd(r1), capture_output=True, timeout=600).returncode == 0
     r2 = tmp_path / "b.yaml"
     r2.write_text(r1.read_text().replace("target_memory_ratio: 0.3", "target_memory_ratio: 0.5"))
