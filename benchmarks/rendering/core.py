@@ -57,15 +57,14 @@ def number(value: Any, digits: int | None = None) -> str:
     return str(value)
 
 
-def rows_table(name: str, digits: dict[str, int] | None = None, where: Callable[[dict], bool] | None = None) -> str:
+def rows_table(name: str, digits: dict[str, int] | None = None) -> str:
     """The results file's own table (its ``columns`` and ``rows``) as markdown; ``digits``: decimals of some
-    columns; ``where``: which rows (by a dict of the row's columns)."""
+    columns."""
     data = load(name)
     columns, digits = data["columns"], digits or {}
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in data["rows"]:
-        if where is None or where(dict(zip(columns, row))):
-            lines.append("| " + " | ".join(number(v, digits.get(c)) for c, v in zip(columns, row)) + " |")
+        lines.append("| " + " | ".join(number(v, digits.get(c)) for c, v in zip(columns, row)) + " |")
     return "\n".join(lines) + "\n\n" + provenance(name)
 
 
@@ -75,7 +74,6 @@ def span(values: list[float], digits: int = 2, unit: str = "x") -> str:
     return f"{lo}{unit}" if lo == hi else f"{lo}-{hi}{unit}"
 
 
-def table_rows(name: str) -> list[dict[str, Any]]:
-    """A results file's table rows as dicts by column."""
-    data = load(name)
+def table_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """A loaded results file's table rows as dicts by column."""
     return [dict(zip(data["columns"], r)) for r in data["rows"]]

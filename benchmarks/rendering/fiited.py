@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import load, provenance, renderer, span
+from .core import load, provenance, renderer, span, table_rows
 
 
 @renderer("fiited-hashing")
@@ -407,7 +407,7 @@ def fiited_speed_findings() -> str:
 def fiited_drift_findings() -> str:
     """What the drift table says, and what regrowth costs on the stationary tables."""
     data = load("fiited_drift")
-    rows = [dict(zip(data["columns"], r)) for r in data["rows"]]
+    rows = table_rows(data)
 
     def row(method, target):
         return next(r for r in rows if r["method"] == method and r["target"] == target)
@@ -446,7 +446,7 @@ def fiited_drift_findings() -> str:
 def fiited_planted_findings() -> str:
     """What the planted-dimension table says."""
     data = load("fiited_planted")
-    rows = {r[0]: dict(zip(data["columns"], r)) for r in data["rows"]}
+    rows = {r["method"]: r for r in table_rows(data)}
     cells = {c["method"]: c for c in data["cells"]}
     fiited, dense = rows["fiited"], rows["dense"]
     per_access = rows.get("fiited-per-access")

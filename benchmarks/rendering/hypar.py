@@ -20,7 +20,7 @@ def readme_hypar() -> str:
 
 @renderer("hypar-networks-findings", block=False)
 def hypar_networks_findings() -> str:
-    rows = [r for r in table_rows("hypar") if isinstance(r["HyPar GiB/step"], float)]     # not the geomean rows
+    rows = [r for r in table_rows(load("hypar")) if isinstance(r["HyPar GiB/step"], float)]     # not the geomean rows
     paper = [r for r in rows if r["partitions"] == "paper"]
     accpar = {r["network"]: r for r in rows if r["partitions"] == "accpar"}
     lo = min(paper, key=lambda r: r["all-DP / HyPar"])
@@ -42,7 +42,7 @@ def hypar_networks_findings() -> str:
 @renderer("hypar-step-findings", block=False)
 def hypar_step_findings() -> str:
     data = load("hypar_step_model")
-    rows = [dict(zip(data["columns"], r)) for r in data["rows"]]
+    rows = table_rows(data)
     geo = [r for r in rows if r["network"] == "geomean"]
     paper = data.get("paper", {})
     vgg = [r for r in rows if str(r["network"]).startswith("vgg")]
@@ -62,7 +62,7 @@ def hypar_step_findings() -> str:
 
 @renderer("hypar-graphs-findings", block=False)
 def hypar_graphs_findings() -> str:
-    rows = table_rows("hypar_graphs")
+    rows = table_rows(load("hypar_graphs"))
     paper = [r for r in rows if r["partitions"] == "paper"]
     accpar = [r for r in rows if r["partitions"] == "accpar" and isinstance(r["chain / exact"], float)]
     saves = [1 - 1 / r["chain / exact"] for r in accpar]
@@ -74,7 +74,7 @@ def hypar_graphs_findings() -> str:
 
 @renderer("hypar-measured-findings", block=False)
 def hypar_measured_findings() -> str:
-    rows = table_rows("hypar_measured")
+    rows = table_rows(load("hypar_measured"))
     ddp = [r["DDP / HyPar time"] for r in rows]
     own = [r["all-DP / HyPar time"] / r["DDP / HyPar time"] for r in rows]
     under = [r for r in rows if r["HyPar received / paper model"] > 1]
