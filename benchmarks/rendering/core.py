@@ -36,6 +36,12 @@ def provenance(*names: str) -> str:
     return "_Measured: " + "; ".join(parts) + "._"
 
 
+def measured_on(*names: str) -> str:
+    """The dates the results files were measured on, for a sentence that quotes them ("measured 2026-12-02")."""
+    dates = sorted({load(name).get("environment", {}).get("date", "?") for name in names})
+    return "measured " + " and ".join(dates)
+
+
 def number(value: Any, digits: int | None = None) -> str:
     """A table cell: ``digits`` decimals if given, else three significant digits (two decimals below 1, whole
     numbers whole); yes/no for booleans, - for nothing."""

@@ -1,7 +1,7 @@
 """Renderers of DASNet's results (docs/dasnet.md and the README's DASNet numbers)."""
 from __future__ import annotations
 
-from .core import load, provenance, renderer, span
+from .core import load, measured_on, provenance, renderer, span
 
 
 @renderer("dasnet-speed-summary")
@@ -65,4 +65,5 @@ def readme_dasnet() -> str:
             f"the speed of the tuned dense model (BatchNorm folded, prepacked oneDNN kernels, best memory format; "
             f"batch 1 / 32) and {span(plain[1])} / {span(plain[32])} that of PyTorch's plain dense model, at "
             f"{drop:+.2f} accuracy points (LeNet-5 on digits, 3 seeds). The paper's per-channel WTA gets no speed "
-            f"({span(per_channel)} of the tuned dense model)")
+            f"({span(per_channel)} of the tuned dense model; {load('dasnet_speed')['environment']['threads']} "
+            f"threads, {measured_on('dasnet_speed', 'dasnet_accuracy')})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import load, provenance, renderer, span, table_rows
+from .core import load, measured_on, provenance, renderer, span, table_rows
 
 
 @renderer("fiited-hashing")
@@ -273,7 +273,8 @@ def readme_fiited() -> str:
             f"of the chunks pruned and {span(step['unpruned'])} unpruned. Serving is slower than the peers: the "
             f"packed export of that table looks up at {span(serve['90% pruned'])} the speed of the faster of "
             f"`nn.EmbeddingBag` fp32 and FBGEMM's INT8 TBE with 90% pruned, {span(serve['unpruned'])} unpruned "
-            f"(pooling 1 and 20, 1 and 2 threads)")
+            f"(pooling 1 and 20, 1 and 2 threads; "
+            f"{measured_on('fiited_quality_hashing', 'fiited_throughput', 'fiited_serve')})")
 
 
 @renderer("fiited-precision-findings")
