@@ -50,11 +50,12 @@ class ConfigError(CompressKitError):
 
 
 class DataError(CompressKitError):
-    """A data file holds a record the loader cannot read: names the file, the line and what was expected."""
+    """A data file holds a record the loader cannot read: names the file, the line (``unit``: "row" for a
+    columnar file) and what was expected."""
 
-    def __init__(self, file: str, line: int | None, message: str) -> None:
+    def __init__(self, file: str, line: int | None, message: str, unit: str = "line") -> None:
         self.file, self.line = file, line
-        where = f"{file} line {line}" if line is not None else file
+        where = f"{file} {unit} {line}" if line is not None else file
         super().__init__(f"data: {where}: {message}")
 
 

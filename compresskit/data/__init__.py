@@ -40,7 +40,8 @@ class DatasetEntry:
 
 
 def _import_builtins() -> None:
-    from . import adult, criteo, drift_ctr, images, movielens, planted_ctr, synthetic_ctr  # noqa: F401  (registration)
+    from . import (adult, columns, criteo, drift_ctr, images, libfm, movielens, planted_ctr,  # noqa: F401
+                   synthetic_ctr)  # (registration)
 
 
 DATASETS: Registry[DatasetEntry] = Registry("dataset", "data.name", _import_builtins)

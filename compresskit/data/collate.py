@@ -1,7 +1,8 @@
 """Built-in collates (``data.collate``): functions ``collate(inputs, label[, info])`` that turn one batch of a
 dataset's tensors into a model's inputs (see :func:`compresskit.data.batches.to_model_inputs`).
 
-``torchrec``: ``(dense [B, D], categorical [B, F], label)`` -> ``{dense, sparse: KeyedJaggedTensor, labels}`` for
+``torchrec``: ``(dense [B, D], categorical [B, F] or [B, F, L][, weights], label)`` -> ``{dense, sparse:
+KeyedJaggedTensor, labels}`` for
 TorchRec models (``torchrec.models.dlrm.DLRM``: ``model(dense, sparse)``). TorchRec is imported when first used.
 """
 from __future__ import annotations
@@ -38,24 +39,31 @@ def require_torchrec(path: str, load: bool = True) -> ModuleType | None:
 
 def torchrec_collate(inputs: tuple[torch.Tensor, ...], label: torch.Tensor,
                      info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``(dense, categorical)`` -> ``{"dense": float [B, D], "sparse": KeyedJaggedTensor, "labels": label}``.
+    """``(dense, categorical[, weights])`` -> ``{"dense": float [B, D], "sparse": KeyedJaggedTensor, "labels":
+    label}``.
 
-    ``categorical`` is int ``[B, F]``: one id per feature per sample, i.e. a KJT with every length 1. Feature names
-    (the KJT's keys) are ``info["sparse_names"]`` when the dataset gives them, else ``f0 .. f{F-1}`` (as the
-    ``torchrec_dlrm`` model names its tables' features)."""
-    if len(inputs) != 2 or not (torch.is_tensor(inputs[1]) and inputs[1].dim() == 2
-                                and not inputs[1].is_floating_point()):
+    ``categorical`` is int ``[B, F]`` (one id per feature per sample: a KJT with every length 1) or ``[B, F, L]``
+    (multi-hot bags padded with -1: lengths count the ids); ``weights`` (the shape of ``categorical``) become the
+    KJT's weights. Feature names (the KJT's keys) are ``info["sparse_names"]`` when the dataset gives them, else
+    ``f0 .. f{F-1}`` (as the ``torchrec_dlrm`` model names its tables' features)."""
+    sparse = inputs[1] if len(inputs) in (2, 3) else None
+    weights = inputs[2] if len(inputs) == 3 else None
+    if not (torch.is_tensor(sparse) and sparse.dim() in (2, 3) and not sparse.is_floating_point()
+            and (weights is None or (torch.is_tensor(weights) and weights.shape == sparse.shape))):
         held = ", ".join(f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}" if torch.is_tensor(t)
                          else type(t).__name__ for t in inputs) or "nothing"
         raise ConfigError("data.collate", f"'torchrec' takes batches of (dense float [B, D], categorical int "
-                                          f"[B, F], label); this dataset's batches hold {held} before the label")
+                                          f"[B, F] or [B, F, L], optional weights of its shape, label); this "
+                                          f"dataset's batches hold {held} before the label")
     torchrec = sys.modules.get("torchrec") or require_torchrec("data.collate")   # imported once, checked once
-    dense, sparse = inputs
-    batch, features = sparse.shape
-    names = feature_names(features, info)
-    return {"dense": dense.float(),
-            "sparse": torchrec.KeyedJaggedTensor(keys=names, values=sparse.t().reshape(-1).long(),
-                                                 lengths=torch.ones(batch * features, dtype=torch.int64),
+    batch, features = sparse.shape[:2]
+    major = sparse.transpose(0, 1).reshape(batch * features, -1)             # feature-major bags, as KJTs hold
+    kept = major >= 0
+    values = major[kept].long()
+    kjt_weights = None if weights is None else weights.transpose(0, 1).reshape(batch * features, -1)[kept].float()
+    return {"dense": inputs[0].float(),
+            "sparse": torchrec.KeyedJaggedTensor(keys=feature_names(features, info), values=values,
+                                                 lengths=kept.sum(1).to(torch.int64), weights=kjt_weights,
                                                  stride=batch),
             "labels": label}
 

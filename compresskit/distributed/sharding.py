@@ -18,7 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..metrics import module_bytes
-from ..models.tables import EmbeddingTables
+from ..models.tables import EmbeddingTables, bags_of, check_sparse
 from .collective import Collective
 
 
@@ -49,7 +49,8 @@ class _Exchange(torch.autograd.Function):
 
 class ShardedTables(nn.ModuleDict):
     """This rank's tables of a sharded :class:`EmbeddingTables`, keyed by feature index (state-dict keys stay those
-    of the unsharded collection); ``forward(sparse [B_local, F]) -> [B_local, dim_f]`` per feature, exchanged."""
+    of the unsharded collection); ``forward(sparse [B_local, F] or [B_local, F, L], weights=None) -> [B_local,
+    dim_f]`` per feature, exchanged (multi-hot bags and their weights travel padded, as the batch holds them)."""
 
     def __init__(self, tables: EmbeddingTables, owners: list[int], coll: Collective) -> None:
         super().__init__({str(i): t for i, t in enumerate(tables) if owners[i] == coll.rank})
@@ -60,20 +61,17 @@ class ShardedTables(nn.ModuleDict):
         self.widths = [sum(self.dims[f] for f in feats) for feats in self.features_of]   # pooled width a rank
         self._anchor = torch.zeros(0, requires_grad=True)  # makes every rank run the backward exchange
 
-    def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+    def forward(self, sparse: torch.Tensor, weights: torch.Tensor | None = None  # type: ignore[override]
+                ) -> list[torch.Tensor]:
         coll, mine = self.coll, self.features_of[self.coll.rank]
-        if sparse.dim() != 2 or sparse.shape[1] != len(self.owners):
-            raise ValueError(f"expected sparse ids of shape [batch, {len(self.owners)}], got {tuple(sparse.shape)}")
-        batch = sparse.shape[0]
+        check_sparse(sparse, weights, len(self.owners))
+        batch, bag = sparse.shape[0], (sparse.shape[2] if sparse.dim() == 3 else 0)
         sizes = coll.all_gather_sizes(batch)
-        ids = coll.all_to_all(torch.cat([sparse[:, f].reshape(-1) for f in self.features_of]).long(),
-                              [batch * len(f) for f in self.features_of], [n * len(mine) for n in sizes])
-        ids = torch.cat([part.view(n, len(mine)) for part, n in zip(ids.split([n * len(mine) for n in sizes]),
-                                                                      sizes)])
-        offsets = torch.arange(ids.shape[0])
-        width, widths = self.widths[coll.rank], self.widths
-        pooled = (torch.cat([self[str(f)](ids[:, k].contiguous(), offsets) for k, f in enumerate(mine)], dim=1)
+        ids = self._to_owners(sparse.long(), batch, bag, sizes)
+        w = None if weights is None else self._to_owners(weights, batch, bag, sizes)
+        pooled = (torch.cat([self[str(f)](*bags_of(ids, w, k)) for k, f in enumerate(mine)], dim=1)
                   if mine else torch.zeros(ids.shape[0], 0))
+        width, widths = self.widths[coll.rank], self.widths
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
         mine_out = _Exchange.apply(pooled.reshape(-1), anchor, coll, [n * width for n in sizes],
                                    [batch * w for w in widths], 1.0 / coll.world)
@@ -82,6 +80,17 @@ class ShardedTables(nn.ModuleDict):
             for f, vec in zip(feats, block.view(batch, w).split([self.dims[f] for f in feats], dim=1)):
                 out[f] = vec
         return out  # type: ignore[return-value]
+
+    def _to_owners(self, values: torch.Tensor, batch: int, bag: int, sizes: list[int]) -> torch.Tensor:
+        """Each feature's ids (or weights) ``[batch, F(, bag)]`` sent to the feature's owner: this rank gets
+        ``[global batch, its features(, bag)]``, samples in rank order."""
+        mine, width = self.features_of[self.coll.rank], max(bag, 1)
+        out = self.coll.all_to_all(torch.cat([values[:, f].reshape(-1) for f in self.features_of]),
+                                   [batch * len(f) * width for f in self.features_of],
+                                   [n * len(mine) * width for n in sizes])
+        shape = (len(mine), bag) if bag else (len(mine),)
+        return torch.cat([part.view(n, *shape) for part, n in zip(out.split([n * len(mine) * width for n in sizes]),
+                                                                  sizes)])
 
     def extra_repr(self) -> str:
         return f"rank {self.coll.rank} of {self.coll.world}: features {self.features_of[self.coll.rank]}"

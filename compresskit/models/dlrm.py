@@ -26,7 +26,9 @@ def mlp(sizes: list[int], final_activation: bool) -> nn.Sequential:
 class DLRM(nn.Module):
     """Deep Learning Recommendation Model with dot interaction; ``forward(dense, sparse) -> logits [B]``.
 
-    ``sparse`` is an int64 tensor [B, num_features] of one id per feature (Criteo-style single-valued features).
+    ``sparse`` is an int64 tensor [B, num_features] of one id per feature (Criteo-style single-valued features), or
+    [B, num_features, L] of bags padded with -1 (multi-hot features); ``weights`` (optional, the shape of
+    ``sparse``) weighs each id, as the ``csv``/``libfm`` loaders give it for weighted values.
     ``tables`` (optional) are the embedding modules to use, one per feature, each called as ``table(ids, offsets)``
     (as TorchRec's DLRM takes its EmbeddingBagCollection); by default, ``nn.EmbeddingBag`` tables are built
     (``sparse=True``: sparse gradients, as a recommendation user would train them). ``self.embeddings`` is an
@@ -56,8 +58,9 @@ class DLRM(nn.Module):
         top_in = n * (n - 1) // 2 + (embedding_dim if num_dense else 0)
         self.top = mlp([top_in, *top, 1], final_activation=False)
 
-    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        vectors = list(self.embeddings(sparse))
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor, weights: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        vectors = list(self.embeddings(sparse) if weights is None else self.embeddings(sparse, weights))
         if self.bottom is not None:
             x = self.bottom(dense)
             vectors.insert(0, x)

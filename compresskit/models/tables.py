@@ -7,18 +7,20 @@ from torch import nn
 
 
 class EmbeddingTables(nn.ModuleList):
-    """One embedding module per sparse feature; ``forward(sparse [B, F]) -> [B, dim_f]`` per feature.
+    """One embedding module per sparse feature; ``forward(sparse, weights=None) -> [B, dim_f]`` per feature.
 
-    Each table is called as ``table(ids, offsets)`` with one id per sample (Criteo-style single-valued features),
-    so ``nn.EmbeddingBag`` and every FIITED or baseline bag fit. Tables are children ``0 .. F-1``: state-dict keys
-    are the same as a plain ``nn.ModuleList``'s, and the same whether the collection is sharded or not.
+    ``sparse`` is ``[B, F]`` (one id per sample and feature, Criteo-style) or ``[B, F, L]`` (a bag of up to ``L``
+    ids per sample and feature, padded with -1: multi-hot features); ``weights`` (optional, the shape of ``sparse``)
+    weighs each id, as ``nn.EmbeddingBag``'s ``per_sample_weights``. Each table is called as
+    ``table(ids, offsets[, per_sample_weights=...])``, so ``nn.EmbeddingBag`` and every FIITED or baseline bag fit.
+    Tables are children ``0 .. F-1``: state-dict keys are the same as a plain ``nn.ModuleList``'s, and the same
+    whether the collection is sharded or not.
     """
 
-    def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        if sparse.dim() != 2 or sparse.shape[1] != len(self):
-            raise ValueError(f"expected sparse ids of shape [batch, {len(self)}], got {tuple(sparse.shape)}")
-        offsets = torch.arange(sparse.shape[0], device=sparse.device)
-        return [table(sparse[:, i].contiguous(), offsets) for i, table in enumerate(self)]
+    def forward(self, sparse: torch.Tensor, weights: torch.Tensor | None = None  # type: ignore[override]
+                ) -> list[torch.Tensor]:
+        check_sparse(sparse, weights, len(self))
+        return [table(*bags_of(sparse, weights, i)) for i, table in enumerate(self)]
 
     def dims(self) -> list[int]:
         """Output width of every table."""
@@ -38,3 +40,27 @@ class EmbeddingTables(nn.ModuleList):
 def table_dim(table: nn.Module) -> int:
     """Width of the vectors a table returns."""
     return int(getattr(table, "embedding_dim"))
+
+
+def check_sparse(sparse: torch.Tensor, weights: torch.Tensor | None, features: int) -> None:
+    """ValueError unless ``sparse`` is ``[B, features]`` or ``[B, features, L]`` and ``weights`` (if any) has its
+    shape."""
+    if sparse.dim() not in (2, 3) or sparse.shape[1] != features:
+        raise ValueError(f"expected sparse ids of shape [batch, {features}] (or [batch, {features}, bag] for "
+                         f"multi-hot features), got {tuple(sparse.shape)}")
+    if weights is not None and weights.shape != sparse.shape:
+        raise ValueError(f"expected weights of the ids' shape {tuple(sparse.shape)}, got {tuple(weights.shape)}")
+
+
+def bags_of(sparse: torch.Tensor, weights: torch.Tensor | None, feature: int) -> tuple:
+    """``(ids, offsets[, per_sample_weights])`` of one feature's bags: one id per sample for ``[B, F]`` input,
+    the non-padding (>= 0) ids of each sample for ``[B, F, L]``."""
+    if sparse.dim() == 2:
+        ids, w = sparse[:, feature].contiguous(), None if weights is None else weights[:, feature].contiguous()
+        offsets = torch.arange(sparse.shape[0], device=sparse.device)
+    else:
+        slots = sparse[:, feature]
+        kept = slots >= 0
+        ids, w = slots[kept], None if weights is None else weights[:, feature][kept]
+        offsets = torch.cumsum(kept.sum(1), 0) - kept.sum(1)
+    return (ids, offsets) if w is None else (ids, offsets, w)

@@ -23,13 +23,15 @@ def torchrec_dlrm(num_dense: Annotated[int, Range(1, 1_000_000)],
                   embedding_dim: Annotated[int, Range(1, 4096)] = 16,
                   dense_arch_layer_sizes: Annotated[list[int] | None, Range(1, 65536)] = None,
                   over_arch_layer_sizes: Annotated[list[int] | None, Range(1, 65536)] = None,
-                  sparse_names: list[str] | None = None) -> nn.Module:
+                  sparse_names: list[str] | None = None, weighted: bool = False) -> nn.Module:
     """``torchrec.models.dlrm.DLRM`` with one ``EmbeddingBagConfig`` (sum pooling) per sparse feature.
 
     ``num_dense``, ``cardinalities`` and ``sparse_names`` (the KJT keys; ``f0..`` when the dataset has none) are
-    filled from the dataset when omitted, as for ``dlrm``. ``dense_arch_layer_sizes`` (default ``[64,
-    embedding_dim]``) ends at ``embedding_dim``; ``over_arch_layer_sizes`` (default ``[64, 1]``) ends at the one
-    logit, as TorchRec's DenseArch and OverArch take them."""
+    filled from the dataset when omitted, as for ``dlrm``; so is ``weighted`` (the KJT carries per-id weights, as
+    the ``csv`` and ``libfm`` loaders give for weighted values: the collection is built ``is_weighted``).
+    ``dense_arch_layer_sizes`` (default ``[64, embedding_dim]``) ends at ``embedding_dim``;
+    ``over_arch_layer_sizes`` (default ``[64, 1]``) ends at the one logit, as TorchRec's DenseArch and OverArch
+    take them."""
     dense_sizes = list(dense_arch_layer_sizes or [64, embedding_dim])
     over_sizes = list(over_arch_layer_sizes or [64, 1])
     if dense_sizes[-1] != embedding_dim:
@@ -56,6 +58,6 @@ def torchrec_dlrm(num_dense: Annotated[int, Range(1, 1_000_000)],
     tables = [torchrec.EmbeddingBagConfig(name=f"t_{name}", embedding_dim=embedding_dim, num_embeddings=rows,
                                           feature_names=[name])
               for name, rows in zip(names, cardinalities)]
-    return DLRM(embedding_bag_collection=torchrec.EmbeddingBagCollection(tables=tables),
+    return DLRM(embedding_bag_collection=torchrec.EmbeddingBagCollection(tables=tables, is_weighted=weighted),
                 dense_in_features=num_dense, dense_arch_layer_sizes=dense_sizes,
                 over_arch_layer_sizes=over_sizes)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .kernels import BLOCK
+from ...models.tables import check_sparse
 from ...table_types import TableBytes
 from .packed import PackedEmbeddingBag, check_cache_index, packed_bytes, register_packed_buffers
 from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
@@ -142,23 +143,34 @@ class PackedTables(nn.Module):
                                       error_msgs)
         check_cache_index(self, self.num_rows, prefix, error_msgs)
 
-    def forward(self, sparse: torch.Tensor) -> list[torch.Tensor]:
-        """``EmbeddingTables.forward``: ``sparse [B, F]`` (one id per sample and feature) -> ``F`` tensors
-        ``[B, embedding_dim]``."""
-        if sparse.dim() != 2 or sparse.shape[1] != len(self.rows):
-            raise ValueError(f"expected sparse ids of shape [batch, {len(self.rows)}], got {tuple(sparse.shape)}")
+    def forward(self, sparse: torch.Tensor, weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``EmbeddingTables.forward``: ``sparse [B, F]`` (one id per sample and feature) or ``[B, F, L]`` (bags
+        padded with -1), optional per-id ``weights`` -> ``F`` tensors ``[B, embedding_dim]``."""
+        check_sparse(sparse, weights, len(self.rows))
         b = self._buffers
-        inside = (sparse >= 0) & (sparse < b["row_limits"])
+        limits = b["row_limits"] if sparse.dim() == 2 else b["row_limits"][:, None]
+        padding = sparse < 0 if sparse.dim() == 3 else torch.zeros_like(sparse, dtype=torch.bool)
+        inside = ((sparse >= 0) & (sparse < limits)) | padding
         if not torch.compiler.is_compiling() and not bool(inside.all()):
             bad = (~inside).nonzero()[0]
-            feature, value = int(bad[1]), int(sparse[bad[0], bad[1]])
+            feature, value = int(bad[1]), int(sparse[tuple(bad)])
             raise IndexError(f"index {value} out of range for table {feature} of {self.rows[feature]} rows "
                              f"(ids must be in [0, {self.rows[feature]}))")
-        ids = torch.where(inside, sparse + b["row_offsets"], -1).t().reshape(-1, 1)     # feature-major bags
+        batch, features = sparse.shape[:2]
+        if sparse.dim() == 2:
+            ids = torch.where(inside, sparse + b["row_offsets"], -1).t().reshape(-1, 1)     # feature-major bags
+            bag_offsets, w = None, None if weights is None else weights.t().reshape(-1, 1)
+        else:
+            major = sparse.transpose(0, 1)                                     # [F, B, L]: feature-major bags
+            kept = major >= 0
+            shifted = torch.where(inside.transpose(0, 1), major + b["row_offsets"].view(-1, 1, 1), -1)
+            ids, counts = shifted[kept], kept.sum(2).reshape(-1)
+            bag_offsets = torch.cumsum(counts, 0) - counts
+            w = None if weights is None else weights.transpose(0, 1)[kept]
         out = PACKED_BAG(b["values"], b["codes"], b["scales"], b["index"], b["cache_ids"], b["cache_bits"],
-                         b["cache_rank"], b["cache_values"], ids, None, None, self.bits, self.chunk_size,
+                         b["cache_rank"], b["cache_values"], ids, bag_offsets, w, self.bits, self.chunk_size,
                          MODES["sum"], False, self.num_rows, self.embedding_dim)
-        return list(out.view(len(self.rows), sparse.shape[0], self.embedding_dim).unbind(0))
+        return list(out.view(features, batch, self.embedding_dim).unbind(0))
 
     def dims(self) -> list[int]:
         """Output width of every table (as ``EmbeddingTables.dims``)."""

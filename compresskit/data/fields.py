@@ -1,0 +1,168 @@
+"""What the user-data loaders (``csv``, ``parquet``, ``libfm``) share: categorical fields that hold one value or
+several (multi-hot, optionally weighted) encoded into id tensors, labels made binary, and a dataset given as one
+file or as train / validation / test files.
+
+Tensors a loader returns (the label last): ``dense`` float ``[N, D]`` (D may be 0), ``sparse`` int64 ``[N, F]``
+when every row holds exactly one value per field, else ``[N, F, L]`` padded with -1 (a bag per row and field), and,
+only when some value carries a weight other than 1, ``weights`` float of the same shape as ``sparse``, passed to
+the model after ``sparse`` (``DLRM.forward(dense, sparse, weights)``; the weights of a bag's ids, as
+``nn.EmbeddingBag``'s ``per_sample_weights``).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch.utils.data import TensorDataset
+
+from ..errors import DataError, shorten
+from . import DataBundle, split_indices
+
+SPLITS = ("train", "val", "test")
+_SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"), "test": ("test",)}
+PAD = -1
+
+
+@dataclass
+class Field:
+    """One categorical field over all rows read so far: each row's values (a bag; one value for a single-valued
+    field, none for a missing one) and, where given, each value's weight."""
+
+    name: str
+    values: list[list[str]] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)
+
+    def add(self, values: list[str], weights: list[float] | None = None) -> None:
+        """Append one row's values (and their weights; 1.0 each when None)."""
+        self.values.append(values)
+        self.weights.append(weights if weights is not None else [1.0] * len(values))
+
+
+def encode_fields(fields: Sequence[Field], min_count: int = 1) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                         list[int]]:
+    """``(sparse, weights or None, cardinalities)`` of the fields' rows.
+
+    Each field gets its own vocabulary in order of first appearance; a value seen fewer than ``min_count`` times
+    (and the empty string) maps to the shared out-of-vocabulary id 0, so a field's cardinality counts it. ``sparse``
+    is ``[N, F]`` when every row holds one value per field, else ``[N, F, L]`` padded with -1; ``weights`` (same
+    shape) only when a weight differs from 1.
+    """
+    rows = len(fields[0].values) if fields else 0
+    width = max((len(v) for f in fields for v in f.values), default=1)
+    single = all(len(v) == 1 for f in fields for v in f.values)
+    weighted = any(w != 1.0 for f in fields for ws in f.weights for w in ws)
+    shape = (rows, len(fields)) if single else (rows, len(fields), max(width, 1))
+    sparse = torch.full(shape, PAD, dtype=torch.int64)
+    weights = torch.zeros(shape, dtype=torch.float32) if weighted else None
+    cards = []
+    for j, f in enumerate(fields):
+        counts = Counter(v for vs in f.values for v in vs)
+        vocab: dict[str, int] = {}
+        flat_ids, flat_w, lengths = [], [], []
+        for vs, ws in zip(f.values, f.weights):
+            for v, w in zip(vs, ws):
+                if v == "" or counts[v] < min_count:
+                    flat_ids.append(0)
+                else:
+                    flat_ids.append(vocab.setdefault(v, len(vocab) + 1))
+                flat_w.append(w)
+            lengths.append(len(vs))
+        ids = torch.tensor(flat_ids, dtype=torch.int64)
+        if single:
+            sparse[:, j] = ids
+            if weights is not None:
+                weights[:, j] = torch.tensor(flat_w, dtype=torch.float32)
+        else:
+            length = torch.tensor(lengths, dtype=torch.int64)
+            slots = torch.arange(sparse.shape[2]).expand(rows, -1) < length[:, None]
+            sparse[:, j][slots] = ids
+            if weights is not None:
+                weights[:, j][slots] = torch.tensor(flat_w, dtype=torch.float32)
+        cards.append(len(vocab) + 1)
+    return sparse, weights, cards
+
+
+def binary_labels(values: Sequence[tuple[str, int, str]], positive: str | None, positive_above: float | None,
+                  column: str = "label", unit: str = "line") -> torch.Tensor:
+    """Float 0/1 labels of ``(raw label, line, file)`` records.
+
+    ``positive``: the label text that is the positive class; ``positive_above``: a numeric label above it is
+    positive; neither: labels must be 0/1 or -1/+1 (positive > 0). Anything else raises :class:`DataError` naming
+    the file and line."""
+    out = []
+    for raw, line, file in values:
+        text = raw.strip()
+        if positive is not None:
+            out.append(1.0 if text == positive else 0.0)
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            number = float("nan")
+        if positive_above is not None:
+            if number != number:
+                raise DataError(file, line, f"{column} is {shorten(text)}; expected a number (data.args."
+                                            f"positive_above is {positive_above:g})", unit)
+            out.append(1.0 if number > positive_above else 0.0)
+        elif number in (0.0, 1.0, -1.0):
+            out.append(1.0 if number > 0 else 0.0)
+        else:
+            raise DataError(file, line, f"{column} is {shorten(text)}; expected 0/1 or -1/+1, or set "
+                                        f"data.args.positive (the positive class's text) or data.args.positive_above "
+                                        f"(a threshold for a numeric label)", unit)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def split_files(path: str, kind: str, whole_folder: bool = False) -> dict[str, str] | str:
+    """The files a dataset at ``path`` is made of: ``path`` itself when it is a file, else, in a folder, its
+    train / validation / test files (names holding ``train``, ``val``/``valid``/``validation``/``dev``, ``test``
+    as words, e.g. ``frappe.train.libfm``; validation optional), its only file, or (``whole_folder``: a reader that
+    takes a folder, as pyarrow's does) the folder itself. Anything else raises :class:`DataError` saying what the
+    folder holds."""
+    if not os.path.isdir(path):
+        return path
+    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and not n.startswith("."))
+    found: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for name in names:
+        words = set(re.split(r"[^a-z]+", name.lower()))
+        for split in SPLITS:
+            if words & set(_SPLIT_WORDS[split]):
+                found[split].append(name)
+    doubled = {s: f for s, f in found.items() if len(f) > 1}
+    if doubled:
+        s, files = next(iter(doubled.items()))
+        raise DataError(path, None, f"several {s} files ({', '.join(files)}); expected one {kind} file per split, "
+                                    f"or point data.path at a single file")
+    if found["train"] and found["test"]:
+        return {s: os.path.join(path, f[0]) for s, f in found.items() if f}
+    if len(names) == 1:
+        return os.path.join(path, names[0])
+    if whole_folder and not any(found.values()):
+        return path
+    held = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") or "no files"
+    raise DataError(path, None, f"holds {held}; expected one {kind} file, or train and test files (and optionally a "
+                                f"validation file) named with those words, e.g. data.train.{kind}")
+
+
+def bundle(tensors: tuple[torch.Tensor, ...], parts: list[str] | None, info: dict, seed: int,
+           fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> DataBundle:
+    """A binary-task DataBundle from full tensors (label last): the rows' given ``parts`` (one split name per row,
+    from :func:`split_files`) or, when None, a seeded random split by ``fractions``."""
+    if parts is None:
+        tr, va, te = split_indices(len(tensors[-1]), fractions, seed)
+    else:
+        tagged = torch.tensor([SPLITS.index(p) for p in parts])
+        tr, va, te = ((tagged == i).nonzero().flatten() for i in range(3))
+    take = lambda idx: TensorDataset(*(t[idx] for t in tensors))  # noqa: E731
+    return DataBundle(take(tr), take(va) if len(va) else None, take(te), "binary", info)
+
+
+def sparse_info(sparse: torch.Tensor, weights: torch.Tensor | None, names: list[str], cards: list[int]) -> dict:
+    """What models read from a loader's sparse tensors: cardinalities, feature names, and whether rows hold bags
+    (``multi_hot``) or weights."""
+    return {"cardinalities": cards, "sparse_names": names, "multi_hot": sparse.dim() == 3,
+            "weighted": weights is not None}
