@@ -1,5 +1,5 @@
 """The newcomer check: run every command of the README's ``bash`` code blocks that needs no downloaded data, in
-order, in a scratch folder holding the recipes, and fail (exit 1) naming the first that does not exit 0.
+order, in a scratch folder holding the recipes and the sample data, and fail (exit 1) naming the first that does not exit 0.
 
 Skipped, each for its reason: ``pip install`` (CI has installed the package and its extras already), the test
 command (CI runs it), ``python benchmarks/...`` (hours of measurement; ``render_docs.py --check`` runs instead) and
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         found = commands(f.read())
     with tempfile.TemporaryDirectory(prefix="readme-") as scratch:
         shutil.copytree(os.path.join(ROOT, "recipes"), os.path.join(scratch, "recipes"))
+        shutil.copytree(os.path.join(ROOT, "examples", "data"), os.path.join(scratch, "examples", "data"))
         for command in found:
             reason = why_skipped(command)
             if reason or args.list:
