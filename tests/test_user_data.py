@@ -166,6 +166,11 @@ def test_parquet_list_columns_are_bags(tmp_path):
     data = load("parquet", tmp_path / "p.parquet", dense=["age"])
     sparse = all_rows(data)[1]
     assert sparse.shape == (4, 2, 2) and data.info["cardinalities"] == [4, 3]
+    parts = tmp_path / "parts"                 # a folder of parts (no split names) is one table
+    parts.mkdir()
+    pq.write_table(table.slice(0, 2), parts / "part-0.parquet")
+    pq.write_table(table.slice(2), parts / "part-1.parquet")
+    assert torch.equal(all_rows(load("parquet", parts, dense=["age"]))[1].sort(0).values, sparse.sort(0).values)
     bad = pa.table({"label": [1, 0, 7], "user": ["a", "b", "c"]})
     pq.write_table(bad, tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad\.parquet row 3: label is '7'"):
