@@ -20,6 +20,7 @@ model is trained with every candidate (Adagrad lr 0.02, Adam lr 0.002) and the o
 
     python benchmarks/fiited_quality.py [--datasets movielens adult] [--ratios 1 0.5 0.25 0.1 0.05 0.01] [--seeds 3]
                                         [--optimizer auto|adagrad|adam] [--jobs 2]
+    python benchmarks/fiited_quality.py --data frappe=libfm:/data/frappe --name fiited_quality_frappe   # your data
 """
 from __future__ import annotations
 
@@ -101,12 +102,13 @@ def dense_by_optimizer(data: dict, seeds: int, optimizer: str) -> tuple[str, dic
     return chosen, dense[chosen], dense
 
 
-def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str, methods: list[str] = METHODS
-                ) -> tuple[list, list, dict]:
-    """Every (method, ratio) cell of one dataset: (table rows, JSON cells, the optimizer selection)."""
+def run_dataset(ds: str, ratios: list[float], seeds: int, optimizer: str, methods: list[str] = METHODS,
+                data: dict | None = None) -> tuple[list, list, dict]:
+    """Every (method, ratio) cell of one dataset (``data``: its recipe ``data`` section, default
+    ``DATASETS[ds]``): (table rows, JSON cells, the optimizer selection)."""
     if torch.get_num_threads() > 1 and multiprocessing.current_process().name != "MainProcess":
         torch.set_num_threads(1)
-    data = DATASETS[ds]
+    data = data or DATASETS[ds]
     rows, cells = [], []
     opt, dense, candidates = dense_by_optimizer(data, seeds, optimizer)
     selection = {"optimizer": opt, **{name: {"dense_val_auc": c["val_auc"], "dense_test_auc": c["auc"]}
@@ -154,9 +156,38 @@ def markdown(cells: list[dict]) -> str:
     return "\n".join(out)
 
 
+def user_datasets(specs: list[str], arg_specs: list[str]) -> dict[str, dict]:
+    """``--data LABEL=LOADER:PATH`` and ``--data-args LABEL=JSON`` as recipe ``data`` sections by label."""
+    out: dict[str, dict] = {}
+    for spec in specs:
+        label, _, rest = spec.partition("=")
+        loader, _, path = rest.partition(":")
+        if not (label and loader and path):
+            raise SystemExit(f"--data {spec!r}: expected LABEL=LOADER:PATH, e.g. frappe=libfm:/data/frappe")
+        out[label] = {"name": loader, "path": path, "args": {}}
+    for spec in arg_specs:
+        label, _, text = spec.partition("=")
+        if label not in out:
+            raise SystemExit(f"--data-args {spec!r}: no --data labelled {label!r}")
+        try:
+            args = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--data-args {spec!r}: not JSON ({e})") from None
+        if not isinstance(args, dict):
+            raise SystemExit(f"--data-args {spec!r}: expected a JSON object of loader arguments")
+        out[label]["args"] = args
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=None, choices=list(DATASETS),
+                        help="built-in datasets to run (default: all, or none when --data is given)")
+    parser.add_argument("--data", action="append", default=[], metavar="LABEL=LOADER:PATH",
+                        help="also run on your own data: a label, a dataset loader (libfm, csv, parquet, criteo, "
+                             "...) and its path, e.g. frappe=libfm:/data/frappe (repeatable)")
+    parser.add_argument("--data-args", action="append", default=[], metavar="LABEL=JSON",
+                        help="loader arguments of a --data dataset, e.g. 'clicks={\"label\": \"clicked\"}'")
     parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.1, 0.05, 0.01])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto",
@@ -167,7 +198,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="datasets run in this many worker processes (one thread each); results are the same")
     parser.add_argument("--name", default=None, help="results file name (default: fiited_quality, "
-                                                     "fiited_quality_<optimizer> or fiited_quality_subset)")
+                                                     "fiited_quality_<optimizer>, fiited_quality_subset or, with "
+                                                     "--data, fiited_quality_user)")
     parser.add_argument("--markdown", action="store_true",
                         help="print the docs table of benchmarks/results/<--name or fiited_quality>.json; run nothing")
     args = parser.parse_args()
@@ -176,10 +208,13 @@ def main() -> None:
         with open(path) as f:
             print(markdown(json.load(f)["cells"]))
         return
-    todo = [ds for ds in args.datasets if os.path.exists(DATASETS[ds]["path"])]
-    for ds in set(args.datasets) - set(todo):
-        print(f"skipping {ds}: {DATASETS[ds]['path']} not found")
-    jobs = [(ds, args.ratios, args.seeds, args.optimizer, args.methods) for ds in todo]
+    extra = user_datasets(args.data, args.data_args)
+    builtin = args.datasets if args.datasets is not None else ([] if extra else list(DATASETS))
+    sources = {**{ds: DATASETS[ds] for ds in builtin}, **extra}
+    todo = [ds for ds, data in sources.items() if os.path.exists(data["path"])]
+    for ds in set(sources) - set(todo):
+        print(f"skipping {ds}: {sources[ds]['path']} not found")
+    jobs = [(ds, args.ratios, args.seeds, args.optimizer, args.methods, sources[ds]) for ds in todo]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
             results = pool.starmap(run_dataset, jobs)
@@ -191,6 +226,8 @@ def main() -> None:
     name = "fiited_quality" if args.optimizer == "auto" else f"fiited_quality_{args.optimizer}"
     if set(args.methods) != set(METHODS):
         name = "fiited_quality_subset"
+    if extra:                        # never overwrite the built-in datasets' table with a user's data
+        name = "fiited_quality_user"
     name = args.name or name
     optimizers = ", ".join(f"{o['name']} lr {o['lr']}" for o in OPTIMIZERS.values())
     choice = f"per dataset by dense validation AUC among {optimizers}" if args.optimizer == "auto" else \

@@ -68,12 +68,9 @@ class Columns:
         """A DataBundle of ``(file, line, split, values)`` records whose values follow ``header``."""
         categorical = self.resolve(header, records[0][0])
         at = {name: i for i, name in enumerate(header)}
-        fields = [Field(name) for name in categorical]
-        dense_rows = []
-        for file, line, _, values in records:
-            for fld in fields:
-                fld.add(self._bag(values[at[fld.name]], fld.name))
-            dense_rows.append([self._number(values[at[c]], c, file, line, unit) for c in self.dense])
+        fields = [self._field(name, [r[3][at[name]] for r in records]) for name in categorical]
+        dense_rows = [[self._number(values[at[c]], c, file, line, unit) for c in self.dense]
+                      for file, line, _, values in records]
         sparse, weights, cards = encode_fields(fields, self.min_count)
         labels = binary_labels([(_label_text(r[3][at[self.label]]), r[1], r[0]) for r in records], self.positive,
                                self.positive_above, self.label, unit)
@@ -83,6 +80,16 @@ class Columns:
         tensors = (dense, sparse) + ((weights,) if weights is not None else ()) + (labels,)
         parts = [r[2] for r in records] if records[0][2] is not None else None
         return bundle(tensors, parts, info, seed)
+
+    def _field(self, column: str, cells: list[Any]) -> Field:
+        """A categorical column's cells as a field: bags for a ``multi_hot`` or list column, else one value a row
+        (a missing cell: '', the out-of-vocabulary id)."""
+        if column in self.multi_hot or any(isinstance(c, (list, tuple)) for c in cells):
+            fld = Field(column)
+            for cell in cells:
+                fld.add(self._bag(cell, column))
+            return fld
+        return Field(column, ["" if c is None else str(c) for c in cells], single=True)
 
     def _bag(self, value: Any, column: str) -> list[str]:
         """A categorical cell as its values: a list cell's items, a multi-hot text split at the separator (empty

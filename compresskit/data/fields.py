@@ -29,17 +29,45 @@ PAD = -1
 
 @dataclass
 class Field:
-    """One categorical field over all rows read so far: each row's values (a bag; one value for a single-valued
-    field, none for a missing one) and, where given, each value's weight."""
+    """One categorical field over all rows read so far: each row's values (a bag: a list; one value for a
+    single-valued field, none for a missing one) and, where given, each value's weight. ``single``: each row holds
+    exactly one value, kept as the value itself (and its weight as a float), which encodes far faster."""
 
     name: str
-    values: list[list[str]] = field(default_factory=list)
-    weights: list[list[float]] = field(default_factory=list)
+    values: list = field(default_factory=list)
+    weights: list | None = None
+    single: bool = False
 
     def add(self, values: list[str], weights: list[float] | None = None) -> None:
-        """Append one row's values (and their weights; 1.0 each when None)."""
+        """Append one row's bag of values (and their weights; 1.0 each when None)."""
+        if weights is not None and any(w != 1.0 for w in weights):
+            if self.weights is None:
+                self.weights = [[1.0] * len(v) for v in self.values]
+            self.weights.append(weights)
+        elif self.weights is not None:
+            self.weights.append([1.0] * len(values))
         self.values.append(values)
-        self.weights.append(weights if weights is not None else [1.0] * len(values))
+
+    def bags(self) -> list[list[str]]:
+        """Each row's values as a list."""
+        return [[v] for v in self.values] if self.single else self.values
+
+    def weighted(self) -> bool:
+        """Whether some value's weight differs from 1."""
+        if self.weights is None:
+            return False
+        return any(w != 1.0 for w in self.weights) if self.single else \
+            any(w != 1.0 for ws in self.weights for w in ws)
+
+
+def _vocabulary(values, min_count: int) -> dict[str, int]:
+    """Ids from 1 in order of first appearance of the values seen at least ``min_count`` times ('' excluded)."""
+    counts = Counter(values)
+    vocab: dict[str, int] = {}
+    for v in values:
+        if v not in vocab and v != "" and counts[v] >= min_count:
+            vocab[v] = len(vocab) + 1
+    return vocab
 
 
 def encode_fields(fields: Sequence[Field], min_count: int = 1) -> tuple[torch.Tensor, torch.Tensor | None,
@@ -52,36 +80,32 @@ def encode_fields(fields: Sequence[Field], min_count: int = 1) -> tuple[torch.Te
     shape) only when a weight differs from 1.
     """
     rows = len(fields[0].values) if fields else 0
-    width = max((len(v) for f in fields for v in f.values), default=1)
-    single = all(len(v) == 1 for f in fields for v in f.values)
-    weighted = any(w != 1.0 for f in fields for ws in f.weights for w in ws)
+    single = all(f.single or all(len(v) == 1 for v in f.values) for f in fields)
+    width = 1 if single else max((len(v) for f in fields if not f.single for v in f.values), default=1)
+    weighted = any(f.weighted() for f in fields)
     shape = (rows, len(fields)) if single else (rows, len(fields), max(width, 1))
     sparse = torch.full(shape, PAD, dtype=torch.int64)
     weights = torch.zeros(shape, dtype=torch.float32) if weighted else None
     cards = []
     for j, f in enumerate(fields):
-        counts = Counter(v for vs in f.values for v in vs)
-        vocab: dict[str, int] = {}
-        flat_ids, flat_w, lengths = [], [], []
-        for vs, ws in zip(f.values, f.weights):
-            for v, w in zip(vs, ws):
-                if v == "" or counts[v] < min_count:
-                    flat_ids.append(0)
-                else:
-                    flat_ids.append(vocab.setdefault(v, len(vocab) + 1))
-                flat_w.append(w)
-            lengths.append(len(vs))
-        ids = torch.tensor(flat_ids, dtype=torch.int64)
+        flat = f.values if f.single else [v for vs in f.values for v in vs]
+        vocab = _vocabulary(flat, min_count)
+        ids = torch.tensor([vocab.get(v, 0) for v in flat], dtype=torch.int64)
+        if f.weights is None:
+            w = torch.ones(len(flat))
+        else:
+            w = torch.tensor(f.weights if f.single else [x for ws in f.weights for x in ws], dtype=torch.float32)
         if single:
             sparse[:, j] = ids
             if weights is not None:
-                weights[:, j] = torch.tensor(flat_w, dtype=torch.float32)
+                weights[:, j] = w
         else:
-            length = torch.tensor(lengths, dtype=torch.int64)
+            length = torch.ones(rows, dtype=torch.int64) if f.single else \
+                torch.tensor([len(vs) for vs in f.values], dtype=torch.int64)
             slots = torch.arange(sparse.shape[2]).expand(rows, -1) < length[:, None]
             sparse[:, j][slots] = ids
             if weights is not None:
-                weights[:, j][slots] = torch.tensor(flat_w, dtype=torch.float32)
+                weights[:, j][slots] = w
         cards.append(len(vocab) + 1)
     return sparse, weights, cards
 

@@ -28,25 +28,44 @@ from .tabular import read_lines
 FORMAT = "label feature:value ... (libSVM/libFM) or label field:feature:value ... (libFFM), space-separated"
 
 
-def _parse(token: str, file: str, line: int) -> tuple[int | None, str, float]:
-    """(field or None, feature, value) of one ``feature:value`` or ``field:feature:value`` token."""
+def _bad_token(token: str, file: str, line: int) -> DataError | None:
+    """The error of one token that is not ``feature:value`` or ``field:feature:value``, else None."""
     parts = token.split(":")
-    value = float("nan")
-    if len(parts) in (2, 3):
+    try:
+        value = float(parts[-1]) if len(parts) in (2, 3) else math.nan
+    except ValueError:
+        value = math.nan
+    if len(parts) in (2, 3) and parts[-2].isdigit() and (len(parts) == 2 or parts[0].isdigit()) \
+            and math.isfinite(value):
+        return None
+    return DataError(file, line, f"token {shorten(token)} is not feature:value or field:feature:value (feature and "
+                                 f"field non-negative integers, value a finite number); each line is {FORMAT}")
+
+
+def _parse(tokens: list[str], file: str, line: int) -> tuple[list[int] | None, list[str], list[float]]:
+    """(fields or None, features, values) of one line's tokens, all ``feature:value`` or all
+    ``field:feature:value``; anything else raises :class:`DataError` naming the first bad token."""
+    parts = [t.split(":") for t in tokens]
+    width = len(parts[0]) if parts else 2
+    if width in (2, 3) and all(len(p) == width for p in parts):
+        features = [p[-2] for p in parts]
         try:
-            value = float(parts[-1])
+            values = [1.0 if p[-1] == "1" else float(p[-1]) for p in parts]     # "1": nearly every CTR value
         except ValueError:
-            pass
-    feature_ok = len(parts) in (2, 3) and parts[-2].isdigit() and (len(parts) == 2 or parts[0].isdigit())
-    if not feature_ok or not math.isfinite(value):
-        raise DataError(file, line, f"token {shorten(token)} is not feature:value or field:feature:value (feature "
-                                    f"and field non-negative integers, value a finite number); each line is {FORMAT}")
-    return (int(parts[0]) if len(parts) == 3 else None), parts[-2], value
+            values = [math.nan]
+        if all(map(str.isdigit, features)) and all(map(math.isfinite, values)) \
+                and (width == 2 or all(p[0].isdigit() for p in parts)):
+            return ([int(p[0]) for p in parts] if width == 3 else None), features, values
+    for token in tokens:
+        error = _bad_token(token, file, line)
+        if error is not None:
+            raise error
+    raise DataError(file, line, "mixes feature:value and field:feature:value tokens; use one form throughout")
 
 
 def _read(file: str, split: str | None, max_rows: int | None, rows: list, forms: dict[bool, tuple[str, int]]
           ) -> None:
-    """Append ``(file, line, split, label text, [(field, feature, value), ...])`` per record of ``file``.
+    """Append ``(file, line, split, label text, fields or None, features, values)`` per record of ``file``.
 
     ``forms`` maps each token form seen so far (libFFM or not) to where it was first seen: a second form stops."""
     count = 0
@@ -54,60 +73,62 @@ def _read(file: str, split: str | None, max_rows: int | None, rows: list, forms:
         if max_rows is not None and count >= max_rows:
             break
         tokens = line.split()
-        parsed = [_parse(t, file, line_no) for t in tokens[1:]]
-        for ffm in {t[0] is not None for t in parsed}:
+        fields, features, values = _parse(tokens[1:], file, line_no)
+        if features:
+            ffm = fields is not None
             forms.setdefault(ffm, (file, line_no))
             if len(forms) > 1:
                 first = forms[not ffm]
                 raise DataError(file, line_no, f"mixes feature:value and field:feature:value tokens (the other form "
                                                f"is at {first[0]} line {first[1]}); use one form throughout")
-        rows.append((file, line_no, split, tokens[0], parsed))
+        rows.append((file, line_no, split, tokens[0], fields, features, values))
         count += 1
+
+
+def _bagged(rows: list, count: int, field_of) -> list[Field]:
+    """``count`` fields of bags: each row's features grouped by ``field_of(row, position) -> field index``."""
+    fields = [Field(f"field{i}") for i in range(count)]
+    for r in rows:
+        bags: list[tuple[list[str], list[float]]] = [([], []) for _ in fields]
+        for position, (feature, value) in enumerate(zip(r[5], r[6])):
+            bag = bags[field_of(r, position)]
+            bag[0].append(feature)
+            bag[1].append(value)
+        for fld, (vals, ws) in zip(fields, bags):
+            fld.add(vals, ws)
+    return fields
 
 
 def _assign_fields(rows: list, boundaries: list[int] | None) -> tuple[list[Field], str]:
     """The fields of the parsed rows (see the module docstring) and how they were found."""
-    if any(t[0] is not None for r in rows for t in r[4][:1]):      # libFFM: the field is given per token
+    if any(r[4] is not None for r in rows):                       # libFFM: the field is given per token
         if boundaries is not None:
             raise DataError(rows[0][0], None, "data.args.fields is for feature:value files; this file names each "
                                               "token's field (field:feature:value): drop data.args.fields")
-        ids = sorted({t[0] for r in rows for t in r[4]})
+        ids = sorted({f for r in rows for f in r[4] or ()})
         where = {f: i for i, f in enumerate(ids)}
-        fields = [Field(f"field{f}") for f in ids]
-        for r in rows:
-            bags: list[tuple[list[str], list[float]]] = [([], []) for _ in fields]
-            for f, feature, value in r[4]:
-                bags[where[f]][0].append(feature)
-                bags[where[f]][1].append(value)
-            for fld, (vals, ws) in zip(fields, bags):
-                fld.add(vals, ws)
+        fields = _bagged(rows, len(ids), lambda r, p: where[r[4][p]])
+        for fld, f in zip(fields, ids):
+            fld.name = f"field{f}"
         return fields, "libFFM field numbers"
     if boundaries is not None:
-        fields = [Field(f"field{i}") for i in range(len(boundaries))]
-        for file, line, _, _, tokens in rows:
-            bags = [([], []) for _ in fields]
-            for _, feature, value in tokens:
-                k = bisect.bisect_right(boundaries, int(feature)) - 1
-                if k < 0:
-                    raise DataError(file, line, f"feature {feature} is below the first field's start "
-                                                f"{boundaries[0]} (data.args.fields)")
-                bags[k][0].append(feature)
-                bags[k][1].append(value)
-            for fld, (vals, ws) in zip(fields, bags):
-                fld.add(vals, ws)
-        return fields, "data.args.fields"
-    counts = {len(r[4]) for r in rows}
+        def field_of(r, p):
+            k = bisect.bisect_right(boundaries, int(r[5][p])) - 1
+            if k < 0:
+                raise DataError(r[0], r[1], f"feature {r[5][p]} is below the first field's start {boundaries[0]} "
+                                            f"(data.args.fields)")
+            return k
+        return _bagged(rows, len(boundaries), field_of), "data.args.fields"
+    counts = {len(r[5]) for r in rows}
     if len(counts) != 1 or 0 in counts:
         low, high = min(counts), max(counts)
-        example = next(r for r in rows if len(r[4]) != len(rows[0][4])) if len(counts) > 1 else rows[0]
+        example = next(r for r in rows if len(r[5]) != len(rows[0][5])) if len(counts) > 1 else rows[0]
         raise DataError(example[0], example[1], f"rows hold {low} to {high} features, so fields cannot be taken by "
                                                 f"position; give data.args.fields, the first feature index of each "
                                                 f"field in ascending order (e.g. [0, 451, 4149])")
-    fields = [Field(f"field{i}") for i in range(counts.pop())]
-    for r in rows:
-        for fld, (_, feature, value) in zip(fields, r[4]):
-            fld.add([feature], [value])
-    return fields, "position"
+    columns, weights = list(zip(*(r[5] for r in rows))), list(zip(*(r[6] for r in rows)))
+    return [Field(f"field{i}", list(col), None if all(w == 1.0 for w in ws) else list(ws), single=True)
+            for i, (col, ws) in enumerate(zip(columns, weights))], "position"
 
 
 @register_dataset("libfm", needs_path=True, description="libSVM / libFM / libFFM text (label feature:value ...)",
