@@ -44,6 +44,7 @@ def run_cell(ds: str, precision: str | None, ratio: float, seed: int) -> dict:
     """One trained model: test AUC and the bytes it holds (``precision`` None: the dense model)."""
     method = "dense" if precision is None else "fiited"
     rec = recipe(DATASETS[ds], method, ratio, seed, "adagrad")
+    rec["stages"][0]["chunk_size"] = 4        # every precision keeps the chunks FP32 keeps: one chunk size for all
     if precision is not None:
         rec["stages"][0]["precision"] = dict(PRECISIONS[precision])
     result = compresskit.run(validate_recipe(rec, require_model=True))

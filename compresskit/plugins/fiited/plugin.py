@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import build, option
 from ...table_types import TableBytes, bytes_of
+from .chunk_size import auto_chunk_size
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
 from .methods import TABLE_METHODS, TableMethod, TableSet
 from .schedule import kept_ratio, missing_length, on_grid, schedule_bounds
@@ -53,8 +54,9 @@ class FiitedConfig:
                                         "registered in compresskit.plugins.fiited.methods.TABLE_METHODS")
     target_memory_ratio: float = option(0.1, help="embedding bytes kept (payload + index: all inference needs) / "
                                                   "dense embedding bytes", min=0, max=1, min_exclusive=True)
-    chunk_size: int = option(4, help="values per dimension chunk (must divide the embedding dim); 4 is what the "
-                                     "quality results use", min=1)
+    chunk_size: Union[int, Literal["auto"]] = option(
+        "auto", help="values per dimension chunk (must divide the embedding dim); auto: 4, or 2 / 1 when the "
+                     "budget holds less than one 4-value chunk a row (docs/fiited.md#settings)", min=1)
     include: list[str] = option([], help="module-name patterns to convert (default: every embedding)")
     decay: float = option(0.99, help="per-step utility decay gamma", min=0, max=1, min_exclusive=True)
     start_fraction: float = option(0.1, help="first pruning at this fraction of training steps", min=0, max=1)
@@ -160,7 +162,7 @@ class FiitedPlugin(Plugin):
                 self._replace(model, dense, ctx)
                 return model
             try:
-                convert_embeddings(model, cfg.chunk_size, cfg.include or None, **fused)
+                convert_embeddings(model, self._chunk_size(dense), cfg.include or None, **fused)
             except ValueError as e:
                 raise self.error("", str(e)) from None
         self.modules = list(fiited_modules(model))
@@ -192,6 +194,16 @@ class FiitedPlugin(Plugin):
             self.dense_bytes = coll.sum(sum(m.num_embeddings * m.embedding_dim * m.store.pool.element_size()
                                             for _, m in self.modules))
         return model
+
+    def _chunk_size(self, dense: list[tuple[str, nn.Module]]) -> int:
+        """``chunk_size``, with ``auto`` resolved over every rank's tables (one size for the whole stage, so one
+        chunk budget ranks them all)."""
+        cfg = self.config
+        if cfg.chunk_size != "auto":
+            return cfg.chunk_size
+        shapes = [(m.num_embeddings, m.embedding_dim) for _, m in dense]
+        everywhere = sum(self.coll.all_gather_object(shapes), []) if self.coll.distributed else shapes
+        return auto_chunk_size(cfg.target_memory_ratio, everywhere, cfg.precision.storage)
 
     def _check_placement(self, tables: list[tuple[str, nn.Module]]) -> None:
         """Every rank found tables (over all ranks), and in a distributed run each one is sharded to this rank:
