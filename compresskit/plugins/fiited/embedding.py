@@ -549,11 +549,13 @@ def convert_embeddings(model: nn.Module, chunk_size: int = 4, include: list[str]
     for its FIITED twin, copying weights; ``kwargs`` go to the twins (e.g. ``optimizer``, ``lr``). Returns the
     converted module names."""
     converted = []
-    for name, module in embedding_modules(model, include):
+    for name in [name for name, _ in embedding_modules(model, include)]:
+        module = model.get_submodule(name)    # one dense table alive at a time beside its twin: it goes when replaced
         if module.embedding_dim % chunk_size:
             raise ValueError(f"{name}: embedding_dim {module.embedding_dim} is not a multiple of chunk_size "
                              f"{chunk_size}")
         twin_cls = FiitedEmbeddingBag if isinstance(module, nn.EmbeddingBag) else FiitedEmbedding
         model.set_submodule(name, twin_cls.from_dense(module, chunk_size, **kwargs))
+        del module
         converted.append(name)
     return converted

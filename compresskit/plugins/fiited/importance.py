@@ -15,6 +15,9 @@ import torch
 
 from .embedding import FiitedEmbeddingBag
 
+ROW_BATCH = 1 << 18     # rows a batch when reading utilities (bounds a pruning round's temporary memory)
+KTHVALUE_LIMIT = 1 << 20   # above this many scores the threshold is found by bisection, without copies of them
+
 
 def per_access(module: FiitedEmbeddingBag, rows: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """``grid`` (utilities of ``rows``) divided by ``1 + `` each row's decayed access count, in place: a chunk's
@@ -28,14 +31,19 @@ def chunk_utilities(module: FiitedEmbeddingBag, by_access: bool = False
     """(stored rows, their chunk counts, utility grid ``[rows, num_chunks]`` with ``+inf`` for absent chunks);
     ``by_access``: utilities :func:`per_access`."""
     rows = torch.nonzero(module.store.row_counts()).flatten()
-    first, cnt = module.store.row_slots(rows)
+    cnt = torch.empty_like(rows)
+    grid = torch.empty(rows.numel(), module.num_chunks)
     j = torch.arange(module.num_chunks)
-    present = j[None, :] < cnt[:, None]
-    slots = torch.where(present, first[:, None] + j, 0)
-    grid = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float()
+    for start in range(0, rows.numel(), ROW_BATCH):     # a batch of rows at a time: slot grids stay small
+        part = slice(start, start + ROW_BATCH)
+        first, cnt[part] = module.store.row_slots(rows[part])
+        present = j[None, :] < cnt[part, None]
+        slots = torch.where(present, first[:, None] + j, 0)
+        grid[part] = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float() \
+            .masked_fill_(~present, float("inf"))
     if by_access:
         per_access(module, rows, grid)
-    return rows, cnt, grid.masked_fill_(~present, float("inf"))
+    return rows, cnt, grid
 
 
 def regrowth_grid(module: FiitedEmbeddingBag, by_access: bool = False
@@ -66,23 +74,30 @@ def regrowth_grid(module: FiitedEmbeddingBag, by_access: bool = False
     return rows, cnt + has.long(), grid
 
 
-def chunk_scores(utility: torch.Tensor, exponent: float, discount: float) -> torch.Tensor:
+def chunk_scores(utility: torch.Tensor, exponent: float, discount: float, inplace: bool = False) -> torch.Tensor:
     """FIITED's pruning score grid from a utility grid: running minimum along the row, ``**exponent``, divided by
-    ``(chunk + 1) ** discount``; non-increasing along every row, so the lowest scores are always row tails."""
-    score = torch.cummin(utility, dim=1).values.clamp_(min=0).pow_(exponent)
+    ``(chunk + 1) ** discount``; non-increasing along every row, so the lowest scores are always row tails.
+    ``inplace``: computed in ``utility``'s memory (a pruning round over large tables holds one grid, not two)."""
+    absent = torch.isinf(utility)
+    score = utility if inplace else utility.clone()
+    for c in range(1, score.shape[1]):     # the running minimum in place (cummin would add an int64 index grid)
+        torch.minimum(score[:, c], score[:, c - 1], out=score[:, c])
+    score.clamp_(min=0).pow_(exponent)
     score.div_((torch.arange(utility.shape[1], dtype=score.dtype) + 1) ** discount)
-    return score.masked_fill_(torch.isinf(utility), float("inf"))  # absent chunks stay out of reach
+    return score.masked_fill_(absent, float("inf"))  # absent chunks stay out of reach
 
 
 def kth_smallest(values: list[torch.Tensor], k: int, coll=None, weights: list[torch.Tensor] | None = None
                  ) -> float:
     """The smallest ``t`` such that the (weighted) count of values ``<= t`` over every rank reaches ``k``: the
-    k-th smallest value. Values are non-negative (``+inf`` allowed). One process: ``torch.kthvalue``
-    (unweighted). Several ranks: a bisection over the bit patterns of non-negative floats (their order is the
-    integer order), one all-reduce of a count per bit, so every rank gets the same exact threshold."""
-    if (coll is None or not coll.distributed) and weights is None:
+    k-th smallest value. Values are non-negative (``+inf`` allowed). One process, unweighted, up to 2^20 values:
+    ``torch.kthvalue`` over their concatenation. Otherwise (several ranks, weights, or more values than a copy
+    should take): a bisection over the bit patterns of non-negative floats (their order is the integer order), one
+    (all-reduced) count per bit, so every rank gets the same exact threshold."""
+    if (coll is None or not coll.distributed) and weights is None and sum(v.numel() for v in values) <= KTHVALUE_LIMIT:
         flat = torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
         return float(torch.kthvalue(flat, k).values)
+    # the bisection below finds the same value without a copy of every score (large tables)
     sum_all = coll.sum if coll is not None else (lambda x: x)
     lo, hi = 0, 0x7F800000              # bit patterns of 0.0 and +inf
     while lo < hi:

@@ -56,7 +56,7 @@ class FiitedConfig:
                                                   "dense embedding bytes", min=0, max=1, min_exclusive=True)
     chunk_size: Union[int, Literal["auto"]] = option(
         "auto", help="values per dimension chunk (must divide the embedding dim); auto: 4, or 2 / 1 when the "
-                     "budget holds less than one 4-value chunk a row (docs/fiited.md#settings)", min=1)
+                     "budget holds less than one 4-value chunk a row (docs/fiited.md#choosing-settings)", min=1)
     include: list[str] = option([], help="module-name patterns to convert (default: every embedding)")
     decay: float = option(0.99, help="per-step utility decay gamma", min=0, max=1, min_exclusive=True)
     start_fraction: float = option(0.1, help="first pruning at this fraction of training steps", min=0, max=1)
@@ -161,8 +161,10 @@ class FiitedPlugin(Plugin):
             if not method.in_training:
                 self._replace(model, dense, ctx)
                 return model
+            chunk_size = self._chunk_size(dense)
+            del dense                         # the dense tables go one by one as they are converted
             try:
-                convert_embeddings(model, self._chunk_size(dense), cfg.include or None, **fused)
+                convert_embeddings(model, chunk_size, cfg.include or None, **fused)
             except ValueError as e:
                 raise self.error("", str(e)) from None
         self.modules = list(fiited_modules(model))

@@ -38,6 +38,7 @@ from .kernels import BLOCK, expand_runs, row_slots
 from .chunk_codec import STORAGE_BITS, code_bytes, dequantize, quantize
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
+_ROW_BATCH = 1 << 18   # rows a batch when listing kept chunks (bounds the temporary memory of a pruning round)
 
 
 class StoreFullError(RuntimeError):
@@ -172,7 +173,12 @@ class ChunkStore(nn.Module):
         self._set_bases_packed()
         self._replace_tensors(max(total, self.capacity) if self.fixed_capacity else total,
                               torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-        self.write(torch.arange(total), weight.detach().reshape(total, self.chunk_size))
+        values = weight.detach().reshape(total, self.chunk_size)
+        if self.quantized:
+            self.write(torch.arange(total), values)
+        else:                                 # a straight copy: no slot list as large as the table
+            with torch.no_grad():
+                self.pool.data[:total].copy_(values)
         self.top.fill_(total)
 
     def _set_bases_packed(self) -> None:
@@ -190,9 +196,16 @@ class ChunkStore(nn.Module):
         state = self._optimizer_state() or {}
         return out + [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.capacity]
 
-    def _replace_tensors(self, capacity: int, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """New slot tensors of ``capacity`` slots holding old slots ``src`` at ``dst`` (zeros elsewhere)."""
+    def _replace_tensors(self, capacity: int, src: torch.Tensor, dst: torch.Tensor | None) -> None:
+        """New slot tensors of ``capacity`` slots holding old slots ``src`` at ``dst`` (None: at ``0 ..
+        len(src) - 1``, gathered straight into place), zeros elsewhere. One tensor at a time, so a replacement
+        holds at most one new tensor beside the old ones."""
         def remap(tensor: torch.Tensor) -> torch.Tensor:
+            if dst is None:
+                fresh = tensor.new_empty(capacity, *tensor.shape[1:])
+                torch.index_select(tensor.detach(), 0, src, out=fresh[:src.numel()])
+                fresh[src.numel():] = 0
+                return fresh
             fresh = tensor.new_zeros(capacity, *tensor.shape[1:])
             if src.numel():
                 fresh[dst] = tensor.detach()[src]
@@ -250,19 +263,32 @@ class ChunkStore(nn.Module):
         old = self.row_counts()
         if new_counts.numel() != self.num_rows or bool((new_counts > old).any()) or bool((new_counts < 0).any()):
             raise ValueError("shrink_rows: new counts must be given for every row and lie in 0..current count")
-        rows, chunks, slots = self.entries()
-        keep = chunks < new_counts[rows]
-        kept_slots = slots[keep]
+        rows = torch.nonzero(new_counts).flatten()
+        kept_slots = self._prefix_slots(rows, new_counts[rows])
         self.counts[:self.num_rows] = new_counts.to(torch.uint8)
         if self.fixed_capacity:  # freed slots are reused in place (grow_rows zeroes them when it takes them)
-            blocks = torch.unique(rows[keep] // BLOCK)
+            blocks = torch.unique(rows // BLOCK)
             src = torch.sort(kept_slots).values
             self._pack_blocks(blocks[torch.argsort(self.base[blocks], stable=True)], src)
             return src
         self._set_bases_packed()
-        self._replace_tensors(kept_slots.numel(), kept_slots, torch.arange(kept_slots.numel()))
+        self._replace_tensors(kept_slots.numel(), kept_slots, None)
         self.top.fill_(kept_slots.numel())
         return kept_slots
+
+    def _prefix_slots(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Slots of the first ``lengths[i]`` stored chunks of every row ``rows[i]`` (ascending rows), in row then
+        chunk order: built a batch of rows at a time into one tensor, so a pruning round over a large table never
+        holds a (row, chunk, slot) triple for every stored chunk."""
+        out = torch.empty(int(lengths.sum()), dtype=torch.int64)
+        at = 0
+        for start in range(0, rows.numel(), _ROW_BATCH):
+            length = lengths[start:start + _ROW_BATCH]
+            first, _ = self.row_slots(rows[start:start + _ROW_BATCH])
+            slots = expand_runs(first, length)[2]
+            out[at:at + slots.numel()] = slots
+            at += slots.numel()
+        return out
 
     # ----------------------------------------------------------------------------------------------- growth
     def grow_rows(self, rows: torch.Tensor, count: int, init=None) -> torch.Tensor:

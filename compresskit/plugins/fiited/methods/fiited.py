@@ -39,7 +39,7 @@ class ChunkPruning(TableMethod):
         excess = wanted - target
         if excess <= 0 and wanted == coll.sum(sum(m.store.live for _, m in modules)):   # no candidates either
             return None
-        scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount) for _, _, u in grids]
+        scores = [chunk_scores(u, cfg.utility_exponent, cfg.position_discount, inplace=True) for _, _, u in grids]
         width = coll.max(max((m.num_chunks for _, m in modules), default=0))
         cuts = tail_counts(scores, max(excess, 0), coll, tables.ids, tables.num_tables, width)
         del scores
