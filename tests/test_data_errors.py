@@ -190,3 +190,17 @@ def test_real_files_load_unchanged(movielens_path, adult_path):
     """The real GroupLens and UCI files have no bad record: every row is kept."""
     assert _rows(load_movielens(movielens_path)) == 100_000
     assert _rows(load_adult(adult_path)) == 48_842
+
+
+BAD_USER_DATA = [
+    ("libfm", "x.libfm", "1 0:1 4:1\n0 1:1 5:x\n", "x.libfm line 2: token '5:x' is not feature:value"),
+    ("libfm fields", "x.libfm", "1 0:1 4:1\n0 1:1\n", "x.libfm line 2: rows hold 1 to 2 features"),
+    ("csv", "c.csv", "label,user\n1,a\n2,b\n", "c.csv line 3: label is '2'; expected 0/1 or -1/+1"),
+    ("csv header", "c.csv", "clicked,user\n1,a\n", "c.csv: has no column 'label' (data.args.label)"),
+]
+
+
+@pytest.mark.parametrize("dataset,file,text,expected", BAD_USER_DATA, ids=[c[0] for c in BAD_USER_DATA])
+def test_bad_user_data_is_one_line_naming_file_and_line(tmp_path, capsys, dataset, file, text, expected):
+    rc, err = _run_apply(tmp_path, dataset.split()[0], {file: text}, capsys)
+    _assert_one_line(rc, err, expected)
