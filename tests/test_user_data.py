@@ -277,3 +277,56 @@ def test_user_data_recipes_train_prune_and_export(tmp_path, recipe):
     assert report["stages"][0]["memory_ratio"] <= 0.1
     assert report["training"]["test"]["auc"] > 0.6
     assert out["max_abs_diff"] == 0
+
+
+# ------------------------------------------------------------------------------------------ edges of user files
+@pytest.mark.parametrize("files,match", [
+    ({"train_test.libfm": "1 0:1\n"}, r"train_test\.libfm: the name holds the words of train and test"),
+    ({"x.val.libfm": "1 0:1\n0 1:1\n"}, r"holds val: x\.val\.libfm, but given splits need a train and a test file"),
+    ({"a.train.libfm": "1 0:1\n", "b.libfm": "1 0:1\n"}, r"holds train: a\.train\.libfm, but given splits need"),
+])
+def test_ambiguous_or_incomplete_split_folders_are_one_line(tmp_path, files, match):
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    with pytest.raises(DataError, match=match):
+        load("libfm", tmp_path)
+
+
+def test_too_few_rows_for_a_split_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"2 rows leave 2 for training and 0 for testing"):
+        load("csv", write(tmp_path / "c.csv", "label,user\n1,a\n0,b\n"))
+
+
+def test_csv_bom_long_cells_and_no_dense_columns(tmp_path):
+    import warnings
+
+    history = "|".join(f"item{i}" for i in range(30000))            # one cell of about 270k characters
+    rows = "".join(f"{i % 2},u{i},{history if i == 0 else 'item1'}\n" for i in range(20))
+    file = tmp_path / "c.csv"
+    file.write_bytes(("\ufefflabel,user,seen\n" + rows).encode("utf-8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                    # no dense column: no std() warning
+        data = load("csv", file, multi_hot=["seen"])
+    assert data.info["sparse_names"] == ["user", "seen"] and data.info["cardinalities"][1] == 30001
+    assert all_rows(data)[1].shape == (20, 2, 30000)
+    with pytest.raises(DataError, match=r"no label equals data\.args\.positive \('yes'\); its first values are '0, 1'"):
+        load("csv", file, multi_hot=["seen"], positive="yes")
+
+
+def test_non_ascii_digits_are_a_bad_token(tmp_path):
+    with pytest.raises(DataError, match=r"x\.libfm line 2: token '1²:1' is not feature:value"):
+        load("libfm", write(tmp_path / "x.libfm", "1 0:1\n0 1²:1\n"))
+
+
+def test_parquet_split_folders_and_missing_bags(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="the parquet loader needs pyarrow (the 'parquet' extra)")
+    import pyarrow.parquet as pq
+
+    for split, n in (("train", 8), ("test", 3)):       # Spark writes each split as a folder of parts
+        (tmp_path / f"{split}.parquet").mkdir()
+        pq.write_table(pa.table({"label": [i % 2 for i in range(n)], "tags": [["a"], None] * (n // 2) + [["b"]] * (n % 2)}),
+                       tmp_path / f"{split}.parquet" / "part-0.parquet")
+    data = load("parquet", tmp_path)
+    assert (len(data.train), data.val, len(data.test)) == (8, None, 3)
+    sparse = all_rows(data)[1]
+    assert int((sparse[:, 0] >= 0).sum(1).eq(0).sum()) == 5     # a missing list is an empty bag, not row 0

@@ -79,7 +79,7 @@ class Columns:
                 **sparse_info(sparse, weights, categorical, cards), "source": source}
         tensors = (dense, sparse) + ((weights,) if weights is not None else ()) + (labels,)
         parts = [r[2] for r in records] if records[0][2] is not None else None
-        return bundle(tensors, parts, info, seed)
+        return bundle(tensors, parts, info, seed, records[0][0])
 
     def _field(self, column: str, cells: list[Any]) -> Field:
         """A categorical column's cells as a field: bags for a ``multi_hot`` or list column, else one value a row
@@ -92,11 +92,13 @@ class Columns:
         return Field(column, ["" if c is None else str(c) for c in cells], single=True)
 
     def _bag(self, value: Any, column: str) -> list[str]:
-        """A categorical cell as its values: a list cell's items, a multi-hot text split at the separator (empty
-        parts dropped), else the one value (a missing cell: '', the out-of-vocabulary id)."""
+        """A cell of a bag column as its values: a list cell's items, a multi-hot text split at the separator
+        (empty parts dropped), a missing cell none; a single value of a list column as itself."""
         if isinstance(value, (list, tuple)):
             return [str(v) for v in value if v is not None]
-        text = "" if value is None else str(value)
+        if value is None:             # a missing bag is empty, as an empty list or an empty multi-hot cell
+            return []
+        text = str(value)
         if column in self.multi_hot:
             return [p for p in (s.strip() for s in text.split(self.separator)) if p]
         return [text]
@@ -118,6 +120,8 @@ class Columns:
     def _transform(self, dense: torch.Tensor) -> torch.Tensor:
         """Missing values filled with the column mean, then ``dense_transform``: ``standardize`` (zero mean, unit
         variance) or ``log`` (sign(x) log(1 + |x|) first, for heavy-tailed counts)."""
+        if dense.shape[1] == 0:
+            return dense.float()
         if self.dense_transform == "log":
             dense = dense.sign() * dense.abs().log1p()
         means = dense.nanmean(0).nan_to_num(0.0)
@@ -151,8 +155,14 @@ def _csv_records(file: str, split: str | None, delimiter: str, names: list[str] 
     """The header (``names``, or the first row) and the records of one CSV file."""
     what = f"{separator_name(delimiter)}-separated rows with a header"
     header, records = names, []
+    csv.field_size_limit(2**31 - 1)           # long multi-hot cells (a user's history) are one field
     for line, text in read_lines(file, what, sep=delimiter):
-        row = next(csv.reader([text], delimiter=delimiter))
+        if line == 1:
+            text = text.removeprefix("\ufeff")        # the byte-order mark of spreadsheet exports
+        try:
+            row = next(csv.reader([text], delimiter=delimiter))
+        except csv.Error as e:
+            raise DataError(file, line, f"not a {separator_name(delimiter)}-separated row ({e})") from None
         if header is None:
             header = [c.strip() for c in row]
             continue

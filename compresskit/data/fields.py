@@ -138,6 +138,9 @@ def binary_labels(values: Sequence[tuple[str, int, str]], positive: str | None, 
             raise DataError(file, line, f"{column} is {shorten(text)}; expected 0/1 or -1/+1, or set "
                                         f"data.args.positive (the positive class's text) or data.args.positive_above "
                                         f"(a threshold for a numeric label)", unit)
+    if positive is not None and values and not any(out):
+        raise DataError(values[0][2], None, f"no {column} equals data.args.positive ({positive!r}); its first values "
+                                            f"are {shorten(', '.join(sorted({v[0].strip() for v in values[:1000]})[:8]))}")
     return torch.tensor(out, dtype=torch.float32)
 
 
@@ -145,17 +148,21 @@ def split_files(path: str, kind: str, whole_folder: bool = False) -> dict[str, s
     """The files a dataset at ``path`` is made of: ``path`` itself when it is a file, else, in a folder, its
     train / validation / test files (names holding ``train``, ``val``/``valid``/``validation``/``dev``, ``test``
     as words, e.g. ``frappe.train.libfm``; validation optional), its only file, or (``whole_folder``: a reader that
-    takes a folder, as pyarrow's does) the folder itself. Anything else raises :class:`DataError` saying what the
-    folder holds."""
+    takes a folder, as pyarrow's does, whose split entries may be folders too) the folder itself. Anything else
+    raises :class:`DataError` saying what the folder holds."""
     if not os.path.isdir(path):
         return path
-    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)) and not n.startswith("."))
+    names = sorted(n for n in os.listdir(path) if not n.startswith(".") and not n.startswith("_")
+                   and (os.path.isfile(os.path.join(path, n)) or whole_folder))
     found: dict[str, list[str]] = {s: [] for s in SPLITS}
     for name in names:
         words = set(re.split(r"[^a-z]+", name.lower()))
-        for split in SPLITS:
-            if words & set(_SPLIT_WORDS[split]):
-                found[split].append(name)
+        splits = [split for split in SPLITS if words & set(_SPLIT_WORDS[split])]
+        if len(splits) > 1:
+            raise DataError(os.path.join(path, name), None, f"the name holds the words of {' and '.join(splits)}; "
+                                                            f"name each split's {kind} file with one of them")
+        for split in splits:
+            found[split].append(name)
     doubled = {s: f for s, f in found.items() if len(f) > 1}
     if doubled:
         s, files = next(iter(doubled.items()))
@@ -163,24 +170,32 @@ def split_files(path: str, kind: str, whole_folder: bool = False) -> dict[str, s
                                     f"or point data.path at a single file")
     if found["train"] and found["test"]:
         return {s: os.path.join(path, f[0]) for s, f in found.items() if f}
-    if len(names) == 1:
+    if any(found.values()):
+        held = ", ".join(f"{s}: {f[0]}" for s, f in found.items() if f)
+        raise DataError(path, None, f"holds {held}, but given splits need a train and a test file (named with "
+                                    f"those words); or point data.path at one file to split it 80/10/10")
+    if len(names) == 1 and os.path.isfile(os.path.join(path, names[0])):
         return os.path.join(path, names[0])
-    if whole_folder and not any(found.values()):
+    if whole_folder and names:
         return path
     held = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") or "no files"
     raise DataError(path, None, f"holds {held}; expected one {kind} file, or train and test files (and optionally a "
                                 f"validation file) named with those words, e.g. data.train.{kind}")
 
 
-def bundle(tensors: tuple[torch.Tensor, ...], parts: list[str] | None, info: dict, seed: int,
+def bundle(tensors: tuple[torch.Tensor, ...], parts: list[str] | None, info: dict, seed: int, where: str,
            fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> DataBundle:
     """A binary-task DataBundle from full tensors (label last): the rows' given ``parts`` (one split name per row,
-    from :func:`split_files`) or, when None, a seeded random split by ``fractions``."""
+    from :func:`split_files`) or, when None, a seeded random split by ``fractions``. Too few rows for a train and
+    a test part raises :class:`DataError` at ``where``."""
     if parts is None:
         tr, va, te = split_indices(len(tensors[-1]), fractions, seed)
     else:
         tagged = torch.tensor([SPLITS.index(p) for p in parts])
         tr, va, te = ((tagged == i).nonzero().flatten() for i in range(3))
+    if not len(tr) or not len(te):
+        raise DataError(where, None, f"{len(tensors[-1])} rows leave {len(tr)} for training and {len(te)} for "
+                                     f"testing; expected enough rows for both (a seeded 80/10/10 split)")
     take = lambda idx: TensorDataset(*(t[idx] for t in tensors))  # noqa: E731
     return DataBundle(take(tr), take(va) if len(va) else None, take(te), "binary", info)
 

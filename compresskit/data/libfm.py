@@ -28,6 +28,11 @@ from .tabular import read_lines
 FORMAT = "label feature:value ... (libSVM/libFM) or label field:feature:value ... (libFFM), space-separated"
 
 
+def _index(text: str) -> bool:
+    """Whether ``text`` is a non-negative integer in ASCII digits (``str.isdigit`` also takes '²')."""
+    return text.isascii() and text.isdecimal()
+
+
 def _bad_token(token: str, file: str, line: int) -> DataError | None:
     """The error of one token that is not ``feature:value`` or ``field:feature:value``, else None."""
     parts = token.split(":")
@@ -35,7 +40,7 @@ def _bad_token(token: str, file: str, line: int) -> DataError | None:
         value = float(parts[-1]) if len(parts) in (2, 3) else math.nan
     except ValueError:
         value = math.nan
-    if len(parts) in (2, 3) and parts[-2].isdigit() and (len(parts) == 2 or parts[0].isdigit()) \
+    if len(parts) in (2, 3) and _index(parts[-2]) and (len(parts) == 2 or _index(parts[0])) \
             and math.isfinite(value):
         return None
     return DataError(file, line, f"token {shorten(token)} is not feature:value or field:feature:value (feature and "
@@ -53,8 +58,8 @@ def _parse(tokens: list[str], file: str, line: int) -> tuple[list[int] | None, l
             values = [1.0 if p[-1] == "1" else float(p[-1]) for p in parts]     # "1": nearly every CTR value
         except ValueError:
             values = [math.nan]
-        if all(map(str.isdigit, features)) and all(map(math.isfinite, values)) \
-                and (width == 2 or all(p[0].isdigit() for p in parts)):
+        if all(map(_index, features)) and all(map(math.isfinite, values)) \
+                and (width == 2 or all(_index(p[0]) for p in parts)):
             return ([int(p[0]) for p in parts] if width == 3 else None), features, values
     for token in tokens:
         error = _bad_token(token, file, line)
@@ -159,4 +164,4 @@ def load_libfm(path: str, seed: int = 0,
     info = {"num_dense": 0, **sparse_info(sparse, weights, [f.name for f in found], cards), "source": "libfm",
             "fields_from": how}
     tensors = (torch.zeros(len(rows), 0), sparse) + ((weights,) if weights is not None else ()) + (labels,)
-    return bundle(tensors, [r[2] for r in rows] if isinstance(files, dict) else None, info, seed)
+    return bundle(tensors, [r[2] for r in rows] if isinstance(files, dict) else None, info, seed, path)

@@ -341,8 +341,11 @@ class FiitedPlugin(Plugin):
                                float((dims == 0).float().mean()), float(dims.float().mean())])
         per_module = sorted(sum(self.coll.all_gather_object(per_module), []), key=lambda row: self._table_index(row[0]))
         stored = mem.get("payload", 0) + mem.get("index", 0)
+        sizes = sorted({int(m.chunk_size) for _, m in self.modules if hasattr(m, "chunk_size")})
+        sizes = sorted(set(sum(self.coll.all_gather_object(sizes), []))) if self.coll.distributed else sizes
         return {
             "method": self.config.method,
+            "chunk_size": sizes[0] if len(sizes) == 1 else (sizes or None),   # as resolved (chunk_size: auto)
             "dense_bytes": self.dense_bytes,
             "payload_bytes": mem.get("payload", 0),
             "index_bytes": mem.get("index", 0),
