@@ -330,3 +330,17 @@ def test_parquet_split_folders_and_missing_bags(tmp_path):
     assert (len(data.train), data.val, len(data.test)) == (8, None, 3)
     sparse = all_rows(data)[1]
     assert int((sparse[:, 0] >= 0).sum(1).eq(0).sum()) == 5     # a missing list is an empty bag, not row 0
+
+
+def test_compressed_files_read_as_they_are(tmp_path):
+    import gzip
+
+    text = "1 0:1 10:1\n-1 1:1 11:1\n1 0:1 12:1\n-1 2:1 10:1\n1 1:1 11:1\n"
+    plain = all_rows(load("libfm", write(tmp_path / "x.libfm", text)))
+    (tmp_path / "z").mkdir()
+    with gzip.open(tmp_path / "z" / "x.libfm.gz", "wt") as f:
+        f.write(text)
+    assert all(torch.equal(a, b) for a, b in zip(all_rows(load("libfm", tmp_path / "z" / "x.libfm.gz")), plain))
+    (tmp_path / "z" / "bad.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"bad\.csv\.gz: cannot read it"):
+        load("csv", tmp_path / "z" / "bad.csv.gz")

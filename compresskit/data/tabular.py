@@ -2,9 +2,13 @@
 raises :class:`~compresskit.errors.DataError` naming file and line), categorical vocabularies and standardisation."""
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import math
+import os
 from collections import Counter
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import torch
 
@@ -18,8 +22,19 @@ def separator_name(sep: str) -> str:
     return _SEP_NAMES.get(sep, repr(sep))
 
 
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def open_maybe_compressed(path: str) -> BinaryIO:
+    """``path`` opened for reading bytes, decompressed on the fly when its name ends in ``.gz``, ``.bz2`` or ``.xz``
+    (as Criteo's and Avazu's releases ship)."""
+    opener = COMPRESSED.get(os.path.splitext(path)[1].lower())
+    return opener(path, "rb") if opener is not None else open(path, "rb")
+
+
 def read_lines(path: str, what: str, *, encoding: str = "utf-8", sep: str = "") -> Iterator[tuple[int, str]]:
-    """Yield ``(line number from 1, line without its ending)`` for each record of a text file.
+    """Yield ``(line number from 1, line without its ending)`` for each record of a text file (``.gz``, ``.bz2``
+    and ``.xz`` files are decompressed as they are read).
 
     Whitespace-only lines (a trailing blank line) are skipped unless they hold ``sep`` (a tab-separated row of
     empty fields is a record). An unreadable file, an undecodable line or a file without any record raises
@@ -27,7 +42,7 @@ def read_lines(path: str, what: str, *, encoding: str = "utf-8", sep: str = "") 
     """
     found = False
     try:
-        with open(path, "rb") as f:
+        with open_maybe_compressed(path) as f:
             for lineno, raw in enumerate(f, 1):
                 try:
                     line = raw.decode(encoding).rstrip("\r\n")
@@ -37,9 +52,9 @@ def read_lines(path: str, what: str, *, encoding: str = "utf-8", sep: str = "") 
                 if line.strip() or (sep and sep in line):
                     found = True
                     yield lineno, line
-    except OSError as e:
-        raise DataError(path, None, f"cannot read it ({e.strerror or e}); expected a readable file with {what}") \
-            from None
+    except (OSError, EOFError, lzma.LZMAError) as e:   # gzip's BadGzipFile is an OSError; a cut file: EOFError
+        raise DataError(path, None, f"cannot read it ({getattr(e, 'strerror', None) or e}); expected a readable "
+                                    f"file with {what}") from None
     if not found:
         raise DataError(path, None, f"empty file; expected {what}")
 
