@@ -223,7 +223,8 @@ def gather_state_dict(model: nn.Module, coll: Collective) -> dict[str, torch.Ten
 
 def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent: dict[str, float] | None
                        ) -> dict[str, Any]:
-    """Ranks, placement, per-rank bytes and peak RSS, and the bytes a step sent: counted against the model of
+    """Ranks, placement, per-rank bytes and peak RSS, the balance of the ranks' table bytes at the end (max over
+    mean: 1 is even), and the bytes a step sent: counted against the model of
     :mod:`compresskit.distributed.comm_model`."""
     local = [name for name in coll.table_order if coll.local_tables and name in coll.local_tables]
     mods = dict(model.named_modules())
@@ -243,8 +244,12 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
     if recipe.train is not None:
         mine["model_bytes_per_step"] = step_bytes(recipe.train.batch_size, coll.world, coll.rank, owners, dims,
                                                   dense_grad, recipe.train.accumulate_grad_batches)
+    ranks = coll.all_gather_object(mine)
+    held = [r["table_bytes"] for r in ranks]
+    mean = sum(held) / max(len(held), 1)
     return {"world": coll.world, "backend": coll.backend, "sharding": recipe.distributed.sharding,
-            "ranks": coll.all_gather_object(mine)}
+            "table_bytes_max_over_mean": max(held) / mean if mean else 1.0,    # balance after pruning
+            "ranks": ranks}
 
 
 def apply(model: nn.Module, recipe: str | dict[str, Any] | Recipe, data: DataBundle | None = None,

@@ -149,6 +149,9 @@ def test_tables_are_split_and_bytes_match_the_model(runs):
     held = report2["stages"][0]["rank_bytes"]
     assert sum(held) == total
     assert all(0.3 * total < b < 0.7 * total for b in held), (held, total)
+    table_bytes = [r["table_bytes"] for r in ranks]
+    assert report2["distributed"]["table_bytes_max_over_mean"] == pytest.approx(
+        max(table_bytes) / (sum(table_bytes) / 2))
     for r in ranks:   # bytes counted on every collective against the analytic model, within 5%
         for kind, modelled in r["model_bytes_per_step"].items():
             assert r["sent_bytes_per_step"][kind] == pytest.approx(modelled, rel=0.05), (r["rank"], kind)
