@@ -218,7 +218,9 @@ def test_sparse_execution_same_with_fallback(monkeypatch, private, blocks):
             runs[label] = [sparse(x) for x in xs], parts[0], conv2d_calls[0]
     (private_out, private_parts, private_calls), (fallback_out, fallback_parts, fallback_calls) = runs.values()
     assert private_parts == fallback_parts > 0
-    assert fallback_calls - private_calls == fallback_parts     # the fallback runs each compact conv on F.conv2d
+    stems = sum(m.dense_input for m in convs)                   # the stem runs as the tuned dense layer, once a call
+    assert stems == 1
+    assert fallback_calls - private_calls == fallback_parts + stems * len(xs)   # the fallback runs them on F.conv2d
     with torch.no_grad():
         for x, a, b in zip(xs, private_out, fallback_out):
             assert torch.allclose(a, b, **TOL) and torch.allclose(b, model(x), **TOL)
@@ -259,9 +261,9 @@ def test_batchnorm_folding_is_torch_fusion(mode):
     model.eval()
     sparse = copy.deepcopy(model)
     to_sparse_execution(sparse, (torch.randn(4, 3, 16, 16),), batch_sizes=(1, 5), force=True)
-    twins = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
-    assert folded_batchnorms(sparse) == len(twins) == 3
-    assert [m.fused_relu for m in twins] == [True, True, False]
+    twins = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]       # the stem's twin first
+    assert folded_batchnorms(sparse) == len(twins) == 4 and [m.dense_input for m in twins] == [True] + [False] * 3
+    assert [m.fused_relu for m in twins] == [True, True, True, False]
     for twin in twins:                        # the folded kernel and bias are fuse_conv_bn_eval's, exactly
         weight, bias = twin._weight_and_bias()
         fused = fuse_conv_bn_eval(copy.deepcopy(twin.layer), copy.deepcopy(twin.folded_bn))

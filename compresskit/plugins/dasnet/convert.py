@@ -105,32 +105,35 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
             for name, twin in twins.items():
                 model.set_submodule(name, twin)
                 wrapped.append(name)
+        lead = _wrap_dense_convs(model, wrapped)
         if fold:
             fold_batchnorm(model)
         hook = ensure_dense_output(model)
         for m in wta:
             m.compact_always = force
-        convs = [m for m in model.modules() if isinstance(m, SparseConv2d)]
+        convs = [m for m in model.modules() if isinstance(m, SparseConv2d) and m not in lead]
         prepack = prepack and onednn.prepack_available()
         chosen, tuned = [], []
         if force:
             for m in convs:
                 m.prepacked_batches = set(batch_sizes) if prepack else set()
+            for m in lead:
+                m.tuned_dense_batches = set(batch_sizes)
         else:
             for b in batch_sizes:
                 if not tune:
                     chosen.append(b)
-                    _set_path(b, "prepacked" if prepack else "compact", wta, convs)
+                    _set_path(b, "prepacked" if prepack else "compact", wta, convs, lead)
                     continue
                 record = _fastest_path(model, tuple(t[torch.arange(b) % t.shape[0]] for t in sample), b, wta,
-                                       convs, prepack)
+                                       convs, prepack, lead)
                 if timings is not None:
                     timings.append(record)
                 if record["compact"]:
                     chosen.append(b)
                 elif record["tuned"]:
                     tuned.append(b)
-            for m in convs:
+            for m in convs + lead:
                 m.drop_unused_kernels()
             if not chosen and not tuned:   # no batch size gains: leave the model as it was
                 unfold_batchnorm(model)
@@ -143,24 +146,47 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
         for m in wta:
             m.compact_always = force
         model.train(was_training)
-    return {name: (list(batch_sizes) if force else chosen) for name in wrapped}
+    lead_names = {name for name in wrapped if getattr(model.get_submodule(name), "dense_input", False)}
+    return {name: (list(batch_sizes) if force else chosen) for name in wrapped if name not in lead_names}
 
 
 PATHS = ("masked", "compact", "prepacked", "tuned")
 
 
-def _set_path(batch: int, path: str, wta: list[WTADropout], convs: list[SparseConv2d]) -> None:
+def _wrap_dense_convs(model: nn.Module, wrapped: list[str]) -> list[SparseConv2d]:
+    """Wrap the convolutions that never receive WTA's compact output (the stem, those after a residual sum) in
+    twins too, appending their names to ``wrapped``: on every path but the masked one they run as the tuned dense
+    layer (BatchNorm folded, kernel prepacked), as the tuned dense model runs them. Left plain, PyTorch sends a
+    small batch-1 input to its slower native convolution and applies the BatchNorm in a pass of its own."""
+    lead = []
+    inside = tuple(f"{name}." for name in wrapped)            # the plain layer a twin holds stays as it is
+    for name, module in list(model.named_modules()):
+        twin = _twin_for(module) if type(module) is nn.Conv2d and name not in wrapped \
+            and not name.startswith(inside) else None
+        if isinstance(twin, SparseConv2d):
+            twin.dense_input = True
+            model.set_submodule(name, twin)
+            wrapped.append(name)
+            lead.append(twin)
+    return lead
+
+
+def _set_path(batch: int, path: str, wta: list[WTADropout], convs: list[SparseConv2d],
+              lead: list[SparseConv2d] = ()) -> None:
     """Run batches of size ``batch`` on ``path``: the masked dense model, the compact path (with prepacked kernel
-    slices: ``prepacked``), or the tuned dense layers (whole kernels, BatchNorm folded, prepacked: ``tuned``)."""
+    slices: ``prepacked``), or the tuned dense layers (whole kernels, BatchNorm folded, prepacked: ``tuned``).
+    The ``lead`` convs (never fed by WTA) run as tuned dense layers on every path but the masked one."""
     for m in wta:
         (m.compact_batches.add if path in ("compact", "prepacked") else m.compact_batches.discard)(batch)
     for m in convs:
         (m.prepacked_batches.add if path == "prepacked" else m.prepacked_batches.discard)(batch)
         (m.tuned_dense_batches.add if path == "tuned" else m.tuned_dense_batches.discard)(batch)
+    for m in lead:
+        (m.tuned_dense_batches.add if path != "masked" else m.tuned_dense_batches.discard)(batch)
 
 
 def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta: list[WTADropout],
-                  convs: list[SparseConv2d], prepack: bool) -> dict[str, Any]:
+                  convs: list[SparseConv2d], prepack: bool, lead: list[SparseConv2d] = ()) -> dict[str, Any]:
     """Time every path for inputs ``x`` of ``batch`` samples, set the fastest and return the timing record.
 
     The masked dense model is kept unless another path is at least 5% faster; prepacked slices are timed only
@@ -170,7 +196,7 @@ def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta
     for path in PATHS:
         if path == "prepacked" and not (prepack and convs) or path == "tuned" and not convs:
             continue
-        _set_path(batch, path, wta, convs)
+        _set_path(batch, path, wta, convs, lead)
         ms[path] = _median_time(model, x) * 1e3
         if path == "prepacked" and not any(m.prepacked_kernels() for m in convs):
             ms[path] = None               # no cacheable channel set: nothing was prepacked
@@ -178,7 +204,7 @@ def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta
     best = min(faster, key=faster.get) if faster else "masked"
     if best == "compact" and ms["prepacked"] is not None and ms["prepacked"] < ms["compact"]:
         best = "prepacked"
-    _set_path(batch, best, wta, convs)
+    _set_path(batch, best, wta, convs, lead)
     return {"batch": batch, "dense_ms": ms["masked"], "compact_ms": ms["compact"], "prepacked_ms": ms["prepacked"],
             "tuned_ms": ms["tuned"], "compact": best in ("compact", "prepacked"), "prepacked": best == "prepacked",
             "tuned": best == "tuned"}
@@ -187,7 +213,8 @@ def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta
 def tuned_dense_batch_sizes(model: nn.Module) -> list[int]:
     """Batch sizes for which ``model``'s wrapped convolutions run as the tuned dense layers (``to_sparse_execution``:
     the masked input through whole kernels with the BatchNorm folded, prepacked)."""
-    return sorted(set().union(*(m.tuned_dense_batches for m in model.modules() if isinstance(m, SparseConv2d))))
+    return sorted(set().union(*(m.tuned_dense_batches for m in model.modules()
+                                if isinstance(m, SparseConv2d) and not m.dense_input)))
 
 
 def prepacked_batch_sizes(model: nn.Module) -> list[int]:

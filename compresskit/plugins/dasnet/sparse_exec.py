@@ -181,20 +181,22 @@ class SparseConv2d(_SparseTwin):
     On an ordinary (WTA-masked) tensor of a batch size in ``tuned_dense_batches`` it is the *tuned dense* layer
     instead, in inference (eval mode, no autograd): the whole kernel with the folded BatchNorm (and ReLU), prepacked
     for oneDNN, as a tuned dense model runs it. ``to_sparse_execution`` chooses that where it beats both the masked
-    and the compact path."""
+    and the compact path. ``dense_input``: a conv no WTA feeds (the stem, one after a residual sum), wrapped only to
+    run as the tuned dense layer."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, dense_input: bool = False) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError("only groups=1, zero-padded convolutions are supported")
         super().__init__(conv)
         self.prepacked_batches: set[int] = set()
         self.tuned_dense_batches: set[int] = set()
+        self.dense_input = dense_input
 
     def record_args(self) -> dict[str, Any]:
-        """The batch sizes run with prepacked kernels and those run as the tuned dense layer (see
-        ``_SparseTwin.record_args``)."""
+        """The batch sizes run with prepacked kernels and those run as the tuned dense layer, and whether no WTA
+        feeds it (see ``_SparseTwin.record_args``)."""
         return {"prepacked_batches": sorted(self.prepacked_batches),
-                "tuned_dense_batches": sorted(self.tuned_dense_batches)}
+                "tuned_dense_batches": sorted(self.tuned_dense_batches), "dense_input": self.dense_input}
 
     @classmethod
     def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "SparseConv2d":
@@ -202,6 +204,7 @@ class SparseConv2d(_SparseTwin):
         twin = super().from_record(model, name, args)
         twin.prepacked_batches = {int(b) for b in args.get("prepacked_batches", [])}
         twin.tuned_dense_batches = {int(b) for b in args.get("tuned_dense_batches", [])}
+        twin.dense_input = bool(args.get("dense_input", False))
         return twin
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
