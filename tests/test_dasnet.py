@@ -551,3 +551,20 @@ def test_the_tuner_keeps_the_fastest_path_or_leaves_the_model(monkeypatch):
             assert wrapped == {} and not any(isinstance(m, SparseConv2d) for m in model.modules())
         else:
             assert wrapped and all(b == [1] for b in wrapped.values())
+
+
+def test_the_tuner_times_every_path_in_eval_mode(monkeypatch):
+    """The twins and PassFolded wrappers are new modules; built in training mode, they made the tuner time the
+    tuned dense path as the plain layers (2x slower at batch 1), so it was never chosen where it should be."""
+    model = vgg("vgg11", width=0.25)
+    insert_wta(model, 0.5)
+    model.eval()
+    seen = []
+
+    def timed(m, x, repeats=3):
+        seen.append([name for name, mod in m.named_modules() if mod.training])
+        return 1.0
+
+    monkeypatch.setattr(convert, "_median_time", timed)
+    to_sparse_execution(model, (torch.randn(4, 3, 32, 32),), batch_sizes=(1,))
+    assert len(seen) >= 3 and all(not training for training in seen), seen[0][:5]

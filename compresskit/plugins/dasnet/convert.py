@@ -108,6 +108,7 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
         lead = _wrap_dense_convs(model, wrapped)
         if fold:
             fold_batchnorm(model)
+        model.eval()            # the twins and PassFolded wrappers are new modules, built in training mode
         hook = ensure_dense_output(model)
         for m in wta:
             m.compact_always = force
