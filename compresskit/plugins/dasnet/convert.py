@@ -155,8 +155,8 @@ PATHS = ("masked", "compact", "prepacked", "tuned")
 
 
 def _wrap_dense_convs(model: nn.Module, wrapped: list[str]) -> list[SparseConv2d]:
-    """Wrap the convolutions that never receive WTA's compact output (the stem, those after a residual sum) in
-    twins too, appending their names to ``wrapped``: on every path but the masked one they run as the tuned dense
+    """Wrap the convolutions that never receive WTA's compact output (the stem, which gets the image; any conv
+    whose input no WTA feeds) in twins too, appending their names to ``wrapped``: on every path but the masked one they run as the tuned dense
     layer (BatchNorm folded, kernel prepacked), as the tuned dense model runs them. Left plain, PyTorch sends a
     small batch-1 input to its slower native convolution and applies the BatchNorm in a pass of its own."""
     lead = []

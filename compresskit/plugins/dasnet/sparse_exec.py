@@ -181,8 +181,8 @@ class SparseConv2d(_SparseTwin):
     On an ordinary (WTA-masked) tensor of a batch size in ``tuned_dense_batches`` it is the *tuned dense* layer
     instead, in inference (eval mode, no autograd): the whole kernel with the folded BatchNorm (and ReLU), prepacked
     for oneDNN, as a tuned dense model runs it. ``to_sparse_execution`` chooses that where it beats both the masked
-    and the compact path. ``dense_input``: a conv no WTA feeds (the stem, one after a residual sum), wrapped only to
-    run as the tuned dense layer."""
+    and the compact path. ``dense_input``: a conv no WTA feeds (the stem, which gets the image), wrapped only to run
+    as the tuned dense layer."""
 
     def __init__(self, conv: nn.Conv2d, dense_input: bool = False) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
