@@ -69,7 +69,13 @@ def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> t
 def bundle_from_tensors(tensors: tuple[torch.Tensor, ...], task: str, info: dict[str, Any], seed: int,
                         fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> DataBundle:
     """Split full tensors (label last) into a DataBundle with a seeded random split."""
-    tr, va, te = split_indices(len(tensors[-1]), fractions, seed)
+    return bundle_from_indices(tensors, split_indices(len(tensors[-1]), fractions, seed), task, info)
+
+
+def bundle_from_indices(tensors: tuple[torch.Tensor, ...], splits: tuple[torch.Tensor, ...], task: str,
+                        info: dict[str, Any]) -> DataBundle:
+    """A DataBundle of the rows ``splits`` (train, validation, test indices; an empty validation part: None)."""
+    tr, va, te = splits
     take = lambda idx: TensorDataset(*(t[idx] for t in tensors))  # noqa: E731
     return DataBundle(take(tr), take(va) if len(va) else None, take(te), task, info)
 

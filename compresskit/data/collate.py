@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError, first_line
+from ..models.tables import feature_major_bags
 from ..optional import import_quietly
 
 TORCHREC_INSTALL = 'pip install "compresskit[torchrec]" && pip install --no-deps torchrec==1.8.0'
@@ -57,13 +58,15 @@ def torchrec_collate(inputs: tuple[torch.Tensor, ...], label: torch.Tensor,
                                           f"dataset's batches hold {held} before the label")
     torchrec = sys.modules.get("torchrec") or require_torchrec("data.collate")   # imported once, checked once
     batch, features = sparse.shape[:2]
-    major = sparse.transpose(0, 1).reshape(batch * features, -1)             # feature-major bags, as KJTs hold
-    kept = major >= 0
-    values = major[kept].long()
-    kjt_weights = None if weights is None else weights.transpose(0, 1).reshape(batch * features, -1)[kept].float()
+    if sparse.dim() == 2:                      # one id a bag, every id kept (no padding in this form)
+        values, lengths = sparse.t().reshape(-1), torch.ones(batch * features, dtype=torch.int64)
+        kjt_weights = None if weights is None else weights.t().reshape(-1)
+    else:
+        values, lengths, kjt_weights = feature_major_bags(sparse, weights)
     return {"dense": inputs[0].float(),
-            "sparse": torchrec.KeyedJaggedTensor(keys=feature_names(features, info), values=values,
-                                                 lengths=kept.sum(1).to(torch.int64), weights=kjt_weights,
+            "sparse": torchrec.KeyedJaggedTensor(keys=feature_names(features, info), values=values.long(),
+                                                 lengths=lengths.to(torch.int64),
+                                                 weights=None if kjt_weights is None else kjt_weights.float(),
                                                  stride=batch),
             "labels": label}
 

@@ -179,10 +179,9 @@ def _csv_records(file: str, split: str | None, delimiter: str, names: list[str] 
 
 def _read_all(path: str, kind: str, read, whole_folder: bool = False) -> tuple[list[str], list]:
     """Header and records of the dataset at ``path`` (one file, or split files with the same header)."""
-    files = split_files(path, kind, whole_folder)
     header: list[str] | None = None
     records: list = []
-    for split, file in (files.items() if isinstance(files, dict) else [(None, files)]):
+    for split, file in split_files(path, kind, whole_folder):
         names, rows = read(file, split)
         if header is not None and names != header:
             raise DataError(file, None, f"columns {shorten(', '.join(names), 200)} differ from the train file's "

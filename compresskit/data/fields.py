@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from torch.utils.data import TensorDataset
 
 from ..errors import DataError, shorten
-from . import DataBundle, split_indices
+from . import DataBundle, bundle_from_indices, split_indices
 
 SPLITS = ("train", "val", "test")
 _SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"), "test": ("test",)}
@@ -144,14 +143,15 @@ def binary_labels(values: Sequence[tuple[str, int, str]], positive: str | None, 
     return torch.tensor(out, dtype=torch.float32)
 
 
-def split_files(path: str, kind: str, whole_folder: bool = False) -> dict[str, str] | str:
-    """The files a dataset at ``path`` is made of: ``path`` itself when it is a file, else, in a folder, its
+def split_files(path: str, kind: str, whole_folder: bool = False) -> list[tuple[str | None, str]]:
+    """``(split or None, file)`` of each file a dataset at ``path`` is made of: ``path`` itself when it is a file
+    (split None: the loader splits it), else, in a folder, its
     train / validation / test files (names holding ``train``, ``val``/``valid``/``validation``/``dev``, ``test``
     as words, e.g. ``frappe.train.libfm``; validation optional), its only file, or (``whole_folder``: a reader that
     takes a folder, as pyarrow's does, whose split entries may be folders too) the folder itself. Anything else
     raises :class:`DataError` saying what the folder holds."""
     if not os.path.isdir(path):
-        return path
+        return [(None, path)]
     names = sorted(n for n in os.listdir(path) if not n.startswith(".") and not n.startswith("_")
                    and (os.path.isfile(os.path.join(path, n)) or whole_folder))
     found: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -169,15 +169,15 @@ def split_files(path: str, kind: str, whole_folder: bool = False) -> dict[str, s
         raise DataError(path, None, f"several {s} files ({', '.join(files)}); expected one {kind} file per split, "
                                     f"or point data.path at a single file")
     if found["train"] and found["test"]:
-        return {s: os.path.join(path, f[0]) for s, f in found.items() if f}
+        return [(s, os.path.join(path, f[0])) for s, f in found.items() if f]
     if any(found.values()):
         held = ", ".join(f"{s}: {f[0]}" for s, f in found.items() if f)
         raise DataError(path, None, f"holds {held}, but given splits need a train and a test file (named with "
                                     f"those words); or point data.path at one file to split it 80/10/10")
     if len(names) == 1 and os.path.isfile(os.path.join(path, names[0])):
-        return os.path.join(path, names[0])
+        return [(None, os.path.join(path, names[0]))]
     if whole_folder and names:
-        return path
+        return [(None, path)]
     held = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") or "no files"
     raise DataError(path, None, f"holds {held}; expected one {kind} file, or train and test files (and optionally a "
                                 f"validation file) named with those words, e.g. data.train.{kind}")
@@ -196,8 +196,7 @@ def bundle(tensors: tuple[torch.Tensor, ...], parts: list[str] | None, info: dic
     if not len(tr) or not len(te):
         raise DataError(where, None, f"{len(tensors[-1])} rows leave {len(tr)} for training and {len(te)} for "
                                      f"testing; expected enough rows for both (a seeded 80/10/10 split)")
-    take = lambda idx: TensorDataset(*(t[idx] for t in tensors))  # noqa: E731
-    return DataBundle(take(tr), take(va) if len(va) else None, take(te), "binary", info)
+    return bundle_from_indices(tensors, (tr, va, te), "binary", info)
 
 
 def sparse_info(sparse: torch.Tensor, weights: torch.Tensor | None, names: list[str], cards: list[int]) -> dict:

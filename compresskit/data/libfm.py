@@ -153,10 +153,9 @@ def load_libfm(path: str, seed: int = 0,
     if fields is not None and (not fields or any(b >= a for a, b in zip(fields[1:], fields))):
         raise DataError(path, None, f"data.args.fields is {shorten(str(fields))}; expected the first feature index "
                                     f"of each field, strictly ascending")
-    files = split_files(path, "libfm")
     rows: list = []
     forms: dict[bool, tuple[str, int]] = {}
-    for split, file in (files.items() if isinstance(files, dict) else [(None, files)]):
+    for split, file in split_files(path, "libfm"):
         _read(file, split, max_rows, rows, forms)
     found, how = _assign_fields(rows, fields)
     sparse, weights, cards = encode_fields(found, min_count)
@@ -164,4 +163,4 @@ def load_libfm(path: str, seed: int = 0,
     info = {"num_dense": 0, **sparse_info(sparse, weights, [f.name for f in found], cards), "source": "libfm",
             "fields_from": how}
     tensors = (torch.zeros(len(rows), 0), sparse) + ((weights,) if weights is not None else ()) + (labels,)
-    return bundle(tensors, [r[2] for r in rows] if isinstance(files, dict) else None, info, seed, path)
+    return bundle(tensors, [r[2] for r in rows] if rows[0][2] is not None else None, info, seed, path)

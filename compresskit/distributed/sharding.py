@@ -18,7 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..metrics import module_bytes
-from ..models.tables import EmbeddingTables, bags_of, check_sparse
+from ..models.tables import EmbeddingTables, check_sparse, feature_bags
 from .collective import Collective
 
 
@@ -69,7 +69,7 @@ class ShardedTables(nn.ModuleDict):
         sizes = coll.all_gather_sizes(batch)
         ids = self._to_owners(sparse.long(), batch, bag, sizes)
         w = None if weights is None else self._to_owners(weights, batch, bag, sizes)
-        pooled = (torch.cat([self[str(f)](*bags_of(ids, w, k)) for k, f in enumerate(mine)], dim=1)
+        pooled = (torch.cat([self[str(f)](*bags) for f, bags in zip(mine, feature_bags(ids, w))], dim=1)
                   if mine else torch.zeros(ids.shape[0], 0))
         width, widths = self.widths[coll.rank], self.widths
         anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()

@@ -20,7 +20,7 @@ class EmbeddingTables(nn.ModuleList):
     def forward(self, sparse: torch.Tensor, weights: torch.Tensor | None = None  # type: ignore[override]
                 ) -> list[torch.Tensor]:
         check_sparse(sparse, weights, len(self))
-        return [table(*bags_of(sparse, weights, i)) for i, table in enumerate(self)]
+        return [table(*bags) for table, bags in zip(self, feature_bags(sparse, weights))]
 
     def dims(self) -> list[int]:
         """Output width of every table."""
@@ -52,15 +52,31 @@ def check_sparse(sparse: torch.Tensor, weights: torch.Tensor | None, features: i
         raise ValueError(f"expected weights of the ids' shape {tuple(sparse.shape)}, got {tuple(weights.shape)}")
 
 
-def bags_of(sparse: torch.Tensor, weights: torch.Tensor | None, feature: int) -> tuple:
-    """``(ids, offsets[, per_sample_weights])`` of one feature's bags: one id per sample for ``[B, F]`` input,
-    the non-padding (>= 0) ids of each sample for ``[B, F, L]``."""
+def feature_bags(sparse: torch.Tensor, weights: torch.Tensor | None) -> list[tuple]:
+    """``(ids, offsets[, per_sample_weights])`` of each feature's bags: one id per sample for ``[B, F]`` input (the
+    offsets built once for all features), the non-padding (>= 0) ids of each sample for ``[B, F, L]``."""
+    out = []
     if sparse.dim() == 2:
-        ids, w = sparse[:, feature].contiguous(), None if weights is None else weights[:, feature].contiguous()
         offsets = torch.arange(sparse.shape[0], device=sparse.device)
-    else:
-        slots = sparse[:, feature]
+        for f in range(sparse.shape[1]):
+            ids = sparse[:, f].contiguous()
+            out.append((ids, offsets) if weights is None else (ids, offsets, weights[:, f].contiguous()))
+        return out
+    for f in range(sparse.shape[1]):
+        slots = sparse[:, f]
         kept = slots >= 0
-        ids, w = slots[kept], None if weights is None else weights[:, feature][kept]
-        offsets = torch.cumsum(kept.sum(1), 0) - kept.sum(1)
-    return (ids, offsets) if w is None else (ids, offsets, w)
+        counts = kept.sum(1)
+        offsets = torch.cumsum(counts, 0) - counts
+        out.append((slots[kept], offsets) if weights is None else (slots[kept], offsets, weights[:, f][kept]))
+    return out
+
+
+def feature_major_bags(sparse: torch.Tensor, weights: torch.Tensor | None = None,
+                       values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Padded bags ``[B, F, L]`` (-1: padding) laid out feature-major, as a KJT or a table-batched lookup holds
+    them: ``(ids, lengths [F * B], weights or None)``. ``values`` (the shape of ``sparse``): taken in place of the
+    ids at the same slots, which are still chosen by ``sparse`` (e.g. ids shifted into a batched row space)."""
+    major = sparse.transpose(0, 1)
+    kept = major >= 0
+    taken = major if values is None else values.transpose(0, 1)
+    return taken[kept], kept.sum(2).reshape(-1), None if weights is None else weights.transpose(0, 1)[kept]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .kernels import BLOCK
-from ...models.tables import check_sparse
+from ...models.tables import check_sparse, feature_major_bags
 from ...table_types import TableBytes
 from .packed import PackedEmbeddingBag, check_cache_index, packed_bytes, register_packed_buffers
 from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
@@ -148,9 +148,10 @@ class PackedTables(nn.Module):
         padded with -1), optional per-id ``weights`` -> ``F`` tensors ``[B, embedding_dim]``."""
         check_sparse(sparse, weights, len(self.rows))
         b = self._buffers
-        limits = b["row_limits"] if sparse.dim() == 2 else b["row_limits"][:, None]
-        padding = sparse < 0 if sparse.dim() == 3 else torch.zeros_like(sparse, dtype=torch.bool)
-        inside = ((sparse >= 0) & (sparse < limits)) | padding
+        if sparse.dim() == 2:
+            inside = (sparse >= 0) & (sparse < b["row_limits"])
+        else:                                  # padding (negative ids) is not out of range
+            inside = ((sparse >= 0) & (sparse < b["row_limits"][:, None])) | (sparse < 0)
         if not torch.compiler.is_compiling() and not bool(inside.all()):
             bad = (~inside).nonzero()[0]
             feature, value = int(bad[1]), int(sparse[tuple(bad)])
@@ -160,13 +161,10 @@ class PackedTables(nn.Module):
         if sparse.dim() == 2:
             ids = torch.where(inside, sparse + b["row_offsets"], -1).t().reshape(-1, 1)     # feature-major bags
             bag_offsets, w = None, None if weights is None else weights.t().reshape(-1, 1)
-        else:
-            major = sparse.transpose(0, 1)                                     # [F, B, L]: feature-major bags
-            kept = major >= 0
-            shifted = torch.where(inside.transpose(0, 1), major + b["row_offsets"].view(-1, 1, 1), -1)
-            ids, counts = shifted[kept], kept.sum(2).reshape(-1)
+        else:                  # an id outside its table becomes -1 (the op refuses it), padding drops out
+            shifted = torch.where(inside, sparse + b["row_offsets"].view(1, -1, 1), -1)
+            ids, counts, w = feature_major_bags(sparse, weights, values=shifted)
             bag_offsets = torch.cumsum(counts, 0) - counts
-            w = None if weights is None else weights.transpose(0, 1)[kept]
         out = PACKED_BAG(b["values"], b["codes"], b["scales"], b["index"], b["cache_ids"], b["cache_bits"],
                          b["cache_rank"], b["cache_values"], ids, bag_offsets, w, self.bits, self.chunk_size,
                          MODES["sum"], False, self.num_rows, self.embedding_dim)
