@@ -80,14 +80,15 @@ def test_native_equals_fallback_equals_the_trained_module(storage, cache, mode, 
             assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("dim,cs", [(8, 2), (24, 4), (64, 4), (64, 16), (128, 8), (160, 4), (12, 3)])
-@pytest.mark.parametrize("storage", ["fp32", "int8", "int4"])
-def test_every_dim_and_chunk_size(dim, cs, storage):
+@pytest.mark.parametrize("dim,cs", [(8, 2), (24, 4), (64, 4), (64, 2), (64, 16), (128, 8), (128, 4), (160, 4), (12, 3)])
+@pytest.mark.parametrize("storage,cache", [("fp32", 0.0), ("int8", 0.0), ("int8", 0.1), ("int4", 0.0), ("int4", 0.1)])
+def test_every_dim_and_chunk_size(dim, cs, storage, cache):
     """Dims below, at and between multiples of 16 (partial registers), the largest register path (128) and the
-    generic one (160); a chunk size that does not divide 16 (3)."""
+    portable one (160); rows of more than 16 chunks (64/2, 128/4: quantized scales read a register at a time); a
+    chunk size that does not divide 16 (3); quantized with and without the cache."""
     if storage == "int4" and cs % 2:
         pytest.skip("int4 needs an even chunk size")
-    m = _trained(storage, rows=97, dim=dim, cs=cs, cache_rows=0.1 if storage != "fp32" else 0.0)
+    m = _trained(storage, rows=97, dim=dim, cs=cs, cache_rows=cache)
     packed = m.to_packed()
     ids, offsets = torch.randint(0, 97, (300,)), torch.arange(0, 300, 7)
     weights = torch.rand(300)
@@ -96,8 +97,9 @@ def test_every_dim_and_chunk_size(dim, cs, storage):
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_large_batches_split_into_groups_and_threads_agree():
-    m = _trained("int8", rows=5000, dim=32, cache_rows=0.05)
+@pytest.mark.parametrize("storage,cache", [("int8", 0.05), ("fp32", 0.0), ("int4", 0.0)])
+def test_large_batches_split_into_groups_and_threads_agree(storage, cache):
+    m = _trained(storage, rows=5000, dim=32, cache_rows=cache)
     packed = m.to_packed()
     ids = torch.randint(0, 5000, (200_000,))
     offsets = torch.cat([torch.tensor([0, 0]), torch.arange(3, 200_000, 50), torch.tensor([199_990])])

@@ -17,7 +17,7 @@ constexpr int64_t kBlock = 8;
 // one multiply adds the masked bytes (each partial sum < 256 when a row has at most 36 chunks, `small`; otherwise
 // they are added one by one).
 inline int64_t counts_before(uint64_t word, int k, bool small) {
-  const uint64_t below = k ? word & (~uint64_t(0) >> (64 - 8 * k)) : 0;
+  const uint64_t below = word & ((uint64_t(1) << (8 * k)) - 1);  // k < 8: no branch on k == 0
   if (small) return int64_t((below * 0x0101010101010101ULL) >> 56);
   int64_t off = 0;
   for (int j = 0; j < k; ++j) off += int64_t((word >> (8 * j)) & 0xFF);
