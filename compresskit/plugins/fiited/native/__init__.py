@@ -17,7 +17,7 @@ from types import ModuleType
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_HERE, name) for name in ("prefix_bag.cpp", "packed_bag.cpp")]  # training, serving
-_HEADERS = [os.path.join(_HERE, "layout.h")]
+_HEADERS = [os.path.join(_HERE, name) for name in ("layout.h", "register_pooling.h")]
 # -fopenmp: at::parallel_for is an inline OpenMP loop in ATen's headers; compiled without it, every kernel ran on one
 # thread whatever torch.set_num_threads said (the extension then links the libgomp.so.1 torch already loaded)
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]

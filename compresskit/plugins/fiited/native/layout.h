@@ -50,6 +50,7 @@ struct Layout {
 };
 
 constexpr int kPrefetch = 8;  // ids looked ahead when prefetching rows (memory latency of random rows)
+constexpr int kPrefetchRows = 24;  // distinct rows looked ahead by the fused update (each waits on its own misses)
 
 inline void prefetch_run(const float* p, int64_t len) {
   for (int64_t k = 0; k < len; k += 16) __builtin_prefetch(p + k, 0, 1);

@@ -14,7 +14,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "layout.h"
+#include "register_pooling.h"
 
 #include <algorithm>
 #include <cmath>
@@ -113,17 +113,72 @@ RowSegments segment_rows(const Layout& L, const int64_t* idp, int64_t n, const i
   return S;
 }
 
-// g[0 .. len) = the gradient of distinct row s: its positions' weighted output gradients, summed
-inline void accumulate_row(float* g, const RowSegments& S, int64_t s, const float* g_out, int64_t dim, int64_t len) {
-  const int64_t n = int64_t(S.order.size());
+// g[0 .. len) = the gradient of one distinct row: the weighted output gradients of its positions order[i0 .. i1),
+// summed (bag_of: each position's bag; w: each position's weight).
+#ifdef FIITED_AVX512
+// In NV registers (dim <= 16 * NV): one fused multiply-add a register and position, where the loop over memory
+// waited on its own stores at every position.
+template <int NV>
+inline void accumulate_row_in_registers(float* g, const int64_t* order, const int64_t* bag_of, const float* w,
+                                        int64_t i0, int64_t i1, int64_t n, const float* g_out, int64_t dim,
+                                        int64_t len) {
+  __m512 acc[NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) acc[j] = _mm512_setzero_ps();
+  const int regs = int((len + 15) / 16);
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i + kPrefetch < n) prefetch_run(g_out + bag_of[order[i + kPrefetch]] * dim, dim);
+    const int64_t pos = order[i];
+    const __m512 wi = _mm512_set1_ps(w[pos]);
+    const float* go = g_out + bag_of[pos] * dim;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      if (j >= regs) break;  // the same for every position of the row: predicted
+      const int64_t m = std::min<int64_t>(len - 16 * j, 16);
+      acc[j] = _mm512_fmadd_ps(wi, _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), go + 16 * j), acc[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) {
+    if (j >= regs) break;
+    const int64_t m = std::min<int64_t>(len - 16 * j, 16);
+    _mm512_mask_storeu_ps(g + 16 * j, __mmask16((1u << m) - 1), acc[j]);
+  }
+}
+#endif
+
+using AccumulateRow = void (*)(float*, const int64_t*, const int64_t*, const float*, int64_t, int64_t, int64_t,
+                               const float*, int64_t, int64_t);
+
+inline void accumulate_row_in_memory(float* g, const int64_t* order, const int64_t* bag_of, const float* w,
+                                     int64_t i0, int64_t i1, int64_t n, const float* g_out, int64_t dim,
+                                     int64_t len) {
   std::memset(g, 0, sizeof(float) * len);
-  for (int64_t i = S.seg[s]; i < S.seg[s + 1]; ++i) {
-    if (i + kPrefetch < n) prefetch_run(g_out + S.bag_of[S.order[i + kPrefetch]] * dim, dim);
-    const int64_t pos = S.order[i];
-    const float wi = S.w[pos];
-    const float* go = g_out + S.bag_of[pos] * dim;
+  for (int64_t i = i0; i < i1; ++i) {
+    if (i + kPrefetch < n) prefetch_run(g_out + bag_of[order[i + kPrefetch]] * dim, dim);
+    const int64_t pos = order[i];
+    const float wi = w[pos];
+    const float* go = g_out + bag_of[pos] * dim;
     for (int64_t k = 0; k < len; ++k) g[k] += wi * go[k];
   }
+}
+
+// The row accumulation of a dim: in registers where this build and dim allow it
+inline AccumulateRow pick_accumulate_row(int64_t dim) {
+#ifdef FIITED_AVX512
+  switch ((dim + 15) / 16) {
+    case 1: return accumulate_row_in_registers<1>;
+    case 2: return accumulate_row_in_registers<2>;
+    case 3: return accumulate_row_in_registers<3>;
+    case 4: return accumulate_row_in_registers<4>;
+    case 5: return accumulate_row_in_registers<5>;
+    case 6: return accumulate_row_in_registers<6>;
+    case 7: return accumulate_row_in_registers<7>;
+    case 8: return accumulate_row_in_registers<8>;
+    default: break;
+  }
+#endif
+  return accumulate_row_in_memory;
 }
 
 // u[c] += gain * ||g of chunk c||: squares per chunk first, then one vectorisable pass of square roots
@@ -156,6 +211,32 @@ inline void fused_update(float* p, const float* g, int64_t len, int64_t optim, f
   }
 }
 
+// The forward pooled in registers (register_pooling.h) where this build and dim allow it: a new [bags, dim] tensor,
+// or an undefined one where it cannot (the caller's portable loop then runs).
+template <int KIND>
+at::Tensor forward_in_registers(const Layout& L, const uint8_t* codes, const at::Half* scales, int64_t code_bytes,
+                                const CacheView& C, const BagInputs& in, bool mean) {
+  Stored S;
+  S.pool = L.pool;
+  S.codes = codes;
+  S.scales = scales;
+  S.cs = L.cs;
+  S.dim = L.dim;
+  S.num_rows = L.num_rows;
+  S.code_bytes = code_bytes;
+  S.cache = C;
+  BagView bags;
+  bags.ids = in.ids;
+  bags.offsets = in.offsets;
+  bags.psw = in.psw;
+  bags.n = in.n;
+  bags.bags = bags.num_offsets = in.bags;
+  at::Tensor out = at::empty({in.bags, L.dim}, at::kFloat);
+  const bool done = in.psw ? pool_in_registers_any<KIND, true>(S, L, bags, mean, out.data_ptr<float>())
+                           : pool_in_registers_any<KIND, false>(S, L, bags, mean, out.data_ptr<float>());
+  return done ? out : at::Tensor();
+}
+
 }  // namespace
 
 at::Tensor prefix_bag_forward(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base,
@@ -167,7 +248,9 @@ at::Tensor prefix_bag_forward(const at::Tensor& pool, const at::Tensor& counts, 
   const int64_t* idp = in.ids;
   const int64_t* offp = in.offsets;
   const float* psw = in.psw;
-  at::Tensor out = at::zeros({bags, dim}, pool.options());
+  at::Tensor out = forward_in_registers<32>(L, nullptr, nullptr, 0, CacheView{}, in, mean);
+  if (out.defined()) return out;
+  out = at::zeros({bags, dim}, pool.options());
   float* outp = out.data_ptr<float>();
   std::vector<int64_t> start_of(n), len_of(n);  // where each id's stored values start in the pool, and how many
   for (int64_t i = 0; i < n; ++i) {
@@ -246,13 +329,17 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
   }
   const float flr = float(lr), feps = float(eps), fgain = float(utility_gain);
 
+  const AccumulateRow accumulate_row = pick_accumulate_row(dim);
   at::parallel_for(0, rows, 64, [&](int64_t s0, int64_t s1) {
     std::vector<float> acc(dim), norms(dim);
+    const int64_t* const order = S.order.data();
+    const int64_t* const bag_of = S.bag_of.data();
+    const float* const w = S.w.data();
     for (int64_t s = s0; s < s1; ++s) {
-      if (s + kPrefetch < s1) {
-        if (optim != 0) prefetch_run(poolw + seg_slot[s + kPrefetch] * cs, seg_cnt[s + kPrefetch] * cs);
-        if (optim == 2) prefetch_run(st + seg_slot[s + kPrefetch] * cs, seg_cnt[s + kPrefetch] * cs);
-        if (util) __builtin_prefetch(util + seg_slot[s + kPrefetch], 1, 1);
+      if (s + kPrefetchRows < s1) {
+        if (optim != 0) prefetch_run(poolw + seg_slot[s + kPrefetchRows] * cs, seg_cnt[s + kPrefetchRows] * cs);
+        if (optim == 2) prefetch_run(st + seg_slot[s + kPrefetchRows] * cs, seg_cnt[s + kPrefetchRows] * cs);
+        if (util) __builtin_prefetch(util + seg_slot[s + kPrefetchRows], 1, 1);
       }
       const int64_t r = S.keys[seg[s]];
       const int64_t cnt = seg_cnt[s];
@@ -260,7 +347,7 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
       const int64_t len = cnt * cs;
       if (len == 0) continue;
       float* g = acc.data();
-      accumulate_row(g, S, s, g_out, dim, len);
+      accumulate_row(g, order, bag_of, w, seg[s], seg[s + 1], n, g_out, dim, len);
       if (util) add_utility(util + slot, g, cnt, cs, fgain, norms.data());
       if (optim == 0 && grad_kind == 0) {
         std::memcpy(gw + slot * cs, g, sizeof(float) * len);
@@ -299,8 +386,11 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
   const float* cval = C.values;
+  at::Tensor out = bits == 8 ? forward_in_registers<8>(L, cp, sp, cb, C, in, mean)
+                             : forward_in_registers<4>(L, cp, sp, cb, C, in, mean);
+  if (out.defined()) return out;
   const AddChunks add = bits == 8 ? pick_add_chunks<8>(cs) : pick_add_chunks<4>(cs);
-  at::Tensor out = at::zeros({bags, dim}, at::kFloat);
+  out = at::zeros({bags, dim}, at::kFloat);
   float* outp = out.data_ptr<float>();
   // per id: first slot, or -(cache position + 1) for a cached row; and its stored chunks
   std::vector<int64_t> where(n), cnt_of(n);
@@ -421,8 +511,12 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
   const float flr = float(lr), feps = float(eps), fgain = float(utility_gain);
   const bool stochastic = rounding == 1;
 
+  const AccumulateRow accumulate_row = pick_accumulate_row(dim);
   at::parallel_for(0, S.rows(), 64, [&](int64_t s0, int64_t s1) {
     std::vector<float> acc(dim), values(dim), norms(dim);
+    const int64_t* const order = S.order.data();
+    const int64_t* const bag_of = S.bag_of.data();
+    const float* const w = S.w.data();
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r = S.keys[S.seg[s]];
       const int64_t cnt = S.seg_cnt[s];
@@ -430,7 +524,7 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
       const int64_t len = cnt * cs;
       if (len == 0) continue;
       float* g = acc.data();
-      accumulate_row(g, S, s, g_out, dim, len);
+      accumulate_row(g, order, bag_of, w, S.seg[s], S.seg[s + 1], n, g_out, dim, len);
       if (util) add_utility(util + slot, g, cnt, cs, fgain, norms.data());
       float* m = optim == 2 ? st + slot * cs : nullptr;
       float* mr = optim == 3 ? st + r : nullptr;
