@@ -238,16 +238,20 @@ def fiited_serve_findings() -> str:
     batched = criteo.get((fp32_pruned + ", table-batched", 1, 1)), criteo.get((fp32_pruned, 1, 1))
     pt2 = [one[(fp32_pruned + ", torch.export .pt2", 1, t)]["ms"] - one[(fp32_pruned, 1, t)]["ms"] for t in (1, 2)]
     best = max(c["vs_faster_peer"] for c in cells if c["method"].startswith("FIITED"))
+    p1 = [c["vs_faster_peer"] for (m, pooling, _), c in one.items() if m == fp32_pruned and pooling == 1]
     lines = [
-        f"* **Smaller, not yet faster.** INT8 at 90% pruned serves from {one[(int8, 1, 1)]['bytes_of_fp32']:.3f} of "
+        f"* **Smaller; not faster.** INT8 at 90% pruned serves from {one[(int8, 1, 1)]['bytes_of_fp32']:.3f} of "
         f"the FP32 bytes (INT4: {one[(int4, 1, 1)]['bytes_of_fp32']:.3f}; the INT8 TBE: {tbe:.3f}) at "
-        f"{span(of(one, int8))} of the faster baseline on one table. The best FIITED cell anywhere is {best:.2f}x; "
-        f"the targets (>= 1.5x pruned, >= 1.0x unpruned) are missed.",
-        f"* **Pruning does not buy serving speed yet.** At pooling 20 and 1 thread, 90% pruned takes "
-        f"{pruned_ms:.2f} ms against {full_ms:.2f} ms unpruned although it reads a tenth of the values. Measured by "
-        f"hand: with every row in cache a lookup costs about what `nn.EmbeddingBag`'s does, so what is left is "
-        f"latency per id on rows that miss the cache; interleaving the index (one cache line a lookup instead of "
-        f"two) did not change it, and where the remaining stall is has not been found.",
+        f"{span(of(one, int8))} of the faster baseline on one table; FP32 at 90% pruned is at {span(p1)} at "
+        f"pooling 1. The best FIITED cell anywhere is {best:.2f}x; the targets (>= 1.5x pruned, >= 1.0x unpruned) "
+        f"are missed.",
+        f"* **Where the time goes.** At pooling 20 and 1 thread, 90% pruned takes {pruned_ms:.2f} ms against "
+        f"{full_ms:.2f} ms unpruned although it reads a tenth of the values. Measured by hand on the same table: "
+        f"with every looked-up row in cache (4096 distinct rows) a pooling-20 batch takes about 0.30 ms against "
+        f"`nn.EmbeddingBag`'s 0.15 ms, pruned or not: locating a row through the index (its entry, then its run, "
+        f"in two passes) is the work `nn.EmbeddingBag` does not do. On Zipf ids over 1M rows the rest is waiting on "
+        f"the rows that miss the last-level cache, and a cold row is two dependent misses (index entry, then "
+        f"values) where the dense table's is one; prefetching both ahead hides part of it.",
     ]
     if all(batched):
         lines.append(f"* **Table batching does not buy speed on this CPU.** The 26 tables served by one op call "
@@ -257,7 +261,11 @@ def fiited_serve_findings() -> str:
                      f"calls.")
     lines += [f"* The exported `.pt2` adds {span(pt2, 2, ' ms')} a call at pooling 1 (the exported module's input "
               f"handling), not kernel time.",
-              "* The FP32 hot-row cache costs speed as well as bytes here: cached rows are read from a second array.",
+              "* The FP32 hot-row cache costs speed as well as bytes here: whether a row is cached decides, per id, "
+              "between two code paths (FP32 values or codes), a branch that is mispredicted about as often as hot and "
+              "cold rows alternate.",
+              "* INT4 serves unpruned rows at half INT8's speed: unpacking nibbles takes about twice the "
+              "instructions of widening bytes, and unpruned rows have 16 chunks to unpack.",
               "* Run-to-run spread is about 15% on this shared VM: compare ratios within a table.",
               "", provenance("fiited_serve")]
     return "\n".join(lines)
@@ -363,43 +371,41 @@ def fiited_precision_findings() -> str:
 
 @renderer("fiited-speed-findings")
 def fiited_speed_findings() -> str:
-    """The training-speed run against its targets (unpruned >= 0.8x of the faster peer, 90% pruned >= 1.2x), the
-    re-measured single table, the DLRM step and the pure-torch fallback."""
+    """The training-speed run against issue 27's targets (against the faster of TBE and ``nn.EmbeddingBag(sparse=
+    True)``: unpruned >= 1.0x, 90% pruned >= 1.5x), the DLRM step and the pure-torch fallback."""
     cells = load("fiited_throughput")["cells"]
-    rerun = load("fiited_throughput_table_openmp")["cells"]
 
-    def ratios(source, method, part=None):
-        return [(c, c["speed_vs_faster_peer"]) for c in source if c["method"] == method
+    def ratios(method, part=None):
+        return [(c, c["speed_vs_faster_peer"]) for c in cells if c["method"] == method
                 and (part is None or c["part"].startswith(part))]
 
     def where(pairs):
         return ", ".join(f"{c['part']}, {c['setting']}, {c['threads']} thread{'s' * (c['threads'] > 1)}: {r:.2f}x"
                          for c, r in pairs)
 
-    pruned = [r for _, r in ratios(cells, "FIITED 90% pruned") + ratios(rerun, "FIITED 90% pruned")]
-    unpruned = ratios(cells, "FIITED unpruned")
-    missed = [(c, r) for c, r in unpruned if r < 0.8]
-    again = ratios(rerun, "FIITED unpruned")
+    def verdict(pairs, target):
+        missed = [(c, r) for c, r in pairs if r < target]
+        return (f"{span([r for _, r in pairs])}; met in {len(pairs) - len(missed)} of {len(pairs)} cells"
+                + (f", missed in {where(missed)}" if missed else ""))
+
+    pruned, unpruned = ratios("FIITED 90% pruned"), ratios("FIITED unpruned")
     dlrm = [c["speed_vs_tbe_dlrm"] for c in cells if c["part"] == "dlrm" and c["method"] != cells[0]["method"]
             and "FIITED" in c["method"]]
     fallback = _fallback_slowdown()
     rss = load("fiited_rss")["cells"]
     lines = [
-        f"* **90% pruned, at least 1.2x: {'met in every cell' if min(pruned) >= 1.2 else 'met in all but'} "
-        f"{'' if min(pruned) >= 1.2 else str(sum(r < 1.2 for r in pruned)) + ' of ' + str(len(pruned)) + ' cells'}"
-        f"** of both runs ({span(pruned)}). Pruned dims are neither read nor written, so a pruned table trains "
-        f"faster than the dense peers, as the paper reports.",
-        f"* **Unpruned, at least 0.8x:** {span([r for _, r in unpruned])} in the full run; missed in "
-        + (where(missed) if missed else "no cell") + ". The unpruned store does what TBE does plus the chunk "
-        "utilities (a square root and a write per chunk per distinct row). The 2-thread cells of the full run "
-        "predate the `-fopenmp` fix (the kernels ran on one thread at any thread count); the single table "
-        "re-measured after it (`fiited_throughput_table_openmp.json`, a faster day: compare ratios only): "
-        + where(again) + ".",
+        f"* **90% pruned, at least 1.5x:** {verdict(pruned, 1.5)}. Pruned dims are neither read nor written, so a "
+        f"pruned table trains faster than the dense peers, as the paper reports.",
+        f"* **Unpruned, at least 1.0x:** {verdict(unpruned, 1.0)}. The unpruned store does what TBE does plus the "
+        f"chunk utilities (a square root and a write per chunk per distinct row). On one thread the forward is no "
+        f"longer the gap (it pools in registers, the serving kernel's loop); the backward's sort and per-row pass "
+        f"are, and TBE does not speed up with a second thread here while FIITED does.",
         f"* **The whole DLRM step** runs at {span(dlrm)} TBE's speed: at this model size the MLPs dominate, so "
         f"pruning does not speed up the step either.",
         f"* **The pure-torch fallback** (no compiler) is {span(fallback, 1)} slower than the native kernels: usable "
         f"for tests and small models, not for production tables.",
-        "* Run-to-run spread on this shared machine is about 15%: compare ratios within one run.",
+        "* Run-to-run spread on this shared machine is about 15% within a day and more between days (the 26-table "
+        "TBE step took 24.8 ms on 2026-11-23, 36.4 ms on 2026-12-03): compare ratios within one run.",
         "",
         "**Memory at Criteo-Kaggle scale** (the RSS table below): peak RSS "
         + ", ".join(f"{c['peak_rss_bytes'] / 1e9:.2f} GB at {c['threads']} thread{'s' * (c['threads'] > 1)}"
@@ -412,7 +418,7 @@ def fiited_speed_findings() -> str:
         + ", ".join(f"{c['steps_per_second']:.2f} steps/s at {c['threads']} thread{'s' * (c['threads'] > 1)}"
                     for c in rss) + ".",
         "",
-        provenance("fiited_throughput", "fiited_throughput_table_openmp", "fiited_rss"),
+        provenance("fiited_throughput", "fiited_rss"),
     ]
     return "\n".join(lines)
 
@@ -485,13 +491,10 @@ def fiited_planted_findings() -> str:
 
 def _fallback_slowdown() -> list[float]:
     """The pure-torch kernels' step time over the native kernels', per cell of each single-table run."""
-    out = []
-    for name in ("fiited_throughput", "fiited_throughput_table_openmp"):
-        cells = [c for c in load(name)["cells"] if c["part"].startswith("table")]
-        native = {(c["setting"], c["threads"]): c["ms_per_step"] for c in cells if c["method"] == "FIITED unpruned"}
-        out += [c["ms_per_step"] / native[(c["setting"], c["threads"])] for c in cells
-                if c["method"] == "FIITED unpruned, pure-torch kernels"]
-    return out
+    cells = [c for c in load("fiited_throughput")["cells"] if c["part"].startswith("table")]
+    native = {(c["setting"], c["threads"]): c["ms_per_step"] for c in cells if c["method"] == "FIITED unpruned"}
+    return [c["ms_per_step"] / native[(c["setting"], c["threads"])] for c in cells
+            if c["method"] == "FIITED unpruned, pure-torch kernels"]
 
 
 def _serve_ratio(method: str, tables: str = "1M x 64") -> list[float]:
@@ -531,8 +534,7 @@ def readme_costs() -> str:
         "* **DASNet's speed comes from 2-block WTA only**; the paper's per-channel WTA gets no speed (each sample "
         "keeps different channels, so the compact path gathers per sample).",
         "",
-        provenance("fiited_quality", "fiited_quality_speed", "distributed", "fiited_throughput",
-                   "fiited_throughput_table_openmp"),
+        provenance("fiited_quality", "fiited_quality_speed", "distributed", "fiited_throughput"),
     ])
 
 

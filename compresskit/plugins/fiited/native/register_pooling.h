@@ -103,7 +103,7 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
       const int64_t slot = index.slot(r, &cnt);
       if (CACHED) {
         const int64_t cached = cache.position(r);
-        if (cached >= 0) return Run{-1 - cached, cnt};
+        return Run{cached >= 0 ? -1 - cached : slot, cnt};
       }
       return Run{slot, cnt};
     };
@@ -137,7 +137,11 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
       const int64_t first = bags.start(g0), last = std::max(first, bags.stop(g1 - 1));
       if (int64_t(buffer.size()) < last - first) buffer.resize(last - first);
       Run* const runs = buffer.data() - first;
-      // pass 1: every id's run (independent iterations, index entries prefetched kPrefetchIndex ids ahead)
+      // pass 1: every id's run (independent iterations, index entries prefetched kPrefetchIndex ids ahead, the
+      // group's first ones before the loop)
+      for (int64_t i = first; i < std::min(first + kPrefetchIndex, last); ++i) {
+        if (uint64_t(ids[i]) < uint64_t(num_rows)) index.prefetch_index(ids[i]);
+      }
       for (int64_t i = first; i < last; ++i) {
         if (i + kPrefetchIndex < last) {
           const int64_t r = ids[i + kPrefetchIndex];
