@@ -44,8 +44,10 @@ DATASETS = {
     "movielens": {"name": "movielens-100k", "path": shared_data("ml-100k")},
     "adult": {"name": "adult", "path": shared_data("adult", "adult.csv")},
 }
-METHODS = ["fiited", "fiited-regrow", "adaembed", "mixed_dim", "uniform", "hashing", "qr", "robe", "tt_rec"]
-VARIANTS = {"fiited-regrow": ("fiited", {"regrow": True})}   # a method with options: (method, stage options)
+METHODS = ["fiited", "fiited-regrow", "fiited-gradient-weight", "adaembed", "mixed_dim", "uniform", "hashing", "qr",
+           "robe", "tt_rec"]
+VARIANTS = {"fiited-regrow": ("fiited", {"regrow": True}),   # a method with options: (method, stage options)
+            "fiited-gradient-weight": ("fiited", {"utility": "gradient_weight"})}
 OPTIMIZERS = {"adagrad": {"name": "adagrad", "lr": 0.02}, "adam": {"name": "adam", "lr": 0.002}}
 
 

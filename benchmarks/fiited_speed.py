@@ -7,7 +7,9 @@ interleaved in one process so that the ratios compare like with like on a shared
   Zipf(1.1) ids, pooling 1 and 20. Peers: FBGEMM's CPU TBE (``fbgemm-gpu-cpu``, fused EXACT_SGD) and
   ``nn.EmbeddingBag(sparse=True)`` + ``torch.optim.SGD``. FIITED (``chunk_size: 4``, fused SGD, chunk utilities
   tracked as in training) unpruned and with 90% of the chunks pruned; its pure-torch fallback; and, labelled as
-  such, ``nn.EmbeddingBag`` with a dense gradient (no one trains large tables that way).
+  such, ``nn.EmbeddingBag`` with a dense gradient (no one trains large tables that way). Then the same with
+  Adagrad (TBE's EXACT_ADAGRAD, ``torch.optim.Adagrad`` on the sparse gradient, FIITED's fused Adagrad), without
+  the two reference rows.
 * ``criteo``: the same step over the 26 Criteo-Kaggle tables (cardinalities scaled by ``--criteo-scale``, default
   0.1, so that every method's copy fits in memory at once), one id per table per sample.
 * ``dlrm``: samples/s of a whole DLRM training step (bottom MLP, 26 tables, dot interaction, top MLP; dense MLPs
@@ -25,6 +27,7 @@ interleaved in one process so that the ratios compare like with like on a shared
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -52,13 +55,14 @@ DIM, CHUNK, LR, BATCH = 64, 4, 0.01, 4096
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def fiited_tables(weights: list[torch.Tensor], pruned: float, seed: int = 0) -> list[FiitedEmbeddingBag]:
-    """FIITED copies of ``weights`` with fused SGD and utilities on; ``pruned``: fraction of chunks removed
-    (random row prefixes whose mean is ``1 - pruned`` of a row), then packed."""
+def fiited_tables(weights: list[torch.Tensor], pruned: float, seed: int = 0, optimizer: str = "sgd"
+                  ) -> list[FiitedEmbeddingBag]:
+    """FIITED copies of ``weights`` with a fused ``optimizer`` and utilities on; ``pruned``: fraction of chunks
+    removed (random row prefixes whose mean is ``1 - pruned`` of a row), then packed."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for w in weights:
-        m = FiitedEmbeddingBag(w.shape[0], DIM, chunk_size=CHUNK, weight=w, optimizer="sgd", lr=LR)
+        m = FiitedEmbeddingBag(w.shape[0], DIM, chunk_size=CHUNK, weight=w, optimizer=optimizer, lr=LR)
         m.track_utility(0.99)
         if pruned:
             c = m.num_chunks
@@ -68,35 +72,45 @@ def fiited_tables(weights: list[torch.Tensor], pruned: float, seed: int = 0) -> 
     return out
 
 
-def step_fns(weights: list[torch.Tensor]) -> dict[str, Callable[[list[torch.Tensor], torch.Tensor], None]]:
-    """One training step per method over tables initialised from ``weights`` (SGD, lr 0.01, loss = sum)."""
+OPTIMIZER_NAMES = {"sgd": "SGD", "adagrad": "Adagrad"}
+
+
+def step_fns(weights: list[torch.Tensor], optimizer: str = "sgd", references: bool = True
+             ) -> dict[str, Callable[[list[torch.Tensor], torch.Tensor], None]]:
+    """One training step per method over tables initialised from ``weights`` (``optimizer`` sgd or adagrad, lr
+    0.01, loss = sum); ``references``: also the dense-gradient table and FIITED's pure-torch kernels."""
     tables = [(w.shape[0], DIM) for w in weights]
+    name = OPTIMIZER_NAMES[optimizer]
     fns: dict[str, Callable] = {}
     if tbe_available():
-        tbe = make_tbe(tables, "sgd", LR, weights=weights)
+        tbe = make_tbe(tables, optimizer, LR, weights=weights)
 
         def run_tbe(ids, offsets):
             idx, off = tbe_inputs(ids, [offsets] * len(ids))
             tbe(idx, off).sum().backward()
-        fns["FBGEMM TBE (fused SGD)"] = run_tbe
-    for sparse in (True, False):
+        fns[f"FBGEMM TBE (fused {name})"] = run_tbe
+    for sparse in (True, False) if references else (True,):
         bags = [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=False, mode="sum", sparse=sparse) for w in weights]
-        opt = torch.optim.SGD([b.weight for b in bags], lr=LR)
+        params = [b.weight for b in bags]
+        opt = torch.optim.SGD(params, lr=LR) if optimizer == "sgd" else torch.optim.Adagrad(params, lr=LR)
 
         def run_bags(ids, offsets, bags=bags, opt=opt):
             opt.zero_grad(set_to_none=True)
             sum(b(i, offsets).sum() for b, i in zip(bags, ids)).backward()
             opt.step()
-        fns["nn.EmbeddingBag(sparse=True) + SGD" if sparse else "nn.EmbeddingBag dense gradient + SGD"] = run_bags
-    for name, pruned, native in [("FIITED unpruned", 0.0, True), ("FIITED 90% pruned", 0.9, True),
-                                 ("FIITED unpruned, pure-torch kernels", 0.0, False)]:
-        mods = fiited_tables(weights, pruned)
+        fns[f"nn.EmbeddingBag(sparse=True) + {name}" if sparse else f"nn.EmbeddingBag dense gradient + {name}"] = \
+            run_bags
+    variants = [("FIITED unpruned", 0.0, True), ("FIITED 90% pruned", 0.9, True)]
+    if references:
+        variants.append(("FIITED unpruned, pure-torch kernels", 0.0, False))
+    for label, pruned, native in variants:
+        mods = fiited_tables(weights, pruned, optimizer=optimizer)
 
         def run_fiited(ids, offsets, mods=mods, native=native):
             kernels.use_native(native)
             sum(m(i, offsets).sum() for m, i in zip(mods, ids)).backward()
             kernels.use_native(True)
-        fns[name] = run_fiited
+        fns[label] = run_fiited
     return fns
 
 
@@ -117,7 +131,8 @@ def time_interleaved(fns: dict[str, Callable], batches: list[tuple[list[torch.Te
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-PEERS = ("FBGEMM TBE (fused SGD)", "nn.EmbeddingBag(sparse=True) + SGD")
+PEERS = tuple(peer for name in OPTIMIZER_NAMES.values()
+              for peer in (f"FBGEMM TBE (fused {name})", f"nn.EmbeddingBag(sparse=True) + {name}"))
 
 
 def table_rows(part: str, setting: str, threads: int, ms: dict[str, float], rows: list, cells: list) -> None:
@@ -136,16 +151,23 @@ def sampler_ids(cards: list[int], n: int, gen: torch.Generator) -> list[torch.Te
 
 
 def part_table(threads: int, rows: list, cells: list) -> None:
+    """One table's training step with fused SGD (and the reference rows), then with fused Adagrad."""
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(1_000_000, DIM, generator=gen) * 0.01]
-    fns = step_fns(weights)
-    for pooling in (1, 20):
-        batches = [(sampler_ids([1_000_000], BATCH * pooling, gen), torch.arange(0, BATCH * pooling, pooling))
-                   for _ in range(4)]
-        slow = {k: v for k, v in fns.items() if "dense gradient" in k or "pure-torch" in k}
-        ms = time_interleaved({k: v for k, v in fns.items() if k not in slow}, batches, rounds=7, steps=10)
-        ms.update(time_interleaved(slow, batches, rounds=3, steps=3))
-        table_rows("table 1M x 64", f"pooling {pooling}", threads, ms, rows, cells)
+    batches = {pooling: [(sampler_ids([1_000_000], BATCH * pooling, gen), torch.arange(0, BATCH * pooling, pooling))
+                         for _ in range(4)] for pooling in (1, 20)}
+    for optimizer in OPTIMIZER_NAMES:
+        fns = step_fns(weights, optimizer, references=optimizer == "sgd")
+        for pooling in (1, 20):
+            slow = {k: v for k, v in fns.items() if "dense gradient" in k or "pure-torch" in k}
+            ms = time_interleaved({k: v for k, v in fns.items() if k not in slow}, batches[pooling], rounds=7,
+                                  steps=10)
+            if slow:
+                ms.update(time_interleaved(slow, batches[pooling], rounds=3, steps=3))
+            setting = f"pooling {pooling}" + ("" if optimizer == "sgd" else f", {OPTIMIZER_NAMES[optimizer]}")
+            table_rows("table 1M x 64", setting, threads, ms, rows, cells)
+        del fns
+        gc.collect()
 
 
 def quantized_copy(m: FiitedEmbeddingBag, storage: str, cache_rows: float, hot: torch.Tensor) -> FiitedEmbeddingBag:

@@ -164,6 +164,26 @@ def test_per_access_utilities_divide_by_decayed_access_counts(backend):
     assert torch.equal(fresh.row_access, bag.row_access)
 
 
+def test_weight_signals_rank_chunks_by_their_weights(backend):
+    """utility: magnitude is each stored chunk's weight norm; gradient_weight that times the gradient utility."""
+    from compresskit.plugins.fiited.importance import chunk_utilities
+
+    bag = FiitedEmbeddingBag.from_dense(nn.EmbeddingBag(20, 8, mode="sum"), chunk_size=4)
+    bag.track_utility(0.5)
+    for step in range(3):
+        ids, offsets, _ = _batch(20, n=30, bags=6, seed=step)
+        _loss(bag(ids, offsets), step).backward()
+    bag.shrink_rows(torch.tensor([0, 1, 2, 1] * 5))
+    rows, cnt, plain = chunk_utilities(bag)
+    _, _, magnitude = chunk_utilities(bag, signal="magnitude")
+    _, _, product = chunk_utilities(bag, signal="gradient_weight")
+    norms = bag.dense_weight()[rows].view(-1, 2, 4).norm(dim=2)
+    present = torch.arange(2)[None, :] < cnt[:, None]
+    assert torch.equal(torch.isinf(magnitude), ~present) and torch.equal(torch.isinf(product), ~present)
+    assert torch.allclose(magnitude[present], norms[present], rtol=1e-5)
+    assert torch.allclose(product[present], (norms * plain)[present], rtol=1e-5)
+
+
 def test_out_of_range_ids_raise_like_embedding_bag(backend):
     bag = FiitedEmbeddingBag(10, 4, chunk_size=2)
     with pytest.raises(IndexError, match="out of range"):

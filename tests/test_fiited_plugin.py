@@ -129,6 +129,10 @@ def test_fiited_stage_errors_name_the_field():
     bad["stages"][0]["utility"] = "per_access"
     with pytest.raises(compresskit.ConfigError, match=r"stages\[0\].utility: got 'per_access': it ranks FIITED"):
         compresskit.validate_recipe(bad)
+    bad = _recipe("fiited")
+    bad["stages"][0].update(utility="gradient_weight", regrow=True)
+    with pytest.raises(compresskit.ConfigError, match=r"stages\[0\].utility: got 'gradient_weight' with regrow"):
+        compresskit.validate_recipe(bad)
 
 
 def test_python_api_on_an_existing_model():

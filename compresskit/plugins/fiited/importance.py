@@ -26,10 +26,15 @@ def per_access(module: FiitedEmbeddingBag, rows: torch.Tensor, grid: torch.Tenso
     return grid.div_((1.0 + module.row_accesses(rows)).float()[:, None])
 
 
-def chunk_utilities(module: FiitedEmbeddingBag, by_access: bool = False
+WEIGHT_SIGNALS = ("magnitude", "gradient_weight")   # utilities that read the chunks' weights at the pruning round
+
+
+def chunk_utilities(module: FiitedEmbeddingBag, by_access: bool = False, signal: str = "gradient"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stored rows, their chunk counts, utility grid ``[rows, num_chunks]`` with ``+inf`` for absent chunks);
-    ``by_access``: utilities :func:`per_access`."""
+    ``by_access``: utilities :func:`per_access`. ``signal``: ``gradient`` (the decayed gradient utility),
+    ``magnitude`` (each chunk's weight norm) or ``gradient_weight`` (their product: a bound on the first-order loss
+    change of removing the chunk, sum over steps of ``|g . w|``)."""
     rows = torch.nonzero(module.store.row_counts()).flatten()
     cnt = torch.empty_like(rows)
     grid = torch.empty(rows.numel(), module.num_chunks)
@@ -39,8 +44,14 @@ def chunk_utilities(module: FiitedEmbeddingBag, by_access: bool = False
         first, cnt[part] = module.store.row_slots(rows[part])
         present = j[None, :] < cnt[part, None]
         slots = torch.where(present, first[:, None] + j, 0)
-        grid[part] = module.utilities(slots.reshape(-1)).view(-1, module.num_chunks).float() \
-            .masked_fill_(~present, float("inf"))
+        flat = slots.reshape(-1)
+        if signal == "magnitude":
+            values = module.store.read(flat).norm(dim=1)
+        elif signal == "gradient_weight":
+            values = module.store.read(flat).norm(dim=1) * module.utilities(flat).float()
+        else:
+            values = module.utilities(flat).float()
+        grid[part] = values.view(-1, module.num_chunks).masked_fill_(~present, float("inf"))
     if by_access:
         per_access(module, rows, grid)
     return rows, cnt, grid

@@ -65,11 +65,13 @@ class FiitedConfig:
     end_step: Optional[int] = option(None, help="step where the target is reached (overrides end_fraction)",
                                      min=1)
     interval: int = option(50, help="steps between pruning rounds", min=1)
-    utility: Literal["gradient", "per_access"] = option(
+    utility: Literal["gradient", "per_access", "magnitude", "gradient_weight"] = option(
         "gradient", help="fiited: a chunk's utility as the paper keeps it (decayed norm of its gradient summed over "
-                         "each batch: it grows with access frequency), or per_access: that divided by 1 + the row's "
-                         "decayed access count (the gradient a row gets per access: what it needs, not how often "
-                         "it is seen)")
+                         "each batch: it grows with access frequency); per_access: that divided by 1 + the row's "
+                         "decayed access count (the gradient a row gets per access); magnitude: the norm of the "
+                         "chunk's weights at the pruning round; gradient_weight: the two multiplied (a bound on the "
+                         "loss change of removing the chunk). The last two not with regrow: a pruned chunk has no "
+                         "weights")
     utility_exponent: float = option(0.5, help="chunk score = utility**exponent / (chunk+1)**position_discount",
                                      min=0)
     position_discount: float = option(2.0, help="diminishing return of a row's later chunks (0 = none)", min=0)

@@ -45,6 +45,9 @@ class TableMethod:
         if config.utility != "gradient" and not cls.ranks_chunks:
             raise ConfigError(f"{path}.utility", f"got '{config.utility}': it ranks FIITED's chunks, and method is "
                                                  f"'{config.method}'")
+        if config.utility in ("magnitude", "gradient_weight") and config.regrow:
+            raise ConfigError(f"{path}.utility", f"got '{config.utility}' with regrow: true; a pruned chunk has no "
+                                                 f"weights to rank it by (use gradient or per_access)")
         if config.lazy and not cls.in_training:
             raise ConfigError(f"{path}.lazy", f"lazy allocation needs an in-training method, not '{config.method}'")
         if config.precision.storage != "fp32" and not cls.in_training:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..importance import chunk_scores, chunk_utilities, regrowth_grid, tail_counts
+from ..importance import WEIGHT_SIGNALS, chunk_scores, chunk_utilities, regrowth_grid, tail_counts
 from .base import TableMethod, TableSet
 
 
@@ -34,7 +34,9 @@ class ChunkPruning(TableMethod):
     def prune(self, target: int, tables: TableSet) -> int | None:
         cfg, coll, modules = self.config, tables.coll, tables.modules
         by_access = cfg.utility == "per_access"
-        grids = [regrowth_grid(m, by_access) if self.regrow else chunk_utilities(m, by_access) for _, m in modules]
+        signal = cfg.utility if cfg.utility in WEIGHT_SIGNALS else "gradient"
+        grids = [regrowth_grid(m, by_access) if self.regrow else chunk_utilities(m, by_access, signal)
+                 for _, m in modules]
         wanted = coll.sum(sum(int(ext.sum()) for _, ext, _ in grids))     # stored chunks plus candidates
         excess = wanted - target
         if excess <= 0 and wanted == coll.sum(sum(m.store.live for _, m in modules)):   # no candidates either
