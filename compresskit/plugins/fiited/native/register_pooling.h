@@ -6,12 +6,13 @@
 // Two passes over each group of a thread's bags: the first finds every id's stored run through the index
 // (prefetched ahead), with no dependence between iterations; the second adds the runs into the bag's registers,
 // prefetching the runs ahead. A row's prefix of stored values is read with masked loads (int8 / int4 codes widened
-// and scaled in registers). Measured on Zen 4 (docs/fiited.md, serving speed), three things each cost as much as
-// the rest of the loop: reading the loop's state through a lambda's captured references (reloaded after every
-// store, since the stores may alias them), keeping the sum in an accumulator object instead of local registers,
-// and branches on a pruned row's length (random: counts_before's k == 0 test, a loop over a row's registers or
-// cache lines). So everything the loop reads is a local, the first register is added without a branch, and runs
-// are prefetched at clamped offsets.
+// and scaled in registers). Measured on Zen 4 with every looked-up row in cache (1M x 64, pooling 20, 1 thread;
+// nn.EmbeddingBag: 0.15 ms): reading the loop's state through the lambda's captured references, which the
+// compiler reloads after every store since the stores may alias them, cost 0.40 against 0.30 ms; counts_before's
+// k == 0 test, compiled to a branch mispredicted one lookup in 8, 0.42 against 0.33 ms; a branch on whether a pruned
+// row reaches the first register, 0.61 against 0.47 ms; and the older loop's accumulator object, with those fixed,
+// still 0.77 against 0.33 ms. So everything the loop reads is a local, the sum is NV local registers, the first
+// register is added without a branch, and runs are prefetched at clamped offsets.
 #pragma once
 #include <ATen/Parallel.h>
 
