@@ -261,9 +261,9 @@ def fiited_serve_findings() -> str:
                      f"calls.")
     lines += [f"* The exported `.pt2` adds {span(pt2, 2, ' ms')} a call at pooling 1 (the exported module's input "
               f"handling), not kernel time.",
-              "* The FP32 hot-row cache costs speed as well as bytes here: whether a row is cached decides, per id, "
-              "between two code paths (FP32 values or codes), a branch that is mispredicted about as often as hot and "
-              "cold rows alternate.",
+              "* The FP32 hot-row cache costs speed as well as bytes here: every lookup also reads the cache's rank "
+              "bitmap, and hot rows come from a second array. Adding hot and cold rows without a branch on which "
+              "(one instruction path for both) did not change the time; where it goes has not been found.",
               "* INT4 serves unpruned rows at half INT8's speed: unpacking nibbles takes about twice the "
               "instructions of widening bytes, and unpruned rows have 16 chunks to unpack.",
               "* Run-to-run spread is about 15% on this shared VM: compare ratios within a table.",
@@ -290,7 +290,8 @@ def readme_fiited() -> str:
     return (f"At 10% of the dense embedding bytes, index included, test AUC changes by {ml:+.4f} on MovieLens-100K "
             f"and {ad:+.4f} on UCI Adult against the dense model (mean of 3 seeds; dense trained with {ml_opt} / "
             f"{ad_opt}). Against the faster of FBGEMM's CPU TBE and `nn.EmbeddingBag(sparse=True)`, a training step "
-            f"(1M x 64 table, fused SGD and Adagrad, pooling 1 and 20, 1 thread) runs at {span(step['90% pruned'])} their speed with 90% "
+            f"(1M x 64 table, fused SGD and Adagrad, pooling 1 and 20, 1 thread) runs at "
+            f"{span(step['90% pruned'])} their speed with 90% "
             f"of the chunks pruned and {span(step['unpruned'])} unpruned. Serving is slower than the peers: the "
             f"packed export of that table looks up at {span(serve['90% pruned'])} the speed of the faster of "
             f"`nn.EmbeddingBag` fp32 and FBGEMM's INT8 TBE with 90% pruned, {span(serve['unpruned'])} unpruned "
@@ -373,10 +374,12 @@ def _adagrad_note(cells: list[dict]) -> str:
     """How the single table's Adagrad cells differ from its SGD ones (the peers' Adagrad is much slower)."""
     at = {(c["method"], c["setting"], c["threads"]): c["ms_per_step"] for c in cells
           if c["part"].startswith("table")}
-    slower = [at[("FBGEMM TBE (fused Adagrad)", f"pooling {p}, Adagrad", t)] / at[("FBGEMM TBE (fused SGD)", f"pooling {p}", t)]
-              for p in (1, 20) for t in (1, 2) if ("FBGEMM TBE (fused Adagrad)", f"pooling {p}, Adagrad", t) in at]
-    fiited = [at[("FIITED unpruned", f"pooling {p}, Adagrad", t)] / at[("FIITED unpruned", f"pooling {p}", t)]
-              for p in (1, 20) for t in (1, 2) if ("FIITED unpruned", f"pooling {p}, Adagrad", t) in at]
+    def ratio(method: str, sgd_method: str) -> list[float]:
+        return [at[(method, f"pooling {p}, Adagrad", t)] / at[(sgd_method, f"pooling {p}", t)]
+                for p in (1, 20) for t in (1, 2) if (method, f"pooling {p}, Adagrad", t) in at]
+
+    slower = ratio("FBGEMM TBE (fused Adagrad)", "FBGEMM TBE (fused SGD)")
+    fiited = ratio("FIITED unpruned", "FIITED unpruned")
     if not slower:
         return ""
     return (f"* **With Adagrad** FBGEMM's CPU TBE takes {span(slower, 1)} its SGD step time, FIITED's fused Adagrad "
@@ -504,7 +507,8 @@ def fiited_planted_findings() -> str:
         if name in rows:
             r = rows[name]
             lines.append(f"* **`utility: {label}`** ({what}) raises the rank correlation to {r[rho]:+.3f} "
-                         f"({r[rho_frequent]:+.3f} on the most accessed rows) at {r['test AUC'] - fiited['test AUC']:+.4f} "
+                         f"({r[rho_frequent]:+.3f} on the most accessed rows) at "
+                         f"{r['test AUC'] - fiited['test AUC']:+.4f} "
                          f"AUC against the default.")
     best = max((r for m, r in rows.items() if m.startswith("fiited")), key=lambda r: r["test AUC"])
     spread = max(max(c["mean_chunks_by_planted_chunks"].values()) - min(c["mean_chunks_by_planted_chunks"].values())

@@ -67,6 +67,42 @@ inline void prefetch_line(const void* p) {
 }
 
 #ifdef FIITED_AVX512
+// The lanes of a register below n values (none for n <= 0, all 16 from n >= 16).
+inline __mmask16 lanes_below(int64_t n) {
+  return __mmask16((1u << std::min<int64_t>(std::max<int64_t>(n, 0), 16)) - 1);
+}
+
+// Register j (values 16j .. 16j + 15) of a row's int8 (KIND 8) or int4 (KIND 4) codes at q, as floats: lanes at or
+// past len are zero, and nothing past them is read.
+template <int KIND>
+inline __m512 codes_register(const uint8_t* q, int j, int64_t len) {
+  const __mmask16 m = lanes_below(len - 16 * j);
+  if (KIND == 8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + 16 * j)));
+  const int64_t bytes = std::min<int64_t>(std::max<int64_t>((len - 16 * j + 1) / 2, 0), 8);
+  const __m128i b8 = _mm_maskz_loadu_epi8(__mmask16((1u << bytes) - 1), q + 8 * j);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b8, nib), hi = _mm_and_si128(_mm_srli_epi16(b8, 4), nib);
+  const __m512i c = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), _mm512_set1_epi32(8));
+  return _mm512_maskz_mov_ps(m, _mm512_cvtepi32_ps(c));
+}
+
+// The fp16 scales of a row of cnt <= 16 chunks at s, one a lane (times w when WEIGHTED), read once a row.
+template <bool WEIGHTED>
+inline __m512 row_scales_of(const at::Half* s, int64_t cnt, __m512 w) {
+  const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << cnt) - 1), s));
+  return WEIGHTED ? _mm512_mul_ps(sc, w) : sc;
+}
+
+// The scale of every lane of a register of a row of more than 16 chunks: the scales from its first chunk
+// (first_chunk of cnt) spread by chunk_of (lane -> chunk counted from first_chunk), times w when WEIGHTED.
+template <bool WEIGHTED>
+inline __m512 register_scales(const at::Half* s, int64_t cnt, int64_t first_chunk, __m512i chunk_of, __m512 w) {
+  const int64_t chunks = std::min<int64_t>(std::max<int64_t>(cnt - first_chunk, 0), 16);
+  const __m512 sc = _mm512_permutexvar_ps(chunk_of, _mm512_cvtph_ps(
+      _mm256_maskz_loadu_epi16(__mmask16((1u << chunks) - 1), s + first_chunk)));
+  return WEIGHTED ? _mm512_mul_ps(sc, w) : sc;
+}
+
 // An Index gives a row's first slot and chunk count (slot(r, &cnt)) and prefetches what that reads
 // (prefetch_index(r)): Layout (the chunk store's counts and block bases) or the packed tables' interleaved index.
 template <int KIND, bool WEIGHTED, bool CACHED, int NV, class Index>
@@ -112,7 +148,7 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
       return CACHED && run.slot < 0 ? cache.values + (-1 - run.slot) * dim : pool + run.slot * cs;
     };
     auto prefetch = [&](const Run& run) {
-      if (KIND == 32 || (CACHED && run.slot < 0)) {
+      if (KIND == 32) {
         const float* p = fp32_values(run);
         prefetch_line(p);
         if (run.cnt * cs == 16 * NV) {
@@ -120,15 +156,20 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
           for (int j = 1; j < NV; ++j) prefetch_line(p + 16 * j);
         }
         prefetch_line(p + std::max<int64_t>(run.cnt * cs - 1, 0));
-      } else {
-        const uint8_t* q = codes + run.slot * code_bytes;
-        const int64_t last_byte = std::max<int64_t>(run.cnt * code_bytes - 1, 0);  // rows of at most 128 bytes
-        prefetch_line(q);
-        prefetch_line(q + std::min<int64_t>(64, last_byte));
-        prefetch_line(q + last_byte);
-        prefetch_line(scales + run.slot);
-        prefetch_line(scales + run.slot + std::max<int64_t>(run.cnt - 1, 0));
+        return;
       }
+      // codes and scales, or a cached row's fp32 values, without a branch on which
+      const bool hot = CACHED && run.slot < 0;
+      const char* base = hot ? reinterpret_cast<const char*>(cache.values + (-1 - run.slot) * dim)
+                             : reinterpret_cast<const char*>(codes + run.slot * code_bytes);
+      const int64_t last_byte = std::max<int64_t>(run.cnt * (hot ? cs * 4 : code_bytes) - 1, 0);
+      prefetch_line(base);
+#pragma GCC unroll 8
+      for (int j = 1; j < NV; ++j) prefetch_line(base + std::min<int64_t>(64 * j, last_byte));
+      prefetch_line(base + last_byte);
+      const at::Half* s = scales + (hot ? 0 : run.slot);
+      prefetch_line(s);
+      prefetch_line(s + std::max<int64_t>(run.cnt - 1, 0));
     };
     thread_local std::vector<Run> buffer;  // reused across calls: no allocation (or page faults) per call
     for (int64_t g0 = b0; g0 < b1;) {
@@ -163,7 +204,7 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
           const Run run = runs[i];
           const int64_t len = run.cnt * cs;
           const __m512 vw = _mm512_set1_ps(WEIGHTED ? psw[i] : 1.0f);
-          if (KIND == 32 || (CACHED && run.slot < 0)) {
+          if (KIND == 32) {
             const float* p = fp32_values(run);
             if (len == 16 * NV) {  // a whole row of a dim that is a multiple of 16: plain loads
 #pragma GCC unroll 8
@@ -177,52 +218,38 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
 #pragma GCC unroll 8
             for (int j = 0; j < NV; ++j) {
               if (j > 0 && 16 * j >= len) break;
-              const __mmask16 m = __mmask16((1u << std::min<int64_t>(std::max<int64_t>(len - 16 * j, 0), 16)) - 1);
-              const __m512 v = _mm512_maskz_loadu_ps(m, p + 16 * j);
+              const __m512 v = _mm512_maskz_loadu_ps(lanes_below(len - 16 * j), p + 16 * j);
               acc[j] = WEIGHTED ? _mm512_fmadd_ps(vw, v, acc[j]) : _mm512_add_ps(acc[j], v);
             }
             continue;
           }
-          // quantized chunks: scales spread to the lanes (rows of at most 16 chunks: all of them read once)
-          __m512 row_scales = _mm512_setzero_ps();
-          if (few_chunks) {
-            row_scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << run.cnt) - 1), scales + run.slot));
-            if (WEIGHTED) row_scales = _mm512_mul_ps(row_scales, vw);
-          }
-          const uint8_t* q = codes + run.slot * code_bytes;
+          // Quantized chunks, scales spread to the lanes. With a cache, a hot row (fp32 values) and a cold one
+          // (codes) go through the same instructions, each with its lanes masked off for the other kind (one path
+          // for both; a branch on which it is measured the same: tables with a cache serve at about 0.5x of
+          // nn.EmbeddingBag on Zipf ids against 0.7x without, and where that goes has not been found).
+          const bool hot = CACHED && run.slot < 0;
+          const uint8_t* q = codes + (hot ? 0 : run.slot) * code_bytes;
+          const at::Half* sp = scales + (hot ? 0 : run.slot);
+          const int64_t q_len = hot ? 0 : len, q_cnt = hot ? 0 : run.cnt;
+          const __m512 row_scales = few_chunks ? row_scales_of<WEIGHTED>(sp, q_cnt, vw) : _mm512_setzero_ps();
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j) {
             if (j > 0 && 16 * j >= len) break;
-            const __mmask16 m = __mmask16((1u << std::min<int64_t>(std::max<int64_t>(len - 16 * j, 0), 16)) - 1);
-            __m512 v;
-            if (KIND == 8) {
-              v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + 16 * j)));
-            } else {
-              const int64_t bytes = std::min<int64_t>(std::max<int64_t>((len - 16 * j + 1) / 2, 0), 8);
-              const __m128i b8 = _mm_maskz_loadu_epi8(__mmask16((1u << bytes) - 1), q + 8 * j);
-              const __m128i nib = _mm_set1_epi8(0x0F);
-              const __m128i lo = _mm_and_si128(b8, nib), hi = _mm_and_si128(_mm_srli_epi16(b8, 4), nib);
-              const __m512i c = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), _mm512_set1_epi32(8));
-              v = _mm512_maskz_mov_ps(m, _mm512_cvtepi32_ps(c));
+            if (CACHED) {
+              const float* p = cache.values + (hot ? (-1 - run.slot) * dim : 0);
+              const __m512 vf = _mm512_maskz_loadu_ps(lanes_below((hot ? len : 0) - 16 * j), p + 16 * j);
+              acc[j] = WEIGHTED ? _mm512_fmadd_ps(vw, vf, acc[j]) : _mm512_add_ps(acc[j], vf);
             }
-            __m512 sc;
-            if (few_chunks) {
-              sc = _mm512_permutexvar_ps(chunk_of[j], row_scales);
-            } else {
-              const int64_t chunks = std::min<int64_t>(run.cnt - first_chunk[j], 16);
-              const __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << chunks) - 1), scales + run.slot + first_chunk[j]);
-              sc = _mm512_permutexvar_ps(chunk_of[j], _mm512_cvtph_ps(h));
-              if (WEIGHTED) sc = _mm512_mul_ps(sc, vw);
-            }
-            acc[j] = _mm512_fmadd_ps(sc, v, acc[j]);
+            const __m512 sc = few_chunks ? _mm512_permutexvar_ps(chunk_of[j], row_scales)
+                                         : register_scales<WEIGHTED>(sp, q_cnt, first_chunk[j], chunk_of[j], vw);
+            acc[j] = _mm512_fmadd_ps(sc, codes_register<KIND>(q, j, q_len), acc[j]);
           }
         }
         const __m512 scale = _mm512_set1_ps(by_mean && stop > start ? 1.0f / float(stop - start) : 1.0f);
         float* o = out + b * dim;
 #pragma GCC unroll 8
         for (int j = 0; j < NV; ++j) {
-          const int64_t m = std::min<int64_t>(std::max<int64_t>(dim - 16 * j, 0), 16);
-          _mm512_mask_storeu_ps(o + 16 * j, __mmask16((1u << m) - 1), _mm512_mul_ps(acc[j], scale));
+          _mm512_mask_storeu_ps(o + 16 * j, lanes_below(dim - 16 * j), _mm512_mul_ps(acc[j], scale));
         }
       }
       g0 = g1;
