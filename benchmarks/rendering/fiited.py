@@ -239,8 +239,10 @@ def fiited_serve_findings() -> str:
     pt2 = [one[(fp32_pruned + ", torch.export .pt2", 1, t)]["ms"] - one[(fp32_pruned, 1, t)]["ms"] for t in (1, 2)]
     best = max(c["vs_faster_peer"] for c in cells if c["method"].startswith("FIITED"))
     p1 = [c["vs_faster_peer"] for (m, pooling, _), c in one.items() if m == fp32_pruned and pooling == 1]
+    headline = ("Smaller; not yet faster" if best < 1.0 else "Smaller; level with the peers at best" if best < 1.1
+                else "Smaller, and faster in places")
     lines = [
-        f"* **{'Smaller; not yet faster' if best < 1.0 else 'Smaller; level with the peers at best' if best < 1.1 else 'Smaller, and faster in places'}.** INT8 at 90% pruned serves from {one[(int8, 1, 1)]['bytes_of_fp32']:.3f} of "
+        f"* **{headline}.** INT8 at 90% pruned serves from {one[(int8, 1, 1)]['bytes_of_fp32']:.3f} of "
         f"the FP32 bytes (INT4: {one[(int4, 1, 1)]['bytes_of_fp32']:.3f}; the INT8 TBE: {tbe:.3f}) at "
         f"{span(of(one, int8))} of the faster baseline on one table; FP32 at 90% pruned is at {span(p1)} at "
         f"pooling 1. The best FIITED cell anywhere is {best:.2f}x; the targets (>= 1.5x pruned, >= 1.0x unpruned) "
