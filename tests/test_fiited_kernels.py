@@ -183,6 +183,17 @@ def test_weight_signals_rank_chunks_by_their_weights(backend):
     assert torch.allclose(magnitude[present], norms[present], rtol=1e-5)
     assert torch.allclose(product[present], (norms * plain)[present], rtol=1e-5)
 
+    cached = FiitedEmbeddingBag(40, 8, 4, optimizer="sgd", lr=0.5, weight=torch.randn(40, 8))
+    cached.set_precision("int8", 0.25)        # cached rows: the cache is the master copy, the codes go stale
+    cached.cache.record(torch.arange(10).repeat(5))
+    cached.refresh_cache()
+    for step in range(3):
+        ids, offsets, _ = _batch(40, n=60, bags=6, seed=step)
+        _loss(cached(ids, offsets), step).backward()
+    rows, _, magnitude = chunk_utilities(cached, signal="magnitude")
+    assert cached.cache.ids.numel() == 10
+    assert torch.allclose(magnitude, cached.dense_weight()[rows].view(-1, 2, 4).norm(dim=2), rtol=1e-5)
+
 
 def test_out_of_range_ids_raise_like_embedding_bag(backend):
     bag = FiitedEmbeddingBag(10, 4, chunk_size=2)
@@ -203,3 +214,45 @@ def test_fused_update_on_a_table_pruned_to_nothing(backend, optimizer):
     out = bag(ids, offsets)
     _loss(out, 0).backward()
     assert bool((out == 0).all()) and bag.store.live == 0
+
+
+@pytest.mark.skipif(compiled() is None, reason="no C++ compiler: the native kernels could not be built")
+@pytest.mark.parametrize("dim,cs", [(24, 4), (40, 4), (64, 2), (128, 4)])
+@pytest.mark.parametrize("storage,cache", [("fp32", 0.0), ("int8", 0.0), ("int8", 0.2), ("int4", 0.2)])
+def test_training_forward_in_registers_equals_pure_torch(dim, cs, storage, cache):
+    """The training forwards pool in registers (register_pooling.h): partial registers, rows of more than 16
+    chunks, quantized rows with and without the cache, sum and mean, over thread splits and several groups."""
+    gen = torch.Generator().manual_seed(dim + cs)
+    bag = FiitedEmbeddingBag(500, dim, cs, optimizer="sgd", lr=0.1, weight=torch.randn(500, dim, generator=gen))
+    bag.shrink_rows(torch.randint(0, dim // cs + 1, (500,), generator=gen))
+    if storage != "fp32":
+        bag.set_precision(storage, cache)
+        if bag.cache is not None:
+            bag.cache.record(torch.randint(0, 500, (3000,), generator=gen))
+            bag.refresh_cache()
+    ids = torch.randint(0, 500, (20_000,), generator=gen)
+    offsets = torch.cat([torch.tensor([0, 0]), torch.sort(torch.randint(0, 20_000, (700,), generator=gen)).values])
+    weights = torch.rand(20_000, generator=gen)
+    threads = torch.get_num_threads()
+    bag.eval()
+    try:
+        with torch.no_grad():
+            for mode, w in (("sum", weights), ("mean", None)):
+                bag.mode = mode
+                kernels.use_native(False)
+                ref = bag(ids, offsets, w)
+                kernels.use_native(True)
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    assert torch.allclose(bag(ids, offsets, w), ref, atol=1e-5, rtol=1e-5), (mode, n)
+    finally:
+        torch.set_num_threads(threads)
+        kernels.use_native(True)
+
+
+def test_offsets_out_of_order_are_a_value_error(backend):
+    bag = FiitedEmbeddingBag(50, 8, 4)
+    ids = torch.randint(0, 50, (300,))
+    for offsets in (torch.tensor([250, 0]), torch.tensor([0, 301]), torch.tensor([-1, 5])):
+        with pytest.raises(ValueError, match="offsets must be non-decreasing and in"):
+            bag(ids, offsets)

@@ -29,6 +29,19 @@ def per_access(module: FiitedEmbeddingBag, rows: torch.Tensor, grid: torch.Tenso
 WEIGHT_SIGNALS = ("magnitude", "gradient_weight")   # utilities that read the chunks' weights at the pruning round
 
 
+def chunk_weight_norms(module: FiitedEmbeddingBag, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``[len(rows), num_chunks]`` norms of the chunks at ``slots`` (``rows``' chunk grid, flattened) as the model
+    serves them: a row in the FP32 hot-row cache from the cache, whose values are the master copy (its codes in the
+    store are stale until the row leaves the cache)."""
+    norms = module.store.read(slots).norm(dim=1).view(rows.numel(), module.num_chunks)
+    cache = getattr(module, "cache", None)
+    if cache is not None:
+        hit, pos = cache.positions(rows)
+        if bool(hit.any()):
+            norms[hit] = cache.values[pos[hit]].view(-1, module.num_chunks, module.chunk_size).norm(dim=2)
+    return norms
+
+
 def chunk_utilities(module: FiitedEmbeddingBag, by_access: bool = False, signal: str = "gradient"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stored rows, their chunk counts, utility grid ``[rows, num_chunks]`` with ``+inf`` for absent chunks);
@@ -45,13 +58,13 @@ def chunk_utilities(module: FiitedEmbeddingBag, by_access: bool = False, signal:
         present = j[None, :] < cnt[part, None]
         slots = torch.where(present, first[:, None] + j, 0)
         flat = slots.reshape(-1)
-        if signal == "magnitude":
-            values = module.store.read(flat).norm(dim=1)
-        elif signal == "gradient_weight":
-            values = module.store.read(flat).norm(dim=1) * module.utilities(flat).float()
+        if signal == "gradient":
+            values = module.utilities(flat).float().view(-1, module.num_chunks)
         else:
-            values = module.utilities(flat).float()
-        grid[part] = values.view(-1, module.num_chunks).masked_fill_(~present, float("inf"))
+            values = chunk_weight_norms(module, rows[part], flat)
+            if signal == "gradient_weight":
+                values.mul_(module.utilities(flat).float().view(-1, module.num_chunks))
+        grid[part] = values.masked_fill_(~present, float("inf"))
     if by_access:
         per_access(module, rows, grid)
     return rows, cnt, grid

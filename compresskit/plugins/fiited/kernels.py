@@ -44,6 +44,15 @@ def check_ids(ids: torch.Tensor, num_rows: int) -> None:
                              f"(ids must be in [0, {num_rows}))")
 
 
+def check_offsets(offsets: torch.Tensor, n: int) -> None:
+    """ValueError (as the native kernels raise) unless ``offsets`` are non-decreasing and in ``[0, n]``."""
+    bad = (offsets < 0) | (offsets > n)
+    bad[1:] |= offsets[1:] < offsets[:-1]
+    if bool(bad.any()):
+        at = int(torch.nonzero(bad)[0])
+        raise ValueError(f"offsets must be non-decreasing and in [0, {n}], got {int(offsets[at])} at position {at}")
+
+
 def row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, num_rows: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(slot of the first chunk, number of stored chunks) of each row in ``rows`` (int64 each)."""
@@ -76,6 +85,7 @@ def positions(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | 
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Bag of each id and its weight (per-sample weight times 1/bag length for mode 'mean')."""
     n, bags = ids.numel(), offsets.numel()
+    check_offsets(offsets, n)
     lengths = torch.diff(offsets, append=offsets.new_tensor([n]))
     bag_of = torch.repeat_interleave(torch.arange(bags, device=ids.device), lengths)
     w = weights.to(dtype) if weights is not None else torch.ones(n, dtype=dtype, device=ids.device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import _row_slots, check_ids, native_kernels
+from .kernels import _row_slots, check_ids, check_offsets, native_kernels
 from .chunk_codec import dequantize
 
 MODES = {"sum": 0, "mean": 1}
@@ -53,12 +53,7 @@ def _bag_bounds(input: torch.Tensor, offsets: torch.Tensor | None, per_sample_we
             raise ValueError(f"offsets must be 1-D, got {offsets.dim()}-D")
         ids, offsets = input.long(), offsets.long()
         n = ids.numel()
-        bad = (offsets < 0) | (offsets > n)
-        bad[1:] |= offsets[1:] < offsets[:-1]
-        if bool(bad.any()):
-            at = int(torch.nonzero(bad)[0])
-            raise ValueError(f"offsets must be non-decreasing and in [0, {n}], got {int(offsets[at])} at position "
-                             f"{at}")
+        check_offsets(offsets, n)
         bags = max(offsets.numel() - 1, 0) if include_last_offset else offsets.numel()
         starts = offsets[:bags]
         ends = torch.cat([offsets[1:], offsets.new_tensor([n])])[:bags]

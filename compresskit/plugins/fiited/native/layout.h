@@ -95,6 +95,15 @@ inline void check_ids(const int64_t* ids, int64_t n, int64_t num_rows) {
   for (int64_t i = 0; i < n; ++i) check_id(ids[i], num_rows);
 }
 
+// ValueError unless the bag offsets are non-decreasing and in [0, n] (the kernels index by them)
+inline void check_offsets(const int64_t* offsets, int64_t count, int64_t n) {
+  for (int64_t b = 0; b < count; ++b) {
+    const int64_t o = offsets[b];
+    TORCH_CHECK_VALUE(o >= 0 && o <= n && (b == 0 || o >= offsets[b - 1]),
+                      "offsets must be non-decreasing and in [0, ", n, "], got ", o, " at position ", b);
+  }
+}
+
 inline float half_to_float(at::Half h) {
 #ifdef __F16C__
   return _cvtsh_ss(h.x);

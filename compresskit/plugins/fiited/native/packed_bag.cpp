@@ -163,6 +163,7 @@ void pool_bags(const Table& T, const BagView& in, bool mean, float* outp) {
       }
       g0 = g1;
     }
+    if (where.size() > size_t(4 * kGroupIds)) std::vector<Where>().swap(where);  // one huge bag: not kept
   });
 }
 
@@ -239,11 +240,7 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
   }
   in.ids = ids.data_ptr<int64_t>();
   in.n = ids.numel();
-  for (int64_t b = 0; b < in.num_offsets; ++b) {
-    const int64_t o = in.offsets[b];
-    TORCH_CHECK_VALUE(o >= 0 && o <= in.n && (b == 0 || o >= in.offsets[b - 1]),
-                      "offsets must be non-decreasing and in [0, ", in.n, "], got ", o, " at position ", b);
-  }
+  check_offsets(in.offsets, in.num_offsets, in.n);
   at::Tensor psw;
   if (per_sample_weights.has_value() && per_sample_weights->defined()) {
     TORCH_CHECK_VALUE(mode == 0, "per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)");

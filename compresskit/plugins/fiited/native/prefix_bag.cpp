@@ -39,6 +39,7 @@ BagInputs bag_inputs(const at::Tensor& ids, const at::Tensor& offsets, const at:
   BagInputs in{ids.numel(), offsets.numel(), ids.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
                weights.defined() && weights.numel() ? weights.data_ptr<float>() : nullptr};
   check_ids(in.ids, in.n, num_rows);
+  check_offsets(in.offsets, in.bags, in.n);
   return in;
 }
 

@@ -254,6 +254,7 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
       }
       g0 = g1;
     }
+    if (buffer.size() > size_t(4 * kGroupIds)) std::vector<Run>().swap(buffer);  // one huge bag: not kept for good
   });
 }
 
