@@ -264,8 +264,9 @@ def fiited_serve_findings() -> str:
     lines += [f"* The exported `.pt2` adds {span(pt2, 2, ' ms')} a call at pooling 1 (the exported module's input "
               f"handling), not kernel time.",
               "* The FP32 hot-row cache costs speed as well as bytes here: every lookup also reads the cache's rank "
-              "bitmap, and hot rows come from a second array. Adding hot and cold rows without a branch on which "
-              "(one instruction path for both) did not change the time; where it goes has not been found.",
+              "bitmap, and hot rows come from a second array. Taking hot and cold rows through one masked "
+              "instruction path, without a branch on which, measured slightly slower; where the time goes has not "
+              "been found.",
               "* At pooling 20 INT4 serves unpruned rows at about half INT8's speed: unpacking nibbles takes about "
               "twice the instructions of widening bytes, and unpruned rows have 16 chunks to unpack.",
               "* Run-to-run spread is about 15% on this shared VM: compare ratios within a table.",

@@ -148,7 +148,7 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
       return CACHED && run.slot < 0 ? cache.values + (-1 - run.slot) * dim : pool + run.slot * cs;
     };
     auto prefetch = [&](const Run& run) {
-      if (KIND == 32) {
+      if (KIND == 32 || (CACHED && run.slot < 0)) {
         const float* p = fp32_values(run);
         prefetch_line(p);
         if (run.cnt * cs == 16 * NV) {
@@ -158,18 +158,13 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
         prefetch_line(p + std::max<int64_t>(run.cnt * cs - 1, 0));
         return;
       }
-      // codes and scales, or a cached row's fp32 values, without a branch on which
-      const bool hot = CACHED && run.slot < 0;
-      const char* base = hot ? reinterpret_cast<const char*>(cache.values + (-1 - run.slot) * dim)
-                             : reinterpret_cast<const char*>(codes + run.slot * code_bytes);
-      const int64_t last_byte = std::max<int64_t>(run.cnt * (hot ? cs * 4 : code_bytes) - 1, 0);
-      prefetch_line(base);
-#pragma GCC unroll 8
-      for (int j = 1; j < NV; ++j) prefetch_line(base + std::min<int64_t>(64 * j, last_byte));
-      prefetch_line(base + last_byte);
-      const at::Half* s = scales + (hot ? 0 : run.slot);
-      prefetch_line(s);
-      prefetch_line(s + std::max<int64_t>(run.cnt - 1, 0));
+      const uint8_t* q = codes + run.slot * code_bytes;
+      const int64_t last_byte = std::max<int64_t>(run.cnt * code_bytes - 1, 0);  // rows of at most 128 bytes
+      prefetch_line(q);
+      prefetch_line(q + std::min<int64_t>(64, last_byte));
+      prefetch_line(q + last_byte);
+      prefetch_line(scales + run.slot);
+      prefetch_line(scales + run.slot + std::max<int64_t>(run.cnt - 1, 0));
     };
     thread_local std::vector<Run> buffer;  // reused across calls: no allocation (or page faults) per call
     for (int64_t g0 = b0; g0 < b1;) {
@@ -204,7 +199,7 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
           const Run run = runs[i];
           const int64_t len = run.cnt * cs;
           const __m512 vw = _mm512_set1_ps(WEIGHTED ? psw[i] : 1.0f);
-          if (KIND == 32) {
+          if (KIND == 32 || (CACHED && run.slot < 0)) {  // fp32 values: the pool, or a cached row
             const float* p = fp32_values(run);
             if (len == 16 * NV) {  // a whole row of a dim that is a multiple of 16: plain loads
 #pragma GCC unroll 8
@@ -223,26 +218,17 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
             }
             continue;
           }
-          // Quantized chunks, scales spread to the lanes. With a cache, a hot row (fp32 values) and a cold one
-          // (codes) go through the same instructions, each with its lanes masked off for the other kind (one path
-          // for both; a branch on which it is measured the same: tables with a cache serve at about 0.5x of
-          // nn.EmbeddingBag on Zipf ids against 0.7x without, and where that goes has not been found).
-          const bool hot = CACHED && run.slot < 0;
-          const uint8_t* q = codes + (hot ? 0 : run.slot) * code_bytes;
-          const at::Half* sp = scales + (hot ? 0 : run.slot);
-          const int64_t q_len = hot ? 0 : len, q_cnt = hot ? 0 : run.cnt;
-          const __m512 row_scales = few_chunks ? row_scales_of<WEIGHTED>(sp, q_cnt, vw) : _mm512_setzero_ps();
+          // Quantized chunks, scales spread to the lanes. (Taking cached and uncached rows through one masked path,
+          // without this branch, measured 0.45-0.47x of nn.EmbeddingBag at pooling 20 against 0.50-0.53x with it.)
+          const uint8_t* q = codes + run.slot * code_bytes;
+          const at::Half* sp = scales + run.slot;
+          const __m512 row_scales = few_chunks ? row_scales_of<WEIGHTED>(sp, run.cnt, vw) : _mm512_setzero_ps();
 #pragma GCC unroll 8
           for (int j = 0; j < NV; ++j) {
             if (j > 0 && 16 * j >= len) break;
-            if (CACHED) {
-              const float* p = cache.values + (hot ? (-1 - run.slot) * dim : 0);
-              const __m512 vf = _mm512_maskz_loadu_ps(lanes_below((hot ? len : 0) - 16 * j), p + 16 * j);
-              acc[j] = WEIGHTED ? _mm512_fmadd_ps(vw, vf, acc[j]) : _mm512_add_ps(acc[j], vf);
-            }
             const __m512 sc = few_chunks ? _mm512_permutexvar_ps(chunk_of[j], row_scales)
-                                         : register_scales<WEIGHTED>(sp, q_cnt, first_chunk[j], chunk_of[j], vw);
-            acc[j] = _mm512_fmadd_ps(sc, codes_register<KIND>(q, j, q_len), acc[j]);
+                                         : register_scales<WEIGHTED>(sp, run.cnt, first_chunk[j], chunk_of[j], vw);
+            acc[j] = _mm512_fmadd_ps(sc, codes_register<KIND>(q, j, len), acc[j]);
           }
         }
         const __m512 scale = _mm512_set1_ps(by_mean && stop > start ? 1.0f / float(stop - start) : 1.0f);
