@@ -264,7 +264,7 @@ bool pool_in_registers_dim(const Stored& S, const Index& X, const BagView& in, b
 template <int KIND, bool WEIGHTED, class Index>
 bool pool_in_registers_any(const Stored& S, const Index& X, const BagView& in, bool mean, float* outp) {
 #ifdef FIITED_AVX512
-  if (S.dim > 128) return false;
+  if (S.dim > 128 || S.cs <= 0 || S.dim % S.cs) return false;  // (the callers' loops take what this cannot)
   return S.cache.values ? pool_in_registers_dim<KIND, WEIGHTED, true>(S, X, in, mean, outp)
                         : pool_in_registers_dim<KIND, WEIGHTED, false>(S, X, in, mean, outp);
 #else
