@@ -420,7 +420,7 @@ def fiited_speed_findings() -> str:
         f"chunk utilities (a square root and a write per chunk per distinct row). On one thread the forward is no "
         f"longer the gap (it pools in registers, the serving kernel's loop); the backward's sort and per-row pass "
         f"are. At pooling 20 TBE does not speed up with a second thread here while FIITED does.",
-        *([_adagrad_note(cells)] if _adagrad_note(cells) else []),
+        *([adagrad] if (adagrad := _adagrad_note(cells)) else []),
         f"* **The whole DLRM step** runs at {span(dlrm)} TBE's speed: at this model size the MLPs dominate, so "
         f"pruning does not speed up the step either.",
         f"* **The pure-torch fallback** (no compiler) is {span(fallback, 1)} slower than the native kernels: usable "

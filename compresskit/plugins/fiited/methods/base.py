@@ -8,6 +8,7 @@ from torch import nn
 
 from ....distributed.collective import Collective
 from ....errors import ConfigError
+from ..importance import WEIGHT_SIGNALS
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TableMethod:
         if config.utility != "gradient" and not cls.ranks_chunks:
             raise ConfigError(f"{path}.utility", f"got '{config.utility}': it ranks FIITED's chunks, and method is "
                                                  f"'{config.method}'")
-        if config.utility in ("magnitude", "gradient_weight") and config.regrow and not config.lazy:
+        if config.utility in WEIGHT_SIGNALS and config.regrow and not config.lazy:
             raise ConfigError(f"{path}.utility", f"got '{config.utility}' with regrow: true; a pruned chunk has no "
                                                  f"weights to rank it by (use gradient or per_access)")
         if config.lazy and not cls.in_training:

@@ -135,15 +135,13 @@ inline void accumulate_row_in_registers(float* g, const int64_t* order, const in
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
       if (j >= regs) break;  // the same for every position of the row: predicted
-      const int64_t m = std::min<int64_t>(len - 16 * j, 16);
-      acc[j] = _mm512_fmadd_ps(wi, _mm512_maskz_loadu_ps(__mmask16((1u << m) - 1), go + 16 * j), acc[j]);
+      acc[j] = _mm512_fmadd_ps(wi, _mm512_maskz_loadu_ps(lanes_below(len - 16 * j), go + 16 * j), acc[j]);
     }
   }
 #pragma GCC unroll 8
   for (int j = 0; j < NV; ++j) {
     if (j >= regs) break;
-    const int64_t m = std::min<int64_t>(len - 16 * j, 16);
-    _mm512_mask_storeu_ps(g + 16 * j, __mmask16((1u << m) - 1), acc[j]);
+    _mm512_mask_storeu_ps(g + 16 * j, lanes_below(len - 16 * j), acc[j]);
   }
 }
 #endif
