@@ -5,7 +5,7 @@ The protocol of ``fiited_quality.py`` (DLRM dim 64, ``chunk_size: 4``, 3 epochs,
 a fused update (Adam, which ``fiited_quality.py`` picks for Adult, has no fused form here). ``target`` is the chunk
 budget: every precision keeps exactly the chunks FP32 FIITED keeps at that ``target_memory_ratio`` (payload at FP32
 + index); "total bytes" is what each model then holds for inference, measured from its tensors: codes + FP16 scales
-+ the FP32 cache (rows and ids) + the 2-byte-a-row index, over the dense tables' bytes.
++ the FP32 cache (rows and ids) + the 1.125-byte-a-row index, over the dense tables' bytes.
 
     python benchmarks/fiited_precision.py [--datasets movielens adult] [--ratios 0.25 0.1 0.05] [--seeds 3]
                                           [--precisions fp32 int8+5% int8 int4+1% int4] [--jobs 2] [--name N]

@@ -1,7 +1,7 @@
 """FIITED quality: test AUC / log loss against embedding bytes kept, FIITED vs baselines at equal total bytes.
 
 Every method is charged what it really stores for inference, payload plus index, measured from its tensors:
-FIITED (without regrowth, the default, and with) and AdaEmbed pruning their chunk store (pool + 2-byte-a-row index), uniform a narrower
+FIITED (without regrowth, the default, and with) and AdaEmbed pruning their chunk store (pool + 1.125-byte-a-row index), uniform a narrower
 ``nn.EmbeddingBag``, mixed-dim its frequency-bucket tables, projections and id remap, and the hashing family in its
 natural forms (``compresskit/plugins/fiited/hashing.py``): the hashing trick its shared rows, QR its quotient and
 remainder tables, ROBE its one array, TT-Rec its three cores (each with a few bytes of hash parameters). Each table

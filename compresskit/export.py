@@ -6,7 +6,7 @@ Three formats:
   tables with their pruned dims as zeros, the baselines' dense equivalents), so the state dict loads with
   ``strict=True`` into the original architecture and computes the same outputs.
 * ``packed``: FIITED tables become inference-only packed tables (:func:`pack`): only the stored chunks and the
-  2-byte-a-row index. Saved as a state dict plus a JSON spec of the packed modules; :func:`load_packed` puts them
+  1.125-byte-a-row index. Saved as a state dict plus a JSON spec of the packed modules; :func:`load_packed` puts them
   into the original architecture.
 * ``torch.export``: the packed model through ``torch.export.export`` (:func:`export_program`), saved as ``.pt2``.
 
@@ -45,8 +45,8 @@ from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
 FORMATS = ("state-dict", "packed", "torch.export")
 DEFAULT_NAMES = {"state-dict": "model_dense.pt", "packed": "model_packed.pt", "torch.export": "model.pt2"}
 SPEC_FORMAT = "compresskit-packed"
-SPEC_VERSION = 2          # 2: packed tables carry their storage (fp32 / int8 / int4) and FP32 hot-row cache
-READABLE_VERSIONS = (1, 2)
+SPEC_VERSION = 3          # 2: packed tables carry their storage (fp32 / int8 / int4) and FP32 hot-row cache;
+READABLE_VERSIONS = (1, 2, 3)  # 3: the index in blocks of 64 rows (single tables of 1 and 2 are converted on load)
 
 
 # --------------------------------------------------------------------------------------------------- conversion
@@ -200,6 +200,12 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(str(path), f"packed format version {shorten(spec.get('version'))}; this compresskit "
                                          f"reads versions {', '.join(map(str, READABLE_VERSIONS))}: export the run "
                                          f"again with this compresskit, or load it with the one that wrote it")
+    batched = [name for name, entry in spec["modules"].items()
+               if isinstance(entry, dict) and str(entry.get("class")).endswith("PackedTables")]
+    if batched and spec["version"] < 3:
+        raise CheckpointError(str(path), f"packed format version {spec['version']} serves '{batched[0]}' through the "
+                                         f"older 8-row index, which batched tables cannot convert: export the run "
+                                         f"again with this compresskit")
     return spec
 
 

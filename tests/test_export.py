@@ -100,8 +100,10 @@ def test_packed_loads_into_the_original_architecture_and_is_smaller(trained, cap
     assert spec["modules"]["embeddings"]["class"].endswith(":PackedTables")
     assert len(spec["modules"]["embeddings"]["args"]["rows"]) == 26
     values = state["embeddings.values"].numel() * 4
-    index = state["embeddings.index"].numel() * 8                  # 16 bytes a block of 8 rows
-    assert {k for k in state if k.startswith("embeddings.")} == {"embeddings.values", "embeddings.index"}
+    index = state["embeddings.counts"].numel() + state["embeddings.base"].numel() * 8    # 72 bytes a block of 64 rows
+    assert state["embeddings.counts"].numel() == 64 * state["embeddings.base"].numel()
+    assert {k for k in state if k.startswith("embeddings.")} == {"embeddings.values", "embeddings.counts",
+                                                                 "embeddings.base"}
     assert spec["bytes"]["values"] == values and spec["bytes"]["index"] == index
     assert spec["bytes"]["total"] == values + index < spec["bytes"]["dense"]
     stage = result.report["stages"][0]     # the run's own accounting: payload + index of the pruned stores
@@ -386,6 +388,10 @@ def test_check_export_bad_files_are_one_line(trained_int8, capsys, tmp_path):
     shutil.copy(out / "model_packed.pt.sha256", bad / "model_packed.pt.sha256")
     (bad / "model_packed.json").write_text(json.dumps({**spec, "version": 9}))
     _one_error(capsys, ["check-export", str(out), str(bad / "model_packed.pt")], "packed format version 9")
+    # batched tables written with the older 8-row index (format 2): export the run again
+    (bad / "model_packed.json").write_text(json.dumps({**spec, "version": 2}))
+    _one_error(capsys, ["check-export", str(out), str(bad / "model_packed.pt")],
+               "serves 'embeddings' through the older 8-row index")
     # tables that do not fit the model: name the table and both shapes
     rows = spec["modules"]["embeddings"]["args"]["rows"][3]
     spec["modules"]["embeddings"]["args"]["rows"][3] = rows + 5

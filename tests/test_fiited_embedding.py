@@ -126,26 +126,26 @@ def test_compacted_state_dict_loads_into_fresh_model():
 def test_lazy_bag_allocates_on_first_training_access_within_capacity():
     bag = FiitedEmbeddingBag(1000, 8, chunk_size=4, lazy=True, capacity=10)
     assert bag.store.live == 0
-    ids = torch.tensor([3, 5, 3, 7, 9, 11, 13])
+    ids = torch.tensor([3, 5, 3, 7, 73, 75, 77])
     offsets = torch.arange(7)
     bag.eval()
     assert bag(ids, offsets).abs().sum() == 0                   # evaluation never allocates
     bag.train()
     out = bag(ids, offsets)
-    # rows are admitted a block of 8 at a time, first come first served: rows 3, 5, 7 (6 chunks) fit, the block of
-    # 9, 11, 13 (6 more) does not
+    # rows are admitted a block of 64 at a time, first come first served: rows 3, 5, 7 (6 chunks) fit, the block of
+    # 73, 75, 77 (6 more) does not
     stored = bag.row_chunk_counts()
     assert torch.nonzero(stored).flatten().tolist() == [3, 5, 7] and bag.store.live == 6
     assert ((out.abs().sum(1) > 0) == torch.tensor([True, True, True, True, False, False, False])).all()
-    bag(torch.tensor([20]), torch.tensor([0]))                  # a small block still fits
-    assert bag.row_chunk_counts()[20] == 2 and bag.store.live == 8
-    bag(torch.tensor([9, 10]), torch.tensor([0]))               # 4 chunks, 2 free slots: refused, not "seen"
-    assert bag.row_chunk_counts()[[9, 10]].tolist() == [0, 0]
+    bag(torch.tensor([200]), torch.tensor([0]))                 # a small block still fits
+    assert bag.row_chunk_counts()[200] == 2 and bag.store.live == 8
+    bag(torch.tensor([73, 74]), torch.tensor([0]))              # 4 chunks, 2 free slots: refused, not "seen"
+    assert bag.row_chunk_counts()[[73, 74]].tolist() == [0, 0]
     counts = bag.store.row_counts()
     counts[[3, 5]] = 0
     bag.store.shrink_rows(counts)                               # pruning frees 4 slots in place
-    out = bag(torch.tensor([9, 10]), torch.tensor([0, 1]))      # so the late rows get their chunks now
-    assert bag.row_chunk_counts()[[9, 10]].tolist() == [2, 2] and bool((out.abs().sum(1) > 0).all())
+    out = bag(torch.tensor([73, 74]), torch.tensor([0, 1]))     # so the late rows get their chunks now
+    assert bag.row_chunk_counts()[[73, 74]].tolist() == [2, 2] and bool((out.abs().sum(1) > 0).all())
     assert bag.store.capacity == 10 and bag.store.live == 8
 
 

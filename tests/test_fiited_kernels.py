@@ -41,19 +41,20 @@ def _pruned_and_relocated(dense: nn.EmbeddingBag, chunk_size: int, seed: int = 1
     gen = torch.Generator().manual_seed(seed)
     bag = FiitedEmbeddingBag.from_dense(dense, chunk_size)
     counts = torch.randint(0, bag.num_chunks + 1, (bag.num_embeddings,), generator=gen)
-    counts[[2, 5, 17]] = torch.tensor([0, 1, 2])
+    counts[[5, 70, 170]] = torch.tensor([0, 1, 2])
     bag.store.shrink_rows(counts)
-    grown = bag.store.grow_rows(torch.tensor([5, 17, 2]), bag.num_chunks, lambda n, cs: torch.ones(n, cs))
-    assert grown.tolist() == [5, 17, 2]
+    # rows of three 64-row blocks, grown in an order that leaves the blocks' bases out of row order
+    grown = bag.store.grow_rows(torch.tensor([70, 170, 5]), bag.num_chunks, lambda n, cs: torch.ones(n, cs))
+    assert grown.tolist() == [70, 170, 5]
     return bag, bag.store.dense()
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_lookup_and_gradients_equal_dense(backend, mode):
-    dense = nn.EmbeddingBag(60, 16, mode=mode)
+    dense = nn.EmbeddingBag(200, 16, mode=mode)
     bag, table = _pruned_and_relocated(dense, chunk_size=4)
     assert not torch.equal(torch.sort(bag.store.base).values, bag.store.base)   # really out of order
-    ids, offsets, psw = _batch(60)
+    ids, offsets, psw = _batch(200)
     psw = psw if mode == "sum" else None
     reference = nn.EmbeddingBag.from_pretrained(table.clone(), freeze=False, mode=mode)
     out = bag(ids, offsets, per_sample_weights=psw)
@@ -62,11 +63,11 @@ def test_lookup_and_gradients_equal_dense(backend, mode):
     _loss(out, 0).backward()
     _loss(ref, 0).backward()
     rows, chunks, slots = bag.store.entries()
-    grad = torch.zeros_like(table).view(60, 4, 4)
+    grad = torch.zeros_like(table).view(200, 4, 4)
     grad[rows, chunks] = bag.store.pool.grad[slots]
-    mask = torch.zeros(60, 4, dtype=torch.bool)
+    mask = torch.zeros(200, 4, dtype=torch.bool)
     mask[rows, chunks] = True
-    assert torch.allclose(grad.view(60, 16), reference.weight.grad * mask.repeat_interleave(4, 1), atol=1e-6, rtol=0)
+    assert torch.allclose(grad.view(200, 16), reference.weight.grad * mask.repeat_interleave(4, 1), atol=1e-6, rtol=0)
 
 
 def test_per_sample_weight_gradient_equals_dense(backend):
@@ -110,14 +111,14 @@ def test_fused_update_equals_sparse_embedding_bag_and_torch_optimizer(backend, o
 
 def test_rowwise_adagrad_matches_its_definition(backend):
     """m_r += mean(g_r^2) over the row's stored values; w_r -= lr * g_r / (sqrt(m_r) + eps) (FBGEMM's rule)."""
-    dense = nn.EmbeddingBag(30, 8, mode="sum")
+    dense = nn.EmbeddingBag(200, 8, mode="sum")
     bag, table = _pruned_and_relocated(dense, chunk_size=2)
     bag.set_optimizer("rowwise_adagrad", lr=0.2, eps=1e-8)
     weight = table.clone()
     stored = (torch.arange(4)[None, :] < bag.row_chunk_counts()[:, None]).repeat_interleave(2, 1).float()
-    momentum = torch.zeros(30)
+    momentum = torch.zeros(200)
     for step in range(3):
-        ids, offsets, _ = _batch(30, seed=step)
+        ids, offsets, _ = _batch(200, seed=step)
         w = weight.clone().requires_grad_()
         _loss(nn.functional.embedding_bag(ids, w, offsets, mode="sum"), step).backward()
         g = w.grad * stored
@@ -256,3 +257,24 @@ def test_offsets_out_of_order_are_a_value_error(backend):
     for offsets in (torch.tensor([250, 0]), torch.tensor([0, 301]), torch.tensor([-1, 5])):
         with pytest.raises(ValueError, match="offsets must be non-decreasing and in"):
             bag(ids, offsets)
+
+
+def test_row_slots_over_whole_blocks_of_large_counts():
+    """The index sums up to 63 count bytes of a row's block (one masked cache-line load natively): every position
+    in a block, counts up to 255 chunks a row, native == torch == a running sum over the rows."""
+    gen = torch.Generator().manual_seed(5)
+    rows = 64 * 5 + 7
+    counts = torch.zeros(64 * 6, dtype=torch.uint8)
+    counts[:rows] = torch.randint(0, 256, (rows,), generator=gen).to(torch.uint8)
+    counts[64:128] = 255                                           # a block whose sums need more than 8 bits
+    counts[128:192] = 0
+    totals = counts.view(-1, 64).sum(1, dtype=torch.int64)
+    base = torch.cumsum(totals, 0) - totals + 1000
+    expected = 1000 + torch.cumsum(counts[:rows].long(), 0) - counts[:rows].long()
+    for native in ([True, False] if kernels.native_kernels() is not None else [False]):
+        kernels.use_native(native)
+        try:
+            first, cnt = kernels.row_slots(counts, base, torch.arange(rows), rows)
+        finally:
+            kernels.use_native(True)
+        assert torch.equal(first, expected) and torch.equal(cnt, counts[:rows].long())

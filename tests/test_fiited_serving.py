@@ -163,21 +163,64 @@ def test_table_bytes_are_the_state_dict_bytes():
         assert torch.equal(fresh(ids, offsets), packed(ids, offsets))
 
 
-def test_index_is_one_entry_a_block_and_version_1_state_dicts_still_load():
+def test_index_is_the_stores_and_packed_files_of_the_8_row_index_still_load():
     m = _trained("fp32", rows=203)
     packed = m.to_packed()
-    assert packed.index.shape == (26, 2) and packed.index.dtype == torch.int64
-    assert torch.equal(packed.counts, m.store.counts)                       # the store's counts, interleaved
-    totals = m.store.counts.view(-1, 8).sum(1, dtype=torch.int64)
-    assert torch.equal(packed.index[:, 0], torch.cumsum(totals, 0) - totals)
-    # a packed file of format version 1 held counts and base apart
-    old = {k: v for k, v in packed.state_dict().items() if k != "index"}
-    old.update(counts=m.store.counts.clone(), base=packed.index[:, 0].clone())
-    fresh = PackedEmbeddingBag(**packed.record_args())
-    result = fresh.load_state_dict(old, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    assert packed.counts.shape == (256,) and packed.base.shape == (4,)      # 1.125 bytes a row
+    assert torch.equal(packed.counts, m.store.counts)
+    totals = m.store.counts.view(-1, 64).sum(1, dtype=torch.int64)
+    assert torch.equal(packed.base, torch.cumsum(totals, 0) - totals)
+    # packed files written with 8-row blocks: format 1 held counts and base apart, format 2 interleaved them
+    counts8 = torch.zeros(208, dtype=torch.uint8)
+    counts8[:203] = m.store.counts[:203]
+    totals8 = counts8.view(-1, 8).sum(1, dtype=torch.int64)
+    base8 = torch.cumsum(totals8, 0) - totals8
+    rest = {k: v for k, v in packed.state_dict().items() if k not in ("counts", "base")}
+    version_1 = dict(rest, counts=counts8, base=base8)
+    version_2 = dict(rest, index=torch.stack([base8, counts8.view(-1, 8).contiguous().view(torch.int64).flatten()], 1))
     ids, offsets = torch.randint(0, 203, (60,)), torch.arange(0, 60, 6)
-    assert torch.equal(fresh(ids, offsets), packed(ids, offsets))
+    for old in (version_1, version_2):
+        fresh = PackedEmbeddingBag(**packed.record_args())
+        result = fresh.load_state_dict(old, strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert torch.equal(fresh.counts, packed.counts) and torch.equal(fresh.base, packed.base)
+        assert torch.equal(fresh(ids, offsets), packed(ids, offsets))
+
+
+def test_a_store_saved_with_8_row_blocks_loads_repacked():
+    """A model.pt of the older layout (8-row blocks, extents out of row order after lazy growth) loads into
+    today's store: same rows, same per-slot state, index rebuilt."""
+    m = _trained("fp32", rows=203)
+    rows = torch.nonzero(m.store.row_counts()).flatten()
+    first, cnt = m.store.row_slots(rows)
+    # the same chunks in an 8-row layout whose blocks sit in reverse order in a larger pool
+    counts8 = torch.zeros(208, dtype=torch.uint8)
+    counts8[:203] = m.store.counts[:203]
+    totals8 = counts8.view(-1, 8).sum(1, dtype=torch.int64)
+    order = torch.arange(26).flip(0)
+    base8 = torch.zeros(26, dtype=torch.int64)
+    base8[order] = torch.cumsum(totals8[order], 0) - totals8[order] + 5
+    capacity = int(totals8.sum()) + 9
+    state = m.store.state_dict()
+    from compresskit.plugins.fiited.kernels import expand_runs
+    block = counts8.view(-1, 8)[rows // 8]
+    old_first = base8[rows // 8] + torch.where(torch.arange(8)[None, :] < (rows % 8)[:, None], block, 0).sum(1)
+    new_slots, old_slots = expand_runs(first, cnt)[2], expand_runs(old_first, cnt)[2]
+    for name in ("pool", "utility", "adagrad_state"):
+        if name in state:
+            old = torch.full((capacity, *state[name].shape[1:]), 7.0, dtype=state[name].dtype)
+            old[old_slots] = state[name][new_slots]
+            state[name] = old
+    state.update(counts=counts8, base=base8, top=torch.tensor(capacity))
+    fresh = FiitedEmbeddingBag(203, 16, 4, optimizer="adagrad", lr=0.1)
+    fresh.load_state_dict({f"store.{k}": v for k, v in state.items()} |
+                          {k: v for k, v in m.state_dict().items() if not k.startswith("store.")})
+    assert torch.equal(fresh.store.dense(), m.store.dense())
+    assert fresh.store.capacity == capacity and int(fresh.store.top) == m.store.live
+    for name in fresh.store._slot_buffers:
+        assert torch.equal(getattr(fresh.store, name)[:m.store.live], getattr(m.store, name)[new_slots]), name
+    ids, offsets = torch.randint(0, 203, (60,)), torch.arange(0, 60, 6)
+    assert torch.equal(fresh.eval()(ids, offsets), m(ids, offsets))
 
 
 # ------------------------------------------------------------------------------------------ table-batched

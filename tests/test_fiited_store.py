@@ -79,15 +79,16 @@ def test_store_matches_reference(ops, seed, fixed):
 
 
 def test_fixed_pool_reuses_freed_slots_and_refuses_what_does_not_fit():
-    store = ChunkStore(100, 2, 4, capacity=20, fixed_capacity=True)
-    assert store.grow_rows(torch.arange(10), 2).numel() == 10           # 20 slots: full
-    assert store.grow_rows(torch.tensor([50]), 2).numel() == 0          # no room: refused, nothing changed
+    store = ChunkStore(1000, 2, 4, capacity=20, fixed_capacity=True)
+    rows = torch.arange(10) * 64                                        # one row in each of 10 blocks
+    assert store.grow_rows(rows, 2).numel() == 10                       # 20 slots: full
+    assert store.grow_rows(torch.tensor([650]), 2).numel() == 0         # no room: refused, nothing changed
     counts = store.row_counts()
-    counts[:5] = 0
+    counts[rows[:5]] = 0
     store.shrink_rows(counts)                                           # 10 slots freed in place
     assert store.capacity == 20 and store.live == 10
-    grown = store.grow_rows(torch.tensor([50, 60, 70, 80, 90, 99]), 2)
-    assert grown.tolist() == [50, 60, 70, 80, 90]                       # 5 rows fit into the freed slots
+    grown = store.grow_rows(torch.tensor([650, 714, 778, 842, 906, 970]), 2)
+    assert grown.tolist() == [650, 714, 778, 842, 906]                  # 5 rows fit into the freed slots
     assert store.capacity == 20 and store.live == 20
 
 
@@ -106,8 +107,8 @@ def test_shrinking_really_releases_memory():
     assert after.payload <= before.payload / 9.9
     assert store.pool.untyped_storage().nbytes() == after.payload   # the pool tensor itself is small now
     assert torch.equal(store.dense()[keep_rows], reference)
-    # the index is 2 bytes a row whatever is stored
-    assert after.index == before.index == rows // 8 * (8 + 8)
+    # the index is 1.125 bytes a row whatever is stored: a count byte a row, an 8-byte base a block of 64 rows
+    assert after.index == before.index == (rows + 63) // 64 * (64 + 8)
 
 
 def test_moves_carry_the_attached_optimizer_state():

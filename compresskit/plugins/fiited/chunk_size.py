@@ -2,10 +2,10 @@
 
 A chunk is the unit FIITED keeps or prunes. Coarse chunks (4 values) rank better at generous budgets and keep the
 per-chunk work low, but below about one chunk a row on average most rows end up with nothing: at 2% of a dim-64
-table's bytes the budget holds 0.78 FP32 values a row after the index, so 4-value chunks reach fewer than one row
-in five and leave every other row's vector at zero. ``auto`` takes the largest chunk (4, 2 or 1 values, dividing
-every table's dim) of which the budget holds at least one a row on average: 4 from about 7% of the dense bytes up
-at dim 64, 2 from about 4%, 1 below. Quantized chunks stay at 4: their FP16 scale is per chunk, so a smaller chunk
+table's bytes the budget holds 1 FP32 value a row after the index, so 4-value chunks reach at most one row in four
+and leave every other row's vector at zero. ``auto`` takes the largest chunk (4, 2 or 1 values, dividing every
+table's dim) of which the budget holds at least one a row on average: 4 from about 6.7% of the dense bytes up at
+dim 64, 2 from about 3.6%, 1 below. Quantized chunks stay at 4: their FP16 scale is per chunk, so a smaller chunk
 pays more for scales than it gains.
 """
 from __future__ import annotations

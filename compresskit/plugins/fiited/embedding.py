@@ -126,7 +126,7 @@ class FiitedEmbeddingBag(nn.Module):
         if lazy:
             self.store = ChunkStore(num_embeddings, self.num_chunks, chunk_size,
                                     capacity=capacity if capacity is not None else full, fixed_capacity=True)
-            self.register_buffer("seen", torch.zeros(self.store.base.numel(), dtype=torch.uint8))  # 1 bit a row
+            self.register_buffer("seen", torch.zeros((num_embeddings + 7) // 8, dtype=torch.uint8))  # 1 bit a row
             self._gen = torch.Generator().manual_seed(seed)
         else:
             self.store = ChunkStore(num_embeddings, self.num_chunks, chunk_size)

@@ -19,7 +19,7 @@ from . import native
 from .chunk_codec import dequantize
 
 OPTIMIZERS = {"none": 0, "sgd": 1, "adagrad": 2, "rowwise_adagrad": 3}
-BLOCK = 8
+BLOCK = 64  # rows a block of the index: one int64 slot base a block, one uint8 chunk count a row
 _prefer_native = [True]
 
 
@@ -75,10 +75,10 @@ def expand_runs(first: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tenso
 
 def _row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`row_slots` of int64 ``rows`` already checked to be in range (torch path)."""
-    blk, within = rows >> 3, rows & (BLOCK - 1)
-    c8 = counts.view(-1, BLOCK)[blk].long()
+    blk, within = rows // BLOCK, rows % BLOCK
+    block = counts.view(-1, BLOCK)[blk]                                   # [n, BLOCK] uint8
     before = torch.arange(BLOCK, device=rows.device)[None, :] < within[:, None]
-    return base[blk] + (c8 * before).sum(1), c8.gather(1, within[:, None]).squeeze(1)
+    return base[blk] + torch.where(before, block, 0).sum(1, dtype=torch.int64), counts[rows].long()
 
 
 def positions(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool,

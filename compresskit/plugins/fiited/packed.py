@@ -6,13 +6,13 @@ training stored it:
     values [live_chunks, chunk_size] float32          (storage 'fp32')
     codes  [live_chunks, chunk_size * bits / 8] uint8 (storage 'int8' / 'int4', ``chunk_codec.py``'s layout)
     scales [live_chunks] float16                      (one a chunk)
-    index  [blocks, 2] int64                          per block of 8 rows: the slot of its first chunk (base),
-                                                      then its 8 rows' chunk counts, one byte each
+    counts [blocks * 64] uint8                        one a row: its stored chunks
+    base   [blocks] int64                             per block of 64 rows: the slot of its first chunk
 
-    slot(r) = base[r // 8] + count[8 * (r // 8)] + ... + count[r - 1]
+    slot(r) = base[r // 64] + count[64 * (r // 64)] + ... + count[r - 1]
 
-(the store's ``counts`` and ``base`` interleaved: a lookup reads one 16-byte entry, one cache line, where two arrays
-cost two random cache lines),
+(the store's index, 1.125 bytes a row: a lookup reads the row's block of counts, one cache line, and its base,
+from an array an eighth of that size),
 
 and, for a quantized table trained with an FP32 hot-row cache (``cache.py``), the cache as training left it:
 ``cache_ids`` (ascending), ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` / ``cache_rank`` through
@@ -34,7 +34,7 @@ from torch import nn
 
 from ...table_types import TableBytes
 from .kernels import BLOCK
-from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
+from .packed_op import MODES, PACKED_BAG, cache_index, packed_bases
 from .chunk_codec import STORAGE_BITS, code_bytes
 
 STORAGES = ("fp32", *STORAGE_BITS)
@@ -63,7 +63,8 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
                            persistent=quantized)
     module.register_buffer("scales", torch.zeros(live_chunks if quantized else 0, dtype=torch.float16),
                            persistent=quantized)
-    module.register_buffer("index", torch.zeros(blocks, 2, dtype=torch.int64))
+    module.register_buffer("counts", torch.zeros(blocks * BLOCK, dtype=torch.uint8))
+    module.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
     cached = cached_rows > 0
     words = (num_rows + 63) // 64 if cached else 0
     module.register_buffer("cache_ids", torch.zeros(cached_rows, dtype=torch.int64), persistent=cached)
@@ -87,7 +88,27 @@ def packed_bytes(module: nn.Module) -> TableBytes:
         return sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names)
 
     cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if module.cache_ids.numel() else 0
-    return TableBytes(size("values", "codes", "scales") + cache, size("index"), cache=cache)
+    return TableBytes(size("values", "codes", "scales") + cache, size("counts", "base"), cache=cache)
+
+
+def index_of_64_row_blocks(state_dict: dict, prefix: str, num_rows: int) -> dict:
+    """``state_dict`` of a packed table written with the older index of 8-row blocks (packed format 1: ``counts``
+    and ``base`` apart; 2: both interleaved in ``index [blocks, 2]``) in today's layout. A packed table's chunks
+    are in row order, so its counts say everything: the bases are recomputed from them."""
+    old = state_dict.get(prefix + "index")
+    counts = None
+    if old is not None and old.dim() == 2 and old.shape[1] == 2:
+        counts = old[:, 1].clone(memory_format=torch.contiguous_format).view(torch.uint8)
+    elif state_dict.get(prefix + "base") is not None and state_dict.get(prefix + "counts") is not None and \
+            state_dict[prefix + "counts"].numel() == 8 * state_dict[prefix + "base"].numel() > 0:
+        counts = state_dict[prefix + "counts"]
+    if counts is None:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if k != prefix + "index"}
+    padded = torch.zeros((num_rows + BLOCK - 1) // BLOCK * BLOCK, dtype=torch.uint8)
+    padded[:num_rows] = counts[:num_rows]
+    out[prefix + "counts"], out[prefix + "base"] = padded, packed_bases(padded)
+    return out
 
 
 class PackedEmbeddingBag(nn.Module):
@@ -141,8 +162,8 @@ class PackedEmbeddingBag(nn.Module):
         else:
             packed.codes.copy_(store.codes[slots])
             packed.scales.copy_(store.scales[slots])
-        totals = store.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
-        packed.index.copy_(interleave_index(store.counts, torch.cumsum(totals, 0) - totals))
+        packed.counts.copy_(store.counts)
+        packed.base.copy_(packed_bases(store.counts))
         if cached:
             packed.cache_ids.copy_(cache.ids)
             packed.cache_values.copy_(cache.values)
@@ -196,7 +217,7 @@ class PackedEmbeddingBag(nn.Module):
     def _lookup(self, input: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None,
                 mode: str) -> torch.Tensor:
         b = self._buffers   # one dict, not nine nn.Module attribute lookups: a lookup of 4096 ids takes ~50 us
-        return PACKED_BAG(b["values"], b["codes"], b["scales"], b["index"], b["cache_ids"],
+        return PACKED_BAG(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
                           b["cache_bits"], b["cache_rank"], b["cache_values"], input, offsets, per_sample_weights,
                           self.bits, self.chunk_size, MODES[mode], self.include_last_offset, self.num_embeddings,
                           self.embedding_dim)
@@ -206,19 +227,9 @@ class PackedEmbeddingBag(nn.Module):
         """``nn.EmbeddingBag.forward``: pooled ``[bags, embedding_dim]``."""
         return self._lookup(input, offsets, per_sample_weights, self.mode)
 
-    @property
-    def counts(self) -> torch.Tensor:
-        """Stored chunks of every row (uint8, padded to whole blocks of 8 rows), as the chunk store keeps them."""
-        return split_index(self.index)[0]
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        counts, base = state_dict.get(prefix + "counts"), state_dict.get(prefix + "base")
-        if counts is not None and base is not None and prefix + "index" not in state_dict:
-            # written before the index was interleaved (packed format version 1): counts and base apart
-            state_dict = dict(state_dict)
-            state_dict[prefix + "index"] = interleave_index(state_dict.pop(prefix + "counts"),
-                                                            state_dict.pop(prefix + "base"))
+        state_dict = index_of_64_row_blocks(state_dict, prefix, self.num_embeddings)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         check_cache_index(self, self.num_embeddings, prefix, error_msgs)

@@ -6,8 +6,8 @@ implementation gives ``torch.export`` the output shape, ``[bags, dim]`` float32.
 must have imported this module (``import compresskit.plugins.fiited``; ``compresskit.export.load_program`` does).
 
 Arguments: ``values`` (float32 ``[slots, chunk_size]``, ``bits`` 32) or ``codes`` / ``scales`` (``bits`` 8 or 4,
-``chunk_codec.py``'s layout); ``index`` (int64 ``[blocks, 2]``: per block of 8 rows, the slot of its first chunk and
-its 8 chunk counts, a byte each: ``store.py``'s counts and bases interleaved, so a lookup reads one 16-byte entry);
+``chunk_codec.py``'s layout); ``counts`` (uint8, one a row, padded to whole blocks of 64 rows) and ``base`` (int64,
+the slot of each block's first chunk): ``store.py``'s index;
 the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` /
 ``cache_rank`` of ``cache.py``; empty tensors when there is none); then ``nn.EmbeddingBag``'s ``input``,
 ``offsets``, ``per_sample_weights``, ``mode`` (0 sum, 1 mean) and ``include_last_offset``.
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import _row_slots, check_ids, check_offsets, native_kernels
+from .kernels import BLOCK, _row_slots, check_ids, check_offsets, native_kernels
 from .chunk_codec import dequantize
 
 MODES = {"sum": 0, "mean": 1}
 _LIB = torch.library.Library("compresskit", "FRAGMENT")
-_LIB.define("packed_bag(Tensor values, Tensor codes, Tensor scales, Tensor index, Tensor cache_ids, "
+_LIB.define("packed_bag(Tensor values, Tensor codes, Tensor scales, Tensor counts, Tensor base, Tensor cache_ids, "
             "Tensor cache_bits, Tensor cache_rank, Tensor cache_values, Tensor input, Tensor? offsets, "
             "Tensor? per_sample_weights, int bits, int chunk_size, int mode, bool include_last_offset, "
             "int num_rows, int dim) -> Tensor")
@@ -68,19 +68,14 @@ def _bag_bounds(input: torch.Tensor, offsets: torch.Tensor | None, per_sample_we
     return ids, starts, ends, bags
 
 
-def interleave_index(counts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The packed index ``[blocks, 2]`` from a store's ``counts`` (uint8, 8 a block) and block ``base``."""
-    return torch.stack([base, counts.view(-1, 8).contiguous().view(torch.int64).reshape(-1)], 1)
+def packed_bases(counts: torch.Tensor) -> torch.Tensor:
+    """The block bases (int64, one a block of 64 rows) of chunks stored in row order, from the rows' ``counts``."""
+    totals = counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
+    return torch.cumsum(totals, 0) - totals
 
 
-def split_index(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts, base) of a packed index (the inverse of :func:`interleave_index`)."""
-    # a clone, not .contiguous(): a one-block column counts as contiguous with stride 2, which view() refuses
-    return index[:, 1].clone(memory_format=torch.contiguous_format).view(torch.uint8), index[:, 0].contiguous()
-
-
-def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, index: torch.Tensor,
-                         cache_ids: torch.Tensor, cache_bits: torch.Tensor,
+def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor,
+                         base: torch.Tensor, cache_ids: torch.Tensor, cache_bits: torch.Tensor,
                          cache_rank: torch.Tensor, cache_values: torch.Tensor, input: torch.Tensor,
                          offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None, bits: int,
                          chunk_size: int, mode: int, include_last_offset: bool, num_rows: int, dim: int
@@ -97,7 +92,7 @@ def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torc
     check_ids(ids, num_rows)
     ids = ids[inside]
     bag_of = bag_of[inside]
-    slot, cnt = _row_slots(*split_index(index), ids)
+    slot, cnt = _row_slots(counts, base, ids)
     j = torch.arange(c)
     kept = j[None, :] < cnt[:, None]                                                  # [n, chunks]
     slots = torch.where(kept, slot[:, None] + j, 0).reshape(-1)
@@ -123,18 +118,18 @@ def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torc
     return torch.zeros(bags, dim).index_add_(0, bag_of, vec * weight[:, None])
 
 
-def _packed_bag_cpu(values, codes, scales, index, cache_ids, cache_bits, cache_rank, cache_values, input,
+def _packed_bag_cpu(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank, cache_values, input,
                     offsets, per_sample_weights, bits, chunk_size, mode, include_last_offset, num_rows, dim):
     k = native_kernels()
     if k is None:
-        return packed_bag_reference(values, codes, scales, index, cache_ids, cache_bits, cache_rank,
+        return packed_bag_reference(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank,
                                     cache_values, input, offsets, per_sample_weights, bits, chunk_size, mode,
                                     include_last_offset, num_rows, dim)
-    return k.packed_bag(values, codes, scales, index, cache_bits, cache_rank, cache_values, input, offsets,
+    return k.packed_bag(values, codes, scales, counts, base, cache_bits, cache_rank, cache_values, input, offsets,
                         per_sample_weights, bits, chunk_size, mode, include_last_offset, num_rows, dim)
 
 
-def _packed_bag_fake(values, codes, scales, index, cache_ids, cache_bits, cache_rank, cache_values, input,
+def _packed_bag_fake(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank, cache_values, input,
                      offsets, per_sample_weights, bits, chunk_size, mode, include_last_offset, num_rows, dim):
     return input.new_empty((bag_count(input, offsets, include_last_offset), dim), dtype=torch.float32)
 

@@ -5,7 +5,7 @@ table, that is 26 module calls, 26 op calls and 26 output tensors a batch; FBGEM
 kernel call. :class:`PackedTables` does the same with FIITED's packed layout (``packed.py``): the tables' stores
 are laid end to end in one global row space,
 
-    global row = row_offsets[t] + id        (row_offsets: each table's rows rounded up to whole blocks of 8)
+    global row = row_offsets[t] + id        (row_offsets: each table's rows rounded up to whole blocks of 64)
 
 so that every table keeps its own index blocks, whose slot bases are shifted by the chunks of the tables before
 it, and its cached rows (ids shifted the same way). A batch ``sparse [B, F]`` becomes one call of
@@ -25,7 +25,7 @@ from .kernels import BLOCK
 from ...models.tables import check_sparse, feature_major_bags
 from ...table_types import TableBytes
 from .packed import PackedEmbeddingBag, check_cache_index, packed_bytes, register_packed_buffers
-from .packed_op import MODES, PACKED_BAG, cache_index, interleave_index, split_index
+from .packed_op import MODES, PACKED_BAG, cache_index, packed_bases
 from .chunk_codec import STORAGE_BITS
 
 __all__ = ["PackedTables"]
@@ -78,21 +78,18 @@ class PackedTables(nn.Module):
             return None
         out = cls([t.num_embeddings for t in tables], first.embedding_dim, first.chunk_size,
                   sum(t.live_chunks for t in tables), first.storage, sum(int(t.cache_ids.numel()) for t in tables))
-        values, codes, scales, index, cache_ids, cache_values = [], [], [], [], [], []
-        chunks = 0
+        values, codes, scales, cache_ids, cache_values = [], [], [], [], []
         for t, start in zip(tables, out.row_offsets.tolist()):
-            counts, base = split_index(t.index)
-            index.append(interleave_index(counts, base + chunks))
+            out.counts[start:start + t.num_embeddings] = t.counts[:t.num_embeddings]
             values.append(t.values)
             codes.append(t.codes)
             scales.append(t.scales)
             cache_ids.append(t.cache_ids + start)
             cache_values.append(t.cache_values)
-            chunks += t.live_chunks
+        out.base.copy_(packed_bases(out.counts))
         out.values.copy_(torch.cat(values))
         out.codes.copy_(torch.cat(codes))
         out.scales.copy_(torch.cat(scales))
-        out.index.copy_(torch.cat(index))
         if out.cache_ids.numel():
             out.cache_ids.copy_(torch.cat(cache_ids))
             out.cache_values.copy_(torch.cat(cache_values))
@@ -165,8 +162,8 @@ class PackedTables(nn.Module):
             shifted = torch.where(inside, sparse + b["row_offsets"].view(1, -1, 1), -1)
             ids, counts, w = feature_major_bags(sparse, weights, values=shifted)
             bag_offsets = torch.cumsum(counts, 0) - counts
-        out = PACKED_BAG(b["values"], b["codes"], b["scales"], b["index"], b["cache_ids"], b["cache_bits"],
-                         b["cache_rank"], b["cache_values"], ids, bag_offsets, w, self.bits, self.chunk_size,
+        out = PACKED_BAG(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
+                         b["cache_bits"], b["cache_rank"], b["cache_values"], ids, bag_offsets, w, self.bits, self.chunk_size,
                          MODES["sum"], False, self.num_rows, self.embedding_dim)
         return list(out.view(features, batch, self.embedding_dim).unbind(0))
 

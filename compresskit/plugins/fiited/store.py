@@ -2,15 +2,15 @@
 
 Each embedding row of ``num_chunks * chunk_size`` values keeps a *prefix* of ``count[r]`` chunks (FIITED prunes
 tail chunks first). The virtual address of a row is translated to a physical slot of the chunk pool through its
-block of 8 rows:
+block of 64 rows:
 
-    slot(r) = base[r // 8] + count[8 * (r // 8)] + ... + count[r - 1]
+    slot(r) = base[r // 64] + count[64 * (r // 64)] + ... + count[r - 1]
     chunks of r = pool[slot(r) : slot(r) + count[r]]
 
 * ``pool``: Parameter ``[capacity, chunk_size]`` (the payload); a row's stored values are one contiguous run.
-* ``counts``: uint8 per row (padded to whole blocks), ``base``: int64 per block. That is the whole index: 2 bytes
-  a row, where a per-chunk hash index costs 8 bytes a stored chunk (so at ``chunk_size: 4`` and a 10% budget the
-  index is 7.8% of the payload instead of 50%).
+* ``counts``: uint8 per row (padded to whole blocks; a block's counts are one 64-byte cache line), ``base``: int64
+  per block. That is the whole index: 1.125 bytes a row, where a per-chunk hash index costs 8 bytes a stored chunk
+  (so at ``chunk_size: 4`` and a 10% budget the index is 4.4% of the payload instead of 50%).
 * A block's chunks form one extent ``[base, base + sum of its counts)``; extents never overlap. ``top``: slots in
   use from the front of the pool (live chunks plus holes left by relocated blocks).
 
@@ -39,6 +39,36 @@ from .chunk_codec import STORAGE_BITS, code_bytes, dequantize, quantize
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
 _ROW_BATCH = 1 << 18   # rows a batch when listing kept chunks (bounds the temporary memory of a pruning round)
+
+
+def index_from_blocks_of_8(state_dict: dict, prefix: str, num_rows: int) -> dict:
+    """``state_dict`` with a store saved in the layout of 8-row blocks (compresskit before the 64-row index) moved
+    to this layout: its stored chunks repacked in row order (every per-slot tensor permuted alike, the capacity
+    kept) and ``counts`` / ``base`` rebuilt. Other state dicts are returned as they are. A torch optimizer's
+    per-slot state saved beside such a store is not permuted: resume it with a fused optimizer, or export it."""
+    counts, base = state_dict.get(prefix + "counts"), state_dict.get(prefix + "base")
+    pool = state_dict.get(prefix + "pool")
+    if counts is None or base is None or pool is None or base.numel() == 0 or counts.numel() != base.numel() * 8:
+        return state_dict
+    rows = torch.nonzero(counts[:num_rows]).flatten()
+    block = counts.view(-1, 8)[rows // 8]
+    before = torch.arange(8)[None, :] < (rows % 8)[:, None]
+    first = base[rows // 8] + torch.where(before, block, 0).sum(1, dtype=torch.int64)
+    src = expand_runs(first, counts[rows].long())[2]
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        name = key[len(prefix):]
+        if key.startswith(prefix) and "." not in name and torch.is_tensor(value) and value.dim() >= 1 \
+                and value.shape[0] == pool.shape[0]:
+            fresh = torch.zeros_like(value)
+            fresh[:src.numel()] = value[src]
+            out[key] = fresh
+    new_counts = torch.zeros((num_rows + BLOCK - 1) // BLOCK * BLOCK, dtype=torch.uint8)
+    new_counts[:num_rows] = counts[:num_rows]
+    totals = new_counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
+    out[prefix + "counts"], out[prefix + "base"] = new_counts, torch.cumsum(totals, 0) - totals
+    out[prefix + "top"] = torch.tensor(src.numel(), dtype=torch.int64)
+    return out
 
 
 class StoreFullError(RuntimeError):
@@ -295,10 +325,11 @@ class ChunkStore(nn.Module):
         """Give distinct ``rows`` (those holding fewer) ``count`` chunks each; returns the rows that were grown.
 
         New chunks get ``init(n, chunk_size)`` values (zeros if ``init`` is None) and zeroed per-slot state. A
-        growing block moves to the top of the pool; when the top is reached the pool is packed first if the holes
-        left by earlier moves are at least 1/16 of it. A store without a fixed capacity then grows; a
-        fixed-capacity store grows whole blocks, in the order their first row appears in ``rows``, while they fit,
-        and leaves the other rows as they were.
+        growing block moves to the top of the pool. A store without a fixed capacity grows when the top is reached
+        (packing first if the holes left by earlier moves are at least 1/16 of it). A fixed-capacity store grows
+        whole blocks, in the order their first row appears in ``rows``, while their new chunks fit in its free
+        slots, and leaves the other rows as they were; when they do not fit above the top, the other blocks are
+        packed below them first.
         """
         rows = rows.reshape(-1).long()
         rows = rows[self.row_counts()[rows] < count]
@@ -309,19 +340,21 @@ class ChunkStore(nn.Module):
         new = cur.clone()
         new.view(-1)[inverse * BLOCK + rows % BLOCK] = count
         size = new.sum(1)
-        needed = int(size.sum())
-        holes = int(self.top) - self.live
-        if int(self.top) + needed > self.capacity and holes >= needed and holes >= self.capacity // 16:
-            self.pack()  # only when the holes are worth a pass over the pool (pruning rounds pack anyway)
-        room = self.capacity - int(self.top)
-        if needed > room and not self.fixed_capacity:
-            top = int(self.top)
-            self._replace_tensors(max(top + needed, 2 * self.capacity, 16), torch.arange(top), torch.arange(top))
-            room = self.capacity - top
         first = torch.full((blocks.numel(),), rows.numel(), dtype=torch.int64).scatter_reduce(
             0, inverse, torch.arange(rows.numel()), "amin")
         priority = torch.argsort(first, stable=True)
-        fits = priority[torch.cumsum(size[priority], 0) <= room]
+        if self.fixed_capacity:   # a block's old chunks leave holes when it moves: only its new ones need room
+            fits = priority[torch.cumsum((size - cur.sum(1))[priority], 0) <= self.capacity - self.live]
+        else:
+            needed = int(size.sum())
+            holes = int(self.top) - self.live
+            if int(self.top) + needed > self.capacity and holes >= needed and holes >= self.capacity // 16:
+                self.pack()  # only when the holes are worth a pass over the pool (pruning rounds pack anyway)
+            if needed > self.capacity - int(self.top):
+                top = int(self.top)
+                self._replace_tensors(max(top + needed, 2 * self.capacity, 16), torch.arange(top),
+                                      torch.arange(top))
+            fits = priority
         if fits.numel() < blocks.numel():
             fits = torch.sort(fits).values
             admitted = torch.zeros(blocks.numel(), dtype=torch.bool)
@@ -331,6 +364,11 @@ class ChunkStore(nn.Module):
         if blocks.numel() == 0:
             return rows
         src = self._block_chunk_slots(blocks, cur)
+        saved = None
+        if int(self.top) + int(size.sum()) > self.capacity:   # fixed capacity: pack the other blocks below them
+            saved = [t.data[src].clone() for t in self._slot_tensors()]
+            self.counts.view(-1, BLOCK)[blocks] = 0
+            self.pack()
         top = int(self.top)
         self.base[blocks] = top + torch.cumsum(size, 0) - size
         self.counts.view(-1, BLOCK)[blocks] = new.to(torch.uint8)
@@ -338,7 +376,12 @@ class ChunkStore(nn.Module):
         per_row = new.reshape(-1)
         chunk = torch.arange(dst.numel()) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)
         is_old = chunk < torch.repeat_interleave(cur.reshape(-1), per_row)
-        self._move_in_place(src, dst[is_old])      # every destination lies above the old top: no overlap
+        if saved is None:
+            self._move_in_place(src, dst[is_old])      # every destination lies above the old top: no overlap
+        else:
+            with torch.no_grad():
+                for t, values in zip(self._slot_tensors(), saved):
+                    t.data[dst[is_old]] = values
         fresh = dst[~is_old]
         self._zero_slots(fresh)
         if init is not None and fresh.numel():
@@ -406,6 +449,7 @@ class ChunkStore(nn.Module):
                               error_msgs):
         # A saved store may hold a different number of slots: adopt its shapes before copying. Per-slot state it
         # holds and this store does not yet (a trained model's fused-optimizer state) becomes a slot buffer too.
+        state_dict = index_from_blocks_of_8(state_dict, prefix, self.num_rows)
         saved_pool = state_dict.get(prefix + "pool")
         saved_bits = state_dict.get(prefix + "storage_bits")
         if saved_bits is not None and not self.quantized:   # a quantized store's state: quantize first

@@ -3,7 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Half.h>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
@@ -11,17 +11,27 @@
 
 namespace fiited {
 
-constexpr int64_t kBlock = 8;
+constexpr int64_t kBlock = 64;  // rows a block: one int64 base a block, one uint8 count a row (1.125 bytes a row)
+constexpr int kBlockShift = 6;
 
-// Sum of the k bytes below byte k of a block's counts word (the chunks stored by the rows before row k of the block):
-// one multiply adds the masked bytes (each partial sum < 256 when a row has at most 36 chunks, `small`; otherwise
-// they are added one by one).
-inline int64_t counts_before(uint64_t word, int k, bool small) {
-  const uint64_t below = word & ((uint64_t(1) << (8 * k)) - 1);  // k < 8: no branch on k == 0
-  if (small) return int64_t((below * 0x0101010101010101ULL) >> 56);
-  int64_t off = 0;
-  for (int j = 0; j < k; ++j) off += int64_t((word >> (8 * j)) & 0xFF);
-  return off;
+// Chunks stored by the k < 64 rows before row k of a block (the sum of the block's first k count bytes). With
+// AVX-512: one masked 64-byte load (the block's counts are one aligned cache line) and a sum of absolute
+// differences; otherwise 16-bit lanes over its 8-byte words.
+inline int64_t counts_before(const uint8_t* block, int k) {
+#if defined(__AVX512BW__) && defined(__BMI2__)
+  const __m512i v = _mm512_maskz_loadu_epi8(_cvtu64_mask64(_bzhi_u64(~uint64_t(0), unsigned(k))), block);
+  return _mm512_reduce_add_epi64(_mm512_sad_epu8(v, _mm512_setzero_si512()));
+#else
+  int64_t sum = 0;
+  for (int j = 0; j < k; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, block + j, sizeof(word));
+    if (k - j < 8) word &= (uint64_t(1) << (8 * (k - j))) - 1;
+    word = (word & 0x00FF00FF00FF00FFULL) + ((word >> 8) & 0x00FF00FF00FF00FFULL);  // four 16-bit sums
+    sum += int64_t((word * 0x0001000100010001ULL) >> 48);
+  }
+  return sum;
+#endif
 }
 
 struct Layout {
@@ -33,20 +43,16 @@ struct Layout {
   int64_t num_rows;
 
   inline int64_t slot(int64_t r, int64_t* count) const {
-    const uint8_t* c = counts + (r & ~(kBlock - 1));
+    const uint8_t* block = counts + (r & ~(kBlock - 1));
     const int k = int(r & (kBlock - 1));
-    uint64_t word;
-    std::memcpy(&word, c, sizeof(word));
-    *count = int64_t((word >> (8 * k)) & 0xFF);
-    return base[r >> 3] + counts_before(word, k, small);
+    *count = block[k];
+    return base[r >> kBlockShift] + counts_before(block, k);
   }
 
   inline void prefetch_index(int64_t r) const {
     __builtin_prefetch(counts + (r & ~(kBlock - 1)), 0, 1);
-    __builtin_prefetch(base + (r >> 3), 0, 1);
+    __builtin_prefetch(base + (r >> kBlockShift), 0, 1);
   }
-
-  bool small = true;
 };
 
 constexpr int kPrefetch = 8;  // ids looked ahead when prefetching rows (memory latency of random rows)
@@ -79,10 +85,8 @@ inline Layout make_layout(const at::Tensor& pool, const at::Tensor& counts, cons
                    int64_t num_rows) {
   check_pool(pool);
   check_counts_base(counts, base, num_rows);
-  Layout L{pool.data_ptr<float>(), counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), pool.size(1), dim,
-           num_rows};
-  L.small = pool.size(1) == 0 || dim / pool.size(1) <= 36;
-  return L;
+  return Layout{pool.data_ptr<float>(), counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), pool.size(1), dim,
+                num_rows};
 }
 
 // IndexError, as nn.Embedding raises, for an id outside [0, num_rows)
@@ -117,9 +121,7 @@ inline Layout quantized_layout(const at::Tensor& codes, const at::Tensor& scales
                         const at::Tensor& counts, const at::Tensor& base, int64_t dim, int64_t num_rows) {
   check_codes(codes, scales, bits, cs);
   check_counts_base(counts, base, num_rows);
-  Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
-  L.small = cs == 0 || dim / cs <= 36;
-  return L;
+  return Layout{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
 }
 
 // The fp32 hot-row cache: a rank bitmap over the rows (bits: one a row in int64 words; rank: cached rows before

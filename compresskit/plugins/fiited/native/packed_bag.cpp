@@ -5,7 +5,7 @@
 //
 // With AVX-512 and dim <= 128 the bags are pooled in registers (register_pooling.h, shared with the training
 // forward). Otherwise, the portable loop below: the same two passes over each group of a thread's bags (every id's
-// stored run located through the index, its block's 16-byte entry prefetched ahead; then the runs added, prefetched
+// stored run located through the index, its block's counts and base prefetched ahead; then the runs added, prefetched
 // ahead), with the output row itself as the accumulator (auto-vectorised loops). One pass, where a run's prefetch
 // must wait for its index entry, reached a third of the memory parallelism on random ids.
 #include "register_pooling.h"
@@ -20,7 +20,6 @@ struct Table {
   const uint8_t* codes = nullptr;  // quantized storage: codes and one fp16 scale a chunk
   const at::Half* scales = nullptr;
   int64_t code_bytes = 0;          // bytes of one chunk's codes
-  const int64_t* index = nullptr;  // the packed index (see Reader)
   CacheView C;
 };
 
@@ -65,34 +64,18 @@ struct RowAccumulator {
 };
 
 
-// The packed tables' index as register_pooling.h reads it: [blocks, 2], per block of 8 rows its first slot and its
-// 8 chunk counts (a byte each), so a lookup reads one 16-byte entry.
-struct PackedIndex {
-  const int64_t* index;
-  bool small;
-
-  inline void prefetch_index(int64_t r) const { __builtin_prefetch(index + 2 * (r >> 3), 0, 1); }
-  inline int64_t slot(int64_t r, int64_t* cnt) const {
-    const int64_t* entry = index + 2 * (r >> 3);
-    const uint64_t word = uint64_t(entry[1]);
-    const int k = int(r & 7);
-    *cnt = int64_t((word >> (8 * k)) & 0xFF);
-    return entry[0] + counts_before(word, k, small);
-  }
-};
-
 // The table as plain locals of the loop (no reloads through references), with row lookups and prefetches.
 template <int KIND>
 struct Reader {
   const float* pool;
-  PackedIndex index;
+  Layout index;
   const uint8_t* codes;
   const at::Half* scales;
   CacheView cache;
   int64_t cs, dim, code_bytes, num_rows;
 
   explicit Reader(const Table& T)
-      : pool(T.L.pool), index{T.index, T.L.small}, codes(T.codes), scales(T.scales), cache(T.C), cs(T.L.cs),
+      : pool(T.L.pool), index(T.L), codes(T.codes), scales(T.scales), cache(T.C), cs(T.L.cs),
         dim(T.L.dim), code_bytes(T.code_bytes), num_rows(T.L.num_rows) {}
 
   inline bool valid(int64_t r) const { return r >= 0 && r < num_rows; }
@@ -181,18 +164,18 @@ void pool_any(const Table& T, const BagView& in, bool mean, float* outp) {
   S.num_rows = T.L.num_rows;
   S.code_bytes = T.code_bytes;
   S.cache = T.C;
-  if (pool_in_registers_any<KIND, WEIGHTED>(S, PackedIndex{T.index, T.L.small}, in, mean, outp)) return;
+  if (pool_in_registers_any<KIND, WEIGHTED>(S, T.L, in, mean, outp)) return;
   pool_bags<KIND, WEIGHTED, RowAccumulator<KIND>>(T, in, mean, outp);
 }
 
 }  // namespace
 
 // values: float32 [slots, cs] (bits 32), or codes uint8 [slots, cs * bits / 8] and scales float16 [slots] (bits 8
-// or 4); index: int64 [blocks, 2], per block of 8 rows its first slot and its 8 chunk counts (a byte each, row
-// 8b + j in byte j), so a lookup reads one 16-byte entry; cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
+// or 4); counts: uint8 [blocks * 64], one a row; base: int64 [blocks], the slot of each block's first chunk
+// (layout.h); cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
 // per_sample_weights, mode (0 sum, 1 mean) and include_last_offset as nn.EmbeddingBag. Returns [bags, dim] float32.
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
-                      const at::Tensor& index, const at::Tensor& cache_bits,
+                      const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
                       const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
                       const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
                       int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
@@ -202,9 +185,9 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
   TORCH_CHECK_VALUE(input.scalar_type() == at::kLong || input.scalar_type() == at::kInt,
                     "input: int64 or int32 ids, got ", input.scalar_type());
   Table T;
-  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2 &&
-                        index.size(1) == 2 && index.size(0) * 8 >= num_rows,
-                    "index: contiguous int64 [blocks, 2] covering num_rows rows");
+  TORCH_CHECK_VALUE(counts.scalar_type() == at::kByte && counts.is_contiguous() && base.scalar_type() == at::kLong &&
+                        base.is_contiguous() && counts.numel() == base.numel() * kBlock && counts.numel() >= num_rows,
+                    "counts / base: contiguous uint8 [blocks * 64] and int64 [blocks] covering num_rows rows");
   TORCH_CHECK_VALUE(cs >= 1 && dim % cs == 0, "chunk_size must divide dim");
   if (bits == 32) {
     check_pool(values);
@@ -212,9 +195,8 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
   } else {
     check_codes(codes, scales, bits, cs);
   }
-  T.L = Layout{bits == 32 ? values.data_ptr<float>() : nullptr, nullptr, nullptr, cs, dim, num_rows};
-  T.L.small = dim / cs <= 36;
-  T.index = index.data_ptr<int64_t>();
+  T.L = Layout{bits == 32 ? values.data_ptr<float>() : nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(),
+               cs, dim, num_rows};
   T.C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
   if (bits != 32) {
     T.codes = codes.data_ptr<uint8_t>();

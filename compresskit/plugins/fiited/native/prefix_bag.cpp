@@ -1,9 +1,9 @@
 // Fused CPU kernels of the FIITED prefix-chunk store (compresskit/plugins/fiited/store.py has the layout).
 //
 // A row r keeps a prefix of counts[r] chunks of `cs` floats each, stored contiguously in the pool from slot
-//   slot(r) = base[r >> 3] + counts[r & ~7] + ... + counts[r - 1]
-// so a lookup is one 8-byte read of the row's block of counts plus one base read, and the row's stored values are
-// one contiguous run of counts[r] * cs floats (pruned dims are not stored and read as zeros).
+//   slot(r) = base[r >> 6] + counts[r & ~63] + ... + counts[r - 1]
+// so a lookup is one masked read of the row's block of counts (one cache line) plus one base read, and the row's
+// stored values are one contiguous run of counts[r] * cs floats (pruned dims are not stored and read as zeros).
 //
 // forward:  pooled bags (sum / mean, optional per-sample weights), one pass over the ids.
 // backward: ids radix-sorted by row, the gradient of each distinct row accumulated once, then per row either
@@ -567,7 +567,7 @@ at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, co
 
 // packed_bag.cpp: the serving kernel of packed tables
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
-                      const at::Tensor& index, const at::Tensor& cache_bits,
+                      const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
                       const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
                       const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
                       int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
