@@ -101,15 +101,18 @@ def test_packed_loads_into_the_original_architecture_and_is_smaller(trained, cap
     assert len(spec["modules"]["embeddings"]["args"]["rows"]) == 26
     values = state["embeddings.values"].numel() * 4
     index = state["embeddings.counts"].numel() + state["embeddings.base"].numel() * 8    # 72 bytes a block of 64 rows
-    assert state["embeddings.counts"].numel() == 64 * state["embeddings.base"].numel()
+    rows = sum(spec["modules"]["embeddings"]["args"]["rows"])           # one index over all 26 tables
+    assert state["embeddings.counts"].numel() == -(-rows // 8) * 8 and state["embeddings.base"].numel() == -(-rows // 64)
     assert {k for k in state if k.startswith("embeddings.")} == {"embeddings.values", "embeddings.counts",
                                                                  "embeddings.base"}
     assert spec["bytes"]["values"] == values and spec["bytes"]["index"] == index
     assert spec["bytes"]["total"] == values + index < spec["bytes"]["dense"]
     stage = result.report["stages"][0]     # the run's own accounting: payload + index of the pruned stores
-    assert (values, index, spec["bytes"]["dense"]) == (stage["payload_bytes"], stage["index_bytes"],
-                                                       stage["dense_bytes"])
-    assert spec["bytes"]["ratio"] == pytest.approx(0.3, abs=0.001)
+    assert (values, spec["bytes"]["dense"]) == (stage["payload_bytes"], stage["dense_bytes"])
+    # one index over the 26 tables' rows is smaller than 26 indexes, each padded to whole words and blocks
+    padding = sum(-(-r // 8) * 8 - r + 8 * -(-r // 64) for r in spec["modules"]["embeddings"]["args"]["rows"])
+    assert index < stage["index_bytes"] <= index + padding
+    assert spec["bytes"]["ratio"] <= 0.3 and spec["bytes"]["ratio"] == pytest.approx(0.3, abs=0.003)
     assert f"{values:,} + index {index:,}" in printed and "model_packed.json" in printed
     # into a freshly built original model, with the Python function a serving process calls
     _, recipe, data = load_run(out)

@@ -10,10 +10,9 @@ pays more for scales than it gains.
 """
 from __future__ import annotations
 
-from .kernels import BLOCK
+from .row_index import index_bytes
 
 CANDIDATES = (4, 2, 1)
-INDEX_BYTES_A_ROW = 1 + 8 / BLOCK        # a uint8 chunk count a row, an int64 slot base a block of rows
 
 
 def auto_chunk_size(ratio: float, tables: list[tuple[int, int]], storage: str = "fp32") -> int:
@@ -24,5 +23,5 @@ def auto_chunk_size(ratio: float, tables: list[tuple[int, int]], storage: str = 
         return sizes[0]
     rows = sum(r for r, _ in tables)
     dense = sum(r * d * 4 for r, d in tables)
-    values_a_row = (ratio * dense - INDEX_BYTES_A_ROW * rows) / 4 / max(rows, 1)
+    values_a_row = (ratio * dense - sum(index_bytes(r) for r, _ in tables)) / 4 / max(rows, 1)
     return next((c for c in sizes if values_a_row >= c), sizes[-1])

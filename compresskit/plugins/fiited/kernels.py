@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from . import native
 from .chunk_codec import dequantize
+from .row_index import BLOCK, block_counts
 
 OPTIMIZERS = {"none": 0, "sgd": 1, "adagrad": 2, "rowwise_adagrad": 3}
-BLOCK = 64  # rows a block of the index: one int64 slot base a block, one uint8 chunk count a row
 _prefer_native = [True]
 
 
@@ -76,9 +76,8 @@ def expand_runs(first: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tenso
 def _row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`row_slots` of int64 ``rows`` already checked to be in range (torch path)."""
     blk, within = rows // BLOCK, rows % BLOCK
-    block = counts.view(-1, BLOCK)[blk]                                   # [n, BLOCK] uint8
     before = torch.arange(BLOCK, device=rows.device)[None, :] < within[:, None]
-    return base[blk] + torch.where(before, block, 0).sum(1, dtype=torch.int64), counts[rows].long()
+    return base[blk] + torch.where(before, block_counts(counts, blk), 0).sum(1), counts[rows].long()
 
 
 def positions(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool,

@@ -6,8 +6,8 @@ training stored it:
     values [live_chunks, chunk_size] float32          (storage 'fp32')
     codes  [live_chunks, chunk_size * bits / 8] uint8 (storage 'int8' / 'int4', ``chunk_codec.py``'s layout)
     scales [live_chunks] float16                      (one a chunk)
-    counts [blocks * 64] uint8                        one a row: its stored chunks
-    base   [blocks] int64                             per block of 64 rows: the slot of its first chunk
+    counts [rows, rounded up to 8] uint8              one a row: its stored chunks
+    base   [ceil(rows / 64)] int64                    per block of 64 rows: the slot of its first chunk
 
     slot(r) = base[r // 64] + count[64 * (r // 64)] + ... + count[r - 1]
 
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ...table_types import TableBytes
-from .kernels import BLOCK
-from .packed_op import MODES, PACKED_BAG, cache_index, packed_bases
+from .row_index import index_shapes, packed_bases
+from .packed_op import MODES, PACKED_BAG, cache_index
 from .chunk_codec import STORAGE_BITS, code_bytes
 
 STORAGES = ("fp32", *STORAGE_BITS)
@@ -54,7 +54,7 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
     if not 0 <= cached_rows <= (num_rows if storage != "fp32" else 0):
         raise ValueError(f"cached_rows must be in [0, {num_rows if storage != 'fp32' else 0}] with storage "
                          f"'{storage}', got {cached_rows}")
-    blocks = (num_rows + BLOCK - 1) // BLOCK
+    rows, blocks = index_shapes(num_rows)
     quantized = storage != "fp32"
     width = code_bytes(STORAGE_BITS[storage], chunk_size) if quantized else 0
     module.register_buffer("values", torch.zeros(0 if quantized else live_chunks, chunk_size),
@@ -63,7 +63,7 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
                            persistent=quantized)
     module.register_buffer("scales", torch.zeros(live_chunks if quantized else 0, dtype=torch.float16),
                            persistent=quantized)
-    module.register_buffer("counts", torch.zeros(blocks * BLOCK, dtype=torch.uint8))
+    module.register_buffer("counts", torch.zeros(rows, dtype=torch.uint8))
     module.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
     cached = cached_rows > 0
     words = (num_rows + 63) // 64 if cached else 0
@@ -105,7 +105,7 @@ def index_of_64_row_blocks(state_dict: dict, prefix: str, num_rows: int) -> dict
     if counts is None:
         return state_dict
     out = {k: v for k, v in state_dict.items() if k != prefix + "index"}
-    padded = torch.zeros((num_rows + BLOCK - 1) // BLOCK * BLOCK, dtype=torch.uint8)
+    padded = torch.zeros(index_shapes(num_rows)[0], dtype=torch.uint8)
     padded[:num_rows] = counts[:num_rows]
     out[prefix + "counts"], out[prefix + "base"] = padded, packed_bases(padded)
     return out

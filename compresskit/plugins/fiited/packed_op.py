@@ -6,8 +6,8 @@ implementation gives ``torch.export`` the output shape, ``[bags, dim]`` float32.
 must have imported this module (``import compresskit.plugins.fiited``; ``compresskit.export.load_program`` does).
 
 Arguments: ``values`` (float32 ``[slots, chunk_size]``, ``bits`` 32) or ``codes`` / ``scales`` (``bits`` 8 or 4,
-``chunk_codec.py``'s layout); ``counts`` (uint8, one a row, padded to whole blocks of 64 rows) and ``base`` (int64,
-the slot of each block's first chunk): ``store.py``'s index;
+``chunk_codec.py``'s layout); ``counts`` (uint8, one a row) and ``base`` (int64, the slot of each block of 64 rows'
+first chunk): the store's index (``row_index.py``);
 the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` /
 ``cache_rank`` of ``cache.py``; empty tensors when there is none); then ``nn.EmbeddingBag``'s ``input``,
 ``offsets``, ``per_sample_weights``, ``mode`` (0 sum, 1 mean) and ``include_last_offset``.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import BLOCK, _row_slots, check_ids, check_offsets, native_kernels
+from .kernels import _row_slots, check_ids, check_offsets, native_kernels
 from .chunk_codec import dequantize
 
 MODES = {"sum": 0, "mean": 1}
@@ -66,12 +66,6 @@ def _bag_bounds(input: torch.Tensor, offsets: torch.Tensor | None, per_sample_we
             raise ValueError(f"per_sample_weights must have one weight per id ({ids.numel()}), got "
                              f"{per_sample_weights.numel()}")
     return ids, starts, ends, bags
-
-
-def packed_bases(counts: torch.Tensor) -> torch.Tensor:
-    """The block bases (int64, one a block of 64 rows) of chunks stored in row order, from the rows' ``counts``."""
-    totals = counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
-    return torch.cumsum(totals, 0) - totals
 
 
 def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor,

@@ -5,10 +5,10 @@ table, that is 26 module calls, 26 op calls and 26 output tensors a batch; FBGEM
 kernel call. :class:`PackedTables` does the same with FIITED's packed layout (``packed.py``): the tables' stores
 are laid end to end in one global row space,
 
-    global row = row_offsets[t] + id        (row_offsets: each table's rows rounded up to whole blocks of 64)
+    global row = row_offsets[t] + id        (row_offsets: the rows of the tables before t)
 
-so that every table keeps its own index blocks, whose slot bases are shifted by the chunks of the tables before
-it, and its cached rows (ids shifted the same way). A batch ``sparse [B, F]`` becomes one call of
+with the tables' chunks in that row order, so one index (``row_index.py``) over the whole row space finds every
+table's rows, and one cache bitmap its cached rows (ids shifted the same way). A batch ``sparse [B, F]`` becomes one call of
 ``compresskit::packed_bag`` over ``F * B`` single-id bags in feature-major order, whose ``[F * B, dim]`` output is
 viewed as ``F`` tensors ``[B, dim]``: what ``EmbeddingTables`` returns. An id outside its own table's rows raises
 ``IndexError`` (it never reads the next table's rows): in eager mode with the feature named; in an exported
@@ -21,18 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels import BLOCK
 from ...models.tables import check_sparse, feature_major_bags
 from ...table_types import TableBytes
 from .packed import PackedEmbeddingBag, check_cache_index, packed_bytes, register_packed_buffers
-from .packed_op import MODES, PACKED_BAG, cache_index, packed_bases
+from .packed_op import MODES, PACKED_BAG, cache_index
+from .row_index import packed_bases
 from .chunk_codec import STORAGE_BITS
 
 __all__ = ["PackedTables"]
-
-
-def _padded(rows: int) -> int:
-    return (rows + BLOCK - 1) // BLOCK * BLOCK
 
 
 class PackedTables(nn.Module):
@@ -55,13 +51,13 @@ class PackedTables(nn.Module):
         if not rows or any(int(r) < 1 for r in rows):
             raise ValueError(f"rows must list at least one table of at least one row, got {rows}")
         self.rows = [int(r) for r in rows]
-        self.num_rows = sum(_padded(r) for r in self.rows)
+        self.num_rows = sum(self.rows)
         register_packed_buffers(self, self.num_rows, embedding_dim, chunk_size, live_chunks, storage, cached_rows)
         self.embedding_dim, self.chunk_size, self.storage = embedding_dim, chunk_size, storage
         self.bits = STORAGE_BITS.get(storage, 32)
         starts = [0]
         for r in self.rows[:-1]:
-            starts.append(starts[-1] + _padded(r))
+            starts.append(starts[-1] + r)
         self.register_buffer("row_offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
         self.register_buffer("row_limits", torch.tensor(self.rows, dtype=torch.int64), persistent=False)
 

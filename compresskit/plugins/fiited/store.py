@@ -8,8 +8,8 @@ block of 64 rows:
     chunks of r = pool[slot(r) : slot(r) + count[r]]
 
 * ``pool``: Parameter ``[capacity, chunk_size]`` (the payload); a row's stored values are one contiguous run.
-* ``counts``: uint8 per row (padded to whole blocks; a block's counts are one 64-byte cache line), ``base``: int64
-  per block. That is the whole index: 1.125 bytes a row, where a per-chunk hash index costs 8 bytes a stored chunk
+* ``counts``: uint8 per row (padded to whole 8-byte words; a block's counts are one 64-byte cache line), ``base``:
+  int64 per block (``row_index.py``). That is the whole index: 1.125 bytes a row, where a per-chunk hash index costs 8 bytes a stored chunk
   (so at ``chunk_size: 4`` and a 10% budget the index is 4.4% of the payload instead of 50%).
 * A block's chunks form one extent ``[base, base + sum of its counts)``; extents never overlap. ``top``: slots in
   use from the front of the pool (live chunks plus holes left by relocated blocks).
@@ -34,7 +34,8 @@ from torch import nn
 
 from ...params import swap_parameter
 from ...table_types import TableBytes
-from .kernels import BLOCK, expand_runs, row_slots
+from .kernels import expand_runs, row_slots
+from .row_index import BLOCK, block_counts, block_totals, index_shapes, packed_bases, set_block_counts
 from .chunk_codec import STORAGE_BITS, code_bytes, dequantize, quantize
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
@@ -63,10 +64,9 @@ def index_from_blocks_of_8(state_dict: dict, prefix: str, num_rows: int) -> dict
             fresh = torch.zeros_like(value)
             fresh[:src.numel()] = value[src]
             out[key] = fresh
-    new_counts = torch.zeros((num_rows + BLOCK - 1) // BLOCK * BLOCK, dtype=torch.uint8)
+    new_counts = torch.zeros(index_shapes(num_rows)[0], dtype=torch.uint8)
     new_counts[:num_rows] = counts[:num_rows]
-    totals = new_counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
-    out[prefix + "counts"], out[prefix + "base"] = new_counts, torch.cumsum(totals, 0) - totals
+    out[prefix + "counts"], out[prefix + "base"] = new_counts, packed_bases(new_counts)
     out[prefix + "top"] = torch.tensor(src.numel(), dtype=torch.int64)
     return out
 
@@ -85,9 +85,9 @@ class ChunkStore(nn.Module):
             raise ValueError(f"at most 255 chunks per row are supported, got {num_chunks}")
         self.num_rows, self.num_chunks, self.chunk_size = num_rows, num_chunks, chunk_size
         self.fixed_capacity = fixed_capacity
-        blocks = (num_rows + BLOCK - 1) // BLOCK
+        rows, blocks = index_shapes(num_rows)
         self.pool = nn.Parameter(torch.zeros(capacity, chunk_size, dtype=dtype))
-        self.register_buffer("counts", torch.zeros(blocks * BLOCK, dtype=torch.uint8))
+        self.register_buffer("counts", torch.zeros(rows, dtype=torch.uint8))
         self.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
         self.register_buffer("top", torch.zeros((), dtype=torch.int64))
         self._slot_buffers: list[str] = []
@@ -212,8 +212,7 @@ class ChunkStore(nn.Module):
         self.top.fill_(total)
 
     def _set_bases_packed(self) -> None:
-        totals = self.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)
-        self.base.copy_(torch.cumsum(totals, 0) - totals)
+        self.base.copy_(packed_bases(self.counts))
 
     # ----------------------------------------------------------------------------------------------- moves
     def _optimizer_state(self) -> dict | None:
@@ -261,7 +260,7 @@ class ChunkStore(nn.Module):
                 t.data[slots] = 0
 
     def _block_chunk_slots(self, blocks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Slots of every chunk of ``blocks`` (in block then row order) given their rows' ``counts [k, 8]``."""
+        """Slots of every chunk of ``blocks`` (in block then row order) given their rows' ``counts [k, BLOCK]``."""
         totals = counts.sum(1)
         start = torch.repeat_interleave(self.base[blocks] - (torch.cumsum(totals, 0) - totals), totals)
         return start + torch.arange(int(totals.sum()))
@@ -269,7 +268,7 @@ class ChunkStore(nn.Module):
     def _pack_blocks(self, blocks: torch.Tensor, src: torch.Tensor) -> None:
         """Move ``blocks`` (in pool order), whose live chunks sit at ascending slots ``src``, to the front of the
         pool in place (destinations never pass sources) and rebase them on their current counts."""
-        totals = self.counts.view(-1, BLOCK)[blocks].sum(1, dtype=torch.int64)
+        totals = block_counts(self.counts, blocks).sum(1)
         self.base[blocks] = torch.cumsum(totals, 0) - totals
         dst = torch.arange(src.numel())
         moved = src != dst
@@ -278,9 +277,9 @@ class ChunkStore(nn.Module):
 
     def pack(self) -> None:
         """Close the holes: move every block's extent down to the front, in pool order (in place)."""
-        blocks = torch.nonzero(self.counts.view(-1, BLOCK).sum(1, dtype=torch.int64)).flatten()
+        blocks = torch.nonzero(block_totals(self.counts)).flatten()
         blocks = blocks[torch.argsort(self.base[blocks], stable=True)]
-        self._pack_blocks(blocks, self._block_chunk_slots(blocks, self.counts.view(-1, BLOCK)[blocks].long()))
+        self._pack_blocks(blocks, self._block_chunk_slots(blocks, block_counts(self.counts, blocks)))
 
     # ----------------------------------------------------------------------------------------------- pruning
     def shrink_rows(self, new_counts: torch.Tensor) -> torch.Tensor:
@@ -336,7 +335,7 @@ class ChunkStore(nn.Module):
         if rows.numel() == 0:
             return rows
         blocks, inverse = torch.unique(rows // BLOCK, return_inverse=True)
-        cur = self.counts.view(-1, BLOCK)[blocks].long()
+        cur = block_counts(self.counts, blocks)
         new = cur.clone()
         new.view(-1)[inverse * BLOCK + rows % BLOCK] = count
         size = new.sum(1)
@@ -367,11 +366,11 @@ class ChunkStore(nn.Module):
         saved = None
         if int(self.top) + int(size.sum()) > self.capacity:   # fixed capacity: pack the other blocks below them
             saved = [t.data[src].clone() for t in self._slot_tensors()]
-            self.counts.view(-1, BLOCK)[blocks] = 0
+            set_block_counts(self.counts, blocks, torch.zeros_like(cur))
             self.pack()
         top = int(self.top)
         self.base[blocks] = top + torch.cumsum(size, 0) - size
-        self.counts.view(-1, BLOCK)[blocks] = new.to(torch.uint8)
+        set_block_counts(self.counts, blocks, new)
         dst = self._block_chunk_slots(blocks, new)
         per_row = new.reshape(-1)
         chunk = torch.arange(dst.numel()) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row, per_row)

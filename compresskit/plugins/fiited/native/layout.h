@@ -75,10 +75,15 @@ inline void check_codes(const at::Tensor& codes, const at::Tensor& scales, int64
               "scales: contiguous float16 [slots]");
 }
 
+// counts: whole 8-byte words covering num_rows (the portable counts_before reads words), base: one a block of counts
+inline bool counts_base_cover(const at::Tensor& counts, const at::Tensor& base, int64_t num_rows) {
+  return counts.numel() % 8 == 0 && base.numel() == (counts.numel() + kBlock - 1) / kBlock && num_rows <= counts.numel();
+}
+
 inline void check_counts_base(const at::Tensor& counts, const at::Tensor& base, int64_t num_rows) {
   TORCH_CHECK(counts.scalar_type() == at::kByte && counts.is_contiguous(), "counts: contiguous uint8");
   TORCH_CHECK(base.scalar_type() == at::kLong && base.is_contiguous(), "base: contiguous int64");
-  TORCH_CHECK(counts.numel() == base.numel() * kBlock && num_rows <= counts.numel(), "counts/base sizes disagree");
+  TORCH_CHECK(counts_base_cover(counts, base, num_rows), "counts/base sizes disagree");
 }
 
 inline Layout make_layout(const at::Tensor& pool, const at::Tensor& counts, const at::Tensor& base, int64_t dim,

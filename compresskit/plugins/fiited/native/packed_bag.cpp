@@ -186,8 +186,9 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
                     "input: int64 or int32 ids, got ", input.scalar_type());
   Table T;
   TORCH_CHECK_VALUE(counts.scalar_type() == at::kByte && counts.is_contiguous() && base.scalar_type() == at::kLong &&
-                        base.is_contiguous() && counts.numel() == base.numel() * kBlock && counts.numel() >= num_rows,
-                    "counts / base: contiguous uint8 [blocks * 64] and int64 [blocks] covering num_rows rows");
+                        base.is_contiguous() && counts_base_cover(counts, base, num_rows),
+                    "counts / base: contiguous uint8 [rows rounded up to 8] and int64 [ceil(rows / 64)] covering "
+                    "num_rows rows");
   TORCH_CHECK_VALUE(cs >= 1 && dim % cs == 0, "chunk_size must divide dim");
   if (bits == 32) {
     check_pool(values);

@@ -1,0 +1,55 @@
+"""The chunk store's index: where each row's stored chunks start in the pool, in 1.125 bytes a row.
+
+    counts [rows rounded up to 8] uint8      one a row: its stored chunks (a prefix of its chunks)
+    base   [ceil(rows / 64)] int64           per block of 64 rows: the slot of the block's first chunk
+    slot(r) = base[r // 64] + counts[64 * (r // 64)] + ... + counts[r - 1]
+
+The counts are padded to whole 8-byte words (the portable kernel sums them a word at a time), not to whole blocks,
+so a small table pays for its rows, not for 64. A block's counts are read as one ``[BLOCK]`` row, zeros past the
+end (:func:`block_counts`).
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 64         # rows a block: one int64 base a block
+COUNT_ALIGN = 8    # the counts are padded to a multiple of this many rows
+
+
+def index_shapes(num_rows: int) -> tuple[int, int]:
+    """(length of ``counts``, number of blocks) of a table of ``num_rows`` rows."""
+    return (num_rows + COUNT_ALIGN - 1) // COUNT_ALIGN * COUNT_ALIGN, (num_rows + BLOCK - 1) // BLOCK
+
+
+def index_bytes(num_rows: int) -> int:
+    """Bytes of the index of a table of ``num_rows`` rows."""
+    counts, blocks = index_shapes(num_rows)
+    return counts + 8 * blocks
+
+
+def block_counts(counts: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The counts of ``blocks`` as ``[len(blocks), BLOCK]`` (int64), zeros past the end of ``counts``."""
+    at = blocks.reshape(-1, 1) * BLOCK + torch.arange(BLOCK)
+    inside = at < counts.numel()
+    return torch.where(inside, counts[at.clamp(max=max(counts.numel() - 1, 0))].long(), 0)
+
+
+def set_block_counts(counts: torch.Tensor, blocks: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values [len(blocks), BLOCK]`` as the counts of ``blocks`` (what lies past the end is dropped)."""
+    at = blocks.reshape(-1, 1) * BLOCK + torch.arange(BLOCK)
+    inside = at < counts.numel()
+    counts[at[inside]] = values[inside].to(counts.dtype)
+
+
+def block_totals(counts: torch.Tensor) -> torch.Tensor:
+    """Stored chunks of every block (int64 ``[blocks]``)."""
+    blocks = (counts.numel() + BLOCK - 1) // BLOCK
+    padded = torch.zeros(blocks * BLOCK, dtype=torch.int64)
+    padded[:counts.numel()] = counts
+    return padded.view(blocks, BLOCK).sum(1)
+
+
+def packed_bases(counts: torch.Tensor) -> torch.Tensor:
+    """The block bases of chunks stored in row order, from the rows' ``counts``."""
+    totals = block_totals(counts)
+    return torch.cumsum(totals, 0) - totals
