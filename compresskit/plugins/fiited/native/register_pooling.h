@@ -103,16 +103,16 @@ inline __m512 register_scales(const at::Half* s, int64_t cnt, int64_t first_chun
   return WEIGHTED ? _mm512_mul_ps(sc, w) : sc;
 }
 
-// An Index gives a row's first slot and chunk count (slot(r, &cnt)) and prefetches what that reads
-// (prefetch_index(r)): Layout (the chunk store's counts and block bases) or the packed tables' interleaved index.
-template <int KIND, bool WEIGHTED, bool CACHED, int NV, class Index>
-void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool mean, float* outp) {
+// The index (layout.h's Layout: counts and block bases, of a training store or of packed tables) gives a row's first
+// slot and chunk count and prefetches what that reads (prefetch_index(r)).
+template <int KIND, bool WEIGHTED, bool CACHED, int NV>
+void pool_in_registers(const Stored& S, const Layout& X, const BagView& in, bool mean, float* outp) {
   const int64_t grain = std::max<int64_t>(1, in.bags * kIdsPerTask / std::max<int64_t>(in.n, 1));
   at::parallel_for(0, in.bags, grain, [&](int64_t b0, int64_t b1) {
     const float* const pool = S.pool;
     const uint8_t* const codes = S.codes;
     const at::Half* const scales = S.scales;
-    const Index index = X;
+    const Layout index = X;
     const CacheView cache = S.cache;
     const BagView bags = in;
     const int64_t* const ids = bags.ids;
@@ -244,8 +244,8 @@ void pool_in_registers(const Stored& S, const Index& X, const BagView& in, bool 
   });
 }
 
-template <int KIND, bool WEIGHTED, bool CACHED, class Index>
-bool pool_in_registers_dim(const Stored& S, const Index& X, const BagView& in, bool mean, float* outp) {
+template <int KIND, bool WEIGHTED, bool CACHED>
+bool pool_in_registers_dim(const Stored& S, const Layout& X, const BagView& in, bool mean, float* outp) {
   switch ((S.dim + 15) / 16) {
     case 1: pool_in_registers<KIND, WEIGHTED, CACHED, 1>(S, X, in, mean, outp); return true;
     case 2: pool_in_registers<KIND, WEIGHTED, CACHED, 2>(S, X, in, mean, outp); return true;
@@ -261,8 +261,8 @@ bool pool_in_registers_dim(const Stored& S, const Index& X, const BagView& in, b
 #endif
 
 // Pool `in` over the stored chunks in AVX-512 registers; false (nothing done) where this build or dim cannot.
-template <int KIND, bool WEIGHTED, class Index>
-bool pool_in_registers_any(const Stored& S, const Index& X, const BagView& in, bool mean, float* outp) {
+template <int KIND, bool WEIGHTED>
+bool pool_in_registers_any(const Stored& S, const Layout& X, const BagView& in, bool mean, float* outp) {
 #ifdef FIITED_AVX512
   if (S.dim > 128 || S.cs <= 0 || S.dim % S.cs) return false;  // (the callers' loops take what this cannot)
   return S.cache.values ? pool_in_registers_dim<KIND, WEIGHTED, true>(S, X, in, mean, outp)
