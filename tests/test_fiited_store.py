@@ -126,3 +126,16 @@ def test_moves_carry_the_attached_optimizer_state():
     assert opt.param_groups[0]["params"][0] is store.pool            # the optimizer follows the new pool
     rows, chunks, new_slots = store.entries()
     assert torch.equal(opt.state[store.pool]["sum"][new_slots], state_by_chunk.view(64, 4, 2)[rows, chunks])
+
+
+def test_a_small_fixed_store_loads_as_saved():
+    """Up to 8 rows the old and new index have the same shapes: a saved store of today loads as it was saved (its
+    holes and bases kept), so a torch optimizer's per-slot state saved beside it still matches its chunks."""
+    store = ChunkStore(5, 2, 1, capacity=10, fixed_capacity=True)
+    store.grow_rows(torch.tensor([0]), 2, lambda n, cs: torch.randn(n, cs))
+    store.grow_rows(torch.tensor([3]), 2, lambda n, cs: torch.randn(n, cs))
+    assert int(store.base[0]) > 0                                       # block 0 moved up: a hole below it
+    fresh = ChunkStore(5, 2, 1, capacity=10, fixed_capacity=True)
+    fresh.load_state_dict(store.state_dict())
+    assert torch.equal(fresh.base, store.base) and int(fresh.top) == int(store.top)
+    assert torch.equal(fresh.pool, store.pool)

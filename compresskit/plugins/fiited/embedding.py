@@ -491,7 +491,7 @@ class FiitedEmbeddingBag(nn.Module):
     def to_packed(self) -> PackedEmbeddingBag:
         """The inference-only twin (:class:`~compresskit.plugins.fiited.packed.PackedEmbeddingBag`): the stored
         chunks, packed, in the precision training stored them (FP32, or INT8 / INT4 codes with their scales and the
-        FP32 hot-row cache), and the 2-byte-a-row index; no utilities, optimizer state or autograd."""
+        FP32 hot-row cache), and the 1.125-byte-a-row index; no utilities, optimizer state or autograd."""
         return PackedEmbeddingBag.from_store(self.store, self.mode, self.include_last_offset, self.cache)
 
     def extra_repr(self) -> str:

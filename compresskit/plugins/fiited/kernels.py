@@ -77,7 +77,8 @@ def _row_slots(counts: torch.Tensor, base: torch.Tensor, rows: torch.Tensor) -> 
     """:func:`row_slots` of int64 ``rows`` already checked to be in range (torch path)."""
     blk, within = rows // BLOCK, rows % BLOCK
     before = torch.arange(BLOCK, device=rows.device)[None, :] < within[:, None]
-    return base[blk] + torch.where(before, block_counts(counts, blk), 0).sum(1), counts[rows].long()
+    return (base[blk] + torch.where(before, block_counts(counts, blk), 0).sum(1, dtype=torch.int64),
+            counts[rows].long())
 
 
 def positions(ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None, mean: bool,

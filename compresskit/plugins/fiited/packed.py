@@ -100,7 +100,8 @@ def index_of_64_row_blocks(state_dict: dict, prefix: str, num_rows: int) -> dict
     if old is not None and old.dim() == 2 and old.shape[1] == 2:
         counts = old[:, 1].clone(memory_format=torch.contiguous_format).view(torch.uint8)
     elif state_dict.get(prefix + "base") is not None and state_dict.get(prefix + "counts") is not None and \
-            state_dict[prefix + "counts"].numel() == 8 * state_dict[prefix + "base"].numel() > 0:
+            state_dict[prefix + "counts"].numel() == 8 * state_dict[prefix + "base"].numel() > 0 and \
+            (state_dict[prefix + "counts"].numel(), state_dict[prefix + "base"].numel()) != index_shapes(num_rows):
         counts = state_dict[prefix + "counts"]
     if counts is None:
         return state_dict

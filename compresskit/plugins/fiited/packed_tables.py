@@ -126,8 +126,7 @@ class PackedTables(nn.Module):
         return packed_bytes(self)
 
     def dense_bytes(self) -> int:
-        """Bytes of the FP32 dense tables it stands for (each table's own rows, not the padding of the row
-        space)."""
+        """Bytes of the FP32 dense tables it stands for."""
         return sum(self.rows) * self.embedding_dim * 4
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -6,7 +6,7 @@
 
 The counts are padded to whole 8-byte words (the portable kernel sums them a word at a time), not to whole blocks,
 so a small table pays for its rows, not for 64. A block's counts are read as one ``[BLOCK]`` row, zeros past the
-end (:func:`block_counts`).
+end (:func:`block_counts`), in uint8 as stored: a pass over a large table's blocks never widens them.
 """
 from __future__ import annotations
 
@@ -27,26 +27,41 @@ def index_bytes(num_rows: int) -> int:
     return counts + 8 * blocks
 
 
+def _split(counts: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the whole blocks of ``counts`` as ``[n, BLOCK]``, which of ``blocks`` are whole, the last partial block
+    zero-padded to ``[BLOCK]``)."""
+    whole = counts.numel() // BLOCK
+    tail = torch.zeros(BLOCK, dtype=counts.dtype, device=counts.device)
+    tail[:counts.numel() - whole * BLOCK] = counts[whole * BLOCK:]
+    return counts[:whole * BLOCK].view(whole, BLOCK), blocks < whole, tail
+
+
 def block_counts(counts: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The counts of ``blocks`` as ``[len(blocks), BLOCK]`` (int64), zeros past the end of ``counts``."""
-    at = blocks.reshape(-1, 1) * BLOCK + torch.arange(BLOCK)
-    inside = at < counts.numel()
-    return torch.where(inside, counts[at.clamp(max=max(counts.numel() - 1, 0))].long(), 0)
+    """The counts of ``blocks`` as ``[len(blocks), BLOCK]`` (uint8, as stored), zeros past the end of ``counts``."""
+    full, whole, tail = _split(counts, blocks)
+    if bool(whole.all()):
+        return full[blocks]
+    out = tail.expand(blocks.numel(), BLOCK).clone()
+    out[whole] = full[blocks[whole]]
+    return out
 
 
 def set_block_counts(counts: torch.Tensor, blocks: torch.Tensor, values: torch.Tensor) -> None:
     """Write ``values [len(blocks), BLOCK]`` as the counts of ``blocks`` (what lies past the end is dropped)."""
-    at = blocks.reshape(-1, 1) * BLOCK + torch.arange(BLOCK)
-    inside = at < counts.numel()
-    counts[at[inside]] = values[inside].to(counts.dtype)
+    full, whole, _ = _split(counts, blocks)
+    full[blocks[whole]] = values[whole].to(counts.dtype)
+    if not bool(whole.all()):
+        start = full.shape[0] * BLOCK
+        counts[start:] = values[~whole][-1, :counts.numel() - start].to(counts.dtype)
 
 
 def block_totals(counts: torch.Tensor) -> torch.Tensor:
     """Stored chunks of every block (int64 ``[blocks]``)."""
-    blocks = (counts.numel() + BLOCK - 1) // BLOCK
-    padded = torch.zeros(blocks * BLOCK, dtype=torch.int64)
-    padded[:counts.numel()] = counts
-    return padded.view(blocks, BLOCK).sum(1)
+    whole = counts.numel() // BLOCK
+    totals = counts[:whole * BLOCK].view(whole, BLOCK).sum(1, dtype=torch.int64)
+    if counts.numel() > whole * BLOCK:
+        totals = torch.cat([totals, counts[whole * BLOCK:].sum(dtype=torch.int64).reshape(1)])
+    return totals
 
 
 def packed_bases(counts: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ block of 64 rows:
     chunks of r = pool[slot(r) : slot(r) + count[r]]
 
 * ``pool``: Parameter ``[capacity, chunk_size]`` (the payload); a row's stored values are one contiguous run.
-* ``counts``: uint8 per row (padded to whole 8-byte words; a block's counts are one 64-byte cache line), ``base``:
+* ``counts``: uint8 per row (padded to whole 8-byte words; a block's counts are 64 contiguous bytes), ``base``:
   int64 per block (``row_index.py``). That is the whole index: 1.125 bytes a row, where a per-chunk hash index costs 8 bytes a stored chunk
   (so at ``chunk_size: 4`` and a 10% budget the index is 4.4% of the payload instead of 50%).
 * A block's chunks form one extent ``[base, base + sum of its counts)``; extents never overlap. ``top``: slots in
@@ -49,7 +49,8 @@ def index_from_blocks_of_8(state_dict: dict, prefix: str, num_rows: int) -> dict
     per-slot state saved beside such a store is not permuted: resume it with a fused optimizer, or export it."""
     counts, base = state_dict.get(prefix + "counts"), state_dict.get(prefix + "base")
     pool = state_dict.get(prefix + "pool")
-    if counts is None or base is None or pool is None or base.numel() == 0 or counts.numel() != base.numel() * 8:
+    if counts is None or base is None or pool is None or base.numel() == 0 or counts.numel() != base.numel() * 8 \
+            or (counts.numel(), base.numel()) == index_shapes(num_rows):   # up to 8 rows both layouts are one
         return state_dict
     rows = torch.nonzero(counts[:num_rows]).flatten()
     block = counts.view(-1, 8)[rows // 8]
@@ -261,14 +262,14 @@ class ChunkStore(nn.Module):
 
     def _block_chunk_slots(self, blocks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Slots of every chunk of ``blocks`` (in block then row order) given their rows' ``counts [k, BLOCK]``."""
-        totals = counts.sum(1)
+        totals = counts.sum(1, dtype=torch.int64)
         start = torch.repeat_interleave(self.base[blocks] - (torch.cumsum(totals, 0) - totals), totals)
         return start + torch.arange(int(totals.sum()))
 
     def _pack_blocks(self, blocks: torch.Tensor, src: torch.Tensor) -> None:
         """Move ``blocks`` (in pool order), whose live chunks sit at ascending slots ``src``, to the front of the
         pool in place (destinations never pass sources) and rebase them on their current counts."""
-        totals = block_counts(self.counts, blocks).sum(1)
+        totals = block_totals(self.counts)[blocks]
         self.base[blocks] = torch.cumsum(totals, 0) - totals
         dst = torch.arange(src.numel())
         moved = src != dst
@@ -328,14 +329,15 @@ class ChunkStore(nn.Module):
         (packing first if the holes left by earlier moves are at least 1/16 of it). A fixed-capacity store grows
         whole blocks, in the order their first row appears in ``rows``, while their new chunks fit in its free
         slots, and leaves the other rows as they were; when they do not fit above the top, the other blocks are
-        packed below them first.
+        packed below them first (once the holes are at least 1/64 of the pool; before that only blocks that fit
+        above the top grow).
         """
         rows = rows.reshape(-1).long()
         rows = rows[self.row_counts()[rows] < count]
         if rows.numel() == 0:
             return rows
         blocks, inverse = torch.unique(rows // BLOCK, return_inverse=True)
-        cur = block_counts(self.counts, blocks)
+        cur = block_counts(self.counts, blocks).long()
         new = cur.clone()
         new.view(-1)[inverse * BLOCK + rows % BLOCK] = count
         size = new.sum(1)
@@ -344,6 +346,9 @@ class ChunkStore(nn.Module):
         priority = torch.argsort(first, stable=True)
         if self.fixed_capacity:   # a block's old chunks leave holes when it moves: only its new ones need room
             fits = priority[torch.cumsum((size - cur.sum(1))[priority], 0) <= self.capacity - self.live]
+            if int(self.top) + int(size[fits].sum()) > self.capacity and \
+                    int(self.top) - self.live < max(self.capacity // 64, 1):   # too few holes to be worth a pack
+                fits = priority[torch.cumsum(size[priority], 0) <= self.capacity - int(self.top)]
         else:
             needed = int(size.sum())
             holes = int(self.top) - self.live

@@ -15,8 +15,8 @@ constexpr int64_t kBlock = 64;  // rows a block: one int64 base a block, one uin
 constexpr int kBlockShift = 6;
 
 // Chunks stored by the k < 64 rows before row k of a block (the sum of the block's first k count bytes). With
-// AVX-512: one masked 64-byte load (the block's counts are one aligned cache line) and a sum of absolute
-// differences; otherwise 16-bit lanes over its 8-byte words.
+// AVX-512: one masked 64-byte load (unaligned allowed; only the k bytes below the row are read) and a sum of
+// absolute differences; otherwise 16-bit lanes over its 8-byte words (the counts are whole words).
 inline int64_t counts_before(const uint8_t* block, int k) {
 #if defined(__AVX512BW__) && defined(__BMI2__)
   const __m512i v = _mm512_maskz_loadu_epi8(_cvtu64_mask64(_bzhi_u64(~uint64_t(0), unsigned(k))), block);

@@ -171,7 +171,7 @@ void pool_any(const Table& T, const BagView& in, bool mean, float* outp) {
 }  // namespace
 
 // values: float32 [slots, cs] (bits 32), or codes uint8 [slots, cs * bits / 8] and scales float16 [slots] (bits 8
-// or 4); counts: uint8 [blocks * 64], one a row; base: int64 [blocks], the slot of each block's first chunk
+// or 4); counts: uint8, one a row (rows rounded up to 8); base: int64, the slot of each 64-row block's first chunk
 // (layout.h); cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
 // per_sample_weights, mode (0 sum, 1 mean) and include_last_offset as nn.EmbeddingBag. Returns [bags, dim] float32.
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,

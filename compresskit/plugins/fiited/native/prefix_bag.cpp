@@ -553,6 +553,8 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
 // Slot of the first chunk and the chunk count of every row in `rows` (int64 [n, 2]).
 at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, const at::Tensor& rows,
                             int64_t num_rows) {
+  check_counts_base(counts, base, num_rows);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows: contiguous int64");
   const Layout L{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), 0, 0, num_rows};
   const int64_t n = rows.numel();
   const int64_t* rp = rows.data_ptr<int64_t>();
