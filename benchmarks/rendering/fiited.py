@@ -440,7 +440,8 @@ def fiited_speed_findings() -> str:
                     for c in rss)
         + f" (VmHWM of the child process, target under {load('fiited_rss')['target_peak_rss_bytes'] / 1e9:.0f} GB) "
         f"for a model whose dense tables take {rss[0]['dense_bytes'] / 2**30:.2f} GiB; "
-        f"{rss[0]['pruning_rounds']} table rounds over the run keep the pools admitting rows, and "
+        f"{rss[0]['pruning_rounds']} pruning rounds (each prunes every pool fuller than 90%) keep the pools "
+        f"admitting rows, and "
         f"{rss[0]['late_share_with_chunks']:.1%} of the {rss[0]['late_rows']:,} rows first seen in the second half "
         f"of training end up with chunks; "
         + ", ".join(f"{c['steps_per_second']:.2f} steps/s at {c['threads']} thread{'s' * (c['threads'] > 1)}"

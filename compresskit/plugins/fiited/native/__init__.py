@@ -4,7 +4,9 @@ Compiling at first use (not at ``pip install``) keeps installation free of a tor
 build isolation would satisfy with a different torch. The build goes to ``$COMPRESSKIT_BUILD_DIR`` or
 ``~/.cache/compresskit/``, keyed by the source, the torch version and the CPU, so a later process loads it in
 milliseconds. Without a compiler (or with ``COMPRESSKIT_NATIVE=0``) :func:`kernels` returns ``None`` and the
-pure-torch kernels in ``compresskit.plugins.fiited.kernels`` are used instead.
+pure-torch kernels in ``compresskit.plugins.fiited.kernels`` are used instead. ``COMPRESSKIT_NATIVE=portable``
+builds them without AVX-512 (the portable loops a CPU without it runs; the tests use it to check those loops on
+this machine too).
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 _state: dict[str, ModuleType | None] = {}
 
 
+def _flags() -> list[str]:
+    """The compiler flags: ``-march=native``, without AVX-512 when ``COMPRESSKIT_NATIVE=portable``."""
+    portable = os.environ.get("COMPRESSKIT_NATIVE") == "portable" and platform.machine().lower() in ("x86_64", "amd64")
+    return _FLAGS + (["-mno-avx512f"] if portable else [])
+
+
 def _cpu_signature() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -41,7 +49,7 @@ def build_directory() -> str:
     for path in _SOURCES + _HEADERS:
         with open(path, "rb") as f:
             digest.update(f.read())
-    digest.update(torch.__version__.encode() + _cpu_signature().encode() + " ".join(_FLAGS).encode())
+    digest.update(torch.__version__.encode() + _cpu_signature().encode() + " ".join(_flags()).encode())
     key = digest.hexdigest()[:16]
     root = os.environ.get("COMPRESSKIT_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "compresskit")
     return os.path.join(root, f"prefix_bag-{key}")
@@ -62,8 +70,8 @@ def kernels() -> ModuleType | None:
                 logging.getLogger(__name__).warning(
                     "compresskit: compiling FIITED's C++ kernels into %s (about 30 s with 2 cores; once per source, "
                     "torch version and CPU)", path)
-            module = load(name="compresskit_prefix_bag", sources=_SOURCES, extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                          build_directory=path, verbose=False)
+            module = load(name="compresskit_prefix_bag", sources=_SOURCES, extra_cflags=_flags(),
+                          extra_ldflags=["-fopenmp"], build_directory=path, verbose=False)
         except Exception as e:  # no compiler, no headers, ...: the pure-torch kernels still work
             warnings.warn(f"compresskit: FIITED native kernels unavailable ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); using the pure-torch "

@@ -1,0 +1,36 @@
+"""The native kernels built without AVX-512 (``COMPRESSKIT_NATIVE=portable``): the loops a CPU without AVX-512 runs
+(the index's word-at-a-time count sums, the serving kernel's portable pooling, the training forward's row loop)
+pass the same kernel and serving tests, native against the pure-torch reference, in a subprocess. On a machine
+without AVX-512 the default build is that build already."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compresskit.plugins.fiited import native
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX-512 is an x86 build option")
+def test_kernels_built_without_avx512_pass_the_kernel_and_serving_tests():
+    if native.kernels() is None:
+        pytest.skip("no C++ compiler: the native kernels are not built here")
+    env = dict(os.environ, COMPRESSKIT_NATIVE="portable")
+    probe = subprocess.run(
+        [sys.executable, "-c", "from compresskit.plugins.fiited import native; m = native.kernels(); "
+                               "print(m is not None, native.build_directory())"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    built, where = probe.stdout.split()
+    assert built == "True", probe.stderr[-2000:]
+    assert where != native.build_directory()                  # a build of its own, not the AVX-512 one
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "tests/test_fiited_kernels.py", "tests/test_fiited_serving.py"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
