@@ -427,3 +427,21 @@ def test_the_hashing_family_sizes_sharded_tables_as_one_process(tmp_path):
     assert len(records[0]) == 26 and records[0] == records[1]
     ratios = [json.load(open(tmp_path / name / "report.json"))["stages"][0]["memory_ratio"] for name in ("one", "two")]
     assert ratios[0] == ratios[1] <= 0.2
+
+
+def test_a_sharded_checkpoint_of_the_8_row_index_is_named_not_loaded():
+    """DCP loads in place into today's shapes: a store saved with a base every 8 rows is refused by name, never
+    read with its old bases (which would address the wrong chunks)."""
+    from types import SimpleNamespace
+
+    from compresskit.distributed.checkpoint import older_index_store
+    from compresskit.plugins.fiited import FiitedEmbeddingBag
+
+    current = torch.nn.ModuleDict({"t": FiitedEmbeddingBag(200, 8, 4)}).state_dict()
+    meta = {f"model.{k}": SimpleNamespace(size=torch.Size(v.shape)) for k, v in current.items()}
+    assert older_index_store(meta, current) is None                             # today's layout
+    meta["model.t.store.base"] = SimpleNamespace(size=torch.Size([25]))         # 200 rows in blocks of 8
+    assert older_index_store(meta, current) == "t.store"
+    small = torch.nn.ModuleDict({"t": FiitedEmbeddingBag(5, 8, 4)}).state_dict()   # one block in both layouts
+    assert older_index_store({f"model.{k}": SimpleNamespace(size=torch.Size(v.shape)) for k, v in small.items()},
+                             small) is None

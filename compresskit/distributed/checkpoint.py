@@ -121,12 +121,31 @@ def read_meta(path: str, coll: Collective) -> dict[str, Any]:
     return _unpack(state["meta"])
 
 
+def older_index_store(saved: dict[str, Any], current: dict[str, torch.Tensor]) -> str | None:
+    """The first FIITED store of ``current`` (a model's state dict) that the checkpoint metadata ``saved`` holds in
+    the index of compresskit before 64-row blocks (a base every 8 rows), or None. DCP loads in place into today's
+    shapes, so such a store cannot be converted on a sharded resume (a ``model.pt`` can: ``store.py``)."""
+    for key, tensor in current.items():
+        if not key.endswith("store.base"):
+            continue
+        base, counts = saved.get(f"model.{key}"), saved.get(f"model.{key[:-len('base')]}counts")
+        if base is not None and counts is not None and tuple(base.size) != tuple(tensor.shape) \
+                and len(base.size) == 1 and tuple(counts.size) == (8 * base.size[0],):
+            return key[:-len(".base")]
+    return None
+
+
 def load(path: str, model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], coll: Collective
          ) -> torch.optim.Optimizer:
     """Load this rank's part of the checkpoint at ``path`` into ``model`` (resizing what was pruned) and into a
     fresh optimizer from ``make_optimizer()``, which it returns. Restores this rank's RNG state when saved."""
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     current = model.state_dict()
+    older = older_index_store(saved, current)
+    if older is not None:
+        raise ConfigError("--resume", f"the checkpoint in '{path}' holds '{older}' in the 8-row index of an older "
+                                      f"compresskit, which a sharded resume cannot convert: resume it with the "
+                                      f"compresskit that wrote it, or start a new output.dir")
     resized = {}
     for key, tensor in current.items():
         meta = saved.get(f"model.{key}")
