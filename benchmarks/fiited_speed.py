@@ -50,6 +50,7 @@ from compresskit.models.dlrm import DLRM  # noqa: E402
 import compresskit  # noqa: E402
 from compresskit.plugins.fiited import FiitedEmbeddingBag, kernels  # noqa: E402
 from compresskit.plugins.fiited.plugin import FiitedConfig  # noqa: E402
+from compresskit.plugins.fiited.row_index import index_bytes as row_index_bytes  # noqa: E402
 
 DIM, CHUNK, LR, BATCH = 64, 4, 0.01, 4096
 
@@ -300,7 +301,7 @@ def rss_child(steps: int, batch: int, ratio: float, chunk_size: int, interval: i
     chunks = DIM // chunk_size
     rows_total = sum(KAGGLE_CARDINALITIES)
     dense_bytes = rows_total * DIM * 4
-    index_bytes = sum((c + 7) // 8 * 16 for c in KAGGLE_CARDINALITIES)
+    index_bytes = sum(row_index_bytes(c) for c in KAGGLE_CARDINALITIES)
     budget_chunks = int((ratio * dense_bytes - index_bytes) // (chunk_size * 4))
     small = [c for c in KAGGLE_CARDINALITIES if c * chunks <= 200_000]   # small tables: whole, never pruned out
     big_share = (budget_chunks - sum(small) * chunks) / ((rows_total - sum(small)) * chunks)

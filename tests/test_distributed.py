@@ -429,19 +429,31 @@ def test_the_hashing_family_sizes_sharded_tables_as_one_process(tmp_path):
     assert ratios[0] == ratios[1] <= 0.2
 
 
-def test_a_sharded_checkpoint_of_the_8_row_index_is_named_not_loaded():
+def test_a_sharded_checkpoint_of_the_8_row_index_is_named_not_loaded(tmp_path):
     """DCP loads in place into today's shapes: a store saved with a base every 8 rows is refused by name, never
-    read with its old bases (which would address the wrong chunks)."""
+    read with its old bases (which would address the wrong chunks); every rank decides from the metadata alone."""
     from types import SimpleNamespace
 
-    from compresskit.distributed.checkpoint import older_index_store
+    from compresskit.distributed.checkpoint import load, older_index_store
+    from compresskit.distributed.collective import Collective
+    from compresskit.errors import ConfigError
     from compresskit.plugins.fiited import FiitedEmbeddingBag
 
-    current = torch.nn.ModuleDict({"t": FiitedEmbeddingBag(200, 8, 4)}).state_dict()
-    meta = {f"model.{k}": SimpleNamespace(size=torch.Size(v.shape)) for k, v in current.items()}
-    assert older_index_store(meta, current) is None                             # today's layout
-    meta["model.t.store.base"] = SimpleNamespace(size=torch.Size([25]))         # 200 rows in blocks of 8
-    assert older_index_store(meta, current) == "t.store"
-    small = torch.nn.ModuleDict({"t": FiitedEmbeddingBag(5, 8, 4)}).state_dict()   # one block in both layouts
-    assert older_index_store({f"model.{k}": SimpleNamespace(size=torch.Size(v.shape)) for k, v in small.items()},
-                             small) is None
+    def meta(model):
+        return {f"model.{k}": SimpleNamespace(size=torch.Size(v.shape)) for k, v in model.state_dict().items()}
+
+    model = torch.nn.ModuleDict({"t": FiitedEmbeddingBag(200, 8, 4), "s": FiitedEmbeddingBag(5, 8, 4),
+                                 "e": FiitedEmbeddingBag(64, 8, 4)})
+    assert older_index_store(meta(model)) is None                  # today's layout, small tables included
+    old = meta(model)
+    old["model.t.store.base"] = SimpleNamespace(size=torch.Size([25]))   # 200 rows in blocks of 8
+    assert older_index_store(old) == "t.store"
+    # written through DCP and resumed: one line naming the store
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    state["model"]["t.store.base"] = torch.zeros(25, dtype=torch.int64)
+    dcp.save(state, checkpoint_id=str(tmp_path / "ckpt"), no_dist=True)
+    with pytest.raises(ConfigError, match=r"holds 't\.store' in the 8-row index of an older compresskit"):
+        load(str(tmp_path / "ckpt"), model, lambda: torch.optim.SGD(model.parameters(), lr=0.1),
+             Collective.single())

@@ -121,17 +121,18 @@ def read_meta(path: str, coll: Collective) -> dict[str, Any]:
     return _unpack(state["meta"])
 
 
-def older_index_store(saved: dict[str, Any], current: dict[str, torch.Tensor]) -> str | None:
-    """The first FIITED store of ``current`` (a model's state dict) that the checkpoint metadata ``saved`` holds in
-    the index of compresskit before 64-row blocks (a base every 8 rows), or None. DCP loads in place into today's
-    shapes, so such a store cannot be converted on a sharded resume (a ``model.pt`` can: ``store.py``)."""
-    for key, tensor in current.items():
-        if not key.endswith("store.base"):
+def older_index_store(saved: dict[str, Any]) -> str | None:
+    """The first FIITED store that the checkpoint metadata ``saved`` holds in the index of compresskit before 64-row
+    blocks (a base every 8 rows), or None. Decided from the metadata alone, so every rank decides alike: today's
+    counts are eight times the bases only for tables of up to 8 rows (one base), where both layouts agree. DCP loads
+    in place into today's shapes, so such a store cannot be converted on a sharded resume (a ``model.pt`` can)."""
+    for key, base in saved.items():
+        if not key.endswith(".store.base"):
             continue
-        base, counts = saved.get(f"model.{key}"), saved.get(f"model.{key[:-len('base')]}counts")
-        if base is not None and counts is not None and tuple(base.size) != tuple(tensor.shape) \
-                and len(base.size) == 1 and tuple(counts.size) == (8 * base.size[0],):
-            return key[:-len(".base")]
+        counts = saved.get(key[:-len("base")] + "counts")
+        if counts is not None and len(base.size) == 1 and base.size[0] > 1 and \
+                tuple(counts.size) == (8 * base.size[0],):
+            return key[len("model."):-len(".base")] if key.startswith("model.") else key[:-len(".base")]
     return None
 
 
@@ -141,7 +142,7 @@ def load(path: str, model: nn.Module, make_optimizer: Callable[[], torch.optim.O
     fresh optimizer from ``make_optimizer()``, which it returns. Restores this rank's RNG state when saved."""
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     current = model.state_dict()
-    older = older_index_store(saved, current)
+    older = older_index_store(saved)
     if older is not None:
         raise ConfigError("--resume", f"the checkpoint in '{path}' holds '{older}' in the 8-row index of an older "
                                       f"compresskit, which a sharded resume cannot convert: resume it with the "

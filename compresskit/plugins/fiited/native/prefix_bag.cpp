@@ -575,8 +575,18 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
                       int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
                       int64_t dim);
 
+// whether this build pools in AVX-512 registers (a portable build does not: tests/test_fiited_portable.py)
+bool built_with_avx512() {
+#ifdef FIITED_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
 // the kernels of this file and of packed_bag.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("built_with_avx512", &built_with_avx512, "whether the AVX-512 register loops are compiled in");
   m.def("packed_bag", &packed_bag, "pooled lookup over a packed table (fp32 / int8 / int4 chunks, fp32 cache)");
   m.def("forward", &prefix_bag_forward, "pooled lookup over the prefix-chunk store");
   m.def("backward", &prefix_bag_backward, "gradient (dense/sparse) or fused optimizer update, with utilities");
