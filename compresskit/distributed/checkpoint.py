@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from ..atomic import write_text
 from ..errors import CheckpointError, ConfigError
 from ..integrity import sha256_file
+from ..plugins.fiited.row_index import older_layout
 from .collective import Collective
 
 DIR_NAME = "checkpoint"
@@ -130,8 +131,8 @@ def older_index_store(saved: dict[str, Any]) -> str | None:
         if not key.endswith(".store.base"):
             continue
         counts = saved.get(key[:-len("base")] + "counts")
-        if counts is not None and len(base.size) == 1 and base.size[0] > 1 and \
-                tuple(counts.size) == (8 * base.size[0],):
+        if counts is not None and len(base.size) == 1 and len(counts.size) == 1 and \
+                older_layout(counts.size[0], base.size[0]):
             return key[len("model."):-len(".base")] if key.startswith("model.") else key[:-len(".base")]
     return None
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ...table_types import TableBytes
-from .row_index import index_shapes, packed_bases
+from .row_index import index_shapes, older_layout, packed_bases, padded_counts
 from .packed_op import MODES, PACKED_BAG, cache_index
 from .chunk_codec import STORAGE_BITS, code_bytes
 
@@ -100,14 +100,12 @@ def index_of_64_row_blocks(state_dict: dict, prefix: str, num_rows: int) -> dict
     if old is not None and old.dim() == 2 and old.shape[1] == 2:
         counts = old[:, 1].clone(memory_format=torch.contiguous_format).view(torch.uint8)
     elif state_dict.get(prefix + "base") is not None and state_dict.get(prefix + "counts") is not None and \
-            state_dict[prefix + "counts"].numel() == 8 * state_dict[prefix + "base"].numel() > 0 and \
-            (state_dict[prefix + "counts"].numel(), state_dict[prefix + "base"].numel()) != index_shapes(num_rows):
+            older_layout(state_dict[prefix + "counts"].numel(), state_dict[prefix + "base"].numel()):
         counts = state_dict[prefix + "counts"]
     if counts is None:
         return state_dict
     out = {k: v for k, v in state_dict.items() if k != prefix + "index"}
-    padded = torch.zeros(index_shapes(num_rows)[0], dtype=torch.uint8)
-    padded[:num_rows] = counts[:num_rows]
+    padded = padded_counts(counts, num_rows)
     out[prefix + "counts"], out[prefix + "base"] = padded, packed_bases(padded)
     return out
 

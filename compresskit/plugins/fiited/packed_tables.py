@@ -8,9 +8,9 @@ are laid end to end in one global row space,
     global row = row_offsets[t] + id        (row_offsets: the rows of the tables before t)
 
 with the tables' chunks in that row order, so one index (``row_index.py``) over the whole row space finds every
-table's rows, and one cache bitmap its cached rows (ids shifted the same way). A batch ``sparse [B, F]`` becomes one call of
-``compresskit::packed_bag`` over ``F * B`` single-id bags in feature-major order, whose ``[F * B, dim]`` output is
-viewed as ``F`` tensors ``[B, dim]``: what ``EmbeddingTables`` returns. An id outside its own table's rows raises
+table's rows, and one cache bitmap its cached rows (ids shifted the same way). A batch ``sparse [B, F]`` becomes
+one call of ``compresskit::packed_bag`` over ``F * B`` single-id bags in feature-major order, whose
+``[F * B, dim]`` output is viewed as ``F`` tensors ``[B, dim]``: what ``EmbeddingTables`` returns. An id outside its own table's rows raises
 ``IndexError`` (it never reads the next table's rows): in eager mode with the feature named; in an exported
 program such an id becomes -1, which the op refuses.
 """
@@ -158,8 +158,8 @@ class PackedTables(nn.Module):
             ids, counts, w = feature_major_bags(sparse, weights, values=shifted)
             bag_offsets = torch.cumsum(counts, 0) - counts
         out = PACKED_BAG(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
-                         b["cache_bits"], b["cache_rank"], b["cache_values"], ids, bag_offsets, w, self.bits, self.chunk_size,
-                         MODES["sum"], False, self.num_rows, self.embedding_dim)
+                         b["cache_bits"], b["cache_rank"], b["cache_values"], ids, bag_offsets, w, self.bits,
+                         self.chunk_size, MODES["sum"], False, self.num_rows, self.embedding_dim)
         return list(out.view(features, batch, self.embedding_dim).unbind(0))
 
     def dims(self) -> list[int]:

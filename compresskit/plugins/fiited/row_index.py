@@ -27,6 +27,20 @@ def index_bytes(num_rows: int) -> int:
     return counts + 8 * blocks
 
 
+def older_layout(counts_len: int, base_len: int) -> bool:
+    """Whether an index of these lengths is compresskit's older layout, a base every 8 rows and the counts padded
+    to whole 8-row blocks. Today's counts are eight times the bases only for tables of up to 8 rows (one base),
+    where the two layouts are the same."""
+    return base_len > 1 and counts_len == 8 * base_len
+
+
+def padded_counts(counts: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The first ``num_rows`` of ``counts`` (uint8) in a ``counts`` tensor of today's length."""
+    out = torch.zeros(index_shapes(num_rows)[0], dtype=torch.uint8)
+    out[:num_rows] = counts[:num_rows]
+    return out
+
+
 def _split(counts: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the whole blocks of ``counts`` as ``[n, BLOCK]``, which of ``blocks`` are whole, the last partial block
     zero-padded to ``[BLOCK]``)."""

@@ -9,8 +9,9 @@ block of 64 rows:
 
 * ``pool``: Parameter ``[capacity, chunk_size]`` (the payload); a row's stored values are one contiguous run.
 * ``counts``: uint8 per row (padded to whole 8-byte words; a block's counts are 64 contiguous bytes), ``base``:
-  int64 per block (``row_index.py``). That is the whole index: 1.125 bytes a row, where a per-chunk hash index costs 8 bytes a stored chunk
-  (so at ``chunk_size: 4`` and a 10% budget the index is 4.4% of the payload instead of 50%).
+  int64 per block (``row_index.py``). That is the whole index: 1.125 bytes a row, where a per-chunk hash index
+  costs 8 bytes a stored chunk (so at ``chunk_size: 4`` and a 10% budget the index is 4.4% of the payload instead
+  of 50%).
 * A block's chunks form one extent ``[base, base + sum of its counts)``; extents never overlap. ``top``: slots in
   use from the front of the pool (live chunks plus holes left by relocated blocks).
 
@@ -35,7 +36,8 @@ from torch import nn
 from ...params import swap_parameter
 from ...table_types import TableBytes
 from .kernels import expand_runs, row_slots
-from .row_index import BLOCK, block_counts, block_totals, index_shapes, packed_bases, set_block_counts
+from .row_index import (BLOCK, block_counts, block_totals, index_shapes, older_layout, packed_bases,
+                        padded_counts, set_block_counts)
 from .chunk_codec import STORAGE_BITS, code_bytes, dequantize, quantize
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
@@ -49,8 +51,7 @@ def index_from_blocks_of_8(state_dict: dict, prefix: str, num_rows: int) -> dict
     per-slot state saved beside such a store is not permuted: resume it with a fused optimizer, or export it."""
     counts, base = state_dict.get(prefix + "counts"), state_dict.get(prefix + "base")
     pool = state_dict.get(prefix + "pool")
-    if counts is None or base is None or pool is None or base.numel() == 0 or counts.numel() != base.numel() * 8 \
-            or (counts.numel(), base.numel()) == index_shapes(num_rows):   # up to 8 rows both layouts are one
+    if counts is None or base is None or pool is None or not older_layout(counts.numel(), base.numel()):
         return state_dict
     rows = torch.nonzero(counts[:num_rows]).flatten()
     block = counts.view(-1, 8)[rows // 8]
@@ -65,8 +66,7 @@ def index_from_blocks_of_8(state_dict: dict, prefix: str, num_rows: int) -> dict
             fresh = torch.zeros_like(value)
             fresh[:src.numel()] = value[src]
             out[key] = fresh
-    new_counts = torch.zeros(index_shapes(num_rows)[0], dtype=torch.uint8)
-    new_counts[:num_rows] = counts[:num_rows]
+    new_counts = padded_counts(counts, num_rows)
     out[prefix + "counts"], out[prefix + "base"] = new_counts, packed_bases(new_counts)
     out[prefix + "top"] = torch.tensor(src.numel(), dtype=torch.int64)
     return out

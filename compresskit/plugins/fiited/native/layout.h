@@ -77,7 +77,8 @@ inline void check_codes(const at::Tensor& codes, const at::Tensor& scales, int64
 
 // counts: whole 8-byte words covering num_rows (the portable counts_before reads words), base: one a block of counts
 inline bool counts_base_cover(const at::Tensor& counts, const at::Tensor& base, int64_t num_rows) {
-  return counts.numel() % 8 == 0 && base.numel() == (counts.numel() + kBlock - 1) / kBlock && num_rows <= counts.numel();
+  return counts.numel() % 8 == 0 && base.numel() == (counts.numel() + kBlock - 1) / kBlock &&
+         num_rows <= counts.numel();
 }
 
 inline void check_counts_base(const at::Tensor& counts, const at::Tensor& base, int64_t num_rows) {
