@@ -1,7 +1,7 @@
 """The native kernels built without AVX-512 (``COMPRESSKIT_NATIVE=portable``): the loops a CPU without AVX-512 runs
 (the index's word-at-a-time count sums, the serving kernel's portable pooling, the training forward's row loop)
-pass the same kernel and serving tests, native against the pure-torch reference, in a subprocess. On a machine
-without AVX-512 the default build is that build already."""
+pass the same kernel, serving and row-wise-scale tests, native against the pure-torch reference, in a subprocess.
+On a machine without AVX-512 the default build is that build already."""
 from __future__ import annotations
 
 import os
@@ -39,7 +39,8 @@ def test_kernels_built_without_avx512_pass_the_kernel_and_serving_tests():
     if {"avx512f", "avx512bw", "avx512vl", "f16c"} <= set(flags):  # this CPU's default build takes the AVX-512 loops
         assert native.kernels().built_with_avx512()
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider",
-                          "tests/test_fiited_kernels.py", "tests/test_fiited_serving.py"],
+                          "tests/test_fiited_kernels.py", "tests/test_fiited_serving.py",
+                          "tests/test_fiited_row_scales.py"],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout

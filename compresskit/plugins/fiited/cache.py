@@ -61,16 +61,18 @@ class HotRowCache(nn.Module):
 
     def write_back(self, store, positions: torch.Tensor) -> None:
         """Store the cached rows at ``positions`` into ``store`` (round to nearest)."""
-        at, chunk, slots = expand_runs(*store.row_slots(self.ids[positions]))
+        rows = self.ids[positions]
+        at, chunk, slots = expand_runs(*store.row_slots(rows))
         if slots.numel():
-            store.write(slots, self.values[positions].view(positions.numel(), -1, store.chunk_size)[at, chunk])
+            store.write(slots, self.values[positions].view(positions.numel(), -1, store.chunk_size)[at, chunk],
+                        rows=rows[at])
 
     def _load(self, store, rows: torch.Tensor) -> torch.Tensor:
         """FP32 rows ``[len(rows), dim]`` read from the store (missing chunks as zeros)."""
         out = torch.zeros(rows.numel(), self.dim // store.chunk_size, store.chunk_size)
         at, chunk, slots = expand_runs(*store.row_slots(rows))
         if slots.numel():
-            out[at, chunk] = store.read(slots)
+            out[at, chunk] = store.read(slots, rows[at])
         return out.view(rows.numel(), self.dim)
 
     def refresh(self, store) -> dict[str, int]:

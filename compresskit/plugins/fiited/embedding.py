@@ -192,8 +192,9 @@ class FiitedEmbeddingBag(nn.Module):
         self.store.pool.requires_grad_(False)
 
     def set_precision(self, storage: str, cache_rows: float = 0.0, rounding: str = "stochastic",
-                      seed: int = 0) -> None:
-        """Store the chunks as ``'int8'`` / ``'int4'`` codes with an FP16 scale a chunk, and serve the
+                      seed: int = 0, scales: str = "chunk") -> None:
+        """Store the chunks as ``'int8'`` / ``'int4'`` codes with an FP16 scale a chunk (``scales='row'``: an FP16
+        scale and offset a row, FBGEMM's row-wise layout; ``chunk_codec.py``), and serve the
         ``cache_rows`` fraction of rows most accessed in training from an FP32 cache (``cache.py``, refreshed by
         :meth:`refresh_cache`). Training updates cached rows in FP32 and re-quantizes the others with ``rounding``
         (``quantized_training.py`` says why stochastic is the default). Needs a fused optimizer (:meth:`set_optimizer`)."""
@@ -204,7 +205,7 @@ class FiitedEmbeddingBag(nn.Module):
             raise ValueError(f"rounding must be one of {', '.join(ROUNDING)}, got {rounding!r}")
         if not 0.0 <= cache_rows <= 1.0:
             raise ValueError(f"cache_rows must be a fraction of the rows in [0, 1], got {cache_rows}")
-        self.store.set_storage(storage)
+        self.store.set_storage(storage, scales)
         self.rounding = rounding
         self._rounding_gen.manual_seed(seed)
         rows = int(round(cache_rows * self.num_embeddings))

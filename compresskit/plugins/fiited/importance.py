@@ -33,7 +33,8 @@ def chunk_weight_norms(module: FiitedEmbeddingBag, rows: torch.Tensor, slots: to
     """``[len(rows), num_chunks]`` norms of the chunks at ``slots`` (``rows``' chunk grid, flattened) as the model
     serves them: a row in the FP32 hot-row cache from the cache, whose values are the master copy (its codes in the
     store are stale until the row leaves the cache)."""
-    norms = module.store.read(slots).norm(dim=1).view(rows.numel(), module.num_chunks)
+    norms = module.store.read(slots, rows.repeat_interleave(module.num_chunks)).norm(dim=1).view(
+        rows.numel(), module.num_chunks)
     cache = getattr(module, "cache", None)
     if cache is not None:
         hit, pos = cache.positions(rows)

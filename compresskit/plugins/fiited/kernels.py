@@ -131,7 +131,8 @@ def native_cache(cache, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_size: int, counts: torch.Tensor,
                  base: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
                  mean: bool, dim: int, num_rows: int, cache=None) -> torch.Tensor:
-    """:func:`bag_forward` over quantized chunks (``chunk_codec.py``'s codes and FP16 scales), dequantized as they are
+    """:func:`bag_forward` over quantized chunks (``chunk_codec.py``'s codes and FP16 scales, one a chunk or a
+    ``[rows, 2]`` (scale, offset) a row), dequantized as they are
     pooled; rows of ``cache`` (a :class:`~.cache.HotRowCache`) are read from its FP32 values instead."""
     cached = cache is not None and cache.ids.numel() > 0
     k = native_kernels()
@@ -151,7 +152,8 @@ def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_siz
     if codes.shape[0] == 0:
         vec = torch.zeros(n, c, cs)
     else:
-        vec = dequantize(codes[slots], scales[slots], bits).view(n, c, cs)
+        per_chunk = scales[ids].repeat_interleave(c, 0) if scales.dim() == 2 else scales[slots]   # row-wise: by row
+        vec = dequantize(codes[slots], per_chunk, bits).view(n, c, cs)
     vec = (vec * valid[:, :, None]).reshape(n, dim)
     if cached:
         hit, pos = cache.positions(ids)

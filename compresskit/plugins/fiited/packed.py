@@ -5,7 +5,8 @@ training stored it:
 
     values [live_chunks, chunk_size] float32          (storage 'fp32')
     codes  [live_chunks, chunk_size * bits / 8] uint8 (storage 'int8' / 'int4', ``chunk_codec.py``'s layout)
-    scales [live_chunks] float16                      (one a chunk)
+    scales [live_chunks] float16                      (one a chunk; or, with scales='row', [rows, 2]: one scale
+                                                       and offset a row, FBGEMM's row-wise layout)
     counts [rows, rounded up to 8] uint8              one a row: its stored chunks
     base   [ceil(rows / 64)] int64                    per block of 64 rows: the slot of its first chunk
 
@@ -35,13 +36,13 @@ from torch import nn
 from ...table_types import TableBytes
 from .row_index import index_shapes, older_layout, packed_bases, padded_counts
 from .packed_op import MODES, PACKED_BAG, cache_index
-from .chunk_codec import STORAGE_BITS, code_bytes
+from .chunk_codec import SCALES, STORAGE_BITS, code_bytes
 
 STORAGES = ("fp32", *STORAGE_BITS)
 
 
 def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_size: int, live_chunks: int,
-                            storage: str, cached_rows: int) -> None:
+                            storage: str, cached_rows: int, scales: str = "chunk") -> None:
     """Check the packed layout's shape arguments (ValueError naming the one out of range) and register its buffers
     (module docstring) on ``module``, zero-filled. The tensors the other storage has are empty and not saved: the
     state dict holds what is served."""
@@ -51,6 +52,9 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
         raise ValueError(f"live_chunks must be in [0, {num_rows * (dim // chunk_size)}], got {live_chunks}")
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if scales not in SCALES or (scales == "row" and storage == "fp32"):
+        raise ValueError(f"scales must be 'chunk', or 'row' with int8 / int4 storage, got {scales!r} with storage "
+                         f"'{storage}'")
     if not 0 <= cached_rows <= (num_rows if storage != "fp32" else 0):
         raise ValueError(f"cached_rows must be in [0, {num_rows if storage != 'fp32' else 0}] with storage "
                          f"'{storage}', got {cached_rows}")
@@ -61,8 +65,8 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
                            persistent=not quantized)
     module.register_buffer("codes", torch.zeros(live_chunks if quantized else 0, width, dtype=torch.uint8),
                            persistent=quantized)
-    module.register_buffer("scales", torch.zeros(live_chunks if quantized else 0, dtype=torch.float16),
-                           persistent=quantized)
+    module.register_buffer("scales", torch.zeros(num_rows, 2, dtype=torch.float16) if scales == "row" else
+                           torch.zeros(live_chunks if quantized else 0, dtype=torch.float16), persistent=quantized)
     module.register_buffer("counts", torch.zeros(rows, dtype=torch.uint8))
     module.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
     cached = cached_rows > 0
@@ -119,6 +123,8 @@ class PackedEmbeddingBag(nn.Module):
         live_chunks: chunks stored.
         storage: ``'fp32'``, ``'int8'`` or ``'int4'``.
         cached_rows: rows of the FP32 hot-row cache (quantized storage only).
+        scales: ``'chunk'`` (an FP16 scale a chunk) or ``'row'`` (an FP16 scale and offset a row), quantized
+            storage only.
         dtype: of ``values``; float32 (kept for specs written before ``storage`` existed).
 
     Build one from a trained table with :meth:`FiitedEmbeddingBag.to_packed`; the constructor alone gives an
@@ -129,17 +135,23 @@ class PackedEmbeddingBag(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int, live_chunks: int,
                  mode: str = "sum", include_last_offset: bool = False, dtype: torch.dtype = torch.float32,
-                 storage: str = "fp32", cached_rows: int = 0) -> None:
+                 storage: str = "fp32", cached_rows: int = 0, scales: str = "chunk") -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be 'sum' or 'mean', got '{mode}'")
         if dtype != torch.float32:
             raise ValueError(f"dtype must be float32, got {dtype}")
-        register_packed_buffers(self, num_embeddings, embedding_dim, chunk_size, live_chunks, storage, cached_rows)
+        register_packed_buffers(self, num_embeddings, embedding_dim, chunk_size, live_chunks, storage, cached_rows,
+                                scales)
         self.num_embeddings, self.embedding_dim, self.chunk_size = num_embeddings, embedding_dim, chunk_size
         self.num_chunks = embedding_dim // chunk_size
         self.mode, self.include_last_offset = mode, include_last_offset
         self.storage, self.bits = storage, STORAGE_BITS.get(storage, 32)
+
+    @property
+    def scale_layout(self) -> str:
+        """``'row'`` (an FP16 scale and offset a row) or ``'chunk'`` (a scale a chunk, or no scales: FP32)."""
+        return "row" if self.scales.dim() == 2 else "chunk"
 
     @property
     def live_chunks(self) -> int:
@@ -155,12 +167,13 @@ class PackedEmbeddingBag(nn.Module):
         storage = {bits: name for name, bits in STORAGE_BITS.items()}.get(store.bits, "fp32")
         cached = cache.ids.numel() if cache is not None and storage != "fp32" else 0
         packed = cls(store.num_rows, store.num_chunks * store.chunk_size, store.chunk_size, slots.numel(),
-                     mode=mode, include_last_offset=include_last_offset, storage=storage, cached_rows=cached)
+                     mode=mode, include_last_offset=include_last_offset, storage=storage, cached_rows=cached,
+                     scales="row" if store.row_scales else "chunk")
         if storage == "fp32":
             packed.values.copy_(store.read(slots))
         else:
             packed.codes.copy_(store.codes[slots])
-            packed.scales.copy_(store.scales[slots])
+            packed.scales.copy_(store.scales if store.row_scales else store.scales[slots])
         packed.counts.copy_(store.counts)
         packed.base.copy_(packed_bases(store.counts))
         if cached:
@@ -176,6 +189,8 @@ class PackedEmbeddingBag(nn.Module):
         args = {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "chunk_size": self.chunk_size, "live_chunks": self.live_chunks, "storage": self.storage,
                 "cached_rows": int(self.cache_ids.shape[0])}
+        if self.scale_layout == "row":      # only then: specs written before row-wise scales stay as they were
+            args["scales"] = "row"
         if self.bag:
             args.update(mode=self.mode, include_last_offset=self.include_last_offset)
         return args
@@ -246,9 +261,10 @@ class PackedEmbedding(PackedEmbeddingBag):
     bag = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int, live_chunks: int,
-                 dtype: torch.dtype = torch.float32, storage: str = "fp32", cached_rows: int = 0) -> None:
+                 dtype: torch.dtype = torch.float32, storage: str = "fp32", cached_rows: int = 0,
+                 scales: str = "chunk") -> None:
         super().__init__(num_embeddings, embedding_dim, chunk_size, live_chunks, dtype=dtype, storage=storage,
-                         cached_rows=cached_rows)
+                         cached_rows=cached_rows, scales=scales)
 
     @classmethod
     def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False,
@@ -257,7 +273,7 @@ class PackedEmbedding(PackedEmbeddingBag):
         ``include_last_offset`` are ignored (an ``nn.Embedding`` has neither)."""
         packed = PackedEmbeddingBag.from_store(store, cache=cache)
         out = cls(packed.num_embeddings, packed.embedding_dim, packed.chunk_size, packed.live_chunks,
-                  storage=packed.storage, cached_rows=int(packed.cache_ids.shape[0]))
+                  storage=packed.storage, cached_rows=int(packed.cache_ids.shape[0]), scales=packed.scale_layout)
         out.load_state_dict(packed.state_dict())
         return out
 

@@ -6,7 +6,7 @@ implementation gives ``torch.export`` the output shape, ``[bags, dim]`` float32.
 must have imported this module (``import compresskit.plugins.fiited``; ``compresskit.export.load_program`` does).
 
 Arguments: ``values`` (float32 ``[slots, chunk_size]``, ``bits`` 32) or ``codes`` / ``scales`` (``bits`` 8 or 4,
-``chunk_codec.py``'s layout); ``counts`` (uint8, one a row) and ``base`` (int64, the slot of each block of 64 rows'
+``chunk_codec.py``'s layout: ``scales [slots]``, a scale a chunk, or ``[rows, 2]``, a scale and offset a row); ``counts`` (uint8, one a row) and ``base`` (int64, the slot of each block of 64 rows'
 first chunk): the store's index (``row_index.py``);
 the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` /
 ``cache_rank`` of ``cache.py``; empty tensors when there is none); then ``nn.EmbeddingBag``'s ``input``,
@@ -96,7 +96,9 @@ def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torc
     elif bits == 32:
         vec = values.index_select(0, slots).view(-1, c, cs)
     else:
-        vec = dequantize(codes.index_select(0, slots), scales.index_select(0, slots), bits).view(-1, c, cs)
+        per_chunk = scales.index_select(0, ids).repeat_interleave(c, 0) if scales.dim() == 2 else \
+            scales.index_select(0, slots)      # row-wise (scale, offset) pairs are indexed by row
+        vec = dequantize(codes.index_select(0, slots), per_chunk, bits).view(-1, c, cs)
     vec = (vec * kept[:, :, None]).reshape(-1, dim)
     if cache_ids.numel():
         pos = torch.searchsorted(cache_ids, ids).clamp(max=cache_ids.numel() - 1)

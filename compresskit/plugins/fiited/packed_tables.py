@@ -36,7 +36,8 @@ class PackedTables(nn.Module):
 
     Args:
         rows: each table's ``num_embeddings`` (table ``t`` answers feature ``t``).
-        embedding_dim, chunk_size, storage: shared by every table (``'fp32'``, ``'int8'`` or ``'int4'``).
+        embedding_dim, chunk_size, storage, scales: shared by every table (``'fp32'``, ``'int8'`` or ``'int4'``;
+            ``'chunk'`` or ``'row'``: ``PackedEmbeddingBag``'s).
         live_chunks: chunks stored over all tables.
         cached_rows: FP32 hot rows over all tables (quantized storage only).
 
@@ -46,13 +47,14 @@ class PackedTables(nn.Module):
     """
 
     def __init__(self, rows: list[int], embedding_dim: int, chunk_size: int, live_chunks: int,
-                 storage: str = "fp32", cached_rows: int = 0) -> None:
+                 storage: str = "fp32", cached_rows: int = 0, scales: str = "chunk") -> None:
         super().__init__()
         if not rows or any(int(r) < 1 for r in rows):
             raise ValueError(f"rows must list at least one table of at least one row, got {rows}")
         self.rows = [int(r) for r in rows]
         self.num_rows = sum(self.rows)
-        register_packed_buffers(self, self.num_rows, embedding_dim, chunk_size, live_chunks, storage, cached_rows)
+        register_packed_buffers(self, self.num_rows, embedding_dim, chunk_size, live_chunks, storage, cached_rows,
+                                scales)
         self.embedding_dim, self.chunk_size, self.storage = embedding_dim, chunk_size, storage
         self.bits = STORAGE_BITS.get(storage, 32)
         starts = [0]
@@ -65,21 +67,23 @@ class PackedTables(nn.Module):
     def batched(cls, tables: list[nn.Module]) -> "PackedTables | None":
         """One module serving ``tables`` (the packed forms of a collection's tables, in feature order), or None
         when they cannot share one store: not all :class:`PackedEmbeddingBag` (bag form) without
-        ``include_last_offset``, or different dims, chunk sizes or storage. Mode does not matter: a bag of one id
-        has the same sum and mean."""
+        ``include_last_offset``, or different dims, chunk sizes, storage or scale layouts. Mode does not matter: a
+        bag of one id has the same sum and mean."""
         first = tables[0] if tables else None
         if first is None or any(type(t) is not PackedEmbeddingBag or t.include_last_offset or
-                                (t.embedding_dim, t.chunk_size, t.storage) !=
-                                (first.embedding_dim, first.chunk_size, first.storage) for t in tables):
+                                (t.embedding_dim, t.chunk_size, t.storage, t.scale_layout) !=
+                                (first.embedding_dim, first.chunk_size, first.storage, first.scale_layout)
+                                for t in tables):
             return None
         out = cls([t.num_embeddings for t in tables], first.embedding_dim, first.chunk_size,
-                  sum(t.live_chunks for t in tables), first.storage, sum(int(t.cache_ids.numel()) for t in tables))
+                  sum(t.live_chunks for t in tables), first.storage, sum(int(t.cache_ids.numel()) for t in tables),
+                  first.scale_layout)
         values, codes, scales, cache_ids, cache_values = [], [], [], [], []
         for t, start in zip(tables, out.row_offsets.tolist()):
             out.counts[start:start + t.num_embeddings] = t.counts[:t.num_embeddings]
             values.append(t.values)
             codes.append(t.codes)
-            scales.append(t.scales)
+            scales.append(t.scales[:t.num_embeddings] if t.scale_layout == "row" else t.scales)
             cache_ids.append(t.cache_ids + start)
             cache_values.append(t.cache_values)
         out.base.copy_(packed_bases(out.counts))
@@ -102,7 +106,8 @@ class PackedTables(nn.Module):
         """Constructor arguments (JSON-serialisable) that rebuild this module's shapes (the packed spec)."""
         return {"rows": list(self.rows), "embedding_dim": self.embedding_dim, "chunk_size": self.chunk_size,
                 "live_chunks": int((self.values if self.storage == "fp32" else self.codes).shape[0]),
-                "storage": self.storage, "cached_rows": int(self.cache_ids.shape[0])}
+                "storage": self.storage, "cached_rows": int(self.cache_ids.shape[0]),
+                **({"scales": "row"} if self.scales.dim() == 2 else {})}
 
     @classmethod
     def from_record(cls, model: nn.Module, name: str, args: dict[str, Any]) -> "PackedTables":

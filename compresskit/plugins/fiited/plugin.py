@@ -34,13 +34,16 @@ class PrecisionConfig:
     """``precision`` of a ``fiited`` stage: how the kept chunks are stored (docs/fiited.md#mixed-precision-chunks)."""
 
     storage: Literal["fp32", "int8", "int4"] = option(
-        "fp32", help="chunk values: fp32, or int8 / int4 codes with one fp16 scale a chunk")
+        "fp32", help="chunk values: fp32, or int8 / int4 codes (fp16 scales a chunk or a row: scales)")
     cache_rows: float = option(0.0, help="int8/int4: fraction of each table's rows, the most accessed, served and "
                                          "trained in an fp32 cache (0 = none, the byte-optimal setting on every "
                                          "dataset measured; docs/fiited.md#mixed-precision-chunks)", min=0, max=1)
     rounding: Literal["stochastic", "nearest"] = option(
         "stochastic", help="int8/int4: rounding of the uncached rows' updated values (stochastic keeps updates "
                            "smaller than a quantization step)")
+    scales: Literal["chunk", "row"] = option(
+        "chunk", help="int8/int4: one fp16 scale a chunk (2 bytes a stored chunk), or one fp16 scale and offset a "
+                      "row (4 bytes a row, FBGEMM's row-wise layout: smaller when rows keep more than two chunks)")
     refresh_interval: Optional[int] = option(None, help="steps between cache refreshes (default: interval)",
                                              min=1)
 
@@ -187,7 +190,8 @@ class FiitedPlugin(Plugin):
             if quantized and not m.store.quantized:
                 try:
                     m.set_precision(cfg.precision.storage, cfg.precision.cache_rows, cfg.precision.rounding,
-                                    seed=self._table_index(mod_name) if coll.distributed else index)
+                                    seed=self._table_index(mod_name) if coll.distributed else index,
+                                    scales=cfg.precision.scales)
                 except ValueError as e:
                     raise self.error("precision", f"{mod_name}: {e}") from None
             m.sparse = m.sparse or cfg.sparse_grad

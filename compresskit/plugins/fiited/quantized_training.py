@@ -82,6 +82,6 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
         cold = torch.nonzero(~hit).flatten()
         if cold.numel():
             s = slots[cold]
-            new = optimizer_step(store.read(s), grads[cold], module.optimizer, module.lr, module.eps, state, s,
-                                 row_of[cold])
-            store.write(s, new, module.rounding, module._rounding_gen)
+            new = optimizer_step(store.read(s, row_of[cold]), grads[cold], module.optimizer, module.lr, module.eps,
+                                 state, s, row_of[cold])
+            store.write(s, new, module.rounding, module._rounding_gen, rows=row_of[cold])

@@ -22,9 +22,12 @@ A fixed-capacity store (lazy tables, whose pool is the budget) packs in place an
 Every move of chunks moves the per-slot buffers (utilities, fused-optimizer state) and, when an optimizer is
 attached, its per-slot state with them, so no chunk and no statistic is lost.
 
-Quantized storage (:meth:`set_storage`): the payload becomes two per-slot buffers, ``codes`` (INT8 / packed INT4)
-and ``scales`` (FP16, one a chunk; ``chunk_codec.py``), and ``pool`` keeps its slots but no values (width 0), so every
-move, prune and regrowth above applies to the quantized chunks unchanged. :meth:`read` / :meth:`write` convert.
+Quantized storage (:meth:`set_storage`): the payload becomes the per-slot buffer ``codes`` (INT8 / packed INT4)
+and ``scales``: FP16, one a chunk (a per-slot buffer too), or with ``scales='row'`` one (scale, offset) pair a row
+(``[num_rows, 2]``, FBGEMM's row-wise layout; ``chunk_codec.py``). ``pool`` keeps its slots but no values (width
+0), so every move, prune and regrowth above applies to the quantized chunks unchanged. :meth:`read` / :meth:`write`
+convert; a row-wise write re-quantizes the whole rows it touches (their range may move), and chunks a row gains are
+written as zeros or their initial values, never left as code 0 (which reads as the row's offset).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from ...table_types import TableBytes
 from .kernels import expand_runs, row_slots
 from .row_index import (BLOCK, block_counts, block_totals, index_shapes, older_layout, packed_bases,
                         padded_counts, set_block_counts)
-from .chunk_codec import STORAGE_BITS, code_bytes, dequantize, quantize
+from .chunk_codec import SCALES, STORAGE_BITS, code_bytes, dequantize, quantize, quantize_rows
 
 _MOVE_BATCH = 1 << 20  # chunks moved per batch when packing in place (bounds the temporary memory)
 _ROW_BATCH = 1 << 18   # rows a batch when listing kept chunks (bounds the temporary memory of a pruning round)
@@ -101,42 +104,86 @@ class ChunkStore(nn.Module):
         """Whether the payload is stored as INT8 / INT4 codes with FP16 scales."""
         return self.bits < 32
 
-    def set_storage(self, storage: str) -> None:
-        """Store the payload as ``'int8'`` or ``'int4'`` codes with one FP16 scale a chunk (round to nearest), from
-        now on; the FP32 values are freed. Irreversible; the pool then trains only through a fused update."""
+    @property
+    def row_scales(self) -> bool:
+        """Whether a quantized payload has one (scale, offset) pair a row instead of a scale a chunk."""
+        return self.quantized and self.scales.dim() == 2
+
+    def set_storage(self, storage: str, scales: str = "chunk") -> None:
+        """Store the payload as ``'int8'`` or ``'int4'`` codes with one FP16 scale a chunk (``scales='chunk'``) or
+        one FP16 scale and offset a row (``'row'``), round to nearest, from now on; the FP32 values are freed.
+        Irreversible; the pool then trains only through a fused update."""
         if storage not in STORAGE_BITS:
             raise ValueError(f"storage must be one of {', '.join(STORAGE_BITS)}, got {storage!r}")
+        if scales not in SCALES:
+            raise ValueError(f"scales must be one of {', '.join(SCALES)}, got {scales!r}")
         if self.quantized:
-            if STORAGE_BITS[storage] != self.bits:
-                raise ValueError(f"the store is already {self.bits}-bit")
+            if STORAGE_BITS[storage] != self.bits or (scales == "row") != self.row_scales:
+                raise ValueError(f"the store is already {self.bits}-bit with scales "
+                                 f"'{'row' if self.row_scales else 'chunk'}'")
             return
         bits = STORAGE_BITS[storage]
         width = code_bytes(bits, self.chunk_size)
-        codes, scales = quantize(self.pool.detach(), bits)
+        values = self.pool.detach()
         self.register_slot_buffer("codes", (width,), torch.uint8)
-        self.register_slot_buffer("scales", (), torch.float16)
-        self.codes.copy_(codes)
-        self.scales.copy_(scales)
+        if scales == "row":
+            self.register_buffer("scales", torch.zeros(self.num_rows, 2, dtype=torch.float16))
+        else:
+            self.register_slot_buffer("scales", (), torch.float16)
         self.register_buffer("storage_bits", torch.tensor(bits))
         self.bits = bits
+        rows, _, slots = self.entries()
+        self.write(slots, values[slots], rows=rows)
         self.pool = nn.Parameter(torch.zeros(self.capacity, 0), requires_grad=False)
 
-    def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """Float32 values ``[len(slots), chunk_size]`` of the chunks in ``slots``."""
-        if self.quantized:
-            return dequantize(self.codes[slots], self.scales[slots], self.bits)
-        return self.pool.detach()[slots].float()
+    def slot_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """The row storing each of ``slots`` (live slots)."""
+        rows, _, live = self.entries()
+        owner = torch.full((self.capacity,), -1, dtype=torch.int64)
+        owner[live] = rows
+        out = owner[slots]
+        if bool((out < 0).any()):
+            raise ValueError("slot_rows: a slot holds no stored chunk")
+        return out
+
+    def read(self, slots: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 values ``[len(slots), chunk_size]`` of the chunks in ``slots`` (``rows``: the row of each, which
+        row-wise scales need; found from the index when not given)."""
+        if not self.quantized:
+            return self.pool.detach()[slots].float()
+        if self.row_scales:
+            rows = self.slot_rows(slots) if rows is None else rows
+            return dequantize(self.codes[slots], self.scales[rows], self.bits)
+        return dequantize(self.codes[slots], self.scales[slots], self.bits)
 
     def write(self, slots: torch.Tensor, values: torch.Tensor, rounding: str = "nearest",
-              generator: torch.Generator | None = None) -> None:
-        """Store ``values [len(slots), chunk_size]`` in ``slots`` (quantized with ``rounding`` when the payload is)."""
+              generator: torch.Generator | None = None, rows: torch.Tensor | None = None) -> None:
+        """Store ``values [len(slots), chunk_size]`` in ``slots`` (quantized with ``rounding`` when the payload is).
+        Row-wise scales: ``rows`` (the row of each slot; found from the index when not given) are re-quantized
+        whole, their other chunks kept."""
         with torch.no_grad():
-            if self.quantized:
+            if not self.quantized:
+                self.pool.data[slots] = values.to(self.pool.dtype)
+            elif not self.row_scales:
                 codes, scales = quantize(values, self.bits, rounding, generator)
                 self.codes[slots] = codes
                 self.scales[slots] = scales
-            else:
-                self.pool.data[slots] = values.to(self.pool.dtype)
+            elif slots.numel():
+                rows = self.slot_rows(slots) if rows is None else rows
+                touched = torch.unique(rows)
+                run, _, every = expand_runs(*self.row_slots(touched))
+                full = values.new_empty(every.numel(), self.chunk_size, dtype=torch.float32)
+                order = torch.argsort(every)
+                where = order[torch.searchsorted(every[order], slots)]   # each written slot's place in `every`
+                given = torch.zeros(every.numel(), dtype=torch.bool)
+                given[where] = True
+                full[where] = values.float()
+                rest = torch.nonzero(~given).flatten()
+                if rest.numel():
+                    full[rest] = dequantize(self.codes[every[rest]], self.scales[touched[run[rest]]], self.bits)
+                codes, qparams = quantize_rows(full, run, touched.numel(), self.bits, rounding, generator)
+                self.codes[every] = codes
+                self.scales[touched] = qparams
 
     # ----------------------------------------------------------------------------------------------- layout
     @property
@@ -187,7 +234,7 @@ class ChunkStore(nn.Module):
         out = torch.zeros(self.num_rows * self.num_chunks, self.chunk_size,
                           dtype=torch.float32 if self.quantized else self.pool.dtype)
         rows, chunks, slots = self.entries()
-        out[rows * self.num_chunks + chunks] = self.read(slots).to(out.dtype)
+        out[rows * self.num_chunks + chunks] = self.read(slots, rows).to(out.dtype)
         return out.view(self.num_rows, self.num_chunks * self.chunk_size)
 
     # ----------------------------------------------------------------------------------------------- filling
@@ -206,7 +253,8 @@ class ChunkStore(nn.Module):
                               torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
         values = weight.detach().reshape(total, self.chunk_size)
         if self.quantized:
-            self.write(torch.arange(total), values)
+            self.write(torch.arange(total), values,
+                       rows=torch.arange(self.num_rows).repeat_interleave(self.num_chunks))
         else:                                 # a straight copy: no slot list as large as the table
             with torch.no_grad():
                 self.pool.data[:total].copy_(values)
@@ -388,8 +436,10 @@ class ChunkStore(nn.Module):
                     t.data[dst[is_old]] = values
         fresh = dst[~is_old]
         self._zero_slots(fresh)
-        if init is not None and fresh.numel():
-            self.write(fresh, init(fresh.numel(), self.chunk_size))
+        if (init is not None or self.row_scales) and fresh.numel():
+            owner = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)
+            self.write(fresh, self._initial(fresh.numel(), init),
+                       rows=torch.repeat_interleave(owner, per_row)[~is_old])
         self.top.fill_(top + int(size.sum()))
         return rows
 
@@ -432,9 +482,13 @@ class ChunkStore(nn.Module):
         self._replace_tensors(new_slots.numel(), slots[keep], new_slots[kept])
         self.top.fill_(new_slots.numel())
         fresh_rows, fresh_slots = new_rows[~kept], new_slots[~kept]
-        if init is not None and fresh_slots.numel():
-            self.write(fresh_slots, init(fresh_slots.numel(), self.chunk_size))
+        if (init is not None or self.row_scales) and fresh_slots.numel():
+            self.write(fresh_slots, self._initial(fresh_slots.numel(), init), rows=fresh_rows)
         return fresh_rows, fresh_slots
+
+    def _initial(self, n: int, init) -> torch.Tensor:
+        """Values of ``n`` fresh chunks: ``init(n, chunk_size)``, or zeros."""
+        return init(n, self.chunk_size) if init is not None else torch.zeros(n, self.chunk_size)
 
     # ----------------------------------------------------------------------------------------------- memory
     def table_bytes(self) -> TableBytes:
@@ -457,7 +511,9 @@ class ChunkStore(nn.Module):
         saved_pool = state_dict.get(prefix + "pool")
         saved_bits = state_dict.get(prefix + "storage_bits")
         if saved_bits is not None and not self.quantized:   # a quantized store's state: quantize first
-            self.set_storage({b: name for name, b in STORAGE_BITS.items()}[int(saved_bits)])
+            saved_scales = state_dict.get(prefix + "scales")
+            self.set_storage({b: name for name, b in STORAGE_BITS.items()}[int(saved_bits)],
+                             "row" if saved_scales is not None and saved_scales.dim() == 2 else "chunk")
         for key, value in state_dict.items():
             name = key[len(prefix):]
             if (key.startswith(prefix) and name.isidentifier() and not hasattr(self, name) and saved_pool is not None

@@ -67,12 +67,18 @@ inline void check_pool(const at::Tensor& pool) {
 }
 
 // codes uint8 [slots, cs * bits / 8], scales fp16 [slots]
-inline void check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs) {
+// Quantized chunks: codes and either one fp16 scale a chunk (scales [slots]) or one fp16 (scale, offset) pair a row
+// (scales [>= num_rows, 2], chunk_codec.py's row-wise layout). Returns whether the scales are row-wise.
+inline bool check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
+                        int64_t num_rows) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits: 8 or 4");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
                   codes.size(1) == cs * bits / 8, "codes: contiguous uint8 [slots, cs * bits / 8]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == codes.size(0),
-              "scales: contiguous float16 [slots]");
+  const bool rowwise = scales.dim() == 2;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  (rowwise ? scales.size(1) == 2 && scales.size(0) >= num_rows : scales.numel() == codes.size(0)),
+              "scales: contiguous float16 [slots] (a scale a chunk) or [rows, 2] (scale and offset a row)");
+  return rowwise;
 }
 
 // counts: whole 8-byte words covering num_rows (the portable counts_before reads words), base: one a block of counts
@@ -125,7 +131,7 @@ inline float half_to_float(at::Half h) {
 // The layout of a quantized store, its tensors checked: codes uint8 [slots, cs * bits / 8], scales fp16 [slots].
 inline Layout quantized_layout(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
                         const at::Tensor& counts, const at::Tensor& base, int64_t dim, int64_t num_rows) {
-  check_codes(codes, scales, bits, cs);
+  check_codes(codes, scales, bits, cs, num_rows);
   check_counts_base(counts, base, num_rows);
   return Layout{nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(), cs, dim, num_rows};
 }
@@ -188,6 +194,21 @@ inline void add_chunks(float* o, const uint8_t* codes, const at::Half* scales, i
 }
 
 using AddChunks = void (*)(float*, const uint8_t*, const at::Half*, int64_t, float, int64_t, float*);
+
+// o[0 .. len) += w * (codes * scale + offset): a row's len values with row-wise (scale, offset) qp.
+template <int BITS>
+inline void add_row_codes(float* o, const uint8_t* codes, const at::Half* qp, int64_t len, float w) {
+  const float s = w * half_to_float(qp[0]), b = w * half_to_float(qp[1]);
+  if (BITS == 8) {
+    const int8_t* q8 = reinterpret_cast<const int8_t*>(codes);
+    for (int64_t k = 0; k < len; ++k) o[k] += s * float(q8[k]) + b;
+  } else {
+    for (int64_t k = 0; k < len / 2; ++k) {
+      o[2 * k] += s * float(int(codes[k] & 0xF) - 8) + b;
+      o[2 * k + 1] += s * float(int(codes[k] >> 4) - 8) + b;
+    }
+  }
+}
 
 template <int BITS>
 inline AddChunks pick_add_chunks(int64_t cs) {

@@ -1,5 +1,5 @@
 // The serving kernel of packed FIITED tables (compresskit/plugins/fiited/packed.py): pooled lookups over FP32, INT8
-// or INT4 chunks (one fp16 scale a chunk) with an optional fp32 hot-row cache, for every input form
+// or INT4 chunks (one fp16 scale a chunk, or one fp16 scale and offset a row) with an optional fp32 hot-row cache, for every input form
 // nn.EmbeddingBag takes (1-D ids with offsets, with or without include_last_offset; 2-D ids; empty bags; sum or
 // mean; per-sample weights). Ids outside [0, num_rows) raise IndexError.
 //
@@ -17,8 +17,9 @@ namespace {
 // The stored chunks of one table, as the accumulators read them.
 struct Table {
   Layout L;
-  const uint8_t* codes = nullptr;  // quantized storage: codes and one fp16 scale a chunk
+  const uint8_t* codes = nullptr;  // quantized storage: codes and one fp16 scale a chunk (or scale, offset a row)
   const at::Half* scales = nullptr;
+  bool rowwise = false;
   int64_t code_bytes = 0;          // bytes of one chunk's codes
   CacheView C;
 };
@@ -29,12 +30,13 @@ struct RowAccumulator {
   float* o = nullptr;
   const uint8_t* codes;
   const at::Half* scales;
+  bool rowwise;
   int64_t cs, dim, code_bytes;
   std::vector<float> tmp;
   AddChunks add_chunks;
 
   explicit RowAccumulator(const Table& t)
-      : codes(t.codes), scales(t.scales), cs(t.L.cs), dim(t.L.dim), code_bytes(t.code_bytes),
+      : codes(t.codes), scales(t.scales), rowwise(t.rowwise), cs(t.L.cs), dim(t.L.dim), code_bytes(t.code_bytes),
         tmp(KIND == 32 ? 0 : t.L.dim),
         add_chunks(KIND == 8 ? pick_add_chunks<8>(t.L.cs) : pick_add_chunks<4>(t.L.cs)) {}
 
@@ -42,9 +44,9 @@ struct RowAccumulator {
     o = out;
     std::memset(o, 0, sizeof(float) * dim);
   }
-  // add w times a row's stored values: the fp32 run p, or (p null) the quantized chunks from slot
+  // add w times row r's stored values: the fp32 run p, or (p null) the quantized chunks from slot
   template <bool WEIGHTED>
-  inline void add(const float* p, int64_t slot, int64_t cnt, float w) {
+  inline void add(const float* p, int64_t r, int64_t slot, int64_t cnt, float w) {
     const int64_t len = cnt * cs;
     if (p) {
       if (WEIGHTED) {
@@ -52,6 +54,8 @@ struct RowAccumulator {
       } else {
         for (int64_t k = 0; k < len; ++k) o[k] += p[k];
       }
+    } else if (KIND != 32 && rowwise) {
+      add_row_codes<KIND == 4 ? 4 : 8>(o, codes + slot * code_bytes, scales + 2 * r, len, w);
     } else if (KIND != 32) {
       add_chunks(o, codes + slot * code_bytes, scales + slot, cnt, w, cs, tmp.data());
     }
@@ -71,11 +75,12 @@ struct Reader {
   Layout index;
   const uint8_t* codes;
   const at::Half* scales;
+  bool rowwise;
   CacheView cache;
   int64_t cs, dim, code_bytes, num_rows;
 
   explicit Reader(const Table& T)
-      : pool(T.L.pool), index(T.L), codes(T.codes), scales(T.scales), cache(T.C), cs(T.L.cs),
+      : pool(T.L.pool), index(T.L), codes(T.codes), scales(T.scales), rowwise(T.rowwise), cache(T.C), cs(T.L.cs),
         dim(T.L.dim), code_bytes(T.code_bytes), num_rows(T.L.num_rows) {}
 
   inline bool valid(int64_t r) const { return r >= 0 && r < num_rows; }
@@ -90,11 +95,11 @@ struct Reader {
     return KIND == 32 ? pool + *slot * cs : nullptr;
   }
 
-  inline void prefetch_run(const float* p, int64_t slot, int64_t cnt) const {
+  inline void prefetch_run(const float* p, int64_t r, int64_t slot, int64_t cnt) const {
     if (p) {
       for (int64_t k = 0; k < cnt * cs; k += 16) prefetch_line(p + k);
     } else {
-      prefetch_line(scales + slot);
+      prefetch_line(rowwise ? scales + 2 * r : scales + slot);
       const uint8_t* q = codes + slot * code_bytes;
       for (int64_t k = 0; k < cnt * code_bytes; k += 64) prefetch_line(q + k);
     }
@@ -132,15 +137,17 @@ void pool_bags(const Table& T, const BagView& in, bool mean, float* outp) {
         check_id(r, num_rows);
         w[i].p = R.locate(r, &w[i].slot, &w[i].cnt);
       }
-      for (int64_t i = first; i < std::min(first + kPrefetchRun, last); ++i) R.prefetch_run(w[i].p, w[i].slot, w[i].cnt);
+      for (int64_t i = first; i < std::min(first + kPrefetchRun, last); ++i) {
+        R.prefetch_run(w[i].p, ids[i], w[i].slot, w[i].cnt);
+      }
       // pass 2: pool each bag in registers (or its output row), runs prefetched kPrefetchRun ids ahead
       for (int64_t b = g0; b < g1; ++b) {
         const int64_t start = in.start(b), stop = in.stop(b);
         acc.begin(outp + b * dim);
         for (int64_t i = start; i < stop; ++i) {
-          if (i + kPrefetchRun < last) R.prefetch_run(w[i + kPrefetchRun].p, w[i + kPrefetchRun].slot,
-                                                      w[i + kPrefetchRun].cnt);
-          if (w[i].cnt) acc.template add<WEIGHTED>(w[i].p, w[i].slot, w[i].cnt, WEIGHTED ? psw[i] : 1.0f);
+          if (i + kPrefetchRun < last) R.prefetch_run(w[i + kPrefetchRun].p, ids[i + kPrefetchRun],
+                                                      w[i + kPrefetchRun].slot, w[i + kPrefetchRun].cnt);
+          if (w[i].cnt) acc.template add<WEIGHTED>(w[i].p, ids[i], w[i].slot, w[i].cnt, WEIGHTED ? psw[i] : 1.0f);
         }
         acc.end(mean && stop > start ? 1.0f / float(stop - start) : 1.0f);
       }
@@ -159,6 +166,7 @@ void pool_any(const Table& T, const BagView& in, bool mean, float* outp) {
   S.pool = T.L.pool;
   S.codes = T.codes;
   S.scales = T.scales;
+  S.rowwise = T.rowwise;
   S.cs = T.L.cs;
   S.dim = T.L.dim;
   S.num_rows = T.L.num_rows;
@@ -170,8 +178,8 @@ void pool_any(const Table& T, const BagView& in, bool mean, float* outp) {
 
 }  // namespace
 
-// values: float32 [slots, cs] (bits 32), or codes uint8 [slots, cs * bits / 8] and scales float16 [slots] (bits 8
-// or 4); counts: uint8, one a row (rows rounded up to 8); base: int64, the slot of each 64-row block's first chunk
+// values: float32 [slots, cs] (bits 32), or codes uint8 [slots, cs * bits / 8] and scales float16 [slots] or
+// [rows, 2] (row-wise scale and offset) (bits 8 or 4); counts: uint8, one a row (rows rounded up to 8); base: int64, the slot of each 64-row block's first chunk
 // (layout.h); cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
 // per_sample_weights, mode (0 sum, 1 mean) and include_last_offset as nn.EmbeddingBag. Returns [bags, dim] float32.
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
@@ -194,7 +202,7 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
     check_pool(values);
     TORCH_CHECK_VALUE(values.size(1) == cs, "values: [slots, chunk_size]");
   } else {
-    check_codes(codes, scales, bits, cs);
+    T.rowwise = check_codes(codes, scales, bits, cs, num_rows);
   }
   T.L = Layout{bits == 32 ? values.data_ptr<float>() : nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(),
                cs, dim, num_rows};

@@ -213,12 +213,13 @@ inline void fused_update(float* p, const float* g, int64_t len, int64_t optim, f
 // The forward pooled in registers (register_pooling.h) where this build and dim allow it: a new [bags, dim] tensor,
 // or an undefined one where it cannot (the caller's portable loop then runs).
 template <int KIND>
-at::Tensor forward_in_registers(const Layout& L, const uint8_t* codes, const at::Half* scales, int64_t code_bytes,
-                                const CacheView& C, const BagInputs& in, bool mean) {
+at::Tensor forward_in_registers(const Layout& L, const uint8_t* codes, const at::Half* scales, bool rowwise,
+                                int64_t code_bytes, const CacheView& C, const BagInputs& in, bool mean) {
   Stored S;
   S.pool = L.pool;
   S.codes = codes;
   S.scales = scales;
+  S.rowwise = rowwise;
   S.cs = L.cs;
   S.dim = L.dim;
   S.num_rows = L.num_rows;
@@ -247,7 +248,7 @@ at::Tensor prefix_bag_forward(const at::Tensor& pool, const at::Tensor& counts, 
   const int64_t* idp = in.ids;
   const int64_t* offp = in.offsets;
   const float* psw = in.psw;
-  at::Tensor out = forward_in_registers<32>(L, nullptr, nullptr, 0, CacheView{}, in, mean);
+  at::Tensor out = forward_in_registers<32>(L, nullptr, nullptr, false, 0, CacheView{}, in, mean);
   if (out.defined()) return out;
   out = at::zeros({bags, dim}, pool.options());
   float* outp = out.data_ptr<float>();
@@ -366,7 +367,8 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
 }
 
 // forward over quantized chunks: codes (uint8 [slots, cs * bits / 8]: int8, or int4 packed two a byte with the
-// even value in the low nibble, code + 8) times one fp16 scale a chunk. Rows of the fp32 cache are found in O(1)
+// even value in the low nibble, code + 8) times one fp16 scale a chunk, or times the row's fp16 scale plus its
+// offset (scales [rows, 2]: row-wise). Rows of the fp32 cache are found in O(1)
 // with a rank bitmap (cache_bits: one bit a row in int64 words; cache_rank: cached rows before each word, int32)
 // and read from cache_values (float32 [k, dim], rows in ascending id order) instead.
 at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
@@ -384,9 +386,10 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
   const float* psw = in.psw;
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
+  const bool rowwise = scales.dim() == 2;
   const float* cval = C.values;
-  at::Tensor out = bits == 8 ? forward_in_registers<8>(L, cp, sp, cb, C, in, mean)
-                             : forward_in_registers<4>(L, cp, sp, cb, C, in, mean);
+  at::Tensor out = bits == 8 ? forward_in_registers<8>(L, cp, sp, rowwise, cb, C, in, mean)
+                             : forward_in_registers<4>(L, cp, sp, rowwise, cb, C, in, mean);
   if (out.defined()) return out;
   const AddChunks add = bits == 8 ? pick_add_chunks<8>(cs) : pick_add_chunks<4>(cs);
   out = at::zeros({bags, dim}, at::kFloat);
@@ -410,7 +413,7 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
         if (i + kPrefetch < last) {
           const int64_t j = i + kPrefetch;
           if (where[j] >= 0) {
-            __builtin_prefetch(sp + where[j], 0, 1);
+            __builtin_prefetch(rowwise ? sp + 2 * idp[j] : sp + where[j], 0, 1);
             for (int64_t k = 0; k < cnt_of[j] * cb; k += 64) __builtin_prefetch(cp + where[j] * cb + k, 0, 1);
           } else {
             prefetch_run(cval + (-where[j] - 1) * dim, cnt_of[j] * cs);
@@ -421,6 +424,8 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
         if (where[i] < 0) {
           const float* p = cval + (-where[i] - 1) * dim;
           for (int64_t k = 0; k < cnt * cs; ++k) o[k] += w * p[k];
+        } else if (rowwise) {
+          (bits == 8 ? add_row_codes<8> : add_row_codes<4>)(o, cp + where[i] * cb, sp + 2 * idp[i], cnt * cs, w);
         } else {
           add(o, cp + where[i] * cb, sp + where[i], cnt, w, cs, tmp.data());
         }
@@ -474,11 +479,50 @@ inline void quantize_chunk(const float* v, int64_t cs, int64_t bits, uint8_t* ou
   }
 }
 
+// Quantize a row's len stored values with one (scale, offset) pair (chunk_codec.py's row-wise rules): FP16 scale =
+// (max - min) / (2^bits - 1) rounded up, FP16 offset = min + 2^(bits-1) * scale, codes in [-2^(bits-1),
+// 2^(bits-1) - 1] written to the row's run of code bytes, rounded as quantize_chunk.
+inline void quantize_row(const float* v, int64_t len, int64_t bits, uint8_t* out, at::Half* qp, bool stochastic,
+                         uint64_t& rng) {
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (int64_t k = 0; k < len; ++k) {
+    lo = std::min(lo, v[k]);
+    hi = std::max(hi, v[k]);
+  }
+  const float half = float(1 << (bits - 1));
+  const float exact = std::min((hi - lo) / (2.f * half - 1.f), 65504.f);
+  at::Half h(exact);
+  if (float(h) < exact) h.x += 1;
+  const float scale = float(h);
+  const at::Half off(std::min(std::max(lo + half * scale, -65504.f), 65504.f));
+  qp[0] = h;
+  qp[1] = off;
+  const float sc = std::max(scale, std::numeric_limits<float>::min()), offset = float(off);
+  for (int64_t k = 0; k < len; ++k) {
+    float x = (v[k] - offset) / sc;
+    if (stochastic) {
+      rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+      x = std::floor(x + float(rng >> 40) * (1.0f / 16777216.0f));
+    } else {
+      x = std::nearbyint(x);
+    }
+    const int q = int(std::min(std::max(x, -half), half - 1.f));
+    if (bits == 8) {
+      out[k] = uint8_t(int8_t(q));
+    } else if (k % 2 == 0) {
+      out[k / 2] = uint8_t(q + 8);
+    } else {
+      out[k / 2] |= uint8_t((q + 8) << 4);
+    }
+  }
+}
+
 }  // namespace
 
 // The fused backward of a quantized store (quantized_training.py's rules): per distinct row, its gradient is accumulated and
 // its chunks' utilities updated as in `backward`; a row of the fp32 cache (rank bitmap as in forward_q) is updated in
-// the cache; any other row is dequantized, updated and re-quantized with a fresh scale a chunk (rounding 0: nearest,
+// the cache; any other row is dequantized, updated and re-quantized with a fresh scale a chunk, or a fresh (scale,
+// offset) for the row when the scales are row-wise (rounding 0: nearest,
 // 1: stochastic, seeded per row from `seed`, so the result does not depend on the thread count).
 void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, const at::Tensor& scales,
                            int64_t bits, int64_t cs, const at::Tensor& counts, const at::Tensor& base,
@@ -505,6 +549,7 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
   const float* g_out = grad_out.data_ptr<float>();
   uint8_t* cp = codes.data_ptr<uint8_t>();
   at::Half* sp = scales.data_ptr<at::Half>();
+  const bool rowwise = scales.dim() == 2;
   float* st = state.defined() && state.numel() ? state.data_ptr<float>() : nullptr;
   float* util = utility.defined() && utility.numel() ? utility.data_ptr<float>() : nullptr;
   const float flr = float(lr), feps = float(eps), fgain = float(utility_gain);
@@ -533,16 +578,23 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
         continue;
       }
       float* v = values.data();
+      const float row_scale = rowwise ? half_to_float(sp[2 * r]) : 0.f;
+      const float row_offset = rowwise ? half_to_float(sp[2 * r + 1]) : 0.f;
       for (int64_t c = 0; c < cnt; ++c) {
-        const float sc = half_to_float(sp[slot + c]);
+        const float sc = rowwise ? row_scale : half_to_float(sp[slot + c]);
+        const float off = rowwise ? row_offset : 0.f;
         const uint8_t* q = cp + (slot + c) * cb;
         for (int64_t k = 0; k < cs; ++k) {
           const int code = bits == 8 ? int(int8_t(q[k])) : int((q[k / 2] >> (4 * (k % 2))) & 0xF) - 8;
-          v[c * cs + k] = float(code) * sc;
+          v[c * cs + k] = float(code) * sc + off;
         }
       }
       fused_update(v, g, len, optim, flr, feps, m, mr);
       uint64_t rng = splitmix64(uint64_t(seed) ^ splitmix64(uint64_t(r))) | 1;
+      if (rowwise) {
+        quantize_row(v, len, bits, cp + slot * cb, sp + 2 * r, stochastic, rng);
+        continue;
+      }
       for (int64_t c = 0; c < cnt; ++c) {
         quantize_chunk(v + c * cs, cs, bits, cp + (slot + c) * cb, sp + slot + c, stochastic, rng);
       }
