@@ -6,11 +6,12 @@ implementation gives ``torch.export`` the output shape, ``[bags, dim]`` float32.
 must have imported this module (``import compresskit.plugins.fiited``; ``compresskit.export.load_program`` does).
 
 Arguments: ``values`` (float32 ``[slots, chunk_size]``, ``bits`` 32) or ``codes`` / ``scales`` (``bits`` 8 or 4,
-``chunk_codec.py``'s layout: ``scales [slots]``, a scale a chunk, or ``[rows, 2]``, a scale and offset a row); ``counts`` (uint8, one a row) and ``base`` (int64, the slot of each block of 64 rows'
-first chunk): the store's index (``row_index.py``);
-the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` /
-``cache_rank`` of ``cache.py``; empty tensors when there is none); then ``nn.EmbeddingBag``'s ``input``,
-``offsets``, ``per_sample_weights``, ``mode`` (0 sum, 1 mean) and ``include_last_offset``.
+``chunk_codec.py``'s layout: ``scales [slots]``, a scale a chunk, or ``[rows, 2]``, a scale and offset a row);
+``counts`` (uint8, one a row) and ``base`` (int64, the slot of each block of 64 rows' first chunk): the store's
+index (``row_index.py``); the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank
+bitmap ``cache_bits`` / ``cache_rank`` of ``cache.py``; empty tensors when there is none); then
+``nn.EmbeddingBag``'s ``input``, ``offsets``, ``per_sample_weights``, ``mode`` (0 sum, 1 mean) and
+``include_last_offset``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 // The serving kernel of packed FIITED tables (compresskit/plugins/fiited/packed.py): pooled lookups over FP32, INT8
-// or INT4 chunks (one fp16 scale a chunk, or one fp16 scale and offset a row) with an optional fp32 hot-row cache, for every input form
-// nn.EmbeddingBag takes (1-D ids with offsets, with or without include_last_offset; 2-D ids; empty bags; sum or
-// mean; per-sample weights). Ids outside [0, num_rows) raise IndexError.
+// or INT4 chunks (one fp16 scale a chunk, or one fp16 scale and offset a row) with an optional fp32 hot-row cache,
+// for every input form nn.EmbeddingBag takes (1-D ids with offsets, with or without include_last_offset; 2-D ids;
+// empty bags; sum or mean; per-sample weights). Ids outside [0, num_rows) raise IndexError.
 //
 // With AVX-512 and dim <= 128 the bags are pooled in registers (register_pooling.h, shared with the training
 // forward). Otherwise, the portable loop below: the same two passes over each group of a thread's bags (every id's
