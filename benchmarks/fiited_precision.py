@@ -5,7 +5,8 @@ The protocol of ``fiited_quality.py`` (DLRM dim 64, ``chunk_size: 4``, 3 epochs,
 a fused update (Adam, which ``fiited_quality.py`` picks for Adult, has no fused form here). ``target`` is the chunk
 budget: every precision keeps exactly the chunks FP32 FIITED keeps at that ``target_memory_ratio`` (payload at FP32
 + index); "total bytes" is what each model then holds for inference, measured from its tensors: codes + FP16 scales
-+ the FP32 cache (rows and ids) + the 1.125-byte-a-row index, over the dense tables' bytes.
++ the FP32 cache (rows and ids) + the 1.125-byte-a-row index, over the dense tables' bytes. ``-row`` precisions
+keep one FP16 scale and offset a row (4 bytes a row) instead of an FP16 scale a chunk.
 
     python benchmarks/fiited_precision.py [--datasets movielens adult] [--ratios 0.25 0.1 0.05] [--seeds 3]
                                           [--precisions fp32 int8+5% int8 int8-nearest int4+1% int4] [--jobs 2] [--name N]
@@ -36,6 +37,8 @@ PRECISIONS = {
     "int4+5%": {"storage": "int4", "cache_rows": 0.05},
     "int4+1%": {"storage": "int4", "cache_rows": 0.01},
     "int4": {"storage": "int4", "cache_rows": 0.0},
+    "int8-row": {"storage": "int8", "cache_rows": 0.0, "scales": "row"},
+    "int4-row": {"storage": "int4", "cache_rows": 0.0, "scales": "row"},
 }
 DEFAULT = ["fp32", "int8+5%", "int8", "int8-nearest", "int4+1%", "int4"]   # the columns of docs/fiited.md
 

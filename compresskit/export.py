@@ -45,8 +45,10 @@ from .resolve import load_weights, read_state_dict, resolve_data, resolve_model
 FORMATS = ("state-dict", "packed", "torch.export")
 DEFAULT_NAMES = {"state-dict": "model_dense.pt", "packed": "model_packed.pt", "torch.export": "model.pt2"}
 SPEC_FORMAT = "compresskit-packed"
-SPEC_VERSION = 3          # 2: packed tables carry their storage (fp32 / int8 / int4) and FP32 hot-row cache;
-READABLE_VERSIONS = (1, 2, 3)  # 3: the index in blocks of 64 rows (single tables of 1 and 2 are converted on load)
+SPEC_VERSION = 4          # 2: packed tables carry their storage (fp32 / int8 / int4) and FP32 hot-row cache;
+READABLE_VERSIONS = (1, 2, 3, 4)  # 3: the index in blocks of 64 rows (single tables of 1 and 2 are converted on
+#                                   load); 4: the cache holds stored chunks only (flat, with starts; 3's full rows are
+#                                   converted on load) and cached rows keep no codes; row-wise scales
 
 
 # --------------------------------------------------------------------------------------------------- conversion

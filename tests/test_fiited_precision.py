@@ -115,11 +115,12 @@ def test_bytes_are_codes_scales_and_cache_and_follow_pruning(bits, code_bytes):
     m.cache.record(ids)
     m.refresh_cache()
     mem = m.table_bytes()
-    assert mem.cache == 30 * (16 * 4 + 8) + bitmap   # 30 rows of 16 FP32 values and their int64 ids
+    assert mem.cache == 30 * (16 * 4 + 8) + 31 * 8 + bitmap   # 30 rows of 16 FP32 values, int64 ids and starts
     assert mem.payload == live * (code_bytes + 2) + mem.cache
     m.shrink_rows(torch.ones(300, dtype=torch.long))
     assert m.store.codes.shape[0] == 300 and m.store.scales.shape[0] == 300   # the freed chunks' bytes are gone
-    assert m.table_bytes().payload == 300 * (code_bytes + 2) + mem.cache
+    cache = 30 * (4 * 4 + 8) + 31 * 8 + bitmap                                # and the cache holds one chunk a row
+    assert m.table_bytes().cache == cache and m.table_bytes().payload == 300 * (code_bytes + 2) + cache
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
@@ -167,7 +168,7 @@ def test_cache_serves_the_most_accessed_rows_and_writes_evicted_rows_back():
     assert m.cache.ids.tolist() == list(range(6))
     for _ in range(5):                                   # the cached rows train in FP32, off the INT8 grid
         m(torch.arange(6), torch.arange(6)).sum().backward()
-    trained = m.cache.values[0].clone()
+    trained = m.cache.dense_rows(torch.tensor([0]))[0, :int(m.store.row_counts()[0]) * 4].clone()
     m.cache.record(torch.arange(100, 106).repeat(50))
     stats = m.refresh_cache()
     assert stats == {"evicted": 6, "admitted": 6} and m.cache.ids.tolist() == list(range(100, 106))
@@ -185,14 +186,18 @@ def test_resize_keeps_cached_chunks_and_takes_fresh_ones_from_the_store(native):
     cached = m.cache.ids[:4]
     with torch.no_grad():
         m.cache.values.add_(0.5)
-    kept = m.cache.values[:4, :4].clone()
+    first = torch.arange(4)
+    kept = m.cache.dense_rows(first)[:, :4].clone()
     new = m.store.row_counts().clone()
     new[cached] = 1
     m.resize_rows(new)
-    assert torch.equal(m.cache.values[:4, :4], kept) and bool((m.cache.values[:4, 4:] == 0).all())
+    assert m.cache.values.numel() == int(m.store.row_counts()[m.cache.ids].sum()) * 4   # only stored chunks
+    assert torch.equal(m.cache.dense_rows(first)[:, :4], kept)
+    assert bool((m.cache.dense_rows(first)[:, 4:] == 0).all())
     new[cached] = 4
     m.resize_rows(new, "random", torch.Generator().manual_seed(0))
-    assert torch.equal(m.cache.values[:4, :4], kept) and bool((m.cache.values[:4, 4:] != 0).all())
+    assert torch.equal(m.cache.dense_rows(first)[:, :4], kept)
+    assert bool((m.cache.dense_rows(first)[:, 4:] != 0).all())
     assert torch.allclose(m(ids, offsets), F.embedding_bag(ids, m.dense_weight(), offsets, mode="sum"), atol=1e-6)
 
 

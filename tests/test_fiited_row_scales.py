@@ -106,8 +106,8 @@ def test_native_serving_equals_the_reference(bits, dim, cs):
     b = p._buffers
     psw = torch.rand(ids.numel())
     ref = packed_bag_reference(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
-                               b["cache_bits"], b["cache_rank"], b["cache_values"], ids, offsets, psw, p.bits, cs,
-                               0, False, 300, dim)
+                               b["cache_bits"], b["cache_rank"], b["cache_values"], b["cache_starts"], ids, offsets,
+                               psw, p.bits, cs, 0, False, 300, dim)
     assert torch.allclose(p(ids, offsets, psw), ref, atol=1e-5)
     assert torch.allclose(m(ids, offsets, psw), ref, atol=1e-5)
 

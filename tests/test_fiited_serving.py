@@ -67,12 +67,15 @@ def test_native_equals_fallback_equals_the_trained_module(storage, cache, mode, 
     m = _trained(storage, cache_rows=cache, mode=mode, last=last)
     packed = m.to_packed()
     assert packed.storage == storage and not list(packed.parameters())
-    if storage != "fp32":        # the codes training stored, not a re-quantization
+    if storage != "fp32":        # the codes training stored, not a re-quantization; a cached row's only in the cache
         rows, _, slots = m.store.entries()
+        slots = slots[~torch.isin(rows, m.cache.ids)] if cache else slots
         assert torch.equal(packed.codes, m.store.codes[slots]) and torch.equal(packed.scales, m.store.scales[slots])
         assert packed.values.numel() == 0
         if cache:
             assert torch.equal(packed.cache_values, m.cache.values) and packed.cache_ids.numel() == 20
+            assert torch.equal(packed.cache_starts, m.cache.starts)
+            assert bool((packed.counts[m.cache.ids] == 0).all())            # no second copy of a cached row
     for ids, offsets, weights in _cases(m.num_embeddings, mode, last):
         expected = m(ids.long(), None if offsets is None else offsets.long(),
                      None if weights is None else weights)
@@ -243,13 +246,19 @@ def test_one_op_call_serves_every_table_of_a_collection(storage, cache):
     # the cache's rank bitmap covers the one row space: an int64 and an int32 a 64 rows
     cached = batched.cache_ids.numel()
     words = (batched.num_rows + 63) // 64 if cached else 0
-    assert mine.cache == (cached * (8 + 16 * 4) + words * 12 if cached else 0)
-    if cached:          # a file whose bitmap does not index its cached rows is refused
-        state = batched.state_dict()
+    # and the cache holds the cached rows' stored chunks, an int64 id and an int64 start a row (and one more start)
+    chunks = sum(int(t.store.row_counts()[t.cache.ids].sum()) for t in trained if t.cache is not None)
+    assert mine.cache == (chunks * 4 * 4 + cached * 16 + 8 + words * 12 if cached else 0)
+    if cached:          # a file whose bitmap does not index its cached rows, or whose starts do not cut its
+        state = batched.state_dict()                          # values into rows, is refused
         state["cache_bits"] = state["cache_bits"].clone().fill_(0)
         fresh = PackedTables(**batched.record_args())
         with pytest.raises(RuntimeError, match="do not index"):
             fresh.load_state_dict(state)
+        state = batched.state_dict()
+        state["cache_starts"] = state["cache_starts"].flip(0).clone()
+        with pytest.raises(RuntimeError, match="do not cut"):
+            PackedTables(**batched.record_args()).load_state_dict(state)
     g = torch.Generator().manual_seed(5)
     sparse = torch.stack([torch.randint(0, r, (300,), generator=g) for r in rows], 1)
     sparse[:4] = torch.tensor(rows) - 1                        # every table's last row

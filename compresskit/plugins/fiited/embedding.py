@@ -14,7 +14,7 @@ from torch import nn
 
 from ...table_types import TableBytes
 from . import kernels
-from .cache import HotRowCache
+from .cache import HotRowCache, flat_cache_values
 from .packed import PackedEmbedding, PackedEmbeddingBag
 from .quantized_training import quantized_backward
 from .chunk_codec import ROUNDING
@@ -192,12 +192,14 @@ class FiitedEmbeddingBag(nn.Module):
         self.store.pool.requires_grad_(False)
 
     def set_precision(self, storage: str, cache_rows: float = 0.0, rounding: str = "stochastic",
-                      seed: int = 0, scales: str = "chunk") -> None:
+                      seed: int = 0, scales: str = "chunk", cache_bytes: float = 0.0) -> None:
         """Store the chunks as ``'int8'`` / ``'int4'`` codes with an FP16 scale a chunk (``scales='row'``: an FP16
-        scale and offset a row, FBGEMM's row-wise layout; ``chunk_codec.py``), and serve the
-        ``cache_rows`` fraction of rows most accessed in training from an FP32 cache (``cache.py``, refreshed by
-        :meth:`refresh_cache`). Training updates cached rows in FP32 and re-quantizes the others with ``rounding``
-        (``quantized_training.py`` says why stochastic is the default). Needs a fused optimizer (:meth:`set_optimizer`)."""
+        scale and offset a row, FBGEMM's row-wise layout; ``chunk_codec.py``), and serve the rows most accessed in
+        training from an FP32 cache of their stored chunks (``cache.py``, refreshed by :meth:`refresh_cache`): at
+        most the ``cache_rows`` fraction of the rows and, with ``cache_bytes`` > 0, at most that fraction of the
+        dense FP32 table's bytes (either alone sizes the cache; both 0: no cache). Training updates cached rows in
+        FP32 and re-quantizes the others with ``rounding`` (``quantized_training.py`` says why stochastic is the
+        default). Needs a fused optimizer (:meth:`set_optimizer`)."""
         if self.optimizer is None:
             raise ValueError("quantized chunks are trained by a fused optimizer only: call set_optimizer first "
                              "(a torch optimizer would need an FP32 copy of every chunk)")
@@ -205,11 +207,15 @@ class FiitedEmbeddingBag(nn.Module):
             raise ValueError(f"rounding must be one of {', '.join(ROUNDING)}, got {rounding!r}")
         if not 0.0 <= cache_rows <= 1.0:
             raise ValueError(f"cache_rows must be a fraction of the rows in [0, 1], got {cache_rows}")
+        if not 0.0 <= cache_bytes <= 1.0:
+            raise ValueError(f"cache_bytes must be a fraction of the dense table's bytes in [0, 1], got {cache_bytes}")
         self.store.set_storage(storage, scales)
         self.rounding = rounding
         self._rounding_gen.manual_seed(seed)
-        rows = int(round(cache_rows * self.num_embeddings))
-        self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, rows) if rows else None
+        rows = int(round(cache_rows * self.num_embeddings)) if cache_rows else self.num_embeddings
+        budget = int(cache_bytes * self.num_embeddings * self.embedding_dim * 4)
+        self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, rows, self.chunk_size, budget) \
+            if (cache_rows and rows) or budget else None
 
     def refresh_cache(self) -> dict[str, int]:
         """Re-rank the cache by recent accesses (evicted rows written back quantized, see :class:`HotRowCache`)."""
@@ -251,7 +257,11 @@ class FiitedEmbeddingBag(nn.Module):
                     gen.set_state(saved[name].to(torch.uint8))
         limit = state_dict.get(prefix + "cache.limit")
         if limit is not None and self.cache is None:   # a quantized table's state with its cache: build one
-            self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, int(limit))
+            self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, int(limit), self.chunk_size)
+        older = state_dict.get(prefix + "cache.values")
+        if torch.is_tensor(older) and older.dim() == 2:   # a cache saved with full-dimension rows: its stored chunks
+            state_dict[prefix + "cache.values"], state_dict[prefix + "cache.starts"] = flat_cache_values(
+                state_dict[prefix + "cache.ids"], older, state_dict[prefix + "store.counts"], self.chunk_size)
         # state that training adds (utility scale, row-wise Adagrad state, candidate utilities, the lazy 'seen'
         # bitmap): a trained table's state dict loads into a freshly converted twin, which adopts it
         for name in TRAINING_BUFFERS:
@@ -484,9 +494,7 @@ class FiitedEmbeddingBag(nn.Module):
         pruned dims as zeros."""
         weight = self.store.dense().float()
         if self.cache is not None and self.cache.ids.numel():
-            cnt = self.store.row_counts()[self.cache.ids]
-            mask = torch.arange(self.embedding_dim)[None, :] < (cnt * self.chunk_size)[:, None]
-            weight[self.cache.ids] = self.cache.values * mask
+            weight[self.cache.ids] = self.cache.dense_rows(torch.arange(self.cache.ids.numel()))
         return weight
 
     def to_packed(self) -> PackedEmbeddingBag:

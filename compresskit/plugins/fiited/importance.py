@@ -39,7 +39,7 @@ def chunk_weight_norms(module: FiitedEmbeddingBag, rows: torch.Tensor, slots: to
     if cache is not None:
         hit, pos = cache.positions(rows)
         if bool(hit.any()):
-            norms[hit] = cache.values[pos[hit]].view(-1, module.num_chunks, module.chunk_size).norm(dim=2)
+            norms[hit] = cache.dense_rows(pos[hit]).view(-1, module.num_chunks, module.chunk_size).norm(dim=2)
     return norms
 
 

@@ -120,12 +120,13 @@ def bag_forward(pool: torch.Tensor, counts: torch.Tensor, base: torch.Tensor, id
     return out.view(c, bags, cs).permute(1, 0, 2).reshape(bags, dim)
 
 
-def native_cache(cache, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The native kernels' view of a :class:`~.cache.HotRowCache` (rank bitmap words, ranks, FP32 values); empty
-    tensors when there is no cache or it holds no rows."""
+def native_cache(cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native kernels' view of a :class:`~.cache.HotRowCache` (rank bitmap words, ranks, flat FP32 values, each
+    cached row's start in them); empty tensors when there is no cache or it holds no rows."""
     if cache is None or cache.ids.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dim)
-    return cache.bits, cache.rank, cache.values     # updated in place by the fused update: never a copy
+        return (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0),
+                torch.zeros(1, dtype=torch.int64))
+    return cache.bits, cache.rank, cache.values, cache.starts   # updated in place by the fused update: never a copy
 
 
 def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_size: int, counts: torch.Tensor,
@@ -139,7 +140,7 @@ def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_siz
     if k is not None:
         w = weights.contiguous().float() if weights is not None else torch.empty(0)
         return k.forward_q(codes, scales, bits, chunk_size, counts, base, ids, offsets, w, mean, dim, num_rows,
-                           *native_cache(cache, dim))
+                           *native_cache(cache))
     check_ids(ids, num_rows)
     n, bags, cs = ids.numel(), offsets.numel(), chunk_size
     c = dim // cs
@@ -157,8 +158,7 @@ def qbag_forward(codes: torch.Tensor, scales: torch.Tensor, bits: int, chunk_siz
     vec = (vec * valid[:, :, None]).reshape(n, dim)
     if cached:
         hit, pos = cache.positions(ids)
-        mask = (torch.arange(dim)[None, :] < (cnt * cs)[:, None])
-        vec = torch.where(hit[:, None], cache.values[pos] * mask, vec)
+        vec = torch.where(hit[:, None], cache.dense_rows(pos), vec)
     bag_of, w = positions(ids, offsets, weights, mean, torch.float32)
     return torch.zeros(bags, dim).index_add_(0, bag_of, vec * w[:, None])
 

@@ -16,8 +16,10 @@ training stored it:
 from an array an eighth of that size),
 
 and, for a quantized table trained with an FP32 hot-row cache (``cache.py``), the cache as training left it:
-``cache_ids`` (ascending), ``cache_values [k, dim]`` and the rank bitmap ``cache_bits`` / ``cache_rank`` through
-which a lookup finds a cached row in O(1). A cached row is read from the cache, as in training.
+``cache_ids`` (ascending), the rows' stored chunks ``cache_values`` (flat) and ``cache_starts`` (each row's first
+chunk there), and the rank bitmap ``cache_bits`` / ``cache_rank`` through which a lookup finds a cached row in O(1).
+A cached row is read from the cache, as in training, and only there: its stale codes are not kept (its count in
+``counts`` is 0; the cache's starts give its chunks), so every row's values are held once.
 
 No utilities, no optimizer state, no Parameters (nothing for autograd). Every tensor above is a saved buffer, so the
 bytes :meth:`table_bytes` reports are the bytes of the state dict. The forward pass is one call of the custom op
@@ -42,7 +44,7 @@ STORAGES = ("fp32", *STORAGE_BITS)
 
 
 def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_size: int, live_chunks: int,
-                            storage: str, cached_rows: int, scales: str = "chunk") -> None:
+                            storage: str, cached_rows: int, scales: str = "chunk", cached_chunks: int = 0) -> None:
     """Check the packed layout's shape arguments (ValueError naming the one out of range) and register its buffers
     (module docstring) on ``module``, zero-filled. The tensors the other storage has are empty and not saved: the
     state dict holds what is served."""
@@ -71,19 +73,51 @@ def register_packed_buffers(module: nn.Module, num_rows: int, dim: int, chunk_si
     module.register_buffer("base", torch.zeros(blocks, dtype=torch.int64))
     cached = cached_rows > 0
     words = (num_rows + 63) // 64 if cached else 0
+    if not 0 <= cached_chunks <= cached_rows * (dim // chunk_size):
+        raise ValueError(f"cached_chunks must be in [0, {cached_rows * (dim // chunk_size)}], got {cached_chunks}")
     module.register_buffer("cache_ids", torch.zeros(cached_rows, dtype=torch.int64), persistent=cached)
-    module.register_buffer("cache_values", torch.zeros(cached_rows, dim), persistent=cached)
+    module.register_buffer("cache_values", torch.zeros(cached_chunks * chunk_size), persistent=cached)
+    module.register_buffer("cache_starts", torch.zeros(cached_rows + 1, dtype=torch.int64), persistent=cached)
     module.register_buffer("cache_bits", torch.zeros(words, dtype=torch.int64), persistent=cached)
     module.register_buffer("cache_rank", torch.zeros(words, dtype=torch.int32), persistent=cached)
 
 
 def check_cache_index(module: nn.Module, num_rows: int, prefix: str, error_msgs: list[str]) -> None:
-    """After a load: the rank bitmap must describe the cached ids loaded, whatever the file said (an error message
-    for ``load_state_dict`` otherwise)."""
+    """After a load: the rank bitmap must describe the cached ids loaded and the starts must cut the cached values
+    into rows, whatever the file said (an error message for ``load_state_dict`` otherwise)."""
     if module.cache_ids.numel():
         bits, rank = cache_index(module.cache_ids, num_rows)
         if not (torch.equal(bits, module.cache_bits) and torch.equal(rank, module.cache_rank)):
             error_msgs.append(f"{prefix}cache_bits / cache_rank do not index {prefix}cache_ids")
+        starts, per_row = module.cache_starts, module.embedding_dim // module.chunk_size
+        steps = starts[1:] - starts[:-1]
+        if starts.numel() != module.cache_ids.numel() + 1 or int(starts[0]) != 0 or bool((steps < 0).any()) or \
+                bool((steps > per_row).any()) or int(starts[-1]) * module.chunk_size != module.cache_values.numel():
+            error_msgs.append(f"{prefix}cache_starts do not cut {prefix}cache_values into the cached rows' chunks")
+
+
+def flat_packed_cache(state_dict: dict, prefix: str, chunk_size: int) -> dict:
+    """``state_dict`` of a packed table whose cache holds full-dimension rows (``cache_values [k, dim]``, packed
+    format 3) with the cache's stored chunks flat and their starts (its ``counts`` still give the cached rows'
+    chunks: such files kept their stale codes too)."""
+    values = state_dict.get(prefix + "cache_values")
+    if values is None or values.dim() != 2:
+        return state_dict
+    from .cache import flat_cache_values
+
+    out = dict(state_dict)
+    out[prefix + "cache_values"], out[prefix + "cache_starts"] = flat_cache_values(
+        state_dict[prefix + "cache_ids"], values, state_dict[prefix + "counts"], chunk_size)
+    return out
+
+
+def adopt_cache_shapes(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Give the cache buffers the shapes ``state_dict`` has (a shell built from a record written before the cached
+    chunks were recorded)."""
+    for name in ("cache_values", "cache_starts"):
+        incoming = state_dict.get(prefix + name)
+        if incoming is not None and incoming.shape != getattr(module, name).shape:
+            setattr(module, name, torch.zeros(incoming.shape, dtype=getattr(module, name).dtype))
 
 
 def packed_bytes(module: nn.Module) -> TableBytes:
@@ -91,7 +125,8 @@ def packed_bytes(module: nn.Module) -> TableBytes:
     def size(*names: str) -> int:
         return sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in names)
 
-    cache = size("cache_ids", "cache_values", "cache_bits", "cache_rank") if module.cache_ids.numel() else 0
+    cache = size("cache_ids", "cache_values", "cache_starts", "cache_bits", "cache_rank") \
+        if module.cache_ids.numel() else 0
     return TableBytes(size("values", "codes", "scales") + cache, size("counts", "base"), cache=cache)
 
 
@@ -120,9 +155,10 @@ class PackedEmbeddingBag(nn.Module):
     Args:
         num_embeddings, embedding_dim, mode, include_last_offset: as ``nn.EmbeddingBag`` (modes 'sum', 'mean').
         chunk_size: values per chunk (divides ``embedding_dim``).
-        live_chunks: chunks stored.
+        live_chunks: chunks stored as values or codes (a cached row's are in the cache instead).
         storage: ``'fp32'``, ``'int8'`` or ``'int4'``.
         cached_rows: rows of the FP32 hot-row cache (quantized storage only).
+        cached_chunks: chunks those rows store (in the cache, not in ``codes``).
         scales: ``'chunk'`` (an FP16 scale a chunk) or ``'row'`` (an FP16 scale and offset a row), quantized
             storage only.
         dtype: of ``values``; float32 (kept for specs written before ``storage`` existed).
@@ -135,14 +171,14 @@ class PackedEmbeddingBag(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int, live_chunks: int,
                  mode: str = "sum", include_last_offset: bool = False, dtype: torch.dtype = torch.float32,
-                 storage: str = "fp32", cached_rows: int = 0, scales: str = "chunk") -> None:
+                 storage: str = "fp32", cached_rows: int = 0, scales: str = "chunk", cached_chunks: int = 0) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be 'sum' or 'mean', got '{mode}'")
         if dtype != torch.float32:
             raise ValueError(f"dtype must be float32, got {dtype}")
         register_packed_buffers(self, num_embeddings, embedding_dim, chunk_size, live_chunks, storage, cached_rows,
-                                scales)
+                                scales, cached_chunks)
         self.num_embeddings, self.embedding_dim, self.chunk_size = num_embeddings, embedding_dim, chunk_size
         self.num_chunks = embedding_dim // chunk_size
         self.mode, self.include_last_offset = mode, include_last_offset
@@ -162,23 +198,30 @@ class PackedEmbeddingBag(nn.Module):
     def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False,
                    cache: Any = None) -> "PackedEmbeddingBag":
         """Copy a :class:`ChunkStore`'s stored chunks, packed (holes left by moves are dropped), in the store's
-        precision, its counts, and a quantized store's :class:`~.cache.HotRowCache` ``cache`` if given."""
-        _, _, slots = store.entries()            # ordered by row, then chunk: the packed order
+        precision, its counts, and a quantized store's :class:`~.cache.HotRowCache` ``cache`` if given: the cached
+        rows' chunks from the cache only (their stale codes are dropped)."""
+        rows, _, slots = store.entries()            # ordered by row, then chunk: the packed order
         storage = {bits: name for name, bits in STORAGE_BITS.items()}.get(store.bits, "fp32")
         cached = cache.ids.numel() if cache is not None and storage != "fp32" else 0
+        counts = store.counts.clone()
+        if cached:
+            slots = slots[~torch.isin(rows, cache.ids)]
+            counts[cache.ids] = 0
         packed = cls(store.num_rows, store.num_chunks * store.chunk_size, store.chunk_size, slots.numel(),
                      mode=mode, include_last_offset=include_last_offset, storage=storage, cached_rows=cached,
-                     scales="row" if store.row_scales else "chunk")
+                     scales="row" if store.row_scales else "chunk",
+                     cached_chunks=int(cache.starts[-1]) if cached else 0)
         if storage == "fp32":
             packed.values.copy_(store.read(slots))
         else:
             packed.codes.copy_(store.codes[slots])
             packed.scales.copy_(store.scales if store.row_scales else store.scales[slots])
-        packed.counts.copy_(store.counts)
-        packed.base.copy_(packed_bases(store.counts))
+        packed.counts.copy_(counts)
+        packed.base.copy_(packed_bases(counts))
         if cached:
             packed.cache_ids.copy_(cache.ids)
             packed.cache_values.copy_(cache.values)
+            packed.cache_starts.copy_(cache.starts)
             packed.cache_bits.copy_(cache.bits)
             packed.cache_rank.copy_(cache.rank)
         return packed
@@ -189,6 +232,8 @@ class PackedEmbeddingBag(nn.Module):
         args = {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "chunk_size": self.chunk_size, "live_chunks": self.live_chunks, "storage": self.storage,
                 "cached_rows": int(self.cache_ids.shape[0])}
+        if self.cache_ids.numel():
+            args["cached_chunks"] = int(self.cache_values.numel()) // self.chunk_size
         if self.scale_layout == "row":      # only then: specs written before row-wise scales stay as they were
             args["scales"] = "row"
         if self.bag:
@@ -232,7 +277,8 @@ class PackedEmbeddingBag(nn.Module):
                 mode: str) -> torch.Tensor:
         b = self._buffers   # one dict, not nine nn.Module attribute lookups: a lookup of 4096 ids takes ~50 us
         return PACKED_BAG(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
-                          b["cache_bits"], b["cache_rank"], b["cache_values"], input, offsets, per_sample_weights,
+                          b["cache_bits"], b["cache_rank"], b["cache_values"], b["cache_starts"], input, offsets,
+                          per_sample_weights,
                           self.bits, self.chunk_size, MODES[mode], self.include_last_offset, self.num_embeddings,
                           self.embedding_dim)
 
@@ -243,7 +289,9 @@ class PackedEmbeddingBag(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        state_dict = index_of_64_row_blocks(state_dict, prefix, self.num_embeddings)
+        state_dict = flat_packed_cache(index_of_64_row_blocks(state_dict, prefix, self.num_embeddings), prefix,
+                                       self.chunk_size)
+        adopt_cache_shapes(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         check_cache_index(self, self.num_embeddings, prefix, error_msgs)
@@ -262,9 +310,9 @@ class PackedEmbedding(PackedEmbeddingBag):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, chunk_size: int, live_chunks: int,
                  dtype: torch.dtype = torch.float32, storage: str = "fp32", cached_rows: int = 0,
-                 scales: str = "chunk") -> None:
+                 scales: str = "chunk", cached_chunks: int = 0) -> None:
         super().__init__(num_embeddings, embedding_dim, chunk_size, live_chunks, dtype=dtype, storage=storage,
-                         cached_rows=cached_rows, scales=scales)
+                         cached_rows=cached_rows, scales=scales, cached_chunks=cached_chunks)
 
     @classmethod
     def from_store(cls, store: Any, mode: str = "sum", include_last_offset: bool = False,
@@ -273,7 +321,8 @@ class PackedEmbedding(PackedEmbeddingBag):
         ``include_last_offset`` are ignored (an ``nn.Embedding`` has neither)."""
         packed = PackedEmbeddingBag.from_store(store, cache=cache)
         out = cls(packed.num_embeddings, packed.embedding_dim, packed.chunk_size, packed.live_chunks,
-                  storage=packed.storage, cached_rows=int(packed.cache_ids.shape[0]), scales=packed.scale_layout)
+                  storage=packed.storage, cached_rows=int(packed.cache_ids.shape[0]), scales=packed.scale_layout,
+                  cached_chunks=int(packed.cache_values.numel()) // packed.chunk_size)
         out.load_state_dict(packed.state_dict())
         return out
 

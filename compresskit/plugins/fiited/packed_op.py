@@ -8,8 +8,10 @@ must have imported this module (``import compresskit.plugins.fiited``; ``compres
 Arguments: ``values`` (float32 ``[slots, chunk_size]``, ``bits`` 32) or ``codes`` / ``scales`` (``bits`` 8 or 4,
 ``chunk_codec.py``'s layout: ``scales [slots]``, a scale a chunk, or ``[rows, 2]``, a scale and offset a row);
 ``counts`` (uint8, one a row) and ``base`` (int64, the slot of each block of 64 rows' first chunk): the store's
-index (``row_index.py``); the FP32 hot-row cache (``cache_ids`` ascending, ``cache_values [k, dim]`` and the rank
-bitmap ``cache_bits`` / ``cache_rank`` of ``cache.py``; empty tensors when there is none); then
+index (``row_index.py``); the FP32 hot-row cache (``cache_ids`` ascending, the rank bitmap ``cache_bits`` /
+``cache_rank``, the cached rows' stored chunks ``cache_values`` (flat) and ``cache_starts`` (each cached row's first
+chunk there, ``[k + 1]``) of ``cache.py``; a cached row's chunk count is the cache's; empty tensors and
+``cache_starts = [0]`` when there is none); then
 ``nn.EmbeddingBag``'s ``input``, ``offsets``, ``per_sample_weights``, ``mode`` (0 sum, 1 mean) and
 ``include_last_offset``.
 """
@@ -23,7 +25,8 @@ from .chunk_codec import dequantize
 MODES = {"sum": 0, "mean": 1}
 _LIB = torch.library.Library("compresskit", "FRAGMENT")
 _LIB.define("packed_bag(Tensor values, Tensor codes, Tensor scales, Tensor counts, Tensor base, Tensor cache_ids, "
-            "Tensor cache_bits, Tensor cache_rank, Tensor cache_values, Tensor input, Tensor? offsets, "
+            "Tensor cache_bits, Tensor cache_rank, Tensor cache_values, Tensor cache_starts, Tensor input, "
+            "Tensor? offsets, "
             "Tensor? per_sample_weights, int bits, int chunk_size, int mode, bool include_last_offset, "
             "int num_rows, int dim) -> Tensor")
 
@@ -71,7 +74,8 @@ def _bag_bounds(input: torch.Tensor, offsets: torch.Tensor | None, per_sample_we
 
 def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, counts: torch.Tensor,
                          base: torch.Tensor, cache_ids: torch.Tensor, cache_bits: torch.Tensor,
-                         cache_rank: torch.Tensor, cache_values: torch.Tensor, input: torch.Tensor,
+                         cache_rank: torch.Tensor, cache_values: torch.Tensor, cache_starts: torch.Tensor,
+                         input: torch.Tensor,
                          offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None, bits: int,
                          chunk_size: int, mode: int, include_last_offset: bool, num_rows: int, dim: int
                          ) -> torch.Tensor:
@@ -88,9 +92,14 @@ def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torc
     ids = ids[inside]
     bag_of = bag_of[inside]
     slot, cnt = _row_slots(counts, base, ids)
+    hit = torch.zeros(ids.numel(), dtype=torch.bool)
+    if cache_ids.numel():
+        pos = torch.searchsorted(cache_ids, ids).clamp(max=cache_ids.numel() - 1)
+        hit = cache_ids[pos] == ids
+        cnt = torch.where(hit, cache_starts[pos + 1] - cache_starts[pos], cnt)   # a cached row's count: the cache's
     j = torch.arange(c)
     kept = j[None, :] < cnt[:, None]                                                  # [n, chunks]
-    slots = torch.where(kept, slot[:, None] + j, 0).reshape(-1)
+    slots = torch.where(kept & ~hit[:, None], slot[:, None] + j, 0).reshape(-1)
     stored = values.shape[0] if bits == 32 else codes.shape[0]
     if stored == 0:
         vec = torch.zeros(ids.numel(), c, cs)
@@ -102,10 +111,11 @@ def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torc
         vec = dequantize(codes.index_select(0, slots), per_chunk, bits).view(-1, c, cs)
     vec = (vec * kept[:, :, None]).reshape(-1, dim)
     if cache_ids.numel():
-        pos = torch.searchsorted(cache_ids, ids).clamp(max=cache_ids.numel() - 1)
-        hit = cache_ids[pos] == ids
-        within = torch.arange(dim)[None, :] < (cnt * cs)[:, None]
-        vec = torch.where(hit[:, None], cache_values[pos] * within, vec)
+        where = (cache_starts[pos] * cs)[:, None] + torch.arange(dim)
+        in_cache = hit[:, None] & (torch.arange(dim)[None, :] < (cnt * cs)[:, None])
+        cached = cache_values[torch.where(in_cache, where, 0)] if cache_values.numel() else \
+            torch.zeros(in_cache.shape)
+        vec = torch.where(in_cache, cached, vec * ~hit[:, None])
     weight = torch.ones(ids.numel())
     if per_sample_weights is not None:
         weight = per_sample_weights.reshape(-1)[inside].float()
@@ -115,19 +125,22 @@ def packed_bag_reference(values: torch.Tensor, codes: torch.Tensor, scales: torc
     return torch.zeros(bags, dim).index_add_(0, bag_of, vec * weight[:, None])
 
 
-def _packed_bag_cpu(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank, cache_values, input,
-                    offsets, per_sample_weights, bits, chunk_size, mode, include_last_offset, num_rows, dim):
+def _packed_bag_cpu(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank, cache_values,
+                    cache_starts, input, offsets, per_sample_weights, bits, chunk_size, mode, include_last_offset,
+                    num_rows, dim):
     k = native_kernels()
     if k is None:
         return packed_bag_reference(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank,
-                                    cache_values, input, offsets, per_sample_weights, bits, chunk_size, mode,
-                                    include_last_offset, num_rows, dim)
-    return k.packed_bag(values, codes, scales, counts, base, cache_bits, cache_rank, cache_values, input, offsets,
-                        per_sample_weights, bits, chunk_size, mode, include_last_offset, num_rows, dim)
+                                    cache_values, cache_starts, input, offsets, per_sample_weights, bits, chunk_size,
+                                    mode, include_last_offset, num_rows, dim)
+    return k.packed_bag(values, codes, scales, counts, base, cache_bits, cache_rank, cache_values, cache_starts,
+                        input, offsets, per_sample_weights, bits, chunk_size, mode, include_last_offset, num_rows,
+                        dim)
 
 
-def _packed_bag_fake(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank, cache_values, input,
-                     offsets, per_sample_weights, bits, chunk_size, mode, include_last_offset, num_rows, dim):
+def _packed_bag_fake(values, codes, scales, counts, base, cache_ids, cache_bits, cache_rank, cache_values,
+                     cache_starts, input, offsets, per_sample_weights, bits, chunk_size, mode, include_last_offset,
+                     num_rows, dim):
     return input.new_empty((bag_count(input, offsets, include_last_offset), dim), dtype=torch.float32)
 
 

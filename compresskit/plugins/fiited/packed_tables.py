@@ -23,7 +23,8 @@ from torch import nn
 
 from ...models.tables import check_sparse, feature_major_bags
 from ...table_types import TableBytes
-from .packed import PackedEmbeddingBag, check_cache_index, packed_bytes, register_packed_buffers
+from .packed import (PackedEmbeddingBag, adopt_cache_shapes, check_cache_index, flat_packed_cache, packed_bytes,
+                     register_packed_buffers)
 from .packed_op import MODES, PACKED_BAG, cache_index
 from .row_index import packed_bases
 from .chunk_codec import STORAGE_BITS
@@ -40,6 +41,7 @@ class PackedTables(nn.Module):
             ``'chunk'`` or ``'row'``: ``PackedEmbeddingBag``'s).
         live_chunks: chunks stored over all tables.
         cached_rows: FP32 hot rows over all tables (quantized storage only).
+        cached_chunks: chunks those rows store (in the cache).
 
     Build one with :meth:`batched` from the tables' :class:`PackedEmbeddingBag` forms; the constructor alone gives
     an empty shell for ``load_state_dict``. Every tensor is a saved buffer, so :meth:`table_bytes` is the bytes of
@@ -47,14 +49,14 @@ class PackedTables(nn.Module):
     """
 
     def __init__(self, rows: list[int], embedding_dim: int, chunk_size: int, live_chunks: int,
-                 storage: str = "fp32", cached_rows: int = 0, scales: str = "chunk") -> None:
+                 storage: str = "fp32", cached_rows: int = 0, scales: str = "chunk", cached_chunks: int = 0) -> None:
         super().__init__()
         if not rows or any(int(r) < 1 for r in rows):
             raise ValueError(f"rows must list at least one table of at least one row, got {rows}")
         self.rows = [int(r) for r in rows]
         self.num_rows = sum(self.rows)
         register_packed_buffers(self, self.num_rows, embedding_dim, chunk_size, live_chunks, storage, cached_rows,
-                                scales)
+                                scales, cached_chunks)
         self.embedding_dim, self.chunk_size, self.storage = embedding_dim, chunk_size, storage
         self.bits = STORAGE_BITS.get(storage, 32)
         starts = [0]
@@ -77,8 +79,9 @@ class PackedTables(nn.Module):
             return None
         out = cls([t.num_embeddings for t in tables], first.embedding_dim, first.chunk_size,
                   sum(t.live_chunks for t in tables), first.storage, sum(int(t.cache_ids.numel()) for t in tables),
-                  first.scale_layout)
-        values, codes, scales, cache_ids, cache_values = [], [], [], [], []
+                  first.scale_layout, sum(int(t.cache_values.numel()) for t in tables) // first.chunk_size)
+        values, codes, scales, cache_ids, cache_values, cache_starts = [], [], [], [], [], []
+        before = 0      # cached chunks of the tables before this one
         for t, start in zip(tables, out.row_offsets.tolist()):
             out.counts[start:start + t.num_embeddings] = t.counts[:t.num_embeddings]
             values.append(t.values)
@@ -86,6 +89,9 @@ class PackedTables(nn.Module):
             scales.append(t.scales[:t.num_embeddings] if t.scale_layout == "row" else t.scales)
             cache_ids.append(t.cache_ids + start)
             cache_values.append(t.cache_values)
+            if t.cache_ids.numel():
+                cache_starts.append(t.cache_starts[1:] + before)
+                before += int(t.cache_starts[-1])
         out.base.copy_(packed_bases(out.counts))
         out.values.copy_(torch.cat(values))
         out.codes.copy_(torch.cat(codes))
@@ -93,6 +99,7 @@ class PackedTables(nn.Module):
         if out.cache_ids.numel():
             out.cache_ids.copy_(torch.cat(cache_ids))
             out.cache_values.copy_(torch.cat(cache_values))
+            out.cache_starts.copy_(torch.cat([torch.zeros(1, dtype=torch.int64), *cache_starts]))
             bits, rank = cache_index(out.cache_ids, out.num_rows)
             out.cache_bits.copy_(bits)
             out.cache_rank.copy_(rank)
@@ -107,6 +114,8 @@ class PackedTables(nn.Module):
         return {"rows": list(self.rows), "embedding_dim": self.embedding_dim, "chunk_size": self.chunk_size,
                 "live_chunks": int((self.values if self.storage == "fp32" else self.codes).shape[0]),
                 "storage": self.storage, "cached_rows": int(self.cache_ids.shape[0]),
+                **({"cached_chunks": int(self.cache_values.numel()) // self.chunk_size}
+                   if self.cache_ids.numel() else {}),
                 **({"scales": "row"} if self.scales.dim() == 2 else {})}
 
     @classmethod
@@ -136,6 +145,8 @@ class PackedTables(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        state_dict = flat_packed_cache(state_dict, prefix, self.chunk_size)
+        adopt_cache_shapes(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         check_cache_index(self, self.num_rows, prefix, error_msgs)
@@ -163,7 +174,8 @@ class PackedTables(nn.Module):
             ids, counts, w = feature_major_bags(sparse, weights, values=shifted)
             bag_offsets = torch.cumsum(counts, 0) - counts
         out = PACKED_BAG(b["values"], b["codes"], b["scales"], b["counts"], b["base"], b["cache_ids"],
-                         b["cache_bits"], b["cache_rank"], b["cache_values"], ids, bag_offsets, w, self.bits,
+                         b["cache_bits"], b["cache_rank"], b["cache_values"], b["cache_starts"], ids, bag_offsets, w,
+                         self.bits,
                          self.chunk_size, MODES["sum"], False, self.num_rows, self.embedding_dim)
         return list(out.view(features, batch, self.embedding_dim).unbind(0))
 

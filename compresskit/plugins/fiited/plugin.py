@@ -35,8 +35,12 @@ class PrecisionConfig:
 
     storage: Literal["fp32", "int8", "int4"] = option(
         "fp32", help="chunk values: fp32, or int8 / int4 codes (fp16 scales a chunk or a row: scales)")
+    cache_bytes: float = option(0.0, help="int8/int4: fraction of each table's dense fp32 bytes given to an fp32 "
+                                          "cache of the most accessed rows' stored chunks (0 = no byte limit)",
+                                min=0, max=1)
     cache_rows: float = option(0.0, help="int8/int4: fraction of each table's rows, the most accessed, served and "
-                                         "trained in an fp32 cache (0 = none, the byte-optimal setting on every "
+                                         "trained in an fp32 cache (0 = no row limit; both 0: no cache, the "
+                                         "byte-optimal setting on every "
                                          "dataset measured; docs/fiited.md#mixed-precision-chunks)", min=0, max=1)
     rounding: Literal["stochastic", "nearest"] = option(
         "stochastic", help="int8/int4: rounding of the uncached rows' updated values (stochastic keeps updates "
@@ -191,7 +195,7 @@ class FiitedPlugin(Plugin):
                 try:
                     m.set_precision(cfg.precision.storage, cfg.precision.cache_rows, cfg.precision.rounding,
                                     seed=self._table_index(mod_name) if coll.distributed else index,
-                                    scales=cfg.precision.scales)
+                                    scales=cfg.precision.scales, cache_bytes=cfg.precision.cache_bytes)
                 except ValueError as e:
                     raise self.error("precision", f"{mod_name}: {e}") from None
             m.sparse = m.sparse or cfg.sparse_grad

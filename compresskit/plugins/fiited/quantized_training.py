@@ -57,7 +57,7 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
                      kernels.OPTIMIZERS[module.optimizer], module.lr, module.eps,
                      state if state is not None else torch.empty(0),
                      utility if utility is not None else torch.empty(0), gain,
-                     *kernels.native_cache(cache, module.embedding_dim),
+                     *kernels.native_cache(cache),
                      1 if module.rounding == "stochastic" else 0, seed)
         return
     layout = torch.empty(0, cs)   # the kernel reads the chunk size from it; the values live in codes / scales
@@ -75,10 +75,9 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
     with torch.no_grad():
         if bool(hit.any()):
             at = torch.nonzero(hit).flatten()
-            view = cache.values.view(cache.values.shape[0], -1, cs)
-            current = view[pos[at], chunk[at]]
-            view[pos[at], chunk[at]] = optimizer_step(current, grads[at], module.optimizer, module.lr, module.eps,
-                                                      state, slots[at], row_of[at])
+            where = cache.chunk_index(pos[at], chunk[at])
+            cache.values[where] = optimizer_step(cache.values[where], grads[at], module.optimizer, module.lr,
+                                                 module.eps, state, slots[at], row_of[at])
         cold = torch.nonzero(~hit).flatten()
         if cold.numel():
             s = slots[cold]

@@ -137,15 +137,19 @@ inline Layout quantized_layout(const at::Tensor& codes, const at::Tensor& scales
 }
 
 // The fp32 hot-row cache: a rank bitmap over the rows (bits: one a row in int64 words; rank: cached rows before
-// each word, int32) and the cached rows' values (float32 [k, dim], ascending row id). Empty values: no cache.
+// each word, int32) and the cached rows' stored chunks (values: float32, flat, rows in ascending id order; starts:
+// int64 [k + 1], each row's first chunk in values, so row p holds starts[p + 1] - starts[p] chunks). A cached row's
+// chunk count is the cache's (a packed table keeps no codes for it). No starts beyond the first: no cache.
 struct CacheView {
   const uint64_t* bits = nullptr;
   const int32_t* rank = nullptr;
   float* values = nullptr;
+  const int64_t* starts = nullptr;
+  int64_t cs = 0;
 
   // position of row r in the cache, or -1
   inline int64_t position(int64_t r) const {
-    if (!values) return -1;
+    if (!bits) return -1;
     // no branch on whether r is cached (on Zipf ids, hot rows are about half the lookups: a branch on it was
     // mispredicted about as often)
     const uint64_t word = bits[r >> 6];
@@ -153,21 +157,31 @@ struct CacheView {
     const int64_t pos = int64_t(rank[r >> 6]) + __builtin_popcountll(word & ((uint64_t(1) << bit) - 1));
     return (word >> bit) & 1 ? pos : -1;
   }
+  // the values of the cached row at pos, and its chunk count
+  inline float* row(int64_t pos) const { return values + starts[pos] * cs; }
+  inline int64_t chunks(int64_t pos) const { return starts[pos + 1] - starts[pos]; }
 };
 
-inline CacheView cache_view(const at::Tensor& cache_bits, const at::Tensor& cache_rank, const at::Tensor& cache_values,
-                     int64_t dim, int64_t num_rows) {
+inline CacheView cache_view(const at::Tensor& cache_bits, const at::Tensor& cache_rank,
+                            const at::Tensor& cache_values, const at::Tensor& cache_starts, int64_t cs,
+                            int64_t num_rows) {
   CacheView C;
-  if (cache_values.numel() == 0) return C;
+  TORCH_CHECK(cache_starts.scalar_type() == at::kLong && cache_starts.is_contiguous() && cache_starts.dim() == 1,
+              "cache starts: contiguous int64 [cached rows + 1]");
+  if (cache_starts.numel() <= 1) return C;
   TORCH_CHECK(cache_bits.scalar_type() == at::kLong && cache_bits.is_contiguous() &&
                   cache_bits.numel() * 64 >= num_rows && cache_rank.scalar_type() == at::kInt &&
                   cache_rank.is_contiguous() && cache_rank.numel() == cache_bits.numel() &&
                   cache_values.scalar_type() == at::kFloat && cache_values.is_contiguous() &&
-                  cache_values.size(1) == dim,
-              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [k, dim]");
+                  cache_values.dim() == 1 &&
+                  cache_starts.data_ptr<int64_t>()[cache_starts.numel() - 1] * cs == cache_values.numel(),
+              "cache: bits int64 [ceil(rows / 64)], rank int32 [same], values float32 [cached chunks * cs], starts "
+              "int64 [cached rows + 1] ending at the values' chunks");
   C.bits = reinterpret_cast<const uint64_t*>(cache_bits.data_ptr<int64_t>());
   C.rank = cache_rank.data_ptr<int32_t>();
   C.values = cache_values.data_ptr<float>();
+  C.starts = cache_starts.data_ptr<int64_t>();
+  C.cs = cs;
   return C;
 }
 

@@ -91,7 +91,10 @@ struct Reader {
   inline const float* locate(int64_t r, int64_t* slot, int64_t* cnt) const {
     *slot = index.slot(r, cnt);
     const int64_t cached = cache.position(r);
-    if (cached >= 0) return cache.values + cached * dim;
+    if (cached >= 0) {
+      *cnt = cache.chunks(cached);
+      return cache.row(cached);
+    }
     return KIND == 32 ? pool + *slot * cs : nullptr;
   }
 
@@ -179,12 +182,14 @@ void pool_any(const Table& T, const BagView& in, bool mean, float* outp) {
 }  // namespace
 
 // values: float32 [slots, cs] (bits 32), or codes uint8 [slots, cs * bits / 8] and scales float16 [slots] or
-// [rows, 2] (row-wise scale and offset) (bits 8 or 4); counts: uint8, one a row (rows rounded up to 8); base: int64, the slot of each 64-row block's first chunk
-// (layout.h); cache_*: the fp32 hot-row cache (empty values: none); input, offsets,
-// per_sample_weights, mode (0 sum, 1 mean) and include_last_offset as nn.EmbeddingBag. Returns [bags, dim] float32.
+// [rows, 2] (row-wise scale and offset) (bits 8 or 4); counts: uint8, one a row (rows rounded up to 8); base:
+// int64, the slot of each 64-row block's first chunk (layout.h); cache_*: the fp32 hot-row cache (layout.h's
+// CacheView; one start: none); input, offsets, per_sample_weights, mode (0 sum, 1 mean) and include_last_offset as
+// nn.EmbeddingBag. Returns [bags, dim] float32.
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
                       const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
-                      const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
+                      const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& cache_starts,
+                      const at::Tensor& input,
                       const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
                       int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
                       int64_t dim) {
@@ -206,7 +211,7 @@ at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const a
   }
   T.L = Layout{bits == 32 ? values.data_ptr<float>() : nullptr, counts.data_ptr<uint8_t>(), base.data_ptr<int64_t>(),
                cs, dim, num_rows};
-  T.C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
+  T.C = cache_view(cache_bits, cache_rank, cache_values, cache_starts, cs, num_rows);
   if (bits != 32) {
     T.codes = codes.data_ptr<uint8_t>();
     T.scales = scales.data_ptr<at::Half>();

@@ -370,14 +370,15 @@ std::vector<at::Tensor> prefix_bag_backward(const at::Tensor& grad_out, const at
 // even value in the low nibble, code + 8) times one fp16 scale a chunk, or times the row's fp16 scale plus its
 // offset (scales [rows, 2]: row-wise). Rows of the fp32 cache are found in O(1)
 // with a rank bitmap (cache_bits: one bit a row in int64 words; cache_rank: cached rows before each word, int32)
-// and read from cache_values (float32 [k, dim], rows in ascending id order) instead.
+// and read from cache_values (their stored chunks, float32, flat; cache_starts: each cached row's first chunk there,
+// layout.h's CacheView) instead.
 at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t cs,
                                 const at::Tensor& counts, const at::Tensor& base, const at::Tensor& ids,
                                 const at::Tensor& offsets, const at::Tensor& weights, bool mean, int64_t dim,
                                 int64_t num_rows, const at::Tensor& cache_bits, const at::Tensor& cache_rank,
-                                const at::Tensor& cache_values) {
+                                const at::Tensor& cache_values, const at::Tensor& cache_starts) {
   const Layout L = quantized_layout(codes, scales, bits, cs, counts, base, dim, num_rows);
-  const CacheView C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
+  const CacheView C = cache_view(cache_bits, cache_rank, cache_values, cache_starts, cs, num_rows);
   const int64_t cb = cs * bits / 8;  // code bytes a chunk
   const BagInputs in = bag_inputs(ids, offsets, weights, num_rows);
   const int64_t n = in.n, bags = in.bags;
@@ -387,7 +388,6 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
   const bool rowwise = scales.dim() == 2;
-  const float* cval = C.values;
   at::Tensor out = bits == 8 ? forward_in_registers<8>(L, cp, sp, rowwise, cb, C, in, mean)
                              : forward_in_registers<4>(L, cp, sp, rowwise, cb, C, in, mean);
   if (out.defined()) return out;
@@ -401,7 +401,10 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
     const int64_t r = idp[i];
     where[i] = L.slot(r, &cnt_of[i]);
     const int64_t pos = C.position(r);
-    if (pos >= 0) where[i] = -pos - 1;
+    if (pos >= 0) {
+      where[i] = -pos - 1;
+      cnt_of[i] = C.chunks(pos);
+    }
   }
   at::parallel_for(0, bags, 256, [&](int64_t b0, int64_t b1) {
     const int64_t last = b1 < bags ? offp[b1] : n;
@@ -416,13 +419,13 @@ at::Tensor prefix_bag_forward_q(const at::Tensor& codes, const at::Tensor& scale
             __builtin_prefetch(rowwise ? sp + 2 * idp[j] : sp + where[j], 0, 1);
             for (int64_t k = 0; k < cnt_of[j] * cb; k += 64) __builtin_prefetch(cp + where[j] * cb + k, 0, 1);
           } else {
-            prefetch_run(cval + (-where[j] - 1) * dim, cnt_of[j] * cs);
+            prefetch_run(C.row(-where[j] - 1), cnt_of[j] * cs);
           }
         }
         const float w = psw ? psw[i] : 1.0f;
         const int64_t cnt = cnt_of[i];
         if (where[i] < 0) {
-          const float* p = cval + (-where[i] - 1) * dim;
+          const float* p = C.row(-where[i] - 1);
           for (int64_t k = 0; k < cnt * cs; ++k) o[k] += w * p[k];
         } else if (rowwise) {
           (bits == 8 ? add_row_codes<8> : add_row_codes<4>)(o, cp + where[i] * cb, sp + 2 * idp[i], cnt * cs, w);
@@ -529,11 +532,12 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
                            const at::Tensor& ids, const at::Tensor& offsets, const at::Tensor& weights, bool mean,
                            int64_t num_rows, int64_t optim, double lr, double eps, const at::Tensor& state,
                            const at::Tensor& utility, double utility_gain, const at::Tensor& cache_bits,
-                           const at::Tensor& cache_rank, const at::Tensor& cache_values, int64_t rounding,
+                           const at::Tensor& cache_rank, const at::Tensor& cache_values,
+                           const at::Tensor& cache_starts, int64_t rounding,
                            int64_t seed) {
   const int64_t dim = grad_out.size(1);
   const Layout L = quantized_layout(codes, scales, bits, cs, counts, base, dim, num_rows);
-  const CacheView C = cache_view(cache_bits, cache_rank, cache_values, dim, num_rows);
+  const CacheView C = cache_view(cache_bits, cache_rank, cache_values, cache_starts, cs, num_rows);
   const int64_t cb = cs * bits / 8;
   TORCH_CHECK(optim >= 1 && optim <= 3, "optim: 1 SGD, 2 Adagrad, 3 row-wise Adagrad");
   TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous(), "grad_out: contiguous float32");
@@ -574,7 +578,8 @@ void prefix_bag_backward_q(const at::Tensor& grad_out, const at::Tensor& codes, 
       float* mr = optim == 3 ? st + r : nullptr;
       const int64_t pos = C.position(r);
       if (pos >= 0) {
-        fused_update(C.values + pos * dim, g, len, optim, flr, feps, m, mr);
+        TORCH_CHECK(C.chunks(pos) == cnt, "the cache and the store disagree on a cached row's chunks");
+        fused_update(C.row(pos), g, len, optim, flr, feps, m, mr);
         continue;
       }
       float* v = values.data();
@@ -622,7 +627,8 @@ at::Tensor prefix_row_slots(const at::Tensor& counts, const at::Tensor& base, co
 // packed_bag.cpp: the serving kernel of packed tables
 at::Tensor packed_bag(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& scales,
                       const at::Tensor& counts, const at::Tensor& base, const at::Tensor& cache_bits,
-                      const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& input,
+                      const at::Tensor& cache_rank, const at::Tensor& cache_values, const at::Tensor& cache_starts,
+                      const at::Tensor& input,
                       const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& per_sample_weights,
                       int64_t bits, int64_t cs, int64_t mode, bool include_last_offset, int64_t num_rows,
                       int64_t dim);

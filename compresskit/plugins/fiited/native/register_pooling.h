@@ -140,14 +140,15 @@ void pool_in_registers(const Stored& S, const Layout& X, const BagView& in, bool
     auto run_of = [&](int64_t r) -> Run {
       int64_t cnt;
       const int64_t slot = index.slot(r, &cnt);
-      if (CACHED) {
+      if (CACHED) {  // a cached row: its chunks from the cache (loaded at a valid position either way: no branch)
         const int64_t cached = cache.position(r);
-        return Run{cached >= 0 ? -1 - cached : slot, cnt};
+        const int64_t in_cache = cache.chunks(std::max<int64_t>(cached, 0));
+        return Run{cached >= 0 ? -1 - cached : slot, cached >= 0 ? in_cache : cnt};
       }
       return Run{slot, cnt};
     };
     auto fp32_values = [&](const Run& run) -> const float* {
-      return CACHED && run.slot < 0 ? cache.values + (-1 - run.slot) * dim : pool + run.slot * cs;
+      return CACHED && run.slot < 0 ? cache.row(-1 - run.slot) : pool + run.slot * cs;
     };
     auto prefetch = [&](const Run& run, int64_t r) {
       if (KIND == 32 || (CACHED && run.slot < 0)) {
@@ -283,7 +284,7 @@ template <int KIND, bool WEIGHTED>
 bool pool_in_registers_any(const Stored& S, const Layout& X, const BagView& in, bool mean, float* outp) {
 #ifdef FIITED_AVX512
   if (S.dim > 128 || S.cs <= 0 || S.dim % S.cs) return false;  // (the callers' loops take what this cannot)
-  return S.cache.values ? pool_in_registers_dim<KIND, WEIGHTED, true>(S, X, in, mean, outp)
+  return S.cache.bits ? pool_in_registers_dim<KIND, WEIGHTED, true>(S, X, in, mean, outp)
                         : pool_in_registers_dim<KIND, WEIGHTED, false>(S, X, in, mean, outp);
 #else
   return false;
