@@ -6,10 +6,12 @@ a fused update (Adam, which ``fiited_quality.py`` picks for Adult, has no fused 
 budget: every precision keeps exactly the chunks FP32 FIITED keeps at that ``target_memory_ratio`` (payload at FP32
 + index); "total bytes" is what each model then holds for inference, measured from its tensors: codes + FP16 scales
 + the FP32 cache (rows and ids) + the 1.125-byte-a-row index, over the dense tables' bytes. ``-row`` precisions
-keep one FP16 scale and offset a row (4 bytes a row) instead of an FP16 scale a chunk.
+keep one FP16 scale and offset a row (4 bytes a row) instead of an FP16 scale a chunk; ``+N%`` caches the rows
+with the most accesses (``cache_rows``: N% of the rows), ``+N%B`` caches them in N% of the dense table's bytes
+(``cache_bytes``: their stored chunks, FP32).
 
     python benchmarks/fiited_precision.py [--datasets movielens adult] [--ratios 0.25 0.1 0.05] [--seeds 3]
-                                          [--precisions fp32 int8+5% int8 int8-nearest int4+1% int4] [--jobs 2] [--name N]
+                                          [--precisions fp32 int8 int8+1%B ...] [--jobs 2] [--name N]
 """
 from __future__ import annotations
 
@@ -39,8 +41,10 @@ PRECISIONS = {
     "int4": {"storage": "int4", "cache_rows": 0.0},
     "int8-row": {"storage": "int8", "cache_rows": 0.0, "scales": "row"},
     "int4-row": {"storage": "int4", "cache_rows": 0.0, "scales": "row"},
+    "int8+1%B": {"storage": "int8", "cache_bytes": 0.01},
+    "int4+1%B": {"storage": "int4", "cache_bytes": 0.01},
 }
-DEFAULT = ["fp32", "int8+5%", "int8", "int8-nearest", "int4+1%", "int4"]   # the columns of docs/fiited.md
+DEFAULT = ["fp32", "int8", "int8+1%B", "int8-nearest", "int8-row", "int4", "int4+1%B", "int4-row"]   # docs columns
 
 
 def run_cell(ds: str, precision: str | None, ratio: float, seed: int) -> dict:

@@ -1,7 +1,7 @@
 """The native kernels built without AVX-512 (``COMPRESSKIT_NATIVE=portable``): the loops a CPU without AVX-512 runs
 (the index's word-at-a-time count sums, the serving kernel's portable pooling, the training forward's row loop)
-pass the same kernel, serving and row-wise-scale tests, native against the pure-torch reference, in a subprocess.
-On a machine without AVX-512 the default build is that build already."""
+pass the same kernel, serving, row-wise-scale and cache tests, native against the pure-torch reference, in a
+subprocess. On a machine without AVX-512 the default build is that build already."""
 from __future__ import annotations
 
 import os
@@ -40,7 +40,7 @@ def test_kernels_built_without_avx512_pass_the_kernel_and_serving_tests():
         assert native.kernels().built_with_avx512()
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rs", "-p", "no:cacheprovider",
                           "tests/test_fiited_kernels.py", "tests/test_fiited_serving.py",
-                          "tests/test_fiited_row_scales.py"],
+                          "tests/test_fiited_row_scales.py", "tests/test_fiited_cache.py"],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout

@@ -248,6 +248,11 @@ class FiitedEmbeddingBag(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        older = state_dict.get(prefix + "cache.values")
+        if torch.is_tensor(older) and older.dim() == 2:   # a cache saved with full-dimension rows: its stored chunks
+            # (in place: the cache's own load reads this dict)
+            state_dict[prefix + "cache.values"], state_dict[prefix + "cache.starts"] = flat_cache_values(
+                state_dict[prefix + "cache.ids"], older, state_dict[prefix + "store.counts"], self.chunk_size)
         saved = {name: state_dict[prefix + name] for name in ("rounding_generator", "init_generator")
                  if torch.is_tensor(state_dict.get(prefix + name))}
         if saved:   # restored here, not a buffer (and absent from states saved before they were kept)
@@ -258,10 +263,6 @@ class FiitedEmbeddingBag(nn.Module):
         limit = state_dict.get(prefix + "cache.limit")
         if limit is not None and self.cache is None:   # a quantized table's state with its cache: build one
             self.cache = HotRowCache(self.num_embeddings, self.embedding_dim, int(limit), self.chunk_size)
-        older = state_dict.get(prefix + "cache.values")
-        if torch.is_tensor(older) and older.dim() == 2:   # a cache saved with full-dimension rows: its stored chunks
-            state_dict[prefix + "cache.values"], state_dict[prefix + "cache.starts"] = flat_cache_values(
-                state_dict[prefix + "cache.ids"], older, state_dict[prefix + "store.counts"], self.chunk_size)
         # state that training adds (utility scale, row-wise Adagrad state, candidate utilities, the lazy 'seen'
         # bitmap): a trained table's state dict loads into a freshly converted twin, which adopts it
         for name in TRAINING_BUFFERS:
