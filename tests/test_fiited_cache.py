@@ -56,8 +56,10 @@ def test_a_byte_budget_admits_the_hottest_rows_that_fit_and_pruned_rows_cost_les
     limit = int(budget * 400 * 16 * 4)
     full_rows = m.cache.ids.numel()
     assert full_rows == (limit - 8) // (16 * 4 + ROW_OVERHEAD) and _cache_bytes(m) <= limit
-    hottest = torch.argsort(torch.bincount(ids, minlength=400), descending=True, stable=True)[:full_rows]
-    assert set(m.cache.ids.tolist()) == set(hottest.tolist())
+    hits = torch.bincount(ids, minlength=400)
+    outside = torch.ones(400, dtype=torch.bool)
+    outside[m.cache.ids] = False
+    assert int(hits[m.cache.ids].min()) >= int(hits[outside].max())      # the hottest rows (ties either way)
     m.shrink_rows(torch.ones(400, dtype=torch.long))     # every row keeps one chunk: a cached row now costs 32 bytes
     assert m.cache.values.numel() == full_rows * 4
     m.cache.record(ids)

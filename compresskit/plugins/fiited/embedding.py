@@ -251,6 +251,10 @@ class FiitedEmbeddingBag(nn.Module):
         older = state_dict.get(prefix + "cache.values")
         if torch.is_tensor(older) and older.dim() == 2:   # a cache saved with full-dimension rows: its stored chunks
             # (in place: the cache's own load reads this dict)
+            if prefix + "store.counts" not in state_dict or prefix + "cache.ids" not in state_dict:
+                raise ValueError(f"{prefix}cache.values holds full-dimension rows (a compresskit before caches held "
+                                 f"stored chunks only), which convert only with the store's counts and the cache's "
+                                 f"ids in the same state dict: load the whole model.pt")
             state_dict[prefix + "cache.values"], state_dict[prefix + "cache.starts"] = flat_cache_values(
                 state_dict[prefix + "cache.ids"], older, state_dict[prefix + "store.counts"], self.chunk_size)
         saved = {name: state_dict[prefix + name] for name in ("rounding_generator", "init_generator")
