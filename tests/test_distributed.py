@@ -148,6 +148,11 @@ def test_tables_are_split_and_bytes_match_the_model(runs):
     total = stage["payload_bytes"] + stage["index_bytes"] + stage["training_state_bytes"]
     held = report2["stages"][0]["rank_bytes"]
     assert sum(held) == total
+    # max / mean of the ranks' table bytes after every pruning round, the last one the bytes held at the end
+    balance = report2["stages"][0]["rank_balance"]
+    assert len(balance) == report2["stages"][0]["pruning_rounds"] > 1
+    assert all(b["max_over_mean"] >= 1.0 for b in balance)
+    assert balance[-1]["max_over_mean"] == pytest.approx(max(held) / (sum(held) / 2))
     assert all(0.3 * total < b < 0.7 * total for b in held), (held, total)
     table_bytes = [r["table_bytes"] for r in ranks]
     assert report2["distributed"]["table_bytes_max_over_mean"] == pytest.approx(
@@ -457,3 +462,25 @@ def test_a_sharded_checkpoint_of_the_8_row_index_is_named_not_loaded(tmp_path):
     with pytest.raises(ConfigError, match=r"holds 't\.store' in the 8-row index of an older compresskit"):
         load(str(tmp_path / "ckpt"), model, lambda: torch.optim.SGD(model.parameters(), lr=0.1),
              Collective.single())
+
+
+def test_a_sharded_resume_of_int8_tables_with_a_cache_continues_bit_identically(tmp_path):
+    """DCP writes the cache's ids, starts and values in place on a resume: the rank bitmap derived from the ids is
+    rebuilt after, so lookups after the resume read the cached rows (an interrupted run equals an uninterrupted
+    one bit for bit)."""
+    recipe_dict = json.loads(json.dumps(RECIPE))
+    recipe_dict["stages"][0]["precision"] = {"storage": "int8", "cache_bytes": 0.05, "refresh_interval": 3}
+    recipe = write_recipe(tmp_path / "int8.yaml", recipe_dict)
+    whole = launch_ranks([["apply", recipe, "--out", str(tmp_path / "whole")]] * 2, guard=False)
+    assert all(code == 0 for code, _, _ in whole), whole[0][2]
+    out = str(tmp_path / "parts")
+    first = launch_ranks([["apply", recipe, "--out", out, "--set", "train.max_steps=20"]] * 2, guard=False)
+    assert all(code == 0 for code, _, _ in first), first[0][2]
+    rest = launch_ranks([["apply", recipe, "--out", out, "--resume"]] * 2, guard=False)
+    assert all(code == 0 for code, _, _ in rest), [e for _, _, e in rest]
+    state, report = load_outputs(out)
+    reference, reference_report = load_outputs(tmp_path / "whole")
+    assert any(k.endswith("cache.ids") and v.numel() for k, v in reference.items())   # the cache holds rows
+    for key in reference:
+        assert torch.equal(state[key], reference[key]), key
+    assert report["training"]["history"] == reference_report["training"]["history"]

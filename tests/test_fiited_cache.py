@@ -43,8 +43,7 @@ def _zipf_ids(rows: int = 400, n: int = 4000, seed: int = 1) -> torch.Tensor:
 
 
 def _cache_bytes(m: FiitedEmbeddingBag) -> int:
-    c = m.cache
-    return sum(t.numel() * t.element_size() for t in (c.values, c.ids, c.starts))
+    return m.cache.table_bytes().cache          # values, ids, starts and the rank bitmap
 
 
 def test_a_byte_budget_admits_the_hottest_rows_that_fit_and_pruned_rows_cost_less():
@@ -55,7 +54,8 @@ def test_a_byte_budget_admits_the_hottest_rows_that_fit_and_pruned_rows_cost_les
     m.refresh_cache()
     limit = int(budget * 400 * 16 * 4)
     full_rows = m.cache.ids.numel()
-    assert full_rows == (limit - 8) // (16 * 4 + ROW_OVERHEAD) and _cache_bytes(m) <= limit
+    fixed = 8 + 7 * (8 + 4)                              # the last start, and the bitmap: 7 words of 64 rows
+    assert full_rows == (limit - fixed) // (16 * 4 + ROW_OVERHEAD) and _cache_bytes(m) <= limit
     hits = torch.bincount(ids, minlength=400)
     outside = torch.ones(400, dtype=torch.bool)
     outside[m.cache.ids] = False
@@ -64,7 +64,7 @@ def test_a_byte_budget_admits_the_hottest_rows_that_fit_and_pruned_rows_cost_les
     assert m.cache.values.numel() == full_rows * 4
     m.cache.record(ids)
     m.refresh_cache()
-    assert m.cache.ids.numel() == (limit - 8) // (4 * 4 + ROW_OVERHEAD) > 2 * full_rows
+    assert m.cache.ids.numel() == (limit - fixed) // (4 * 4 + ROW_OVERHEAD) > 2 * full_rows
     assert _cache_bytes(m) <= limit
     capped = _table(cache_rows=0.01, cache_bytes=budget)   # both limits: the tighter one holds
     capped.cache.record(ids)
@@ -155,3 +155,21 @@ def test_a_recipe_sizes_the_cache_in_bytes():
         assert m.cache.values.numel() == int(m.store.row_counts()[m.cache.ids].sum()) * m.chunk_size
     with pytest.raises(compresskit.ConfigError, match=r"precision.cache_bytes"):
         compresskit.validate_recipe(_recipe({"storage": "int8", "cache_bytes": 2}))
+
+
+def test_a_state_whose_cache_does_not_fit_its_store_is_refused():
+    m = _table(cache_rows=0.05)
+    m.cache.record(_zipf_ids())
+    m.refresh_cache()
+    state = m.state_dict()
+    bad = dict(state, **{"cache.starts": state["cache.starts"].flip(0).clone()})
+    with pytest.raises(RuntimeError, match="cache.starts do not cut"):
+        FiitedEmbeddingBag(400, 16, 4, optimizer="adagrad", lr=0.1).load_state_dict(bad)
+    shifted = state["cache.starts"].clone()
+    shifted[1:] += 1                                   # every cached row one chunk more than its store row holds
+    bad = dict(state, **{"cache.starts": shifted, "cache.values": torch.zeros(int(shifted[-1]) * 4)})
+    with pytest.raises(ValueError, match="disagree with store.counts"):
+        FiitedEmbeddingBag(400, 16, 4, optimizer="adagrad", lr=0.1).load_state_dict(bad)
+    rowwise = _table(cache_rows=0.05, scales="row").state_dict()
+    with pytest.raises(ValueError, match="row scales, this store chunk scales"):
+        _table(cache_rows=0.05).load_state_dict(rowwise)

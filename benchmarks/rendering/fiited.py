@@ -344,8 +344,9 @@ def fiited_precision_findings() -> str:
     int8_gap = max(abs(diff(ds, r, "int8")) for ds in datasets for r in main)
 
     def row_bytes(bits: str) -> str:
-        return "; ".join(f"{ds} " + " / ".join(f"{at[(ds, r, bits + '-row')]['memory_ratio'] / at[(ds, r, bits)]['memory_ratio']:.2f}"
-                                              for r in main) for ds in datasets)
+        def ratio(ds: str, r: float) -> float:
+            return at[(ds, r, bits + "-row")]["memory_ratio"] / at[(ds, r, bits)]["memory_ratio"]
+        return "; ".join(f"{ds} " + " / ".join(f"{ratio(ds, r):.2f}" for r in main) for ds in datasets)
     lookup = load("fiited_lookup")["cells"]
     int8 = [c["speed_vs_fp32_chunks"] for c in lookup if c["method"] == "FIITED int8 chunks"]
     step = {c["threads"]: c["ms_per_step"] for c in lookup if c["method"].endswith("train step")

@@ -27,6 +27,7 @@ from ..atomic import write_text
 from ..errors import CheckpointError, ConfigError
 from ..integrity import sha256_file
 from ..plugins.fiited.row_index import older_layout
+from ..state_loading import adopting_shapes
 from .collective import Collective
 
 DIR_NAME = "checkpoint"
@@ -137,6 +138,15 @@ def older_index_store(saved: dict[str, Any]) -> str | None:
     return None
 
 
+def older_cache(saved: dict[str, Any]) -> str | None:
+    """The first FIITED hot-row cache that the checkpoint metadata ``saved`` holds as full-dimension rows (a
+    compresskit before caches held their rows' stored chunks only), or None; decided from the metadata alone."""
+    for key, values in saved.items():
+        if key.endswith(".cache.values") and len(getattr(values, "size", ())) == 2:
+            return key[len("model."):-len(".values")] if key.startswith("model.") else key[:-len(".values")]
+    return None
+
+
 def load(path: str, model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], coll: Collective
          ) -> torch.optim.Optimizer:
     """Load this rank's part of the checkpoint at ``path`` into ``model`` (resizing what was pruned) and into a
@@ -148,6 +158,11 @@ def load(path: str, model: nn.Module, make_optimizer: Callable[[], torch.optim.O
         raise ConfigError("--resume", f"the checkpoint in '{path}' holds '{older}' in the 8-row index of an older "
                                       f"compresskit, which a sharded resume cannot convert: resume it with the "
                                       f"compresskit that wrote it, or start a new output.dir")
+    cache = older_cache(saved)
+    if cache is not None:
+        raise ConfigError("--resume", f"the checkpoint in '{path}' holds '{cache}' as full-dimension rows (a cache of "
+                                      f"an older compresskit), which a sharded resume cannot convert: resume it "
+                                      f"with the compresskit that wrote it, or start a new output.dir")
     resized = {}
     for key, tensor in current.items():
         meta = saved.get(f"model.{key}")
@@ -155,10 +170,12 @@ def load(path: str, model: nn.Module, make_optimizer: Callable[[], torch.optim.O
             raise ConfigError("--resume", f"the checkpoint in '{path}' has no '{key}': it was written for another "
                                           f"model; use another output.dir or drop --resume")
         if tuple(meta.size) != tuple(tensor.shape):
-            resized[key] = torch.empty(tuple(meta.size), dtype=tensor.dtype)
+            # zeros, not empty: loaders may derive state from what they receive (a cache's bitmap from its ids)
+            resized[key] = torch.zeros(tuple(meta.size), dtype=tensor.dtype)
     if resized:   # modules whose tensors change size (FIITED stores) take the saved sizes from their loader
         try:
-            model.load_state_dict(resized, strict=False)
+            with adopting_shapes():
+                model.load_state_dict(resized, strict=False)
         except RuntimeError as e:
             raise ConfigError("--resume", f"the checkpoint in '{path}' does not fit this model: "
                                           f"{str(e).splitlines()[-1].strip()}") from None
@@ -168,6 +185,16 @@ def load(path: str, model: nn.Module, make_optimizer: Callable[[], torch.optim.O
     if rng_key in saved:
         state[rng_key] = torch.get_rng_state()
     dcp.load(state, checkpoint_id=path, process_group=coll.group)
+    # dcp.load wrote the parameters and buffers in place; state that a module keeps elsewhere (random generators'
+    # states) came into the dict's copies: hand those to the modules' loaders
+    held = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    extra = {k: v for k, v in state["model"].items() if k not in held}
+    if extra:
+        model.load_state_dict(extra, strict=False)
+    for module in model.modules():   # and rebuild what is derived from the tensors written in place
+        rebuild = getattr(module, "rebuild_derived", None)
+        if callable(rebuild):
+            rebuild()
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if rng_key in state:
         torch.set_rng_state(state[rng_key])

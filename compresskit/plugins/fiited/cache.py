@@ -9,7 +9,7 @@ While a row is cached its quantized copy in the store is stale: the cache is the
 the stale codes (``packed.py``), so what is served holds each row once. :meth:`HotRowCache.refresh` re-ranks rows by
 their decayed access counts, writes evicted rows back to the store (round to nearest: the cache holds the trained
 value exactly) and loads admitted rows from it, hottest first, while they fit the row limit and the byte budget
-(values, id and start: ``4 * count * chunk_size + 16`` bytes a row).
+(values, id and start: ``4 * count * chunk_size + 16`` bytes a row; the rank bitmap below counts too).
 
 Lookups in the native kernel find a row's cache position in O(1) through a rank bitmap derived from ``ids`` (one bit
 a row, and an int32 count of cached rows per 64 rows: 0.19 bytes a row).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...state_loading import only_adopting_shapes
 from ...table_types import TableBytes
 from .kernels import expand_runs
 from .packed_op import cache_index
@@ -75,13 +76,32 @@ class HotRowCache(nn.Module):
 
     @property
     def byte_budget(self) -> int:
-        """Bytes the cache holds at most at a refresh (values, ids, starts; 0: no byte limit)."""
+        """Bytes the cache holds at most at a refresh (values, ids, starts and the rank bitmap; 0: no byte
+        limit)."""
         return int(self.byte_limit)
 
     def _index(self) -> None:
         """Rebuild the rank bitmap from ``ids``: a cached row's position is ``rank[r >> 6]`` plus the set bits
         below ``r`` in its word (O(1) per lookup in the native kernel)."""
         self.bits, self.rank = cache_index(self.ids, self.num_rows)
+
+    def rebuild_derived(self) -> None:
+        """Rebuild the rank bitmap after ``ids`` were written in place (a sharded checkpoint's load)."""
+        self._index()
+
+    def layout_error(self) -> str | None:
+        """What is wrong with ``ids`` / ``starts`` / ``values`` as a cache layout, or None."""
+        starts, k = self.starts, self.ids.numel()
+        steps = starts[1:] - starts[:-1]
+        if starts.numel() != k + 1 or int(starts[0]) != 0 or bool((steps < 0).any()) or \
+                bool((steps > self.dim // self.chunk_size).any()):
+            return "cache.starts do not cut the cached values into rows of at most the row's chunks"
+        if int(starts[-1]) * self.chunk_size != self.values.numel():
+            return "cache.starts do not end at the cached values' chunks"
+        if k and (bool((self.ids[1:] <= self.ids[:-1]).any()) or int(self.ids[0]) < 0 or
+                  int(self.ids[-1]) >= self.num_rows):
+            return "cache.ids are not ascending row ids of the table"
+        return None
 
     def _set(self, ids: torch.Tensor, values: torch.Tensor, chunks: torch.Tensor) -> None:
         """Hold rows ``ids`` of ``chunks`` stored chunks each, their values concatenated in ``values``."""
@@ -139,8 +159,9 @@ class HotRowCache(nn.Module):
         stored = torch.nonzero(counts > 0).flatten()
         k = min(self.capacity, stored.numel())
         hot = stored[torch.topk(self.access[stored], k, sorted=True).indices] if k else self.ids[:0]
-        if self.byte_budget and hot.numel():
-            cost = torch.cumsum(counts[hot] * store.chunk_size * 4 + ROW_OVERHEAD, 0) + 8   # + the last start
+        if self.byte_budget and hot.numel():   # + the last start and the rank bitmap, whatever is cached
+            fixed = 8 + sum(t.numel() * t.element_size() for t in (self.bits, self.rank))
+            cost = torch.cumsum(counts[hot] * store.chunk_size * 4 + ROW_OVERHEAD, 0) + fixed
             hot = hot[cost <= self.byte_budget]
         hot = torch.sort(hot).values
         keep = torch.isin(self.ids, hot)
@@ -164,10 +185,11 @@ class HotRowCache(nn.Module):
         self.write_back(store, torch.arange(self.ids.numel()))
         self._set(self.ids[:0], self.values[:0], torch.zeros(0, dtype=torch.int64))
 
-    def resized(self, store, old_counts: torch.Tensor) -> None:
+    def resized(self, store, old_counts: torch.Tensor, fresh_zeros: bool = False) -> None:
         """After the store changed row counts (pruning, regrowth): cached rows drop their lost chunks and take their
-        fresh ones (zeros or the new initial values) from the store; chunks they kept stay the master copy. (The
-        byte budget is applied again at the next refresh.)"""
+        fresh ones from the store (their initial values), or as exact zeros with ``fresh_zeros`` (zero-initialised
+        chunks, which row-wise codes hold only to within a step); chunks they kept stay the master copy. (The byte
+        budget is applied again at the next refresh.)"""
         if self.ids.numel() == 0:
             return
         cs = self.chunk_size
@@ -182,7 +204,7 @@ class HotRowCache(nn.Module):
         mine = within < kept[at]
         values[mine] = self.values[self.starts[at[mine]] * cs + within[mine]]
         grown = torch.nonzero(new > old).flatten()
-        if grown.numel():
+        if grown.numel() and not fresh_zeros:
             fresh, _ = self._load(store, self.ids[grown])
             g_at, g_within, _ = expand_runs(torch.zeros_like(grown), lengths[grown])
             take = g_within >= kept[grown][g_at]
@@ -204,8 +226,14 @@ class HotRowCache(nn.Module):
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty(incoming.shape, dtype=getattr(self, name).dtype))
-        if prefix + "byte_limit" not in state_dict:       # saved before byte budgets: none
+        if prefix + "limit" in state_dict and prefix + "byte_limit" not in state_dict:   # saved before byte budgets
             state_dict[prefix + "byte_limit"] = torch.tensor(0, dtype=torch.int64)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if only_adopting_shapes():    # placeholder values: the real ones come after (then rebuild_derived)
+            return
+        wrong = self.layout_error()
+        if wrong is not None:
+            error_msgs.append(f"{prefix}: {wrong}")
+            return
         self._index()

@@ -257,6 +257,13 @@ class FiitedEmbeddingBag(nn.Module):
                                  f"ids in the same state dict: load the whole model.pt")
             state_dict[prefix + "cache.values"], state_dict[prefix + "cache.starts"] = flat_cache_values(
                 state_dict[prefix + "cache.ids"], older, state_dict[prefix + "store.counts"], self.chunk_size)
+        starts, counts, ids = (state_dict.get(prefix + k) for k in ("cache.starts", "store.counts", "cache.ids"))
+        if all(torch.is_tensor(t) for t in (starts, counts, ids)) and starts.numel() == ids.numel() + 1 and \
+                ids.numel() and 0 <= int(ids.min()) and int(ids.max()) < counts.numel() and \
+                bool((starts[1:] >= starts[:-1]).all()) and \
+                not torch.equal(starts[1:] - starts[:-1], counts[ids].long()):   # (a broken layout: the cache says)
+            raise ValueError(f"{prefix}cache.starts disagree with {prefix}store.counts on the cached rows' chunks: "
+                             f"the state mixes a cache and a store of different trainings")
         saved = {name: state_dict[prefix + name] for name in ("rounding_generator", "init_generator")
                  if torch.is_tensor(state_dict.get(prefix + name))}
         if saved:   # restored here, not a buffer (and absent from states saved before they were kept)
@@ -422,7 +429,7 @@ class FiitedEmbeddingBag(nn.Module):
             raise ValueError(f"init must be 'zeros' or 'random', got {init!r}")
         rows, slots = self.store.resize_rows(new_counts, fill)
         if self.cache is not None:
-            self.cache.resized(self.store, old)
+            self.cache.resized(self.store, old, fresh_zeros=fill is None)
         grown = torch.unique(rows)
         if by_chunk:
             candidate = getattr(self, CANDIDATE)

@@ -246,7 +246,7 @@ class FiitedPlugin(Plugin):
         for (name, _), twin in zip(dense, twins):
             model.set_submodule(name, twin)
             self.modules.append((name, twin))
-        self.rounds.append({"step": 0, "kept_bytes": self.memory().get("total", 0)})
+        self._record_round({"step": 0, "kept_bytes": self.memory().get("total", 0)})
 
     def _table_set(self, modules: list[tuple[str, nn.Module]], local: bool) -> TableSet:
         """``modules`` as a method sees them: over every rank's tables, or (``local``) on their own."""
@@ -299,7 +299,7 @@ class FiitedPlugin(Plugin):
                                            self._table_set([(name, m)], local=True)) is not None]
             pruned = sorted(sum(self.coll.all_gather_object(pruned), []), key=self._table_index)
             if pruned:
-                self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": pruned})
+                self._record_round({"step": step, "kept_chunks": self.stored_chunks(), "tables": pruned})
                 log.debug("step %d: pruned lazy tables %s to %d chunks", step, ", ".join(pruned),
                           self.rounds[-1]["kept_chunks"])
         else:
@@ -312,10 +312,30 @@ class FiitedPlugin(Plugin):
         missing chunk (row) scoring above the threshold comes back and something below it goes."""
         grown = self.method.prune(target, self._table_set(self.modules, local=False))
         if grown is not None:
-            self.rounds.append({"step": step, "kept_chunks": self.stored_chunks(), "tables": "all",
+            self._record_round({"step": step, "kept_chunks": self.stored_chunks(), "tables": "all",
                                 "regrown_rows": self.coll.sum(grown)})
             log.debug("step %d: %d chunks over all tables, %d rows regrown", step, self.rounds[-1]["kept_chunks"],
                       self.rounds[-1]["regrown_rows"])
+
+    def _record_round(self, record: dict[str, Any]) -> None:
+        """Keep a pruning round's record; a distributed run adds this rank's table bytes (gathered only for the
+        report: no collective in training beyond those the communication model counts)."""
+        if self.coll.distributed:
+            record["local_bytes"] = self.memory(local=True)["total"]
+        self.rounds.append(record)
+
+    def rank_balance(self) -> list[dict[str, float]]:
+        """Max over mean of the ranks' table bytes after every pruning round of a distributed run (a collective;
+        empty in one process)."""
+        if not self.coll.distributed:
+            return []
+        mine = [(r["step"], r["local_bytes"]) for r in self.rounds if "local_bytes" in r]
+        ranks = self.coll.all_gather_object(mine)
+        out = []
+        for rounds in zip(*ranks):     # the rounds every rank recorded (a resume on other ranks starts anew)
+            held = [b for _, b in rounds]
+            out.append({"step": rounds[0][0], "max_over_mean": max(held) / max(sum(held) / len(held), 1)})
+        return out
 
     def _table_index(self, name: str) -> int:
         """Position of table ``name`` in the model's table order (over every rank when sharded)."""
@@ -366,8 +386,8 @@ class FiitedPlugin(Plugin):
             "pruning_rounds": len(self.rounds),
             "storage": self.config.precision.storage,
             "cache_bytes": mem.get("cache", 0),
-            **({"rank_bytes": self.coll.all_gather_object(self.memory(local=True)["total"])}
-               if self.coll.distributed else {}),
+            **({"rank_bytes": self.coll.all_gather_object(self.memory(local=True)["total"]),
+                "rank_balance": self.rank_balance()} if self.coll.distributed else {}),
             "tables": [{"title": "Embedding tables", "columns": [
                 "module", "rows", "dim", "payload bytes", "index bytes", "rows fully pruned", "mean dim kept"],
                 "rows": per_module}],

@@ -75,6 +75,8 @@ def quantized_backward(module, grad_out: torch.Tensor, ids: torch.Tensor, offset
     with torch.no_grad():
         if bool(hit.any()):
             at = torch.nonzero(hit).flatten()
+            if bool((chunk[at] >= cache.starts[pos[at] + 1] - cache.starts[pos[at]]).any()):
+                raise RuntimeError("the cache and the store disagree on a cached row's chunks")
             where = cache.chunk_index(pos[at], chunk[at])
             cache.values[where] = optimizer_step(cache.values[where], grads[at], module.optimizer, module.lr,
                                                  module.eps, state, slots[at], row_of[at])

@@ -510,8 +510,12 @@ class ChunkStore(nn.Module):
         state_dict = index_from_blocks_of_8(state_dict, prefix, self.num_rows)
         saved_pool = state_dict.get(prefix + "pool")
         saved_bits = state_dict.get(prefix + "storage_bits")
+        saved_scales = state_dict.get(prefix + "scales")
+        if self.quantized and saved_scales is not None and (saved_scales.dim() == 2) != self.row_scales:
+            layout = {True: "row", False: "chunk"}
+            raise ValueError(f"{prefix}scales: the state has {layout[saved_scales.dim() == 2]} scales, this store "
+                             f"{layout[self.row_scales]} scales: load it into a table of the same precision.scales")
         if saved_bits is not None and not self.quantized:   # a quantized store's state: quantize first
-            saved_scales = state_dict.get(prefix + "scales")
             self.set_storage({b: name for name, b in STORAGE_BITS.items()}[int(saved_bits)],
                              "row" if saved_scales is not None and saved_scales.dim() == 2 else "chunk")
         for key, value in state_dict.items():
