@@ -41,6 +41,40 @@ def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: 
     return groups, torch.topk(score, keep_count(groups, sparsity), dim=1, sorted=False).indices
 
 
+_USE_NATIVE = [True]
+_KERNELS: list = []          # the native module (or None), looked up once
+
+
+def use_native(enabled: bool) -> None:
+    """Use the native WTA kernel where it applies (default), or always the torch path (tests compare the two)."""
+    _USE_NATIVE[0] = bool(enabled)
+
+
+def _native_kernels():
+    if not _KERNELS:
+        from . import native
+
+        _KERNELS.append(native.kernels())
+    return _KERNELS[0]
+
+
+def masked_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None, nonnegative: bool = False
+               ) -> torch.Tensor:
+    """``x * wta_mask(x, ...)``: in inference (no autograd, not traced) on a float32 CPU tensor, contiguous or
+    channels-last, one pass of the native kernel (``native/wta.cpp``: about 5 us at batch 1 against 20 us for the
+    torch ops); else the torch ops."""
+    if _USE_NATIVE[0] and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.dtype == torch.float32 \
+            and x.device.type == "cpu" and x.dim() >= 2 and x.shape[1] > 0 \
+            and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))) \
+            and not torch.compiler.is_compiling():
+        kernels = _native_kernels()
+        if kernels is not None:
+            units = x.shape[1]
+            groups = blocks if blocks and units % blocks == 0 else units
+            return kernels.wta_masked(x, keep_count(groups, sparsity), groups, nonnegative)
+    return x * wta_mask(x, sparsity, blocks, nonnegative)
+
+
 def wta_mask(x: torch.Tensor, sparsity: float, blocks: int | None = None, nonnegative: bool = False) -> torch.Tensor:
     """0/1 mask broadcastable to x keeping each sample's top-k channels (dim 1), or top-k channel blocks."""
     batch, units = x.shape[:2]
@@ -123,7 +157,7 @@ class WTADropout(nn.Module):
         if not self.training and not torch.is_grad_enabled() and \
                 (self.compact_always or x.shape[0] in self.compact_batches):
             return compact_wta(x, self.sparsity, self.blocks, self.nonnegative_input)
-        return x * wta_mask(x, self.sparsity, self.blocks, self.nonnegative_input)
+        return masked_wta(x, self.sparsity, self.blocks, self.nonnegative_input)
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}, active_in={self.active_in!r}, blocks={self.blocks}"

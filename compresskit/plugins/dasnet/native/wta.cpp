@@ -1,0 +1,112 @@
+// DASNet's winners-take-all in inference, one pass over the activation per sample (compresskit/plugins/dasnet/
+// wta.py has the rule): each group's score is the sum of |x| over its channels' maps (or of x, for inputs known
+// non-negative), the `keep` best groups win, and the output is x times the 0/1 mask of the winners, written in the
+// input's memory format (contiguous, or channels-last 4-D). The torch path takes eight operator calls (a reduction,
+// top-k, a scatter, a repeat and a multiply among them), about 20 us at batch 1 whatever the size, which over a
+// ResNet-20's 19 WTA layers was a third of the gap to the tuned dense model.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+// Sum (of |v|, unless NONNEGATIVE) of n floats, in 16 independent float lanes the compiler vectorises (one running
+// sum would be n dependent adds), reduced in double.
+template <bool NONNEGATIVE>
+inline double lane_sum(const float* v, int64_t n) {
+  float lanes[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) lanes[j] += NONNEGATIVE ? v[i + j] : std::fabs(v[i + j]);
+  }
+  double s = 0.0;
+  for (; i < n; ++i) s += NONNEGATIVE ? v[i] : std::fabs(v[i]);
+  for (int j = 0; j < 16; ++j) s += lanes[j];
+  return s;
+}
+
+// Scores of every group of one sample.
+void group_scores(const float* xs, int64_t channels, int64_t pixels, bool channels_last, bool nonnegative,
+                  int64_t per_group, std::vector<float>& channel, std::vector<double>& score) {
+  if (channels_last) {   // pixel-major: one float running sum a channel, adjacent channels vectorised
+    std::fill(channel.begin(), channel.end(), 0.0f);
+    for (int64_t p = 0; p < pixels; ++p) {
+      const float* row = xs + p * channels;
+      if (nonnegative) {
+        for (int64_t c = 0; c < channels; ++c) channel[c] += row[c];
+      } else {
+        for (int64_t c = 0; c < channels; ++c) channel[c] += std::fabs(row[c]);
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < channels; ++c) {
+      const float* map = xs + c * pixels;
+      channel[c] = float(nonnegative ? lane_sum<true>(map, pixels) : lane_sum<false>(map, pixels));
+    }
+  }
+  std::fill(score.begin(), score.end(), 0.0);
+  for (int64_t c = 0; c < channels; ++c) score[c / per_group] += channel[c];
+}
+
+}  // namespace
+
+// x: float32 [B, C, ...] (contiguous, or channels-last 4-D); groups divides C; keep in [1, groups].
+at::Tensor wta_masked(const at::Tensor& x, int64_t keep, int64_t groups, bool nonnegative) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 2 && x.device().is_cpu(), "x: float32 [B, C, ...] on CPU");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  TORCH_CHECK(groups >= 1 && channels % groups == 0, "groups must divide the channels");
+  TORCH_CHECK(keep >= 1 && keep <= groups, "keep: 1 .. groups");
+  const bool channels_last = x.dim() == 4 && !x.is_contiguous() &&
+                             x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "x: contiguous or channels-last");
+  const int64_t pixels = channels ? x.numel() / std::max<int64_t>(batch * channels, 1) : 0;
+  at::Tensor out = at::empty_like(x);   // the input's memory format
+  if (x.numel() == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t per_group = channels / groups, size = channels * pixels;
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> channel(channels);
+    std::vector<double> score(groups);
+    std::vector<int64_t> order(groups);
+    std::vector<float> mask(channels);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xs = xp + b * size;
+      float* os = op + b * size;
+      group_scores(xs, channels, pixels, channels_last, nonnegative, per_group, channel, score);
+      std::iota(order.begin(), order.end(), int64_t(0));
+      std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(), [&](int64_t a, int64_t c) {
+        return score[a] > score[c] || (score[a] == score[c] && a < c);
+      });
+      std::fill(mask.begin(), mask.end(), 0.0f);
+      for (int64_t i = 0; i < keep; ++i) {
+        std::fill(mask.begin() + order[i] * per_group, mask.begin() + (order[i] + 1) * per_group, 1.0f);
+      }
+      // x * mask, as the torch path multiplies (a loser's -0 and NaN stay what x * 0 gives)
+      if (channels_last) {
+        for (int64_t p = 0; p < pixels; ++p) {
+          const float* row = xs + p * channels;
+          float* dst = os + p * channels;
+          for (int64_t c = 0; c < channels; ++c) dst[c] = row[c] * mask[c];
+        }
+      } else {
+        for (int64_t c = 0; c < channels; ++c) {
+          const float m = mask[c];
+          const float* map = xs + c * pixels;
+          float* dst = os + c * pixels;
+          for (int64_t i = 0; i < pixels; ++i) dst[i] = map[i] * m;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("wta_masked", &wta_masked, "x times the mask of each sample's top-k channel groups (inference)");
+}
