@@ -2,6 +2,7 @@
 on the one engine, :func:`compresskit.prepare`."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,8 +19,9 @@ from .data import DataBundle
 from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
 from .distributed.launch import agreement
-from .distributed.sharding import ShardedTables, shard_tables, sharded_names
+from .distributed.sharding import ShardedTables, place_tables, shard_tables, sharded_names
 from .metrics import module_bytes
+from .models.materialize import building_tables_for
 from .errors import ConfigError
 from .layout import LAYOUT_FILE, Layout, module_records, write_layout
 from .logs import run_log
@@ -117,7 +119,10 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
         if data is None and recipe.data is not None:
             data = resolve_data(recipe.data, seed)
         if model is None and recipe.model is not None:
-            model = resolve_model(recipe.model, data.info if data is not None else None)
+            shard = coll.distributed and recipe.distributed.sharding == "table_wise" and not recipe.model.checkpoint
+            with building_tables_for(lambda sizes: [o == coll.rank for o in place_tables(sizes, coll.world)]) \
+                    if shard else contextlib.nullcontext():   # each rank builds the tables it will own
+                model = resolve_model(recipe.model, data.info if data is not None else None)
             if recipe.model.checkpoint:
                 weights = read_state_dict(recipe.model.checkpoint)
                 if set(weights) == set(model.state_dict()):

@@ -484,3 +484,44 @@ def test_a_sharded_resume_of_int8_tables_with_a_cache_continues_bit_identically(
     for key in reference:
         assert torch.equal(state[key], reference[key]), key
     assert report["training"]["history"] == reference_report["training"]["history"]
+
+
+def test_each_rank_builds_only_its_tables_with_the_one_process_weights():
+    """A sharded build gives this rank's tables memory and leaves the others on the meta device, while every
+    weight it does build (tables, both MLPs) equals the one-process model's bit for bit: the skipped tables'
+    random draws are still taken (the generator ends in the same state)."""
+    from compresskit.models.dlrm import dlrm
+    from compresskit.models.materialize import building_tables_for
+
+    cards = [1000, 17, 5000, 3, 260, 90]
+    torch.manual_seed(0)
+    full = dlrm(13, cards, embedding_dim=16, bottom_mlp=[32], top_mlp=[32]).state_dict()
+    after = torch.get_rng_state()
+    owners = place_tables([c * 16 * 4 for c in cards], 2)
+    for rank in range(2):
+        torch.manual_seed(0)
+        with building_tables_for(lambda sizes: [o == rank for o in place_tables(sizes, 2)]):
+            part = dlrm(13, cards, embedding_dim=16, bottom_mlp=[32], top_mlp=[32])
+        assert torch.equal(torch.get_rng_state(), after)
+        for t, table in enumerate(part.embeddings):
+            assert table.weight.is_meta == (owners[t] != rank)
+        for key, value in part.state_dict().items():
+            if not value.is_meta:
+                assert torch.equal(value, full[key]), key
+        built = sum(tb.weight.numel() * 4 for tb in part.embeddings if not tb.weight.is_meta)
+        assert built == sum(c * 16 * 4 for c, o in zip(cards, owners) if o == rank)
+
+
+def test_a_table_too_big_for_any_rank_is_named():
+    from compresskit.models.dlrm import dlrm
+    from compresskit.models.materialize import building_tables_for
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    huge = memory // 2 // 2 // (64 * 4) + 1          # one row more than a rank's share at 2 ranks
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    try:
+        with building_tables_for(lambda sizes: [i == 0 for i in range(len(sizes))]):
+            with pytest.raises(ValueError, match=r"table 1 \(.* rows x 64\) needs .* GiB, more than a rank can hold"):
+                dlrm(0, [10, huge], embedding_dim=64)
+    finally:
+        del os.environ["LOCAL_WORLD_SIZE"]

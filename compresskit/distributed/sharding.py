@@ -105,6 +105,10 @@ def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
         return []
     names = [f"{prefix}.{i}" if prefix else str(i) for prefix, c in collections for i in range(len(c))]
     owners = place_tables([module_bytes(t)["total"] for _, c in collections for t in c], coll.world)
+    for name, table, owner in zip(names, [t for _, c in collections for t in c], owners):
+        if owner == coll.rank and any(p.is_meta for p in table.parameters()):
+            raise ValueError(f"table '{name}' is placed on rank {coll.rank}, which did not build it (the model "
+                             f"built its tables for another placement)")
     start = 0
     for prefix, tables in collections:
         sharded = ShardedTables(tables, owners[start:start + len(tables)], coll)

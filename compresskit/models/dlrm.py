@@ -10,6 +10,7 @@ from torch import nn
 
 from ..schema import Range
 from . import register_model
+from .materialize import skip_normal_then_uniform, tables_to_build
 from .tables import EmbeddingTables
 
 
@@ -43,12 +44,18 @@ class DLRM(nn.Module):
         top = list(top_mlp or [64])
         self.embedding_dim = embedding_dim
         self.bottom = mlp([num_dense, *bottom, embedding_dim], final_activation=True) if num_dense else None
-        if tables is None:
-            self.embeddings = EmbeddingTables(nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse)
-                                              for c in cardinalities)
-            for emb in self.embeddings:
-                bound = emb.num_embeddings ** -0.5
-                nn.init.uniform_(emb.weight, -bound, bound)
+        if tables is None:   # in a sharded run only this rank's tables get memory (materialize.py)
+            built = []
+            for c, build in zip(cardinalities, tables_to_build([c * embedding_dim * 4 for c in cardinalities])):
+                if build:
+                    emb = nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse)
+                    bound = emb.num_embeddings ** -0.5
+                    nn.init.uniform_(emb.weight, -bound, bound)
+                else:
+                    emb = nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse, device="meta")
+                    skip_normal_then_uniform(c * embedding_dim)
+                built.append(emb)
+            self.embeddings = EmbeddingTables(built)
         else:
             if len(tables) != len(cardinalities):
                 raise ValueError(f"got {len(tables)} tables for {len(cardinalities)} sparse features")
@@ -77,9 +84,20 @@ def dlrm(num_dense: Annotated[int, Range(0, 1_000_000)], cardinalities: Annotate
          top_mlp: Annotated[list[int] | None, Range(1, 65536)] = None, sparse: bool = False) -> DLRM:
     """DLRM; ``num_dense`` and ``cardinalities`` are filled from the dataset when omitted. ``sparse``: sparse
     gradients for the ``nn.EmbeddingBag`` tables."""
-    need = sum(cardinalities) * embedding_dim * 4
+    sizes = [c * embedding_dim * 4 for c in cardinalities]
+    build = tables_to_build(sizes)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if not all(build) else 1   # processes sharing the machine
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > memory // 2:
-        raise ValueError(f"the embedding tables need {need / 2**30:,.1f} GiB (sum(cardinalities) x embedding_dim x "
-                         f"4 bytes), more than half of this machine's {memory / 2**30:,.1f} GiB")
+    share = memory // 2 // max(ranks, 1)
+    for t, size in enumerate(sizes):
+        if size > share:
+            raise ValueError(f"table {t} ({cardinalities[t]:,} rows x {embedding_dim}) needs {size / 2**30:,.2f} GiB, "
+                             f"more than {'a rank' if ranks > 1 else 'this process'} can hold "
+                             f"({share / 2**30:,.2f} GiB: half of this machine's {memory / 2**30:,.1f} GiB"
+                             f"{f' over its {ranks} ranks' if ranks > 1 else ''}); no table-wise placement fits it")
+    need = sum(size for size, b in zip(sizes, build) if b)
+    if need > share:
+        raise ValueError(f"the embedding tables {'this rank builds ' if ranks > 1 else ''}need {need / 2**30:,.1f} "
+                         f"GiB (rows x embedding_dim x 4 bytes), more than {share / 2**30:,.1f} GiB (half of this "
+                         f"machine's {memory / 2**30:,.1f} GiB{f' over its {ranks} ranks' if ranks > 1 else ''})")
     return DLRM(num_dense, cardinalities, embedding_dim, bottom_mlp, top_mlp, sparse=sparse)

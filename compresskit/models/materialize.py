@@ -1,0 +1,49 @@
+"""Which embedding tables this process builds: all of them, or, in a table-wise sharded run, only the ones its rank
+will own (:func:`building_tables_for`), so a rank's memory follows its share from the start.
+
+A table this process does not build lives on the ``meta`` device (shapes, no memory) and is dropped when the tables
+are sharded. Its random initialisation is still drawn from the global generator (into a small scratch buffer, a
+slice at a time) so that every later draw, and every table this process does build, gets exactly the values of a
+one-process run (tested against the generator's state).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Iterator
+
+import torch
+
+_OWNED: contextvars.ContextVar[Callable[[list[int]], list[bool]] | None] = contextvars.ContextVar(
+    "owned_tables", default=None)
+_SLICE = 1 << 20          # values drawn at a time when skipping a table's initialisation (a multiple of 16)
+
+
+@contextlib.contextmanager
+def building_tables_for(owned: Callable[[list[int]], list[bool]]) -> Iterator[None]:
+    """Inside this context a model builds only the tables ``owned(sizes in bytes)`` marks True."""
+    token = _OWNED.set(owned)
+    try:
+        yield
+    finally:
+        _OWNED.reset(token)
+
+
+def tables_to_build(sizes: list[int]) -> list[bool]:
+    """Whether this process builds each of the tables of ``sizes`` bytes (all, outside :func:`building_tables_for`)."""
+    owned = _OWNED.get()
+    return [True] * len(sizes) if owned is None else list(owned(sizes))
+
+
+def skip_normal_then_uniform(numel: int) -> None:
+    """Draw from the global generator exactly what ``normal_`` and then ``uniform_`` of a float32 tensor of
+    ``numel`` values draw (an ``nn.EmbeddingBag``'s own initialisation, then DLRM's), into a scratch buffer a slice
+    at a time: ``normal_`` draws its values' count, plus 16 more when that count is not a multiple of 16, so every
+    slice but the last is a multiple of 16 and the last keeps the remainder (and at least 16 values)."""
+    scratch = torch.empty(min(numel, 2 * _SLICE))
+    for fill in (lambda t: t.normal_(), lambda t: t.uniform_()):
+        left = numel
+        while left > 0:
+            n = left if left < 2 * _SLICE else _SLICE
+            fill(scratch[:n])
+            left -= n
