@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the real datasets (tests needing them skip with a reason when absent)."""
+"""Shared fixtures: paths to the real datasets (tests needing them skip with a reason when absent), and FIITED's
+kernels run native and in pure torch (``native``)."""
 from __future__ import annotations
 
 import os
@@ -30,3 +31,19 @@ def adult_path() -> str:
     if not os.path.isfile(path):
         pytest.skip(f"UCI Adult not found at {path} (set COMPRESSKIT_DATA)")
     return path
+
+
+def _fiited_backends() -> list[bool]:
+    from compresskit.plugins.fiited import kernels
+
+    return [True, False] if kernels.native.kernels() is not None else [False]
+
+
+@pytest.fixture(params=_fiited_backends(), ids=lambda n: "native" if n else "torch")
+def native(request):
+    """FIITED's kernels native (where built) and in pure torch: a test using it runs once each."""
+    from compresskit.plugins.fiited import kernels
+
+    kernels.use_native(request.param)
+    yield request.param
+    kernels.use_native(True)

@@ -12,20 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import compresskit
-from compresskit.plugins.fiited import kernels
 from compresskit.plugins.fiited.cache import ROW_OVERHEAD
 from compresskit.plugins.fiited.embedding import FiitedEmbeddingBag, fiited_modules
 from compresskit.plugins.fiited.packed import PackedEmbeddingBag
 from compresskit.plugins.fiited.row_index import packed_bases
-
-NATIVE = [True, False] if kernels.native.kernels() is not None else [False]
-
-
-@pytest.fixture(params=NATIVE, ids=lambda n: "native" if n else "torch")
-def native(request):
-    kernels.use_native(request.param)
-    yield request.param
-    kernels.use_native(True)
 
 
 def _table(cache_rows: float = 0.0, cache_bytes: float = 0.0, rows: int = 400, scales: str = "chunk"

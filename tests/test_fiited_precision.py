@@ -18,13 +18,6 @@ from compresskit.plugins.fiited.chunk_codec import dequantize, qmax, quantize
 NATIVE = [True, False] if kernels.native.kernels() is not None else [False]
 
 
-@pytest.fixture(params=NATIVE, ids=lambda n: "native" if n else "torch")
-def native(request):
-    kernels.use_native(request.param)
-    yield request.param
-    kernels.use_native(True)
-
-
 def _table(bits: str, cache_rows: float = 0.0, rows: int = 300, dim: int = 16, cs: int = 4, lr: float = 0.1,
            optimizer: str = "adagrad", rounding: str = "stochastic", mode: str = "sum") -> FiitedEmbeddingBag:
     torch.manual_seed(0)

@@ -22,13 +22,6 @@ from compresskit.plugins.fiited.packed_tables import PackedTables
 NATIVE = [True, False] if kernels.native.kernels() is not None else [False]
 
 
-@pytest.fixture(params=NATIVE, ids=lambda n: "native" if n else "torch")
-def native(request):
-    kernels.use_native(request.param)
-    yield request.param
-    kernels.use_native(True)
-
-
 def _table(bits: str = "int8", cache_rows: float = 0.0, rows: int = 300, dim: int = 16, cs: int = 4,
            optimizer: str = "adagrad", rounding: str = "stochastic", mode: str = "sum", seed: int = 0,
            lazy: bool = False) -> FiitedEmbeddingBag:

@@ -451,8 +451,28 @@ inline uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// Quantize one chunk (chunk_codec.py's rules): symmetric, FP16 scale = max|v| / qmax rounded up, codes rounded to
-// nearest (even) or stochastically (floor(x + u), u uniform in [0, 1) from `rng`).
+// Round x to an integer code in [lo, hi] (nearest-even, or stochastically: floor(x + u), u uniform in [0, 1) from
+// rng) and store it as code k of a chunk or row: a byte (int8), or a nibble (int4, code + 8, even k in the low one).
+inline void put_code(float x, float lo, float hi, int64_t bits, uint8_t* out, int64_t k, bool stochastic,
+                     uint64_t& rng) {
+  if (stochastic) {
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    x = std::floor(x + float(rng >> 40) * (1.0f / 16777216.0f));
+  } else {
+    x = std::nearbyint(x);
+  }
+  const int q = int(std::min(std::max(x, lo), hi));
+  if (bits == 8) {
+    out[k] = uint8_t(int8_t(q));
+  } else if (k % 2 == 0) {
+    out[k / 2] = uint8_t(q + 8);
+  } else {
+    out[k / 2] |= uint8_t((q + 8) << 4);
+  }
+}
+
+// Quantize one chunk (chunk_codec.py's rules): symmetric, FP16 scale = max|v| / qmax rounded up, codes rounded by
+// put_code.
 inline void quantize_chunk(const float* v, int64_t cs, int64_t bits, uint8_t* out, at::Half* scale, bool stochastic,
                            uint64_t& rng) {
   float amax = 0.f;
@@ -463,28 +483,12 @@ inline void quantize_chunk(const float* v, int64_t cs, int64_t bits, uint8_t* ou
   if (float(h) < exact) h.x += 1;  // the next FP16 value up: no code clips
   *scale = h;
   const float sc = std::max(float(h), std::numeric_limits<float>::min());
-  for (int64_t k = 0; k < cs; ++k) {
-    float x = v[k] / sc;
-    if (stochastic) {
-      rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-      x = std::floor(x + float(rng >> 40) * (1.0f / 16777216.0f));
-    } else {
-      x = std::nearbyint(x);
-    }
-    const int q = int(std::min(std::max(x, -top), top));
-    if (bits == 8) {
-      out[k] = uint8_t(int8_t(q));
-    } else if (k % 2 == 0) {
-      out[k / 2] = uint8_t(q + 8);
-    } else {
-      out[k / 2] |= uint8_t((q + 8) << 4);
-    }
-  }
+  for (int64_t k = 0; k < cs; ++k) put_code(v[k] / sc, -top, top, bits, out, k, stochastic, rng);
 }
 
 // Quantize a row's len stored values with one (scale, offset) pair (chunk_codec.py's row-wise rules): FP16 scale =
 // (max - min) / (2^bits - 1) rounded up, FP16 offset = min + 2^(bits-1) * scale, codes in [-2^(bits-1),
-// 2^(bits-1) - 1] written to the row's run of code bytes, rounded as quantize_chunk.
+// 2^(bits-1) - 1] written to the row's run of code bytes, rounded by put_code.
 inline void quantize_row(const float* v, int64_t len, int64_t bits, uint8_t* out, at::Half* qp, bool stochastic,
                          uint64_t& rng) {
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
@@ -501,23 +505,7 @@ inline void quantize_row(const float* v, int64_t len, int64_t bits, uint8_t* out
   qp[0] = h;
   qp[1] = off;
   const float sc = std::max(scale, std::numeric_limits<float>::min()), offset = float(off);
-  for (int64_t k = 0; k < len; ++k) {
-    float x = (v[k] - offset) / sc;
-    if (stochastic) {
-      rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-      x = std::floor(x + float(rng >> 40) * (1.0f / 16777216.0f));
-    } else {
-      x = std::nearbyint(x);
-    }
-    const int q = int(std::min(std::max(x, -half), half - 1.f));
-    if (bits == 8) {
-      out[k] = uint8_t(int8_t(q));
-    } else if (k % 2 == 0) {
-      out[k / 2] = uint8_t(q + 8);
-    } else {
-      out[k / 2] |= uint8_t((q + 8) << 4);
-    }
-  }
+  for (int64_t k = 0; k < len; ++k) put_code((v[k] - offset) / sc, -half, half - 1.f, bits, out, k, stochastic, rng);
 }
 
 }  // namespace
