@@ -10,7 +10,7 @@ from torch import nn
 
 from ..schema import Range
 from . import register_model
-from .materialize import skip_normal_then_uniform, tables_to_build
+from .materialize import skip_draws, tables_to_build
 from .tables import EmbeddingTables
 
 
@@ -45,17 +45,21 @@ class DLRM(nn.Module):
         self.embedding_dim = embedding_dim
         self.bottom = mlp([num_dense, *bottom, embedding_dim], final_activation=True) if num_dense else None
         if tables is None:   # in a sharded run only this rank's tables get memory (materialize.py)
+            build = tables_to_build([c * embedding_dim * 4 for c in cardinalities])
             built = []
-            for c, build in zip(cardinalities, tables_to_build([c * embedding_dim * 4 for c in cardinalities])):
-                if build:
-                    emb = nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse)
-                    bound = emb.num_embeddings ** -0.5
+            for c, mine in zip(cardinalities, build):   # every table's own init first, then every DLRM init
+                if mine:
+                    built.append(nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse))
+                else:
+                    built.append(nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse, device="meta"))
+                    skip_draws(c * embedding_dim, "normal")
+            self.embeddings = EmbeddingTables(built)
+            for emb, mine in zip(self.embeddings, build):
+                bound = emb.num_embeddings ** -0.5
+                if mine:
                     nn.init.uniform_(emb.weight, -bound, bound)
                 else:
-                    emb = nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse, device="meta")
-                    skip_normal_then_uniform(c * embedding_dim)
-                built.append(emb)
-            self.embeddings = EmbeddingTables(built)
+                    skip_draws(emb.num_embeddings * embedding_dim, "uniform")
         else:
             if len(tables) != len(cardinalities):
                 raise ValueError(f"got {len(tables)} tables for {len(cardinalities)} sparse features")

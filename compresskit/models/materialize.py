@@ -35,15 +35,16 @@ def tables_to_build(sizes: list[int]) -> list[bool]:
     return [True] * len(sizes) if owned is None else list(owned(sizes))
 
 
-def skip_normal_then_uniform(numel: int) -> None:
-    """Draw from the global generator exactly what ``normal_`` and then ``uniform_`` of a float32 tensor of
-    ``numel`` values draw (an ``nn.EmbeddingBag``'s own initialisation, then DLRM's), into a scratch buffer a slice
-    at a time: ``normal_`` draws its values' count, plus 16 more when that count is not a multiple of 16, so every
-    slice but the last is a multiple of 16 and the last keeps the remainder (and at least 16 values)."""
+def skip_draws(numel: int, kind: str) -> None:
+    """Draw from the global generator exactly what ``normal_`` or ``uniform_`` (``kind``) of a float32 tensor of
+    ``numel`` values draws (an ``nn.EmbeddingBag``'s own initialisation, DLRM's), into a scratch buffer a slice at a
+    time: ``normal_`` draws its values' count, plus 16 more when that count is not a multiple of 16, so every slice
+    but the last is a multiple of 16 and the last keeps the remainder (and at least 16 values)."""
+    if kind not in ("normal", "uniform"):
+        raise ValueError(f"kind must be 'normal' or 'uniform', got {kind!r}")
     scratch = torch.empty(min(numel, 2 * _SLICE))
-    for fill in (lambda t: t.normal_(), lambda t: t.uniform_()):
-        left = numel
-        while left > 0:
-            n = left if left < 2 * _SLICE else _SLICE
-            fill(scratch[:n])
-            left -= n
+    left = numel
+    while left > 0:
+        n = left if left < 2 * _SLICE else _SLICE
+        scratch[:n].normal_() if kind == "normal" else scratch[:n].uniform_()
+        left -= n
