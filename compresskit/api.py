@@ -101,6 +101,14 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     return RunResult(model, report, compression.plugins, out_dir)
 
 
+def _local_world() -> int:
+    """Processes of this run on this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 when unset)."""
+    try:
+        return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
 def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, out_dir: str | None,
              coll: Collective) -> tuple[nn.Module | None, DataBundle | None, dict[str, torch.Tensor] | None]:
     """The run's model and data (those given, or what the recipe names), seeded and sharded, with the output folder
@@ -119,9 +127,11 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
         if data is None and recipe.data is not None:
             data = resolve_data(recipe.data, seed)
         if model is None and recipe.model is not None:
-            shard = coll.distributed and recipe.distributed.sharding == "table_wise" and not recipe.model.checkpoint
-            with building_tables_for(lambda sizes: [o == coll.rank for o in place_tables(sizes, coll.world)]) \
-                    if shard else contextlib.nullcontext():   # each rank builds the tables it will own
+            # the built-in DLRM (one table collection, initialised by its own code) builds only this rank's tables
+            shard = coll.distributed and recipe.distributed.sharding == "table_wise" and \
+                recipe.model.name == "dlrm" and not recipe.model.checkpoint
+            with building_tables_for(lambda sizes: place_tables(sizes, coll.world), coll.rank,
+                                     _local_world()) if shard else contextlib.nullcontext():
                 model = resolve_model(recipe.model, data.info if data is not None else None)
             if recipe.model.checkpoint:
                 weights = read_state_dict(recipe.model.checkpoint)

@@ -28,14 +28,34 @@ def test_native_equals_the_torch_path(shape, blocks, nonnegative):
     layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4 else [])
     for sparsity in (0.25, 0.5, 0.9):
         for t in layouts:
-            with torch.no_grad():
-                got = masked_wta(t, sparsity, blocks, nonnegative)
+            units = t.shape[1]
+            groups = blocks if blocks and units % blocks == 0 else units
+            with torch.no_grad():       # the kernel itself (masked_wta would fall back to torch silently)
+                got = native.kernels().wta_masked(t, max(1, round((1 - sparsity) * groups)), groups, nonnegative)
             assert torch.equal(got, t * wta_mask(t, sparsity, blocks, nonnegative))
             assert got.stride() == t.stride()                       # the input's memory format
             kept = (got != 0).flatten(2).any(2).sum(1) if t.dim() > 2 else (got != 0).sum(1)
-            units = t.shape[1]
-            groups = blocks if blocks and units % blocks == 0 else units
             assert bool((kept <= units // groups * max(1, round((1 - sparsity) * groups))).all())
+
+
+@needs_native
+def test_ties_and_nans_are_ranked_alike():
+    """Equal scores go to the lower group on both paths (saturated activations, the same values in another order),
+    and NaN ranks above everything, as torch.sort puts it."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.ones(2, 8, 2, 2), torch.full((50, 64), 6.0) * (torch.rand(50, 64, generator=g) < 0.7)]
+    base = torch.rand(3, 1, 9, generator=g)
+    cases.append(torch.stack([base[:, 0, torch.randperm(9, generator=g)] for _ in range(12)], 1).view(3, 12, 3, 3))
+    nan = torch.rand(4, 10, 3, 3, generator=g)
+    nan[1, 3, 0, 0] = float("nan")
+    cases.append(nan)
+    for x in cases:
+        for blocks in (None, 2):
+            units = x.shape[1]
+            groups = blocks if blocks and units % blocks == 0 else units
+            with torch.no_grad():
+                got = native.kernels().wta_masked(x, groups // 2, groups, True)
+            assert torch.allclose(got, x * wta_mask(x, 0.5, blocks, True), equal_nan=True, atol=0, rtol=0)
 
 
 @needs_native
@@ -50,6 +70,12 @@ def test_training_and_traced_calls_take_the_torch_path():
         ref = m.eval()(x.detach())
         use_native(True)
         assert torch.equal(m(x.detach()), ref)
+        traced = torch.export.export(m, (x.detach(),)).module()   # traced: plain torch ops, no native call
+    ops = {str(n.target) for n in torch.export.export(m, (x.detach(),)).graph.nodes if n.op == "call_function"}
+    assert not any("wta_masked" in op for op in ops) and any("topk" in op or "sort" in op for op in ops)
+    other = torch.relu(torch.randn(2, 8, 4, 4))
+    with torch.no_grad():
+        assert torch.equal(traced(other), m(other))
 
 
 @needs_native

@@ -500,7 +500,7 @@ def test_each_rank_builds_only_its_tables_with_the_one_process_weights():
     owners = place_tables([c * 16 * 4 for c in cards], 2)
     for rank in range(2):
         torch.manual_seed(0)
-        with building_tables_for(lambda sizes: [o == rank for o in place_tables(sizes, 2)]):
+        with building_tables_for(lambda sizes: place_tables(sizes, 2), rank, 2):
             part = dlrm(13, cards, embedding_dim=16, bottom_mlp=[32], top_mlp=[32])
         assert torch.equal(torch.get_rng_state(), after)
         for t, table in enumerate(part.embeddings):
@@ -513,15 +513,22 @@ def test_each_rank_builds_only_its_tables_with_the_one_process_weights():
 
 
 def test_a_table_too_big_for_any_rank_is_named():
+    """Whole tables go to one rank, so a table bigger than half the machine fits none: every rank (each builds or
+    skips it) says so naming it, and the tables this machine's ranks build together are held to the one-process
+    limit (the same answer on every rank)."""
     from compresskit.models.dlrm import dlrm
-    from compresskit.models.materialize import building_tables_for
+    from compresskit.models.materialize import building_tables_for, machine_bytes
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    huge = memory // 2 // 2 // (64 * 4) + 1          # one row more than a rank's share at 2 ranks
-    os.environ["LOCAL_WORLD_SIZE"] = "2"
-    try:
-        with building_tables_for(lambda sizes: [i == 0 for i in range(len(sizes))]):
-            with pytest.raises(ValueError, match=r"table 1 \(.* rows x 64\) needs .* GiB, more than a rank can hold"):
+    huge = memory // 2 // (64 * 4) + 1              # one row more than half the machine
+    for rank in (0, 1):
+        with building_tables_for(lambda sizes: [0] * len(sizes), rank, 2):
+            with pytest.raises(ValueError, match=r"table 1 \(.* rows x 64\) needs .* GiB, more than half of"):
                 dlrm(0, [10, huge], embedding_dim=64)
-    finally:
-        del os.environ["LOCAL_WORLD_SIZE"]
+    sizes = [100, 200, 300, 400]
+    place = lambda s: [0, 1, 2, 3]                  # noqa: E731  (4 ranks, 2 a machine)
+    with building_tables_for(place, 3, 2):
+        assert machine_bytes(sizes) == 700             # ranks 2 and 3 share this machine
+    with building_tables_for(place, 1, 2):
+        assert machine_bytes(sizes) == 300
+    assert machine_bytes(sizes) == 1000                # one process builds them all

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..schema import Range
 from . import register_model
-from .materialize import skip_draws, tables_to_build
+from .materialize import machine_bytes, skip_draws, tables_to_build
 from .tables import EmbeddingTables
 
 
@@ -89,19 +89,15 @@ def dlrm(num_dense: Annotated[int, Range(0, 1_000_000)], cardinalities: Annotate
     """DLRM; ``num_dense`` and ``cardinalities`` are filled from the dataset when omitted. ``sparse``: sparse
     gradients for the ``nn.EmbeddingBag`` tables."""
     sizes = [c * embedding_dim * 4 for c in cardinalities]
-    build = tables_to_build(sizes)
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if not all(build) else 1   # processes sharing the machine
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    share = memory // 2 // max(ranks, 1)
-    for t, size in enumerate(sizes):
-        if size > share:
+    for t, size in enumerate(sizes):     # whole tables go to one rank: one bigger than half the machine fits none
+        if size > memory // 2:
             raise ValueError(f"table {t} ({cardinalities[t]:,} rows x {embedding_dim}) needs {size / 2**30:,.2f} GiB, "
-                             f"more than {'a rank' if ranks > 1 else 'this process'} can hold "
-                             f"({share / 2**30:,.2f} GiB: half of this machine's {memory / 2**30:,.1f} GiB"
-                             f"{f' over its {ranks} ranks' if ranks > 1 else ''}); no table-wise placement fits it")
-    need = sum(size for size, b in zip(sizes, build) if b)
-    if need > share:
-        raise ValueError(f"the embedding tables {'this rank builds ' if ranks > 1 else ''}need {need / 2**30:,.1f} "
-                         f"GiB (rows x embedding_dim x 4 bytes), more than {share / 2**30:,.1f} GiB (half of this "
-                         f"machine's {memory / 2**30:,.1f} GiB{f' over its {ranks} ranks' if ranks > 1 else ''})")
+                             f"more than half of this machine's {memory / 2**30:,.1f} GiB: no process or rank can "
+                             f"hold it whole")
+    need = machine_bytes(sizes)          # every table in one process; this machine's ranks' tables when sharded
+    if need > memory // 2:
+        raise ValueError(f"the embedding tables need {need / 2**30:,.1f} GiB (sum(cardinalities) x embedding_dim x "
+                         f"4 bytes{' over the ranks on this machine' if need < sum(sizes) else ''}), more than "
+                         f"half of this machine's {memory / 2**30:,.1f} GiB")
     return DLRM(num_dense, cardinalities, embedding_dim, bottom_mlp, top_mlp, sparse=sparse)

@@ -14,25 +14,41 @@ from typing import Callable, Iterator
 
 import torch
 
-_OWNED: contextvars.ContextVar[Callable[[list[int]], list[bool]] | None] = contextvars.ContextVar(
-    "owned_tables", default=None)
+_PLACEMENT: contextvars.ContextVar[tuple[Callable[[list[int]], list[int]], int, int] | None] = \
+    contextvars.ContextVar("table_placement", default=None)
 _SLICE = 1 << 20          # values drawn at a time when skipping a table's initialisation (a multiple of 16)
 
 
 @contextlib.contextmanager
-def building_tables_for(owned: Callable[[list[int]], list[bool]]) -> Iterator[None]:
-    """Inside this context a model builds only the tables ``owned(sizes in bytes)`` marks True."""
-    token = _OWNED.set(owned)
+def building_tables_for(place: Callable[[list[int]], list[int]], rank: int, local_world: int = 1
+                        ) -> Iterator[None]:
+    """Inside this context a model builds only the tables that ``place(sizes in bytes)`` (each table's owner rank)
+    gives ``rank``; ``local_world`` ranks share this machine (node-major rank numbers, as torchrun gives them)."""
+    token = _PLACEMENT.set((place, rank, max(local_world, 1)))
     try:
         yield
     finally:
-        _OWNED.reset(token)
+        _PLACEMENT.reset(token)
 
 
 def tables_to_build(sizes: list[int]) -> list[bool]:
     """Whether this process builds each of the tables of ``sizes`` bytes (all, outside :func:`building_tables_for`)."""
-    owned = _OWNED.get()
-    return [True] * len(sizes) if owned is None else list(owned(sizes))
+    placement = _PLACEMENT.get()
+    if placement is None:
+        return [True] * len(sizes)
+    place, rank, _ = placement
+    return [owner == rank for owner in place(sizes)]
+
+
+def machine_bytes(sizes: list[int]) -> int:
+    """Bytes of the tables of ``sizes`` that this machine's processes build: all of them in one process, the ones
+    its ranks own in a sharded build (the same answer on each of them)."""
+    placement = _PLACEMENT.get()
+    if placement is None:
+        return sum(sizes)
+    place, rank, local = placement
+    first = rank // local * local
+    return sum(size for size, owner in zip(sizes, place(sizes)) if first <= owner < first + local)
 
 
 def skip_draws(numel: int, kind: str) -> None:

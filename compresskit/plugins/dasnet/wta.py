@@ -30,15 +30,17 @@ def keep_count(units: int, sparsity: float) -> int:
 
 
 def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: bool) -> tuple[int, torch.Tensor]:
-    """(unit groups, indices [B, k] of each sample's winning groups). The one ranking both paths use: sums of
-    |x| over each group (the same order as means); ``nonnegative`` inputs skip the abs."""
+    """(unit groups, indices [B, k] of each sample's winning groups). The one ranking every path uses (the native
+    kernel's too): sums of |x| over each group in float64 (the same order as means; ``nonnegative`` inputs skip the
+    abs), highest first, a tie won by the lower group (NaN above everything, as ``torch.sort`` puts it)."""
     batch, units = x.shape[:2]
     groups = blocks if blocks and units % blocks == 0 else units
     magnitude = x.detach() if nonnegative else x.detach().abs()
     if x.dim() > 2:        # per channel first: a reduction that reads any memory layout in place
-        magnitude = magnitude.sum(tuple(range(2, x.dim())))
-    score = magnitude.reshape(batch, groups, -1).sum(2)
-    return groups, torch.topk(score, keep_count(groups, sparsity), dim=1, sorted=False).indices
+        magnitude = magnitude.sum(tuple(range(2, x.dim())), dtype=torch.float64)
+    score = magnitude.reshape(batch, groups, -1).sum(2, dtype=torch.float64)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    return groups, order[:, :keep_count(groups, sparsity)]
 
 
 _USE_NATIVE = [True]
@@ -66,7 +68,7 @@ def masked_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None, nonn
     if _USE_NATIVE[0] and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.dtype == torch.float32 \
             and x.device.type == "cpu" and x.dim() >= 2 and x.shape[1] > 0 \
             and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))) \
-            and not torch.compiler.is_compiling():
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         kernels = _native_kernels()
         if kernels is not None:
             units = x.shape[1]

@@ -325,8 +325,8 @@ class FiitedPlugin(Plugin):
         self.rounds.append(record)
 
     def rank_balance(self) -> list[dict[str, float]]:
-        """Max over mean of the ranks' table bytes after every pruning round of a distributed run (a collective;
-        empty in one process)."""
+        """Max over mean of the ranks' table bytes after every pruning round of a distributed run since it started
+        or was last resumed (a collective; empty in one process)."""
         if not self.coll.distributed:
             return []
         mine = [(r["step"], r["local_bytes"]) for r in self.rounds if "local_bytes" in r]
@@ -347,7 +347,8 @@ class FiitedPlugin(Plugin):
         return {"rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rounds = list(state.get("rounds", []))
+        # a sharded checkpoint keeps one rank's copy of the rounds: the bytes each rank recorded are not all there
+        self.rounds = [{k: v for k, v in r.items() if k != "local_bytes"} for r in state.get("rounds", [])]
 
     # ------------------------------------------------------------------------------------------- reporting
     def stored_chunks(self) -> int:

@@ -14,43 +14,51 @@
 
 namespace {
 
-// Sum (of |v|, unless NONNEGATIVE) of n floats, in 16 independent float lanes the compiler vectorises (one running
-// sum would be n dependent adds), reduced in double.
+// Sum (of |v|, unless NONNEGATIVE) of n floats in float64, in 16 independent lanes the compiler vectorises (one
+// running sum would be n dependent adds).
 template <bool NONNEGATIVE>
 inline double lane_sum(const float* v, int64_t n) {
-  float lanes[16] = {0.f};
+  double lanes[16] = {0.0};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
 #pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) lanes[j] += NONNEGATIVE ? v[i + j] : std::fabs(v[i + j]);
+    for (int j = 0; j < 16; ++j) lanes[j] += double(NONNEGATIVE ? v[i + j] : std::fabs(v[i + j]));
   }
   double s = 0.0;
-  for (; i < n; ++i) s += NONNEGATIVE ? v[i] : std::fabs(v[i]);
+  for (; i < n; ++i) s += double(NONNEGATIVE ? v[i] : std::fabs(v[i]));
   for (int j = 0; j < 16; ++j) s += lanes[j];
   return s;
 }
 
-// Scores of every group of one sample.
+// Scores of every group of one sample, in float64 as wta.py's ranking.
 void group_scores(const float* xs, int64_t channels, int64_t pixels, bool channels_last, bool nonnegative,
-                  int64_t per_group, std::vector<float>& channel, std::vector<double>& score) {
-  if (channels_last) {   // pixel-major: one float running sum a channel, adjacent channels vectorised
-    std::fill(channel.begin(), channel.end(), 0.0f);
+                  int64_t per_group, std::vector<double>& channel, std::vector<double>& score) {
+  if (channels_last) {   // pixel-major: one running sum a channel, adjacent channels vectorised
+    std::fill(channel.begin(), channel.end(), 0.0);
     for (int64_t p = 0; p < pixels; ++p) {
       const float* row = xs + p * channels;
       if (nonnegative) {
-        for (int64_t c = 0; c < channels; ++c) channel[c] += row[c];
+        for (int64_t c = 0; c < channels; ++c) channel[c] += double(row[c]);
       } else {
-        for (int64_t c = 0; c < channels; ++c) channel[c] += std::fabs(row[c]);
+        for (int64_t c = 0; c < channels; ++c) channel[c] += double(std::fabs(row[c]));
       }
     }
   } else {
     for (int64_t c = 0; c < channels; ++c) {
       const float* map = xs + c * pixels;
-      channel[c] = float(nonnegative ? lane_sum<true>(map, pixels) : lane_sum<false>(map, pixels));
+      channel[c] = nonnegative ? lane_sum<true>(map, pixels) : lane_sum<false>(map, pixels);
     }
   }
   std::fill(score.begin(), score.end(), 0.0);
   for (int64_t c = 0; c < channels; ++c) score[c / per_group] += channel[c];
+}
+
+// wta.py's order: the higher score first, NaN above everything, a tie to the lower group.
+inline bool ranks_before(const std::vector<double>& score, int64_t a, int64_t b) {
+  const bool na = std::isnan(score[a]), nb = std::isnan(score[b]);
+  if (na != nb) return na;
+  if (!na && score[a] != score[b]) return score[a] > score[b];
+  return a < b;
 }
 
 }  // namespace
@@ -71,8 +79,7 @@ at::Tensor wta_masked(const at::Tensor& x, int64_t keep, int64_t groups, bool no
   float* op = out.data_ptr<float>();
   const int64_t per_group = channels / groups, size = channels * pixels;
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> channel(channels);
-    std::vector<double> score(groups);
+    std::vector<double> channel(channels), score(groups);
     std::vector<int64_t> order(groups);
     std::vector<float> mask(channels);
     for (int64_t b = b0; b < b1; ++b) {
@@ -80,9 +87,8 @@ at::Tensor wta_masked(const at::Tensor& x, int64_t keep, int64_t groups, bool no
       float* os = op + b * size;
       group_scores(xs, channels, pixels, channels_last, nonnegative, per_group, channel, score);
       std::iota(order.begin(), order.end(), int64_t(0));
-      std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(), [&](int64_t a, int64_t c) {
-        return score[a] > score[c] || (score[a] == score[c] && a < c);
-      });
+      std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(),
+                       [&](int64_t a, int64_t c) { return ranks_before(score, a, c); });
       std::fill(mask.begin(), mask.end(), 0.0f);
       for (int64_t i = 0; i < keep; ++i) {
         std::fill(mask.begin() + order[i] * per_group, mask.begin() + (order[i] + 1) * per_group, 1.0f);
