@@ -40,12 +40,12 @@ def test_native_equals_the_torch_path(shape, blocks, nonnegative):
 
 @needs_native
 def test_ties_and_nans_are_ranked_alike():
-    """Equal scores go to the lower group on both paths (saturated activations, the same values in another order),
-    and NaN ranks above everything, as torch.sort puts it."""
+    """Scores that tie exactly (all-zero or saturated channels, equal neurons) go to the lower group on both paths,
+    and NaN ranks above everything, as torch.sort puts it. (Sums that differ only by float rounding may rank apart:
+    the native kernel sums in float64; wta.py says so.)"""
     g = torch.Generator().manual_seed(0)
-    cases = [torch.ones(2, 8, 2, 2), torch.full((50, 64), 6.0) * (torch.rand(50, 64, generator=g) < 0.7)]
-    base = torch.rand(3, 1, 9, generator=g)
-    cases.append(torch.stack([base[:, 0, torch.randperm(9, generator=g)] for _ in range(12)], 1).view(3, 12, 3, 3))
+    cases = [torch.ones(2, 8, 2, 2), torch.full((50, 64), 6.0) * (torch.rand(50, 64, generator=g) < 0.7),
+             torch.full((6, 16, 5, 5), 6.0) * (torch.rand(6, 16, 1, 1, generator=g) < 0.8)]
     nan = torch.rand(4, 10, 3, 3, generator=g)
     nan[1, 3, 0, 0] = float("nan")
     cases.append(nan)

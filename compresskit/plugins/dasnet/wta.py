@@ -31,14 +31,16 @@ def keep_count(units: int, sparsity: float) -> int:
 
 def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: bool) -> tuple[int, torch.Tensor]:
     """(unit groups, indices [B, k] of each sample's winning groups). The one ranking every path uses (the native
-    kernel's too): sums of |x| over each group in float64 (the same order as means; ``nonnegative`` inputs skip the
-    abs), highest first, a tie won by the lower group (NaN above everything, as ``torch.sort`` puts it)."""
+    kernel's too): float32 sums of |x| over each group (the same order as means; ``nonnegative`` inputs skip the
+    abs), highest first, a tie won by the lower group (NaN above everything, as ``torch.sort`` puts it). Sums whose
+    float32 values tie exactly (all-zero or saturated channels, equal neurons) rank alike on every path; the native
+    kernel sums more precisely, so scores within float rounding of each other may rank apart."""
     batch, units = x.shape[:2]
     groups = blocks if blocks and units % blocks == 0 else units
     magnitude = x.detach() if nonnegative else x.detach().abs()
     if x.dim() > 2:        # per channel first: a reduction that reads any memory layout in place
-        magnitude = magnitude.sum(tuple(range(2, x.dim())), dtype=torch.float64)
-    score = magnitude.reshape(batch, groups, -1).sum(2, dtype=torch.float64)
+        magnitude = magnitude.sum(tuple(range(2, x.dim())))
+    score = magnitude.reshape(batch, groups, -1).sum(2)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     return groups, order[:, :keep_count(groups, sparsity)]
 

@@ -30,9 +30,10 @@ inline double lane_sum(const float* v, int64_t n) {
   return s;
 }
 
-// Scores of every group of one sample, in float64 as wta.py's ranking.
+// Scores of every group of one sample: summed in float64, ranked as float32 values, as wta.py ranks its float32
+// sums (exact ties, from all-zero or saturated channels, then break alike).
 void group_scores(const float* xs, int64_t channels, int64_t pixels, bool channels_last, bool nonnegative,
-                  int64_t per_group, std::vector<double>& channel, std::vector<double>& score) {
+                  int64_t per_group, std::vector<double>& channel, std::vector<float>& score) {
   if (channels_last) {   // pixel-major: one running sum a channel, adjacent channels vectorised
     std::fill(channel.begin(), channel.end(), 0.0);
     for (int64_t p = 0; p < pixels; ++p) {
@@ -49,12 +50,15 @@ void group_scores(const float* xs, int64_t channels, int64_t pixels, bool channe
       channel[c] = nonnegative ? lane_sum<true>(map, pixels) : lane_sum<false>(map, pixels);
     }
   }
-  std::fill(score.begin(), score.end(), 0.0);
-  for (int64_t c = 0; c < channels; ++c) score[c / per_group] += channel[c];
+  for (int64_t g = 0; g < int64_t(score.size()); ++g) {
+    double s = 0.0;
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) s += double(float(channel[c]));
+    score[g] = float(s);
+  }
 }
 
 // wta.py's order: the higher score first, NaN above everything, a tie to the lower group.
-inline bool ranks_before(const std::vector<double>& score, int64_t a, int64_t b) {
+inline bool ranks_before(const std::vector<float>& score, int64_t a, int64_t b) {
   const bool na = std::isnan(score[a]), nb = std::isnan(score[b]);
   if (na != nb) return na;
   if (!na && score[a] != score[b]) return score[a] > score[b];
@@ -79,7 +83,8 @@ at::Tensor wta_masked(const at::Tensor& x, int64_t keep, int64_t groups, bool no
   float* op = out.data_ptr<float>();
   const int64_t per_group = channels / groups, size = channels * pixels;
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> channel(channels), score(groups);
+    std::vector<double> channel(channels);
+    std::vector<float> score(groups);
     std::vector<int64_t> order(groups);
     std::vector<float> mask(channels);
     for (int64_t b = b0; b < b1; ++b) {
