@@ -10,7 +10,7 @@ import torch
 
 from compresskit.models.resnet_cifar import resnet_cifar
 from compresskit.plugins.dasnet import insert_wta, native
-from compresskit.plugins.dasnet.wta import WTADropout, masked_wta, use_native, wta_mask
+from compresskit.plugins.dasnet.wta import WTADropout, unit_groups, use_native, wta_mask
 
 NATIVE = native.kernels() is not None
 needs_native = pytest.mark.skipif(not NATIVE, reason="no C++ compiler: the native WTA kernel is not built here")
@@ -29,7 +29,7 @@ def test_native_equals_the_torch_path(shape, blocks, nonnegative):
     for sparsity in (0.25, 0.5, 0.9):
         for t in layouts:
             units = t.shape[1]
-            groups = blocks if blocks and units % blocks == 0 else units
+            groups = unit_groups(units, blocks)
             with torch.no_grad():       # the kernel itself (masked_wta would fall back to torch silently)
                 got = native.kernels().wta_masked(t, max(1, round((1 - sparsity) * groups)), groups, nonnegative)
             assert torch.equal(got, t * wta_mask(t, sparsity, blocks, nonnegative))
@@ -51,8 +51,7 @@ def test_ties_and_nans_are_ranked_alike():
     cases.append(nan)
     for x in cases:
         for blocks in (None, 2):
-            units = x.shape[1]
-            groups = blocks if blocks and units % blocks == 0 else units
+            groups = unit_groups(x.shape[1], blocks)
             with torch.no_grad():
                 got = native.kernels().wta_masked(x, groups // 2, groups, True)
             assert torch.allclose(got, x * wta_mask(x, 0.5, blocks, True), equal_nan=True, atol=0, rtol=0)

@@ -123,6 +123,12 @@ def read_meta(path: str, coll: Collective) -> dict[str, Any]:
     return _unpack(state["meta"])
 
 
+def _saved_name(key: str, suffix: str) -> str:
+    """The model's name of the module whose tensor ``<name><suffix>`` a checkpoint saved under ``key``."""
+    key = key[:-len(suffix)]
+    return key[len("model."):] if key.startswith("model.") else key
+
+
 def older_index_store(saved: dict[str, Any]) -> str | None:
     """The first FIITED store that the checkpoint metadata ``saved`` holds in the index of compresskit before 64-row
     blocks (a base every 8 rows), or None. Decided from the metadata alone, so every rank decides alike: today's
@@ -134,7 +140,7 @@ def older_index_store(saved: dict[str, Any]) -> str | None:
         counts = saved.get(key[:-len("base")] + "counts")
         if counts is not None and len(base.size) == 1 and len(counts.size) == 1 and \
                 older_layout(counts.size[0], base.size[0]):
-            return key[len("model."):-len(".base")] if key.startswith("model.") else key[:-len(".base")]
+            return _saved_name(key, ".base")
     return None
 
 
@@ -143,7 +149,7 @@ def older_cache(saved: dict[str, Any]) -> str | None:
     compresskit before caches held their rows' stored chunks only), or None; decided from the metadata alone."""
     for key, values in saved.items():
         if key.endswith(".cache.values") and len(getattr(values, "size", ())) == 2:
-            return key[len("model."):-len(".values")] if key.startswith("model.") else key[:-len(".values")]
+            return _saved_name(key, ".values")
     return None
 
 

@@ -29,6 +29,11 @@ def keep_count(units: int, sparsity: float) -> int:
     return max(1, min(units, int(round((1.0 - sparsity) * units))))
 
 
+def unit_groups(units: int, blocks: int | None) -> int:
+    """Groups WTA ranks ``units`` in: ``blocks`` contiguous blocks where they divide the units, else one a unit."""
+    return blocks if blocks and units % blocks == 0 else units
+
+
 def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: bool) -> tuple[int, torch.Tensor]:
     """(unit groups, indices [B, k] of each sample's winning groups). The one ranking every path uses (the native
     kernel's too): float32 sums of |x| over each group (the same order as means; ``nonnegative`` inputs skip the
@@ -36,7 +41,7 @@ def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: 
     float32 values tie exactly (all-zero or saturated channels, equal neurons) rank alike on every path; the native
     kernel sums more precisely, so scores within float rounding of each other may rank apart."""
     batch, units = x.shape[:2]
-    groups = blocks if blocks and units % blocks == 0 else units
+    groups = unit_groups(units, blocks)
     magnitude = x.detach() if nonnegative else x.detach().abs()
     if x.dim() > 2:        # per channel first: a reduction that reads any memory layout in place
         magnitude = magnitude.sum(tuple(range(2, x.dim())))
@@ -73,8 +78,7 @@ def masked_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None, nonn
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         kernels = _native_kernels()
         if kernels is not None:
-            units = x.shape[1]
-            groups = blocks if blocks and units % blocks == 0 else units
+            groups = unit_groups(x.shape[1], blocks)
             return kernels.wta_masked(x, keep_count(groups, sparsity), groups, nonnegative)
     return x * wta_mask(x, sparsity, blocks, nonnegative)
 

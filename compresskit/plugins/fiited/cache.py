@@ -36,6 +36,19 @@ def cache_ranges(starts: torch.Tensor, positions: torch.Tensor, chunk_size: int)
     return expand_runs(starts[positions] * chunk_size, (starts[positions + 1] - starts[positions]) * chunk_size)[2]
 
 
+def starts_error(starts: torch.Tensor, cached_rows: int, values: int, chunk_size: int, chunks_per_row: int
+                 ) -> str | None:
+    """What is wrong with ``starts`` (in chunks) as the cut of ``values`` cached values into ``cached_rows`` rows
+    of at most ``chunks_per_row`` chunks, or None (a training cache's and a packed table's layout alike)."""
+    steps = starts[1:] - starts[:-1]
+    if starts.numel() != cached_rows + 1 or int(starts[0]) != 0 or bool((steps < 0).any()) or \
+            bool((steps > chunks_per_row).any()):
+        return "starts do not cut the cached values into rows of at most the row's chunks"
+    if int(starts[-1]) * chunk_size != values:
+        return "starts do not end at the cached values' chunks"
+    return None
+
+
 def flat_cache_values(ids: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, chunk_size: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat values, starts) of a cache saved the older way, a full-dimension row ``values [k, dim]`` a cached row
@@ -91,13 +104,10 @@ class HotRowCache(nn.Module):
 
     def layout_error(self) -> str | None:
         """What is wrong with ``ids`` / ``starts`` / ``values`` as a cache layout, or None."""
-        starts, k = self.starts, self.ids.numel()
-        steps = starts[1:] - starts[:-1]
-        if starts.numel() != k + 1 or int(starts[0]) != 0 or bool((steps < 0).any()) or \
-                bool((steps > self.dim // self.chunk_size).any()):
-            return "cache.starts do not cut the cached values into rows of at most the row's chunks"
-        if int(starts[-1]) * self.chunk_size != self.values.numel():
-            return "cache.starts do not end at the cached values' chunks"
+        k = self.ids.numel()
+        wrong = starts_error(self.starts, k, self.values.numel(), self.chunk_size, self.dim // self.chunk_size)
+        if wrong is not None:
+            return f"cache.{wrong}"
         if k and (bool((self.ids[1:] <= self.ids[:-1]).any()) or int(self.ids[0]) < 0 or
                   int(self.ids[-1]) >= self.num_rows):
             return "cache.ids are not ascending row ids of the table"

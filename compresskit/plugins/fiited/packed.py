@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ...table_types import TableBytes
+from .cache import flat_cache_values, starts_error
 from .row_index import index_shapes, older_layout, packed_bases, padded_counts
 from .packed_op import MODES, PACKED_BAG, cache_index
 from .chunk_codec import SCALES, STORAGE_BITS, code_bytes
@@ -89,10 +90,8 @@ def check_cache_index(module: nn.Module, num_rows: int, prefix: str, error_msgs:
         bits, rank = cache_index(module.cache_ids, num_rows)
         if not (torch.equal(bits, module.cache_bits) and torch.equal(rank, module.cache_rank)):
             error_msgs.append(f"{prefix}cache_bits / cache_rank do not index {prefix}cache_ids")
-        starts, per_row = module.cache_starts, module.embedding_dim // module.chunk_size
-        steps = starts[1:] - starts[:-1]
-        if starts.numel() != module.cache_ids.numel() + 1 or int(starts[0]) != 0 or bool((steps < 0).any()) or \
-                bool((steps > per_row).any()) or int(starts[-1]) * module.chunk_size != module.cache_values.numel():
+        if starts_error(module.cache_starts, module.cache_ids.numel(), module.cache_values.numel(),
+                        module.chunk_size, module.embedding_dim // module.chunk_size) is not None:
             error_msgs.append(f"{prefix}cache_starts do not cut {prefix}cache_values into the cached rows' chunks")
 
 
@@ -103,8 +102,6 @@ def flat_packed_cache(state_dict: dict, prefix: str, chunk_size: int) -> dict:
     values = state_dict.get(prefix + "cache_values")
     if values is None or values.dim() != 2:
         return state_dict
-    from .cache import flat_cache_values
-
     out = dict(state_dict)
     out[prefix + "cache_values"], out[prefix + "cache_starts"] = flat_cache_values(
         state_dict[prefix + "cache_ids"], values, state_dict[prefix + "counts"], chunk_size)
