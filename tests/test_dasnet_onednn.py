@@ -25,6 +25,7 @@ from compresskit.plugins.dasnet import (
     to_sparse_execution,
 )
 from compresskit.plugins.dasnet.fuse import folded_batchnorms
+from compresskit.plugins.dasnet import native as dasnet_native
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -195,6 +196,7 @@ def _count_calls(monkeypatch, module, name: str) -> list[int]:
 
 @pytest.mark.parametrize("blocks", [None, 2])
 def test_sparse_execution_same_with_fallback(monkeypatch, private, blocks):
+    monkeypatch.setattr(dasnet_native, "_USE_NATIVE", [False])   # every compact conv on oneDNN or its fallback
     torch.manual_seed(0)
     model = resnet_cifar(8, width=8)          # residual adds, strided shortcuts, pooling: the sparse path's cases
     _random_batchnorm_statistics(model)
@@ -204,10 +206,11 @@ def test_sparse_execution_same_with_fallback(monkeypatch, private, blocks):
     to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), batch_sizes=(1, 3), force=True)
     assert prepacked_batch_sizes(sparse) == [1, 3]
     convs = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
-    parts = [0]                                 # compact convolutions: one per part of a ChannelSparse input
+    parts = [0]             # compact convolutions: one a part of a ChannelSparse input (a sample, per-sample sets)
     for m in convs:
-        m.register_forward_pre_hook(lambda mod, args: parts.__setitem__(0, parts[0] + len(args[0].parts))
-                                    if isinstance(args[0], ChannelSparse) else None)
+        m.register_forward_pre_hook(lambda mod, args: parts.__setitem__(
+            0, parts[0] + sum(len(p.data) if p.per_sample else 1 for p in args[0].parts))
+            if isinstance(args[0], ChannelSparse) else None)
     conv2d_calls = _count_calls(monkeypatch, F, "conv2d")
     xs = [torch.randn(batch, 3, 32, 32) for batch in (1, 3)]
     runs = {}

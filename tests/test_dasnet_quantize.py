@@ -153,7 +153,10 @@ def test_plugin_keeps_sparse_path_and_reports_backend(trained, backend, request,
     compact_inputs.clear()
     masked = run()
     assert compact_inputs and not any(compact_inputs)
-    assert torch.allclose(out, masked, atol=1e-4, rtol=1e-4)
+    # the compact convolutions (native, per-channel WTA) sum in another order than the dense ones: an activation
+    # a float rounding apart can round to the next int8 step in the dynamically quantized layer after them, which
+    # moves a logit by about 1e-3 (measured 1.3e-3 with torch.ao; 3e-6 with torchao)
+    assert torch.allclose(out, masked, atol=5e-3, rtol=1e-4)
     # WTA now ranks units computed from int8 layers, so a few near-tied units change winner: the largest logit
     # difference is larger than without WTA (measured 4.4% torch.ao, 4.8% torchao of max |logit| 8.5; the mean
     # difference 0.7% of the mean |logit|)

@@ -2,9 +2,9 @@
 
 A ``[B, C, *spatial]`` (or ``[B, F]``) activation after winners-take-all has, per sample, only ``k`` of ``C``
 channels nonzero. ``ChannelSparse`` keeps just those: the batch is split into *parts*, each a set of samples
-(``rows``) sharing one set of active channels (``channels``) with their data ``[n, k, *spatial]``. With block
-WTA there are few distinct channel sets, so a part holds many samples; with per-channel WTA each sample is its
-own part.
+(``rows``) with their data ``[n, k, *spatial]`` and their active channels (``channels``). With block WTA there
+are few distinct channel sets, so a part is the samples sharing one set (``channels [k]``); per-channel WTA keeps
+one part for the whole batch with each sample's own set (``channels [B, k]``).
 
 Layers that know the format (``sparse_exec``) run on the parts directly. Everything else sees an ordinary dense
 tensor: any torch function called on a ``ChannelSparse`` (``torch.flatten``, ``F.relu``, ``+`` ...) gets the
@@ -18,17 +18,25 @@ from typing import Any, Callable
 
 import torch
 
+from . import native
+
 
 @dataclass
 class Part:
-    """Samples ``rows`` (None: the whole batch, in order) whose active channels are ``channels`` (sorted);
-    ``data`` holds those channels only. ``key`` names the channel set (for weight caching; None: not cached)."""
+    """Samples ``rows`` (None: the whole batch, in order) whose active channels are ``channels`` (sorted): one set
+    ``[k]`` for all of them, or one a sample ``[n, k]`` (``per_sample``); ``data`` holds those channels only.
+    ``key`` names a shared channel set (for weight caching; None: not cached)."""
 
     rows: torch.Tensor | None
     channels: torch.Tensor
     data: torch.Tensor
     key: tuple[int, ...] | None = None
     span: tuple[int, int] | None = None     # (lo, hi) when channels are the contiguous range lo..hi-1
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether each sample has its own channel set (``channels [n, k]``, per-channel WTA)."""
+        return self.channels.dim() == 2
 
 
 class ChannelSparse:
@@ -78,8 +86,18 @@ class ChannelSparse:
                     target.index_copy_(0, p.rows, p.data)
             else:
                 rows = torch.arange(self.batch, device=out.device) if p.rows is None else p.rows
-                out.index_put_((rows[:, None], p.channels[None, :]), p.data, accumulate=accumulate)
+                out.index_put_((rows[:, None], p.channels if p.per_sample else p.channels[None, :]), p.data,
+                               accumulate=accumulate)
         return out
+
+    def added_to(self, dense: torch.Tensor) -> torch.Tensor:
+        """``dense`` + this activation (a residual shortcut), a new tensor: one native pass where the parts cover
+        the batch in order (``native/wta.cpp``'s ``add_channels``), else scattered into a copy of ``dense``."""
+        if len(self.parts) == 1 and self.parts[0].rows is None:
+            kernels = native.kernels_for(dense)
+            if kernels is not None:
+                return kernels.add_channels(dense, self.parts[0].channels, self.parts[0].data)
+        return self.scatter_into(dense.clone(), accumulate=True)
 
     def dense(self) -> torch.Tensor:
         """The dense activation (dropped channels zero); computed once."""
@@ -106,7 +124,7 @@ class ChannelSparse:
             sparse, dense = (a, b) if isinstance(a, ChannelSparse) else (b, a)
             if isinstance(dense, torch.Tensor) and isinstance(sparse, ChannelSparse) and \
                     dense.shape == sparse.shape and dense.dtype == sparse.dtype:
-                return sparse.scatter_into(dense.clone(), accumulate=True)
+                return sparse.added_to(dense)
         return func(*densify(args), **densify(kwargs))
 
     def __getattr__(self, name: str) -> Any:

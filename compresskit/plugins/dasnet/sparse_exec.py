@@ -34,7 +34,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ...torch_private import add_forward_hook, own_tensors, tensor_versions
 from . import onednn
 from .compact import ChannelSparse, Part, channels_last, densify
+from . import native
 
+_NO_BIAS = torch.empty(0)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
 
 
@@ -142,25 +144,39 @@ class _SparseTwin(nn.Module):
         return self._weight_bias
 
     def _weight_for(self, part: Part, weight: torch.Tensor) -> torch.Tensor:
-        """``weight``'s slice over ``part.channels`` (contiguous), cached per channel set where it has a key."""
+        """``weight``'s slice over the shared ``part.channels`` (contiguous), cached per channel set where it has a
+        key."""
         if part.key is not None:
             if part.key not in self._cache:
                 self._cache[part.key] = weight.index_select(1, part.channels).contiguous()
             return self._cache[part.key]
+        return self._sample_slice(weight, part.channels)
+
+    def _sample_slice(self, weight: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """``weight``'s slice over one uncached channel set, gathered from an input-channel-major copy."""
         if self._channel_major is None:           # [in, out, ...]: one sample's slice is contiguous rows
             self._channel_major = weight.transpose(0, 1).contiguous()
-        return self._channel_major.index_select(0, part.channels).transpose(0, 1).contiguous()
+        return self._channel_major.index_select(0, channels).transpose(0, 1).contiguous()
 
     def _kernel_for(self, part: Part, weight: torch.Tensor, batch: int) -> torch.Tensor:
         """The kernel ``_op`` gets for ``part`` of a batch of ``batch`` samples (here: the weight slice)."""
         return self._weight_for(part, weight)
+
+    def _part_output(self, part: Part, weight: torch.Tensor, bias: torch.Tensor | None, batch: int
+                     ) -> torch.Tensor:
+        """The layer's output for ``part``'s samples: one call over a shared channel set, or (per-sample sets)
+        one call a sample over its own weight slice."""
+        if part.per_sample:
+            return torch.cat([self._op(part.data[i:i + 1], self._sample_slice(weight, part.channels[i]), bias)
+                              for i in range(part.data.shape[0])])
+        return self._op(part.data, self._kernel_for(part, weight, batch), bias)
 
     def forward(self, x: torch.Tensor | ChannelSparse) -> torch.Tensor:
         if not isinstance(x, ChannelSparse) or x.dim() != self.input_dim or \
                 type(self.layer) not in (nn.Conv2d, nn.Linear):
             return self._dense(densify(x))
         weight, bias = self._weight_and_bias()
-        y = x.assemble([self._op(p.data, self._kernel_for(p, weight, x.batch), bias) for p in x.parts])
+        y = x.assemble([self._part_output(p, weight, bias, x.batch) for p in x.parts])
         return self._mark_fused(y)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,6 +247,22 @@ class SparseConv2d(_SparseTwin):
                 return self._weight_for(part, weight)
             self._cache[key] = packed
         return packed
+
+    def _part_output(self, part: Part, weight: torch.Tensor, bias: torch.Tensor | None, batch: int
+                     ) -> torch.Tensor:
+        """Per-sample channel sets (per-channel WTA) go through the native kernel in one call where it runs
+        (``native/sparse_conv.cpp``: the kept channels' rows of a weight packed once, no slice cut per sample);
+        everything else as ``_SparseTwin``."""
+        kernels = native.kernels_for(part.data, contiguous=False) if part.per_sample else None
+        conv = self.layer
+        if kernels is None or conv.dilation != (1, 1) or isinstance(conv.padding, str) or part.data.dim() != 4:
+            return super()._part_output(part, weight, bias, batch)
+        packed = self._cache.get(("native",))     # dropped with the slices when the weights change
+        if packed is None:
+            packed = self._cache[("native",)] = kernels.pack_conv_weight(weight)
+        return kernels.sparse_input_conv2d(part.data, part.channels, packed, _NO_BIAS if bias is None else bias,
+                                           conv.out_channels, *conv.kernel_size, *conv.stride, *conv.padding,
+                                           self.fused_relu)
 
     def drop_unused_kernels(self) -> None:
         """Forget the prepacked kernels no batch size uses any more (the tuner timed them and chose otherwise)."""

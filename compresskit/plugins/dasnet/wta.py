@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from . import native
 from .compact import ChannelSparse, Part, channels_last
+from .native import use_native  # noqa: F401  (the switch lives with the kernels; tests import it from here)
 
 NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)    # outputs >= 0: WTA ranks without abs
 ACTIVATIONS = ("ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh", "Sigmoid")
@@ -50,36 +52,15 @@ def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: 
     return groups, order[:, :keep_count(groups, sparsity)]
 
 
-_USE_NATIVE = [True]
-_KERNELS: list = []          # the native module (or None), looked up once
-
-
-def use_native(enabled: bool) -> None:
-    """Use the native WTA kernel where it applies (default), or always the torch path (tests compare the two)."""
-    _USE_NATIVE[0] = bool(enabled)
-
-
-def _native_kernels():
-    if not _KERNELS:
-        from . import native
-
-        _KERNELS.append(native.kernels())
-    return _KERNELS[0]
-
-
 def masked_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None, nonnegative: bool = False
                ) -> torch.Tensor:
     """``x * wta_mask(x, ...)``: in inference (no autograd, not traced) on a float32 CPU tensor, contiguous or
     channels-last, one pass of the native kernel (``native/wta.cpp``: about 5 us at batch 1 against 20 us for the
     torch ops); else the torch ops."""
-    if _USE_NATIVE[0] and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.dtype == torch.float32 \
-            and x.device.type == "cpu" and x.dim() >= 2 and x.shape[1] > 0 \
-            and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))) \
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-        kernels = _native_kernels()
-        if kernels is not None:
-            groups = unit_groups(x.shape[1], blocks)
-            return kernels.wta_masked(x, keep_count(groups, sparsity), groups, nonnegative)
+    kernels = native.kernels_for(x)
+    if kernels is not None:
+        groups = unit_groups(x.shape[1], blocks)
+        return kernels.wta_masked(x, keep_count(groups, sparsity), groups, nonnegative)
     return x * wta_mask(x, sparsity, blocks, nonnegative)
 
 
@@ -96,17 +77,14 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
                 nonnegative: bool = False) -> ChannelSparse:
     """WTA of ``x`` in compact form: only the winning channels, samples grouped by their winning set.
 
-    Equals ``x * wta_mask(x, sparsity, blocks, nonnegative)`` once densified (same ranking).
+    Equals ``x * wta_mask(x, sparsity, blocks, nonnegative)`` once densified (same ranking). Per-channel WTA
+    selects and copies the winners in one native pass where it can (``native/wta.cpp``'s ``wta_compact``).
     """
     batch, units = x.shape[:2]
+    groups = unit_groups(units, blocks)
+    if groups == units:                                     # per channel: one part, each sample its own set
+        return ChannelSparse(batch, units, [Part(None, *_channel_winners(x, sparsity, blocks, nonnegative))])
     groups, top = _winners(x, sparsity, blocks, nonnegative)
-    if groups == units:                                            # per channel: every sample its own part
-        top = top.sort(1).values
-        data = x[torch.arange(batch, device=x.device)[:, None], top]
-        if batch == 1:
-            return ChannelSparse(1, units, [Part(None, top[0], data)])
-        return ChannelSparse(batch, units, [Part(torch.tensor([b], device=x.device), top[b], data[b:b + 1])
-                                            for b in range(batch)])
     size = units // groups
     samples_of: dict[tuple[int, ...], list[int]] = {}
     for b, pattern in enumerate(top.tolist()):
@@ -131,6 +109,18 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
             data = x.index_select(1, channels) if rows is None else x[rows[:, None], channels]
         parts.append(Part(rows, channels, data, pattern, span))
     return ChannelSparse(batch, units, parts)
+
+
+def _channel_winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel WTA's winners: each sample's winning channels, ascending ``[B, k]``, and their data
+    ``[B, k, ...]``."""
+    kernels = native.kernels_for(x)
+    if kernels is not None:
+        top, data = kernels.wta_compact(x, keep_count(x.shape[1], sparsity), nonnegative)
+        return top, data
+    top = _winners(x, sparsity, blocks, nonnegative)[1].sort(1).values
+    return top, x[torch.arange(x.shape[0], device=x.device)[:, None], top]
 
 
 @functools.lru_cache(maxsize=256)
