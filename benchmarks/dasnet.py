@@ -6,9 +6,10 @@ PyTorch runs it, with every conv forced onto oneDNN (the kernel the sparse path 
 the convs (torch.fx) on oneDNN, BatchNorm-folded in channels-last memory format, and BatchNorm-folded with kernels
 prepacked for oneDNN (as the sparse path's prepacked convs run); "best dense / sparse" divides the fastest of the
 five by the sparse time. Latencies are medians from ``torch.utils.benchmark`` (``common.interleaved_medians_ms``:
-the models take turns in every round). The speed part runs twice, each in a fresh process: with glibc's
-default allocator and with ``compresskit.keep_freed_memory()`` (freed activations stay in the heap instead of being
-page-faulted in again on every call).
+the models take turns in every round). The speed part runs three times, each in a fresh process (the settings are
+process wide) that converts (tunes) and times at its thread count: at 1 and 2 threads with glibc's default
+allocator, and at 2 threads with ``compresskit.keep_freed_memory()`` (freed activations stay in the heap instead of
+being page-faulted in again on every call).
 
     python benchmarks/dasnet.py [--part all|accuracy|speed] [--seeds 3] [--epochs 30]
 """
@@ -30,8 +31,8 @@ from torch.fx.experimental.optimization import fuse  # noqa: E402
 import compresskit  # noqa: E402
 from compresskit.models.resnet_cifar import resnet_cifar  # noqa: E402
 from compresskit.models.vgg import vgg  # noqa: E402
-from compresskit.plugins.dasnet import (insert_wta, onednn, prepacked_batch_sizes, to_sparse_execution,  # noqa: E402
-                                        tuned_dense_batch_sizes)
+from compresskit.plugins.dasnet import (insert_wta, native, native_batch_sizes, onednn,  # noqa: E402
+                                        prepacked_batch_sizes, to_sparse_execution, tuned_dense_batch_sizes)
 from compresskit.plugins.dasnet.fuse import folded_batchnorms  # noqa: E402
 from compresskit.recipe import validate_recipe  # noqa: E402
 
@@ -97,9 +98,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--part", choices=["all", "accuracy", "speed"], default="all")
     parser.add_argument("--speed-worker", choices=["default", "keep"], help=argparse.SUPPRESS)
+    parser.add_argument("--speed-threads", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.speed_worker:
-        print(json.dumps(speed_rows(args.speed_worker)))
+        print(json.dumps(speed_rows(args.speed_worker, args.speed_threads)))
         return
     if args.part in ("all", "accuracy"):
         accuracy_table(args)
@@ -130,8 +132,10 @@ def accuracy_table(args: argparse.Namespace) -> None:
              "epochs": args.epochs, "cells": cells})
 
 
-def speed_rows(allocator: str) -> list[dict]:
-    """Part 2 in this process: latencies of every net / WTA form / batch, with the allocator mode applied first."""
+def speed_rows(allocator: str, threads: int) -> list[dict]:
+    """Part 2 in this process: latencies of every net / WTA form / batch at ``threads`` threads, with the allocator
+    mode applied first."""
+    torch.set_num_threads(threads)
     if allocator == "keep":
         compresskit.keep_freed_memory()
     nets = {"VGG-11": lambda: vgg("vgg11"), "ResNet-20 (width 32)": lambda: resnet_cifar(20, width=32),
@@ -161,7 +165,7 @@ def speed_rows(allocator: str) -> list[dict]:
                     err = float((sparse(x) - wta(x)).abs().max())
                 best_dense = min(t["dense"], t["dense_onednn"], t["dense_folded"], t["dense_folded_nhwc"],
                                  t["dense_folded_prepacked"])
-                runs.append({"allocator": allocator, "net": net_name,
+                runs.append({"allocator": allocator, "threads": threads, "net": net_name,
                              "wta": "per channel" if blocks is None else f"{blocks} blocks", "batch": batch,
                              "dense_ms": t["dense"], "dense_onednn_ms": t["dense_onednn"],
                              "dense_bn_folded_ms": t["dense_folded"],
@@ -169,6 +173,8 @@ def speed_rows(allocator: str) -> list[dict]:
                              "dense_bn_folded_prepacked_ms": t["dense_folded_prepacked"], "wta_masked_ms": t["masked"],
                              "sparse_ms": t["sparse"], "compact_path_used": batch in compact_batches,
                              "prepacked_kernels_used": batch in prepacked_batch_sizes(sparse),
+                             "native_kernels_used": batch in native_batch_sizes(sparse) or (
+                                 blocks is None and batch in compact_batches and native.kernels() is not None),
                              "tuned_dense_used": batch in tuned_dense_batch_sizes(sparse),
                              "speedup_vs_dense": t["dense"] / t["sparse"],
                              "speedup_vs_best_dense": best_dense / t["sparse"], "max_abs_error": err,
@@ -182,20 +188,20 @@ def speed_table() -> None:
     """Part 2: inference latency, dense vs the sparse execution path, measured in the same run; once with glibc's
     default allocator and once with ``keep_freed_memory``, each in a fresh process (the setting is process wide)."""
     runs = []
-    for allocator in ("default", "keep"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--speed-worker", allocator],
-                             check=True, stdout=subprocess.PIPE, text=True)
+    for allocator, threads in (("default", 1), ("default", 2), ("keep", 2)):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--speed-worker", allocator,
+                              "--speed-threads", str(threads)], check=True, stdout=subprocess.PIPE, text=True)
         runs += json.loads(out.stdout.strip().splitlines()[-1])
-    keys = ["allocator", "net", "wta", "batch", "dense_ms", "dense_onednn_ms", "dense_bn_folded_ms",
+    keys = ["allocator", "threads", "net", "wta", "batch", "dense_ms", "dense_onednn_ms", "dense_bn_folded_ms",
             "dense_bn_folded_channels_last_ms", "dense_bn_folded_prepacked_ms", "wta_masked_ms", "sparse_ms",
-            "compact_path_used", "prepacked_kernels_used", "tuned_dense_used", "speedup_vs_dense",
-            "speedup_vs_best_dense"]
-    publish("dasnet_speed", ["allocator", "net", "WTA", "batch", "dense ms", "dense oneDNN ms", "dense BN-folded ms",
-                             "dense BN-folded NHWC ms", "dense BN-folded prepacked ms", "WTA masked ms",
-                             "sparse path ms", "compact used", "prepacked", "tuned dense used", "dense / sparse",
-                             "best dense / sparse"],
+            "compact_path_used", "prepacked_kernels_used", "native_kernels_used", "tuned_dense_used",
+            "speedup_vs_dense", "speedup_vs_best_dense"]
+    publish("dasnet_speed", ["allocator", "threads", "net", "WTA", "batch", "dense ms", "dense oneDNN ms",
+                             "dense BN-folded ms", "dense BN-folded NHWC ms", "dense BN-folded prepacked ms",
+                             "WTA masked ms", "sparse path ms", "compact used", "prepacked", "native",
+                             "tuned dense used", "dense / sparse", "best dense / sparse"],
             [[r[k] for k in keys] for r in runs],
-            {"sparsity": 0.5, "input": "3x32x32", "threads": torch.get_num_threads(),
+            {"sparsity": 0.5, "input": "3x32x32", "threads": [1, 2],
              "onednn_private_ops": onednn.private_ops_enabled(), "onednn_probe": onednn.probe().reason or "ok",
              "timing": "torch.utils.benchmark.Timer: per model and round timeit(3) after 2 warm-up calls, models "
                        "interleaved; median over rounds (20 at batch 1, 5 at batch 32)", "runs": runs})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from compresskit.models.resnet_cifar import resnet_cifar
 from compresskit.models.vgg import vgg
-from compresskit.plugins.dasnet import insert_wta, native, to_sparse_execution
+from compresskit.plugins.dasnet import insert_wta, native, native_batch_sizes, to_sparse_execution
 from compresskit.plugins.dasnet.compact import ChannelSparse, Part
 from compresskit.plugins.dasnet.sparse_exec import SparseConv2d
 from compresskit.plugins.dasnet.wta import compact_wta, use_native, wta_mask
@@ -153,3 +153,32 @@ def test_per_channel_model_runs_natively_and_matches_masked(net):
         x = torch.randn(1, 3, 32, 32)
         out, ref = sparse(x), model(x)
     assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+
+
+@needs_native
+def test_tuner_keeps_the_native_path_for_block_wta_where_it_is_fastest(monkeypatch):
+    """Block WTA's shared channel sets run on oneDNN slices unless the tuner finds the native kernel faster: then
+    every compact convolution of that batch size runs natively (recorded in ``native_batches``), with the masked
+    model's outputs."""
+    from compresskit.plugins.dasnet import convert
+
+    def fake_time(model, x, repeats=3):            # native 1 ms, every other path 2 ms
+        native_run = any(x[0].shape[0] in m.native_batches for m in model.modules() if isinstance(m, SparseConv2d))
+        return 0.001 if native_run else 0.002
+
+    monkeypatch.setattr(convert, "_median_time", fake_time)
+    torch.manual_seed(0)
+    model = resnet_cifar(8, width=8)
+    insert_wta(model, 0.5, blocks=2)
+    model.eval()
+    sparse = copy.deepcopy(model)
+    timings: list[dict] = []
+    to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), batch_sizes=(1,), timings=timings)
+    assert timings[0]["native"] and timings[0]["native_ms"] == 1.0 and native_batch_sizes(sparse) == [1]
+    convs = [m for m in sparse.modules() if isinstance(m, SparseConv2d) and not m.dense_input]
+    assert all(m.record_args()["native_batches"] == [1] for m in convs)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        out, ref = sparse(x), model(x)
+    assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+    assert _native_convs(sparse) == len(convs)

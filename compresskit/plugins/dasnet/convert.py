@@ -8,7 +8,10 @@ size in ``batch_sizes`` is timed on every path and the fastest kept:
 
 * ``masked``: the WTA model as trained (the masks applied, dense layers, BatchNorm unfolded);
 * ``compact``: the compact path, and ``prepacked``: the same with kernel slices prepacked for oneDNN
-  (``onednn.prepack_conv_weight``; skipped where ``onednn`` cannot prepack);
+  (``onednn.prepack_conv_weight``; skipped where ``onednn`` cannot prepack), and ``native``: the same with every
+  compact convolution on the native kernel (``native/sparse_conv.cpp``, which reads the kept channels' rows of a
+  weight packed once; timed for block WTA where the kernels are built: per-channel WTA's per-sample channel sets
+  take it on every compact path);
 * ``tuned``: the tuned dense form of the same WTA model: the masked input through the wrapped convolutions' whole
   kernels with their BatchNorm (and ReLU) folded in, prepacked for oneDNN (computing channels-last), as a tuned
   dense model runs.
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from . import onednn
+from . import native, onednn
 from .compact import ChannelSparse
 from .fuse import fold_batchnorm, unfold_batchnorm
 from .sparse_exec import POOLS, SparseConv2d, SparseLinear, SparsePool, ensure_dense_output
@@ -83,8 +86,8 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
     ``SparseConv2d.prepacked_batches``. The compact path runs in eval mode without autograd (``torch.no_grad`` /
     ``inference_mode``); training and autograd use the masked dense path. Returns {wrapped layer name: batch
     sizes run compactly}. ``timings``: where given, one record per timed batch size is appended: ``{"batch",
-    "dense_ms" (the masked path), "compact_ms", "prepacked_ms", "tuned_ms" (None where not timed), "compact",
-    "prepacked", "tuned"}`` (the last three: what was kept).
+    "dense_ms" (the masked path), "compact_ms", "prepacked_ms", "native_ms", "tuned_ms" (None where not timed),
+    "compact", "prepacked", "native", "tuned"}`` (the last four: what was kept).
     """
     wta = [m for m in model.modules() if isinstance(m, WTADropout) and m.sparsity > 0]
     if not wta:
@@ -151,7 +154,8 @@ def to_sparse_execution(model: nn.Module, sample: tuple[torch.Tensor, ...], batc
     return {name: (list(batch_sizes) if force else chosen) for name in wrapped if name not in lead_names}
 
 
-PATHS = ("masked", "compact", "prepacked", "tuned")
+PATHS = ("masked", "compact", "prepacked", "native", "tuned")
+COMPACT_PATHS = ("compact", "prepacked", "native")
 
 
 def _wrap_dense_convs(model: nn.Module, wrapped: list[str]) -> list[SparseConv2d]:
@@ -175,12 +179,14 @@ def _wrap_dense_convs(model: nn.Module, wrapped: list[str]) -> list[SparseConv2d
 def _set_path(batch: int, path: str, wta: list[WTADropout], convs: list[SparseConv2d],
               lead: list[SparseConv2d] = ()) -> None:
     """Run batches of size ``batch`` on ``path``: the masked dense model, the compact path (with prepacked kernel
-    slices: ``prepacked``), or the tuned dense layers (whole kernels, BatchNorm folded, prepacked: ``tuned``).
+    slices: ``prepacked``; on the native kernel: ``native``), or the tuned dense layers (whole kernels, BatchNorm
+    folded, prepacked: ``tuned``).
     The ``lead`` convs (never fed by WTA) run as tuned dense layers on every path but the masked one."""
     for m in wta:
-        (m.compact_batches.add if path in ("compact", "prepacked") else m.compact_batches.discard)(batch)
+        (m.compact_batches.add if path in COMPACT_PATHS else m.compact_batches.discard)(batch)
     for m in convs:
         (m.prepacked_batches.add if path == "prepacked" else m.prepacked_batches.discard)(batch)
+        (m.native_batches.add if path == "native" else m.native_batches.discard)(batch)
         (m.tuned_dense_batches.add if path == "tuned" else m.tuned_dense_batches.discard)(batch)
     for m in lead:
         (m.tuned_dense_batches.add if path != "masked" else m.tuned_dense_batches.discard)(batch)
@@ -192,10 +198,13 @@ def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta
 
     The masked dense model is kept unless another path is at least 5% faster; prepacked slices are timed only
     where the compact path runs convolutions and ``onednn`` can prepack (they cost only a packed copy of the
-    slices, so any gain keeps them), the tuned dense layers only where there are convolutions."""
+    slices, so any gain keeps them), the native kernel only for block WTA where it is built, the tuned dense
+    layers only where there are convolutions."""
     ms: dict[str, float | None] = {path: None for path in PATHS}
+    blocks = any(m.blocks for m in wta)
     for path in PATHS:
-        if path == "prepacked" and not (prepack and convs) or path == "tuned" and not convs:
+        if path == "prepacked" and not (prepack and convs) or path == "tuned" and not convs \
+                or path == "native" and not (convs and blocks and native.kernels() is not None):
             continue
         _set_path(batch, path, wta, convs, lead)
         ms[path] = _median_time(model, x) * 1e3
@@ -207,8 +216,8 @@ def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta
         best = "prepacked"
     _set_path(batch, best, wta, convs, lead)
     return {"batch": batch, "dense_ms": ms["masked"], "compact_ms": ms["compact"], "prepacked_ms": ms["prepacked"],
-            "tuned_ms": ms["tuned"], "compact": best in ("compact", "prepacked"), "prepacked": best == "prepacked",
-            "tuned": best == "tuned"}
+            "native_ms": ms["native"], "tuned_ms": ms["tuned"], "compact": best in COMPACT_PATHS,
+            "prepacked": best == "prepacked", "native": best == "native", "tuned": best == "tuned"}
 
 
 def tuned_dense_batch_sizes(model: nn.Module) -> list[int]:
@@ -216,6 +225,12 @@ def tuned_dense_batch_sizes(model: nn.Module) -> list[int]:
     the masked input through whole kernels with the BatchNorm folded, prepacked)."""
     return sorted(set().union(*(m.tuned_dense_batches for m in model.modules()
                                 if isinstance(m, SparseConv2d) and not m.dense_input)))
+
+
+def native_batch_sizes(model: nn.Module) -> list[int]:
+    """Batch sizes for which all of ``model``'s compact convolutions run on the native kernel
+    (``to_sparse_execution``; per-channel WTA's per-sample channel sets take it at every compact size)."""
+    return sorted(set().union(*(m.native_batches for m in model.modules() if isinstance(m, SparseConv2d))))
 
 
 def prepacked_batch_sizes(model: nn.Module) -> list[int]:

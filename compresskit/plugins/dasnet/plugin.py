@@ -13,7 +13,7 @@ from ...errors import ConfigError, shorten
 from ...plots import Figure
 from ...plugin import Plugin, RunContext
 from ...schema import option
-from .convert import prepacked_batch_sizes, to_sparse_execution, tuned_dense_batch_sizes
+from .convert import native_batch_sizes, prepacked_batch_sizes, to_sparse_execution, tuned_dense_batch_sizes
 from .fuse import folded_batchnorms
 from .activity import ActivityProbe
 from .quantize import linear_targets, quantize_int8
@@ -92,6 +92,7 @@ class DasnetPlugin(Plugin):
         self.timings: list[dict[str, Any]] = []
         self.folded_batchnorms = 0
         self.prepacked_batches: list[int] = []
+        self.native_batches: list[int] = []        # batch sizes whose compact convolutions all run natively
         self.tuned_dense_batches: list[int] = []   # batch sizes run as the tuned dense model (BN folded, prepacked)
         self.quantized: list[str] = []
         self.int8_backend: str | None = None
@@ -143,6 +144,7 @@ class DasnetPlugin(Plugin):
                                                      prepack=self.config.prepack_weights, timings=self.timings)
             self.folded_batchnorms = folded_batchnorms(model)
             self.prepacked_batches = prepacked_batch_sizes(model)
+            self.native_batches = native_batch_sizes(model)
             self.tuned_dense_batches = tuned_dense_batch_sizes(model)
         why = f"sparse_execution: {mode}"
         if mode == "auto":
@@ -194,6 +196,7 @@ class DasnetPlugin(Plugin):
             "sparse_execution_timings": self.timings,
             "folded_batchnorms": self.folded_batchnorms,
             "prepacked_batches": self.prepacked_batches,
+            "native_batches": self.native_batches,
             "tuned_dense_batches": self.tuned_dense_batches,
             "int8_linear_layers": len(self.quantized),
             "int8_backend": self.int8_backend,
@@ -211,8 +214,9 @@ class DasnetPlugin(Plugin):
 def _timing_text(record: dict[str, Any]) -> str:
     """One batch size's timings as the report's reason: each path timed, in ms, and the one kept."""
     paths = [("masked", record["dense_ms"]), ("compact", record["compact_ms"]),
-             ("prepacked", record.get("prepacked_ms")), ("tuned dense", record.get("tuned_ms"))]
-    kept = "prepacked" if record["prepacked"] else "compact" if record["compact"] else \
-        "tuned dense" if record.get("tuned") else "masked"
+             ("prepacked", record.get("prepacked_ms")), ("native", record.get("native_ms")),
+             ("tuned dense", record.get("tuned_ms"))]
+    kept = "prepacked" if record["prepacked"] else "native" if record.get("native") else \
+        "compact" if record["compact"] else "tuned dense" if record.get("tuned") else "masked"
     return f"batch {record['batch']}: " + ", ".join(f"{name} {ms:.3g} ms" for name, ms in paths if ms is not None) + \
         f" -> {kept}"

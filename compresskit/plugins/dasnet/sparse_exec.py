@@ -192,7 +192,9 @@ class _SparseTwin(nn.Module):
 
 class SparseConv2d(_SparseTwin):
     """``nn.Conv2d`` (groups=1, zero padding) over each part's kept input channels only; for the batch sizes in
-    ``prepacked_batches`` with kernel slices prepacked for oneDNN (where ``onednn`` can prepack).
+    ``prepacked_batches`` with kernel slices prepacked for oneDNN (where ``onednn`` can prepack). Per-sample channel
+    sets (per-channel WTA), and every part at the batch sizes in ``native_batches``, run on the native kernel
+    (``native/sparse_conv.cpp``) where it is built.
 
     On an ordinary (WTA-masked) tensor of a batch size in ``tuned_dense_batches`` it is the *tuned dense* layer
     instead, in inference (eval mode, no autograd): the whole kernel with the folded BatchNorm (and ReLU), prepacked
@@ -205,13 +207,14 @@ class SparseConv2d(_SparseTwin):
             raise ValueError("only groups=1, zero-padded convolutions are supported")
         super().__init__(conv)
         self.prepacked_batches: set[int] = set()
+        self.native_batches: set[int] = set()
         self.tuned_dense_batches: set[int] = set()
         self.dense_input = dense_input
 
     def record_args(self) -> dict[str, Any]:
-        """The batch sizes run with prepacked kernels and those run as the tuned dense layer, and whether no WTA
+        """The batch sizes run with prepacked kernels, natively and as the tuned dense layer, and whether no WTA
         feeds it (see ``_SparseTwin.record_args``)."""
-        return {"prepacked_batches": sorted(self.prepacked_batches),
+        return {"prepacked_batches": sorted(self.prepacked_batches), "native_batches": sorted(self.native_batches),
                 "tuned_dense_batches": sorted(self.tuned_dense_batches), "dense_input": self.dense_input}
 
     @classmethod
@@ -219,6 +222,7 @@ class SparseConv2d(_SparseTwin):
         """See ``_SparseTwin.from_record``."""
         twin = super().from_record(model, name, args)
         twin.prepacked_batches = {int(b) for b in args.get("prepacked_batches", [])}
+        twin.native_batches = {int(b) for b in args.get("native_batches", [])}
         twin.tuned_dense_batches = {int(b) for b in args.get("tuned_dense_batches", [])}
         twin.dense_input = bool(args.get("dense_input", False))
         return twin
@@ -250,10 +254,11 @@ class SparseConv2d(_SparseTwin):
 
     def _part_output(self, part: Part, weight: torch.Tensor, bias: torch.Tensor | None, batch: int
                      ) -> torch.Tensor:
-        """Per-sample channel sets (per-channel WTA) go through the native kernel in one call where it runs
-        (``native/sparse_conv.cpp``: the kept channels' rows of a weight packed once, no slice cut per sample);
-        everything else as ``_SparseTwin``."""
-        kernels = native.kernels_for(part.data, contiguous=False) if part.per_sample else None
+        """Per-sample channel sets (per-channel WTA), and every part of a batch size in ``native_batches``, go
+        through the native kernel where it runs (``native/sparse_conv.cpp``: the kept channels' rows of a weight
+        packed once, no slice cut); everything else as ``_SparseTwin``."""
+        kernels = native.kernels_for(part.data, contiguous=False) \
+            if part.per_sample or batch in self.native_batches else None
         conv = self.layer
         if kernels is None or conv.dilation != (1, 1) or isinstance(conv.padding, str) or part.data.dim() != 4:
             return super()._part_output(part, weight, bias, batch)
