@@ -1,7 +1,8 @@
-"""DASNet's per-channel compact path on native kernels: ``native/sparse_conv.cpp`` (a convolution over only the
-kept input channels, read from a weight packed once) equals ``F.conv2d`` on the masked input; ``wta_compact``
-equals the torch path's winners and data; ``add_channels`` equals a scatter into a copy; and a converted
-per-channel model runs its compact convolutions natively and matches the masked dense model."""
+"""DASNet's compact path on native kernels: ``native/sparse_conv.cpp`` (a convolution over only the kept input
+channels, read from a weight packed once) equals ``F.conv2d`` on the masked input; ``wta_compact`` (per channel)
+and ``wta_winners`` (blocks) equal the torch path's winners and data; ``add_channels`` equals a scatter into a
+copy; and a converted per-channel model runs its compact convolutions natively and matches the masked dense
+model."""
 from __future__ import annotations
 
 import copy
@@ -96,6 +97,31 @@ def test_native_compact_wta_equals_the_torch_path(shape, nonnegative):
         assert a.per_sample and b.per_sample and a.rows is None
         assert torch.equal(a.channels, b.channels) and torch.equal(a.data, b.data)
         assert torch.equal(got.dense(), t * wta_mask(t, 0.5, None, nonnegative))
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 32, 8, 8), (7, 24, 3, 5), (6, 40)])
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_native_block_winners_group_samples_as_the_torch_path(shape, blocks):
+    """Block WTA's compact form with the winners from ``wta_winners``: the same parts (samples, channels, data)
+    as the torch ranking gives, ties included (all-zero samples)."""
+    g = torch.Generator().manual_seed(sum(shape) + blocks)
+    x = torch.randn(*shape, generator=g).relu()
+    x[0] = 0.0                                     # an all-zero sample: every group ties, the lowest win
+    layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4 else [])
+    for t in layouts:
+        with torch.no_grad():
+            got = compact_wta(t, 0.5, blocks, True)
+            use_native(False)
+            try:
+                ref = compact_wta(t, 0.5, blocks, True)
+            finally:
+                use_native(True)
+        assert [(p.key, None if p.rows is None else p.rows.tolist()) for p in got.parts] == \
+            [(p.key, None if p.rows is None else p.rows.tolist()) for p in ref.parts]
+        assert all(torch.equal(a.channels, b.channels) and torch.equal(a.data, b.data)
+                   for a, b in zip(got.parts, ref.parts))
+        assert torch.equal(got.dense(), t * wta_mask(t, 0.5, blocks, True))
 
 
 @needs_native

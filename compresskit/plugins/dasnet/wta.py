@@ -84,11 +84,10 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
     groups = unit_groups(units, blocks)
     if groups == units:                                     # per channel: one part, each sample its own set
         return ChannelSparse(batch, units, [Part(None, *_channel_winners(x, sparsity, blocks, nonnegative))])
-    groups, top = _winners(x, sparsity, blocks, nonnegative)
     size = units // groups
     samples_of: dict[tuple[int, ...], list[int]] = {}
-    for b, pattern in enumerate(top.tolist()):
-        samples_of.setdefault(tuple(sorted(pattern)), []).append(b)
+    for b, pattern in enumerate(_group_winners(x, sparsity, blocks, nonnegative)):
+        samples_of.setdefault(tuple(pattern), []).append(b)
     parts = []
     for pattern, samples in samples_of.items():
         rows = None if len(samples) == batch else torch.tensor(samples, device=x.device)
@@ -109,6 +108,15 @@ def compact_wta(x: torch.Tensor, sparsity: float, blocks: int | None = None,
             data = x.index_select(1, channels) if rows is None else x[rows[:, None], channels]
         parts.append(Part(rows, channels, data, pattern, span))
     return ChannelSparse(batch, units, parts)
+
+
+def _group_winners(x: torch.Tensor, sparsity: float, blocks: int, nonnegative: bool) -> list[list[int]]:
+    """Each sample's winning groups, ascending (one native pass where it runs: ``wta_winners``)."""
+    kernels = native.kernels_for(x)
+    if kernels is not None:
+        groups = unit_groups(x.shape[1], blocks)
+        return kernels.wta_winners(x, keep_count(groups, sparsity), groups, nonnegative).tolist()
+    return _winners(x, sparsity, blocks, nonnegative)[1].sort(1).values.tolist()
 
 
 def _channel_winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: bool

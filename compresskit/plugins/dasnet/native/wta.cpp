@@ -135,6 +135,34 @@ std::vector<at::Tensor> wta_compact(const at::Tensor& x, int64_t keep, bool nonn
   return {winners, data};
 }
 
+// Each sample's keep winning groups, ascending (int64 [B, keep]): the ranking wta_masked and wta_compact use, for
+// block WTA's compact form (which groups samples by their winning set). x: float32 [B, C, ...], contiguous or
+// channels-last 4-D; groups divides C.
+at::Tensor wta_winners(const at::Tensor& x, int64_t keep, int64_t groups, bool nonnegative) {
+  const bool channels_last = checked_channels_last(x);
+  const int64_t batch = x.size(0), channels = x.size(1);
+  TORCH_CHECK(groups >= 1 && channels % groups == 0, "groups must divide the channels");
+  TORCH_CHECK(keep >= 1 && keep <= groups, "keep: 1 .. groups");
+  at::Tensor winners = at::empty({batch, keep}, x.options().dtype(at::kLong));
+  const int64_t pixels = channels ? x.numel() / std::max<int64_t>(batch * channels, 1) : 0;
+  if (batch == 0) return winners;
+  const float* xp = x.data_ptr<float>();
+  int64_t* wp = winners.data_ptr<int64_t>();
+  const int64_t per_group = channels / groups;
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<double> channel(channels);
+    std::vector<float> score(groups);
+    std::vector<int64_t> order(groups);
+    for (int64_t b = b0; b < b1; ++b) {
+      group_scores(xp + b * channels * pixels, channels, pixels, channels_last, nonnegative, per_group, channel, score);
+      select_winners(score, keep, order);
+      std::sort(order.begin(), order.begin() + keep);
+      std::copy(order.begin(), order.begin() + keep, wp + b * keep);
+    }
+  });
+  return winners;
+}
+
 // x: float32 [B, C, ...] (contiguous, or channels-last 4-D); groups divides C; keep in [1, groups].
 at::Tensor wta_masked(const at::Tensor& x, int64_t keep, int64_t groups, bool nonnegative) {
   const bool channels_last = checked_channels_last(x);
