@@ -208,3 +208,59 @@ def test_tuner_keeps_the_native_path_for_block_wta_where_it_is_fastest(monkeypat
         out, ref = sparse(x), model(x)
     assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
     assert _native_convs(sparse) == len(convs)
+
+
+@needs_native
+def test_relu_keeps_nan_and_narrow_layers_pack_no_padding_block():
+    """The fused ReLU keeps a NaN as torch's ReLU does, and a layer with fewer outputs than a block packs only its
+    own outputs (rounded up to whole vectors), not a full block."""
+    k = native.kernels()
+    x = torch.ones(1, 2, 3, 3)
+    x[0, 0, 1, 1] = float("nan")
+    w = torch.ones(4, 2, 1, 1)
+    got = k.sparse_input_conv2d(x, torch.tensor([0, 1]), k.pack_conv_weight(w), torch.empty(0), 4, 1, 1, 1, 1, 0, 0,
+                                True)
+    ref = F.conv2d(x, w).relu()
+    assert torch.equal(got.isnan(), ref.isnan()) and bool(got.isnan().any())
+    lanes = k.conv_block() // 4                  # the vector width (four vectors a full block)
+    for cout in (1, lanes, lanes + 1, k.conv_block(), k.conv_block() + 1):
+        packed = k.pack_conv_weight(torch.randn(cout, 3, 3, 3))
+        block = min(k.conv_block(), -(-cout // lanes) * lanes)
+        assert packed.shape == (-(-cout // block), 3, 9, block)
+
+
+@needs_native
+def test_empty_batch_and_unused_packed_weights():
+    """A batch of no samples goes through a per-sample part (native and fallback); a conv the tuner did not keep
+    on the native kernel drops its packed weight."""
+    torch.manual_seed(0)
+    model = resnet_cifar(8, width=8)
+    insert_wta(model, 0.5)
+    model.eval()
+    sparse = copy.deepcopy(model)
+    to_sparse_execution(sparse, (torch.randn(4, 3, 32, 32),), batch_sizes=(1,), force=True)
+    with torch.no_grad():
+        for on in (True, False):
+            use_native(on)
+            try:
+                assert sparse(torch.randn(0, 3, 32, 32)).shape == (0, 10)
+            finally:
+                use_native(True)
+    twin = next(m for m in sparse.modules() if isinstance(m, SparseConv2d) and not m.dense_input)
+    assert ("native",) in twin._cache                   # per-sample sets ran on it: kept
+    twin.drop_unused_kernels()
+    assert ("native",) in twin._cache
+    block = resnet_cifar(8, width=8)
+    insert_wta(block, 0.5, blocks=2)
+    block.eval()
+    to_sparse_execution(block, (torch.randn(4, 3, 32, 32),), batch_sizes=(1,), force=True)
+    twins = [m for m in block.modules() if isinstance(m, SparseConv2d) and not m.dense_input]
+    for m in twins:
+        m.native_batches = {1}
+    with torch.no_grad():
+        block(torch.randn(1, 3, 32, 32))
+    assert all(("native",) in m._cache for m in twins)
+    for m in twins:
+        m.native_batches = set()
+        m.drop_unused_kernels()
+    assert not any(("native",) in m._cache for m in twins)   # shared sets only, not kept natively: dropped

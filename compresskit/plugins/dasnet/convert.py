@@ -204,7 +204,7 @@ def _fastest_path(model: nn.Module, x: tuple[torch.Tensor, ...], batch: int, wta
     blocks = any(m.blocks for m in wta)
     for path in PATHS:
         if path == "prepacked" and not (prepack and convs) or path == "tuned" and not convs \
-                or path == "native" and not (convs and blocks and native.kernels() is not None):
+                or path == "native" and not (convs and blocks and native.available()):
             continue
         _set_path(batch, path, wta, convs, lead)
         ms[path] = _median_time(model, x) * 1e3

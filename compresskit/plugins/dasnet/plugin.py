@@ -92,7 +92,7 @@ class DasnetPlugin(Plugin):
         self.timings: list[dict[str, Any]] = []
         self.folded_batchnorms = 0
         self.prepacked_batches: list[int] = []
-        self.native_batches: list[int] = []        # batch sizes whose compact convolutions all run natively
+        self.native_batches: list[int] = []   # sizes whose shared channel sets run natively too (per-channel: always)
         self.tuned_dense_batches: list[int] = []   # batch sizes run as the tuned dense model (BN folded, prepacked)
         self.quantized: list[str] = []
         self.int8_backend: str | None = None

@@ -6,9 +6,10 @@ that receive it in these twins:
 
 * ``SparseConv2d`` / ``SparseLinear``: for each part, one convolution (matmul) over just that part's samples and
   the kernel's slice for its channels. Block WTA has few distinct channel sets, so each part is a real batch and
-  its kernel slice is cut once and cached; per-channel WTA gathers each sample's slice from a kernel stored
-  input-channel-major, so the gather copies contiguous rows. A BatchNorm (and ReLU) after the conv can be folded
-  into that call (``fuse``).
+  its kernel slice is cut once and cached. Per-channel WTA (one part, a channel set a sample) runs a conv on the
+  native kernel (``native/sparse_conv.cpp``: the kept channels' rows of a weight packed once); without it, and for
+  a Linear, each sample's slice is gathered from a kernel stored input-channel-major (a copy of contiguous rows).
+  A BatchNorm (and ReLU) after the conv can be folded into that call (``fuse``).
 * ``SparsePool``: max / average pooling of the kept channels only.
 
 The convolutions go through ``onednn`` (the one module that calls PyTorch's private oneDNN operators, with a
@@ -167,6 +168,8 @@ class _SparseTwin(nn.Module):
         """The layer's output for ``part``'s samples: one call over a shared channel set, or (per-sample sets)
         one call a sample over its own weight slice."""
         if part.per_sample:
+            if not part.data.shape[0]:         # no sample: any slice of the right width gives the empty output
+                return self._op(part.data, self._sample_slice(weight, torch.arange(part.data.shape[1])), bias)
             return torch.cat([self._op(part.data[i:i + 1], self._sample_slice(weight, part.channels[i]), bias)
                               for i in range(part.data.shape[0])])
         return self._op(part.data, self._kernel_for(part, weight, batch), bias)
@@ -201,6 +204,8 @@ class SparseConv2d(_SparseTwin):
     for oneDNN, as a tuned dense model runs it. ``to_sparse_execution`` chooses that where it beats both the masked
     and the compact path. ``dense_input``: a conv no WTA feeds (the stem, which gets the image), wrapped only to run
     as the tuned dense layer."""
+
+    _native_per_sample = False     # per-sample channel sets came (they always take the native kernel)
 
     def __init__(self, conv: nn.Conv2d, dense_input: bool = False) -> None:
         if conv.groups != 1 or conv.padding_mode != "zeros":
@@ -265,16 +270,20 @@ class SparseConv2d(_SparseTwin):
         packed = self._cache.get(("native",))     # dropped with the slices when the weights change
         if packed is None:
             packed = self._cache[("native",)] = kernels.pack_conv_weight(weight)
+        self._native_per_sample = self._native_per_sample or part.per_sample
         return kernels.sparse_input_conv2d(part.data, part.channels, packed, _NO_BIAS if bias is None else bias,
                                            conv.out_channels, *conv.kernel_size, *conv.stride, *conv.padding,
                                            self.fused_relu)
 
     def drop_unused_kernels(self) -> None:
-        """Forget the prepacked kernels no batch size uses any more (the tuner timed them and chose otherwise)."""
+        """Forget the prepacked kernels no batch size uses any more (the tuner timed them and chose otherwise), and
+        the native kernel's packed weight where no batch size and no per-sample channel set needs it."""
         for key in [k for k in self._cache if k[-1] == "prepacked"]:
             if (key[0] == "dense" and not self.tuned_dense_batches) or \
                     (key[0] != "dense" and not self.prepacked_batches):
                 del self._cache[key]
+        if not self.native_batches and not self._native_per_sample:
+            self._cache.pop(("native",), None)
 
     def prepacked_kernels(self) -> int:
         """How many prepacked kernel slices are cached (0 where no part had a cacheable channel set; the tuned

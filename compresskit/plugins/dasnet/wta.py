@@ -47,7 +47,7 @@ def _winners(x: torch.Tensor, sparsity: float, blocks: int | None, nonnegative: 
     magnitude = x.detach() if nonnegative else x.detach().abs()
     if x.dim() > 2:        # per channel first: a reduction that reads any memory layout in place
         magnitude = magnitude.sum(tuple(range(2, x.dim())))
-    score = magnitude.reshape(batch, groups, -1).sum(2)
+    score = magnitude.reshape(batch, groups, units // groups).sum(2)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     return groups, order[:, :keep_count(groups, sparsity)]
 

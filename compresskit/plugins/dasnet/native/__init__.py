@@ -35,6 +35,11 @@ def use_native(enabled: bool) -> None:
     _USE_NATIVE[0] = bool(enabled)
 
 
+def available() -> bool:
+    """Whether the native kernels are on (``use_native``) and built."""
+    return _USE_NATIVE[0] and kernels() is not None
+
+
 def kernels_for(x: torch.Tensor, contiguous: bool = True) -> ModuleType | None:
     """The kernel module where it may run on ``x``: inference (no autograd, not compiling or tracing) on a float32
     CPU tensor (with ``contiguous``: contiguous or channels-last), native kernels on and built; else None (the

@@ -6,7 +6,8 @@
 // multiply-adds.
 //
 // Packed weight (pack_conv_weight): [blocks, Cin, KH * KW, BLOCK] float32, the output channels cut in blocks of
-// BLOCK (the last one zero-padded), so one block's weights for one input channel are contiguous. The convolution
+// BLOCK (64 with AVX-512, 16 with AVX2; all of a narrower layer's, rounded up to whole vectors; the last block
+// zero-padded), so one block's weights for one input channel are contiguous. The convolution
 // (sparse_input_conv2d) computes output tiles of P pixels x one block in vector registers, looping over the kept
 // channels and the kernel taps; the input is first copied into a zero-padded buffer (so taps need no bounds
 // checks). Bias and ReLU are applied as the tile is written; the output is channels-last.
@@ -30,7 +31,7 @@ constexpr int kLanes = 16, kAcc = 24, kMaxOV = 4;  // 24 accumulators of 32 regi
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vec vset1(float x) { return _mm512_set1_ps(x); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline vec vrelu(vec a) { return _mm512_max_ps(a, _mm512_setzero_ps()); }
+inline vec vrelu(vec a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }  // NaN stays NaN (torch's ReLU)
 inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 using vec = __m256;
@@ -38,7 +39,7 @@ constexpr int kLanes = 8, kAcc = 8, kMaxOV = 2;  // 8 accumulators of 16 registe
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vec vset1(float x) { return _mm256_set1_ps(x); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline vec vrelu(vec a) { return _mm256_max_ps(a, _mm256_setzero_ps()); }
+inline vec vrelu(vec a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
 inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 #else
 using vec = float;
@@ -46,22 +47,25 @@ constexpr int kLanes = 1, kAcc = 16, kMaxOV = 4;
 inline vec vload(const float* p) { return *p; }
 inline vec vset1(float x) { return x; }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-inline vec vrelu(vec a) { return a > 0.0f ? a : 0.0f; }
+inline vec vrelu(vec a) { return a < 0.0f ? 0.0f : a; }
 inline void vstore(float* p, vec a) { *p = a; }
 #endif
 
-constexpr int64_t kBlock = int64_t(kLanes) * kMaxOV;  // output channels a weight block holds
+constexpr int64_t kBlock = int64_t(kLanes) * kMaxOV;  // the most output channels a weight block holds
 constexpr int64_t kPrefetchChannels = 4;
 
-int64_t blocks_for(int64_t cout) { return (cout + kBlock - 1) / kBlock; }
+// Output channels a block holds for cout outputs: kBlock, or all of them (rounded up to whole vectors) when fewer,
+// so a narrow layer's packed weight is not padded to kBlock.
+int64_t block_for(int64_t cout) { return std::min(kBlock, (cout + kLanes - 1) / kLanes * kLanes); }
 
 // What one call's tiles read and write.
 struct Conv {
   const float* xpad;      // zero-padded kept channels of one sample: [k, Hp, Wp] or (channels-last) [Hp, Wp, k]
   int64_t xc, xq;         // xpad's strides of a channel and of a pixel
   const int64_t* chan;    // [k] input channel of each kept channel
-  const float* weight;    // packed [blocks, Cin, T, kBlock]
-  const float* bias;      // [blocks * kBlock] (zero-padded)
+  const float* weight;    // packed [blocks, Cin, T, block]
+  const float* bias;      // [blocks * block] (zero-padded)
+  int64_t block;          // output channels a block holds
   float* out;             // [Ho * Wo, cout] channels-last
   int64_t k, cin, taps, hp, wp, wo, sh, sw, cout;
   const int64_t* tap_offset;  // [T] (kh * Wp + kw) * xq
@@ -78,10 +82,10 @@ void tile(const Conv& c, int64_t ob, int64_t q0) {
   }
   vec acc[P][OV];
   for (int v = 0; v < OV; ++v) {
-    const vec b = vload(c.bias + ob * kBlock + v * kLanes);
+    const vec b = vload(c.bias + ob * c.block + v * kLanes);
     for (int p = 0; p < P; ++p) acc[p][v] = b;
   }
-  const int64_t row = c.taps * kBlock;
+  const int64_t row = c.taps * c.block;
   const float* wblock = c.weight + ob * c.cin * row;
   for (int64_t j = 0; j < c.k; ++j) {
     const float* wj = wblock + c.chan[j] * row;
@@ -89,9 +93,9 @@ void tile(const Conv& c, int64_t ob, int64_t q0) {
     const float* ahead = wblock + c.chan[std::min(j + kPrefetchChannels, c.k - 1)] * row;
     const float* xj = c.xpad + j * c.xc;
     for (int64_t t = 0; t < c.taps; ++t) {
-      for (int v = 0; v < OV * kLanes; v += 16) __builtin_prefetch(ahead + t * kBlock + v, 0, 3);
+      for (int v = 0; v < OV * kLanes; v += 16) __builtin_prefetch(ahead + t * c.block + v, 0, 3);
       vec w[OV];
-      for (int v = 0; v < OV; ++v) w[v] = vload(wj + t * kBlock + v * kLanes);
+      for (int v = 0; v < OV; ++v) w[v] = vload(wj + t * c.block + v * kLanes);
       const float* xt = xj + c.tap_offset[t];
       for (int p = 0; p < P; ++p) {
         const vec b = vset1(xt[off[p]]);
@@ -99,7 +103,7 @@ void tile(const Conv& c, int64_t ob, int64_t q0) {
       }
     }
   }
-  const int64_t o0 = ob * kBlock;
+  const int64_t o0 = ob * c.block;
   for (int p = 0; p < P; ++p) {
     float* dst = c.out + (q0 + p) * c.cout + o0;
     for (int v = 0; v < OV; ++v) {
@@ -136,17 +140,18 @@ void run_tile(const Conv& c, int64_t ob, int64_t q0, int p, int ov) {
 
 }  // namespace
 
-// weight [Cout, Cin, KH, KW] float32 -> packed [blocks, Cin, KH * KW, BLOCK] (see the file comment).
+// weight [Cout, Cin, KH, KW] float32 -> packed [blocks, Cin, KH * KW, block] (see the file comment; block_for).
 at::Tensor pack_conv_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4, "weight: float32 [Cout, Cin, KH, KW]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 4 && weight.size(0) >= 1,
+              "weight: float32 [Cout, Cin, KH, KW], Cout >= 1");
   const int64_t cout = weight.size(0), cin = weight.size(1), taps = weight.size(2) * weight.size(3);
-  const int64_t blocks = blocks_for(cout);
-  at::Tensor padded = at::zeros({blocks * kBlock, cin, taps}, weight.options());
+  const int64_t block = block_for(cout), blocks = (cout + block - 1) / block;
+  at::Tensor padded = at::zeros({blocks * block, cin, taps}, weight.options());
   padded.narrow(0, 0, cout).copy_(weight.reshape({cout, cin, taps}));
-  return padded.view({blocks, kBlock, cin, taps}).permute({0, 2, 3, 1}).contiguous();
+  return padded.view({blocks, block, cin, taps}).permute({0, 2, 3, 1}).contiguous();
 }
 
-// Output channels one packed block holds (the packed weight's last dimension).
+// The most output channels one packed block holds (the vector width times the tile's vectors).
 int64_t conv_block() { return kBlock; }
 
 // x: float32 [n, k, H, W] (any strides): the kept channels of each sample; channels: int64 [k] (one set for all n
@@ -161,10 +166,12 @@ at::Tensor sparse_input_conv2d(const at::Tensor& x, const at::Tensor& channels, 
   TORCH_CHECK(channels.scalar_type() == at::kLong && channels.size(-1) == x.size(1) &&
                   (channels.dim() == 1 || (per_sample && channels.size(0) == x.size(0))),
               "channels: int64 [k] or [n, k], one a kept channel of x");
+  TORCH_CHECK(cout >= 1 && kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
+              "output channels, kernel, stride and padding");
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.dim() == 4 &&
-                  weight.size(0) == blocks_for(cout) && weight.size(2) == kh * kw && weight.size(3) == kBlock,
-              "weight: pack_conv_weight's [blocks, Cin, KH * KW, ", kBlock, "] for ", cout, " output channels");
-  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0, "kernel, stride and padding");
+                  weight.size(3) == block_for(cout) &&
+                  weight.size(0) == (cout + block_for(cout) - 1) / block_for(cout) && weight.size(2) == kh * kw,
+              "weight: pack_conv_weight's [blocks, Cin, KH * KW, ", block_for(cout), "] for ", cout, " output channels");
   const int64_t n = x.size(0), k = x.size(1), h = x.size(2), w = x.size(3), cin = weight.size(1);
   const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
   TORCH_CHECK(hp >= kh && wp >= kw, "the padded input is smaller than the kernel");
@@ -174,7 +181,8 @@ at::Tensor sparse_input_conv2d(const at::Tensor& x, const at::Tensor& channels, 
   for (int64_t i = 0; i < chan.numel(); ++i) {
     TORCH_CHECK(cp[i] >= 0 && cp[i] < cin, "channel ", cp[i], " out of range for ", cin, " input channels");
   }
-  at::Tensor bias_padded = at::zeros({blocks * kBlock}, x.options());
+  const int64_t block = weight.size(3);
+  at::Tensor bias_padded = at::zeros({blocks * block}, x.options());
   if (bias.defined() && bias.numel()) {
     TORCH_CHECK(bias.numel() == cout, "bias: one a output channel");
     bias_padded.narrow(0, 0, cout).copy_(bias.reshape({cout}));
@@ -191,7 +199,7 @@ at::Tensor sparse_input_conv2d(const at::Tensor& x, const at::Tensor& channels, 
   for (auto& o : tap_offset) o *= xq;
   at::Tensor xpad = at::zeros({k * hp * wp}, x.options());
   // tiles as wide as the widest block allows (a narrower last block runs the same tiles)
-  const int widest = int(std::min<int64_t>(kMaxOV, (cout + kLanes - 1) / kLanes));
+  const int widest = int(block / kLanes);
   const int64_t pixels = ho * wo, tile_pixels = pixels_for(widest), tiles = (pixels + tile_pixels - 1) / tile_pixels;
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sx2 = x.stride(2), sx3 = x.stride(3);
   for (int64_t s = 0; s < n; ++s) {
@@ -213,14 +221,14 @@ at::Tensor sparse_input_conv2d(const at::Tensor& x, const at::Tensor& channels, 
       }
     }
     const Conv c{xp, xc, xq, per_sample ? cp + s * k : cp, weight.data_ptr<float>(), bias_padded.data_ptr<float>(),
-                 out.data_ptr<float>() + s * pixels * cout, k, cin, taps, hp, wp, wo, sh, sw, cout,
+                 block, out.data_ptr<float>() + s * pixels * cout, k, cin, taps, hp, wp, wo, sh, sw, cout,
                  tap_offset.data(), relu};
     // one work item a (block, tile), tiles of one block adjacent: a thread re-reads a block's weights from cache
     at::parallel_for(0, blocks * tiles, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t ob = i / tiles, q0 = (i % tiles) * tile_pixels;
         const int p = int(std::min<int64_t>(tile_pixels, pixels - q0));
-        const int ov = int(std::min<int64_t>(kMaxOV, (cout - ob * kBlock + kLanes - 1) / kLanes));
+        const int ov = int(std::min<int64_t>(widest, (cout - ob * block + kLanes - 1) / kLanes));
         run_tile(c, ob, q0, p, ov);
       }
     });
