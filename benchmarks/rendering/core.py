@@ -28,11 +28,15 @@ def provenance(*names: str) -> str:
     """Where the numbers come from: file, date, machine, threads, torch and commit of each results file."""
     parts = []
     for name in names:
-        env = load(name).get("environment", {})
+        data = load(name)
+        env = data.get("environment", {})
         cpu = env.get("cpu_model") or env.get("machine", "?")
         commit = env.get("commit") or "not recorded"
+        # a benchmark that runs several thread counts (each in its own process) lists them; else the process's
+        threads = data.get("threads")
+        threads = " and ".join(map(str, threads)) if isinstance(threads, list) else env.get("threads", "?")
         parts.append(f"`benchmarks/results/{name}.json`: {env.get('date', '?')}, {cpu}, {env.get('cpus', '?')} "
-                     f"CPUs, {env.get('threads', '?')} threads, torch {env.get('torch', '?')}, commit {commit}")
+                     f"CPUs, {threads} threads, torch {env.get('torch', '?')}, commit {commit}")
     return "_Measured: " + "; ".join(parts) + "._"
 
 
