@@ -10,7 +10,8 @@ import torch
 
 from compresskit.models.resnet_cifar import resnet_cifar
 from compresskit.plugins.dasnet import insert_wta, native
-from compresskit.plugins.dasnet.wta import WTADropout, unit_groups, use_native, wta_mask
+from compresskit.plugins.dasnet.native import use_native
+from compresskit.plugins.dasnet.wta import WTADropout, unit_groups, wta_mask
 
 NATIVE = native.kernels() is not None
 needs_native = pytest.mark.skipif(not NATIVE, reason="no C++ compiler: the native WTA kernel is not built here")

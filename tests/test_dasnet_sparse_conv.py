@@ -16,10 +16,22 @@ from compresskit.models.vgg import vgg
 from compresskit.plugins.dasnet import insert_wta, native, native_batch_sizes, to_sparse_execution
 from compresskit.plugins.dasnet.compact import ChannelSparse, Part
 from compresskit.plugins.dasnet.sparse_exec import SparseConv2d
-from compresskit.plugins.dasnet.wta import compact_wta, use_native, wta_mask
+from compresskit.plugins.dasnet.native import use_native
+from compresskit.plugins.dasnet.wta import compact_wta, wta_mask
 
 NATIVE = native.kernels() is not None
 needs_native = pytest.mark.skipif(not NATIVE, reason="no C++ compiler: the native DASNet kernels are not built here")
+
+
+def _both_paths(fn):
+    """``fn()`` without autograd on the native kernels, then on the torch path only."""
+    with torch.no_grad():
+        got = fn()
+        use_native(False)
+        try:
+            return got, fn()
+        finally:
+            use_native(True)
 
 
 def _masked_reference(x, channels, weight, bias, stride, padding):
@@ -86,13 +98,7 @@ def test_native_compact_wta_equals_the_torch_path(shape, nonnegative):
     x = x.relu() if nonnegative else x
     layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4 else [])
     for t in layouts:
-        with torch.no_grad():
-            got = compact_wta(t, 0.5, None, nonnegative)
-            use_native(False)
-            try:
-                ref = compact_wta(t, 0.5, None, nonnegative)
-            finally:
-                use_native(True)
+        got, ref = _both_paths(lambda: compact_wta(t, 0.5, None, nonnegative))
         (a,), (b,) = got.parts, ref.parts
         assert a.per_sample and b.per_sample and a.rows is None
         assert torch.equal(a.channels, b.channels) and torch.equal(a.data, b.data)
@@ -110,13 +116,7 @@ def test_native_block_winners_group_samples_as_the_torch_path(shape, blocks):
     x[0] = 0.0                                     # an all-zero sample: every group ties, the lowest win
     layouts = [x] + ([x.contiguous(memory_format=torch.channels_last)] if x.dim() == 4 else [])
     for t in layouts:
-        with torch.no_grad():
-            got = compact_wta(t, 0.5, blocks, True)
-            use_native(False)
-            try:
-                ref = compact_wta(t, 0.5, blocks, True)
-            finally:
-                use_native(True)
+        got, ref = _both_paths(lambda: compact_wta(t, 0.5, blocks, True))
         assert [(p.key, None if p.rows is None else p.rows.tolist()) for p in got.parts] == \
             [(p.key, None if p.rows is None else p.rows.tolist()) for p in ref.parts]
         assert all(torch.equal(a.channels, b.channels) and torch.equal(a.data, b.data)
@@ -135,13 +135,7 @@ def test_add_channels_equals_a_scatter_into_a_copy(layout, per_sample):
     channels = torch.stack([torch.randperm(12, generator=g)[:5].sort().values for _ in range(3)]) if per_sample \
         else torch.tensor([0, 3, 4, 9, 11])
     sparse = ChannelSparse(3, 12, [Part(None, channels, torch.randn(3, 5, 4, 5, generator=g))])
-    with torch.no_grad():
-        got = dense + sparse                       # ChannelSparse's residual add: the native pass
-        use_native(False)
-        try:
-            ref = dense + sparse
-        finally:
-            use_native(True)
+    got, ref = _both_paths(lambda: dense + sparse)     # ChannelSparse's residual add: the native pass, then torch's
     assert torch.allclose(got, ref, atol=0, rtol=0) and got.stride() == dense.stride()
     assert torch.equal(got, dense + sparse.dense())
 

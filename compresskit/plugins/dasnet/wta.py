@@ -20,7 +20,6 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import native
 from .compact import ChannelSparse, Part, channels_last
-from .native import use_native  # noqa: F401  (the switch lives with the kernels; tests import it from here)
 
 NONNEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)    # outputs >= 0: WTA ranks without abs
 ACTIVATIONS = ("ReLU", "ReLU6", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh", "Sigmoid")
