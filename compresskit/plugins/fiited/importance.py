@@ -112,39 +112,51 @@ def chunk_scores(utility: torch.Tensor, exponent: float, discount: float, inplac
     return score.masked_fill_(absent, float("inf"))  # absent chunks stay out of reach
 
 
+_DIGITS = (7, 8, 8, 8)      # a non-negative float's 31 bits (the sign dropped), highest first: one count a digit
+
+
 def kth_smallest(values: list[torch.Tensor], k: int, coll=None, weights: list[torch.Tensor] | None = None
                  ) -> float:
     """The smallest ``t`` such that the (weighted) count of values ``<= t`` over every rank reaches ``k``: the
     k-th smallest value. Values are non-negative (``+inf`` allowed). One process, unweighted, up to 2^20 values:
     ``torch.kthvalue`` over their concatenation. Otherwise (several ranks, weights, or more values than a copy
-    should take): a bisection over the bit patterns of non-negative floats (their order is the integer order), one
-    (all-reduced) count per bit, so every rank gets the same exact threshold."""
+    should take): a radix select over the bit patterns of non-negative floats (their order is the integer order):
+    per digit (7, 8, 8, 8 bits, highest first) one pass counting the digit among the values that share the digits
+    found so far, ``ROW_BATCH`` rows at a time, and one (all-reduced) count of 128 or 256 bins, so every rank gets
+    the same exact threshold."""
     if (coll is None or not coll.distributed) and weights is None and sum(v.numel() for v in values) <= KTHVALUE_LIMIT:
         flat = torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
         return float(torch.kthvalue(flat, k).values)
-    # the bisection below finds the same value without a copy of every score (large tables)
-    sum_all = coll.sum if coll is not None else (lambda x: x)
-    lo, hi = 0, 0x7F800000              # bit patterns of 0.0 and +inf
-    while lo < hi:
-        mid = (lo + hi) // 2
-        t = torch.tensor([mid], dtype=torch.int32).view(torch.float32)
-        if weights is None:
-            local = sum(int((v <= t).sum()) for v in values)
-        else:
-            local = sum(int(w[v <= t].sum()) for v, w in zip(values, weights))
-        if sum_all(local) >= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(torch.tensor([lo], dtype=torch.int32).view(torch.float32))
+    prefix, shift = 0, 31
+    for width in _DIGITS:
+        shift -= width
+        counts = torch.zeros(1 << width, dtype=torch.int64 if weights is None else torch.float64)
+        for i, v in enumerate(values):
+            for start in range(0, v.shape[0], ROW_BATCH):
+                bits = v[start:start + ROW_BATCH].contiguous().view(torch.int32) & 0x7FFFFFFF   # -0.0 is 0.0
+                w = None if weights is None else weights[i][start:start + ROW_BATCH].double()
+                if shift + width < 31:
+                    match = (bits >> (shift + width)) == prefix
+                    bits = bits[match]
+                    w = None if w is None else w[match]          # weights: one a value, shaped alike
+                counts += torch.bincount(((bits >> shift) & ((1 << width) - 1)).reshape(-1),
+                                         weights=None if w is None else w.reshape(-1), minlength=1 << width)
+        if coll is not None and coll.distributed:
+            coll.all_reduce(counts)
+        below = torch.cumsum(counts, 0)
+        digit = int(torch.searchsorted(below, torch.tensor(k, dtype=below.dtype)))   # first reaching k
+        k -= below[digit - 1].item() if digit else 0
+        prefix = (prefix << width) | digit
+    return float(torch.tensor([prefix], dtype=torch.int32).view(torch.float32))
 
 
 def tail_counts(scores: list[torch.Tensor], excess: int, coll=None, table_ids: list[int] | None = None,
                 num_tables: int | None = None, num_chunks: int | None = None) -> list[torch.Tensor]:
     """Chunks to drop from the tail of every row so that exactly ``excess`` of the lowest scores go (over all
     grids together, on every rank when ``coll`` is distributed); ties at the threshold go to later chunks first,
-    then to earlier tables (``table_ids``: each grid's position in the global table order), so every row keeps a
-    prefix and the choice does not depend on how tables are spread over ranks."""
+    then to earlier tables (``table_ids``: each grid's position in the global table order), then to earlier rows,
+    so every row keeps a prefix and the choice does not depend on how tables are spread over ranks. Counts per row
+    are built table by table (no drop mask over every grid)."""
     if excess <= 0:
         return [torch.zeros(s.shape[0], dtype=torch.int64) for s in scores]
     sum_all = coll.sum if coll is not None else (lambda x: x)
@@ -152,24 +164,31 @@ def tail_counts(scores: list[torch.Tensor], excess: int, coll=None, table_ids: l
     num_tables = len(scores) if num_tables is None else num_tables
     width = max([s.shape[1] for s in scores], default=0) if num_chunks is None else num_chunks
     threshold = kth_smallest(scores, excess, coll)
-    drop = [s < threshold for s in scores]
-    left = excess - sum_all(sum(int(d.sum()) for d in drop))
+    cuts = [(s < threshold).sum(1) for s in scores]
+    left = excess - sum_all(sum(int(c.sum()) for c in cuts))
     ties = torch.zeros(num_tables, width, dtype=torch.int64)
     for t, s in zip(table_ids, scores):
         ties[t, :s.shape[1]] = (s == threshold).sum(0)
     if coll is not None:
         coll.all_reduce(ties)
-    local = dict(zip(table_ids, zip(drop, scores)))
-    for c in reversed(range(width)):
-        for t in range(num_tables):
+    take = _tied_drops(ties, left)
+    for t, s, cut in zip(table_ids, scores, cuts):
+        for c in torch.nonzero(take[t]).flatten().tolist():   # a tied chunk is never below: the row's cut grows
+            cut[torch.nonzero(s[:, c] == threshold).flatten()[:int(take[t, c])]] += 1
+    return cuts
+
+
+def _tied_drops(ties: torch.Tensor, left: int) -> torch.Tensor:
+    """How many of the ``ties [tables, chunks]`` at the threshold each (table, chunk) gives up, ``left`` in all:
+    later chunks first, then earlier tables."""
+    take = torch.zeros_like(ties)
+    for c in reversed(range(ties.shape[1])):
+        for t in range(ties.shape[0]):
             if left <= 0:
-                break
-            take = min(left, int(ties[t, c]))
-            if take and t in local:
-                d, s = local[t]
-                d[torch.nonzero(s[:, c] == threshold).flatten()[:take], c] = True
-            left -= take
-    return [d.sum(1) for d in drop]
+                return take
+            take[t, c] = min(left, int(ties[t, c]))
+            left -= int(take[t, c])
+    return take
 
 
 def whole_rows(row_scores: list[torch.Tensor], row_counts: list[torch.Tensor], excess: int, coll=None,

@@ -32,6 +32,7 @@ written as zeros or their initial values, never left as code 0 (which reads as t
 from __future__ import annotations
 
 import weakref
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -274,15 +275,20 @@ class ChunkStore(nn.Module):
         state = self._optimizer_state() or {}
         return out + [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.capacity]
 
-    def _replace_tensors(self, capacity: int, src: torch.Tensor, dst: torch.Tensor | None) -> None:
+    def _replace_tensors(self, capacity: int, src: torch.Tensor | Callable[[], Iterator[torch.Tensor]],
+                         dst: torch.Tensor | None) -> None:
         """New slot tensors of ``capacity`` slots holding old slots ``src`` at ``dst`` (None: at ``0 ..
-        len(src) - 1``, gathered straight into place), zeros elsewhere. One tensor at a time, so a replacement
-        holds at most one new tensor beside the old ones."""
+        len(src) - 1``, gathered straight into place; then ``src`` may also be a callable yielding the old slots in
+        batches, called once a tensor), zeros elsewhere. One tensor at a time, so a replacement holds at most one
+        new tensor beside the old ones."""
         def remap(tensor: torch.Tensor) -> torch.Tensor:
             if dst is None:
                 fresh = tensor.new_empty(capacity, *tensor.shape[1:])
-                torch.index_select(tensor.detach(), 0, src, out=fresh[:src.numel()])
-                fresh[src.numel():] = 0
+                at = 0
+                for part in src() if callable(src) else (src,):
+                    torch.index_select(tensor.detach(), 0, part, out=fresh[at:at + part.numel()])
+                    at += part.numel()
+                fresh[at:] = 0
                 return fresh
             fresh = tensor.new_zeros(capacity, *tensor.shape[1:])
             if src.numel():
@@ -331,28 +337,38 @@ class ChunkStore(nn.Module):
         self._pack_blocks(blocks, self._block_chunk_slots(blocks, block_counts(self.counts, blocks)))
 
     # ----------------------------------------------------------------------------------------------- pruning
-    def shrink_rows(self, new_counts: torch.Tensor) -> torch.Tensor:
+    def shrink_rows(self, new_counts: torch.Tensor) -> None:
         """Keep only the first ``new_counts[r] <= counts[r]`` chunks of every row and free the rest.
 
         A store without a fixed capacity then holds exactly the live chunks (new, smaller tensors: the memory is
-        returned); a fixed-capacity store packs in place. Returns the old slot of every kept chunk, in new order.
+        returned; the kept chunks' old slots are found a batch of rows at a time as each tensor is rebuilt, never
+        all at once); a fixed-capacity store packs in place.
         """
         new_counts = new_counts.reshape(-1).long()
         old = self.row_counts()
         if new_counts.numel() != self.num_rows or bool((new_counts > old).any()) or bool((new_counts < 0).any()):
             raise ValueError("shrink_rows: new counts must be given for every row and lie in 0..current count")
         rows = torch.nonzero(new_counts).flatten()
-        kept_slots = self._prefix_slots(rows, new_counts[rows])
-        self.counts[:self.num_rows] = new_counts.to(torch.uint8)
+        lengths = new_counts[rows]
         if self.fixed_capacity:  # freed slots are reused in place (grow_rows zeroes them when it takes them)
+            kept_slots = self._prefix_slots(rows, lengths)
+            self.counts[:self.num_rows] = new_counts.to(torch.uint8)
             blocks = torch.unique(rows // BLOCK)
-            src = torch.sort(kept_slots).values
-            self._pack_blocks(blocks[torch.argsort(self.base[blocks], stable=True)], src)
-            return src
+            self._pack_blocks(blocks[torch.argsort(self.base[blocks], stable=True)], torch.sort(kept_slots).values)
+            return
+        old_counts, old_base = self.counts.clone(), self.base.clone()   # the old layout, to find the kept slots
+
+        def kept_slots() -> Iterator[torch.Tensor]:
+            """The kept chunks' old slots in new order, a batch of rows at a time."""
+            for start in range(0, rows.numel(), _ROW_BATCH):
+                first, _ = row_slots(old_counts, old_base, rows[start:start + _ROW_BATCH], self.num_rows)
+                yield expand_runs(first, lengths[start:start + _ROW_BATCH])[2]
+
+        total = int(lengths.sum())
+        self.counts[:self.num_rows] = new_counts.to(torch.uint8)
         self._set_bases_packed()
-        self._replace_tensors(kept_slots.numel(), kept_slots, None)
-        self.top.fill_(kept_slots.numel())
-        return kept_slots
+        self._replace_tensors(total, kept_slots, None)
+        self.top.fill_(total)
 
     def _prefix_slots(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Slots of the first ``lengths[i]`` stored chunks of every row ``rows[i]`` (ascending rows), in row then
