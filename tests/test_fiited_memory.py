@@ -1,5 +1,5 @@
 """A pruning run holds what training needs and little more: the conversion never holds every dense table beside
-its pool, and a pruning round lists kept chunks a batch of rows at a time, scores in place and finds its threshold
+its pool, and a pruning round finds kept chunks a batch of rows at a time, scores in place and finds its threshold
 without copying every score; each of those paths gives exactly what the direct computation gives."""
 from __future__ import annotations
 
@@ -14,13 +14,28 @@ from compresskit.plugins.fiited import FiitedEmbeddingBag, importance
 from compresskit.plugins.fiited import store as store_module
 
 
-def test_bisection_threshold_equals_kthvalue(monkeypatch):
+def test_radix_threshold_equals_kthvalue(monkeypatch):
     g = torch.Generator().manual_seed(0)
     values = [torch.randint(0, 50, (300, 4), generator=g).float() / 7, torch.rand(77, 4, generator=g)]
     values[0][:5] = float("inf")
+    values[1][0, 0] = -0.0                          # ranks as 0.0
     expected = [importance.kth_smallest(values, k) for k in (1, 17, 600, 1500)]
     monkeypatch.setattr(importance, "KTHVALUE_LIMIT", 10)
+    monkeypatch.setattr(importance, "ROW_BATCH", 64)   # several row batches a grid
     assert [importance.kth_smallest(values, k) for k in (1, 17, 600, 1500)] == expected
+
+
+def test_weighted_radix_threshold_equals_a_sorted_reference():
+    """AdaEmbed's whole-row threshold: the smallest score whose summed weights (row chunk counts) reach k."""
+    g = torch.Generator().manual_seed(2)
+    scores = [torch.randint(0, 9, (n,), generator=g).float() / 3 for n in (40, 1, 25)]
+    weights = [torch.randint(0, 5, (s.numel(),), generator=g) for s in scores]
+    flat, w = torch.cat(scores), torch.cat(weights)
+    order = torch.argsort(flat, stable=True)
+    reached = torch.cumsum(w[order], 0)
+    for k in range(1, int(w.sum()) + 1):
+        expected = float(flat[order][int(torch.searchsorted(reached, k))])
+        assert importance.kth_smallest(scores, k, weights=weights) == expected, k
 
 
 def test_batched_utilities_scores_and_shrink_equal_the_direct_ones(monkeypatch):
