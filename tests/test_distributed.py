@@ -211,14 +211,18 @@ def test_kill_one_rank_then_resume(runs, tmp_path):
     assert report["stages"][0]["pruning_rounds"] == reference_report["stages"][0]["pruning_rounds"]
 
 
-def test_resume_on_three_ranks_reshards(runs, tmp_path):
-    root, recipe = runs
-    out = str(tmp_path / "reshard")
+def _stopped_and_resumed(recipe: str, out: str, resume_ranks: int):
+    """(state, report) of ``recipe`` run on 2 ranks to step 20, then resumed to the end on ``resume_ranks``."""
     first = launch_ranks([["apply", recipe, "--out", out, "--set", "train.max_steps=20"]] * 2, guard=False)
     assert all(code == 0 for code, _, _ in first), first[0][2]
-    rest = launch_ranks([["apply", recipe, "--out", out, "--resume"]] * 3, guard=False)
+    rest = launch_ranks([["apply", recipe, "--out", out, "--resume"]] * resume_ranks, guard=False)
     assert all(code == 0 for code, _, _ in rest), [e for _, _, e in rest]
-    state, report = load_outputs(out)
+    return load_outputs(out)
+
+
+def test_resume_on_three_ranks_reshards(runs, tmp_path):
+    root, recipe = runs
+    state, report = _stopped_and_resumed(recipe, str(tmp_path / "reshard"), 3)
     reference, reference_report = load_outputs(root / "two")
     assert_same_model(state, reference)
     for metric, value in reference_report["training"]["test"].items():
@@ -473,12 +477,7 @@ def test_a_sharded_resume_of_int8_tables_with_a_cache_continues_bit_identically(
     recipe = write_recipe(tmp_path / "int8.yaml", recipe_dict)
     whole = launch_ranks([["apply", recipe, "--out", str(tmp_path / "whole")]] * 2, guard=False)
     assert all(code == 0 for code, _, _ in whole), whole[0][2]
-    out = str(tmp_path / "parts")
-    first = launch_ranks([["apply", recipe, "--out", out, "--set", "train.max_steps=20"]] * 2, guard=False)
-    assert all(code == 0 for code, _, _ in first), first[0][2]
-    rest = launch_ranks([["apply", recipe, "--out", out, "--resume"]] * 2, guard=False)
-    assert all(code == 0 for code, _, _ in rest), [e for _, _, e in rest]
-    state, report = load_outputs(out)
+    state, report = _stopped_and_resumed(recipe, str(tmp_path / "parts"), 2)
     reference, reference_report = load_outputs(tmp_path / "whole")
     assert any(k.endswith("cache.ids") and v.numel() for k, v in reference.items())   # the cache holds rows
     for key in reference:

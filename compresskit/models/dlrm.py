@@ -48,10 +48,9 @@ class DLRM(nn.Module):
             build = tables_to_build([c * embedding_dim * 4 for c in cardinalities])
             built = []
             for c, mine in zip(cardinalities, build):   # every table's own init first, then every DLRM init
-                if mine:
-                    built.append(nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse))
-                else:
-                    built.append(nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse, device="meta"))
+                built.append(nn.EmbeddingBag(c, embedding_dim, mode="sum", sparse=sparse,
+                                             device=None if mine else "meta"))
+                if not mine:
                     skip_draws(c * embedding_dim, "normal")
             self.embeddings = EmbeddingTables(built)
             for emb, mine in zip(self.embeddings, build):

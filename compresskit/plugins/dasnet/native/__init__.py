@@ -27,7 +27,6 @@ def kernels() -> ModuleType | None:
 
 
 _USE_NATIVE = [True]
-_MODULE: list = []          # the compiled module (or None), looked up once
 
 
 def use_native(enabled: bool) -> None:
@@ -49,7 +48,5 @@ def kernels_for(x: torch.Tensor, contiguous: bool = True) -> ModuleType | None:
             and (not contiguous or x.is_contiguous()
                  or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))) \
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-        if not _MODULE:
-            _MODULE.append(kernels())
-        return _MODULE[0]
+        return kernels()
     return None

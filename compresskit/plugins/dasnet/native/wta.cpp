@@ -82,6 +82,40 @@ bool checked_channels_last(const at::Tensor& x) {
   return channels_last;
 }
 
+// One WTA call's shape, checked: x float32 [batch, channels, ...] (contiguous or channels-last 4-D) ranked in
+// `groups` groups (dividing the channels), `keep` of them winning.
+struct Geometry {
+  int64_t batch, channels, pixels, groups, keep;
+  bool channels_last, nonnegative;
+
+  Geometry(const at::Tensor& x, int64_t keep_, int64_t groups_, bool nonnegative_)
+      : batch(x.size(0)), channels(x.size(1)), groups(groups_), keep(keep_), channels_last(checked_channels_last(x)),
+        nonnegative(nonnegative_) {
+    TORCH_CHECK(groups >= 1 && channels % groups == 0, "groups must divide the channels");
+    TORCH_CHECK(keep >= 1 && keep <= groups, "keep: 1 .. groups");
+    pixels = channels ? x.numel() / std::max<int64_t>(batch * channels, 1) : 0;
+  }
+};
+
+// The ranking of one sample after another, with its scratch (one ranker a thread).
+struct Ranker {
+  const Geometry& g;
+  std::vector<double> channel;
+  std::vector<float> score;
+  std::vector<int64_t> order;
+
+  explicit Ranker(const Geometry& geometry)
+      : g(geometry), channel(geometry.channels), score(geometry.groups), order(geometry.groups) {}
+
+  // the keep winning groups of the sample at xs (ascending if sorted; valid until the next call)
+  const int64_t* winners(const float* xs, bool sorted) {
+    group_scores(xs, g.channels, g.pixels, g.channels_last, g.nonnegative, g.channels / g.groups, channel, score);
+    select_winners(score, g.keep, order);
+    if (sorted) std::sort(order.begin(), order.begin() + g.keep);
+    return order.data();
+  }
+};
+
 }  // namespace
 
 // Per-channel WTA in compact form (wta.py's compact_wta for groups == channels): each sample's keep winning
@@ -89,34 +123,27 @@ bool checked_channels_last(const at::Tensor& x) {
 // torch pools several times faster than contiguous at batch 1), in one pass that scores the channels and copies
 // the winners out. x: float32 [B, C, ...], contiguous or channels-last 4-D.
 std::vector<at::Tensor> wta_compact(const at::Tensor& x, int64_t keep, bool nonnegative) {
-  const bool channels_last = checked_channels_last(x);
-  const int64_t batch = x.size(0), channels = x.size(1);
-  TORCH_CHECK(keep >= 1 && keep <= channels, "keep: 1 .. channels");
+  const Geometry g(x, keep, x.size(1), nonnegative);
   std::vector<int64_t> shape = x.sizes().vec();
   shape[1] = keep;
   const bool data_channels_last = x.dim() == 4;
   at::Tensor data = at::empty(shape, x.options().memory_format(data_channels_last ? at::MemoryFormat::ChannelsLast
                                                                                   : at::MemoryFormat::Contiguous));
-  at::Tensor winners = at::empty({batch, keep}, x.options().dtype(at::kLong));
-  const int64_t pixels = channels ? x.numel() / std::max<int64_t>(batch * channels, 1) : 0;
-  if (batch == 0) return {winners, data};
+  at::Tensor winners = at::empty({g.batch, keep}, x.options().dtype(at::kLong));
+  if (g.batch == 0) return {winners, data};
   const float* xp = x.data_ptr<float>();
   float* dp = data.data_ptr<float>();
   int64_t* wp = winners.data_ptr<int64_t>();
-  const int64_t size = channels * pixels;
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> channel(channels);
-    std::vector<float> score(channels);
-    std::vector<int64_t> order(channels);
+  const int64_t channels = g.channels, pixels = g.pixels, size = channels * pixels;
+  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    Ranker ranker(g);
     for (int64_t b = b0; b < b1; ++b) {
       const float* xs = xp + b * size;
       float* ds = dp + b * keep * pixels;
       int64_t* ws = wp + b * keep;
-      group_scores(xs, channels, pixels, channels_last, nonnegative, 1, channel, score);
-      select_winners(score, keep, order);
-      std::sort(order.begin(), order.begin() + keep);
-      std::copy(order.begin(), order.begin() + keep, ws);
-      if (data_channels_last && channels_last) {  // pixel-major both: gather each pixel's winners
+      const int64_t* won = ranker.winners(xs, true);
+      std::copy(won, won + keep, ws);
+      if (data_channels_last && g.channels_last) {  // pixel-major both: gather each pixel's winners
         for (int64_t p = 0; p < pixels; ++p) {
           const float* src = xs + p * channels;
           float* dst = ds + p * keep;
@@ -139,25 +166,16 @@ std::vector<at::Tensor> wta_compact(const at::Tensor& x, int64_t keep, bool nonn
 // block WTA's compact form (which groups samples by their winning set). x: float32 [B, C, ...], contiguous or
 // channels-last 4-D; groups divides C.
 at::Tensor wta_winners(const at::Tensor& x, int64_t keep, int64_t groups, bool nonnegative) {
-  const bool channels_last = checked_channels_last(x);
-  const int64_t batch = x.size(0), channels = x.size(1);
-  TORCH_CHECK(groups >= 1 && channels % groups == 0, "groups must divide the channels");
-  TORCH_CHECK(keep >= 1 && keep <= groups, "keep: 1 .. groups");
-  at::Tensor winners = at::empty({batch, keep}, x.options().dtype(at::kLong));
-  const int64_t pixels = channels ? x.numel() / std::max<int64_t>(batch * channels, 1) : 0;
-  if (batch == 0) return winners;
+  const Geometry g(x, keep, groups, nonnegative);
+  at::Tensor winners = at::empty({g.batch, keep}, x.options().dtype(at::kLong));
+  if (g.batch == 0) return winners;
   const float* xp = x.data_ptr<float>();
   int64_t* wp = winners.data_ptr<int64_t>();
-  const int64_t per_group = channels / groups;
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> channel(channels);
-    std::vector<float> score(groups);
-    std::vector<int64_t> order(groups);
+  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    Ranker ranker(g);
     for (int64_t b = b0; b < b1; ++b) {
-      group_scores(xp + b * channels * pixels, channels, pixels, channels_last, nonnegative, per_group, channel, score);
-      select_winners(score, keep, order);
-      std::sort(order.begin(), order.begin() + keep);
-      std::copy(order.begin(), order.begin() + keep, wp + b * keep);
+      const int64_t* won = ranker.winners(xp + b * g.channels * g.pixels, true);
+      std::copy(won, won + keep, wp + b * keep);
     }
   });
   return winners;
@@ -165,29 +183,24 @@ at::Tensor wta_winners(const at::Tensor& x, int64_t keep, int64_t groups, bool n
 
 // x: float32 [B, C, ...] (contiguous, or channels-last 4-D); groups divides C; keep in [1, groups].
 at::Tensor wta_masked(const at::Tensor& x, int64_t keep, int64_t groups, bool nonnegative) {
-  const bool channels_last = checked_channels_last(x);
-  const int64_t batch = x.size(0), channels = x.size(1);
-  TORCH_CHECK(groups >= 1 && channels % groups == 0, "groups must divide the channels");
-  TORCH_CHECK(keep >= 1 && keep <= groups, "keep: 1 .. groups");
-  const int64_t pixels = channels ? x.numel() / std::max<int64_t>(batch * channels, 1) : 0;
+  const Geometry g(x, keep, groups, nonnegative);
+  const bool channels_last = g.channels_last;
+  const int64_t channels = g.channels, pixels = g.pixels;
   at::Tensor out = at::empty_like(x);   // the input's memory format
   if (x.numel() == 0) return out;
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t per_group = channels / groups, size = channels * pixels;
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> channel(channels);
-    std::vector<float> score(groups);
-    std::vector<int64_t> order(groups);
+  at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+    Ranker ranker(g);
     std::vector<float> mask(channels);
     for (int64_t b = b0; b < b1; ++b) {
       const float* xs = xp + b * size;
       float* os = op + b * size;
-      group_scores(xs, channels, pixels, channels_last, nonnegative, per_group, channel, score);
-      select_winners(score, keep, order);
+      const int64_t* won = ranker.winners(xs, false);
       std::fill(mask.begin(), mask.end(), 0.0f);
       for (int64_t i = 0; i < keep; ++i) {
-        std::fill(mask.begin() + order[i] * per_group, mask.begin() + (order[i] + 1) * per_group, 1.0f);
+        std::fill(mask.begin() + won[i] * per_group, mask.begin() + (won[i] + 1) * per_group, 1.0f);
       }
       // x * mask, as the torch path multiplies (a loser's -0 and NaN stay what x * 0 gives)
       if (channels_last) {
