@@ -19,7 +19,7 @@ from .data import DataBundle
 from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
 from .distributed.launch import agreement
-from .distributed.sharding import ShardedTables, place_tables, shard_tables, sharded_names
+from .distributed.sharding import ShardedCollection, place_tables, shard_tables, sharded_names
 from .metrics import module_bytes
 from .models.materialize import building_tables_for
 from .errors import ConfigError
@@ -215,7 +215,7 @@ def gather_state_dict(model: nn.Module, coll: Collective) -> dict[str, torch.Ten
     if not coll.distributed:
         return state
     # every state-dict entry of the sharded tables, extra state included (a FIITED table's generator states)
-    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, ShardedTables))
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, ShardedCollection))
     tables = {k for k in state if k.startswith(prefixes)}
     parts = coll.gather_object({k: v for k, v in state.items() if k in tables})
     if parts is None:
@@ -243,11 +243,12 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
     :mod:`compresskit.distributed.comm_model`."""
     local = [name for name in coll.table_order if coll.local_tables and name in coll.local_tables]
     mods = dict(model.named_modules())
-    owners, dims = [], []
+    owners, dims, id_bytes = [], [], []
     for m in model.modules():
-        if isinstance(m, ShardedTables):
-            owners += m.owners
-            dims += m.dims
+        if isinstance(m, ShardedCollection):
+            owners += m.feature_owners
+            dims += m.feature_dims
+            id_bytes += [m.id_bytes_per_bag] * len(m.feature_owners)
     ignored = set(sharded_names(model))
     dense_grad = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if p.requires_grad and n not in ignored)
@@ -258,7 +259,8 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
             "sent_bytes_per_step": sent}
     if recipe.train is not None:
         mine["model_bytes_per_step"] = step_bytes(recipe.train.batch_size, coll.world, coll.rank, owners, dims,
-                                                  dense_grad, recipe.train.accumulate_grad_batches)
+                                                  dense_grad, recipe.train.accumulate_grad_batches,
+                                                  sum(id_bytes) / len(id_bytes) if id_bytes else 8.0)
     ranks = coll.all_gather_object(mine)
     held = [r["table_bytes"] for r in ranks]
     mean = sum(held) / max(len(held), 1)

@@ -241,3 +241,100 @@ def test_torchrec_dlrm_resume_with_the_collate_matches_the_straight_run(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert straight.report["training"]["test"] == resumed.report["training"]["test"]
     assert straight.report["stages"][0]["stored_chunks"] == resumed.report["stages"][0]["stored_chunks"]
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def _sharded_collection(rank: int, world: int, convert: bool) -> tuple[list[str], float]:
+    """On each rank: a sharded weighted collection (three tables, one read by two features) fed this rank's samples
+    of a jagged batch, against the one-process collection on the whole batch: the KeyedTensor and every local
+    table's gradient (each rank's loss is its share, so the reference loss is divided by the ranks)."""
+    from compresskit.distributed.collective import Collective
+    from compresskit.distributed.sharding import shard_tables
+
+    torch.manual_seed(0)
+    collection = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=40, feature_names=["f0"]),
+        EmbeddingBagConfig(name="t1", embedding_dim=16, num_embeddings=30, feature_names=["f1", "f2"]),
+        EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=300, feature_names=["f3"])], is_weighted=True)
+    model = Head(collection, 8 + 16 + 16 + 4)
+    if convert:
+        convert_embeddings(model, chunk_size=4)
+    reference = copy.deepcopy(model)
+    keys, batch = ["f0", "f1", "f2", "f3"], 7
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 5, (len(keys), batch), generator=gen)       # empty bags included
+    values = [torch.randint(0, 30, (int(n.sum()),), generator=gen) for n in lengths]
+    weights = [torch.rand(v.numel(), generator=gen) for v in values]
+    target = torch.randn(batch, 44, generator=gen)
+
+    def kjt(rows: list[int]) -> KeyedJaggedTensor:
+        picked = [(v.split(n.tolist()), w.split(n.tolist())) for v, w, n in zip(values, weights, lengths)]
+        return KeyedJaggedTensor(keys=keys, lengths=lengths[:, rows].reshape(-1),
+                                 values=torch.cat([vs[b] for vs, _ in picked for b in rows]),
+                                 weights=torch.cat([ws[b] for _, ws in picked for b in rows]))
+
+    local = shard_tables(model, Collective(rank, world))
+    rows = [0, 1, 2, 3] if rank == 0 else [4, 5, 6]                        # uneven shares
+    got = model.collection(kjt(rows))
+    (got.values() * target[rows]).sum().backward()
+    expected = reference.collection(kjt(list(range(batch))))
+    ((expected.values() * target).sum() / world).backward()
+    assert got.keys() == expected.keys() and got.length_per_key() == expected.length_per_key()
+    err = float((got.values() - expected.values()[rows]).abs().max())
+    twins = dict(reference.named_modules())
+    for name, table in model.named_modules():
+        if name in local:
+            for p, q in zip(table.parameters(), twins[name].parameters()):
+                err = max(err, float((p.grad.to_dense() - q.grad.to_dense()).abs().max()))
+    return local, err
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["torchrec-bags", "fiited-bags"])
+def test_a_sharded_collection_equals_the_one_process_collection(convert):
+    """Jagged, weighted bags go to each table's owner as a KJT holds them (lengths, then ids and weights) and the
+    pooled vectors come back: outputs and gradients equal the unsharded collection's, with TorchRec's own bags or
+    FIITED's in their place."""
+    from compresskit.distributed.local import run_local
+
+    results = run_local(_sharded_collection, 2, (convert,), timeout=90)
+    owned = [set(local) for local, _ in results]
+    assert owned[0] | owned[1] == {"collection.embedding_bags.t0", "collection.embedding_bags.t1",
+                                   "collection.embedding_bags.t2"} and not owned[0] & owned[1]
+    assert max(err for _, err in results) < 1e-6
+
+
+def test_torchrec_dlrm_with_fiited_on_two_ranks_equals_one_process(tmp_path):
+    """The TorchRec DLRM with FIITED on multi-hot CSV data (the ``tags`` column) under 2 ranks: the model, the
+    loss curve, the test metrics and the kept chunks of the one-process run, and the bytes each rank sent close
+    to the communication model's (jagged bags: a length plus the ids a bag holds)."""
+    from test_distributed import assert_same_model, launch_ranks, load_outputs, run_cli, write_recipe
+
+    with open(os.path.join(ROOT, "recipes", "fiited_dlrm_csv.yaml"), encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    raw["model"] = {"name": "torchrec_dlrm", "args": {"embedding_dim": 8, "dense_arch_layer_sizes": [16, 8],
+                                                      "over_arch_layer_sizes": [16, 1]}}
+    raw["data"].update({"path": os.path.join(ROOT, "examples", "data", "clicks.csv"), "collate": "torchrec"})
+    raw["train"].update({"epochs": 2, "batch_size": 64, "progress": False, "threads": 1})
+    raw["stages"][0].update({"target_memory_ratio": 0.25, "chunk_size": 4, "interval": 10, "start_step": 10,
+                             "end_step": 60})
+    raw["logging"] = {"csv": False, "plots": False, "tensorboard": "never"}
+    raw["distributed"] = {"timeout_s": 60}
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    one = run_cli(["apply", recipe, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    for code, _, err in launch_ranks([["apply", recipe, "--out", str(tmp_path / "two")]] * 2, timeout=180):
+        assert code == 0, err
+    state1, report1 = load_outputs(tmp_path / "one")
+    state2, report2 = load_outputs(tmp_path / "two")
+    assert_same_model(state2, state1)
+    loss1 = [h["train_loss"] for h in report1["training"]["history"]]
+    assert loss1 == pytest.approx([h["train_loss"] for h in report2["training"]["history"]], abs=1e-4)
+    for metric, value in report1["training"]["test"].items():
+        assert report2["training"]["test"][metric] == pytest.approx(value, abs=1e-4), metric
+    assert report1["stages"][0]["stored_chunks"] == report2["stages"][0]["stored_chunks"]
+    ranks = report2["distributed"]["ranks"]
+    assert sorted(t for r in ranks for t in r["tables"]) == sorted(
+        f"sparse_arch.embedding_bag_collection.embedding_bags.t_{k}" for k in ("user", "item", "tags", "hour", "device"))
+    for r in ranks:
+        assert r["sent_bytes_per_step"]["all_to_all"] == pytest.approx(r["model_bytes_per_step"]["all_to_all"],
+                                                                       rel=0.1)

@@ -3,7 +3,9 @@
 Per rank r of N, a global batch of B rows (rank r holds B_r of them), F sharded features of widths d_f
 (D = sum d_f; rank r owns features F_r of width D_r), 8-byte ids, 4-byte values:
 
-* ``all_to_all``: ids out ``B_r * (F - |F_r|) * 8``; pooled vectors out ``(B - B_r) * D_r * 4``; their gradients
+* ``all_to_all``: ids out ``B_r * (F - |F_r|) * I`` (``I``: bytes a bag sends its owner: 8 for one id; padded
+  bags ``L`` ids of 8 bytes plus 4-byte weights when weighted; a KeyedJaggedTensor's bag an 8-byte length plus its
+  ids and weights); pooled vectors out ``(B - B_r) * D_r * 4``; their gradients
   back ``B_r * (D - D_r) * 4``; once per micro-batch.
 * ``all_gather``: the local batch size, 8 bytes to each other rank, once per micro-batch.
 * ``all_reduce``: the dense gradients (DDP, once per optimizer step: micro-batches before the last run under
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 
 def step_bytes(batch: int, world: int, rank: int, owners: list[int], dims: list[int], dense_grad_bytes: int,
-               micro_batches: int = 1) -> dict[str, int]:
+               micro_batches: int = 1, id_bytes_per_bag: float = 8.0) -> dict[str, int]:
     """Bytes rank ``rank`` hands to other ranks in one optimizer step, by collective (see the module docstring)."""
     if world <= 1:
         return {"all_to_all": 0, "all_gather": 0, "all_reduce": 0}
@@ -23,7 +25,8 @@ def step_bytes(batch: int, world: int, rank: int, owners: list[int], dims: list[
     local = base + (1 if rank < extra else 0)
     mine = [f for f, o in enumerate(owners) if o == rank]
     width, total = sum(dims[f] for f in mine), sum(dims)
-    a2a = local * (len(owners) - len(mine)) * 8 + (batch - local) * width * 4 + local * (total - width) * 4
+    a2a = round(local * (len(owners) - len(mine)) * id_bytes_per_bag) + (batch - local) * width * 4 \
+        + local * (total - width) * 4
     gather = 8 * (world - 1) if owners else 0
     return {"all_to_all": micro_batches * a2a, "all_gather": micro_batches * gather,
             "all_reduce": dense_grad_bytes + 8}

@@ -2,15 +2,18 @@
 everything else.
 
 * :func:`place_tables` gives every table one owner, balancing bytes (largest first onto the least-loaded rank).
-* :class:`ShardedTables` replaces an :class:`~compresskit.models.tables.EmbeddingTables` collection. A forward
-  sends each feature's ids to the table's owner (``all_to_all``), the owner looks up the whole global batch, and a
-  second ``all_to_all`` returns each rank the pooled vectors of its own samples. Backward runs the second exchange
+* :class:`ShardedTables` replaces an :class:`~compresskit.models.tables.EmbeddingTables` collection (a TorchRec
+  ``EmbeddingBagCollection`` gets :class:`~.bag_collection.ShardedBagCollection`, which sends bags as a KJT does).
+  A forward sends each feature's ids to the table's owner (``all_to_all``), the owner looks up the whole global
+  batch, and a second ``all_to_all`` returns each rank the pooled vectors of its own samples. Backward runs the second exchange
   in reverse, dividing the gradients by the number of ranks: every rank's loss is a mean over its share of the
   batch, and DDP averages the dense gradients the same way.
 * :func:`data_parallel` wraps the model in ``DistributedDataParallel`` with the sharded tables' parameters and
   buffers ignored, so DDP never hooks a table (FIITED replaces its pools when it prunes) and never all-reduces one.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,39 +50,63 @@ class _Exchange(torch.autograd.Function):
         return back * ctx.grad_scale, None, None, None, None, None
 
 
-class ShardedTables(nn.ModuleDict):
+class ShardedCollection:
+    """What every table-wise sharded collection shares: the owner and width of each table and of each output
+    (a pooled feature), and the exchange that returns each rank the pooled vectors of its own samples.
+
+    Subclasses are ``nn.Module`` s that call :meth:`_init_outputs` in their constructor."""
+
+    coll: Collective
+    owners: list[int]            # owner rank of every table, in the unsharded collection's order
+    feature_owners: list[int]    # owner rank of every output (a pooled feature), in output order
+    feature_dims: list[int]      # width of every output
+    id_bytes_per_bag: float = 8.0   # bytes one bag sent to its owner in the last batch (the communication model)
+
+    def _init_outputs(self, coll: Collective, owners: list[int], feature_owners: list[int],
+                      feature_dims: list[int]) -> None:
+        self.coll, self.owners = coll, list(owners)
+        self.feature_owners, self.feature_dims = list(feature_owners), list(feature_dims)
+        self.outputs_of = [[k for k, o in enumerate(feature_owners) if o == r] for r in range(coll.world)]
+        self.widths = [sum(feature_dims[k] for k in outs) for outs in self.outputs_of]   # pooled width a rank
+        self._anchor = torch.zeros(0, requires_grad=True)  # makes every rank run the backward exchange
+
+    def _return_pooled(self, pooled: torch.Tensor, batch: int, sizes: list[int]) -> list[torch.Tensor]:
+        """This rank's pooled outputs ``[global batch, its width]`` (samples in rank order) sent back to the ranks
+        whose samples they are; returns every output's ``[batch, dim]`` for this rank's own samples."""
+        coll, widths = self.coll, self.widths
+        anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
+        mine_out = _Exchange.apply(pooled.reshape(-1), anchor, coll, [n * widths[coll.rank] for n in sizes],
+                                   [batch * w for w in widths], 1.0 / coll.world)
+        out: list[torch.Tensor | None] = [None] * len(self.feature_owners)
+        for block, outs, w in zip(mine_out.split([batch * w for w in widths]), self.outputs_of, widths):
+            for k, vec in zip(outs, block.view(batch, w).split([self.feature_dims[k] for k in outs], dim=1)):
+                out[k] = vec
+        return out  # type: ignore[return-value]
+
+
+class ShardedTables(nn.ModuleDict, ShardedCollection):
     """This rank's tables of a sharded :class:`EmbeddingTables`, keyed by feature index (state-dict keys stay those
     of the unsharded collection); ``forward(sparse [B_local, F] or [B_local, F, L], weights=None) -> [B_local,
     dim_f]`` per feature, exchanged (multi-hot bags and their weights travel padded, as the batch holds them)."""
 
     def __init__(self, tables: EmbeddingTables, owners: list[int], coll: Collective) -> None:
         super().__init__({str(i): t for i, t in enumerate(tables) if owners[i] == coll.rank})
-        self.coll = coll
-        self.owners = list(owners)
         self.dims = tables.dims()
-        self.features_of = [[f for f, o in enumerate(owners) if o == r] for r in range(coll.world)]
-        self.widths = [sum(self.dims[f] for f in feats) for feats in self.features_of]   # pooled width a rank
-        self._anchor = torch.zeros(0, requires_grad=True)  # makes every rank run the backward exchange
+        self._init_outputs(coll, owners, owners, self.dims)
+        self.features_of = self.outputs_of   # one output (feature) a table
 
     def forward(self, sparse: torch.Tensor, weights: torch.Tensor | None = None  # type: ignore[override]
                 ) -> list[torch.Tensor]:
         coll, mine = self.coll, self.features_of[self.coll.rank]
         check_sparse(sparse, weights, len(self.owners))
         batch, bag = sparse.shape[0], (sparse.shape[2] if sparse.dim() == 3 else 0)
+        self.id_bytes_per_bag = max(bag, 1) * (8 + (4 if weights is not None else 0))   # padded bags travel whole
         sizes = coll.all_gather_sizes(batch)
         ids = self._to_owners(sparse.long(), batch, bag, sizes)
         w = None if weights is None else self._to_owners(weights, batch, bag, sizes)
         pooled = (torch.cat([self[str(f)](*bags) for f, bags in zip(mine, feature_bags(ids, w))], dim=1)
                   if mine else torch.zeros(ids.shape[0], 0))
-        width, widths = self.widths[coll.rank], self.widths
-        anchor = self._anchor if torch.is_grad_enabled() else self._anchor.detach()
-        mine_out = _Exchange.apply(pooled.reshape(-1), anchor, coll, [n * width for n in sizes],
-                                   [batch * w for w in widths], 1.0 / coll.world)
-        out: list[torch.Tensor | None] = [None] * len(self.owners)
-        for block, feats, w in zip(mine_out.split([batch * w for w in widths]), self.features_of, widths):
-            for f, vec in zip(feats, block.view(batch, w).split([self.dims[f] for f in feats], dim=1)):
-                out[f] = vec
-        return out  # type: ignore[return-value]
+        return self._return_pooled(pooled, batch, sizes)
 
     def _to_owners(self, values: torch.Tensor, batch: int, bag: int, sizes: list[int]) -> torch.Tensor:
         """Each feature's ids (or weights) ``[batch, F(, bag)]`` sent to the feature's owner: this rank gets
@@ -96,37 +123,52 @@ class ShardedTables(nn.ModuleDict):
         return f"rank {self.coll.rank} of {self.coll.world}: features {self.features_of[self.coll.rank]}"
 
 
+def _collections(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]], Callable]]:
+    """Every table collection in ``model``: ``(module name, [(table name, table)], make_sharded(owners, coll))``,
+    ``EmbeddingTables`` (DLRM's) and TorchRec ``EmbeddingBagCollection`` s."""
+    from .bag_collection import ShardedBagCollection, bag_collection_tables, is_bag_collection
+
+    found: list[tuple[str, list[tuple[str, nn.Module]], Callable]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, EmbeddingTables):
+            tables = [(str(i), t) for i, t in enumerate(m)]
+            found.append((name, tables, lambda owners, coll, m=m: ShardedTables(m, owners, coll)))
+        elif is_bag_collection(m):
+            found.append((name, bag_collection_tables(m),
+                          lambda owners, coll, m=m: ShardedBagCollection(m, owners, coll)))
+    return found
+
+
 def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
-    """Replace every :class:`EmbeddingTables` in ``model`` by this rank's :class:`ShardedTables` (one placement
-    over all collections, balanced by bytes); the tables other ranks own are dropped. Returns the local table
-    names and records them, and the global table order, on ``coll``."""
-    collections = [(name, m) for name, m in model.named_modules() if isinstance(m, EmbeddingTables)]
+    """Replace every table collection in ``model`` (:class:`EmbeddingTables`, TorchRec ``EmbeddingBagCollection``)
+    by this rank's sharded one (one placement over all collections, balanced by bytes); the tables other ranks own
+    are dropped. Returns the local table names and records them, and the global table order, on ``coll``."""
+    collections = _collections(model)
     if not collections:
         return []
-    names = [f"{prefix}.{i}" if prefix else str(i) for prefix, c in collections for i in range(len(c))]
-    owners = place_tables([module_bytes(t)["total"] for _, c in collections for t in c], coll.world)
-    for name, table, owner in zip(names, [t for _, c in collections for t in c], owners):
+    if any(not prefix for prefix, _, _ in collections):
+        raise ValueError("the model itself is a table collection; wrap it in a module to shard it")
+    named = [(f"{prefix}.{name}", table) for prefix, tables, _ in collections for name, table in tables]
+    names = [name for name, _ in named]
+    owners = place_tables([module_bytes(t)["total"] for _, t in named], coll.world)
+    for (name, table), owner in zip(named, owners):
         if owner == coll.rank and any(p.is_meta for p in table.parameters()):
             raise ValueError(f"table '{name}' is placed on rank {coll.rank}, which did not build it (the model "
                              f"built its tables for another placement)")
     start = 0
-    for prefix, tables in collections:
-        sharded = ShardedTables(tables, owners[start:start + len(tables)], coll)
+    for prefix, tables, make_sharded in collections:
+        model.set_submodule(prefix, make_sharded(owners[start:start + len(tables)], coll))
         start += len(tables)
-        if prefix:
-            model.set_submodule(prefix, sharded)
-        else:
-            raise ValueError("the model itself is an EmbeddingTables collection; wrap it in a module to shard it")
     coll.table_order = names
     coll.local_tables = {n for n, o in zip(names, owners) if o == coll.rank}
     return sorted(coll.local_tables, key=names.index)
 
 
 def sharded_names(model: nn.Module) -> list[str]:
-    """Names of the parameters and buffers under :class:`ShardedTables` (what DDP must leave alone)."""
+    """Names of the parameters and buffers under sharded collections (what DDP must leave alone)."""
     out = []
     for prefix, m in model.named_modules():
-        if isinstance(m, ShardedTables):
+        if isinstance(m, ShardedCollection):
             out += [f"{prefix}.{n}" for n, _ in m.named_parameters()]
             out += [f"{prefix}.{n}" for n, _ in m.named_buffers()]
     return out

@@ -228,8 +228,8 @@ class FiitedPlugin(Plugin):
             stray = [name for name, _ in tables if coll.local_tables is None or name not in coll.local_tables]
             if stray:
                 raise self.error("", f"table '{stray[0]}' is not sharded: in a distributed run FIITED needs its "
-                                     f"tables in an EmbeddingTables collection (as DLRM's) and "
-                                     f"distributed.sharding: table_wise")
+                                     f"tables in an EmbeddingTables collection (as DLRM's) or a TorchRec "
+                                     f"EmbeddingBagCollection, and distributed.sharding: table_wise")
 
     def _replace(self, model: nn.Module, dense: list[tuple[str, nn.Module]], ctx: RunContext) -> None:
         """A method that is not in training puts its own natural form in place of the dense tables, within the
