@@ -19,7 +19,8 @@ from .data import DataBundle
 from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
 from .distributed.launch import agreement
-from .distributed.sharding import ShardedCollection, place_tables, shard_tables, sharded_names
+from .distributed.placement import place_tables
+from .distributed.sharding import ShardedCollection, shard_tables, sharded_names
 from .metrics import module_bytes
 from .models.materialize import building_tables_for
 from .errors import ConfigError

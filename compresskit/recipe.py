@@ -74,8 +74,9 @@ class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = option("auto", help="process-group backend (auto: nccl with CUDA, "
                                                                    "gloo on CPU)")
     sharding: Literal["table_wise", "none"] = option(
-        "table_wise", help="embedding tables of EmbeddingTables collections (DLRM's): one owner rank each, balanced "
-                           "by bytes (table_wise), or replicated and synchronised by DDP (none)")
+        "table_wise", help="embedding tables of EmbeddingTables collections (DLRM's) and TorchRec "
+                           "EmbeddingBagCollections: one owner rank each, bytes and lookups balanced (table_wise), or "
+                           "replicated and synchronised by DDP (none)")
     timeout_s: float = option(300.0, help="seconds a collective waits for the other ranks before the run fails",
                               min=1)
 

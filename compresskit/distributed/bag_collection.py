@@ -25,9 +25,10 @@ def is_bag_collection(module: nn.Module) -> bool:
     return modules is not None and isinstance(module, modules.EmbeddingBagCollection)
 
 
-def bag_collection_tables(collection: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name under the collection, bag)`` of every table, in the collection's order."""
-    return [(f"embedding_bags.{name}", bag) for name, bag in collection.embedding_bags.items()]
+def bag_collection_tables(collection: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name under the collection, bag, features reading it)`` of every table, in the collection's order."""
+    return [(f"embedding_bags.{name}", bag, len(config.feature_names))
+            for (name, bag), config in zip(collection.embedding_bags.items(), collection.embedding_bag_configs())]
 
 
 class ShardedBagCollection(nn.Module, ShardedCollection):

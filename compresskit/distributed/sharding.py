@@ -1,7 +1,7 @@
 """Table-wise sharding of embedding tables over ranks (the DLRM / TorchRec layout) and data parallelism (DDP) for
 everything else.
 
-* :func:`place_tables` gives every table one owner, balancing bytes (largest first onto the least-loaded rank).
+* :func:`~.placement.place_tables` gives every table one owner, balancing bytes and lookups together.
 * :class:`ShardedTables` replaces an :class:`~compresskit.models.tables.EmbeddingTables` collection (a TorchRec
   ``EmbeddingBagCollection`` gets :class:`~.bag_collection.ShardedBagCollection`, which sends bags as a KJT does).
   A forward sends each feature's ids to the table's owner (``all_to_all``), the owner looks up the whole global
@@ -23,17 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..metrics import module_bytes
 from ..models.tables import EmbeddingTables, check_sparse, feature_bags
 from .collective import Collective
-
-
-def place_tables(sizes: list[int], world: int) -> list[int]:
-    """Owner rank of every table: largest first onto the rank holding the fewest bytes (ties: lower rank)."""
-    load = [0] * world
-    owners = [0] * len(sizes)
-    for t in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        owners[t] = r
-        load[r] += sizes[t]
-    return owners
+from .placement import place_tables
 
 
 class _Exchange(torch.autograd.Function):
@@ -123,15 +113,15 @@ class ShardedTables(nn.ModuleDict, ShardedCollection):
         return f"rank {self.coll.rank} of {self.coll.world}: features {self.features_of[self.coll.rank]}"
 
 
-def _collections(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]], Callable]]:
-    """Every table collection in ``model``: ``(module name, [(table name, table)], make_sharded(owners, coll))``,
-    ``EmbeddingTables`` (DLRM's) and TorchRec ``EmbeddingBagCollection`` s."""
+def _collections(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module, int]], Callable]]:
+    """Every table collection in ``model``: ``(module name, [(table name, table, features reading it)],
+    make_sharded(owners, coll))``, ``EmbeddingTables`` (DLRM's) and TorchRec ``EmbeddingBagCollection`` s."""
     from .bag_collection import ShardedBagCollection, bag_collection_tables, is_bag_collection
 
-    found: list[tuple[str, list[tuple[str, nn.Module]], Callable]] = []
+    found: list[tuple[str, list[tuple[str, nn.Module, int]], Callable]] = []
     for name, m in model.named_modules():
         if isinstance(m, EmbeddingTables):
-            tables = [(str(i), t) for i, t in enumerate(m)]
+            tables = [(str(i), t, 1) for i, t in enumerate(m)]
             found.append((name, tables, lambda owners, coll, m=m: ShardedTables(m, owners, coll)))
         elif is_bag_collection(m):
             found.append((name, bag_collection_tables(m),
@@ -141,17 +131,18 @@ def _collections(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]
 
 def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
     """Replace every table collection in ``model`` (:class:`EmbeddingTables`, TorchRec ``EmbeddingBagCollection``)
-    by this rank's sharded one (one placement over all collections, balanced by bytes); the tables other ranks own
-    are dropped. Returns the local table names and records them, and the global table order, on ``coll``."""
+    by this rank's sharded one (one placement over all collections, bytes and lookups balanced); the tables other
+    ranks own are dropped. Returns the local table names and records them, and the global table order, on ``coll``."""
     collections = _collections(model)
     if not collections:
         return []
     if any(not prefix for prefix, _, _ in collections):
         raise ValueError("the model itself is a table collection; wrap it in a module to shard it")
-    named = [(f"{prefix}.{name}", table) for prefix, tables, _ in collections for name, table in tables]
-    names = [name for name, _ in named]
-    owners = place_tables([module_bytes(t)["total"] for _, t in named], coll.world)
-    for (name, table), owner in zip(named, owners):
+    named = [(f"{prefix}.{name}", table, reads) for prefix, tables, _ in collections for name, table, reads in tables]
+    names = [name for name, _, _ in named]
+    owners = place_tables([module_bytes(t)["total"] for _, t, _ in named], coll.world,
+                          [reads for _, _, reads in named])
+    for (name, table, _), owner in zip(named, owners):
         if owner == coll.rank and any(p.is_meta for p in table.parameters()):
             raise ValueError(f"table '{name}' is placed on rank {coll.rank}, which did not build it (the model "
                              f"built its tables for another placement)")
