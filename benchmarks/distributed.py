@@ -13,6 +13,10 @@ Communication is checked two ways, per training step and rank:
   and a long run of the same recipe so set-up, evaluation and the final gather cancel, against the same model
   with a ring all-reduce's ``2 (N-1) / N`` factor. This needs an otherwise quiet loopback.
 
+Each multi-rank configuration also runs with ``distributed.prefetch_ids: false`` (every batch's ids exchanged in
+its own forward instead of during the previous batch's backward and step): the rows "ids sent ahead / not" are
+that effect on samples/s.
+
 Usage: python benchmarks/distributed.py [--samples 60000] [--steps 40] [--scale 0.02]
 """
 from __future__ import annotations
@@ -32,8 +36,9 @@ from common import ROOT, publish  # noqa: E402
 from compresskit.distributed.comm_model import ring_wire_factor  # noqa: E402
 
 
-def recipe(variant: str, samples: int, steps: int, scale: float, batch: int) -> dict:
-    """The benchmark recipe: DLRM on synthetic-ctr, FIITED at 10% or plain sparse EmbeddingBag tables."""
+def recipe(variant: str, samples: int, steps: int, scale: float, batch: int, prefetch: bool = True) -> dict:
+    """The benchmark recipe: DLRM on synthetic-ctr, FIITED at 10% or plain sparse EmbeddingBag tables; ``prefetch``:
+    the next batch's ids sent during this one (``distributed.prefetch_ids``)."""
     out = {
         "model": {"name": "dlrm", "args": {"embedding_dim": 16, "bottom_mlp": [64, 32], "top_mlp": [64, 32],
                                            "sparse": variant == "embeddingbag"}},
@@ -41,7 +46,7 @@ def recipe(variant: str, samples: int, steps: int, scale: float, batch: int) -> 
         "train": {"epochs": 100, "max_steps": steps, "batch_size": batch, "progress": False, "threads": 1,
                   "checkpoint_every": 10_000, "optimizer": {"name": "adagrad", "lr": 0.05}},
         "stages": [],
-        "distributed": {"timeout_s": 600},
+        "distributed": {"timeout_s": 600, "prefetch_ids": prefetch},
     }
     if variant == "fiited":
         out["stages"] = [{"plugin": "fiited", "target_memory_ratio": 0.1, "chunk_size": 4, "interval": 5,
@@ -117,6 +122,15 @@ def main() -> None:
             rows.append([variant, nproc, round(throughput), max(rss) // 2**20,
                          max(held) // 2**10, round(counted) if counted else "-", modelled or "-",
                          f"{counted / modelled:.3f}" if counted else "-"])
+        if nproc > 1:   # the same runs with every batch's ids exchanged in its own forward, right after
+            for variant in ("embeddingbag", "fiited"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    report, _ = apply(recipe(variant, args.samples, args.steps, args.scale, args.batch, False),
+                                      nproc, tmp)
+                training = report["training"]
+                runs[(variant, nproc, "no prefetch")] = training["steps"] * args.batch / training["train_seconds"]
+                print(f"  {variant} on {nproc} rank(s), ids not sent ahead: "
+                      f"{runs[(variant, nproc, 'no prefetch')]:.0f} samples/s", flush=True)
         if nproc > 1:   # wire check: a short run of the FIITED recipe, differenced against the long one
             with tempfile.TemporaryDirectory() as tmp:
                 short, lo_short = apply(recipe("fiited", args.samples, args.steps // 2, args.scale, args.batch),
@@ -133,6 +147,10 @@ def main() -> None:
         fiited, plain = runs[("fiited", nproc)], runs[("embeddingbag", nproc)]
         rows.append(["FIITED / EmbeddingBag", nproc, f"{fiited['throughput'] / plain['throughput']:.2f}x",
                      f"{max(fiited['rss']) / max(plain['rss']):.2f}x", "", "", "", ""])
+    for nproc in args.ranks:
+        for variant in ("embeddingbag", "fiited") if nproc > 1 else ():
+            ratio = runs[(variant, nproc)]["throughput"] / runs[(variant, nproc, "no prefetch")]
+            rows.append([f"{variant}: ids sent ahead / not", nproc, f"{ratio:.2f}x", "", "", "", "", ""])
     print()
     publish("distributed", ["tables", "ranks", "samples/s", "peak RSS MiB (max rank)", "model KiB held (max rank)",
                             "counted B/step", "modelled B/step", "counted/model"], rows,

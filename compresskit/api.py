@@ -68,6 +68,7 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     tables are then sharded table-wise (``distributed.sharding``), the rest is data-parallel, and rank 0 alone
     writes outputs."""
     coll = collective or Collective.single()
+    coll.prefetch_ids = recipe.distributed.prefetch_ids
     built = model is None and recipe.model is not None   # from the recipe: its layout record can rebuild it
     model, data, weights = _resolve(recipe, model, data, out_dir, coll)
     train_cfg = recipe.train
@@ -244,12 +245,13 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
     :mod:`compresskit.distributed.comm_model`."""
     local = [name for name in coll.table_order if coll.local_tables and name in coll.local_tables]
     mods = dict(model.named_modules())
-    owners, dims, id_bytes = [], [], []
+    owners, dims, id_bytes, sent_ahead = [], [], [], 0
     for m in model.modules():
         if isinstance(m, ShardedCollection):
             owners += m.feature_owners
             dims += m.feature_dims
             id_bytes += [m.id_bytes_per_bag] * len(m.feature_owners)
+            sent_ahead = max(sent_ahead, m.prefetched_batches)
     ignored = set(sharded_names(model))
     dense_grad = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if p.requires_grad and n not in ignored)
@@ -257,11 +259,12 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
             "table_bytes": sum(module_bytes(mods[name])["total"] for name in local),
             "model_bytes": module_bytes(model)["total"],
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "sent_bytes_per_step": sent}
+            "sent_bytes_per_step": sent, "batches_sent_ahead": sent_ahead}
     if recipe.train is not None:
         mine["model_bytes_per_step"] = step_bytes(recipe.train.batch_size, coll.world, coll.rank, owners, dims,
                                                   dense_grad, recipe.train.accumulate_grad_batches,
-                                                  sum(id_bytes) / len(id_bytes) if id_bytes else 8.0)
+                                                  sum(id_bytes) / len(id_bytes) if id_bytes else 8.0,
+                                                  sent_ahead > 0)
     ranks = coll.all_gather_object(mine)
     held = [r["table_bytes"] for r in ranks]
     mean = sum(held) / max(len(held), 1)

@@ -79,6 +79,8 @@ class DistributedConfig:
                            "replicated and synchronised by DDP (none)")
     timeout_s: float = option(300.0, help="seconds a collective waits for the other ranks before the run fails",
                               min=1)
+    prefetch_ids: bool = option(True, help="send the next batch's ids to their tables' owners while this batch "
+                                           "trains (TorchRec's pipelined input distribution; the same results)")
 
 
 @dataclass

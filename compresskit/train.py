@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import integrity
 from .distributed.collective import Collective
+from .distributed.prefetch import NextBatchIds
 from .distributed.sharding import data_parallel, sharded_names
 from .errors import CheckpointError, CompressKitError, ConfigError, first_line
 from .data.batches import batches, to_model_inputs
@@ -74,6 +75,19 @@ def evaluate(model: nn.Module, dataset: TensorDataset, task: str, batch_size: in
         return {"auc": roc_auc(y.numpy(), p.numpy()), "logloss": log_loss(y, p),
                 "accuracy": accuracy(y.reshape(-1), (p > 0.5).to(y.dtype))}
     return {"accuracy": accuracy(y, out.argmax(1)), "loss": float(F.cross_entropy(out, y))}
+
+
+def with_next(items: Iterable) -> Iterator[tuple[Any, Any]]:
+    """``(item, the next item or None)`` for each item."""
+    iterator = iter(items)
+    current = next(iterator, _END)
+    while current is not _END:
+        upcoming = next(iterator, _END)
+        yield current, (None if upcoming is _END else upcoming)
+        current = upcoming
+
+
+_END = object()
 
 
 def grouped(items: Iterable, size: int) -> Iterator[list]:
@@ -284,8 +298,10 @@ class Trainer:
         sent_before, first_step = dict(coll.sent), self.step
         self.log = TrainLog(self.logging_cfg, self.out_dir, writer=coll.is_main, start_step=self.step)
         log.info("training %d steps (%d per epoch) from step %d", self.total_steps, self.steps_per_epoch, self.step)
+        self.next_ids = NextBatchIds(self.model, coll)
         try:
             self._loop(bar)
+            self.next_ids.drain()
         finally:
             bar.close()
             self.log.close()
@@ -309,21 +325,25 @@ class Trainer:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             order = (epoch_order(len(self.data.train), cfg.seed, epoch) if cfg.shuffle
                      else torch.arange(len(self.data.train)))[skip * accumulate * cfg.batch_size:]
-            for group in grouped(batches(self.data.train, cfg.batch_size, order), accumulate):
+            prepared = ((*to_model_inputs(self.data.collate, *local_rows(inputs, label, coll)), label.shape[0])
+                        for inputs, label in batches(self.data.train, cfg.batch_size, order))
+            for group in grouped(with_next(prepared), accumulate):
                 model = self._forward_model()
                 self.optimizer.zero_grad(set_to_none=True)
                 value = 0.0
-                for i, (inputs, label) in enumerate(group):
-                    n = label.shape[0]
-                    inputs, label = to_model_inputs(self.data.collate, *local_rows(inputs, label, coll))
+                for i, ((inputs, label, n), upcoming) in enumerate(group):
                     last = i == len(group) - 1
                     with model.no_sync() if world > 1 and not last and hasattr(model, "no_sync") else nullcontext():
+                        with self.next_ids.watch(inputs):
+                            out = model(*inputs)
+                        if upcoming is not None and (not last or self.step + 1 < self.total_steps):
+                            self.next_ids.send(upcoming[0], upcoming[2])   # its ids travel during this step
                         if world > 1:   # each rank's share of the global mean; DDP averages over ranks
-                            total = task_loss(model(*inputs), label, task, "sum")
+                            total = task_loss(out, label, task, "sum")
                             loss = total * (world / n) / accumulate
                             value += total.item() / n / accumulate
                         else:
-                            loss = task_loss(model(*inputs), label, task) / accumulate
+                            loss = task_loss(out, label, task) / accumulate
                             value += loss.item()
                         loss.backward()
                 value = coll.sum(value)

@@ -126,6 +126,24 @@ def test_two_ranks_equal_one_process(runs):
     assert report2["stages"][0]["memory_ratio"] <= 0.2
 
 
+def test_ids_sent_ahead_give_the_same_run(runs, tmp_path):
+    """The next batch's ids go out during this batch's step (every batch but each epoch's first); switched off,
+    every forward exchanges its own ids, and the run is the same bit for bit."""
+    root, _ = runs
+    raw = {**RECIPE, "distributed": {**RECIPE["distributed"], "prefetch_ids": False}}
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    for code, _, err in launch_ranks([["apply", recipe, "--out", str(tmp_path / "plain")]] * 2):
+        assert code == 0, err
+    ahead, report_ahead = load_outputs(root / "two")
+    plain, report_plain = load_outputs(tmp_path / "plain")
+    assert ahead.keys() == plain.keys() and all(torch.equal(ahead[k], plain[k]) for k in ahead)
+    assert report_ahead["training"]["test"] == report_plain["training"]["test"]
+    steps = report_ahead["training"]["steps"]                  # 3 epochs of 12 steps
+    assert [r["batches_sent_ahead"] for r in report_ahead["distributed"]["ranks"]] == [steps - 3] * 2
+    assert [r["batches_sent_ahead"] for r in report_plain["distributed"]["ranks"]] == [0, 0]
+    assert report_plain["distributed"]["ranks"][0]["sent_bytes_per_step"]["all_gather"] == 8
+
+
 def test_two_ranks_record_every_table_and_export(runs, tmp_path):
     root, _ = runs
     one, two = (json.load(open(root / name / "layout.json")) for name in ("one", "two"))
@@ -157,9 +175,10 @@ def test_tables_are_split_and_bytes_match_the_model(runs):
     table_bytes = [r["table_bytes"] for r in ranks]
     assert report2["distributed"]["table_bytes_max_over_mean"] == pytest.approx(
         max(table_bytes) / (sum(table_bytes) / 2))
-    for r in ranks:   # bytes counted on every collective against the analytic model, within 5%
+    for r in ranks:   # bytes counted on every collective against the analytic model, within 5% (each epoch's
+        # first batch, whose ids were not sent ahead, adds an 8-byte batch-size all-gather the per-step model omits)
         for kind, modelled in r["model_bytes_per_step"].items():
-            assert r["sent_bytes_per_step"][kind] == pytest.approx(modelled, rel=0.05), (r["rank"], kind)
+            assert r["sent_bytes_per_step"][kind] == pytest.approx(modelled, rel=0.05, abs=2), (r["rank"], kind)
 
 
 def test_only_rank_zero_writes(runs):

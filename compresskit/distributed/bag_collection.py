@@ -11,6 +11,7 @@ TorchRec is only touched when a model holds an ``EmbeddingBagCollection``; nothi
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -59,34 +60,7 @@ class ShardedBagCollection(nn.Module, ShardedCollection):
 
         coll, mine = self.coll, self.inputs_of[self.coll.rank]
         batch = features.stride()
-        keys = features.keys()
-        missing = [k for inputs in self.inputs_of for k in inputs if k not in keys]
-        if missing:
-            raise ValueError(f"the KeyedJaggedTensor has no feature '{missing[0]}' (it has {', '.join(keys)})")
-        sizes = coll.all_gather_sizes(batch)
-        where = {k: i for i, k in enumerate(keys)}
-        lengths = features.lengths().long().view(len(keys), batch)
-        per_key = features.length_per_key()
-        values = features.values().long().split(per_key)
-        weights = features.weights_or_none()
-        weights = weights.detach().split(per_key) if self.is_weighted and weights is not None else None
-
-        # 1. bag lengths: rank r gets [its inputs, every rank's samples]
-        got = coll.all_to_all(torch.cat([lengths[where[k]] for inputs in self.inputs_of for k in inputs]),
-                              [batch * len(inputs) for inputs in self.inputs_of], [n * len(mine) for n in sizes])
-        got_lengths = [part.view(len(mine), n) for part, n in zip(got.split([n * len(mine) for n in sizes]), sizes)]
-        # 2. the ids (and weights), feature by feature within each rank's block
-        send = [sum(per_key[where[k]] for k in inputs) for inputs in self.inputs_of]
-        recv = [int(part.sum()) for part in got_lengths]
-        ids = self._by_feature(coll.all_to_all(torch.cat([values[where[k]] for inputs in self.inputs_of
-                                                          for k in inputs]), send, recv), got_lengths)
-        w = None if weights is None else self._by_feature(
-            coll.all_to_all(torch.cat([weights[where[k]] for inputs in self.inputs_of for k in inputs]), send, recv),
-            got_lengths)
-        bag_lengths = [torch.cat([part[j] for part in got_lengths]) for j in range(len(mine))]
-        ids_per_bag = sum(per_key[where[k]] for k in keys) / max(batch * len(keys), 1)
-        self.id_bytes_per_bag = 8 + ids_per_bag * (8 + (4 if w is not None else 0))    # a length, ids, weights
-
+        sizes, (bag_lengths, ids, w) = self._received_ids((features,), batch)
         pooled = []
         for t, name in enumerate(self.table_names):
             if self.owners[t] != coll.rank:
@@ -99,6 +73,45 @@ class ShardedBagCollection(nn.Module, ShardedCollection):
         local = torch.cat(pooled, dim=1) if pooled else torch.zeros(sum(sizes), 0)
         out = self._return_pooled(local, batch, sizes)
         return KeyedTensor(keys=self.keys_out, length_per_key=self.feature_dims, values=torch.cat(out, dim=1))
+
+    def _send_ids(self, inputs: tuple, sizes: list[int], asynchronous: bool) -> Callable[[], Any]:
+        """Bag lengths first (waited for: they size the second exchange), then the ids and weights, which an
+        ``asynchronous`` send leaves running."""
+        features, = inputs
+        coll, mine = self.coll, self.inputs_of[self.coll.rank]
+        batch, keys = features.stride(), features.keys()
+        missing = [k for inputs_ in self.inputs_of for k in inputs_ if k not in keys]
+        if missing:
+            raise ValueError(f"the KeyedJaggedTensor has no feature '{missing[0]}' (it has {', '.join(keys)})")
+        where = {k: i for i, k in enumerate(keys)}
+        lengths = features.lengths().long().view(len(keys), batch)
+        per_key = features.length_per_key()
+        values = features.values().long().split(per_key)
+        weights = features.weights_or_none()
+        weights = weights.detach().split(per_key) if self.is_weighted and weights is not None else None
+        order = [where[k] for inputs_ in self.inputs_of for k in inputs_]
+
+        # 1. bag lengths: rank r gets [its inputs, every rank's samples]
+        got = coll.all_to_all(torch.cat([lengths[i] for i in order]),
+                              [batch * len(inputs_) for inputs_ in self.inputs_of], [n * len(mine) for n in sizes])
+        got_lengths = [part.view(len(mine), n) for part, n in zip(got.split([n * len(mine) for n in sizes]), sizes)]
+        # 2. the ids (and weights), feature by feature within each rank's block
+        send = [sum(per_key[where[k]] for k in inputs_) for inputs_ in self.inputs_of]
+        recv = [int(part.sum()) for part in got_lengths]
+        exchange = coll.all_to_all_async if asynchronous else (lambda *a: (coll.all_to_all(*a), None))
+        ids, ids_work = exchange(torch.cat([values[i] for i in order]), send, recv)
+        w, w_work = (None, None) if weights is None else exchange(torch.cat([weights[i] for i in order]), send, recv)
+        ids_per_bag = sum(per_key) / max(batch * len(keys), 1)
+        self.id_bytes_per_bag = 8 + ids_per_bag * (8 + (4 if weights is not None else 0))  # a length, ids, weights
+
+        def received() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+            for work in (ids_work, w_work):
+                if work is not None:
+                    work.wait()
+            bag_lengths = [torch.cat([part[j] for part in got_lengths]) for j in range(len(mine))]
+            return (bag_lengths, self._by_feature(ids, got_lengths),
+                    None if w is None else self._by_feature(w, got_lengths))
+        return received
 
     def _by_feature(self, received: torch.Tensor, got_lengths: list[torch.Tensor]) -> list[torch.Tensor]:
         """What each rank sent here (its samples' values of this rank's inputs, input by input) regrouped: one

@@ -19,15 +19,18 @@ class Collective:
     """This process's rank among ``world`` ranks, and counted collectives over its process group(s).
 
     ``group`` carries dense traffic (gradients, reductions); ``table_group`` the embedding exchange, so that DDP's
-    asynchronous all-reduces and the tables' all-to-alls never interleave on one group (TorchRec does the same).
+    asynchronous all-reduces and the tables' all-to-alls never interleave on one group (TorchRec does the same);
+    ``prefetch_group`` (default: ``table_group``) the ids of a coming batch sent ahead (:meth:`all_to_all_async`).
     """
 
     def __init__(self, rank: int = 0, world: int = 1, group: Any = None, table_group: Any = None,
-                 backend: str = "none") -> None:
+                 backend: str = "none", prefetch_group: Any = None) -> None:
         self.rank, self.world, self.group, self.table_group, self.backend = rank, world, group, table_group, backend
+        self.prefetch_group = prefetch_group if prefetch_group is not None else table_group
         self.sent: Counter[str] = Counter()     # bytes handed to other ranks, by kind
         self.local_tables: set[str] | None = None   # names of the embedding tables this rank holds, when sharded
         self.table_order: list[str] = []            # every sharded table's name, in the unsharded model's order
+        self.prefetch_ids = True                    # the trainer sends the next batch's ids ahead (recipe option)
 
     @classmethod
     def single(cls) -> "Collective":
@@ -132,6 +135,18 @@ class Collective:
         self.count("all_to_all", item * (sum(send) - send[self.rank]))
         dist.all_to_all_single(out, tensor.contiguous(), list(recv), list(send), group=self.table_group)
         return out
+
+    def all_to_all_async(self, tensor: torch.Tensor, send: Sequence[int], recv: Sequence[int]
+                         ) -> tuple[torch.Tensor, Any]:
+        """:meth:`all_to_all` started on the prefetch group without waiting: ``(output, work)``; the output is
+        valid after ``work.wait()`` (``work`` is None in a one-process run, where the output is ``tensor``)."""
+        if not self.distributed:
+            return tensor, None
+        out = tensor.new_empty(sum(recv))
+        self.count("all_to_all", tensor.element_size() * (sum(send) - send[self.rank]))
+        work = dist.all_to_all_single(out, tensor.contiguous(), list(recv), list(send), group=self.prefetch_group,
+                                      async_op=True)
+        return out, work
 
     def barrier(self) -> None:
         """Wait for every rank."""

@@ -7,7 +7,8 @@ Per rank r of N, a global batch of B rows (rank r holds B_r of them), F sharded 
   bags ``L`` ids of 8 bytes plus 4-byte weights when weighted; a KeyedJaggedTensor's bag an 8-byte length plus its
   ids and weights); pooled vectors out ``(B - B_r) * D_r * 4``; their gradients
   back ``B_r * (D - D_r) * 4``; once per micro-batch.
-* ``all_gather``: the local batch size, 8 bytes to each other rank, once per micro-batch.
+* ``all_gather``: the local batch size, 8 bytes to each other rank, once per micro-batch; none when the trainer
+  sends each batch's ids ahead (``prefetched``: the sizes come from the batch split), but for each epoch's first.
 * ``all_reduce``: the dense gradients (DDP, once per optimizer step: micro-batches before the last run under
   ``no_sync``) and the step's loss (8 bytes).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 
 def step_bytes(batch: int, world: int, rank: int, owners: list[int], dims: list[int], dense_grad_bytes: int,
-               micro_batches: int = 1, id_bytes_per_bag: float = 8.0) -> dict[str, int]:
+               micro_batches: int = 1, id_bytes_per_bag: float = 8.0, prefetched: bool = False) -> dict[str, int]:
     """Bytes rank ``rank`` hands to other ranks in one optimizer step, by collective (see the module docstring)."""
     if world <= 1:
         return {"all_to_all": 0, "all_gather": 0, "all_reduce": 0}
@@ -27,7 +28,7 @@ def step_bytes(batch: int, world: int, rank: int, owners: list[int], dims: list[
     width, total = sum(dims[f] for f in mine), sum(dims)
     a2a = round(local * (len(owners) - len(mine)) * id_bytes_per_bag) + (batch - local) * width * 4 \
         + local * (total - width) * 4
-    gather = 8 * (world - 1) if owners else 0
+    gather = 8 * (world - 1) if owners and not prefetched else 0
     return {"all_to_all": micro_batches * a2a, "all_gather": micro_batches * gather,
             "all_reduce": dense_grad_bytes + 8}
 

@@ -44,7 +44,8 @@ def connect(cfg: Any = None) -> Collective:
         dist.init_process_group(backend, timeout=timeout)
     _stop_on_sigterm()
     tables = dist.new_group(backend=backend, timeout=timeout)
-    return Collective(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, tables, backend)
+    prefetch = dist.new_group(backend=backend, timeout=timeout)
+    return Collective(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, tables, backend, prefetch)
 
 
 def disconnect(coll: Collective) -> None:

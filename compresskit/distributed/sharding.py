@@ -13,7 +13,7 @@ everything else.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ class ShardedCollection:
     feature_owners: list[int]    # owner rank of every output (a pooled feature), in output order
     feature_dims: list[int]      # width of every output
     id_bytes_per_bag: float = 8.0   # bytes one bag sent to its owner in the last batch (the communication model)
+    prefetched_batches: int = 0     # forwards whose ids were sent ahead (no batch-size all-gather)
 
     def _init_outputs(self, coll: Collective, owners: list[int], feature_owners: list[int],
                       feature_dims: list[int]) -> None:
@@ -59,6 +60,38 @@ class ShardedCollection:
         self.outputs_of = [[k for k, o in enumerate(feature_owners) if o == r] for r in range(coll.world)]
         self.widths = [sum(feature_dims[k] for k in outs) for outs in self.outputs_of]   # pooled width a rank
         self._anchor = torch.zeros(0, requires_grad=True)  # makes every rank run the backward exchange
+
+    def _send_ids(self, inputs: tuple, sizes: list[int], asynchronous: bool) -> Callable[[], Any]:
+        """Send a batch's ids (``inputs``: what ``forward`` takes) to their tables' owners; returns the function that
+        waits for and returns what this rank received (the ``asynchronous`` exchange runs while the caller goes
+        on)."""
+        raise NotImplementedError
+
+    def prefetch(self, *inputs: Any, sizes: list[int]) -> None:
+        """Start sending a coming batch's ids to their owners without waiting (TorchRec's pipelined input
+        distribution): a later ``forward`` on the same input objects only waits for them. ``sizes``: every rank's
+        rows of that batch (:meth:`Collective.split_sizes`). Every rank must prefetch the same batches."""
+        self.drain()
+        self._pending = (inputs, sizes, self._send_ids(inputs, sizes, asynchronous=True))
+
+    def drain(self) -> None:
+        """Finish and drop a prefetch that no forward used (every rank started it, so every rank waits for it)."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            pending[2]()
+
+    def _received_ids(self, inputs: tuple, batch: int) -> tuple[list[int], Any]:
+        """(every rank's rows, what this rank received) for a forward on ``inputs``: the prefetched exchange when
+        it was started on these very objects, else one exchanged now."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None and len(pending[0]) == len(inputs) and all(a is b for a, b in zip(pending[0], inputs)) \
+                and pending[1][self.coll.rank] == batch:
+            self.prefetched_batches += 1
+            return pending[1], pending[2]()
+        if pending is not None:
+            pending[2]()
+        sizes = self.coll.all_gather_sizes(batch)
+        return sizes, self._send_ids(inputs, sizes, asynchronous=False)()
 
     def _return_pooled(self, pooled: torch.Tensor, batch: int, sizes: list[int]) -> list[torch.Tensor]:
         """This rank's pooled outputs ``[global batch, its width]`` (samples in rank order) sent back to the ranks
@@ -87,27 +120,43 @@ class ShardedTables(nn.ModuleDict, ShardedCollection):
 
     def forward(self, sparse: torch.Tensor, weights: torch.Tensor | None = None  # type: ignore[override]
                 ) -> list[torch.Tensor]:
-        coll, mine = self.coll, self.features_of[self.coll.rank]
+        mine = self.features_of[self.coll.rank]
         check_sparse(sparse, weights, len(self.owners))
         batch, bag = sparse.shape[0], (sparse.shape[2] if sparse.dim() == 3 else 0)
         self.id_bytes_per_bag = max(bag, 1) * (8 + (4 if weights is not None else 0))   # padded bags travel whole
-        sizes = coll.all_gather_sizes(batch)
-        ids = self._to_owners(sparse.long(), batch, bag, sizes)
-        w = None if weights is None else self._to_owners(weights, batch, bag, sizes)
+        sizes, (ids, w) = self._received_ids((sparse, weights), batch)
         pooled = (torch.cat([self[str(f)](*bags) for f, bags in zip(mine, feature_bags(ids, w))], dim=1)
                   if mine else torch.zeros(ids.shape[0], 0))
         return self._return_pooled(pooled, batch, sizes)
 
-    def _to_owners(self, values: torch.Tensor, batch: int, bag: int, sizes: list[int]) -> torch.Tensor:
-        """Each feature's ids (or weights) ``[batch, F(, bag)]`` sent to the feature's owner: this rank gets
-        ``[global batch, its features(, bag)]``, samples in rank order."""
+    def prefetch(self, sparse: torch.Tensor, weights: torch.Tensor | None = None,  # type: ignore[override]
+                 *, sizes: list[int]) -> None:
+        check_sparse(sparse, weights, len(self.owners))
+        super().prefetch(sparse, weights, sizes=sizes)
+
+    def _send_ids(self, inputs: tuple, sizes: list[int], asynchronous: bool) -> Callable[[], Any]:
+        sparse, weights = inputs
+        batch, bag = sparse.shape[0], (sparse.shape[2] if sparse.dim() == 3 else 0)
+        ids = self._to_owners(sparse.long(), batch, bag, sizes, asynchronous)
+        w = None if weights is None else self._to_owners(weights, batch, bag, sizes, asynchronous)
+        return lambda: (ids(), None if w is None else w())
+
+    def _to_owners(self, values: torch.Tensor, batch: int, bag: int, sizes: list[int], asynchronous: bool
+                   ) -> Callable[[], torch.Tensor]:
+        """Each feature's ids (or weights) ``[batch, F(, bag)]`` sent to the feature's owner; returns the function
+        that gives what this rank got, ``[global batch, its features(, bag)]`` with samples in rank order."""
         mine, width = self.features_of[self.coll.rank], max(bag, 1)
-        out = self.coll.all_to_all(torch.cat([values[:, f].reshape(-1) for f in self.features_of]),
-                                   [batch * len(f) * width for f in self.features_of],
-                                   [n * len(mine) * width for n in sizes])
+        args = (torch.cat([values[:, f].reshape(-1) for f in self.features_of]),
+                [batch * len(f) * width for f in self.features_of], [n * len(mine) * width for n in sizes])
+        out, work = self.coll.all_to_all_async(*args) if asynchronous else (self.coll.all_to_all(*args), None)
         shape = (len(mine), bag) if bag else (len(mine),)
-        return torch.cat([part.view(n, *shape) for part, n in zip(out.split([n * len(mine) * width for n in sizes]),
-                                                                  sizes)])
+
+        def received() -> torch.Tensor:
+            if work is not None:
+                work.wait()
+            return torch.cat([part.view(n, *shape) for part, n in zip(out.split([n * len(mine) * width
+                                                                                 for n in sizes]), sizes)])
+        return received
 
     def extra_repr(self) -> str:
         return f"rank {self.coll.rank} of {self.coll.world}: features {self.features_of[self.coll.rank]}"
