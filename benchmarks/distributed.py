@@ -13,9 +13,9 @@ Communication is checked two ways, per training step and rank:
   and a long run of the same recipe so set-up, evaluation and the final gather cancel, against the same model
   with a ring all-reduce's ``2 (N-1) / N`` factor. This needs an otherwise quiet loopback.
 
-Each multi-rank configuration also runs with ``distributed.prefetch_ids: false`` (every batch's ids exchanged in
-its own forward instead of during the previous batch's backward and step): the rows "ids sent ahead / not" are
-that effect on samples/s.
+On 2 ranks each variant also runs ``--repeats`` alternating pairs with ``distributed.prefetch_ids`` on and off
+(every batch's ids exchanged in its own forward instead of during the previous batch's backward and step): the rows
+"ids sent ahead / not" are the median of the pairs' samples/s ratios.
 
 Usage: python benchmarks/distributed.py [--samples 60000] [--steps 40] [--scale 0.02]
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,9 +100,11 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.02, help="cardinalities = Criteo Kaggle x scale")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating pairs of 2-rank runs with the ids sent "
+                                                                "ahead and without")
     args = parser.parse_args()
 
-    rows, runs, wire = [], {}, []
+    rows, runs, wire, prefetch_effect = [], {}, [], {}
     for nproc in args.ranks:
         for variant in ("embeddingbag", "fiited"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -122,15 +125,20 @@ def main() -> None:
             rows.append([variant, nproc, round(throughput), max(rss) // 2**20,
                          max(held) // 2**10, round(counted) if counted else "-", modelled or "-",
                          f"{counted / modelled:.3f}" if counted else "-"])
-        if nproc > 1:   # the same runs with every batch's ids exchanged in its own forward, right after
+        if nproc == 2:  # ids sent ahead or not: alternating runs, the median of their paired ratios
             for variant in ("embeddingbag", "fiited"):
-                with tempfile.TemporaryDirectory() as tmp:
-                    report, _ = apply(recipe(variant, args.samples, args.steps, args.scale, args.batch, False),
-                                      nproc, tmp)
-                training = report["training"]
-                runs[(variant, nproc, "no prefetch")] = training["steps"] * args.batch / training["train_seconds"]
-                print(f"  {variant} on {nproc} rank(s), ids not sent ahead: "
-                      f"{runs[(variant, nproc, 'no prefetch')]:.0f} samples/s", flush=True)
+                ratios = []
+                for _ in range(args.repeats):
+                    pair = []
+                    for prefetch in (True, False):
+                        with tempfile.TemporaryDirectory() as tmp:
+                            report, _ = apply(recipe(variant, args.samples, args.steps, args.scale, args.batch,
+                                                     prefetch), nproc, tmp)
+                        pair.append(report["training"]["steps"] * args.batch / report["training"]["train_seconds"])
+                    ratios.append(pair[0] / pair[1])
+                prefetch_effect[variant] = ratios
+                print(f"  {variant} on 2 ranks, samples/s with ids sent ahead over without: "
+                      f"{', '.join(f'{r:.2f}' for r in ratios)}", flush=True)
         if nproc > 1:   # wire check: a short run of the FIITED recipe, differenced against the long one
             with tempfile.TemporaryDirectory() as tmp:
                 short, lo_short = apply(recipe("fiited", args.samples, args.steps // 2, args.scale, args.batch),
@@ -147,14 +155,12 @@ def main() -> None:
         fiited, plain = runs[("fiited", nproc)], runs[("embeddingbag", nproc)]
         rows.append(["FIITED / EmbeddingBag", nproc, f"{fiited['throughput'] / plain['throughput']:.2f}x",
                      f"{max(fiited['rss']) / max(plain['rss']):.2f}x", "", "", "", ""])
-    for nproc in args.ranks:
-        for variant in ("embeddingbag", "fiited") if nproc > 1 else ():
-            ratio = runs[(variant, nproc)]["throughput"] / runs[(variant, nproc, "no prefetch")]
-            rows.append([f"{variant}: ids sent ahead / not", nproc, f"{ratio:.2f}x", "", "", "", "", ""])
+    for variant, ratios in prefetch_effect.items():
+        rows.append([f"{variant}: ids sent ahead / not", 2, f"{statistics.median(ratios):.2f}x", "", "", "", "", ""])
     print()
     publish("distributed", ["tables", "ranks", "samples/s", "peak RSS MiB (max rank)", "model KiB held (max rank)",
                             "counted B/step", "modelled B/step", "counted/model"], rows,
-            {"args": vars(args), "wire_check": wire,
+            {"args": vars(args), "wire_check": wire, "prefetch_ratios": prefetch_effect,
              "note": "one thread per rank; 4 ranks oversubscribe the 2-core machine"})
     for w in wire:
         print(f"loopback wire bytes per step on {w['ranks']} ranks: {w['loopback_bytes_per_step']:.0f} measured, "

@@ -585,6 +585,7 @@ def readme_costs() -> str:
     narrow = [r["speedup_vs_best_dense"] for r in load("dasnet_speed")["runs"]
               if r["net"] == "ResNet-20 (width 32)" and r.get("threads", 2) == 2]
     ratio_row = next(r for r in dist["rows"] if r[0] == "FIITED / EmbeddingBag" and r[1] == 1)
+    dist_steps = dist.get("args", {}).get("steps", 40)
     fallback = _fallback_slowdown()
     serve = _serve_ratio("FIITED packed fp32, unpruned") + _serve_ratio("FIITED packed fp32, 90% pruned")
     fast = [f"{c['method'].split(', ', 1)[1]} at pooling {c['pooling']}, {c['threads']} thread"
@@ -601,9 +602,9 @@ def readme_costs() -> str:
         + "; `benchmarks/results/fiited_serve.json`). It is smaller, not faster.",
         f"* **Pruning rounds cost training time.** On MovieLens at 10% FIITED trains {speed['fiited'] / 1000:.1f}k "
         f"samples/s against the dense model's {speed['dense'] / 1000:.1f}k; on the Criteo-shaped distributed "
-        f"benchmark, with four pruning rounds in 30 steps, {ratio_row[2]} of plain `EmbeddingBag` on one rank "
-        f"(both measured before a round's threshold search became a radix select, about 3x faster on the default "
-        f"recipe at scale 0.1; not re-measured).",
+        f"benchmark, with four pruning rounds in {dist_steps} steps, {ratio_row[2]} of plain `EmbeddingBag` on one "
+        f"rank (the MovieLens numbers were measured before a round's threshold search became a radix select, about "
+        f"3x faster on the default recipe at scale 0.1, and not re-measured; the distributed ones after).",
         "* **Memory stays dense until pruning starts**, unless the tables are built `lazy` (rows allocated on first "
         "access, the pool capped at the target).",
         f"* **Training state is {ten['training_state_bytes'] / ten['payload_bytes']:.2f}x the payload** (utilities "
