@@ -3,10 +3,12 @@ on the one engine, :func:`compresskit.prepare`."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
 import resource
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
 from .distributed.launch import agreement
 from .distributed.placement import place_tables
+from .distributed.replacement import TablesReplaced, recorded_placement
 from .distributed.sharding import ShardedCollection, shard_tables, sharded_names
 from .metrics import module_bytes
 from .models.materialize import building_tables_for
@@ -70,23 +73,47 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     coll = collective or Collective.single()
     coll.prefetch_ids = recipe.distributed.prefetch_ids
     built = model is None and recipe.model is not None   # from the recipe: its layout record can rebuild it
-    model, data, weights = _resolve(recipe, model, data, out_dir, coll)
-    train_cfg = recipe.train
-    needs_training = train_cfg is not None and data is not None
-    steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
-    # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
-    compression = prepare(model, recipe, total_steps=steps, data=data,
-                          sample_input=sample_inputs(data) if data is not None else None,
-                          out_dir=out_dir if coll.is_main else None, collective=coll)
-    model = compression.model
-    if weights is not None:   # saved after its stages had converted it: they have rebuilt that structure now
-        with agreement(coll):
-            load_weights(model, weights, recipe.model.checkpoint)
-    report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
-                                      (type(model).__name__ if model is not None else None),
-                                      "data": recipe.data.name if recipe.data else None,
-                                      "stages": ", ".join(p.name for p in compression.plugins) or "none"}}
-    log_rows = _train(compression, recipe, data, out_dir, resume, raw, report) if needs_training else []
+    # a recipe-built model in a table-wise run with a checkpoint folder can be built again with its tables placed
+    # anew (distributed.replacement): the trainer then stops at a checkpoint and the loop below resumes from it
+    coll.replace_tables = built and out_dir is not None and coll.distributed and \
+        recipe.distributed.sharding == "table_wise" and recipe.distributed.replace_tables
+    placement = recorded_placement(out_dir, coll) if resume else None
+    replacements: list[dict[str, Any]] = []
+    while True:
+        started = time.perf_counter()
+        model_, data, weights = _resolve(recipe, model, data, out_dir, coll, placement)
+        train_cfg = recipe.train
+        needs_training = train_cfg is not None and data is not None
+        steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
+        # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
+        compression = prepare(model_, recipe, total_steps=steps, data=data,
+                              sample_input=sample_inputs(data) if data is not None else None,
+                              out_dir=out_dir if coll.is_main else None, collective=coll)
+        built_seconds = time.perf_counter() - started
+        model_ = compression.model
+        if weights is not None:   # saved after its stages had converted it: they have rebuilt that structure now
+            with agreement(coll):
+                load_weights(model_, weights, recipe.model.checkpoint)
+        report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
+                                          (type(model_).__name__ if model_ is not None else None),
+                                          "data": recipe.data.name if recipe.data else None,
+                                          "stages": ", ".join(p.name for p in compression.plugins) or "none"}}
+        try:
+            log_rows = _train(compression, recipe, data, out_dir, resume, raw, report) if needs_training else []
+        except TablesReplaced as moved:
+            log_rows = []
+            replacements.append(moved.record())
+            placement, resume = moved.owners, True
+            del compression, model_
+            gc.collect()
+            continue
+        if replacements:   # building again, and loading the checkpoint, took this
+            replacements[-1]["rebuild_seconds"] = built_seconds + report["training"].pop("resume_seconds", 0.0)
+        break
+    model = model_
+    if replacements:   # the time training took before each re-placement, and the re-placement's own
+        report["training"]["train_seconds"] += sum(r["train_seconds_before"] + r["rebuild_seconds"]
+                                                   for r in replacements)
     if not needs_training and data is not None:
         report["training"] = {"test": evaluate(model, data.test, data.task, coll=coll, collate=data.collate)}
     model = compression.finalize()
@@ -96,7 +123,7 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     report["run"]["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sent = report.get("training", {}).pop("sent_bytes_per_step", None)
     if coll.distributed:
-        report["distributed"] = distributed_report(model, recipe, coll, sent)
+        report["distributed"] = {**distributed_report(model, recipe, coll, sent), "replacements": replacements}
     if raw is not None:
         report["recipe"] = raw
     _write_outputs(model, recipe, data, report, compression, log_rows, out_dir, coll, built)
@@ -112,9 +139,10 @@ def _local_world() -> int:
 
 
 def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, out_dir: str | None,
-             coll: Collective) -> tuple[nn.Module | None, DataBundle | None, dict[str, torch.Tensor] | None]:
-    """The run's model and data (those given, or what the recipe names), seeded and sharded, with the output folder
-    ready. Returns (model, data, weights): ``weights`` is a ``model.checkpoint`` saved after its stages converted
+             coll: Collective, placement: list[int] | None = None
+             ) -> tuple[nn.Module | None, DataBundle | None, dict[str, torch.Tensor] | None]:
+    """The run's model and data (those given, or what the recipe names), seeded and sharded (by ``placement``, one
+    owner rank a table, when given: a re-placement or a resume records it), with the output folder ready. Returns (model, data, weights): ``weights`` is a ``model.checkpoint`` saved after its stages converted
     the model, to load once they have rebuilt that structure (None when it loaded into the plain model)."""
     train_cfg = recipe.train
     seed = train_cfg.seed if train_cfg else 0
@@ -132,8 +160,11 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
             # the built-in DLRM (one table collection, initialised by its own code) builds only this rank's tables
             shard = coll.distributed and recipe.distributed.sharding == "table_wise" and \
                 recipe.model.name == "dlrm" and not recipe.model.checkpoint
-            with building_tables_for(lambda sizes: place_tables(sizes, coll.world), coll.rank,
-                                     _local_world()) if shard else contextlib.nullcontext():
+            def place(sizes: list[int]) -> list[int]:
+                if placement is not None and len(placement) == len(sizes):
+                    return list(placement)
+                return place_tables(sizes, coll.world)     # (a placement that does not fit: sharding says so)
+            with building_tables_for(place, coll.rank, _local_world()) if shard else contextlib.nullcontext():
                 model = resolve_model(recipe.model, data.info if data is not None else None)
             if recipe.model.checkpoint:
                 weights = read_state_dict(recipe.model.checkpoint)
@@ -144,7 +175,7 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
             raise ConfigError("model", "required field is missing (no model given to apply())")
         if coll.distributed and model is not None and recipe.distributed.sharding == "table_wise":
             try:
-                shard_tables(model, coll)
+                shard_tables(model, coll, placement)
             except ValueError as e:
                 raise ConfigError("distributed.sharding", str(e)) from None
     return model, data, weights
@@ -157,9 +188,13 @@ def _train(compression, recipe: Recipe, data: DataBundle, out_dir: str | None, r
     trainer = Trainer(compression, data, recipe.train, out_dir, fingerprint=_fingerprint(raw),
                       logging_cfg=recipe.logging)
     with run_log(out_dir, recipe.logging.level, writer=compression.ctx.collective.is_main):
+        started = time.perf_counter()
         if resume and not trainer.load_checkpoint():
             raise ConfigError("--resume", f"no checkpoint to resume from in '{out_dir}'")
+        loaded = time.perf_counter() - started
         report["training"] = trainer.fit()
+        if resume:
+            report["training"]["resume_seconds"] = loaded
     return trainer.log.rows
 
 

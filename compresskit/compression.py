@@ -138,6 +138,10 @@ class Compression:
             p.on_step(self.steps + 1, self.ctx)
         self.steps += 1
 
+    def settled(self) -> bool:
+        """Whether no stage changes the tables' bytes after the current step (:meth:`Plugin.settled`)."""
+        return all(p.settled(self.steps, self.ctx) for p in self.plugins)
+
     def finalize(self) -> nn.Module | None:
         """After training: let each plugin convert the model (e.g. to its sparse inference path); returns it."""
         self._check_open("finalize")

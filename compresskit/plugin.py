@@ -69,6 +69,11 @@ class Plugin:
     def on_step(self, step: int, ctx: RunContext) -> None:
         """Called after ``optimizer.step()`` of global step ``step`` (1-based): in-training schedules go here."""
 
+    def settled(self, step: int, ctx: RunContext) -> bool:
+        """Whether, after global step ``step``, this stage no longer changes how many bytes the model's tables hold
+        (a distributed run re-places its tables only then; see docs/distributed.md)."""
+        return True
+
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Called after training; may return a converted (e.g. quantized) model."""
         return model

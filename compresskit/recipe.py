@@ -81,6 +81,10 @@ class DistributedConfig:
                               min=1)
     prefetch_ids: bool = option(True, help="send the next batch's ids to their tables' owners while this batch "
                                            "trains (TorchRec's pipelined input distribution; the same results)")
+    replace_tables: bool = option(True, help="once pruning has settled, at a checkpoint where the ranks' table "
+                                             "bytes are more than 10% uneven, place the tables again by their bytes "
+                                             "then (a checkpoint, then a resume with the new placement; a "
+                                             "recipe-built model with an output dir)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from . import integrity
 from .distributed.collective import Collective
 from .distributed.prefetch import NextBatchIds
+from .distributed.replacement import TablesReplaced, better_placement
 from .distributed.sharding import data_parallel, sharded_names
 from .errors import CheckpointError, CompressKitError, ConfigError, first_line
 from .data.batches import batches, to_model_inputs
@@ -195,15 +196,17 @@ class Trainer:
         return {"step": self.step, "compression": self.compression.state_dict(), "history": self.history,
                 "running_loss": self.running_loss, "fingerprint": self.fingerprint, "world": self.coll.world}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, placement: list[int] | None = None) -> None:
         """Atomically write everything needed to continue bit-for-bit from the current step (a distributed run:
-        each rank its shard, see :mod:`compresskit.distributed.checkpoint`)."""
+        each rank its shard, see :mod:`compresskit.distributed.checkpoint`, and the table placement to resume
+        with: ``placement``, or the current one)."""
         if not self.checkpoint_path:
             return
         if self.coll.distributed:
             from .distributed import checkpoint as sharded_checkpoint
 
-            sharded_checkpoint.save(self.out_dir, self.model, self.optimizer, self._meta(), self.coll)
+            meta = {**self._meta(), "placement": placement or self.coll.table_owners}
+            sharded_checkpoint.save(self.out_dir, self.model, self.optimizer, meta, self.coll)
             return
         integrity.save(self.checkpoint_path, {
             "step": self.step,
@@ -275,6 +278,15 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
+    def _better_placement(self) -> tuple[list[int], float, float] | None:
+        """A placement of the tables by the bytes they hold now, when the run may re-place them here (a checkpoint
+        to resume from, steps left, no stage changing table bytes any more: considered at the step that settles
+        them and at every checkpoint after) and it evens the ranks out."""
+        if not (self.coll.replace_tables and self.checkpoint_path and self.step < self.total_steps
+                and self.compression.settled()):
+            return None
+        return better_placement(self.model, self.coll)
+
     def _forward_model(self) -> nn.Module:
         """The model to run forward/backward through: DDP over the dense part in a distributed run, rebuilt when a
         plugin has replaced one of the parameters it synchronises (DDP hooks the ones it saw when built)."""
@@ -299,9 +311,15 @@ class Trainer:
         self.log = TrainLog(self.logging_cfg, self.out_dir, writer=coll.is_main, start_step=self.step)
         log.info("training %d steps (%d per epoch) from step %d", self.total_steps, self.steps_per_epoch, self.step)
         self.next_ids = NextBatchIds(self.model, coll)
+        # the step from which no stage changes table bytes (a re-placement is considered then, and at checkpoints)
+        self._settled_at = self.step if self.compression.settled() else None
         try:
             self._loop(bar)
             self.next_ids.drain()
+        except TablesReplaced as moved:
+            moved.seconds = time.perf_counter() - start_time
+            self.next_ids.drain()
+            raise
         finally:
             bar.close()
             self.log.close()
@@ -368,8 +386,16 @@ class Trainer:
                 if end_of_epoch:
                     self.history.append({"epoch": epoch + 1, "step": self.step, "train_loss": running})
                     log.info("epoch %d done at step %d: smoothed loss %.4f", epoch + 1, self.step, running)
-                if self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps:
-                    self.save_checkpoint()
+                settling = self._settled_at is None and self.compression.settled()
+                if settling:
+                    self._settled_at = self.step
+                if self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps or \
+                        (settling and self.coll.replace_tables):
+                    moved = self._better_placement()
+                    self.save_checkpoint(placement=moved[0] if moved else None)
                     log.debug("checkpoint at step %d", self.step)
+                    if moved:   # every rank: the run builds again with this placement and resumes (api.run)
+                        raise TablesReplaced(self.step, moved[0],
+                                             sum(a != b for a, b in zip(moved[0], coll.table_owners)), *moved[1:])
                 if self.step >= self.total_steps:
                     break

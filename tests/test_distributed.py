@@ -141,7 +141,44 @@ def test_ids_sent_ahead_give_the_same_run(runs, tmp_path):
     steps = report_ahead["training"]["steps"]                  # 3 epochs of 12 steps
     assert [r["batches_sent_ahead"] for r in report_ahead["distributed"]["ranks"]] == [steps - 3] * 2
     assert [r["batches_sent_ahead"] for r in report_plain["distributed"]["ranks"]] == [0, 0]
-    assert report_plain["distributed"]["ranks"][0]["sent_bytes_per_step"]["all_gather"] == 8
+    gathered = [r["distributed"]["ranks"][0]["sent_bytes_per_step"]["all_gather"] for r in (report_plain,
+                                                                                            report_ahead)]
+    # the batch sizes gathered, less the one small gather that finds which input feeds the tables
+    assert gathered[0] - gathered[1] == pytest.approx(8 * (steps - 3) / steps, abs=1)
+
+
+def test_tables_are_placed_again_once_pruning_has_settled(tmp_path):
+    """Criteo-shaped tables pruned to 10% leave the ranks 1.45x apart (the tables were placed by dense bytes); when
+    the schedule ends the run checkpoints, builds again with the tables placed by their kept bytes and resumes: the
+    ranks end closer, and the model, the loss curve and the metrics are those of the same run left as placed."""
+    raw = {"model": {"name": "dlrm", "args": {"embedding_dim": 16, "bottom_mlp": [32], "top_mlp": [32]}},
+           "data": {"name": "synthetic-ctr", "args": {"num_samples": 20000, "cardinality_scale": 0.02}},
+           "train": {"epochs": 2, "max_steps": 24, "batch_size": 1024, "checkpoint_every": 100, "progress": False,
+                     "threads": 1, "optimizer": {"name": "adagrad", "lr": 0.05}},
+           "stages": [{"plugin": "fiited", "target_memory_ratio": 0.1, "chunk_size": 4, "interval": 5,
+                       "start_step": 5, "end_step": 15}],
+           "logging": {"csv": False, "plots": False, "tensorboard": "never"},
+           "distributed": {"timeout_s": 60}}
+    outs = {}
+    for name, replace in (("moved", True), ("kept", False)):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", {**raw, "distributed": {**raw["distributed"],
+                                                                                  "replace_tables": replace}})
+        for code, _, err in launch_ranks([["apply", recipe, "--out", str(tmp_path / name)]] * 2):
+            assert code == 0, err
+        outs[name] = load_outputs(tmp_path / name)
+    (moved, report), (kept, report_kept) = outs["moved"], outs["kept"]
+    assert moved.keys() == kept.keys() and all(torch.equal(moved[k], kept[k]) for k in moved)
+    assert report["training"]["history"] == report_kept["training"]["history"]
+    assert report["training"]["test"] == report_kept["training"]["test"]
+    [replaced] = report["distributed"]["replacements"]
+    assert replaced["step"] == 15 and replaced["tables_moved"] > 0 and report_kept["distributed"]["replacements"] == []
+    before, after = replaced["max_over_mean_before"], replaced["max_over_mean_after"]
+    assert before == pytest.approx(report_kept["distributed"]["table_bytes_max_over_mean"]) and before > 1.3
+    assert report["distributed"]["table_bytes_max_over_mean"] == pytest.approx(after) and after < 1.2
+    # every round's balance survives the resume; the table set over the ranks is whole
+    assert [b["step"] for b in report["stages"][0]["rank_balance"]] == [5, 10, 15]
+    tables = [set(r["tables"]) for r in report["distributed"]["ranks"]]
+    assert not tables[0] & tables[1] and len(tables[0] | tables[1]) == 26
 
 
 def test_two_ranks_record_every_table_and_export(runs, tmp_path):
@@ -175,10 +212,13 @@ def test_tables_are_split_and_bytes_match_the_model(runs):
     table_bytes = [r["table_bytes"] for r in ranks]
     assert report2["distributed"]["table_bytes_max_over_mean"] == pytest.approx(
         max(table_bytes) / (sum(table_bytes) / 2))
-    for r in ranks:   # bytes counted on every collective against the analytic model, within 5% (each epoch's
-        # first batch, whose ids were not sent ahead, adds an 8-byte batch-size all-gather the per-step model omits)
+    for r in ranks:   # bytes counted on every collective against the analytic model, within 5%; all-gathers
+        # the per-step model leaves out: each epoch's first batch size (its ids were not sent ahead) and every
+        # pruning round's gather of the ranks' table bytes (a pickled int a rank)
         for kind, modelled in r["model_bytes_per_step"].items():
-            assert r["sent_bytes_per_step"][kind] == pytest.approx(modelled, rel=0.05, abs=2), (r["rank"], kind)
+            slack = 8 + 32 * report2["stages"][0]["pruning_rounds"] / report2["training"]["steps"] \
+                if kind == "all_gather" else 0
+            assert modelled * 0.95 <= r["sent_bytes_per_step"][kind] <= modelled * 1.05 + slack, (r["rank"], kind)
 
 
 def test_only_rank_zero_writes(runs):

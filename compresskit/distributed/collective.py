@@ -30,7 +30,10 @@ class Collective:
         self.sent: Counter[str] = Counter()     # bytes handed to other ranks, by kind
         self.local_tables: set[str] | None = None   # names of the embedding tables this rank holds, when sharded
         self.table_order: list[str] = []            # every sharded table's name, in the unsharded model's order
+        self.table_owners: list[int] = []           # owner rank of each of them
+        self.table_lookups: list[int] = []          # features reading each of them (placement's work)
         self.prefetch_ids = True                    # the trainer sends the next batch's ids ahead (recipe option)
+        self.replace_tables = False                 # the trainer may re-place tables (a run that can rebuild)
 
     @classmethod
     def single(cls) -> "Collective":

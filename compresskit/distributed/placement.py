@@ -7,7 +7,7 @@ balanced (TorchRec's planner weighs compute and memory for the same reason).
 
 Each table has two loads, its bytes and its lookups per sample, each normalised so that an even split puts 1 on
 every rank. A rank's load is the larger of its two sums; the placement minimises the largest rank load, then the
-sum of squared rank loads. Three greedy starts (largest table first, by the larger of its two loads, by bytes, by
+largest rank's bytes, then the sum of squared rank loads. Three greedy starts (largest table first, by the larger of its two loads, by bytes, by
 lookups; each onto the rank whose load stays lowest) are each improved by moving single tables, or swapping pairs
 (up to ``SWAP_LIMIT`` tables), while that lowers the objective; the best result wins. Every rank computes the same
 placement from the same numbers.
@@ -19,15 +19,22 @@ from typing import Sequence
 SWAP_LIMIT = 256   # tables up to which pairwise swaps are tried too (a pass costs their square)
 
 
-def _objective(bytes_load: list[float], work_load: list[float]) -> tuple[float, float]:
-    """(largest rank load, sum of squared rank loads): what placement minimises, in that order."""
+def _objective(bytes_load: list[float], work_load: list[float]) -> tuple[float, ...]:
+    """(largest rank load, largest rank bytes, sum of squared rank loads): what placement minimises, in that order
+    (memory is the scarcer of the two, so of placements with the same peak the one with fewer bytes on its fullest
+    rank wins)."""
     loads = [max(b, w) for b, w in zip(bytes_load, work_load)]
-    return max(loads), sum(x * x for x in loads)
+    return max(loads), max(bytes_load), sum(x * x for x in loads)
 
 
-def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether objective ``a`` is lower than ``b`` by more than rounding."""
-    return a[0] < b[0] - 1e-12 or (a[0] <= b[0] + 1e-12 and a[1] < b[1] - 1e-12)
+def _better(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether objective ``a`` is lower than ``b`` (lexicographically, beyond rounding)."""
+    for x, y in zip(a, b):
+        if x < y - 1e-12:
+            return True
+        if x > y + 1e-12:
+            return False
+    return False
 
 
 class _Placement:
@@ -51,10 +58,10 @@ class _Placement:
         bl[r] += self.b[t]
         wl[r] += self.w[t]
 
-    def objective(self) -> tuple[float, float]:
+    def objective(self) -> tuple[float, ...]:
         return _objective(self.bytes_load, self.work_load)
 
-    def _after(self, moves: list[tuple[int, int]]) -> tuple[float, float]:
+    def _after(self, moves: list[tuple[int, int]]) -> tuple[float, ...]:
         loads = (list(self.bytes_load), list(self.work_load))
         for t, r in moves:
             self._move(t, r, loads)

@@ -178,10 +178,12 @@ def _collections(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module,
     return found
 
 
-def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
+def shard_tables(model: nn.Module, coll: Collective, owners: list[int] | None = None) -> list[str]:
     """Replace every table collection in ``model`` (:class:`EmbeddingTables`, TorchRec ``EmbeddingBagCollection``)
     by this rank's sharded one (one placement over all collections, bytes and lookups balanced); the tables other
-    ranks own are dropped. Returns the local table names and records them, and the global table order, on ``coll``."""
+    ranks own are dropped; ``owners`` (one rank a table, in table order) replaces the computed placement, as a
+    re-placement or a resume records it. Returns the local table names and records them, the global table order,
+    the owners and the lookups on ``coll``."""
     collections = _collections(model)
     if not collections:
         return []
@@ -189,8 +191,12 @@ def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
         raise ValueError("the model itself is a table collection; wrap it in a module to shard it")
     named = [(f"{prefix}.{name}", table, reads) for prefix, tables, _ in collections for name, table, reads in tables]
     names = [name for name, _, _ in named]
-    owners = place_tables([module_bytes(t)["total"] for _, t, _ in named], coll.world,
-                          [reads for _, _, reads in named])
+    lookups = [reads for _, _, reads in named]
+    if owners is None:
+        owners = place_tables([module_bytes(t)["total"] for _, t, _ in named], coll.world, lookups)
+    elif len(owners) != len(named) or not all(0 <= o < coll.world for o in owners):
+        raise ValueError(f"the recorded placement ({len(owners)} tables over ranks {sorted(set(owners))}) does not "
+                         f"fit this model's {len(named)} tables on {coll.world} ranks")
     for (name, table, _), owner in zip(named, owners):
         if owner == coll.rank and any(p.is_meta for p in table.parameters()):
             raise ValueError(f"table '{name}' is placed on rank {coll.rank}, which did not build it (the model "
@@ -199,7 +205,7 @@ def shard_tables(model: nn.Module, coll: Collective) -> list[str]:
     for prefix, tables, make_sharded in collections:
         model.set_submodule(prefix, make_sharded(owners[start:start + len(tables)], coll))
         start += len(tables)
-    coll.table_order = names
+    coll.table_order, coll.table_owners, coll.table_lookups = names, list(owners), lookups
     coll.local_tables = {n for n, o in zip(names, owners) if o == coll.rank}
     return sorted(coll.local_tables, key=names.index)
 

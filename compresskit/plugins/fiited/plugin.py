@@ -306,6 +306,14 @@ class FiitedPlugin(Plugin):
             self.prune_to(self._target_chunks(kept_ratio(step, start, end, cfg.target_memory_ratio, cfg.schedule)),
                           step)
 
+    def settled(self, step: int, ctx: RunContext) -> bool:
+        """Past the end of the pruning schedule (lazy tables prune whenever they fill: never settled)."""
+        if not self.method.in_training:
+            return True
+        if self.config.lazy or missing_length(self.config, ctx.total_steps) is not None:
+            return False
+        return step >= schedule_bounds(self.config, ctx.total_steps)[1]
+
     def prune_to(self, target: int, step: int = 0) -> None:
         """Keep the ``target`` highest-scoring chunks over all tables (on every rank): one threshold over all of
         them, the same whatever the number of ranks. With regrowth (and for AdaEmbed) candidates compete too: a
@@ -318,24 +326,18 @@ class FiitedPlugin(Plugin):
                       self.rounds[-1]["regrown_rows"])
 
     def _record_round(self, record: dict[str, Any]) -> None:
-        """Keep a pruning round's record; a distributed run adds this rank's table bytes (gathered only for the
-        report: no collective in training beyond those the communication model counts)."""
+        """Keep a pruning round's record; a distributed run adds every rank's table bytes (one small gather a
+        round, beside the round's own reductions), so every rank's records, and a checkpoint's, hold them all."""
         if self.coll.distributed:
-            record["local_bytes"] = self.memory(local=True)["total"]
+            record["rank_bytes"] = self.coll.all_gather_object(self.memory(local=True)["total"])
         self.rounds.append(record)
 
     def rank_balance(self) -> list[dict[str, float]]:
-        """Max over mean of the ranks' table bytes after every pruning round of a distributed run since it started
-        or was last resumed (a collective; empty in one process)."""
-        if not self.coll.distributed:
-            return []
-        mine = [(r["step"], r["local_bytes"]) for r in self.rounds if "local_bytes" in r]
-        ranks = self.coll.all_gather_object(mine)
-        out = []
-        for rounds in zip(*ranks):     # the rounds every rank recorded (a resume on other ranks starts anew)
-            held = [b for _, b in rounds]
-            out.append({"step": rounds[0][0], "max_over_mean": max(held) / max(sum(held) / len(held), 1)})
-        return out
+        """Max over mean of the ranks' table bytes after every pruning round of a distributed run (also those
+        before a resume or a re-placement of the tables; empty in one process)."""
+        return [{"step": r["step"], "max_over_mean": max(r["rank_bytes"]) / max(sum(r["rank_bytes"]) /
+                                                                                len(r["rank_bytes"]), 1)}
+                for r in self.rounds if r.get("rank_bytes")]
 
     def _table_index(self, name: str) -> int:
         """Position of table ``name`` in the model's table order (over every rank when sharded)."""
@@ -347,7 +349,7 @@ class FiitedPlugin(Plugin):
         return {"rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # a sharded checkpoint keeps one rank's copy of the rounds: the bytes each rank recorded are not all there
+        # a checkpoint of an older compresskit kept one rank's own bytes a round ("local_bytes"): not a balance
         self.rounds = [{k: v for k, v in r.items() if k != "local_bytes"} for r in state.get("rounds", [])]
 
     # ------------------------------------------------------------------------------------------- reporting
