@@ -15,7 +15,8 @@ Communication is checked two ways, per training step and rank:
 
 On 2 ranks each variant also runs ``--repeats`` alternating pairs with ``distributed.prefetch_ids`` on and off
 (every batch's ids exchanged in its own forward instead of during the previous batch's backward and step): the rows
-"ids sent ahead / not" are the median of the pairs' samples/s ratios.
+"ids sent ahead / not" are the median of the pairs' samples/s ratios. "table bytes max/mean" is the ranks' balance
+at the end (a FIITED run re-places its tables once pruning ends: before -> after).
 
 Usage: python benchmarks/distributed.py [--samples 60000] [--steps 40] [--scale 0.02]
 """
@@ -122,8 +123,12 @@ def main() -> None:
             if dist:
                 counted = sum(sum(r["sent_bytes_per_step"].values()) for r in dist["ranks"])
                 modelled = sum(sum(r["model_bytes_per_step"].values()) for r in dist["ranks"])
+            balance = f"{dist['table_bytes_max_over_mean']:.2f}" if dist else "-"
+            if dist and dist.get("replacements"):
+                moved = dist["replacements"][0]
+                balance = f"{moved['max_over_mean_before']:.2f} -> {dist['table_bytes_max_over_mean']:.2f}"
             rows.append([variant, nproc, round(throughput), max(rss) // 2**20,
-                         max(held) // 2**10, round(counted) if counted else "-", modelled or "-",
+                         max(held) // 2**10, balance, round(counted) if counted else "-", modelled or "-",
                          f"{counted / modelled:.3f}" if counted else "-"])
         if nproc == 2:  # ids sent ahead or not: alternating runs, the median of their paired ratios
             for variant in ("embeddingbag", "fiited"):
@@ -154,12 +159,13 @@ def main() -> None:
     for nproc in args.ranks:
         fiited, plain = runs[("fiited", nproc)], runs[("embeddingbag", nproc)]
         rows.append(["FIITED / EmbeddingBag", nproc, f"{fiited['throughput'] / plain['throughput']:.2f}x",
-                     f"{max(fiited['rss']) / max(plain['rss']):.2f}x", "", "", "", ""])
+                     f"{max(fiited['rss']) / max(plain['rss']):.2f}x", "", "", "", "", ""])
     for variant, ratios in prefetch_effect.items():
-        rows.append([f"{variant}: ids sent ahead / not", 2, f"{statistics.median(ratios):.2f}x", "", "", "", "", ""])
+        rows.append([f"{variant}: ids sent ahead / not", 2, f"{statistics.median(ratios):.2f}x", "", "", "", "", "",
+                     ""])
     print()
     publish("distributed", ["tables", "ranks", "samples/s", "peak RSS MiB (max rank)", "model KiB held (max rank)",
-                            "counted B/step", "modelled B/step", "counted/model"], rows,
+                            "table bytes max/mean", "counted B/step", "modelled B/step", "counted/model"], rows,
             {"args": vars(args), "wire_check": wire, "prefetch_ratios": prefetch_effect,
              "note": "one thread per rank; 4 ranks oversubscribe the 2-core machine"})
     for w in wire:
