@@ -69,7 +69,9 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
 
     ``collective``: the ranks of a distributed run (:func:`compresskit.distributed.launch.connect`); embedding
     tables are then sharded table-wise (``distributed.sharding``), the rest is data-parallel, and rank 0 alone
-    writes outputs."""
+    writes outputs. A recipe-built model with an ``out_dir`` may have its tables placed again once pruning has
+    settled: the run is then built again and resumed from the checkpoint the trainer wrote
+    (:mod:`compresskit.distributed.replacement`)."""
     coll = collective or Collective.single()
     coll.prefetch_ids = recipe.distributed.prefetch_ids
     built = model is None and recipe.model is not None   # from the recipe: its layout record can rebuild it
@@ -81,39 +83,24 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
     replacements: list[dict[str, Any]] = []
     while True:
         started = time.perf_counter()
-        model_, data, weights = _resolve(recipe, model, data, out_dir, coll, placement)
-        train_cfg = recipe.train
-        needs_training = train_cfg is not None and data is not None
-        steps = planned_steps(train_cfg, len(data.train)) if needs_training else 0
-        # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
-        compression = prepare(model_, recipe, total_steps=steps, data=data,
-                              sample_input=sample_inputs(data) if data is not None else None,
-                              out_dir=out_dir if coll.is_main else None, collective=coll)
-        built_seconds = time.perf_counter() - started
-        model_ = compression.model
-        if weights is not None:   # saved after its stages had converted it: they have rebuilt that structure now
-            with agreement(coll):
-                load_weights(model_, weights, recipe.model.checkpoint)
-        report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
-                                          (type(model_).__name__ if model_ is not None else None),
-                                          "data": recipe.data.name if recipe.data else None,
-                                          "stages": ", ".join(p.name for p in compression.plugins) or "none"}}
+        compression, data, report = _build(recipe, model, data, out_dir, coll, placement)
+        if replacements:
+            replacements[-1]["rebuild_seconds"] = time.perf_counter() - started
+        needs_training = recipe.train is not None and data is not None
         try:
             log_rows = _train(compression, recipe, data, out_dir, resume, raw, report) if needs_training else []
         except TablesReplaced as moved:
-            log_rows = []
             replacements.append(moved.record())
             placement, resume = moved.owners, True
-            del compression, model_
+            del compression
             gc.collect()
             continue
-        if replacements:   # building again, and loading the checkpoint, took this
-            replacements[-1]["rebuild_seconds"] = built_seconds + report["training"].pop("resume_seconds", 0.0)
         break
-    model = model_
-    if replacements:   # the time training took before each re-placement, and the re-placement's own
+    if replacements:   # training before each re-placement, building again and loading the checkpoint count too
+        replacements[-1]["rebuild_seconds"] += report["training"].pop("resume_seconds", 0.0)
         report["training"]["train_seconds"] += sum(r["train_seconds_before"] + r["rebuild_seconds"]
                                                    for r in replacements)
+    model = compression.model
     if not needs_training and data is not None:
         report["training"] = {"test": evaluate(model, data.test, data.task, coll=coll, collate=data.collate)}
     model = compression.finalize()
@@ -142,8 +129,9 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
              coll: Collective, placement: list[int] | None = None
              ) -> tuple[nn.Module | None, DataBundle | None, dict[str, torch.Tensor] | None]:
     """The run's model and data (those given, or what the recipe names), seeded and sharded (by ``placement``, one
-    owner rank a table, when given: a re-placement or a resume records it), with the output folder ready. Returns (model, data, weights): ``weights`` is a ``model.checkpoint`` saved after its stages converted
-    the model, to load once they have rebuilt that structure (None when it loaded into the plain model)."""
+    owner rank a table, when given: a re-placement or a resume records it), with the output folder ready. Returns
+    (model, data, weights): ``weights`` is a ``model.checkpoint`` saved after its stages converted the model, to
+    load once they have rebuilt that structure (None when it loaded into the plain model)."""
     train_cfg = recipe.train
     seed = train_cfg.seed if train_cfg else 0
     analysis_only = bool(recipe.stages) and all(s.plugin.kind == "analysis" for s in recipe.stages)
@@ -179,6 +167,27 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
             except ValueError as e:
                 raise ConfigError("distributed.sharding", str(e)) from None
     return model, data, weights
+
+
+def _build(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, out_dir: str | None,
+           coll: Collective, placement: list[int] | None) -> tuple[Any, DataBundle | None, dict[str, Any]]:
+    """The run's model and data resolved (:func:`_resolve`), its stages prepared and a ``model.checkpoint`` loaded:
+    (compression, data, the report's first section)."""
+    model, data, weights = _resolve(recipe, model, data, out_dir, coll, placement)
+    steps = planned_steps(recipe.train, len(data.train)) if recipe.train is not None and data is not None else 0
+    # plugins write their own files (HyPar's plan) from rank 0 only, like every other output
+    compression = prepare(model, recipe, total_steps=steps, data=data,
+                          sample_input=sample_inputs(data) if data is not None else None,
+                          out_dir=out_dir if coll.is_main else None, collective=coll)
+    model = compression.model
+    if weights is not None:   # saved after its stages had converted it: they have rebuilt that structure now
+        with agreement(coll):
+            load_weights(model, weights, recipe.model.checkpoint)
+    report: dict[str, Any] = {"run": {"model": recipe.model.name if recipe.model else
+                                      (type(model).__name__ if model is not None else None),
+                                      "data": recipe.data.name if recipe.data else None,
+                                      "stages": ", ".join(p.name for p in compression.plugins) or "none"}}
+    return compression, data, report
 
 
 def _train(compression, recipe: Recipe, data: DataBundle, out_dir: str | None, resume: bool,

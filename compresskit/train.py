@@ -389,9 +389,9 @@ class Trainer:
                 settling = self._settled_at is None and self.compression.settled()
                 if settling:
                     self._settled_at = self.step
-                if self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps or \
-                        (settling and self.coll.replace_tables):
-                    moved = self._better_placement()
+                due = self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps
+                moved = self._better_placement() if due or settling else None
+                if due or moved:
                     self.save_checkpoint(placement=moved[0] if moved else None)
                     log.debug("checkpoint at step %d", self.step)
                     if moved:   # every rank: the run builds again with this placement and resumes (api.run)
