@@ -21,7 +21,7 @@ from .data import DataBundle
 from .distributed.collective import Collective
 from .distributed.comm_model import step_bytes
 from .distributed.launch import agreement
-from .distributed.placement import place_tables
+from .distributed.placement import max_over_mean, place_tables
 from .distributed.replacement import TablesReplaced, recorded_placement
 from .distributed.sharding import ShardedCollection, shard_tables, sharded_names
 from .metrics import module_bytes
@@ -92,12 +92,13 @@ def run(recipe: Recipe, *, model: nn.Module | None = None, data: DataBundle | No
         except TablesReplaced as moved:
             replacements.append(moved.record())
             placement, resume = moved.owners, True
-            del compression
-            gc.collect()
-            continue
-        break
+        else:
+            break
+        del compression        # (outside the except block: its traceback holds the old trainer and model)
+        gc.collect()
+    loaded = report.get("training", {}).pop("resume_seconds", 0.0)
     if replacements:   # training before each re-placement, building again and loading the checkpoint count too
-        replacements[-1]["rebuild_seconds"] += report["training"].pop("resume_seconds", 0.0)
+        replacements[-1]["rebuild_seconds"] += loaded
         report["training"]["train_seconds"] += sum(r["train_seconds_before"] + r["rebuild_seconds"]
                                                    for r in replacements)
     model = compression.model
@@ -201,9 +202,13 @@ def _train(compression, recipe: Recipe, data: DataBundle, out_dir: str | None, r
         if resume and not trainer.load_checkpoint():
             raise ConfigError("--resume", f"no checkpoint to resume from in '{out_dir}'")
         loaded = time.perf_counter() - started
-        report["training"] = trainer.fit()
+        try:
+            report["training"] = trainer.fit()
+        except TablesReplaced as moved:
+            moved.seconds += loaded if resume else 0.0     # a re-placement after a resume: its load counts too
+            raise
         if resume:
-            report["training"]["resume_seconds"] = loaded
+            report["training"]["resume_seconds"] = loaded   # (run() takes it out of the report)
     return trainer.log.rows
 
 
@@ -310,10 +315,8 @@ def distributed_report(model: nn.Module, recipe: Recipe, coll: Collective, sent:
                                                   sum(id_bytes) / len(id_bytes) if id_bytes else 8.0,
                                                   sent_ahead > 0)
     ranks = coll.all_gather_object(mine)
-    held = [r["table_bytes"] for r in ranks]
-    mean = sum(held) / max(len(held), 1)
     return {"world": coll.world, "backend": coll.backend, "sharding": recipe.distributed.sharding,
-            "table_bytes_max_over_mean": max(held) / mean if mean else 1.0,    # balance after pruning
+            "table_bytes_max_over_mean": max_over_mean([r["table_bytes"] for r in ranks]),  # balance at the end
             "ranks": ranks}
 
 

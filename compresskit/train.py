@@ -345,7 +345,9 @@ class Trainer:
                      else torch.arange(len(self.data.train)))[skip * accumulate * cfg.batch_size:]
             prepared = ((*to_model_inputs(self.data.collate, *local_rows(inputs, label, coll)), label.shape[0])
                         for inputs, label in batches(self.data.train, cfg.batch_size, order))
-            for group in grouped(with_next(prepared), accumulate):
+            # one batch ahead only when its ids can be sent ahead (a collate then runs one batch early)
+            ahead = with_next(prepared) if self.next_ids.active else ((item, None) for item in prepared)
+            for group in grouped(ahead, accumulate):
                 model = self._forward_model()
                 self.optimizer.zero_grad(set_to_none=True)
                 value = 0.0
@@ -390,12 +392,12 @@ class Trainer:
                 if settling:
                     self._settled_at = self.step
                 due = self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps
-                moved = self._better_placement() if due or settling else None
-                if due or moved:
-                    self.save_checkpoint(placement=moved[0] if moved else None)
+                placed = self._better_placement() if due or settling else None
+                if due or placed:
+                    self.save_checkpoint(placement=placed[0] if placed else None)
                     log.debug("checkpoint at step %d", self.step)
-                    if moved:   # every rank: the run builds again with this placement and resumes (api.run)
-                        raise TablesReplaced(self.step, moved[0],
-                                             sum(a != b for a, b in zip(moved[0], coll.table_owners)), *moved[1:])
+                    if placed:   # every rank: the run builds again with this placement and resumes (api.run)
+                        raise TablesReplaced(self.step, placed[0],
+                                             sum(a != b for a, b in zip(placed[0], coll.table_owners)), *placed[1:])
                 if self.step >= self.total_steps:
                     break

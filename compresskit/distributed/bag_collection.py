@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .collective import Collective
+from .jagged import offsets_for, send_bags
 from .sharding import ShardedCollection
 
 
@@ -43,7 +44,7 @@ class ShardedBagCollection(nn.Module, ShardedCollection):
         names = list(collection.embedding_bags.keys())
         self.embedding_bags = nn.ModuleDict({n: collection.embedding_bags[n] for n, o in zip(names, owners)
                                              if o == coll.rank})
-        self.is_weighted = bool(collection.is_weighted())
+        self.weighted = bool(collection.is_weighted())
         self.table_names = names
         self.table_features = [list(c.feature_names) for c in collection.embedding_bag_configs()]
         self.dims = [int(c.embedding_dim) for c in collection.embedding_bag_configs()]
@@ -55,7 +56,8 @@ class ShardedBagCollection(nn.Module, ShardedCollection):
         self.inputs_of = [list(dict.fromkeys(f for t, o in enumerate(owners) if o == r for f in self.table_features[t]))
                           for r in range(coll.world)]
 
-    def forward(self, features):  # KeyedJaggedTensor -> KeyedTensor
+    def forward(self, features):
+        """``KeyedJaggedTensor`` of this rank's samples -> ``KeyedTensor`` of every feature's pooled vectors."""
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         coll, mine = self.coll, self.inputs_of[self.coll.rank]
@@ -68,68 +70,29 @@ class ShardedBagCollection(nn.Module, ShardedCollection):
             bag = self.embedding_bags[name]
             for feature in self.table_features[t]:
                 j = mine.index(feature)
-                pooled.append(bag(input=ids[j], offsets=_offsets(bag_lengths[j], bag),
+                pooled.append(bag(input=ids[j], offsets=offsets_for(bag_lengths[j], bag),
                                   per_sample_weights=None if w is None else w[j]).float())
         local = torch.cat(pooled, dim=1) if pooled else torch.zeros(sum(sizes), 0)
         out = self._return_pooled(local, batch, sizes)
         return KeyedTensor(keys=self.keys_out, length_per_key=self.feature_dims, values=torch.cat(out, dim=1))
 
     def _send_ids(self, inputs: tuple, sizes: list[int], asynchronous: bool) -> Callable[[], Any]:
-        """Bag lengths first (waited for: they size the second exchange), then the ids and weights, which an
-        ``asynchronous`` send leaves running."""
         features, = inputs
-        coll, mine = self.coll, self.inputs_of[self.coll.rank]
         batch, keys = features.stride(), features.keys()
         missing = [k for inputs_ in self.inputs_of for k in inputs_ if k not in keys]
         if missing:
             raise ValueError(f"the KeyedJaggedTensor has no feature '{missing[0]}' (it has {', '.join(keys)})")
         where = {k: i for i, k in enumerate(keys)}
-        lengths = features.lengths().long().view(len(keys), batch)
         per_key = features.length_per_key()
-        values = features.values().long().split(per_key)
         weights = features.weights_or_none()
-        weights = weights.detach().split(per_key) if self.is_weighted and weights is not None else None
-        order = [where[k] for inputs_ in self.inputs_of for k in inputs_]
-
-        # 1. bag lengths: rank r gets [its inputs, every rank's samples]
-        got = coll.all_to_all(torch.cat([lengths[i] for i in order]),
-                              [batch * len(inputs_) for inputs_ in self.inputs_of], [n * len(mine) for n in sizes])
-        got_lengths = [part.view(len(mine), n) for part, n in zip(got.split([n * len(mine) for n in sizes]), sizes)]
-        # 2. the ids (and weights), feature by feature within each rank's block
-        send = [sum(per_key[where[k]] for k in inputs_) for inputs_ in self.inputs_of]
-        recv = [int(part.sum()) for part in got_lengths]
-        exchange = coll.all_to_all_async if asynchronous else (lambda *a: (coll.all_to_all(*a), None))
-        ids, ids_work = exchange(torch.cat([values[i] for i in order]), send, recv)
-        w, w_work = (None, None) if weights is None else exchange(torch.cat([weights[i] for i in order]), send, recv)
+        weights = weights.split(per_key) if self.weighted and weights is not None else None
         ids_per_bag = sum(per_key) / max(batch * len(keys), 1)
         self.id_bytes_per_bag = 8 + ids_per_bag * (8 + (4 if weights is not None else 0))  # a length, ids, weights
-
-        def received() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
-            for work in (ids_work, w_work):
-                if work is not None:
-                    work.wait()
-            bag_lengths = [torch.cat([part[j] for part in got_lengths]) for j in range(len(mine))]
-            return (bag_lengths, self._by_feature(ids, got_lengths),
-                    None if w is None else self._by_feature(w, got_lengths))
-        return received
-
-    def _by_feature(self, received: torch.Tensor, got_lengths: list[torch.Tensor]) -> list[torch.Tensor]:
-        """What each rank sent here (its samples' values of this rank's inputs, input by input) regrouped: one
-        tensor per input feature, samples in rank order."""
-        counts = [part.sum(1).tolist() for part in got_lengths]           # [source rank][input]
-        pieces = received.split([c for per_rank in counts for c in per_rank])
-        inputs = len(counts[0]) if counts else 0
-        return [torch.cat([pieces[s * inputs + j] for s in range(len(counts))]) for j in range(inputs)]
+        return send_bags(self.coll, list(features.lengths().view(len(keys), batch)),
+                         features.values().split(per_key), weights,
+                         [[where[k] for k in inputs_] for inputs_ in self.inputs_of], sizes, asynchronous)
 
     def extra_repr(self) -> str:
         mine = [n for n, o in zip(self.table_names, self.owners) if o == self.coll.rank]
         return f"rank {self.coll.rank} of {self.coll.world}: tables {mine}"
 
-
-def _offsets(lengths: torch.Tensor, bag: nn.Module) -> torch.Tensor:
-    """Bag offsets of ``lengths`` in the form ``bag`` takes (with the final end when it says
-    ``include_last_offset``, as TorchRec's bags do)."""
-    ends = torch.cumsum(lengths, 0)
-    if getattr(bag, "include_last_offset", False):
-        return torch.cat([ends.new_zeros(1), ends])
-    return ends - lengths

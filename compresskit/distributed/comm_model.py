@@ -3,9 +3,9 @@
 Per rank r of N, a global batch of B rows (rank r holds B_r of them), F sharded features of widths d_f
 (D = sum d_f; rank r owns features F_r of width D_r), 8-byte ids, 4-byte values:
 
-* ``all_to_all``: ids out ``B_r * (F - |F_r|) * I`` (``I``: bytes a bag sends its owner: 8 for one id; padded
-  bags ``L`` ids of 8 bytes plus 4-byte weights when weighted; a KeyedJaggedTensor's bag an 8-byte length plus its
-  ids and weights); pooled vectors out ``(B - B_r) * D_r * 4``; their gradients
+* ``all_to_all``: ids out ``B_r * (F - |F_r|) * I`` (``I``: bytes a bag sends its owner: 8 for one id, plus 4
+  for its weight; a multi-hot bag, padded or in a KeyedJaggedTensor, an 8-byte length plus the ids it holds, 8
+  bytes each, and their 4-byte weights); pooled vectors out ``(B - B_r) * D_r * 4``; their gradients
   back ``B_r * (D - D_r) * 4``; once per micro-batch.
 * ``all_gather``: the local batch size, 8 bytes to each other rank, once per micro-batch; none when the trainer
   sends each batch's ids ahead (``prefetched``: the sizes come from the batch split), but for each epoch's first.

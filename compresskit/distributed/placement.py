@@ -19,6 +19,12 @@ from typing import Sequence
 SWAP_LIMIT = 256   # tables up to which pairwise swaps are tried too (a pass costs their square)
 
 
+def max_over_mean(held: Sequence[float]) -> float:
+    """The largest of the ranks' loads over their mean (1.0: even; also for nothing held)."""
+    mean = sum(held) / len(held) if held else 0
+    return max(held) / mean if mean else 1.0
+
+
 def _objective(bytes_load: list[float], work_load: list[float]) -> tuple[float, ...]:
     """(largest rank load, largest rank bytes, sum of squared rank loads): what placement minimises, in that order
     (memory is the scarcer of the two, so of placements with the same peak the one with fewer bytes on its fullest
@@ -59,6 +65,7 @@ class _Placement:
         wl[r] += self.w[t]
 
     def objective(self) -> tuple[float, ...]:
+        """What this placement scores (:func:`_objective`)."""
         return _objective(self.bytes_load, self.work_load)
 
     def _after(self, moves: list[tuple[int, int]]) -> tuple[float, ...]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..metrics import module_bytes
 from .collective import Collective
-from .placement import place_tables
+from .placement import max_over_mean, place_tables
 
 UNEVEN = 1.1   # re-place only when the ranks' table bytes are further apart than this (max over mean)
 GAIN = 0.02    # ... and the new placement lowers that by at least this much
@@ -42,9 +42,7 @@ class TablesReplaced(Exception):
 
 def _balance(sizes: list[int], owners: list[int], world: int) -> float:
     """Max over mean of the ranks' bytes under ``owners``."""
-    held = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(world)]
-    mean = sum(held) / world
-    return max(held) / mean if mean else 1.0
+    return max_over_mean([sum(s for s, o in zip(sizes, owners) if o == r) for r in range(world)])
 
 
 def better_placement(model: nn.Module, coll: Collective) -> tuple[list[int], float, float] | None:
@@ -81,6 +79,6 @@ def recorded_placement(out_dir: str | None, coll: Collective) -> list[int] | Non
     except Exception:   # noqa: BLE001 - the resume verifies the checkpoint and names what is wrong
         return None
     owners = meta.get("placement")
-    if meta.get("world") != coll.world or not isinstance(owners, list):
+    if meta.get("world") != coll.world or not isinstance(owners, list) or not owners:
         return None
     return [int(o) for o in owners]

@@ -21,8 +21,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..metrics import module_bytes
-from ..models.tables import EmbeddingTables, check_sparse, feature_bags
+from ..models.tables import EmbeddingTables, check_sparse, feature_bags, feature_major_bags
 from .collective import Collective
+from .jagged import offsets_for, send_bags
 from .placement import place_tables
 
 
@@ -110,7 +111,7 @@ class ShardedCollection:
 class ShardedTables(nn.ModuleDict, ShardedCollection):
     """This rank's tables of a sharded :class:`EmbeddingTables`, keyed by feature index (state-dict keys stay those
     of the unsharded collection); ``forward(sparse [B_local, F] or [B_local, F, L], weights=None) -> [B_local,
-    dim_f]`` per feature, exchanged (multi-hot bags and their weights travel padded, as the batch holds them)."""
+    dim_f]`` per feature, exchanged (multi-hot bags travel jagged, without their padding: :mod:`.jagged`)."""
 
     def __init__(self, tables: EmbeddingTables, owners: list[int], coll: Collective) -> None:
         super().__init__({str(i): t for i, t in enumerate(tables) if owners[i] == coll.rank})
@@ -122,40 +123,53 @@ class ShardedTables(nn.ModuleDict, ShardedCollection):
                 ) -> list[torch.Tensor]:
         mine = self.features_of[self.coll.rank]
         check_sparse(sparse, weights, len(self.owners))
-        batch, bag = sparse.shape[0], (sparse.shape[2] if sparse.dim() == 3 else 0)
-        self.id_bytes_per_bag = max(bag, 1) * (8 + (4 if weights is not None else 0))   # padded bags travel whole
-        sizes, (ids, w) = self._received_ids((sparse, weights), batch)
-        pooled = (torch.cat([self[str(f)](*bags) for f, bags in zip(mine, feature_bags(ids, w))], dim=1)
-                  if mine else torch.zeros(ids.shape[0], 0))
+        batch = sparse.shape[0]
+        sizes, received = self._received_ids((sparse, weights), batch)
+        if sparse.dim() == 3:       # jagged: (bag lengths, ids, weights) of each of this rank's features
+            lengths, ids, w = received
+            bags = [(ids[j], offsets_for(lengths[j], self[str(f)])) + (() if w is None else (w[j],))
+                    for j, f in enumerate(mine)]
+        else:
+            bags = feature_bags(*received)
+        pooled = (torch.cat([self[str(f)](*bag) for f, bag in zip(mine, bags)], dim=1) if mine
+                  else torch.zeros(sum(sizes), 0))
         return self._return_pooled(pooled, batch, sizes)
 
     def prefetch(self, sparse: torch.Tensor, weights: torch.Tensor | None = None,  # type: ignore[override]
                  *, sizes: list[int]) -> None:
+        """:meth:`ShardedCollection.prefetch` of the ids (and weights) ``forward`` will take."""
         check_sparse(sparse, weights, len(self.owners))
         super().prefetch(sparse, weights, sizes=sizes)
 
     def _send_ids(self, inputs: tuple, sizes: list[int], asynchronous: bool) -> Callable[[], Any]:
         sparse, weights = inputs
-        batch, bag = sparse.shape[0], (sparse.shape[2] if sparse.dim() == 3 else 0)
-        ids = self._to_owners(sparse.long(), batch, bag, sizes, asynchronous)
-        w = None if weights is None else self._to_owners(weights, batch, bag, sizes, asynchronous)
+        batch, features = sparse.shape[0], sparse.shape[1]
+        if sparse.dim() == 3:       # multi-hot bags padded with -1: sent as jagged bags
+            ids, lengths, w = feature_major_bags(sparse.long(), weights)
+            lengths = lengths.view(features, batch)
+            per_feature = lengths.sum(1).tolist()
+            self.id_bytes_per_bag = 8 + ids.numel() / max(batch * features, 1) * (8 + (4 if w is not None else 0))
+            return send_bags(self.coll, list(lengths), ids.split(per_feature),
+                             None if w is None else w.split(per_feature), self.features_of, sizes, asynchronous)
+        self.id_bytes_per_bag = 8 + (4 if weights is not None else 0)   # one id (and weight) a bag
+        ids = self._to_owners(sparse.long(), batch, sizes, asynchronous)
+        w = None if weights is None else self._to_owners(weights, batch, sizes, asynchronous)
         return lambda: (ids(), None if w is None else w())
 
-    def _to_owners(self, values: torch.Tensor, batch: int, bag: int, sizes: list[int], asynchronous: bool
+    def _to_owners(self, values: torch.Tensor, batch: int, sizes: list[int], asynchronous: bool
                    ) -> Callable[[], torch.Tensor]:
-        """Each feature's ids (or weights) ``[batch, F(, bag)]`` sent to the feature's owner; returns the function
-        that gives what this rank got, ``[global batch, its features(, bag)]`` with samples in rank order."""
-        mine, width = self.features_of[self.coll.rank], max(bag, 1)
+        """Each feature's ids (or weights) ``[batch, F]`` sent to the feature's owner; returns the function that
+        gives what this rank got, ``[global batch, its features]`` with samples in rank order."""
+        mine = self.features_of[self.coll.rank]
         args = (torch.cat([values[:, f].reshape(-1) for f in self.features_of]),
-                [batch * len(f) * width for f in self.features_of], [n * len(mine) * width for n in sizes])
+                [batch * len(f) for f in self.features_of], [n * len(mine) for n in sizes])
         out, work = self.coll.all_to_all_async(*args) if asynchronous else (self.coll.all_to_all(*args), None)
-        shape = (len(mine), bag) if bag else (len(mine),)
 
         def received() -> torch.Tensor:
             if work is not None:
                 work.wait()
-            return torch.cat([part.view(n, *shape) for part, n in zip(out.split([n * len(mine) * width
-                                                                                 for n in sizes]), sizes)])
+            return torch.cat([part.view(n, len(mine)) for part, n in zip(out.split([n * len(mine) for n in sizes]),
+                                                                          sizes)])
         return received
 
     def extra_repr(self) -> str:
@@ -185,6 +199,7 @@ def shard_tables(model: nn.Module, coll: Collective, owners: list[int] | None = 
     re-placement or a resume records it. Returns the local table names and records them, the global table order,
     the owners and the lookups on ``coll``."""
     collections = _collections(model)
+    coll.table_order, coll.table_owners, coll.table_lookups, coll.local_tables = [], [], [], None
     if not collections:
         return []
     if any(not prefix for prefix, _, _ in collections):

@@ -25,6 +25,7 @@ from .chunk_size import auto_chunk_size
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
 from .methods import TABLE_METHODS, TableMethod, TableSet
 from .schedule import kept_ratio, missing_length, on_grid, schedule_bounds
+from ...distributed.placement import max_over_mean
 
 log = logging.getLogger(__name__)
 
@@ -307,10 +308,11 @@ class FiitedPlugin(Plugin):
                           step)
 
     def settled(self, step: int, ctx: RunContext) -> bool:
-        """Past the end of the pruning schedule (lazy tables prune whenever they fill: never settled)."""
+        """Past the end of the pruning schedule. Never for lazy tables (they prune whenever they fill) or adaptive
+        methods (regrowth, AdaEmbed: chunks keep moving between tables after the schedule)."""
         if not self.method.in_training:
             return True
-        if self.config.lazy or missing_length(self.config, ctx.total_steps) is not None:
+        if self.config.lazy or self.method.adaptive or missing_length(self.config, ctx.total_steps) is not None:
             return False
         return step >= schedule_bounds(self.config, ctx.total_steps)[1]
 
@@ -335,8 +337,7 @@ class FiitedPlugin(Plugin):
     def rank_balance(self) -> list[dict[str, float]]:
         """Max over mean of the ranks' table bytes after every pruning round of a distributed run (also those
         before a resume or a re-placement of the tables; empty in one process)."""
-        return [{"step": r["step"], "max_over_mean": max(r["rank_bytes"]) / max(sum(r["rank_bytes"]) /
-                                                                                len(r["rank_bytes"]), 1)}
+        return [{"step": r["step"], "max_over_mean": max_over_mean(r["rank_bytes"])}
                 for r in self.rounds if r.get("rank_bytes")]
 
     def _table_index(self, name: str) -> int:
