@@ -22,6 +22,7 @@ from compresskit.distributed.placement import place_tables
 from compresskit.logs import read_csv_log
 from compresskit.plugins.fiited.importance import tail_counts, whole_rows
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = {
     "model": {"name": "dlrm", "args": {"embedding_dim": 16, "bottom_mlp": [32], "top_mlp": [32]}},
     "data": {"name": "synthetic-ctr", "args": {"num_samples": 3840, "cardinality_scale": 0.0005}},
@@ -92,6 +93,44 @@ def assert_same_model(state: dict, reference: dict) -> None:
             assert int(state[key].long().sum()) == int(ref.long().sum()), key
         elif ref.is_floating_point() and ref.numel():
             assert float((state[key] - ref).norm()) <= 1e-2 * float(ref.norm()) + 1e-6, key
+
+
+def csv_recipe(model: dict | None = None, collate: str | None = None) -> dict:
+    """The shipped CSV recipe (a multi-hot ``tags`` column) made small: 2 epochs of batch 64, FIITED at 25%."""
+    with open(os.path.join(ROOT, "recipes", "fiited_dlrm_csv.yaml"), encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    if model is not None:
+        raw["model"] = model
+    raw["data"]["path"] = os.path.join(ROOT, "examples", "data", "clicks.csv")
+    if collate is not None:
+        raw["data"]["collate"] = collate
+    raw["train"].update({"epochs": 2, "batch_size": 64, "progress": False, "threads": 1})
+    raw["stages"][0].update({"target_memory_ratio": 0.25, "chunk_size": 4, "interval": 10, "start_step": 10,
+                             "end_step": 60})
+    raw["logging"] = {"csv": False, "plots": False, "tensorboard": "never"}
+    raw["distributed"] = {"timeout_s": 60}
+    return raw
+
+
+def two_ranks_against_one(tmp_path, raw: dict) -> dict:
+    """Run ``raw`` on 1 process and on 2 ranks: the same model, loss curve, metrics and kept chunks, and each rank
+    sending the all-to-all bytes of the communication model (within 10%). Returns the 2-rank report."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    one = run_cli(["apply", recipe, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    for code, _, err in launch_ranks([["apply", recipe, "--out", str(tmp_path / "two")]] * 2, timeout=180):
+        assert code == 0, err
+    (state1, report1), (state2, report2) = load_outputs(tmp_path / "one"), load_outputs(tmp_path / "two")
+    assert_same_model(state2, state1)
+    loss1 = [h["train_loss"] for h in report1["training"]["history"]]
+    assert loss1 == pytest.approx([h["train_loss"] for h in report2["training"]["history"]], abs=1e-4)
+    for metric, value in report1["training"]["test"].items():
+        assert report2["training"]["test"][metric] == pytest.approx(value, abs=1e-4), metric
+    assert report1["stages"][0]["stored_chunks"] == report2["stages"][0]["stored_chunks"]
+    for r in report2["distributed"]["ranks"]:
+        assert r["sent_bytes_per_step"]["all_to_all"] == pytest.approx(r["model_bytes_per_step"]["all_to_all"],
+                                                                       rel=0.1)
+    return report2
 
 
 def load_outputs(folder) -> tuple[dict, dict]:

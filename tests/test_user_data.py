@@ -257,32 +257,9 @@ def test_the_csv_recipe_with_multi_hot_bags_on_two_ranks_equals_one_process(tmp_
     """compresskit's DLRM on the CSV sample (a multi-hot ``tags`` column, padded bags) with FIITED: 2 ranks give the
     one-process model, loss curve, metrics and kept chunks, and send the bytes the communication model says for
     jagged bags (a length and the ids a bag holds, never its padding)."""
-    import yaml
-    from test_distributed import assert_same_model, launch_ranks, load_outputs, run_cli, write_recipe
+    from test_distributed import csv_recipe, two_ranks_against_one
 
-    with open(os.path.join(ROOT, "recipes", "fiited_dlrm_csv.yaml"), encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    raw["data"]["path"] = os.path.join(ROOT, "examples", "data", "clicks.csv")
-    raw["train"].update({"epochs": 2, "batch_size": 64, "progress": False, "threads": 1})
-    raw["stages"][0].update({"target_memory_ratio": 0.25, "chunk_size": 4, "interval": 10, "start_step": 10,
-                             "end_step": 60})
-    raw["logging"] = {"csv": False, "plots": False, "tensorboard": "never"}
-    raw["distributed"] = {"timeout_s": 60}
-    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
-    one = run_cli(["apply", recipe, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
-    for code, _, err in launch_ranks([["apply", recipe, "--out", str(tmp_path / "two")]] * 2, timeout=180):
-        assert code == 0, err
-    (state1, report1), (state2, report2) = load_outputs(tmp_path / "one"), load_outputs(tmp_path / "two")
-    assert_same_model(state2, state1)
-    loss1 = [h["train_loss"] for h in report1["training"]["history"]]
-    assert loss1 == pytest.approx([h["train_loss"] for h in report2["training"]["history"]], abs=1e-4)
-    for metric, value in report1["training"]["test"].items():
-        assert report2["training"]["test"][metric] == pytest.approx(value, abs=1e-4), metric
-    assert report1["stages"][0]["stored_chunks"] == report2["stages"][0]["stored_chunks"]
-    for r in report2["distributed"]["ranks"]:
-        assert r["sent_bytes_per_step"]["all_to_all"] == pytest.approx(r["model_bytes_per_step"]["all_to_all"],
-                                                                       rel=0.1)
+    two_ranks_against_one(tmp_path, csv_recipe())
 
 
 # ------------------------------------------------------------------------------------------ recipes
