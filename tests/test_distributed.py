@@ -651,3 +651,52 @@ def test_a_table_too_big_for_any_rank_is_named():
     with building_tables_for(place, 1, 2):
         assert machine_bytes(sizes) == 300
     assert machine_bytes(sizes) == 1000                # one process builds them all
+
+def _prefetched_forwards(rank: int, world: int) -> tuple[list[tuple[int, int]], float]:
+    """On each rank: sharded tables fed by model input 1 positionally (prefetched) and by keyword (not), two batches
+    each with the second's ids sent ahead; the outputs against forwards that exchange their own ids."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from compresskit.distributed.collective import Collective
+    from compresskit.distributed.prefetch import NextBatchIds
+    from compresskit.distributed.sharding import shard_tables
+    from compresskit.models.tables import EmbeddingTables
+
+    class Model(nn.Module):
+        def __init__(self, keyword: bool) -> None:
+            super().__init__()
+            self.keyword = keyword
+            self.tables = EmbeddingTables(nn.EmbeddingBag(20, 4, mode="sum") for _ in range(3))
+
+        def forward(self, dense, sparse):
+            out = self.tables(sparse=sparse) if self.keyword else self.tables(sparse)
+            return torch.cat(out, dim=1) + dense
+
+    coll = Collective(rank, world, dist.group.WORLD, dist.group.WORLD, "gloo")
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.zeros(8, 12), torch.randint(0, 20, (8, 3), generator=gen)) for _ in range(2)]
+    local = [(d[rank * 4:(rank + 1) * 4], s[rank * 4:(rank + 1) * 4]) for d, s in batches]
+    found, err = [], 0.0
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        model = Model(keyword)
+        shard_tables(model, coll)
+        ahead = NextBatchIds(model, coll)
+        with ahead.watch(local[0]):
+            first = model(*local[0])
+        ahead.send(local[1], 8)
+        second = model(*local[1])
+        found.append((len(ahead.feeds), model.tables.prefetched_batches))
+        err = max(err, float((second - model(*local[1])).abs().max()), float((first - model(*local[0])).abs().max()))
+        ahead.drain()
+    return found, err
+
+
+def test_only_positional_inputs_are_prefetched_and_outputs_do_not_change():
+    """A collection fed a model input positionally has its next batch's ids sent ahead; one called with keywords
+    is left to exchange in its forward (sending by position would never match it). Outputs equal plain forwards."""
+    from compresskit.distributed.local import run_local
+
+    for found, err in run_local(_prefetched_forwards, 2, timeout=60):
+        assert found == [(1, 1), (0, 0)] and err == 0.0

@@ -231,3 +231,19 @@ def test_auto_chunks_reach_more_rows_at_a_low_budget():
         counts = torch.cat([m.row_chunk_counts() for m in modules])
         reached[chunk] = float((counts > 0).float().mean())
     assert reached["auto"] > 1.1 * reached[4]        # measured: 26.9% of the rows against 21.8%
+
+
+@pytest.mark.parametrize("method,stage,settles", [("fiited", {}, True), ("fiited", {"regrow": True}, False),
+                                                  ("adaembed", {}, False), ("uniform", {}, True)])
+def test_a_stage_says_when_table_bytes_settle(method, stage, settles):
+    """A distributed run re-places its tables only once no stage changes their bytes: FIITED from the end of its
+    schedule, never with regrowth or AdaEmbed (chunks keep moving between tables), at once for a stage that
+    converts before training."""
+    from compresskit.plugin import RunContext
+
+    recipe = _recipe(method, 0.2, start_step=5, end_step=20, **stage)
+    recipe["train"]["max_steps"] = 25
+    plugin = _run(recipe).plugins[0]
+    ctx = RunContext(total_steps=25)
+    assert [plugin.settled(step, ctx) for step in (0, 19, 20, 25)] == \
+        ([True] * 4 if method == "uniform" else [False, False, settles, settles])
