@@ -146,14 +146,19 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
         if data is None and recipe.data is not None:
             data = resolve_data(recipe.data, seed)
         if model is None and recipe.model is not None:
-            # the built-in DLRM (one table collection, initialised by its own code) builds only this rank's tables
-            shard = coll.distributed and recipe.distributed.sharding == "table_wise" and \
-                recipe.model.name == "dlrm" and not recipe.model.checkpoint
+            # the built-in DLRM (one table collection, initialised by its own code) builds only this rank's tables,
+            # and none at all for a lazy fiited stage (it makes lazy tables in their place: lazy_tables.py)
+            own_build = recipe.model.name == "dlrm" and not recipe.model.checkpoint
+            shard = own_build and coll.distributed and recipe.distributed.sharding == "table_wise"
+            lazy = own_build and _lazy_stage(recipe)
+
             def place(sizes: list[int]) -> list[int]:
+                if lazy:
+                    return [-1] * len(sizes)              # no rank builds any table
                 if placement is not None and len(placement) == len(sizes):
                     return list(placement)
                 return place_tables(sizes, coll.world)     # (a placement that does not fit: sharding says so)
-            with building_tables_for(place, coll.rank, _local_world()) if shard else contextlib.nullcontext():
+            with building_tables_for(place, coll.rank, _local_world()) if shard or lazy else contextlib.nullcontext():
                 model = resolve_model(recipe.model, data.info if data is not None else None)
             if recipe.model.checkpoint:
                 weights = read_state_dict(recipe.model.checkpoint)
@@ -164,10 +169,15 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
             raise ConfigError("model", "required field is missing (no model given to apply())")
         if coll.distributed and model is not None and recipe.distributed.sharding == "table_wise":
             try:
-                shard_tables(model, coll, placement)
+                shard_tables(model, coll, placement, unbuilt=_lazy_stage(recipe))
             except ValueError as e:
                 raise ConfigError("distributed.sharding", str(e)) from None
     return model, data, weights
+
+
+def _lazy_stage(recipe: Recipe) -> bool:
+    """Whether a ``fiited`` stage of the recipe makes lazy tables (so the tables need not be built first)."""
+    return any(stage.plugin.name == "fiited" and getattr(stage.config, "lazy", False) for stage in recipe.stages)
 
 
 def _build(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, out_dir: str | None,

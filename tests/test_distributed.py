@@ -700,3 +700,13 @@ def test_only_positional_inputs_are_prefetched_and_outputs_do_not_change():
 
     for found, err in run_local(_prefetched_forwards, 2, timeout=60):
         assert found == [(1, 1), (0, 0)] and err == 0.0
+
+
+def test_lazy_tables_from_a_recipe_train_sharded_as_in_one_process(tmp_path):
+    """A lazy fiited stage: no rank ever allocates a dense table (the DLRM builds them on the meta device, each rank
+    makes lazy tables of the ones it owns, every table's budget share computed alike), and 2 ranks train the
+    one-process model."""
+    raw = {**RECIPE, "stages": [{**RECIPE["stages"][0], "lazy": True}],
+           "logging": {"csv": False, "plots": False, "tensorboard": "never"}}
+    report = two_ranks_against_one(tmp_path, raw)
+    assert report["stages"][0]["memory_ratio"] <= 0.2 and report["stages"][0]["pruning_rounds"] >= 1

@@ -247,3 +247,35 @@ def test_a_stage_says_when_table_bytes_settle(method, stage, settles):
     ctx = RunContext(total_steps=25)
     assert [plugin.settled(step, ctx) for step in (0, 19, 20, 25)] == \
         ([True] * 4 if method == "uniform" else [False, False, settles, settles])
+
+
+def test_lazy_capacities_share_the_budget_equally_and_hold_small_tables_whole():
+    from compresskit.plugins.fiited.lazy_tables import lazy_capacities
+    from compresskit.plugins.fiited.row_index import index_bytes
+
+    shapes = [(10, 16), (10_000, 16), (50_000, 16), (3, 16)]        # 4 chunks a row at chunk_size 4
+    budget = sum(index_bytes(r) for r, _ in shapes) + 16 * 20_000    # room for 20,000 chunks of 16 bytes
+    capacity = lazy_capacities(shapes, 4, budget, 16)
+    assert capacity[0] == 40 and capacity[3] == 12                   # small tables whole
+    assert capacity[1] == capacity[2] == (20_000 - 52) // 2          # the rest in equal shares, not by size
+    assert sum(capacity) <= 20_000
+    assert lazy_capacities([(10, 16)], 4, index_bytes(10) + 10_000, 16) == [40]   # everything fits
+    with pytest.raises(ValueError, match="leaves no room for chunks"):
+        lazy_capacities(shapes, 4, 100, 16)
+
+
+def test_a_lazy_stage_makes_lazy_tables_for_the_built_in_dlrm_and_refuses_built_tables():
+    """With ``lazy: true`` the recipe's DLRM never allocates its tables: each becomes a lazy FIITED table holding its
+    share of the budget, and the run trains within it. A model whose tables exist is refused with one line."""
+    from compresskit.plugins.fiited.embedding import FiitedEmbeddingBag
+
+    result = _run(_recipe("fiited", 0.2, lazy=True))
+    tables = [m for _, m in fiited_modules(result.model)]
+    stage = result.report["stages"][0]
+    assert len(tables) == 26 and all(isinstance(m, FiitedEmbeddingBag) and m.lazy for m in tables)
+    assert stage["memory_ratio"] <= 0.2 and stage["pruning_rounds"] >= 1
+    assert 0.5 < result.report["training"]["test"]["auc"] <= 1
+    with pytest.raises(compresskit.ConfigError, match=r"^fiited\.lazy: .*never allocated, and .0. is"):
+        model = torch.nn.Sequential(torch.nn.EmbeddingBag(10, 8))
+        compresskit.prepare(model, {"plugin": "fiited", "lazy": True, "target_memory_ratio": 0.5,
+                                    "start_step": 1, "end_step": 2})

@@ -192,12 +192,14 @@ def _collections(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module,
     return found
 
 
-def shard_tables(model: nn.Module, coll: Collective, owners: list[int] | None = None) -> list[str]:
+def shard_tables(model: nn.Module, coll: Collective, owners: list[int] | None = None, unbuilt: bool = False
+                 ) -> list[str]:
     """Replace every table collection in ``model`` (:class:`EmbeddingTables`, TorchRec ``EmbeddingBagCollection``)
     by this rank's sharded one (one placement over all collections, bytes and lookups balanced); the tables other
     ranks own are dropped; ``owners`` (one rank a table, in table order) replaces the computed placement, as a
-    re-placement or a resume records it. Returns the local table names and records them, the global table order,
-    the owners and the lookups on ``coll``."""
+    re-placement or a resume records it; ``unbuilt``: this rank's tables may be on the meta device (a lazy stage
+    makes them). Returns the local table names and records them, the global table order, the owners and the
+    lookups on ``coll``."""
     collections = _collections(model)
     coll.table_order, coll.table_owners, coll.table_lookups, coll.local_tables = [], [], [], None
     if not collections:
@@ -213,7 +215,7 @@ def shard_tables(model: nn.Module, coll: Collective, owners: list[int] | None = 
         raise ValueError(f"the recorded placement ({len(owners)} tables over ranks {sorted(set(owners))}) does not "
                          f"fit this model's {len(named)} tables on {coll.world} ranks")
     for (name, table, _), owner in zip(named, owners):
-        if owner == coll.rank and any(p.is_meta for p in table.parameters()):
+        if owner == coll.rank and not unbuilt and any(p.is_meta for p in table.parameters()):
             raise ValueError(f"table '{name}' is placed on rank {coll.rank}, which did not build it (the model "
                              f"built its tables for another placement)")
     start = 0

@@ -55,6 +55,7 @@ class DLRM(nn.Module):
             self.embeddings = EmbeddingTables(built)
             for emb, mine in zip(self.embeddings, build):
                 bound = emb.num_embeddings ** -0.5
+                emb.init_std = bound / 3 ** 0.5     # the scale a lazy table made in place of this one starts at
                 if mine:
                     nn.init.uniform_(emb.weight, -bound, bound)
                 else:

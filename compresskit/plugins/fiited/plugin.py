@@ -24,6 +24,7 @@ from ...table_types import TableBytes, bytes_of
 from .chunk_size import auto_chunk_size
 from .embedding import FiitedEmbeddingBag, convert_embeddings, embedding_modules, fiited_modules
 from .methods import TABLE_METHODS, TableMethod, TableSet
+from .lazy_tables import lazy_capacities, make_lazy
 from .schedule import kept_ratio, missing_length, on_grid, schedule_bounds
 from ...distributed.placement import max_over_mean
 
@@ -162,21 +163,21 @@ class FiitedPlugin(Plugin):
             raise self.error("method", f"{cfg.method} plans one budget over every table in one process; run it "
                                        f"without --nproc")
         if not list(fiited_modules(model)):
-            if cfg.lazy:
-                raise self.error("lazy", "lazy allocation needs a model built with lazy "
-                                                 "FiitedEmbeddingBag modules (a dense model is already allocated)")
             dense = embedding_modules(model, cfg.include or None)
             self._check_placement(dense)
             self.dense_bytes = coll.sum(sum(m.weight.numel() * m.weight.element_size() for _, m in dense))
-            if not method.in_training:
+            if cfg.lazy:
+                self._make_lazy(model, dense, fused)
+            elif not method.in_training:
                 self._replace(model, dense, ctx)
                 return model
-            chunk_size = self._chunk_size(dense)
-            del dense                         # the dense tables go one by one as they are converted
-            try:
-                convert_embeddings(model, chunk_size, cfg.include or None, **fused)
-            except ValueError as e:
-                raise self.error("", str(e)) from None
+            else:
+                chunk_size = self._chunk_size(dense)
+                del dense                         # the dense tables go one by one as they are converted
+                try:
+                    convert_embeddings(model, chunk_size, cfg.include or None, **fused)
+                except ValueError as e:
+                    raise self.error("", str(e)) from None
         self.modules = list(fiited_modules(model))
         if not self.dense_bytes:
             self._check_placement(self.modules)
@@ -231,6 +232,35 @@ class FiitedPlugin(Plugin):
                 raise self.error("", f"table '{stray[0]}' is not sharded: in a distributed run FIITED needs its "
                                      f"tables in an EmbeddingTables collection (as DLRM's) or a TorchRec "
                                      f"EmbeddingBagCollection, and distributed.sharding: table_wise")
+
+    def _make_lazy(self, model: nn.Module, dense: list[tuple[str, nn.Module]], fused: dict[str, Any]) -> None:
+        """Lazy tables in place of tables that were never allocated (``lazy: true``; :mod:`.lazy_tables`), each with
+        its share of the budget."""
+        cfg = self.config
+        allocated = [name for name, m in dense if not m.weight.is_meta]
+        if allocated:
+            raise self.error("lazy", f"lazy tables replace tables that were never allocated, and '{allocated[0]}' "
+                                     f"is: build the model with its tables on the meta device (the built-in dlrm "
+                                     f"does when its recipe's fiited stage is lazy) or with lazy FiitedEmbeddingBag "
+                                     f"modules")
+        if not self.method.in_training:
+            raise self.error("lazy", f"method '{cfg.method}' does not prune in training, and lazy tables need it")
+        chunk_size = self._chunk_size(dense)
+        # (table index, rows, dim) of every rank's tables: every rank shares the budget the same way
+        mine = [(self._table_index(name) if self.coll.distributed else i, m.num_embeddings, m.embedding_dim)
+                for i, (name, m) in enumerate(dense)]
+        everywhere = sorted(sum(self.coll.all_gather_object(mine), []) if self.coll.distributed else mine)
+        try:
+            capacities = lazy_capacities([(rows, dim) for _, rows, dim in everywhere], chunk_size,
+                                         cfg.target_memory_ratio * self.dense_bytes, chunk_size * 4)
+        except ValueError as e:
+            raise self.error("target_memory_ratio", str(e)) from None
+        by_index = {index: capacity for (index, _, _), capacity in zip(everywhere, capacities)}
+        try:
+            make_lazy(model, dense, [by_index[index] for index, _, _ in mine], [index for index, _, _ in mine],
+                      chunk_size, **fused)
+        except ValueError as e:
+            raise self.error("lazy", str(e)) from None
 
     def _replace(self, model: nn.Module, dense: list[tuple[str, nn.Module]], ctx: RunContext) -> None:
         """A method that is not in training puts its own natural form in place of the dense tables, within the
