@@ -275,6 +275,8 @@ def test_a_lazy_stage_makes_lazy_tables_for_the_built_in_dlrm_and_refuses_built_
     assert len(tables) == 26 and all(isinstance(m, FiitedEmbeddingBag) and m.lazy for m in tables)
     assert stage["memory_ratio"] <= 0.2 and stage["pruning_rounds"] >= 1
     assert 0.5 < result.report["training"]["test"]["auc"] <= 1
+    with pytest.raises(compresskit.ConfigError, match=r"^stages\[0\]\.include: 'embeddings\.1' was never allocated"):
+        _run(_recipe("fiited", 0.2, lazy=True, include=["embeddings.0"]))
     with pytest.raises(compresskit.ConfigError, match=r"^fiited\.lazy: .*never allocated, and .0. is"):
         model = torch.nn.Sequential(torch.nn.EmbeddingBag(10, 8))
         compresskit.prepare(model, {"plugin": "fiited", "lazy": True, "target_memory_ratio": 0.5,

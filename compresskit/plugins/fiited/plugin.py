@@ -245,6 +245,11 @@ class FiitedPlugin(Plugin):
                                      f"modules")
         if not self.method.in_training:
             raise self.error("lazy", f"method '{cfg.method}' does not prune in training, and lazy tables need it")
+        chosen = {name for name, _ in dense}
+        unbuilt = [name for name, m in embedding_modules(model) if m.weight.is_meta and name not in chosen]
+        if unbuilt:
+            raise self.error("include", f"'{unbuilt[0]}' was never allocated (a lazy stage's model builds no tables) "
+                                        f"and {cfg.include} leaves it out: include every table, or drop lazy")
         chunk_size = self._chunk_size(dense)
         # (table index, rows, dim) of every rank's tables: every rank shares the budget the same way
         mine = [(self._table_index(name) if self.coll.distributed else i, m.num_embeddings, m.embedding_dim)
