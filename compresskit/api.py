@@ -136,7 +136,7 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
     train_cfg = recipe.train
     seed = train_cfg.seed if train_cfg else 0
     analysis_only = bool(recipe.stages) and all(s.plugin.kind == "analysis" for s in recipe.stages)
-    weights = None
+    weights, lazy = None, False
     with agreement(coll):   # local work only: a user error on any rank stops every rank with its message
         if out_dir is not None and coll.is_main:
             prepare_output_dir(out_dir)
@@ -169,7 +169,7 @@ def _resolve(recipe: Recipe, model: nn.Module | None, data: DataBundle | None, o
             raise ConfigError("model", "required field is missing (no model given to apply())")
         if coll.distributed and model is not None and recipe.distributed.sharding == "table_wise":
             try:
-                shard_tables(model, coll, placement, unbuilt=_lazy_stage(recipe))
+                shard_tables(model, coll, placement, unbuilt=lazy)
             except ValueError as e:
                 raise ConfigError("distributed.sharding", str(e)) from None
     return model, data, weights

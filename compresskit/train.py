@@ -311,8 +311,9 @@ class Trainer:
         self.log = TrainLog(self.logging_cfg, self.out_dir, writer=coll.is_main, start_step=self.step)
         log.info("training %d steps (%d per epoch) from step %d", self.total_steps, self.steps_per_epoch, self.step)
         self.next_ids = NextBatchIds(self.model, coll)
-        # the step from which no stage changes table bytes (a re-placement is considered then, and at checkpoints)
-        self._settled_at = self.step if self.compression.settled() else None
+        # whether no stage changes table bytes any more (a re-placement is considered when they settle, and at
+        # every checkpoint after)
+        self._bytes_settled = self.compression.settled()
         try:
             self._loop(bar)
             self.next_ids.drain()
@@ -388,9 +389,8 @@ class Trainer:
                 if end_of_epoch:
                     self.history.append({"epoch": epoch + 1, "step": self.step, "train_loss": running})
                     log.info("epoch %d done at step %d: smoothed loss %.4f", epoch + 1, self.step, running)
-                settling = self._settled_at is None and self.compression.settled()
-                if settling:
-                    self._settled_at = self.step
+                settling = not self._bytes_settled and self.compression.settled()
+                self._bytes_settled = self._bytes_settled or settling
                 due = self.step % cfg.checkpoint_every == 0 or end_of_epoch or self.step == self.total_steps
                 placed = self._better_placement() if due or settling else None
                 if due or placed:

@@ -20,7 +20,7 @@ class Collective:
 
     ``group`` carries dense traffic (gradients, reductions); ``table_group`` the embedding exchange, so that DDP's
     asynchronous all-reduces and the tables' all-to-alls never interleave on one group (TorchRec does the same);
-    ``prefetch_group`` (default: ``table_group``) the ids of a coming batch sent ahead (:meth:`all_to_all_async`).
+    ``prefetch_group`` (default: ``table_group``) the ids of a coming batch sent ahead (:meth:`start_all_to_all`).
     """
 
     def __init__(self, rank: int = 0, world: int = 1, group: Any = None, table_group: Any = None,
@@ -131,25 +131,21 @@ class Collective:
     def all_to_all(self, tensor: torch.Tensor, send: Sequence[int], recv: Sequence[int]) -> torch.Tensor:
         """Send ``send[r]`` consecutive elements of the flat ``tensor`` to rank r; returns the concatenation of what
         every rank sent here (``recv[r]`` elements from rank r), on the table group."""
-        if not self.distributed:
-            return tensor
-        out = tensor.new_empty(sum(recv))
-        item = tensor.element_size()
-        self.count("all_to_all", item * (sum(send) - send[self.rank]))
-        dist.all_to_all_single(out, tensor.contiguous(), list(recv), list(send), group=self.table_group)
-        return out
+        return self.start_all_to_all(tensor, send, recv, asynchronous=False)[0]
 
-    def all_to_all_async(self, tensor: torch.Tensor, send: Sequence[int], recv: Sequence[int]
-                         ) -> tuple[torch.Tensor, Any]:
-        """:meth:`all_to_all` started on the prefetch group without waiting: ``(output, work)``; the output is
-        valid after ``work.wait()`` (``work`` is None in a one-process run, where the output is ``tensor``)."""
+    def start_all_to_all(self, tensor: torch.Tensor, send: Sequence[int], recv: Sequence[int],
+                         asynchronous: bool) -> tuple[torch.Tensor, Any]:
+        """:meth:`all_to_all` as ``(output, work)``: an ``asynchronous`` one runs on the prefetch group while the
+        caller goes on, and its output is valid after ``work.wait()``; otherwise (and in a one-process run, where
+        the output is ``tensor``) it is done and ``work`` is None."""
         if not self.distributed:
             return tensor, None
         out = tensor.new_empty(sum(recv))
         self.count("all_to_all", tensor.element_size() * (sum(send) - send[self.rank]))
-        work = dist.all_to_all_single(out, tensor.contiguous(), list(recv), list(send), group=self.prefetch_group,
-                                      async_op=True)
-        return out, work
+        work = dist.all_to_all_single(out, tensor.contiguous(), list(recv), list(send),
+                                      group=self.prefetch_group if asynchronous else self.table_group,
+                                      async_op=asynchronous)
+        return out, (work if asynchronous else None)
 
     def barrier(self) -> None:
         """Wait for every rank."""

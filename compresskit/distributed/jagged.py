@@ -35,7 +35,7 @@ def send_bags(coll: Collective, lengths: Sequence[torch.Tensor], values: Sequenc
 
     def exchange(parts: Sequence[torch.Tensor], dtype: torch.dtype):
         flat = torch.cat([parts[i] for i in order]) if order else torch.zeros(0, dtype=dtype)
-        return coll.all_to_all_async(flat, send, recv) if asynchronous else (coll.all_to_all(flat, send, recv), None)
+        return coll.start_all_to_all(flat, send, recv, asynchronous=asynchronous)
 
     ids, ids_work = exchange([v.long() for v in values], torch.long)
     w, w_work = (None, None) if weights is None else exchange([x.detach().float() for x in weights], torch.float)

@@ -61,6 +61,7 @@ class ShardedCollection:
         self.outputs_of = [[k for k, o in enumerate(feature_owners) if o == r] for r in range(coll.world)]
         self.widths = [sum(feature_dims[k] for k in outs) for outs in self.outputs_of]   # pooled width a rank
         self._anchor = torch.zeros(0, requires_grad=True)  # makes every rank run the backward exchange
+        self._pending: tuple | None = None     # a prefetch: (its inputs, every rank's rows, what waits for it)
 
     def _send_ids(self, inputs: tuple, sizes: list[int], asynchronous: bool) -> Callable[[], Any]:
         """Send a batch's ids (``inputs``: what ``forward`` takes) to their tables' owners; returns the function that
@@ -77,14 +78,14 @@ class ShardedCollection:
 
     def drain(self) -> None:
         """Finish and drop a prefetch that no forward used (every rank started it, so every rank waits for it)."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is not None:
             pending[2]()
 
     def _received_ids(self, inputs: tuple, batch: int) -> tuple[list[int], Any]:
         """(every rank's rows, what this rank received) for a forward on ``inputs``: the prefetched exchange when
         it was started on these very objects, else one exchanged now."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is not None and len(pending[0]) == len(inputs) and all(a is b for a, b in zip(pending[0], inputs)) \
                 and pending[1][self.coll.rank] == batch:
             self.prefetched_batches += 1
@@ -163,7 +164,7 @@ class ShardedTables(nn.ModuleDict, ShardedCollection):
         mine = self.features_of[self.coll.rank]
         args = (torch.cat([values[:, f].reshape(-1) for f in self.features_of]),
                 [batch * len(f) for f in self.features_of], [n * len(mine) for n in sizes])
-        out, work = self.coll.all_to_all_async(*args) if asynchronous else (self.coll.all_to_all(*args), None)
+        out, work = self.coll.start_all_to_all(*args, asynchronous=asynchronous)
 
         def received() -> torch.Tensor:
             if work is not None:
